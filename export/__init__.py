@@ -1,0 +1,1 @@
+"""Export side: backbones, training, fused-head ONNX export, calibration. Needs torch."""

@@ -1,0 +1,84 @@
+"""The fused head: one module, and one ONNX graph, from image to logits, features and every OOD score.
+
+``FusedModel(input) -> (logits [B,K], features [B,D], <score> [B] for each score in registry order)``,
+all float32; output names are :func:`output_names`. The ONNX file is self-contained (no external
+data), has a dynamic batch axis and passes ``onnx.checker``.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from oodguard.repository import INPUT_NAME, TENSOR_OUTPUTS
+
+from .backbones import Classifier
+from .scores import Score
+
+OPSET = 18
+
+
+class FusedModel(nn.Module):
+    def __init__(self, classifier: Classifier, scores: Mapping[str, Score]):
+        super().__init__()
+        self.classifier = classifier
+        self.scores = nn.ModuleDict(dict(scores))
+
+    @property
+    def score_names(self) -> list[str]:
+        return list(self.scores.keys())
+
+    def forward(self, input: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        features = self.classifier.backbone(input)
+        logits = self.classifier.head(features)
+        computed: dict[str, torch.Tensor] = {}
+        for name, score in self.scores.items():
+            computed[name] = score(logits, features, computed)
+        return (logits, features, *computed.values())
+
+
+def output_names(score_names: list[str]) -> list[str]:
+    return [*TENSOR_OUTPUTS, *score_names]
+
+
+def export_onnx(model: FusedModel, input_shape: tuple[int, ...], path: str | Path) -> Path:
+    """Export ``model`` to one ONNX file with a dynamic batch axis; checks it with ``onnx.checker``."""
+    path = Path(path)
+    model.eval()
+    example = torch.zeros((2, *input_shape), dtype=torch.float32)
+    # The exporter logs a warning per missing torchvision op and a FutureWarning; neither concerns us.
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        program = _export(model, example)
+    program.save(str(path), external_data=False)
+    onnx.checker.check_model(str(path), full_check=True)
+    return path
+
+
+def _export(model: FusedModel, example: torch.Tensor):
+    return torch.onnx.export(
+        model,
+        (example,),
+        dynamo=True,
+        input_names=[INPUT_NAME],
+        output_names=output_names(model.score_names),
+        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+        opset_version=OPSET,
+        external_data=False,
+        verbose=False,
+    )
+
+
+def run_torch(model: FusedModel, images: np.ndarray) -> dict[str, np.ndarray]:
+    """Reference outputs of the PyTorch module, by name (for parity checks)."""
+    with torch.no_grad():
+        outputs = model(torch.as_tensor(images, dtype=torch.float32))
+    return {name: out.numpy() for name, out in zip(output_names(model.score_names), outputs)}

@@ -1,0 +1,224 @@
+"""`oodguard export`: classifier checkpoint → fused-head ONNX + calibration.json + Triton configs.
+
+Steps, each timed and reported: load the checkpoint; extract training features; choose the bank
+(class-wise ProbCover when ``bank_size`` is smaller than the training set); fit every score of the
+registry; export one ONNX graph; run it in ONNX Runtime on the held-out calibration split to fit the
+95%-TPR thresholds; write the version folder atomically (built in a hidden temp folder, then renamed to
+the next free version number) and refresh the model's Triton configs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+import oodguard
+from oodguard.calibration import Calibration
+from oodguard.datasets import Dataset
+from oodguard.onnx_runner import OnnxModel
+from oodguard.preprocess import Preprocessing
+from oodguard.repository import CALIBRATION_FILE, INPUT_NAME, MODEL_FILE, model_dir, next_version
+
+from . import fused
+from .backbones import file_sha256, load_classifier
+from .bank import reduce_bank
+from .calibrate import fit_thresholds
+from .scores import SCORES, FitData, Score
+from .synthetic import validation_ood
+from .train import extract
+from .triton_config import ModelSignature, write_configs
+
+
+@dataclass
+class ExportSpec:
+    """Everything one export needs. ``bank_data`` is in-distribution *training* data; ``calibration_data``
+    must be disjoint from it. ``score_params`` passes keyword arguments to a score's ``fit``."""
+
+    repository: Path
+    model_name: str
+    backbone: str
+    checkpoint: Path
+    class_names: list[str]
+    preprocessing: Preprocessing
+    bank_data: Dataset
+    calibration_data: Dataset
+    bank_size: int | None = None
+    score_params: dict[str, dict] = field(default_factory=dict)
+    target_tpr: float = 0.95
+    validation_ood_size: int = 1000
+    max_batch_size: int = 64
+    seed: int = 0
+    provenance: dict = field(default_factory=dict)
+
+
+@dataclass
+class ExportResult:
+    version: int
+    version_dir: Path
+    calibration: Calibration
+    seconds: dict[str, float]
+
+
+def fit_scores(data: FitData, params: dict[str, dict]) -> dict[str, Score]:
+    unknown = set(params) - set(SCORES)
+    if unknown:
+        raise ValueError(f"parameters given for unknown score(s) {sorted(unknown)}; scores: {list(SCORES)}")
+    fitted: dict[str, Score] = {}
+    for name, cls in SCORES.items():
+        fitted[name] = cls.fit(data, fitted, **params.get(name, {}))
+    return fitted
+
+
+def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> ExportResult:
+    seconds: dict[str, float] = {}
+    clock = time.perf_counter()
+
+    def lap(step: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        seconds[step] = now - clock
+        clock = now
+        progress(f"  {step}: {seconds[step]:.1f}s")
+
+    if spec.bank_data.labels is None:
+        raise ValueError("the bank data needs labels")
+    classifier = load_classifier(spec.backbone, spec.checkpoint, num_classes=len(spec.class_names))
+    prep = spec.preprocessing
+    bank_images = prep.apply(spec.bank_data.images)
+    features, logits = extract(classifier, bank_images)
+    lap("extract training features")
+
+    labels = spec.bank_data.labels
+    bank = np.arange(len(labels)) if spec.bank_size is None else reduce_bank(features, labels, spec.bank_size, spec.seed)
+    ood_images = validation_ood(bank_images, labels, spec.validation_ood_size, spec.seed)
+    ood_features, ood_logits = extract(classifier, ood_images)
+    lap(f"bank ({len(bank)} of {len(labels)}) and validation OOD ({len(ood_images)} synthetic)")
+
+    data = FitData(
+        features=features, logits=logits, labels=labels, bank=bank,
+        head_weight=classifier.head.weight.detach().numpy(), head_bias=classifier.head.bias.detach().numpy(),
+        validation_ood_features=ood_features, validation_ood_logits=ood_logits, seed=spec.seed,
+    )
+    scores = fit_scores(data, spec.score_params)
+    lap("fit scores")
+
+    root = model_dir(spec.repository, spec.model_name)
+    root.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    try:
+        model = fused.FusedModel(classifier, scores).eval()
+        fused.export_onnx(model, prep.input_shape, staging / MODEL_FILE)
+        lap("export ONNX")
+
+        outputs = OnnxModel(staging / MODEL_FILE).run(prep.apply(spec.calibration_data.images))
+        thresholds = fit_thresholds(outputs, model.score_names, spec.target_tpr)
+        lap(f"calibrate ({len(spec.calibration_data)} held-out in-distribution samples)")
+
+        calibration = Calibration(
+            model=_metadata(spec, model, len(bank)),
+            thresholds=thresholds,
+            data={"source": spec.calibration_data.source, "n": len(spec.calibration_data), "target_tpr": spec.target_tpr},
+        )
+        version = _publish(staging, root, calibration)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    signature = ModelSignature(spec.model_name, prep.input_shape, len(spec.class_names), classifier.feature_dim, tuple(model.score_names))
+    write_configs(root, signature, max_batch_size=spec.max_batch_size,
+                  preferred_batch_sizes=tuple(b for b in (16, 32, 64) if b <= spec.max_batch_size) or (spec.max_batch_size,))
+    progress(f"wrote {root / str(version)} (model.onnx, calibration.json) and the Triton configs")
+    return ExportResult(version, root / str(version), calibration, seconds)
+
+
+def _metadata(spec: ExportSpec, model: fused.FusedModel, bank_size: int) -> dict:
+    return {
+        "name": spec.model_name,
+        "class_names": list(spec.class_names),
+        "input": {"name": INPUT_NAME, "shape": list(spec.preprocessing.input_shape), "dtype": "float32"},
+        "preprocessing": spec.preprocessing.to_dict(),
+        "outputs": fused.output_names(model.score_names),
+        "scores": model.score_names,
+        "score_params": {name: score.metadata() for name, score in model.scores.items()},
+        "bank_size": bank_size,
+        "opset": fused.OPSET,
+        "max_batch_size": spec.max_batch_size,
+        "backbone": spec.backbone,
+        "checkpoint_sha256": file_sha256(spec.checkpoint),
+        "exported_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "oodguard_version": oodguard.__version__,
+        **spec.provenance,
+    }
+
+
+def _publish(staging: Path, root: Path, calibration: Calibration) -> int:
+    """Rename the finished staging folder to the next free version (retrying if another export won)."""
+    for _ in range(100):
+        version = next_version(root.parent, root.name)
+        calibration.model["version"] = version
+        calibration.save(staging / CALIBRATION_FILE)
+        try:
+            os.rename(staging, root / str(version))
+            return version
+        except OSError:
+            if not (root / str(version)).exists():
+                raise
+    raise RuntimeError(f"could not claim a version folder in {root}")
+
+
+def spec_from_training(checkpoint: Path, repository: Path, model_name: str, **overrides) -> ExportSpec:
+    """An export of a checkpoint written by `oodguard train`: bank from its train split, calibration from
+    its held-out calibration split (disjoint by construction)."""
+    from .training_job import RECORD_FILE, TrainingRecord
+
+    record = TrainingRecord.load(Path(checkpoint).with_name(RECORD_FILE))
+    data = record.dataset()
+    return ExportSpec(
+        repository=Path(repository),
+        model_name=model_name,
+        backbone=record.backbone,
+        checkpoint=Path(checkpoint),
+        class_names=record.class_names,
+        preprocessing=Preprocessing.from_dict(record.preprocessing),
+        bank_data=record.part(data, "train"),
+        calibration_data=record.part(data, "calibration"),
+        seed=record.seed,
+        provenance={"training_data": record.data, "training_classes": record.classes},
+        **overrides,
+    )
+
+
+def spec_from_flags(args, **overrides) -> ExportSpec:
+    """An export of a user checkpoint without training.json: everything comes from the command line."""
+    from oodguard.datasets import load_dataset
+
+    from .training_job import preprocessing_for
+
+    missing = [flag for flag, value in (("--backbone", args.backbone), ("--bank-data", args.bank_data),
+                                        ("--calibration-data", args.calibration_data), ("--class-names", args.class_names))
+               if not value]
+    if missing:
+        raise ValueError(f"{args.checkpoint} has no training.json beside it: also give {', '.join(missing)}")
+    from .backbones import BUILTIN_BACKBONES, resolve_factory
+
+    backbone = BUILTIN_BACKBONES.get(args.backbone, args.backbone)
+    bank = load_dataset(args.bank_data)
+    shape = args.input_shape or getattr(resolve_factory(backbone)(), "input_shape", None)
+    if shape is None:
+        raise ValueError(f"backbone {backbone!r} has no input_shape attribute: give --input-shape C,H,W")
+    prep = preprocessing_for(tuple(shape), bank)
+    if args.mean or args.std:
+        prep = Preprocessing(prep.channels, prep.height, prep.width, args.mean or prep.mean, args.std or prep.std)
+    return ExportSpec(
+        repository=args.repository, model_name=args.model, backbone=backbone, checkpoint=args.checkpoint,
+        class_names=args.class_names.split(","), preprocessing=prep, bank_data=bank,
+        calibration_data=load_dataset(args.calibration_data), seed=args.seed,
+        provenance={"training_data": args.bank_data}, **overrides,
+    )

@@ -1,0 +1,81 @@
+"""What every OOD score in the fused head shares.
+
+A score has an offline part, :meth:`Score.fit`, that builds its state (a feature bank, class means,
+statistics) from the classifier's training features with NumPy, and an exported part, ``forward``, a
+torch computation from ``(logits, features)`` to a ``[B]`` tensor that becomes one output of the ONNX
+graph. Convention: **higher = more OOD** for every score.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import ClassVar, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class FitData:
+    """Training-side arrays a score may fit on.
+
+    ``features``/``logits``/``labels`` are the in-distribution training samples the bank is drawn from;
+    ``bank`` indexes the (possibly reduced) bank inside them. ``head_weight``/``head_bias`` are the final
+    linear layer. ``validation_ood_*`` are features/logits of a *validation* OOD set (synthetic, never a
+    test set) that a score may use to tune a hyper-parameter; empty when none is given.
+    """
+
+    features: np.ndarray
+    logits: np.ndarray
+    labels: np.ndarray
+    bank: np.ndarray
+    head_weight: np.ndarray
+    head_bias: np.ndarray
+    validation_ood_features: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    validation_ood_logits: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
+    seed: int = 0
+
+    @property
+    def num_classes(self) -> int:
+        return self.head_weight.shape[0]
+
+
+class Score(nn.Module):
+    """Base class: a fitted score is a torch module mapping ``(logits, features)`` to ``[B]``."""
+
+    name: ClassVar[str]
+
+    @classmethod
+    def fit(cls, data: FitData, fitted: Mapping[str, "Score"], **params) -> "Score":
+        """Build the fitted score. ``fitted`` holds the scores fitted before this one (registry order)."""
+        return cls()
+
+    def forward(self, logits: torch.Tensor, features: torch.Tensor, computed: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        raise NotImplementedError
+
+    def metadata(self) -> dict:
+        """What the score records in calibration.json (hyper-parameters, bank size, statistics)."""
+        return {}
+
+
+def buffer(array: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    return torch.as_tensor(np.ascontiguousarray(array)).to(dtype)
+
+
+def squared_distances(a: torch.Tensor, b: torch.Tensor, b_sq_norms: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` squared Euclidean distances, via one matrix product (exportable), clamped at 0."""
+    a_sq = (a * a).sum(dim=1, keepdim=True)
+    return torch.clamp(a_sq + b_sq_norms.unsqueeze(0) - 2.0 * (a @ b.T), min=0.0)
+
+
+def numpy_squared_distances(a: np.ndarray, b: np.ndarray, chunk: int = 4096) -> np.ndarray:
+    """Offline float64 squared distances ``[len(a), len(b)]`` in row chunks."""
+    a = np.asarray(a, np.float64)
+    b = np.asarray(b, np.float64)
+    b_sq = (b * b).sum(axis=1)
+    out = np.empty((len(a), len(b)), np.float64)
+    for start in range(0, len(a), chunk):
+        block = a[start : start + chunk]
+        out[start : start + chunk] = (block * block).sum(axis=1)[:, None] + b_sq[None, :] - 2.0 * block @ b.T
+    return np.maximum(out, 0.0, out=out)

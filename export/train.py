@@ -1,0 +1,163 @@
+"""Supervised training of a :class:`~oodguard.export.backbones.Classifier`, and batched inference.
+
+Training is plain Adam + cross-entropy over shuffled mini-batches. All randomness (the
+shuffle, and anything torch draws internally) comes from ``seed``, so two runs from
+identically initialised models on the same data end with identical weights on CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import Classifier
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _check_images(model: Classifier, images: np.ndarray) -> np.ndarray:
+    """Validate an image batch against the model and return it as contiguous float32."""
+    if not isinstance(images, np.ndarray):
+        raise ValueError(f"images must be a numpy array, got {type(images).__name__}")
+    if images.ndim != 4:
+        raise ValueError(f"images must have shape [N, C, H, W], got shape {images.shape}")
+    if images.shape[0] == 0:
+        raise ValueError("images is empty (N = 0)")
+    if not np.issubdtype(images.dtype, np.floating):
+        raise ValueError(f"images must be floating point, got dtype {images.dtype}")
+    expected = getattr(model.backbone, "input_shape", None)
+    if expected is not None and tuple(images.shape[1:]) != tuple(expected):
+        raise ValueError(
+            f"images have per-sample shape {tuple(images.shape[1:])}, backbone expects {tuple(expected)}"
+        )
+    return np.ascontiguousarray(images, dtype=np.float32)
+
+
+def _check_labels(model: Classifier, labels: np.ndarray, n: int) -> np.ndarray:
+    """Validate labels (integers in ``[0, K)``, one per image) and return them as int64."""
+    if not isinstance(labels, np.ndarray) or labels.ndim != 1:
+        raise ValueError(f"labels must be a 1-d numpy array, got {getattr(labels, 'shape', type(labels).__name__)}")
+    if labels.shape[0] != n:
+        raise ValueError(f"got {n} images but {labels.shape[0]} labels")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"labels must be integers, got dtype {labels.dtype}")
+    low, high = int(labels.min()), int(labels.max())
+    if low < 0 or high >= model.num_classes:
+        raise ValueError(
+            f"labels must lie in [0, {model.num_classes - 1}] for a {model.num_classes}-class model, "
+            f"got range [{low}, {high}]"
+        )
+    return labels.astype(np.int64)
+
+
+def train_classifier(
+    model: Classifier,
+    images: np.ndarray,
+    labels: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int = 128,
+    lr: float = 1e-3,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = print,
+    report_every_s: float = 10.0,
+) -> list[dict]:
+    """Train ``model`` in place on ``images`` ``[N, C, H, W]`` float and ``labels`` ``[N]`` int.
+
+    Reports one line per epoch to ``progress`` (epoch, mean loss, training accuracy, seconds),
+    plus an intermediate line whenever ``report_every_s`` seconds pass within an epoch.
+    Returns one ``{"epoch", "loss", "accuracy", "seconds"}`` dict per epoch; leaves the model
+    in eval mode.
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    images = _check_images(model, images)
+    labels = _check_labels(model, labels, images.shape[0])
+    report = progress or (lambda _line: None)
+
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    device = _model_device(model)
+    x_all = torch.from_numpy(images)
+    y_all = torch.from_numpy(labels)
+    n = x_all.shape[0]
+    n_batches = (n + batch_size - 1) // batch_size
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+
+    history: list[dict] = []
+    model.train()
+    try:
+        for epoch in range(1, epochs + 1):
+            start = last_report = time.monotonic()
+            order = torch.randperm(n, generator=generator)
+            loss_sum, correct, seen = 0.0, 0, 0
+            for batch, first in enumerate(range(0, n, batch_size), start=1):
+                idx = order[first : first + batch_size]
+                x, y = x_all[idx].to(device), y_all[idx].to(device)
+                logits = model(x)
+                loss = loss_fn(logits, y)
+                optimizer.zero_grad(set_to_none=True)
+                (loss / len(idx)).backward()
+                optimizer.step()
+                loss_sum += loss.item()
+                correct += int((logits.argmax(dim=1) == y).sum())
+                seen += len(idx)
+                now = time.monotonic()
+                if now - last_report >= report_every_s and batch < n_batches:
+                    report(
+                        f"epoch {epoch}/{epochs}  batch {batch}/{n_batches}  loss {loss_sum / seen:.4f}  "
+                        f"acc {correct / seen:.4f}  {now - start:.1f}s"
+                    )
+                    last_report = now
+            record = {
+                "epoch": epoch,
+                "loss": loss_sum / seen,
+                "accuracy": correct / seen,
+                "seconds": time.monotonic() - start,
+            }
+            history.append(record)
+            report(
+                f"epoch {epoch}/{epochs}  loss {record['loss']:.4f}  acc {record['accuracy']:.4f}  "
+                f"{record['seconds']:.1f}s"
+            )
+    finally:
+        model.eval()
+    return history
+
+
+@torch.no_grad()
+def extract(model: Classifier, images: np.ndarray, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Features ``[N, D]`` and logits ``[N, K]`` (float32) of ``images``, computed in eval mode."""
+    images = _check_images(model, images)
+    model.eval()
+    device = _model_device(model)
+    features, logits = [], []
+    for first in range(0, images.shape[0], batch_size):
+        x = torch.from_numpy(images[first : first + batch_size]).to(device)
+        f = model.features(x)
+        features.append(f.float().cpu().numpy())
+        logits.append(model.head(f).float().cpu().numpy())
+    return np.concatenate(features), np.concatenate(logits)
+
+
+@torch.no_grad()
+def predict_logits(model: Classifier, images: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Logits ``[N, K]`` (float32) of ``images``, computed in eval mode."""
+    images = _check_images(model, images)
+    model.eval()
+    device = _model_device(model)
+    logits = [
+        model(torch.from_numpy(images[first : first + batch_size]).to(device)).float().cpu().numpy()
+        for first in range(0, images.shape[0], batch_size)
+    ]
+    return np.concatenate(logits)

@@ -1,0 +1,129 @@
+"""The `oodguard` command. Each subcommand imports its side lazily, so serving never imports torch."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _classes(text: str) -> list[int]:
+    """'0-7' or '0,1,2' or '0-3,7' → list of ints."""
+    out: list[int] = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
+    return out
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(v) for v in text.split(","))
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(v) for v in text.split(","))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="oodguard", description="Out-of-distribution guard for image classifiers.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = sub.add_parser("train", help="train a backbone + linear head on a dataset",
+                           description="Train a built-in or user backbone with a linear head. Writes checkpoint.pt "
+                           "and training.json (classes, preprocessing, seeded train/calibration/test split) to --out.")
+    train.add_argument("--backbone", default="lenet5", help="lenet5, resnet18_cifar, or package.module:factory")
+    train.add_argument("--data", required=True, help="'digits', an IDX images file, a .npz (PATH.npz[#KEY]) or a folder")
+    train.add_argument("--classes", type=_classes, help="keep only these labels, e.g. 0-7 (relabelled 0..n-1)")
+    train.add_argument("--out", type=Path, required=True, help="output folder")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--batch-size", type=int, default=128)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--holdout", type=float, default=0.2,
+                       help="fraction held out of training, halved into calibration and test splits (default 0.2)")
+    train.add_argument("--input-shape", type=_ints, help="C,H,W for a backbone without an input_shape attribute")
+
+    export = sub.add_parser("export", help="export a checkpoint with the fused OOD head into a model repository",
+                            description="Fit the OOD scores, export one ONNX graph (logits, features, scores), calibrate "
+                            "95%%-TPR thresholds on held-out ID data, and add the next version to the Triton model repository.")
+    export.add_argument("--repository", type=Path, required=True, help="model repository folder")
+    export.add_argument("--model", help="model name in the repository (default: 'digits' for --demo)")
+    export.add_argument("--demo", choices=["digits"], help="train and export the digits demo, then print its evaluation")
+    export.add_argument("--checkpoint", type=Path, help="checkpoint.pt (with training.json beside it, or give the flags below)")
+    export.add_argument("--backbone", help="for a checkpoint without training.json: lenet5, resnet18_cifar or package.module:factory")
+    export.add_argument("--bank-data", help="for a checkpoint without training.json: labelled ID training data")
+    export.add_argument("--calibration-data", help="held-out ID data, disjoint from training (overrides training.json's split)")
+    export.add_argument("--class-names", help="comma-separated class names (checkpoint without training.json)")
+    export.add_argument("--input-shape", type=_ints, help="C,H,W (checkpoint without training.json)")
+    export.add_argument("--mean", type=_floats, help="per-channel mean after scaling to [0,1]")
+    export.add_argument("--std", type=_floats, help="per-channel std after scaling to [0,1]")
+    export.add_argument("--bank-size", type=int, help="reduced bank (class-wise ProbCover) size; default: all training samples")
+    export.add_argument("--alpha", type=float, help="fixed SISOM sigmoid steepness (default: chosen on a log grid)")
+    export.add_argument("--knn-k", type=int, default=50, help="k of the kNN score (clipped to the bank size)")
+    export.add_argument("--tpr", type=float, default=0.95, help="target TPR of the thresholds (default 0.95)")
+    export.add_argument("--max-batch-size", type=int, default=64)
+    export.add_argument("--seed", type=int, default=0)
+    export.add_argument("--epochs", type=int, default=30, help="training epochs for --demo")
+
+    validate = sub.add_parser("validate-repo", help="check a model repository against its ONNX files",
+                              description="Parse every config into Triton's ModelConfig and check inputs, outputs, "
+                              "dtypes and dims against each version's model.onnx and calibration.json. Exit 1 on any problem.")
+    validate.add_argument("repository", type=Path)
+    return parser
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from oodguard.export.training_job import run_training
+
+    run_training(backbone=args.backbone, data=args.data, out_dir=args.out, classes=args.classes, epochs=args.epochs,
+                 batch_size=args.batch_size, lr=args.lr, seed=args.seed, holdout=args.holdout, input_shape=args.input_shape)
+    return 0
+
+
+def _run_export(args: argparse.Namespace) -> int:
+    from oodguard.export import pipeline
+
+    if args.demo:
+        from oodguard.export.demo import format_table, run_demo
+
+        result = run_demo(args.repository, model_name=args.model or "digits", epochs=args.epochs, seed=args.seed)
+        print("\nDigits demo (ID: test split of digits 0-7; AUROC and FPR@95TPR in %, higher score = more OOD):")
+        print(format_table(result.table))
+        print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
+        return 0
+    if not args.checkpoint or not args.model:
+        raise ValueError("give --checkpoint and --model (or --demo digits)")
+    overrides = dict(bank_size=args.bank_size, target_tpr=args.tpr, max_batch_size=args.max_batch_size,
+                     score_params={"sisom": {"alpha": args.alpha}, "knn": {"k": args.knn_k}})
+    if args.checkpoint.with_name("training.json").exists():
+        spec = pipeline.spec_from_training(args.checkpoint, args.repository, args.model, **overrides)
+        if args.calibration_data:
+            from oodguard.datasets import load_dataset
+
+            spec.calibration_data = load_dataset(args.calibration_data)
+    else:
+        spec = pipeline.spec_from_flags(args, **overrides)
+    pipeline.export_model(spec)
+    return 0
+
+
+def _run_validate(args: argparse.Namespace) -> int:
+    from oodguard.validate_repo import report
+
+    return report(args.repository)
+
+
+COMMANDS = {"train": _run_train, "export": _run_export, "validate-repo": _run_validate}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"oodguard {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

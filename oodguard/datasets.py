@@ -1,0 +1,188 @@
+"""Dataset readers: IDX (.gz or raw), .npz, folders of PNG/JPEG, and scikit-learn's bundled digits.
+
+Every reader returns a :class:`Dataset` of uint8 images, ``[N, H, W]`` (grayscale) or ``[N, H, W, 3]``
+(RGB), with optional integer labels. Conversion to a model's input is a separate, explicit step
+(:mod:`oodguard.preprocess`). Imports NumPy and Pillow only, so the gateway can use it.
+
+Dataset specs accepted by :func:`load_dataset`:
+
+- ``digits``: scikit-learn's bundled 8x8 digits (values 0..16 scaled to 0..255).
+- ``PATH-images-idx3-ubyte[.gz]``: IDX images; labels are read from the sibling ``*-labels-idx1-ubyte[.gz]``.
+- ``PATH.npz`` or ``PATH.npz#KEY``: the ``images`` array (or ``KEY``), optional ``labels``.
+- ``DIR``: PNG/JPEG files; one subfolder per class gives labels and class names.
+"""
+
+from __future__ import annotations
+
+import gzip
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+class DatasetError(ValueError):
+    """A dataset could not be read, or does not fit what was asked of it."""
+
+
+@dataclass(frozen=True)
+class Dataset:
+    images: np.ndarray
+    labels: np.ndarray | None
+    class_names: list[str] | None
+    source: str
+
+    def __post_init__(self) -> None:
+        if self.images.dtype != np.uint8:
+            raise DatasetError(f"{self.source}: images must be uint8, got {self.images.dtype}")
+        if self.images.ndim not in (3, 4) or (self.images.ndim == 4 and self.images.shape[-1] not in (1, 3)):
+            raise DatasetError(f"{self.source}: images must be [N,H,W] or [N,H,W,1|3], got {self.images.shape}")
+        if self.labels is not None and len(self.labels) != len(self.images):
+            raise DatasetError(f"{self.source}: {len(self.images)} images but {len(self.labels)} labels")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def take(self, indices: np.ndarray) -> "Dataset":
+        labels = None if self.labels is None else self.labels[indices]
+        return Dataset(self.images[indices], labels, self.class_names, self.source)
+
+    def select_classes(self, classes: Sequence[int]) -> "Dataset":
+        """Keep the images of ``classes`` and relabel them 0..len(classes)-1 in the order given."""
+        if self.labels is None:
+            raise DatasetError(f"{self.source}: has no labels, cannot select classes")
+        classes = list(classes)
+        present = set(np.unique(self.labels).tolist())
+        absent = [c for c in classes if c not in present]
+        if absent:
+            raise DatasetError(f"{self.source}: no images of class(es) {absent}; present: {sorted(present)}")
+        mapping = np.full(int(max(present | set(classes))) + 1, -1, dtype=np.int64)
+        mapping[classes] = np.arange(len(classes))
+        keep = np.isin(self.labels, classes)
+        names = [self.class_names[c] if self.class_names else str(c) for c in classes]
+        return Dataset(self.images[keep], mapping[self.labels[keep]], names, self.source)
+
+
+def load_dataset(spec: str | Path) -> Dataset:
+    spec = str(spec)
+    if spec == "digits":
+        return _load_digits()
+    path_part, _, key = spec.partition("#")
+    path = Path(path_part)
+    if path.is_dir():
+        return _load_folder(path)
+    if not path.exists():
+        raise DatasetError(f"dataset {spec!r} not found (expected 'digits', an IDX file, a .npz file or a folder)")
+    if path.suffix == ".npz":
+        return _load_npz(path, key or "images")
+    if "idx" in path.name:
+        return _load_idx_pair(path)
+    raise DatasetError(f"{path}: unknown dataset format (expected IDX '*-idx3-ubyte[.gz]', .npz or a folder)")
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read one IDX file (optionally gzip-compressed) into an array of its declared type and shape."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            raw = fh.read()
+    except (OSError, EOFError) as exc:
+        raise DatasetError(f"{path}: cannot read IDX file ({exc})") from exc
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DatasetError(f"{path}: not an IDX file (bad magic number)")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = int(np.prod(shape)) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise DatasetError(f"{path}: header says shape {shape} but the file holds {len(raw) - header} data bytes")
+    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape)
+
+
+def _load_idx_pair(path: Path) -> Dataset:
+    images = read_idx(path)
+    if images.ndim != 3:
+        raise DatasetError(f"{path}: IDX images must be 3-D [N,H,W], got shape {images.shape}")
+    labels = None
+    label_path = path.with_name(path.name.replace("images-idx3", "labels-idx1"))
+    if label_path != path and label_path.exists():
+        labels = read_idx(label_path).astype(np.int64)
+    return Dataset(np.ascontiguousarray(images, dtype=np.uint8), labels, None, str(path))
+
+
+def _load_npz(path: Path, key: str) -> Dataset:
+    with np.load(path, allow_pickle=False) as archive:
+        if key not in archive.files:
+            raise DatasetError(f"{path}: no array {key!r} (arrays: {archive.files}); use PATH.npz#KEY")
+        images = archive[key]
+        labels = archive["labels"].astype(np.int64) if "labels" in archive.files else None
+        class_names = [str(n) for n in archive["class_names"]] if "class_names" in archive.files else None
+    if images.dtype != np.uint8:
+        if np.issubdtype(images.dtype, np.floating) and images.size and 0.0 <= images.min() and images.max() <= 1.0:
+            images = np.round(images * 255.0).astype(np.uint8)
+        else:
+            raise DatasetError(f"{path}: images must be uint8 (or float in [0,1]), got {images.dtype}")
+    if labels is not None and len(labels) != len(images):
+        labels = None  # e.g. a labels array that belongs to another key
+    return Dataset(images, labels, class_names, f"{path}#{key}")
+
+
+def _load_folder(path: Path) -> Dataset:
+    subdirs = sorted(p for p in path.iterdir() if p.is_dir())
+    if subdirs:
+        groups = [(i, sorted(f for f in d.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)) for i, d in enumerate(subdirs)]
+        class_names: list[str] | None = [d.name for d in subdirs]
+    else:
+        groups = [(-1, sorted(f for f in path.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES))]
+        class_names = None
+    files = [(label, f) for label, fs in groups for f in fs]
+    if not files:
+        raise DatasetError(f"{path}: no PNG/JPEG images found")
+    images = [decode_image(f.read_bytes(), source=str(f)) for _, f in files]
+    shapes = {im.shape for im in images}
+    if len(shapes) != 1:
+        raise DatasetError(f"{path}: images have different shapes {sorted(shapes)[:4]}; resize them first")
+    labels = np.array([label for label, _ in files], dtype=np.int64) if class_names else None
+    return Dataset(np.stack(images), labels, class_names, str(path))
+
+
+def decode_image(data: bytes, source: str = "image") -> np.ndarray:
+    """Decode PNG/JPEG bytes to uint8 ``[H,W]`` (grayscale) or ``[H,W,3]`` (anything else, as RGB)."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            converted = img.convert("L") if img.mode in ("L", "1", "I;16", "I", "F", "LA") else img.convert("RGB")
+    except Exception as exc:  # Pillow raises many types for corrupt input
+        raise DatasetError(f"{source}: cannot decode image ({exc})") from exc
+    return np.asarray(converted, dtype=np.uint8)
+
+
+def _load_digits() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    images = np.round(bunch.images * (255.0 / 16.0)).astype(np.uint8)
+    return Dataset(images, bunch.target.astype(np.int64), [str(c) for c in bunch.target_names], "digits")
+
+
+def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
+    """Split indices into disjoint parts with the given fractions per class (the last part takes the rest)."""
+    if not fractions or any(f <= 0 for f in fractions) or sum(fractions) > 1 + 1e-9:
+        raise ValueError(f"fractions must be positive and sum to at most 1, got {list(fractions)}")
+    rng = np.random.default_rng(seed)
+    parts: list[list[np.ndarray]] = [[] for _ in fractions]
+    for cls in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == cls))
+        bounds = np.round(np.cumsum(fractions) * len(idx)).astype(int)
+        starts = np.concatenate([[0], bounds[:-1]])
+        for part, start, stop in zip(parts, starts, bounds):
+            part.append(idx[start:stop])
+    return [np.sort(np.concatenate(p)) for p in parts]

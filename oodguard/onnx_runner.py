@@ -1,0 +1,34 @@
+"""Run a fused-head ONNX model with ONNX Runtime, by name, in batches. No torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from .repository import INPUT_NAME
+
+
+class OnnxModel:
+    """An ONNX Runtime session over one ``model.onnx`` that returns every output by name."""
+
+    def __init__(self, path: str | Path, providers: list[str] | None = None, intra_op_threads: int = 0):
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        inputs = self.session.get_inputs()
+        if len(inputs) != 1 or inputs[0].name != INPUT_NAME:
+            raise ValueError(f"{path}: expected one input named {INPUT_NAME!r}, got {[i.name for i in inputs]}")
+        self.input_shape = tuple(inputs[0].shape[1:])
+
+    def run(self, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+        images = np.ascontiguousarray(images, dtype=np.float32)
+        chunks = [
+            self.session.run(None, {INPUT_NAME: images[start : start + batch_size]})
+            for start in range(0, len(images), batch_size)
+        ]
+        if not chunks:
+            raise ValueError("no images to run")
+        return {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(self.output_names)}

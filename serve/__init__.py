@@ -1,0 +1,1 @@
+"""Serving side: the gRPC gateway. Never imports torch."""

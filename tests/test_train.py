@@ -1,0 +1,162 @@
+"""Training loop, determinism, progress reporting, input validation and batched extraction."""
+
+from __future__ import annotations
+
+import copy
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from oodguard.export.backbones import Classifier, lenet5
+from oodguard.export.train import extract, predict_logits, train_classifier
+
+N_PER_CLASS = 100
+EPOCHS = 4
+
+
+def _patterns() -> np.ndarray:
+    """Three 28x28 templates: horizontal stripes, vertical stripes, a centred square."""
+    horizontal = np.zeros((28, 28), np.float32)
+    horizontal[::4] = 1.0
+    vertical = horizontal.T.copy()
+    square = np.zeros((28, 28), np.float32)
+    square[9:19, 9:19] = 1.0
+    return np.stack([horizontal, vertical, square])
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray]:
+    """300 noisy images in 3 separable classes, shaped [N, 1, 28, 28] float32 with int64 labels."""
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(3), N_PER_CLASS).astype(np.int64)
+    images = _patterns()[labels] + 0.5 * rng.standard_normal((labels.size, 28, 28)).astype(np.float32)
+    return images[:, None].astype(np.float32), labels
+
+
+def _fresh_model(init_seed: int = 0) -> Classifier:
+    torch.manual_seed(init_seed)
+    return Classifier(lenet5(), num_classes=3)
+
+
+def test_learns_separable_problem(data: tuple[np.ndarray, np.ndarray]) -> None:
+    images, labels = data
+    model = _fresh_model()
+    history = train_classifier(model, images, labels, epochs=EPOCHS, batch_size=32, lr=3e-3, progress=None)
+
+    assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))
+    assert all(set(h) == {"epoch", "loss", "accuracy", "seconds"} for h in history)
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert history[-1]["accuracy"] > 0.9
+    assert not model.training
+    # Eval-mode predictions agree with the training-time accuracy.
+    assert (predict_logits(model, images).argmax(axis=1) == labels).mean() > 0.9
+
+
+def test_same_seed_gives_identical_weights(data: tuple[np.ndarray, np.ndarray]) -> None:
+    images, labels = data
+    first, second = _fresh_model(), _fresh_model()
+    h1 = train_classifier(first, images, labels, epochs=2, batch_size=64, seed=7, progress=None)
+    h2 = train_classifier(second, images, labels, epochs=2, batch_size=64, seed=7, progress=None)
+
+    assert [h["loss"] for h in h1] == [h["loss"] for h in h2]
+    s1, s2 = first.state_dict(), second.state_dict()
+    assert s1.keys() == s2.keys()
+    for key in s1:
+        assert torch.equal(s1[key], s2[key]), key
+
+
+def test_different_seed_gives_different_weights(data: tuple[np.ndarray, np.ndarray]) -> None:
+    images, labels = data
+    first = _fresh_model()
+    second = copy.deepcopy(first)
+    train_classifier(first, images, labels, epochs=1, batch_size=64, seed=0, progress=None)
+    train_classifier(second, images, labels, epochs=1, batch_size=64, seed=1, progress=None)
+    assert not torch.equal(first.head.weight, second.head.weight)
+
+
+def test_progress_one_line_per_epoch(data: tuple[np.ndarray, np.ndarray]) -> None:
+    images, labels = data
+    lines: list[str] = []
+    history = train_classifier(_fresh_model(), images, labels, epochs=3, batch_size=100, progress=lines.append)
+
+    assert len(lines) == 3
+    pattern = re.compile(r"^epoch (\d)/3  loss (\d+\.\d{4})  acc (\d\.\d{4})  \d+\.\ds$")
+    for i, (line, record) in enumerate(zip(lines, history), start=1):
+        match = pattern.match(line)
+        assert match, line
+        assert int(match[1]) == i
+        assert float(match[2]) == pytest.approx(record["loss"], abs=1e-4)
+        assert float(match[3]) == pytest.approx(record["accuracy"], abs=1e-4)
+
+
+def test_progress_intermediate_lines_for_long_epochs(data: tuple[np.ndarray, np.ndarray]) -> None:
+    images, labels = data
+    lines: list[str] = []
+    # With a zero interval every batch but the last of each epoch is "long enough" to report.
+    train_classifier(
+        _fresh_model(), images, labels, epochs=2, batch_size=100, progress=lines.append, report_every_s=0.0
+    )
+    batch_lines = [line for line in lines if "batch" in line]
+    assert [line.split("  ")[:2] for line in batch_lines] == [
+        ["epoch 1/2", "batch 1/3"],
+        ["epoch 1/2", "batch 2/3"],
+        ["epoch 2/2", "batch 1/3"],
+        ["epoch 2/2", "batch 2/3"],
+    ]
+    assert len(lines) == 6
+
+
+def test_progress_none_is_silent(data: tuple[np.ndarray, np.ndarray], capsys: pytest.CaptureFixture[str]) -> None:
+    images, labels = data
+    train_classifier(_fresh_model(), images[:20], labels[:20], epochs=1, progress=None)
+    assert capsys.readouterr().out == ""
+
+
+@pytest.mark.parametrize(
+    ("mutate", "kwargs", "needle"),
+    [
+        (lambda x, y: (x, y), {"epochs": 0}, "epochs must be >= 1"),
+        (lambda x, y: (x, y), {"epochs": 1, "batch_size": 0}, "batch_size must be >= 1"),
+        (lambda x, y: (x[:0], y[:0]), {"epochs": 1}, "empty"),
+        (lambda x, y: (x[:, 0], y), {"epochs": 1}, r"\[N, C, H, W\]"),
+        (lambda x, y: (x[:, :, :27], y), {"epochs": 1}, r"backbone expects \(1, 28, 28\)"),
+        (lambda x, y: (x.astype(np.int64), y), {"epochs": 1}, "floating point"),
+        (lambda x, y: (x, y[:-1]), {"epochs": 1}, "300 images but 299 labels"),
+        (lambda x, y: (x, y.astype(np.float32)), {"epochs": 1}, "labels must be integers"),
+        (lambda x, y: (x, y[:, None]), {"epochs": 1}, "1-d"),
+        (lambda x, y: (x, np.where(y == 2, 3, y)), {"epochs": 1}, r"\[0, 2\].*got range \[0, 3\]"),
+        (lambda x, y: (x, y - 1), {"epochs": 1}, r"got range \[-1, 1\]"),
+    ],
+)
+def test_bad_inputs_raise(data: tuple[np.ndarray, np.ndarray], mutate, kwargs: dict, needle: str) -> None:
+    images, labels = mutate(*data)
+    model = _fresh_model()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=needle):
+        train_classifier(model, images, labels, progress=None, **kwargs)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_extract_shapes_and_consistency(data: tuple[np.ndarray, np.ndarray]) -> None:
+    images = data[0][:37]
+    model = _fresh_model()
+    model.train()  # extract must switch to eval mode itself
+    features, logits = extract(model, images, batch_size=16)
+
+    assert not model.training
+    assert features.shape == (37, 84) and logits.shape == (37, 3)
+    assert features.dtype == logits.dtype == np.float32
+    with torch.no_grad():
+        head = model.head(torch.from_numpy(features)).numpy()
+    np.testing.assert_allclose(logits, head, rtol=1e-5, atol=1e-6)
+    # Batching does not change the numbers, and predict_logits agrees with extract.
+    np.testing.assert_allclose(predict_logits(model, images, batch_size=5), logits, rtol=1e-5, atol=1e-6)
+    full_features, _ = extract(model, images)
+    np.testing.assert_allclose(full_features, features, rtol=1e-5, atol=1e-6)
+
+
+def test_extract_validates_images() -> None:
+    with pytest.raises(ValueError, match=r"backbone expects \(1, 28, 28\)"):
+        extract(_fresh_model(), np.zeros((2, 3, 32, 32), np.float32))
