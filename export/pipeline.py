@@ -113,6 +113,7 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
     root = model_dir(spec.repository, spec.model_name)
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
+    staging.chmod(0o755)  # mkdtemp makes it private; Triton may run as another user
     try:
         model = fused.FusedModel(classifier, scores).eval()
         fused.export_onnx(model, prep.input_shape, staging / MODEL_FILE)

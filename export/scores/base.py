@@ -63,10 +63,11 @@ def buffer(array: np.ndarray, dtype: torch.dtype = torch.float32) -> torch.Tenso
     return torch.as_tensor(np.ascontiguousarray(array)).to(dtype)
 
 
-def squared_distances(a: torch.Tensor, b: torch.Tensor, b_sq_norms: torch.Tensor) -> torch.Tensor:
-    """``[B, N]`` squared Euclidean distances, via one matrix product (exportable), clamped at 0."""
+def squared_distances(a: torch.Tensor, b_t: torch.Tensor, b_sq_norms: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` squared Euclidean distances from rows of ``a`` to the columns of ``b_t`` (``[D, N]``),
+    via one matrix product (exportable), clamped at 0."""
     a_sq = (a * a).sum(dim=1, keepdim=True)
-    return torch.clamp(a_sq + b_sq_norms.unsqueeze(0) - 2.0 * (a @ b.T), min=0.0)
+    return torch.clamp(a_sq + b_sq_norms.unsqueeze(0) - 2.0 * (a @ b_t), min=0.0)
 
 
 def numpy_squared_distances(a: np.ndarray, b: np.ndarray, chunk: int = 4096) -> np.ndarray:

@@ -17,7 +17,7 @@ class Cluster(Score):
     def __init__(self, centres: np.ndarray):
         super().__init__()
         unit = centres / np.maximum(np.linalg.norm(centres, axis=1, keepdims=True), 1e-12)
-        self.register_buffer("centres", buffer(unit))
+        self.register_buffer("centres_t", buffer(unit.T))  # [D, C]: see Sisom
 
     @classmethod
     def fit(cls, data, fitted):
@@ -29,7 +29,7 @@ class Cluster(Score):
 
     def forward(self, logits, features, computed):
         unit = features / torch.clamp(torch.linalg.vector_norm(features, dim=1, keepdim=True), min=1e-12)
-        return 1.0 - (unit @ self.centres.T).amax(dim=1)
+        return 1.0 - (unit @ self.centres_t).amax(dim=1)
 
     def metadata(self):
-        return {"centres": "class means of training features", "num_centres": int(self.centres.shape[0])}
+        return {"centres": "class means of training features", "num_centres": int(self.centres_t.shape[1])}

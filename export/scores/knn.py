@@ -25,7 +25,7 @@ class Knn(Score):
         if not 1 <= k <= len(bank):
             raise ValueError(f"knn: k={k} must be between 1 and the bank size {len(bank)}")
         self.k = k
-        self.register_buffer("bank", buffer(normalise(bank)))
+        self.register_buffer("bank_t", buffer(normalise(bank).T))  # [D, N]: see Sisom
 
     @classmethod
     def fit(cls, data, fitted, k: int = 50):
@@ -33,9 +33,9 @@ class Knn(Score):
 
     def forward(self, logits, features, computed):
         unit = features / torch.clamp(torch.linalg.vector_norm(features, dim=1, keepdim=True), min=1e-12)
-        cos = unit @ self.bank.T
+        cos = unit @ self.bank_t
         kth = torch.topk(cos, self.k, dim=1).values[:, -1]
         return torch.sqrt(torch.clamp(2.0 - 2.0 * kth, min=0.0))
 
     def metadata(self):
-        return {"k": self.k, "bank_size": int(self.bank.shape[0])}
+        return {"k": self.k, "bank_size": int(self.bank_t.shape[1])}

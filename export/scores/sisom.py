@@ -88,7 +88,8 @@ class Sisom(Score):
         centred = bank_s - centre
         self.register_buffer("head_weight", buffer(head_weight))
         self.register_buffer("centre", buffer(centre))
-        self.register_buffer("bank", buffer(centred, torch.float64))
+        # Banks are stored transposed ([D, N]) so that the ONNX initialiser keeps its name (no folded transpose).
+        self.register_buffer("bank_t", buffer(centred.T, torch.float64))
         self.register_buffer("bank_sq_norms", buffer((centred * centred).sum(axis=1), torch.float64))
         self.register_buffer("bank_labels", buffer(bank_labels, torch.int64))
         self.register_buffer("d_out", buffer(d_out, torch.float64))
@@ -115,7 +116,7 @@ class Sisom(Score):
         p = torch.softmax(logits, dim=1)
         grad = (p - 1.0 / logits.shape[1]) @ self.head_weight
         s = torch.tanh(self.alpha * features * grad / 2.0) / 2.0 - self.centre
-        d2 = squared_distances(s.double(), self.bank, self.bank_sq_norms)
+        d2 = squared_distances(s.double(), self.bank_t, self.bank_sq_norms)
         same_class = self.bank_labels.unsqueeze(0) == logits.argmax(dim=1, keepdim=True)
         d2_in, anchor = torch.where(same_class, d2, torch.full_like(d2, float("inf"))).min(dim=1)
         return (torch.sqrt(d2_in) / self.d_out[anchor]).float()
