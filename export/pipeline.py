@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 
 import oodguard
-from oodguard.calibration import Calibration
+from oodguard.calibration import Calibration, CalibrationError
 from oodguard.datasets import Dataset
 from oodguard.onnx_runner import OnnxModel
 from oodguard.preprocess import Preprocessing
@@ -30,7 +30,7 @@ from oodguard.repository import CALIBRATION_FILE, INPUT_NAME, MODEL_FILE, model_
 from . import fused
 from .backbones import file_sha256, load_classifier
 from .bank import reduce_bank
-from .calibrate import fit_thresholds
+from .calibrate import fit_thresholds, minimum_size
 from .scores import SCORES, FitData, Score
 from .synthetic import validation_ood
 from .train import extract
@@ -64,6 +64,7 @@ class ExportResult:
     version: int
     version_dir: Path
     calibration: Calibration
+    model: fused.FusedModel
     seconds: dict[str, float]
 
 
@@ -90,6 +91,12 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
 
     if spec.bank_data.labels is None:
         raise ValueError("the bank data needs labels")
+    n_cal = len(spec.calibration_data)
+    if n_cal < minimum_size(spec.target_tpr):  # fail before the slow steps
+        raise CalibrationError(
+            f"the calibration set ({spec.calibration_data.source}) is empty" if n_cal == 0 else
+            f"{n_cal} calibration samples are too few for a {spec.target_tpr:.0%} TPR threshold "
+            f"(need at least {minimum_size(spec.target_tpr)})")
     classifier = load_classifier(spec.backbone, spec.checkpoint, num_classes=len(spec.class_names))
     prep = spec.preprocessing
     bank_images = prep.apply(spec.bank_data.images)
@@ -136,7 +143,7 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
     write_configs(root, signature, max_batch_size=spec.max_batch_size,
                   preferred_batch_sizes=tuple(b for b in (16, 32, 64) if b <= spec.max_batch_size) or (spec.max_batch_size,))
     progress(f"wrote {root / str(version)} (model.onnx, calibration.json) and the Triton configs")
-    return ExportResult(version, root / str(version), calibration, seconds)
+    return ExportResult(version, root / str(version), calibration, model, seconds)
 
 
 def _metadata(spec: ExportSpec, model: fused.FusedModel, bank_size: int) -> dict:

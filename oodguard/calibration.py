@@ -113,6 +113,9 @@ class Calibration:
         for key in ("model", "scores", "calibration_data"):
             if key not in raw:
                 raise CalibrationError(f"calibration file has no {key!r} section")
+        for key in ("model", "scores"):
+            if not isinstance(raw[key], dict):
+                raise CalibrationError(f"calibration file's {key!r} section is not an object")
         model = raw["model"]
         for key in ("class_names", "input", "preprocessing", "scores"):
             if key not in model:
@@ -132,6 +135,8 @@ class Calibration:
             raise CalibrationError(f"{path}: no calibration file") from exc
         except json.JSONDecodeError as exc:
             raise CalibrationError(f"{path}: not valid JSON ({exc})") from exc
+        except (OSError, UnicodeDecodeError) as exc:
+            raise CalibrationError(f"{path}: cannot read calibration file ({exc})") from exc
         try:
             return cls.from_dict(raw)
         except CalibrationError as exc:

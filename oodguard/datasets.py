@@ -109,11 +109,13 @@ def _load_idx_pair(path: Path) -> Dataset:
     images = read_idx(path)
     if images.ndim != 3:
         raise DatasetError(f"{path}: IDX images must be 3-D [N,H,W], got shape {images.shape}")
+    if images.dtype != np.uint8:
+        raise DatasetError(f"{path}: IDX images must be uint8 (type code 0x08), got {images.dtype}")
     labels = None
     label_path = path.with_name(path.name.replace("images-idx3", "labels-idx1"))
     if label_path != path and label_path.exists():
         labels = read_idx(label_path).astype(np.int64)
-    return Dataset(np.ascontiguousarray(images, dtype=np.uint8), labels, None, str(path))
+    return Dataset(np.ascontiguousarray(images), labels, None, str(path))
 
 
 def _load_npz(path: Path, key: str) -> Dataset:
@@ -174,8 +176,11 @@ def _load_digits() -> Dataset:
 
 
 def stratified_split(labels: np.ndarray, fractions: Sequence[float], seed: int) -> list[np.ndarray]:
-    """Split indices into disjoint parts with the given fractions per class (the last part takes the rest)."""
-    if not fractions or any(f <= 0 for f in fractions) or sum(fractions) > 1 + 1e-9:
+    """Split indices into disjoint parts with the given fractions per class (boundaries rounded per class).
+
+    Fractions summing to 1 put every index in exactly one part; a smaller sum leaves the remainder out.
+    """
+    if not fractions or not all(f > 0 for f in fractions) or sum(fractions) > 1 + 1e-9:
         raise ValueError(f"fractions must be positive and sum to at most 1, got {list(fractions)}")
     rng = np.random.default_rng(seed)
     parts: list[list[np.ndarray]] = [[] for _ in fractions]

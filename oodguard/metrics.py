@@ -32,8 +32,11 @@ def auroc(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:
 
 def fpr_at_tpr(id_scores: np.ndarray, ood_scores: np.ndarray, tpr: float = 0.95) -> float:
     """Fraction of OOD accepted (``score <= t``) at the smallest ``t`` accepting at least ``tpr`` of ID."""
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f"tpr must be in (0, 1], got {tpr}")
     id_sorted = np.sort(np.asarray(id_scores, np.float64).ravel())
-    if len(id_sorted) == 0:
-        raise ValueError("FPR@TPR needs ID scores")
+    ood_scores = np.asarray(ood_scores, np.float64).ravel()
+    if len(id_sorted) == 0 or len(ood_scores) == 0:
+        raise ValueError("FPR@TPR needs at least one ID and one OOD score")
     threshold = id_sorted[int(np.ceil(tpr * len(id_sorted))) - 1]
-    return float(np.mean(np.asarray(ood_scores) <= threshold))
+    return float(np.mean(ood_scores <= threshold))

@@ -56,7 +56,7 @@ class Preprocessing:
         return steps
 
     def apply(self, images: np.ndarray) -> np.ndarray:
-        """uint8 ``[N,H,W]`` / ``[N,H,W,C]`` (or a single ``[H,W(,C)]`` image) → float32 ``[N,C,H,W]``."""
+        """A uint8 batch ``[N,H,W]`` / ``[N,H,W,1|3]`` → float32 ``[N,C,H,W]`` (a single image needs its batch axis)."""
         images = np.asarray(images)
         if images.dtype != np.uint8:
             raise ValueError(f"images must be uint8, got {images.dtype}")

@@ -37,7 +37,8 @@ def versions(repository: str | Path, model: str) -> list[int]:
     root = model_dir(repository, model)
     if not root.is_dir():
         return []
-    found = [int(p.name) for p in root.iterdir() if p.is_dir() and p.name.isdigit() and int(p.name) > 0]
+    names = [p.name for p in root.iterdir() if p.is_dir()]
+    found = [int(name) for name in names if name.isascii() and name.isdigit() and int(name) > 0]
     return sorted(found)
 
 

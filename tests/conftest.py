@@ -19,3 +19,19 @@ def shared_data() -> Path:
             pytest.fail(message + " (OODGUARD_REQUIRE_DATA=1)")
         pytest.skip(message)
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def digits_export(tmp_path_factory):
+    """The digits demo model (LeNet-5 on digits 0-7), trained and exported once per test session.
+
+    Returns (training record, export result, repository path, checkpoint path)."""
+    from oodguard.export.pipeline import export_model, spec_from_training
+    from oodguard.export.training_job import CHECKPOINT_FILE, run_training
+
+    work = tmp_path_factory.mktemp("digits-train")
+    repository = tmp_path_factory.mktemp("repo")
+    record = run_training(backbone="lenet5", data="digits", out_dir=work, classes=list(range(8)),
+                          epochs=30, seed=0, holdout=0.4, progress=lambda line: None)
+    result = export_model(spec_from_training(work / CHECKPOINT_FILE, repository, "digits"), progress=lambda line: None)
+    return record, result, repository, work / CHECKPOINT_FILE

@@ -1,0 +1,34 @@
+"""Fixtures for the score tests: the exported digits model's ONNX outputs on held-out ID data and noise,
+plus the fitted score modules (the stored state the graph was built from)."""
+
+import numpy as np
+import pytest
+
+from oodguard.evaluation import VersionScorer, uniform_noise
+from oodguard.export.backbones import load_classifier
+
+
+@pytest.fixture(scope="session")
+def scored(digits_export):
+    record, result, repository, checkpoint = digits_export
+    scorer = VersionScorer(result.version_dir)
+    test_part = record.part(record.dataset(), "test")
+    images = np.concatenate([
+        scorer.preprocessing.apply(test_part.images),
+        scorer.preprocessing.apply(uniform_noise(64, (8, 8), seed=1).images),
+    ])
+    outputs = scorer.model.run(images)
+    return outputs, len(test_part)
+
+
+@pytest.fixture(scope="session")
+def head(digits_export):
+    record, result, repository, checkpoint = digits_export
+    classifier = load_classifier(record.backbone, checkpoint)
+    return classifier.head.weight.detach().numpy().astype(np.float64), classifier.head.bias.detach().numpy()
+
+
+def softmax(z):
+    z = np.asarray(z, np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)

@@ -1,0 +1,61 @@
+import subprocess
+import sys
+
+import pytest
+
+from oodguard.cli import _classes, main
+
+
+def run(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "oodguard.cli", *args], capture_output=True, text=True, **kw)
+
+
+@pytest.mark.parametrize("command", ["train", "export", "validate-repo"])
+def test_every_subcommand_explains_itself(command):
+    out = run(command, "--help")
+    assert out.returncode == 0 and "usage: oodguard " + command in out.stdout
+
+
+def test_class_ranges():
+    assert _classes("0-3,7") == [0, 1, 2, 3, 7]
+
+
+def test_train_then_export_a_user_checkpoint(tmp_path, capsys):
+    assert main(["train", "--data", "digits", "--classes", "0-2", "--epochs", "2", "--out", str(tmp_path / "w")]) == 0
+    assert "epoch 2/2" in capsys.readouterr().out
+    assert (tmp_path / "w" / "checkpoint.pt").exists() and (tmp_path / "w" / "training.json").exists()
+    code = main(["export", "--checkpoint", str(tmp_path / "w" / "checkpoint.pt"), "--model", "three",
+                 "--repository", str(tmp_path / "repo"), "--bank-size", "60", "--alpha", "1"])
+    assert code == 0
+    assert (tmp_path / "repo" / "three" / "1" / "model.onnx").exists()
+    assert main(["validate-repo", str(tmp_path / "repo")]) == 0
+    assert "1 models, 1 versions checked: OK" in capsys.readouterr().out
+
+
+def test_export_without_training_record_names_the_missing_flags(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"")
+    out = run("export", "--checkpoint", str(tmp_path / "ckpt.pt"), "--model", "m", "--repository", str(tmp_path))
+    assert out.returncode == 2
+    assert "--backbone, --bank-data, --calibration-data, --class-names" in out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_export_of_a_broken_checkpoint_is_one_clear_line(tmp_path):
+    (tmp_path / "ckpt.pt").write_bytes(b"garbage")
+    out = run("export", "--checkpoint", str(tmp_path / "ckpt.pt"), "--model", "m", "--repository", str(tmp_path / "r"),
+              "--backbone", "lenet5", "--bank-data", "digits", "--calibration-data", "digits", "--class-names", "a,b")
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert "oodguard export: error:" in out.stderr and "ckpt.pt" in out.stderr
+
+
+def test_validate_repo_fails_on_a_broken_config(digits_export, tmp_path):
+    import shutil
+
+    _, _, repository, _ = digits_export
+    copy = tmp_path / "repo"
+    shutil.copytree(repository, copy)
+    config = copy / "digits" / "config.pbtxt"
+    config.write_text(config.read_text().replace('name: "logits"', 'name: "logit"'))
+    out = run("validate-repo", str(copy))
+    assert out.returncode == 1
+    assert "logit" in out.stdout and "problem" in out.stdout

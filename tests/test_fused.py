@@ -1,0 +1,89 @@
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from oodguard.evaluation import VersionScorer, uniform_noise
+from oodguard.export.backbones import Classifier, resnet18_cifar
+from oodguard.export.fused import OPSET, FusedModel, export_onnx, output_names, run_torch
+from oodguard.export.pipeline import fit_scores
+from oodguard.export.scores import SCORES, FitData
+from oodguard.export.train import extract
+from oodguard.metrics import auroc
+from oodguard.onnx_runner import OnnxModel
+
+EXPECTED_OUTPUTS = ["logits", "features", "sisom", "sisome", "energy", "msp", "maxlogit", "knn", "cluster", "gradnorm"]
+
+
+def assert_parity(reference: dict, actual: dict, tolerance: float = 1e-4) -> dict[str, float]:
+    """Every output within 1e-4: absolute, or relative to the value where |value| > 1."""
+    errors = {}
+    for name, ref in reference.items():
+        scale = np.maximum(1.0, np.abs(ref))
+        errors[name] = float(np.max(np.abs(actual[name] - ref) / scale))
+        assert errors[name] <= tolerance, f"{name}: error {errors[name]:.2e}"
+    return errors
+
+
+def _batches(prep, record, seed=0):
+    images = prep.apply(record.part(record.dataset(), "test").images)
+    noise = prep.apply(uniform_noise(64, (8, 8), seed).images)
+    mixed = np.concatenate([images[:32], noise[:32]])
+    return {1: images[:1], 7: images[7:14], 64: mixed}
+
+
+def test_onnx_outputs_names_shapes_and_single_file(digits_export):
+    _, result, _, _ = digits_export
+    path = result.version_dir / "model.onnx"
+    model = onnx.load(str(path), load_external_data=False)
+    onnx.checker.check_model(model, full_check=True)
+    assert [o.name for o in model.graph.output] == EXPECTED_OUTPUTS
+    assert [i.name for i in model.graph.input] == ["input"]
+    assert model.opset_import[0].version == OPSET
+    assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+    assert sorted(p.name for p in result.version_dir.iterdir()) == ["calibration.json", "model.onnx"]
+    session = OnnxModel(path).session
+    assert all(o.type == "tensor(float)" for o in session.get_outputs())
+    shapes = {o.name: o.shape for o in session.get_outputs()}
+    assert shapes["logits"][1:] == [8] and shapes["features"][1:] == [84]
+    assert all(len(shapes[name]) == 1 for name in SCORES)
+
+
+@pytest.mark.parametrize("batch", [1, 7, 64])
+def test_parity_with_pytorch_lenet(digits_export, batch):
+    record, result, _, _ = digits_export
+    scorer = VersionScorer(result.version_dir)
+    images = _batches(scorer.preprocessing, record)[batch]
+    assert len(images) == batch
+    reference = run_torch(result.model, images)
+    actual = scorer.model.run(images)
+    assert list(actual) == EXPECTED_OUTPUTS
+    assert_parity(reference, actual)
+
+
+def test_every_score_ranks_uniform_noise_above_held_out_id(digits_export):
+    record, result, _, _ = digits_export
+    scorer = VersionScorer(result.version_dir)
+    in_dist = scorer.score("id", record.part(record.dataset(), "test"))
+    noise = scorer.score("noise", uniform_noise(300, (8, 8), seed=3))
+    for name in SCORES:
+        assert np.median(noise.scores[name]) > np.median(in_dist.scores[name]), name
+        assert auroc(in_dist.scores[name], noise.scores[name]) > 0.7, name
+
+
+def test_parity_with_pytorch_resnet18_cifar(tmp_path):
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    classifier = Classifier(resnet18_cifar(), 4).eval()
+    images = rng.normal(size=(96, 3, 32, 32)).astype(np.float32)
+    labels = np.repeat(np.arange(4), 24)
+    features, logits = extract(classifier, images)
+    data = FitData(features, logits, labels, np.arange(96), classifier.head.weight.detach().numpy(),
+                   classifier.head.bias.detach().numpy(), features[:20] * 2, logits[:20] * 2)
+    model = FusedModel(classifier, fit_scores(data, {"knn": {"k": 5}})).eval()
+    path = export_onnx(model, (3, 32, 32), tmp_path / "model.onnx")
+    session = OnnxModel(path)
+    for batch in (1, 7, 64):
+        x = rng.normal(size=(batch, 3, 32, 32)).astype(np.float32)
+        assert_parity(run_torch(model, x), session.run(x))
+    assert output_names(model.score_names) == EXPECTED_OUTPUTS
