@@ -35,6 +35,7 @@ from .scores import SCORES, FitData, Score
 from .synthetic import validation_ood
 from .train import extract
 from .triton_config import ModelSignature, write_configs
+from .triton_model import write_triton_model
 
 
 @dataclass
@@ -130,6 +131,7 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
         thresholds = fit_thresholds(outputs, model.score_names, spec.target_tpr)
         lap(f"calibrate ({len(spec.calibration_data)} held-out in-distribution samples)")
 
+        write_triton_model(staging)  # model.py for Triton's CPU config (python backend)
         calibration = Calibration(
             model=_metadata(spec, model, len(bank)),
             thresholds=thresholds,

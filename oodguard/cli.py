@@ -69,7 +69,34 @@ def build_parser() -> argparse.ArgumentParser:
                               description="Parse every config into Triton's ModelConfig and check inputs, outputs, "
                               "dtypes and dims against each version's model.onnx and calibration.json. Exit 1 on any problem.")
     validate.add_argument("repository", type=Path)
+    evaluate = sub.add_parser("evaluate", help="OOD metrics of an exported model version: ID test set vs OOD sets",
+                              description="Score an in-distribution test set and OOD sets with the exported ONNX model "
+                              "(what is served) and print AUROC, FPR@95TPR, AUPR-In, AUPR-Out and the realised TPR/FPR at "
+                              "the calibrated thresholds, per score and OOD set, with near/far means. Datasets of another "
+                              "shape are converted with the model's recorded preprocessing, and the conversion is reported.")
+    evaluate.add_argument("--repository", type=Path, required=True)
+    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--version", type=int, help="default: the latest version")
+    evaluate.add_argument("--id", required=True, dest="id_spec", help="in-distribution test set (any dataset spec)")
+    evaluate.add_argument("--ood", action="append", default=[], metavar="NAME=PATH[:near|far]",
+                          help="an OOD set; PATH is a dataset spec or synthetic:uniform|blobs[:COUNT]; repeatable")
+    evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of synthetic sets")
     return parser
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    import json
+
+    from oodguard import evaluation
+
+    if not args.ood:
+        raise ValueError("give at least one --ood NAME=PATH[:near|far]")
+    oods = [evaluation.parse_ood(text) for text in args.ood]
+    scorer = evaluation.VersionScorer(evaluation.resolve_version(args.repository, args.model, args.version))
+    report = evaluation.evaluate(scorer, args.id_spec, oods, seed=args.seed)
+    print(json.dumps(report, indent=1) if args.json else evaluation.format_report(report))
+    return 0
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -113,7 +140,7 @@ def _run_validate(args: argparse.Namespace) -> int:
     return report(args.repository)
 
 
-COMMANDS = {"train": _run_train, "export": _run_export, "validate-repo": _run_validate}
+COMMANDS = {"train": _run_train, "export": _run_export, "validate-repo": _run_validate, "evaluate": _run_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,10 +14,14 @@ import numpy as np
 
 from .calibration import Calibration
 from .datasets import Dataset
-from .metrics import auroc, fpr_at_tpr
+from .datasets import load_dataset
+from .metrics import aupr_in, aupr_out, auroc, fpr_at_tpr
 from .onnx_runner import OnnxModel
 from .preprocess import Preprocessing
-from .repository import CALIBRATION_FILE, MODEL_FILE
+from .repository import CALIBRATION_FILE, MODEL_FILE, RepositoryError, version_dir, versions
+
+METRICS = ("auroc", "fpr_at_95tpr", "aupr_in", "aupr_out", "calibrated_tpr", "calibrated_fpr")
+SYNTHETIC_SIZE = 2000
 
 
 @dataclass
@@ -47,7 +51,8 @@ class VersionScorer:
 
 
 def compare(scorer: VersionScorer, in_dist: ScoredSet, ood: ScoredSet) -> dict[str, dict[str, float]]:
-    """Per score: AUROC, FPR@95TPR, and the realised TPR / FPR at the calibrated threshold."""
+    """Per score: AUROC, FPR@95TPR (OOD accepted at 95% ID kept), AUPR-In, AUPR-Out, and the realised
+    TPR (ID accepted) / FPR (OOD accepted) at the calibrated threshold."""
     rows = {}
     for name in scorer.score_names:
         threshold = scorer.calibration.thresholds[name]
@@ -55,6 +60,8 @@ def compare(scorer: VersionScorer, in_dist: ScoredSet, ood: ScoredSet) -> dict[s
         rows[name] = {
             "auroc": auroc(id_scores, ood_scores),
             "fpr_at_95tpr": fpr_at_tpr(id_scores, ood_scores, 0.95),
+            "aupr_in": aupr_in(id_scores, ood_scores),
+            "aupr_out": aupr_out(id_scores, ood_scores),
             "calibrated_tpr": float(np.mean(~threshold.is_ood(id_scores))),
             "calibrated_fpr": float(np.mean(~threshold.is_ood(ood_scores))),
         }
@@ -65,3 +72,112 @@ def uniform_noise(count: int, shape: tuple[int, ...], seed: int = 0) -> Dataset:
     """Far-OOD: uint8 images of independent uniform pixels."""
     images = np.random.default_rng(seed).integers(0, 256, size=(count, *shape), dtype=np.uint8)
     return Dataset(images, None, None, f"uniform-noise(seed={seed})")
+
+
+def gaussian_blobs(count: int, shape: tuple[int, ...], seed: int = 0) -> Dataset:
+    """Far-OOD: 1-4 bright Gaussian blobs of random position, width and brightness on black."""
+    rng = np.random.default_rng(seed)
+    height, width = shape[:2]
+    yy, xx = np.mgrid[0:height, 0:width]
+    images = np.zeros((count, height, width), np.float64)
+    for image in images:
+        for _ in range(rng.integers(1, 5)):
+            cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+            sigma = rng.uniform(0.05, 0.25) * min(height, width)
+            image += rng.uniform(0.4, 1.0) * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * sigma**2))
+    images = np.round(255 * np.clip(images, 0, 1)).astype(np.uint8)
+    if len(shape) == 3:
+        images = np.repeat(images[..., None], shape[2], axis=3)
+    return Dataset(images, None, None, f"gaussian-blobs(seed={seed})")
+
+
+SYNTHETIC = {"uniform": uniform_noise, "blobs": gaussian_blobs}
+
+
+def resolve_dataset(spec: str, preprocessing: Preprocessing, seed: int = 0) -> Dataset:
+    """A dataset spec (see :func:`oodguard.datasets.load_dataset`) or ``synthetic:uniform|blobs[:COUNT]``,
+    generated at the model's input size."""
+    if not spec.startswith("synthetic:"):
+        return load_dataset(spec)
+    _, kind, *count = spec.split(":")
+    if kind not in SYNTHETIC:
+        raise ValueError(f"unknown synthetic set {kind!r}; choose from {sorted(SYNTHETIC)}")
+    shape = (preprocessing.height, preprocessing.width) + ((3,) if preprocessing.channels == 3 else ())
+    return SYNTHETIC[kind](int(count[0]) if count else SYNTHETIC_SIZE, shape, seed)
+
+
+@dataclass
+class OodSet:
+    name: str
+    spec: str
+    group: str  # "near", "far" or "" (ungrouped)
+
+
+def parse_ood(text: str) -> OodSet:
+    """``NAME=SPEC[:near|far]``."""
+    name, sep, rest = text.partition("=")
+    if not sep or not name or not rest:
+        raise ValueError(f"--ood {text!r}: expected NAME=PATH[:near|far]")
+    spec, _, group = rest.rpartition(":")
+    if group not in ("near", "far"):
+        spec, group = rest, ""
+    return OodSet(name, spec, group)
+
+
+def resolve_version(repository: str | Path, model: str, version: int | None) -> Path:
+    available = versions(repository, model)
+    if not available:
+        raise RepositoryError(f"model {model!r} has no versions in {repository}")
+    if version is None:
+        version = available[-1]
+    elif version not in available:
+        raise RepositoryError(f"model {model!r} has no version {version} (versions: {available})")
+    return version_dir(repository, model, version)
+
+
+def evaluate(scorer: VersionScorer, id_spec: str, oods: list[OodSet], seed: int = 0) -> dict:
+    """Score the ID set and every OOD set with the exported model; metrics per set × score, group means."""
+    in_dist = scorer.score("id", resolve_dataset(id_spec, scorer.preprocessing, seed))
+    report: dict = {
+        "model": scorer.calibration.model["name"],
+        "version": scorer.calibration.model.get("version"),
+        "id": {"spec": id_spec, "n": len(next(iter(in_dist.scores.values()))), "conversion": in_dist.conversion},
+        "conventions": "scores higher = more OOD; FPR@95TPR = fraction of OOD accepted at the threshold keeping "
+                       "95% of ID; calibrated_tpr/fpr = ID/OOD accepted at calibration.json's threshold",
+        "sets": {},
+        "groups": {},
+    }
+    for ood in oods:
+        scored = scorer.score(ood.name, resolve_dataset(ood.spec, scorer.preprocessing, seed))
+        report["sets"][ood.name] = {
+            "spec": ood.spec, "group": ood.group, "n": len(next(iter(scored.scores.values()))),
+            "conversion": scored.conversion, "metrics": compare(scorer, in_dist, scored),
+        }
+    for group in ("near", "far"):
+        members = [s for s in report["sets"].values() if s["group"] == group]
+        if members:
+            report["groups"][group] = {
+                score: {m: float(np.mean([s["metrics"][score][m] for s in members])) for m in METRICS}
+                for score in scorer.score_names
+            }
+    return report
+
+
+def format_report(report: dict) -> str:
+    header = f"{'score':<10}{'AUROC':>8}{'FPR@95':>8}{'AUPR-In':>9}{'AUPR-Out':>9}{'TPR@cal':>9}{'FPR@cal':>9}"
+    lines = [f"model {report['model']} version {report['version']}; ID {report['id']['spec']} (n={report['id']['n']})"
+             + (f", converted: {', '.join(report['id']['conversion'])}" if report['id']['conversion'] else ""),
+             "metrics in %; " + report["conventions"]]
+
+    def table(title: str, metrics: dict) -> None:
+        lines.extend(["", title, header])
+        for score, row in metrics.items():
+            lines.append(f"{score:<10}" + "".join(f"{100 * row[m]:>{w}.2f}" for m, w in zip(METRICS, (8, 8, 9, 9, 9, 9))))
+
+    for name, entry in report["sets"].items():
+        conversion = f"; converted: {', '.join(entry['conversion'])}" if entry["conversion"] else ""
+        group = f" [{entry['group']}]" if entry["group"] else ""
+        table(f"OOD {name}{group}: {entry['spec']} (n={entry['n']}){conversion}", entry["metrics"])
+    for group, metrics in report["groups"].items():
+        table(f"mean over {group}-OOD sets", metrics)
+    return "\n".join(lines)

@@ -3,6 +3,8 @@
 - AUROC: probability that a random OOD input scores higher than a random ID input (ties count 1/2).
 - FPR@95TPR (classic convention, OpenOOD v1.5): fraction of OOD inputs *accepted* at the threshold
   that keeps 95% of ID inputs.
+- AUPR-In / AUPR-Out: average precision (scikit-learn's step-wise definition, no interpolation) with
+  ID / OOD as the positive class; for AUPR-In the ranking is by ``-score``.
 """
 
 from __future__ import annotations
@@ -40,3 +42,28 @@ def fpr_at_tpr(id_scores: np.ndarray, ood_scores: np.ndarray, tpr: float = 0.95)
         raise ValueError("FPR@TPR needs at least one ID and one OOD score")
     threshold = id_sorted[int(np.ceil(tpr * len(id_sorted))) - 1]
     return float(np.mean(ood_scores <= threshold))
+
+
+def average_precision(positive_scores: np.ndarray, negative_scores: np.ndarray) -> float:
+    """Area under the precision-recall curve, positives ranked by *higher* score, ties grouped."""
+    pos = np.asarray(positive_scores, np.float64).ravel()
+    neg = np.asarray(negative_scores, np.float64).ravel()
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("average precision needs at least one positive and one negative score")
+    scores = np.r_[pos, neg]
+    truth = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    order = np.argsort(-scores, kind="mergesort")
+    scores, truth = scores[order], truth[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]
+    true_pos = np.cumsum(truth)[last_of_tie]
+    precision = true_pos / (last_of_tie + 1)
+    recall = true_pos / len(pos)
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def aupr_in(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:
+    return average_precision(-np.asarray(id_scores, np.float64), -np.asarray(ood_scores, np.float64))
+
+
+def aupr_out(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:
+    return average_precision(ood_scores, id_scores)

@@ -130,3 +130,38 @@ def test_fpr_empty_raises(id_scores, ood_scores):
 def test_fpr_bad_tpr_raises(tpr):
     with pytest.raises(ValueError, match="tpr"):
         fpr_at_tpr(np.arange(10.0), np.arange(5.0), tpr)
+
+
+# --- AUPR-In / AUPR-Out against scikit-learn's average_precision_score -------------------------
+from sklearn.metrics import average_precision_score  # noqa: E402
+
+from oodguard.metrics import aupr_in, aupr_out, average_precision  # noqa: E402
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("integer_scores", [False, True])
+def test_aupr_matches_sklearn(seed, integer_scores):
+    rng = np.random.default_rng(seed)
+    id_scores = rng.normal(0.0, 1.0, 300)
+    ood_scores = rng.normal(1.0, 1.0, 120)
+    if integer_scores:  # many ties
+        id_scores, ood_scores = np.round(id_scores), np.round(ood_scores)
+    truth_out = np.r_[np.zeros(300), np.ones(120)]
+    both = np.r_[id_scores, ood_scores]
+    assert aupr_out(id_scores, ood_scores) == pytest.approx(average_precision_score(truth_out, both), abs=1e-12)
+    assert aupr_in(id_scores, ood_scores) == pytest.approx(average_precision_score(1 - truth_out, -both), abs=1e-12)
+
+
+@pytest.mark.parametrize("pos, neg", [([1.0], [0.0]), ([0.0], [1.0]), ([1.0], [1.0]), ([2.0, 0.0], [1.0]),
+                                      ([1.0, 1.0, 0.0], [1.0, 0.5])])
+def test_average_precision_on_tiny_sets_matches_sklearn(pos, neg):
+    truth = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+    expected = average_precision_score(truth, np.r_[pos, neg])
+    assert average_precision(pos, neg) == pytest.approx(expected, abs=1e-12)
+
+
+def test_average_precision_hand_example_and_errors():
+    # ranking: pos(3), neg(2), pos(1): precision 1 at recall .5, 2/3 at recall 1 → (0.5 + 2/3) / 2... weighted
+    assert average_precision([3.0, 1.0], [2.0]) == pytest.approx(0.5 * 1.0 + 0.5 * (2 / 3))
+    with pytest.raises(ValueError):
+        average_precision([], [1.0])
