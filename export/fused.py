@@ -49,32 +49,33 @@ def output_names(score_names: list[str]) -> list[str]:
 
 
 def export_onnx(model: FusedModel, input_shape: tuple[int, ...], path: str | Path) -> Path:
-    """Export ``model`` to one ONNX file with a dynamic batch axis; checks it with ``onnx.checker``."""
+    """Export the fused model to one ONNX file with a dynamic batch axis; checks it with ``onnx.checker``."""
+    return export_module(model, input_shape, path, output_names(model.score_names))
+
+
+def export_module(module: nn.Module, input_shape: tuple[int, ...], path: str | Path, outputs: list[str]) -> Path:
+    """Export any image module (input ``input`` [B, *input_shape]) to one checked, self-contained ONNX file."""
     path = Path(path)
-    model.eval()
+    module.eval()
     example = torch.zeros((2, *input_shape), dtype=torch.float32)
     # The exporter logs a warning per missing torchvision op and a FutureWarning; neither concerns us.
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        program = _export(model, example)
+        program = torch.onnx.export(
+            module,
+            (example,),
+            dynamo=True,
+            input_names=[INPUT_NAME],
+            output_names=outputs,
+            dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+            opset_version=OPSET,
+            external_data=False,
+            verbose=False,
+        )
     program.save(str(path), external_data=False)
     onnx.checker.check_model(str(path), full_check=True)
     return path
-
-
-def _export(model: FusedModel, example: torch.Tensor):
-    return torch.onnx.export(
-        model,
-        (example,),
-        dynamo=True,
-        input_names=[INPUT_NAME],
-        output_names=output_names(model.score_names),
-        dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
-        opset_version=OPSET,
-        external_data=False,
-        verbose=False,
-    )
 
 
 def run_torch(model: FusedModel, images: np.ndarray) -> dict[str, np.ndarray]:

@@ -82,7 +82,38 @@ def build_parser() -> argparse.ArgumentParser:
                           help="an OOD set; PATH is a dataset spec or synthetic:uniform|blobs[:COUNT]; repeatable")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of synthetic sets")
+
+    serve = sub.add_parser("serve", help="run the gRPC gateway (embedded ONNX Runtime or Triton backend)",
+                           description="Serve the model repository over gRPC (oodguard.v1.OODGuard + health + reflection): "
+                           "classify, flag OOD inputs with the calibrated thresholds and queue them for relabeling. Every "
+                           "flag also reads OODGUARD_<NAME> from the environment (e.g. OODGUARD_QUEUE_MAX_SIZE); flags win.")
+    for flag, meta, text in SERVE_FLAGS:
+        serve.add_argument(flag, metavar=meta, help=text)
     return parser
+
+
+#: ``oodguard serve`` flags: each maps to the Settings field of the same name (dashes -> underscores).
+SERVE_FLAGS = [
+    ("--repository", "DIR", "model repository folder"),
+    ("--listen", "HOST:PORT", "address to listen on (default 127.0.0.1:50051)"),
+    ("--backend", "NAME", "embedded (ONNX Runtime in-process, default) or triton"),
+    ("--triton-url", "HOST:PORT", "Triton gRPC address for --backend triton (default 127.0.0.1:8001)"),
+    ("--default-model", "NAME", "model used when a request names none and several are served"),
+    ("--decision-scores", "S1,S2", "scores that decide (default sisome)"),
+    ("--decision-mode", "MODE", "any (default) or all of the deciding scores must cross their thresholds"),
+    ("--max-wait-ms", "MS", "micro-batching wait window of the embedded backend (default 2)"),
+    ("--max-batch", "N", "largest merged batch (default 0: the model's max_batch_size)"),
+    ("--queue-path", "FILE", "SQLite file of the query queue (default oodguard-queue.sqlite)"),
+    ("--queue-max-size", "N", "most unharvested records queued (default 100000)"),
+    ("--queue-full-policy", "POLICY", "reject (default) or evict-oldest"),
+    ("--unflagged-sample-fraction", "F", "fraction of unflagged items also queued (default 0)"),
+    ("--sample-seed", "N", "seed of that sampling"),
+    ("--max-message-bytes", "N", "largest gRPC message accepted (default 16 MiB)"),
+    ("--poll-interval-s", "S", "how often new model versions are looked for (default 5)"),
+    ("--drain-timeout-s", "S", "SIGTERM: time in-flight requests get to finish (default 30)"),
+    ("--intra-op-threads", "N", "ONNX Runtime intra-op threads (default 0: ONNX Runtime decides)"),
+    ("--log-level", "LEVEL", "DEBUG, INFO (default), WARNING, ERROR"),
+]
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
@@ -140,7 +171,18 @@ def _run_validate(args: argparse.Namespace) -> int:
     return report(args.repository)
 
 
-COMMANDS = {"train": _run_train, "export": _run_export, "validate-repo": _run_validate, "evaluate": _run_evaluate}
+def _run_serve(args: argparse.Namespace) -> int:
+    from oodguard.serve.server import run
+    from oodguard.serve.settings import Settings
+
+    flags = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in SERVE_FLAGS}
+    try:
+        return run(Settings.from_sources(flags))
+    except OSError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+COMMANDS = {"serve": _run_serve, "train": _run_train, "export": _run_export, "validate-repo": _run_validate, "evaluate": _run_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

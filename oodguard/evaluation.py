@@ -135,9 +135,14 @@ def resolve_version(repository: str | Path, model: str, version: int | None) -> 
     return version_dir(repository, model, version)
 
 
-def evaluate(scorer: VersionScorer, id_spec: str, oods: list[OodSet], seed: int = 0) -> dict:
-    """Score the ID set and every OOD set with the exported model; metrics per set × score, group means."""
+def score_sets(scorer: VersionScorer, id_spec: str, oods: list[OodSet], seed: int = 0) -> tuple[ScoredSet, list[ScoredSet]]:
+    """Score the ID set and every OOD set with the exported model."""
     in_dist = scorer.score("id", resolve_dataset(id_spec, scorer.preprocessing, seed))
+    return in_dist, [scorer.score(o.name, resolve_dataset(o.spec, scorer.preprocessing, seed)) for o in oods]
+
+
+def build_report(scorer: VersionScorer, id_spec: str, in_dist: ScoredSet, oods: list[OodSet], scored: list[ScoredSet]) -> dict:
+    """Metrics per OOD set × score, and plain means over the near and far groups."""
     report: dict = {
         "model": scorer.calibration.model["name"],
         "version": scorer.calibration.model.get("version"),
@@ -147,11 +152,10 @@ def evaluate(scorer: VersionScorer, id_spec: str, oods: list[OodSet], seed: int 
         "sets": {},
         "groups": {},
     }
-    for ood in oods:
-        scored = scorer.score(ood.name, resolve_dataset(ood.spec, scorer.preprocessing, seed))
+    for ood, result in zip(oods, scored):
         report["sets"][ood.name] = {
-            "spec": ood.spec, "group": ood.group, "n": len(next(iter(scored.scores.values()))),
-            "conversion": scored.conversion, "metrics": compare(scorer, in_dist, scored),
+            "spec": ood.spec, "group": ood.group, "n": len(next(iter(result.scores.values()))),
+            "conversion": result.conversion, "metrics": compare(scorer, in_dist, result),
         }
     for group in ("near", "far"):
         members = [s for s in report["sets"].values() if s["group"] == group]
@@ -161,6 +165,12 @@ def evaluate(scorer: VersionScorer, id_spec: str, oods: list[OodSet], seed: int 
                 for score in scorer.score_names
             }
     return report
+
+
+def evaluate(scorer: VersionScorer, id_spec: str, oods: list[OodSet], seed: int = 0) -> dict:
+    """Score the ID set and every OOD set with the exported model; metrics per set × score, group means."""
+    in_dist, scored = score_sets(scorer, id_spec, oods, seed)
+    return build_report(scorer, id_spec, in_dist, oods, scored)
 
 
 def format_report(report: dict) -> str:

@@ -1,8 +1,35 @@
 #!/usr/bin/env bash
-# The README's main command: set up, then build, export and evaluate the digits demo model.
+# The README's main command: set up, build + export the digits demo model (once), start the gateway with
+# the embedded ONNX Runtime backend, show a client call of an in-distribution digit and of an OOD input,
+# then keep serving until Ctrl-C. LISTEN (default 127.0.0.1:50051) and OODGUARD_* settings apply.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
-oodguard export --demo digits --repository model_repository
+LISTEN=${LISTEN:-127.0.0.1:50051}
+
+if [ -z "$(ls -d model_repository/digits/[0-9]* 2>/dev/null)" ]; then
+    oodguard export --demo digits --repository model_repository
+fi
 oodguard validate-repo model_repository
+
+oodguard serve --repository model_repository --listen "$LISTEN" --backend embedded \
+    --queue-path runs/demo-queue.sqlite &
+server=$!
+trap 'kill -TERM $server 2>/dev/null; wait $server' INT TERM
+for _ in $(seq 1 100); do
+    python - "$LISTEN" <<'PY' && break
+import sys, grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+try:
+    with grpc.insecure_channel(sys.argv[1]) as ch:
+        status = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+    sys.exit(0 if status == health_pb2.HealthCheckResponse.SERVING else 1)
+except grpc.RpcError:
+    sys.exit(1)
+PY
+    sleep 0.2
+done
+python -m oodguard.clients.demo_client --target "$LISTEN"
+echo "gateway serving on $LISTEN (Ctrl-C to stop)"
+wait $server

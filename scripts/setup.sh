@@ -8,4 +8,4 @@ PYTHON=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 # Pin the CPU wheel first: an unpinned torch would pull several GB of CUDA packages.
 python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[export,dev]"
+python -m pip install -q -e ".[export,dev,bench]"

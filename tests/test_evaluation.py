@@ -23,3 +23,75 @@ def test_uniform_noise_is_seeded_uint8():
     a, b = uniform_noise(5, (8, 8), seed=2), uniform_noise(5, (8, 8), seed=2)
     assert a.images.dtype == np.uint8 and a.images.shape == (5, 8, 8)
     np.testing.assert_array_equal(a.images, b.images)
+
+
+# --- evaluate: the report behind `oodguard evaluate` -------------------------------------------
+import json  # noqa: E402
+
+import pytest  # noqa: E402
+
+from oodguard.cli import main  # noqa: E402
+from oodguard.evaluation import evaluate, gaussian_blobs, parse_ood, resolve_version  # noqa: E402
+from oodguard.repository import RepositoryError  # noqa: E402
+
+
+def test_parse_ood_groups():
+    assert (parse_ood("fm=a/b.gz:near").spec, parse_ood("fm=a/b.gz:near").group) == ("a/b.gz", "near")
+    assert parse_ood("n=synthetic:uniform:500:far").spec == "synthetic:uniform:500"
+    assert parse_ood("x=c:/data/set.npz").group == ""
+    with pytest.raises(ValueError, match="NAME=PATH"):
+        parse_ood("no-equals-sign")
+
+
+def test_resolve_version_latest_and_errors(digits_export):
+    _, result, repository, _ = digits_export
+    assert resolve_version(repository, "digits", None) == result.version_dir
+    with pytest.raises(RepositoryError, match="no version 7"):
+        resolve_version(repository, "digits", 7)
+    with pytest.raises(RepositoryError, match="no versions"):
+        resolve_version(repository, "nope", None)
+
+
+def test_gaussian_blobs_are_bright_spots_on_black():
+    blobs = gaussian_blobs(20, (28, 28), seed=0)
+    assert blobs.images.shape == (20, 28, 28) and blobs.images.dtype == np.uint8
+    assert all(img.max() > 90 for img in blobs.images)
+    assert np.median(blobs.images) < 60
+    assert gaussian_blobs(2, (32, 32, 3)).images.shape == (2, 32, 32, 3)
+
+
+def test_evaluate_report_groups_and_numbers(digits_export, tmp_path):
+    record, result, repository, _ = digits_export
+    test_npz = tmp_path / "test.npz"
+    test_part = record.part(record.dataset(), "test")
+    np.savez(test_npz, images=test_part.images, labels=test_part.labels)
+    unknown = tmp_path / "unknown.npz"
+    from oodguard.datasets import load_dataset
+
+    np.savez(unknown, images=load_dataset("digits").select_classes([8, 9]).images)
+    scorer = VersionScorer(result.version_dir)
+    oods = [parse_ood(f"unknown={unknown}:near"), parse_ood("noise=synthetic:uniform:300:far"),
+            parse_ood("blobs=synthetic:blobs:300:far")]
+    report = evaluate(scorer, str(test_npz), oods)
+    assert report["id"]["n"] == len(test_part) and report["id"]["conversion"] == ["resize 8x8 -> 28x28 (bilinear)"]
+    near = report["sets"]["unknown"]["metrics"]
+    assert near["sisome"]["auroc"] > 0.85 and 0.9 <= near["sisome"]["calibrated_tpr"] <= 1.0
+    far = report["groups"]["far"]
+    for score in scorer.score_names:
+        expected = np.mean([report["sets"][s]["metrics"][score]["auroc"] for s in ("noise", "blobs")])
+        assert far[score]["auroc"] == pytest.approx(expected)
+        assert report["groups"]["near"][score] == near[score]
+        for metric in ("auroc", "aupr_in", "aupr_out", "fpr_at_95tpr"):
+            assert 0.0 <= near[score][metric] <= 1.0
+
+
+def test_evaluate_command_json_and_errors(digits_export, capsys):
+    _, _, repository, _ = digits_export
+    code = main(["evaluate", "--repository", str(repository), "--model", "digits", "--id", "digits",
+                 "--ood", "noise=synthetic:uniform:200:far", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["sets"]["noise"]["metrics"]) == set(report["groups"]["far"])
+    assert main(["evaluate", "--repository", str(repository), "--model", "digits", "--id", "digits",
+                 "--ood", "x=synthetic:stripes"]) == 2
+    assert "unknown synthetic set 'stripes'" in capsys.readouterr().err

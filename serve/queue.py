@@ -1,0 +1,104 @@
+"""The active-learning query queue interface: where flagged (and sampled) items wait for harvest.
+
+A record is one batch item: its model input, logits, features, every score, the decision, and the
+request's id and metadata. Records move ``pending`` → ``claimed`` (by a harvest, :meth:`QueryQueue.claim`)
+→ ``sent`` (:meth:`QueryQueue.mark_sent`, e.g. handed to the relabeling tool). The queue is bounded: at
+most ``max_size`` unharvested (pending or claimed) records; a full queue either rejects new records or
+evicts the oldest pending ones, and counts both.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+PENDING, CLAIMED, SENT = "pending", "claimed", "sent"
+STATES = (PENDING, CLAIMED, SENT)
+
+
+class QueueError(RuntimeError):
+    """The queue cannot store or read records (closed, disk error)."""
+
+
+@dataclass
+class NewRecord:
+    """What the gateway queues for one item."""
+
+    model: str
+    version: int
+    input: np.ndarray
+    logits: np.ndarray
+    features: np.ndarray
+    scores: dict[str, float]
+    decision: dict
+    flagged: bool  # False: queued as part of the unflagged traffic sample
+    request_id: str = ""
+    metadata: dict[str, str] = field(default_factory=dict)
+    time: float | None = None  # seconds since the epoch; None = now
+
+
+@dataclass
+class QueueRecord(NewRecord):
+    """A stored record."""
+
+    id: str = ""
+    seq: int = 0  # insertion order
+    state: str = PENDING
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    size: int  # unharvested records (pending + claimed): what max_size bounds
+    pending: int
+    claimed: int
+    sent: int
+    flagged: int  # unharvested flagged records
+    sampled: int  # unharvested sampled (unflagged) records
+    max_size: int
+    full_policy: str
+    accepted: int  # records ever stored
+    rejected: int  # records refused because the queue was full (policy "reject")
+    evicted: int  # pending records dropped to make room (policy "evict-oldest")
+
+
+class QueryQueue(abc.ABC):
+    """Thread-safe; the gateway calls it from worker threads, never on its event loop."""
+
+    @abc.abstractmethod
+    def put(self, records: Sequence[NewRecord]) -> list[str | None]:
+        """Store ``records`` durably in one transaction; returns each record's id, or None where the
+        full-queue policy refused it."""
+
+    @abc.abstractmethod
+    def get(self, ids: Sequence[str]) -> list[QueueRecord]:
+        """The records with these ids that still exist, in the order asked."""
+
+    @abc.abstractmethod
+    def select(self, limit: int | None = None, state: str = PENDING, flagged: bool | None = None) -> list[QueueRecord]:
+        """Read records in ``state`` (oldest first) without changing them; ``flagged`` filters."""
+
+    @abc.abstractmethod
+    def claim(self, limit: int, flagged: bool | None = None) -> list[QueueRecord]:
+        """Atomically move up to ``limit`` oldest pending records to ``claimed`` and return them."""
+
+    @abc.abstractmethod
+    def release(self, ids: Sequence[str]) -> int:
+        """Return claimed records to ``pending`` (a harvest gave up); returns how many moved."""
+
+    @abc.abstractmethod
+    def mark_sent(self, ids: Sequence[str]) -> int:
+        """Mark records as sent (harvested); they no longer count towards ``max_size``."""
+
+    @abc.abstractmethod
+    def purge_sent(self) -> int:
+        """Delete sent records; returns how many."""
+
+    @abc.abstractmethod
+    def stats(self) -> QueueStats: ...
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Flush and close; later calls raise :class:`QueueError`."""

@@ -1,0 +1,239 @@
+"""Which model versions the gateway serves, with their calibration; hot reload.
+
+The registry polls ``backend.ready_versions()``. A version that becomes ready is admitted only after
+its ``calibration.json`` loads and validates, the decision policy's scores are among those it exports,
+and one warm-up inference returns every output the calibration names. Admission swaps one immutable
+snapshot, so a request that resolved its version keeps it until it finishes, and the next request sees
+the new latest version. A version that fails admission is refused with a log line, the older one stays
+served, and it is retried when its calibration file changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Awaitable, Callable
+
+import numpy as np
+
+from oodguard import repository as repo
+from oodguard.calibration import Calibration, CalibrationError
+from oodguard.preprocess import Preprocessing
+
+from .backend import Backend, BackendError, BackendUnavailable, DeadlineExceeded, ModelNotFound
+from .decision import DecisionPolicy, PolicyError
+
+log = logging.getLogger("oodguard.serve.registry")
+
+WARMUP_TIMEOUT_S = 60.0
+
+
+class UnknownModel(LookupError):
+    """The request names a model or version that is not served (gRPC INVALID_ARGUMENT)."""
+
+    def __str__(self) -> str:  # LookupError quotes its argument
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class ServedVersion:
+    model: str
+    version: int
+    calibration: Calibration
+    preprocessing: Preprocessing
+    input_shape: tuple[int, ...]  # per item, [C, H, W]
+    max_batch: int
+    class_names: tuple[str, ...]
+    scores: tuple[str, ...]
+    outputs: tuple[str, ...]
+    stamp: object  # calibration file's (mtime, size) when loaded
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    versions: dict[str, dict[int, ServedVersion]]
+
+    def latest(self, model: str) -> ServedVersion | None:
+        served = self.versions.get(model)
+        return served[max(served)] if served else None
+
+
+def _stamp(path: Path) -> object:
+    try:
+        st = path.stat()
+        return (st.st_mtime_ns, st.st_size)
+    except OSError:
+        return None
+
+
+class Registry:
+    def __init__(self, backend: Backend, repository: str | Path, policy: DecisionPolicy, poll_interval_s: float = 5.0,
+                 max_batch: int = 0, default_model: str = "",
+                 on_state: Callable[[bool, str], Awaitable[None]] | None = None):
+        self.backend = backend
+        self.repository = Path(repository)
+        self.policy = policy
+        self.poll_interval_s = poll_interval_s
+        self.max_batch = max_batch
+        self.default_model = default_model
+        self.on_state = on_state
+        self.snapshot = Snapshot({})
+        #: (model, version) → (calibration stamp, reason) of versions refused
+        self.refused: dict[tuple[str, int], tuple[object, str]] = {}
+        self.policy_errors: dict[tuple[str, int], str] = {}
+        self.backend_error: str | None = None
+        self._lock = asyncio.Lock()
+        self._poller: asyncio.Task | None = None
+        self._refreshed = False  # the first refresh is logged by the server at startup
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.refresh()
+        self._poller = asyncio.create_task(self._poll_loop(), name="oodguard-registry-poll")
+
+    async def close(self) -> None:
+        if self._poller:
+            self._poller.cancel()
+            try:
+                await self._poller
+            except (asyncio.CancelledError, Exception):
+                pass
+
+    async def _poll_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.poll_interval_s)
+            try:
+                await self.refresh()
+            except Exception:
+                log.exception("refreshing the served versions failed")
+
+    @property
+    def serving(self) -> bool:
+        return self.backend_error is None and any(self.snapshot.versions.values())
+
+    async def _report(self) -> None:
+        if self.on_state:
+            reason = self.backend_error or ("" if self.serving else "no model version ready")
+            await self.on_state(self.serving, reason)
+
+    # -- refresh --------------------------------------------------------------------------------
+    async def refresh(self) -> None:
+        async with self._lock:
+            try:
+                ready = await self.backend.ready_versions()
+            except BackendError as exc:
+                if self.backend_error is None:
+                    log.error("backend unavailable: %s", exc)
+                self.backend_error = str(exc) or type(exc).__name__
+                await self._report()
+                return
+            if self.backend_error is not None:
+                log.info("backend reachable again")
+            self.backend_error = None
+            old = self.snapshot.versions
+            new: dict[str, dict[int, ServedVersion]] = {}
+            for model, versions in sorted(ready.items()):
+                for version in sorted(versions):
+                    served = await self._admit(model, version, old.get(model, {}).get(version))
+                    if served is not None:
+                        new.setdefault(model, {})[version] = served
+            self.snapshot = Snapshot(new)  # the atomic switch
+            for model in sorted(set(old) | set(new)):
+                before, after = max(old.get(model, {}) or [0]), max(new.get(model, {}) or [0])
+                if before != after and self._refreshed:
+                    if after:
+                        log.info("model %s: now serving version %d%s; %s", model, after,
+                                 f" (was {before})" if before else "", describe(new[model][after], self.policy))
+                    else:
+                        log.warning("model %s: no version served any more (was %d)", model, before)
+            self._refreshed = True
+            await self._report()
+
+    async def _admit(self, model: str, version: int, current: ServedVersion | None) -> ServedVersion | None:
+        folder = repo.version_dir(self.repository, model, version)
+        path = folder / repo.CALIBRATION_FILE
+        stamp = _stamp(path)
+        if current is not None and current.stamp == stamp:
+            return current
+        key = (model, version)
+        if key in self.refused and self.refused[key][0] == stamp:
+            return current
+        try:
+            served = await asyncio.to_thread(self._load, model, version, path, stamp)
+            await self._warm_up(served)
+        except (BackendUnavailable, DeadlineExceeded, ModelNotFound) as exc:
+            log.warning("model %s version %d: warm-up failed (%s); will retry", model, version, exc)
+            return current
+        except (CalibrationError, PolicyError, ValueError, KeyError, TypeError) as exc:
+            reason = str(exc)
+            self.refused[key] = (stamp, reason)
+            if isinstance(exc, PolicyError):
+                self.policy_errors[key] = reason
+            log.error("model %s version %d refused, not served: %s%s", model, version, reason,
+                      f" (version {version} stays on its previous calibration)" if current else "")
+            return current
+        self.refused.pop(key, None)
+        self.policy_errors.pop(key, None)
+        return served
+
+    def _load(self, model: str, version: int, path: Path, stamp: object) -> ServedVersion:
+        calibration = Calibration.load(path)
+        meta = calibration.model
+        scores = tuple(str(s) for s in meta["scores"])
+        self.policy.validate(scores, f"model {model!r} version {version}")
+        preprocessing = Preprocessing.from_dict(meta["preprocessing"])
+        shape = tuple(int(d) for d in meta["input"]["shape"])
+        if shape != preprocessing.input_shape:
+            raise CalibrationError(f"input shape {list(shape)} disagrees with the preprocessing's {list(preprocessing.input_shape)}")
+        declared = int(meta.get("max_batch_size") or 0) or 64
+        max_batch = min(self.max_batch, declared) if self.max_batch else declared
+        outputs = tuple(str(o) for o in meta.get("outputs", list(repo.TENSOR_OUTPUTS) + list(scores)))
+        return ServedVersion(model, version, calibration, preprocessing, shape, max_batch,
+                             tuple(calibration.class_names), scores, outputs, stamp)
+
+    async def _warm_up(self, served: ServedVersion) -> None:
+        result = await self.backend.infer(served.model, served.version, np.zeros((1, *served.input_shape), np.float32),
+                                          WARMUP_TIMEOUT_S)
+        needed = list(repo.TENSOR_OUTPUTS) + list(served.scores)
+        missing = [n for n in needed if n not in result.outputs]
+        if missing:
+            raise CalibrationError(f"the model does not return output(s) {missing} named by its calibration")
+        logits = np.asarray(result.outputs["logits"])
+        if logits.shape != (1, len(served.class_names)):
+            raise CalibrationError(f"logits of shape {list(logits.shape)} but {len(served.class_names)} class names")
+
+    # -- lookup ---------------------------------------------------------------------------------
+    def resolve(self, model: str | None, version: int | None) -> ServedVersion:
+        """The version a request runs on (``version`` None or 0: the latest served)."""
+        versions = self.snapshot.versions
+        if not model:
+            if self.default_model:
+                model = self.default_model
+            elif len(versions) == 1:
+                model = next(iter(versions))
+            elif not versions:
+                raise UnknownModel("no model is being served")
+            else:
+                raise UnknownModel(f"several models are served ({', '.join(sorted(versions))}): name one in 'model'")
+        served = versions.get(model)
+        if not served:
+            known = ", ".join(sorted(versions)) or "none"
+            raise UnknownModel(f"unknown model {model!r} (served: {known})")
+        if not version:
+            return served[max(served)]
+        if version not in served:
+            raise UnknownModel(f"model {model!r} has no version {version} being served (served: {sorted(served)})")
+        return served[version]
+
+
+def describe(served: ServedVersion, policy: DecisionPolicy) -> str:
+    """One log line: thresholds (deciding ones marked) and their calibration figures."""
+    parts = []
+    for name in served.scores:
+        t = served.calibration.thresholds[name]
+        mark = "*" if name in policy.scores else ""
+        parts.append(f"{name}{mark}>{t.threshold:.6g} (n={t.n}, TPR {t.achieved_tpr:.3f} "
+                     f"[{t.achieved_tpr_ci95[0]:.3f}, {t.achieved_tpr_ci95[1]:.3f}])")
+    return f"decision {policy.mode}({', '.join(policy.scores)}); thresholds: " + ", ".join(parts)

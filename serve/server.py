@@ -1,0 +1,398 @@
+"""The gRPC gateway: ``oodguard.v1.OODGuard`` + standard health + reflection, over one backend.
+
+``Predict``: validate and convert the input (raw tensor or encoded images, with the version's recorded
+preprocessing), run it on the backend (deadline passed on), decide with the version's thresholds, write
+the flagged (and sampled) items to the query queue in a worker thread, and answer. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import random
+import signal
+from typing import Sequence
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from oodguard.datasets import DatasetError, decode_image
+
+from .backend import Backend, BackendUnavailable, DeadlineExceeded, ModelNotFound
+from .decision import DecisionPolicy, PolicyError, Verdict, decide
+from .queue import NewRecord, QueryQueue, QueueError
+from .registry import Registry, ServedVersion, UnknownModel, describe
+from .settings import Settings
+from .v1 import oodguard_pb2 as pb
+from .v1 import oodguard_pb2_grpc as pb_grpc
+
+log = logging.getLogger("oodguard.serve")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OODGuard"].full_name  # "oodguard.v1.OODGuard"
+DEFAULT_TOP_K = 3
+FLOAT_DTYPES = ("float32", "fp32")
+UINT8_DTYPES = ("uint8",)
+
+
+class InputError(ValueError):
+    """The request's input is malformed (gRPC INVALID_ARGUMENT)."""
+
+
+# -- input conversion (pure) ----------------------------------------------------------------------
+def _check_batch(size: int, served: ServedVersion, what: str) -> None:
+    if size == 0:
+        raise InputError(f"empty batch: {what} holds no item")
+    if size > served.max_batch:
+        raise InputError(f"batch of {size} items is above the limit of {served.max_batch} for model "
+                         f"{served.model!r} version {served.version}; split the request")
+
+
+def to_model_input(request: pb.PredictRequest, served: ServedVersion) -> np.ndarray:
+    """The request's input as the model's float32 ``[B, C, H, W]``; :class:`InputError` says what is wrong."""
+    which = request.WhichOneof("input")
+    expected = f"[B,{','.join(map(str, served.input_shape))}]"
+    if which is None:
+        raise InputError("request has no input: set 'tensor' (raw) or 'images' (PNG/JPEG)")
+    if which == "images":
+        blobs = request.images.images
+        _check_batch(len(blobs), served, "images")
+        converted = []
+        for i, blob in enumerate(blobs):
+            if not blob:
+                raise InputError(f"image {i} is empty")
+            try:
+                image = decode_image(bytes(blob), f"image {i}")
+            except DatasetError as exc:
+                raise InputError(str(exc)) from None
+            converted.append(served.preprocessing.apply(image[None]))
+        return np.concatenate(converted)
+
+    tensor = request.tensor
+    dtype = tensor.dtype.strip().lower()
+    shape = [int(d) for d in tensor.shape]
+    if dtype in FLOAT_DTYPES:
+        np_dtype = np.dtype("<f4")
+    elif dtype in UINT8_DTYPES:
+        np_dtype = np.dtype("u1")
+    else:
+        raise InputError(f"unsupported dtype {tensor.dtype!r}: send float32 {expected} (preprocessed model input) "
+                         "or uint8 images [B,H,W] / [B,H,W,C] (C = 1 or 3)")
+    if not shape:
+        raise InputError("tensor has no shape")
+    if any(d < 0 for d in shape):
+        raise InputError(f"tensor shape {shape} has a negative dimension")
+    _check_batch(shape[0], served, "the tensor")
+    if np_dtype.kind == "f":
+        if tuple(shape[1:]) != served.input_shape:
+            raise InputError(f"float32 tensor of shape {shape} does not match the model input {expected} of model "
+                             f"{served.model!r} version {served.version}")
+    else:
+        if not (len(shape) == 3 or (len(shape) == 4 and shape[3] in (1, 3))):
+            raise InputError(f"uint8 tensor of shape {shape}: images must be [B,H,W] or [B,H,W,C] with C = 1 or 3")
+        if min(shape[1:3]) < 1:
+            raise InputError(f"uint8 tensor of shape {shape} has an empty image dimension")
+    needed = math.prod(shape) * np_dtype.itemsize
+    if len(tensor.data) != needed:
+        raise InputError(f"tensor data holds {len(tensor.data)} bytes but shape {shape} of {dtype} needs {needed}")
+    array = np.frombuffer(tensor.data, dtype=np_dtype).reshape(shape)
+    if np_dtype.kind == "f":
+        finite = np.isfinite(array)
+        if not finite.all():
+            bad = int((~finite).sum())
+            item = int(np.argwhere(~finite)[0][0])
+            raise InputError(f"tensor holds {bad} NaN/Inf value(s) (first in item {item}); inputs must be finite")
+        return array.astype(np.float32)  # a writable copy
+    return served.preprocessing.apply(array)
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits.astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
+# -- the service ----------------------------------------------------------------------------------
+class OODGuardService(pb_grpc.OODGuardServicer):
+    def __init__(self, gateway: "Gateway"):
+        self.gw = gateway
+
+    async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        gw = self.gw
+        if gw.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        try:
+            served = gw.registry.resolve(request.model, request.version or None)
+        except UnknownModel as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if request.version < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"version must be >= 0, got {request.version}")
+        try:
+            # small float32 tensors convert inline; images and uint8 tensors are decoded in a worker thread
+            if request.WhichOneof("input") == "tensor" and request.tensor.dtype.strip().lower() in FLOAT_DTYPES:
+                x = to_model_input(request, served)
+            else:
+                x = await asyncio.to_thread(to_model_input, request, served)
+        except InputError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        timeout = context.time_remaining()
+        if timeout is not None and timeout <= 0:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before inference")
+        try:
+            result = await gw.backend.infer(served.model, served.version, x, timeout)
+        except ModelNotFound as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except DeadlineExceeded as exc:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        except BackendUnavailable as exc:
+            await gw.backend_failed(str(exc))
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"backend unavailable: {exc}")
+        await gw.backend_ok()
+        if result.version != served.version:
+            served = gw.registry.resolve(served.model, result.version)
+        try:
+            verdicts = decide(result.outputs, served.calibration, gw.policy)
+        except PolicyError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, f"model outputs do not match its calibration: {exc}")
+        try:
+            queued, sampled = await gw.enqueue(served, x, result.outputs, verdicts, request)
+        except QueueError as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"query queue unavailable, flagged items not stored: {exc}")
+        return self._response(served, request, result.outputs, verdicts, queued, sampled)
+
+    def _response(self, served: ServedVersion, request: pb.PredictRequest, outputs: dict, verdicts: Sequence[Verdict],
+                  queued: list, sampled: list[bool]) -> pb.PredictResponse:
+        probs = _softmax(np.asarray(outputs["logits"]))
+        k = min(request.top_k or DEFAULT_TOP_K, probs.shape[1])
+        names = served.class_names
+        response = pb.PredictResponse(model=served.model, version=served.version, request_id=request.request_id)
+        for i, verdict in enumerate(verdicts):
+            order = np.argsort(-probs[i], kind="stable")[:k]
+            best = int(order[0])
+            item = response.predictions.add(
+                class_index=best, class_name=names[best], probability=float(probs[i, best]),
+                model=served.model, version=served.version, sampled=sampled[i],
+            )
+            for c in order:
+                item.top_k.add(index=int(c), name=names[int(c)], probability=float(probs[i, c]))
+            item.scores.update(verdict.scores)
+            d = item.decision
+            d.ood = verdict.ood
+            d.crossed.extend(verdict.crossed)
+            d.deciding_scores.extend(verdict.deciding)
+            d.mode = verdict.mode
+            d.thresholds.update(verdict.thresholds)
+            d.p_values.update(verdict.p_values)
+            status = queued[i]
+            if isinstance(status, str):
+                item.queue_status = pb.QUEUED
+                item.queue_record_id = status
+            elif status is False:
+                item.queue_status = pb.REJECTED_QUEUE_FULL
+            else:
+                item.queue_status = pb.NOT_QUEUED
+        return response
+
+    async def ModelInfo(self, request: pb.ModelInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
+        gw = self.gw
+        versions = gw.registry.snapshot.versions
+        if request.model and request.model not in versions:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"unknown model {request.model!r} (served: {', '.join(sorted(versions)) or 'none'})")
+        response = pb.ModelInfoResponse(backend=gw.settings.backend)
+        response.policy.scores.extend(gw.policy.scores)
+        response.policy.mode = gw.policy.mode
+        for model in sorted(versions):
+            if request.model and model != request.model:
+                continue
+            spec = response.models.add(name=model, latest_version=max(versions[model]))
+            for number in sorted(versions[model]):
+                served = versions[model][number]
+                info = spec.versions.add(version=number, class_names=list(served.class_names), outputs=list(served.outputs))
+                meta = served.calibration.model
+                info.input.name = str(meta["input"].get("name", "input"))
+                info.input.dtype = str(meta["input"].get("dtype", "float32"))
+                info.input.shape.extend(served.input_shape)
+                info.input.max_batch_size = served.max_batch
+                p = served.preprocessing
+                info.input.preprocessing.CopyFrom(pb.Preprocessing(
+                    channels=p.channels, height=p.height, width=p.width, mean=list(p.mean), std=list(p.std),
+                    order=str(meta["preprocessing"].get("order", ""))))
+                for name in served.scores:
+                    t = served.calibration.thresholds[name]
+                    info.thresholds.add(score=name, threshold=t.threshold, target_tpr=t.target_tpr, n=t.n,
+                                        accepted=t.accepted, achieved_tpr=t.achieved_tpr,
+                                        achieved_tpr_ci95_low=t.achieved_tpr_ci95[0],
+                                        achieved_tpr_ci95_high=t.achieved_tpr_ci95[1], deciding=name in gw.policy.scores)
+        return response
+
+
+# -- the gateway ------------------------------------------------------------------------------------
+def build_backend(settings: Settings) -> Backend:
+    """The backend named by ``settings.backend``; the Triton one is imported only when chosen."""
+    if settings.backend == "embedded":
+        from .embedded import EmbeddedBackend
+
+        return EmbeddedBackend(settings.repository, max_wait_ms=settings.max_wait_ms, max_batch=settings.max_batch,
+                               poll_interval_s=settings.poll_interval_s, intra_op_threads=settings.intra_op_threads)
+    if settings.backend == "triton":
+        from .triton_backend import TritonBackend
+
+        return TritonBackend(settings.triton_url, settings.repository)
+    raise ValueError(f"unknown backend {settings.backend!r}")
+
+
+def build_queue(settings: Settings) -> QueryQueue:
+    from .sqlite_queue import SQLiteQueue
+
+    return SQLiteQueue(settings.queue_path, max_size=settings.queue_max_size, full_policy=settings.queue_full_policy)
+
+
+class Gateway:
+    """Owns the gRPC server, the backend, the registry and the queue. ``start`` → ``port``; ``stop`` drains."""
+
+    def __init__(self, settings: Settings, backend: Backend | None = None, queue: QueryQueue | None = None):
+        self.settings = settings
+        self.policy = DecisionPolicy(tuple(settings.decision_scores), settings.decision_mode)
+        self.backend = backend if backend is not None else build_backend(settings)
+        self.queue = queue if queue is not None else build_queue(settings)
+        self.registry = Registry(self.backend, settings.repository, self.policy, settings.poll_interval_s,
+                                 settings.max_batch, settings.default_model, on_state=self._on_registry_state)
+        self.health = health.aio.HealthServicer()
+        self.draining = False
+        self.port: int | None = None
+        self.server: grpc.aio.Server | None = None
+        self._rng = random.Random(settings.sample_seed)
+        self._serving: bool | None = None
+        self.queue_rejections = 0
+
+    # -- health ---------------------------------------------------------------------------------
+    async def _set_serving(self, serving: bool, reason: str = "") -> None:
+        if serving == self._serving:
+            return
+        self._serving = serving
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+        if serving:
+            log.info("health: SERVING")
+        else:
+            log.warning("health: NOT_SERVING (%s)", reason)
+
+    async def _on_registry_state(self, serving: bool, reason: str) -> None:
+        await self._set_serving(serving, reason)
+
+    async def backend_failed(self, reason: str) -> None:
+        self.registry.backend_error = reason
+        await self._set_serving(False, f"backend unavailable: {reason}")
+
+    async def backend_ok(self) -> None:
+        if self._serving is False and self.registry.backend_error is not None:
+            self.registry.backend_error = None
+            await self._set_serving(self.registry.serving, "no model version ready")
+
+    # -- queue ----------------------------------------------------------------------------------
+    async def enqueue(self, served: ServedVersion, x: np.ndarray, outputs: dict, verdicts: Sequence[Verdict],
+                      request: pb.PredictRequest) -> tuple[list, list[bool]]:
+        """Queue flagged items (and the sampled share of unflagged ones) before answering.
+        Returns per item: record id (str), False (refused: queue full) or None (not queued); and sampled flags."""
+        fraction = self.settings.unflagged_sample_fraction
+        sampled = [not v.ood and fraction > 0 and self._rng.random() < fraction for v in verdicts]
+        chosen = [i for i, v in enumerate(verdicts) if v.ood or sampled[i]]
+        status: list = [None] * len(verdicts)
+        if not chosen:
+            return status, sampled
+        logits, features = np.asarray(outputs["logits"]), np.asarray(outputs["features"])
+        metadata = dict(request.metadata)
+        records = [NewRecord(model=served.model, version=served.version, input=x[i], logits=logits[i],
+                             features=features[i], scores=verdicts[i].scores, decision=verdicts[i].to_dict(),
+                             flagged=verdicts[i].ood, request_id=request.request_id, metadata=metadata)
+                   for i in chosen]
+        try:
+            ids = await asyncio.to_thread(self.queue.put, records)
+        except QueueError as exc:
+            log.error("query queue write failed: %s", exc)
+            raise
+        for i, rid in zip(chosen, ids):
+            status[i] = rid if rid is not None else False
+        rejected = sum(rid is None for rid in ids)
+        if rejected:
+            self.queue_rejections += rejected
+            log.warning("query queue full (%d): %d item(s) of request %r not queued", self.settings.queue_max_size,
+                        rejected, request.request_id)
+        return status, sampled
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    async def start(self) -> int:
+        await self._set_serving(False, "starting")
+        await self.backend.start()
+        await self.registry.start()
+        fatal = {k: v for k, v in self.registry.policy_errors.items() if not self.registry.snapshot.versions.get(k[0])}
+        if fatal:
+            raise PolicyError("; ".join(fatal.values()))
+        limit = self.settings.max_message_bytes
+        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+                                               ("grpc.max_send_message_length", limit),
+                                               ("grpc.so_reuseport", 0)])
+        pb_grpc.add_OODGuardServicer_to_server(OODGuardService(self), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server)
+        self.port = self.server.add_insecure_port(self.settings.listen)
+        if not self.port:
+            raise OSError(f"cannot listen on {self.settings.listen}")
+        await self.server.start()
+        host = self.settings.listen.rpartition(":")[0]
+        log.info("oodguard gateway listening on %s:%d (backend %s, repository %s, queue %s)", host, self.port,
+                 self.settings.backend, self.settings.repository, self.settings.queue_path)
+        for model, versions in sorted(self.registry.snapshot.versions.items()):
+            for number in sorted(versions):
+                log.info("model %s version %d: %s", model, number, describe(versions[number], self.policy))
+        if not self.registry.snapshot.versions:
+            log.warning("no model version ready yet; health NOT_SERVING until one is")
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain: refuse new requests, let in-flight ones finish (up to ``grace`` s), then close everything."""
+        grace = self.settings.drain_timeout_s if grace is None else grace
+        self.draining = True
+        await self.health.enter_graceful_shutdown()
+        if self.server is not None:
+            await self.server.stop(grace)
+        await self.registry.close()
+        try:
+            await self.backend.close()
+        finally:
+            await asyncio.to_thread(self.queue.close)
+        log.info("oodguard gateway stopped")
+
+
+async def serve(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT, then drain and return 0."""
+    gateway = Gateway(settings)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await gateway.start()
+    except BaseException:
+        await gateway.stop(0)
+        raise
+    await stop.wait()
+    log.info("signal received: draining (up to %.0fs)", settings.drain_timeout_s)
+    await gateway.stop()
+    return 0
+
+
+def run(settings: Settings) -> int:
+    logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return asyncio.run(serve(settings))
+
+
+__all__ = ["Gateway", "OODGuardService", "InputError", "to_model_input", "build_backend", "build_queue", "serve", "run",
+           "SERVICE_NAME"]

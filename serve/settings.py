@@ -1,0 +1,162 @@
+"""The gateway's one typed settings object, read from ``OODGUARD_*`` environment variables and flags.
+
+Every field has an environment variable ``OODGUARD_<FIELD NAME IN UPPER CASE>`` (for example
+``OODGUARD_QUEUE_MAX_SIZE=5000``, ``OODGUARD_DECISION_SCORES=sisome,energy``); a command-line flag
+overrides the environment, which overrides the default. Values are validated when the object is built,
+so a bad setting stops the server before it listens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+ENV_PREFIX = "OODGUARD_"
+BACKENDS = ("embedded", "triton")
+DECISION_MODES = ("any", "all")
+FULL_POLICIES = ("reject", "evict-oldest")
+
+
+class SettingsError(ValueError):
+    """A setting has a bad value; the message names the setting and the environment variable."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    #: model repository folder (``<repo>/<model>/<version>/{model.onnx, calibration.json}``)
+    repository: Path
+    #: address to listen on, HOST:PORT (port 0 picks a free port)
+    listen: str = "127.0.0.1:50051"
+    #: "embedded" (ONNX Runtime in-process) or "triton"
+    backend: str = "embedded"
+    #: Triton's gRPC address, used when backend == "triton"
+    triton_url: str = "127.0.0.1:8001"
+    #: model used when a request names none and several models are served ("" = none)
+    default_model: str = ""
+    #: scores whose thresholds decide (validated against the scores the model exports)
+    decision_scores: tuple[str, ...] = ("sisome",)
+    #: "any": OOD when any deciding score crosses its threshold; "all": when all do
+    decision_mode: str = "any"
+    #: micro-batching: how long the first request of a batch waits for more (milliseconds)
+    max_wait_ms: float = 2.0
+    #: micro-batching: largest merged batch; 0 = the model's max_batch_size (never above it)
+    max_batch: int = 0
+    #: SQLite file of the active-learning query queue
+    queue_path: Path = Path("oodguard-queue.sqlite")
+    #: most unharvested records the queue holds
+    queue_max_size: int = 100_000
+    #: what happens to a new record when the queue is full: "reject" or "evict-oldest"
+    queue_full_policy: str = "reject"
+    #: fraction of unflagged items also queued (marked as sampled)
+    unflagged_sample_fraction: float = 0.0
+    #: seed of the unflagged sampling (None = random)
+    sample_seed: int | None = None
+    #: largest gRPC message accepted (and sent), bytes
+    max_message_bytes: int = 16 * 1024 * 1024
+    #: how often the repository / backend is polled for new versions, seconds
+    poll_interval_s: float = 5.0
+    #: SIGTERM: how long in-flight requests get to finish, seconds
+    drain_timeout_s: float = 30.0
+    #: ONNX Runtime intra-op threads of the embedded backend (0 = ONNX Runtime's default)
+    intra_op_threads: int = 0
+    #: logging level
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        def bad(name: str, message: str) -> SettingsError:
+            return SettingsError(f"{name} ({ENV_PREFIX}{name.upper()}): {message}")
+
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or int(port) > 65535:
+            raise bad("listen", f"expected HOST:PORT, got {self.listen!r}")
+        if self.backend not in BACKENDS:
+            raise bad("backend", f"expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
+        if self.backend == "triton" and not self.triton_url:
+            raise bad("triton_url", "the triton backend needs a Triton gRPC address")
+        if not self.decision_scores or any(not s for s in self.decision_scores):
+            raise bad("decision_scores", "name at least one score, e.g. 'sisome' or 'sisome,energy'")
+        if len(set(self.decision_scores)) != len(self.decision_scores):
+            raise bad("decision_scores", f"repeated score in {list(self.decision_scores)}")
+        if self.decision_mode not in DECISION_MODES:
+            raise bad("decision_mode", f"expected 'any' or 'all', got {self.decision_mode!r}")
+        if not 0 <= self.max_wait_ms <= 10_000:
+            raise bad("max_wait_ms", f"must be within 0..10000 ms, got {self.max_wait_ms}")
+        if self.max_batch < 0:
+            raise bad("max_batch", f"must be >= 0 (0 = the model's max batch size), got {self.max_batch}")
+        if self.queue_max_size < 1:
+            raise bad("queue_max_size", f"must be >= 1, got {self.queue_max_size}")
+        if self.queue_full_policy not in FULL_POLICIES:
+            raise bad("queue_full_policy", f"expected 'reject' or 'evict-oldest', got {self.queue_full_policy!r}")
+        if not 0.0 <= self.unflagged_sample_fraction <= 1.0:
+            raise bad("unflagged_sample_fraction", f"must be within [0, 1], got {self.unflagged_sample_fraction}")
+        if self.max_message_bytes < 1024:
+            raise bad("max_message_bytes", f"must be at least 1024, got {self.max_message_bytes}")
+        if self.poll_interval_s <= 0:
+            raise bad("poll_interval_s", f"must be > 0, got {self.poll_interval_s}")
+        if self.drain_timeout_s < 0:
+            raise bad("drain_timeout_s", f"must be >= 0, got {self.drain_timeout_s}")
+        if self.intra_op_threads < 0:
+            raise bad("intra_op_threads", f"must be >= 0, got {self.intra_op_threads}")
+
+    @classmethod
+    def from_sources(cls, overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> "Settings":
+        """Defaults < ``OODGUARD_*`` environment < ``overrides`` (flags; ``None`` values are ignored).
+
+        Environment strings are converted to each field's type; lists are comma-separated."""
+        env = os.environ if env is None else env
+        hints = typing.get_type_hints(cls)
+        values: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            key = ENV_PREFIX + f.name.upper()
+            if key in env:
+                values[f.name] = _convert(f.name, key, env[key], hints[f.name])
+        for name, value in (overrides or {}).items():
+            if value is None:
+                continue
+            if name not in hints:
+                raise SettingsError(f"unknown setting {name!r}")
+            values[name] = _convert(name, "flag", value, hints[name]) if isinstance(value, str) else value
+        if "repository" not in values:
+            raise SettingsError(f"repository: give --repository or {ENV_PREFIX}REPOSITORY")
+        for name in ("repository", "queue_path"):
+            if name in values:
+                values[name] = Path(values[name])
+        if "decision_scores" in values:
+            values["decision_scores"] = tuple(values["decision_scores"])
+        return cls(**values)
+
+    def describe(self) -> str:
+        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+
+
+def _convert(name: str, source: str, raw: str, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    try:
+        if origin is tuple:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+        if origin in (typing.Union, types.UnionType):
+            if raw.strip().lower() in ("", "none"):
+                return None
+            return _convert(name, source, raw, args[0])
+        if hint is int:
+            return int(raw)
+        if hint is float:
+            return float(raw)
+        if hint is Path:
+            return Path(raw)
+        return raw
+    except ValueError as exc:
+        raise SettingsError(f"{name} ({source}): cannot read {raw!r} as {getattr(hint, '__name__', hint)}") from exc
+
+
+def field_names() -> list[str]:
+    return [f.name for f in dataclasses.fields(Settings)]
+
+
+__all__ = ["Settings", "SettingsError", "ENV_PREFIX", "field_names"]

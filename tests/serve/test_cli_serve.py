@@ -1,0 +1,106 @@
+"""`oodguard serve` as a real subprocess: startup, the demo client, SIGTERM drain; and no torch on the serving path."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from oodguard.serve.v1 import oodguard_pb2 as pb
+from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
+
+from .conftest import free_port
+
+
+def test_serving_path_never_imports_torch():
+    code = ("import sys; import oodguard.serve.server, oodguard.serve.embedded, oodguard.serve.sqlite_queue, "
+            "oodguard.serve.registry, oodguard.clients.demo_client, oodguard.cli; "
+            "from oodguard.serve.server import Gateway; "
+            "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def _wait_serving(target: str, process: subprocess.Popen, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while True:
+            assert process.poll() is None, process.stdout.read()
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            assert time.monotonic() < deadline, "server never became SERVING"
+            time.sleep(0.1)
+
+
+def test_serve_subprocess_demo_client_and_sigterm_drain(digits_export, tmp_path):
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    env = {**os.environ, "OODGUARD_QUEUE_PATH": str(tmp_path / "queue.sqlite"), "OODGUARD_LISTEN": "127.0.0.1:1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "oodguard.cli", "serve", "--repository", str(digits_export[2]), "--listen", target,
+         "--max-wait-ms", "1000", "--drain-timeout-s", "20"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        _wait_serving(target, process)
+        demo = subprocess.run([sys.executable, "-m", "oodguard.clients.demo_client", "--target", target],
+                              capture_output=True, text=True, timeout=60)
+        assert demo.returncode == 0, demo.stderr
+        digit_line, noise_line = demo.stdout.strip().splitlines()
+        assert digit_line.startswith("digit: class 0 ") and "in-distribution" in digit_line
+        assert noise_line.startswith("noise: ") and ", OOD by any(sisome=" in noise_line and "queued as " in noise_line
+
+        # an in-flight request (waiting 1 s for batch mates) completes across SIGTERM; later ones are refused
+        outcome: dict = {}
+
+        def in_flight():
+            with grpc.insecure_channel(target) as channel:
+                try:
+                    started = time.monotonic()
+                    response = pb_grpc.OODGuardStub(channel).Predict(pb.PredictRequest(tensor=pb.Tensor(
+                        dtype="uint8", shape=[1, 28, 28], data=bytes(784))), timeout=20)
+                    outcome["items"] = len(response.predictions)
+                    outcome["seconds"] = time.monotonic() - started
+                except grpc.RpcError as exc:
+                    outcome["error"] = exc.code()
+
+        thread = threading.Thread(target=in_flight)
+        thread.start()
+        time.sleep(0.4)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.2)
+        with grpc.insecure_channel(target) as channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                pb_grpc.OODGuardStub(channel).Predict(pb.PredictRequest(tensor=pb.Tensor(
+                    dtype="uint8", shape=[1, 8, 8], data=bytes(64))), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        thread.join(30)
+        assert outcome.get("items") == 1, outcome
+        assert outcome["seconds"] >= 0.9  # it really was in flight when the signal came
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    log = process.stdout.read()
+    assert "model digits version 1: decision any(sisome); thresholds: sisom>" in log
+    assert "sisome*>" in log and "(n=289, TPR 0." in log
+    assert "signal received: draining" in log and "oodguard gateway stopped" in log
+
+
+def test_serve_refuses_a_bad_policy_with_exit_2(digits_export, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "oodguard.cli", "serve", "--repository", str(digits_export[2]), "--listen",
+         f"127.0.0.1:{free_port()}", "--decision-scores", "sisome,odin", "--queue-path", str(tmp_path / "q.sqlite")],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "oodguard serve: error:" in result.stderr and "['odin'] not exported by model 'digits' version 1" in result.stderr

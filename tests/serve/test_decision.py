@@ -1,0 +1,92 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from oodguard.calibration import Calibration, ScoreThreshold
+from oodguard.serve.decision import DecisionPolicy, PolicyError, decide
+
+NAMES = ("a", "b", "c")
+N = 19
+
+
+def calibration(names=NAMES) -> Calibration:
+    # calibration scores 0, 1, ..., 18; threshold 10 for every score
+    thresholds = {
+        n: ScoreThreshold(n, 10.0, 0.95, N, 11, 11 / N, (0.3, 0.8), np.arange(N, dtype=np.float64)) for n in names
+    }
+    model = {"name": "toy", "class_names": ["x", "y"], "input": {}, "preprocessing": {}, "scores": list(names)}
+    return Calibration(model=model, thresholds=thresholds, data={})
+
+
+def outputs_for(patterns) -> dict:
+    """patterns: list of tuples of bools (crossed per score) → score arrays (15 crosses, 5 does not)."""
+    arr = np.array(patterns, dtype=bool)
+    return {n: np.where(arr[:, j], 15.0, 5.0).astype(np.float32) for j, n in enumerate(NAMES)} | {
+        "logits": np.zeros((len(arr), 2), np.float32)}
+
+
+def test_every_subset_mode_and_pattern_matches_the_rule():
+    patterns = list(itertools.product([False, True], repeat=3))
+    outputs = outputs_for(patterns)
+    cal = calibration()
+    for size in (1, 2, 3):
+        for subset in itertools.combinations(NAMES, size):
+            for mode in ("any", "all"):
+                verdicts = decide(outputs, cal, DecisionPolicy(subset, mode))
+                assert len(verdicts) == 8
+                for pattern, verdict in zip(patterns, verdicts):
+                    crossed = {n for n, c in zip(NAMES, pattern) if c}
+                    expected = (any if mode == "any" else all)(n in crossed for n in subset)
+                    assert verdict.ood == expected, (subset, mode, pattern)
+                    assert verdict.crossed == tuple(n for n in NAMES if n in crossed)
+                    assert verdict.deciding == subset and verdict.mode == mode
+                    assert verdict.thresholds == {n: 10.0 for n in NAMES}
+
+
+def test_threshold_is_strict_and_p_values_follow_the_conformal_formula():
+    cal = calibration()
+    values = np.array([-1.0, 0.0, 9.5, 10.0, 10.0001, 18.0, 99.0], np.float32)
+    verdicts = decide({n: values for n in NAMES}, cal, DecisionPolicy(("a",)))
+    assert [v.ood for v in verdicts] == [False, False, False, False, True, True, True]
+    calib = np.arange(N)
+    for value, verdict in zip(values, verdicts):
+        expected = (1 + np.sum(calib >= float(value))) / (N + 1)
+        assert verdict.p_values["a"] == pytest.approx(expected)
+        assert verdict.scores["a"] == pytest.approx(float(value))
+    assert verdicts[0].p_values["a"] == 1.0 and verdicts[-1].p_values["a"] == pytest.approx(1 / 20)
+
+
+def test_to_dict_is_json_ready():
+    import json
+
+    verdict = decide(outputs_for([(True, False, True)]), calibration(), DecisionPolicy(("a", "b"), "all"))[0]
+    data = json.loads(json.dumps(verdict.to_dict()))
+    assert data["ood"] is False and data["crossed"] == ["a", "c"] and data["deciding"] == ["a", "b"]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(scores=()), "names no score"),
+    (dict(scores=("a", "a")), "repeats"),
+    (dict(scores=("a",), mode="most"), "'any' or 'all'"),
+    (dict(scores="sisome"), "sequence of names"),
+])
+def test_invalid_policies_are_refused(kwargs, message):
+    with pytest.raises(PolicyError, match=message):
+        DecisionPolicy(**kwargs)
+
+
+def test_unknown_score_names_what_the_model_exports():
+    with pytest.raises(PolicyError) as info:
+        decide(outputs_for([(True, True, True)]), calibration(), DecisionPolicy(("sisome",)))
+    assert "['sisome']" in str(info.value) and "['a', 'b', 'c']" in str(info.value)
+    with pytest.raises(PolicyError, match="not exported by the model"):
+        DecisionPolicy(("a", "z")).validate(NAMES)
+    DecisionPolicy(("a", "c")).validate(NAMES)
+
+
+def test_missing_score_output_is_an_error():
+    outputs = outputs_for([(True, True, True)])
+    del outputs["b"]
+    with pytest.raises(PolicyError, match=r"lack score\(s\) \['b'\]"):
+        decide(outputs, calibration(), DecisionPolicy(("a",)))

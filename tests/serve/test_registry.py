@@ -1,0 +1,118 @@
+import asyncio
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from oodguard.serve.decision import DecisionPolicy
+from oodguard.serve.embedded import EmbeddedBackend
+from oodguard.serve.registry import Registry, UnknownModel
+
+
+def add_version(repository, number: int, calibration_text: str | None = None):
+    target = repository / "digits" / str(number)
+    staging = repository / "digits" / f".staging-{number}"
+    shutil.copytree(repository / "digits" / "1", staging)
+    if calibration_text is not None:
+        (staging / "calibration.json").write_text(calibration_text)
+    staging.rename(target)
+    return target
+
+
+async def setup(repository, policy=DecisionPolicy(), max_wait_ms=2.0):
+    backend = EmbeddedBackend(repository, max_wait_ms=max_wait_ms, poll_interval_s=3600)
+    await backend.start()
+    states = []
+
+    async def on_state(serving, reason):
+        states.append((serving, reason))
+
+    registry = Registry(backend, repository, policy, poll_interval_s=3600, on_state=on_state)
+    await registry.start()
+    return backend, registry, states
+
+
+def test_bad_calibration_is_refused_and_the_older_version_stays(repo_copy, caplog):
+    async def main():
+        backend, registry, states = await setup(repo_copy)
+        try:
+            assert registry.resolve(None, None).version == 1 and states[-1] == (True, "")
+            folder = add_version(repo_copy, 2, "{not json")
+            await backend.refresh()
+            await registry.refresh()
+            assert (await backend.ready_versions())["digits"] == [1, 2]  # the backend has it, the gateway refuses it
+            assert registry.resolve("digits", None).version == 1
+            assert "not valid JSON" in registry.refused[("digits", 2)][1]
+            with pytest.raises(UnknownModel, match="no version 2"):
+                registry.resolve("digits", 2)
+            # fixed calibration file: admitted on the next refresh
+            good = (repo_copy / "digits" / "1" / "calibration.json").read_text()
+            (folder / "calibration.json").write_text(good)
+            await registry.refresh()
+            assert registry.resolve("digits", None).version == 2 and ("digits", 2) not in registry.refused
+            # a version whose calibration lacks a threshold is refused too
+            raw = json.loads(good)
+            del raw["scores"]["sisome"]
+            add_version(repo_copy, 3, json.dumps(raw))
+            await backend.refresh()
+            await registry.refresh()
+            assert registry.resolve(None, None).version == 2
+            assert "no threshold for score(s) ['sisome']" in registry.refused[("digits", 3)][1]
+        finally:
+            await registry.close()
+            await backend.close()
+
+    with caplog.at_level("ERROR"):
+        asyncio.run(main())
+    assert any("version 2 refused" in r.getMessage() for r in caplog.records)
+
+
+def test_in_flight_request_finishes_on_its_version(repo_copy):
+    async def main():
+        backend, registry, _ = await setup(repo_copy, max_wait_ms=400)
+        try:
+            served = registry.resolve(None, None)
+            x = np.zeros((1, *served.input_shape), np.float32)
+            in_flight = asyncio.create_task(backend.infer(served.model, served.version, x, 10))
+            await asyncio.sleep(0.05)
+            add_version(repo_copy, 2)
+            await backend.refresh()
+            await registry.refresh()  # warm-up of v2 waits in its own batch window
+            after = registry.resolve(None, None)
+            result = await in_flight
+            return served.version, result.version, after.version
+        finally:
+            await registry.close()
+            await backend.close()
+
+    assert asyncio.run(main()) == (1, 1, 2)
+
+
+def test_policy_naming_a_missing_score_is_refused_with_the_exported_list(repo_copy):
+    async def main():
+        backend, registry, states = await setup(repo_copy, DecisionPolicy(("sisome", "mahalanobis")))
+        try:
+            return dict(registry.policy_errors), registry.serving, states[-1]
+        finally:
+            await registry.close()
+            await backend.close()
+
+    errors, serving, state = asyncio.run(main())
+    assert not serving and state == (False, "no model version ready")
+    message = errors[("digits", 1)]
+    assert "['mahalanobis']" in message and "sisome" in message and "energy" in message
+
+
+def test_resolve_errors(repo_copy):
+    async def main():
+        backend, registry, _ = await setup(repo_copy)
+        try:
+            with pytest.raises(UnknownModel, match=r"unknown model 'cifar' \(served: digits\)"):
+                registry.resolve("cifar", None)
+            return registry.resolve("", 0).version, registry.resolve("digits", 1).max_batch
+        finally:
+            await registry.close()
+            await backend.close()
+
+    assert asyncio.run(main()) == (1, 64)

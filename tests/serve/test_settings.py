@@ -1,0 +1,34 @@
+from pathlib import Path
+
+import pytest
+
+from oodguard.serve.settings import Settings, SettingsError
+
+
+def test_defaults_env_and_flags_layer():
+    env = {"OODGUARD_REPOSITORY": "/models", "OODGUARD_DECISION_SCORES": "sisome, energy",
+           "OODGUARD_DECISION_MODE": "all", "OODGUARD_MAX_WAIT_MS": "5", "OODGUARD_QUEUE_MAX_SIZE": "10",
+           "OODGUARD_SAMPLE_SEED": "7", "OODGUARD_LISTEN": "0.0.0.0:9000", "UNRELATED": "x"}
+    s = Settings.from_sources({"listen": "127.0.0.1:1234", "queue_max_size": None, "max_wait_ms": "8"}, env)
+    assert s.repository == Path("/models")
+    assert s.decision_scores == ("sisome", "energy") and s.decision_mode == "all"
+    assert s.listen == "127.0.0.1:1234"  # flag beats env
+    assert s.max_wait_ms == 8.0 and s.queue_max_size == 10 and s.sample_seed == 7
+    assert s.backend == "embedded" and s.unflagged_sample_fraction == 0.0 and s.queue_full_policy == "reject"
+    with pytest.raises(Exception):
+        s.listen = "x"  # frozen
+
+
+@pytest.mark.parametrize("env, message", [
+    ({}, "give --repository"),
+    ({"OODGUARD_REPOSITORY": "r", "OODGUARD_BACKEND": "tensorflow"}, "OODGUARD_BACKEND"),
+    ({"OODGUARD_REPOSITORY": "r", "OODGUARD_LISTEN": "nowhere"}, "HOST:PORT"),
+    ({"OODGUARD_REPOSITORY": "r", "OODGUARD_QUEUE_FULL_POLICY": "drop"}, "evict-oldest"),
+    ({"OODGUARD_REPOSITORY": "r", "OODGUARD_UNFLAGGED_SAMPLE_FRACTION": "1.5"}, "within"),
+    ({"OODGUARD_REPOSITORY": "r", "OODGUARD_MAX_BATCH": "many"}, "cannot read 'many' as int"),
+    ({"OODGUARD_REPOSITORY": "r", "OODGUARD_DECISION_SCORES": ","}, "name at least one score"),
+    ({"OODGUARD_REPOSITORY": "r", "OODGUARD_DECISION_MODE": "most"}, "'any' or 'all'"),
+])
+def test_bad_settings_say_which(env, message):
+    with pytest.raises(SettingsError, match=message):
+        Settings.from_sources({}, env)
