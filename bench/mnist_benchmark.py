@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -184,6 +185,7 @@ def main(argv=None) -> int:
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     repository = args.out / "repository"
+    shutil.rmtree(repository, ignore_errors=True)  # a scratch repository: versions of earlier runs would pile up
     mnist_test = str(args.data / "mnist" / "t10k-images-idx3-ubyte.gz")
     fashion = str(args.data / "fashion_mnist" / "t10k-images-idx3-ubyte.gz")
     oods = [OodSet("fashion-mnist", fashion, "near"), OodSet("uniform-noise", "synthetic:uniform", "far"),

@@ -89,7 +89,128 @@ def build_parser() -> argparse.ArgumentParser:
                            "flag also reads OODGUARD_<NAME> from the environment (e.g. OODGUARD_QUEUE_MAX_SIZE); flags win.")
     for flag, meta, text in SERVE_FLAGS:
         serve.add_argument(flag, metavar=meta, help=text)
+    _add_client_commands(sub)
+    _add_harvest_commands(sub)
     return parser
+
+
+def _add_harvest_commands(sub) -> None:
+    harvest = sub.add_parser("harvest", help="select a label budget from the query queue and export it for relabeling",
+                             description="Pick --budget pending records with an open-set active-learning strategy (from the "
+                             "features, logits and scores the queue stores; no re-inference), write OUT/images/*.png, "
+                             "OUT/manifest.jsonl and OUT/tasks.json (Label Studio import), and mark them sent so no later or "
+                             "concurrent harvest selects them again.")
+    harvest.add_argument("--queue", required=True, help="queue URL: sqlite:///PATH or redis://HOST:PORT/DB")
+    harvest.add_argument("--strategy", required=True, help="random, entropy, margin, least-confidence, coreset, badge, "
+                         "sisom, sisom-diverse, aloe, lfosa, jsosal")
+    harvest.add_argument("--budget", type=int, required=True, help="how many records to select")
+    harvest.add_argument("--seed", type=int, default=0)
+    harvest.add_argument("--out", type=Path, required=True, help="new (or empty) output folder")
+    harvest.add_argument("--repository", type=Path, default=Path("model_repository"),
+                         help="model repository (class names, preprocessing, calibration scores); default model_repository")
+    harvest.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                         help="strategy parameter (numbers are parsed), repeatable")
+
+    labels = sub.add_parser("labels", help="bring relabeled records back as a training dataset")
+    labels_sub = labels.add_subparsers(dest="labels_command", required=True, metavar="ACTION")
+    imp = labels_sub.add_parser("import", help="Label Studio export or CSV record_id,label → dataset .npz",
+                                description="Join labels with the queue's records and write images, labels and class names "
+                                "to an .npz that `oodguard train --data` reads. Labels outside the model's classes become new "
+                                "classes (default) or one 'unknown' class.")
+    imp.add_argument("file", type=Path, help="Label Studio JSON export or CSV record_id,label")
+    imp.add_argument("--queue", required=True, help="queue URL the records were harvested from")
+    imp.add_argument("--repository", type=Path, default=Path("model_repository"))
+    imp.add_argument("--out", type=Path, required=True, help="dataset .npz to write")
+    imp.add_argument("--unknown-policy", choices=["new-classes", "unknown"], default="new-classes")
+
+
+def _strategy_params(pairs: list[str]) -> dict:
+    params = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--param {pair!r}: expected KEY=VALUE")
+        try:
+            params[key] = int(value) if value.lstrip("-").isdigit() else float(value)
+        except ValueError:
+            params[key] = value
+    return params
+
+
+def _open_queue_for_harvest(url: str):
+    import tempfile
+
+    from oodguard.serve.queue_factory import open_queue
+
+    # harvest never writes records: its spool (needed by the Redis queue) stays empty
+    return open_queue(url, spool_path=Path(tempfile.mkdtemp(prefix="oodguard-harvest-")) / "spool")
+
+
+def _run_harvest(args: argparse.Namespace) -> int:
+    from oodguard.harvest.job import run_harvest
+
+    queue = _open_queue_for_harvest(args.queue)
+    try:
+        run_harvest(queue, args.strategy, args.budget, args.out, args.repository, seed=args.seed,
+                    params=_strategy_params(args.param))
+    finally:
+        queue.close()
+    return 0
+
+
+def _run_labels(args: argparse.Namespace) -> int:
+    from oodguard.harvest.labels import import_labels
+
+    queue = _open_queue_for_harvest(args.queue)
+    try:
+        summary = import_labels(args.file, queue, args.repository, args.out, args.unknown_policy)
+    finally:
+        queue.close()
+    print(f"wrote {summary.out_path}: {summary.n} labeled images, classes {summary.class_names}"
+          + (f" (new: {summary.new_classes})" if summary.new_classes else "")
+          + (f"; {len(summary.missing_ids)} labeled ids not in the queue were skipped" if summary.missing_ids else ""))
+    return 0
+
+
+def _add_client_commands(sub) -> None:
+    """``predict`` and ``loadgen`` (oodguard.clients; imported only when run). Token: ``OODGUARD_TOKEN``."""
+    predict = sub.add_parser("predict", help="classify image files with a running gateway",
+                             description="Send each image file to the gateway and print its class, probability, OOD "
+                             "decision and the scores that decided it. Bearer token from OODGUARD_TOKEN.")
+    predict.add_argument("images", nargs="+", metavar="IMAGE", help="PNG/JPEG files")
+    loadgen = sub.add_parser("loadgen", help="drive a gateway with traffic and report throughput, latency, flagged share",
+                             description="Send Predict requests from a dataset at a concurrency (and optional rate) for a "
+                             "duration; report throughput, latency percentiles, errors by status and the flagged share. "
+                             "Bearer token from OODGUARD_TOKEN.")
+    loadgen.add_argument("--data", required=True, help="dataset spec ('digits', IDX, .npz, folder) or synthetic:uniform|blobs[:N]")
+    loadgen.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
+    loadgen.add_argument("--rate", type=float, default=0.0, help="requests per second in all (default 0: unlimited)")
+    loadgen.add_argument("--duration", type=float, default=10.0, help="seconds (default 10, at most 3600)")
+    loadgen.add_argument("--requests", type=int, default=0, help="stop after N requests (default 0: the duration decides)")
+    loadgen.add_argument("--ood-fraction", type=float, default=0.0, help="share of requests drawn from --ood-data")
+    loadgen.add_argument("--ood-data", default="synthetic:uniform", help="OOD dataset spec (default synthetic:uniform)")
+    loadgen.add_argument("--batch-size", type=int, default=1, help="images per request (default 1)")
+    loadgen.add_argument("--seed", type=int, default=0)
+    loadgen.add_argument("--allow-remote", action="store_true", help="allow a target that is not a loopback address")
+    for command in (predict, loadgen):
+        command.add_argument("--target", default="127.0.0.1:50051", help="gateway HOST:PORT (default %(default)s)")
+        command.add_argument("--model", default="", help="model name (default: the server's)")
+        command.add_argument("--timeout", type=float, default=10.0 if command is predict else 5.0, help="deadline per call, s")
+        command.add_argument("--tls-ca", metavar="FILE", help="root certificate (PEM) when the gateway serves TLS")
+        command.add_argument("--json", action="store_true", help="print JSON")
+    predict.add_argument("--top-k", type=int, default=3, help="top classes per image (default 3)")
+
+
+def _run_predict(args: argparse.Namespace) -> int:
+    from oodguard.clients.predict import run
+
+    return run(args)
+
+
+def _run_loadgen(args: argparse.Namespace) -> int:
+    from oodguard.clients.loadgen import run
+
+    return run(args)
 
 
 #: ``oodguard serve`` flags: each maps to the Settings field of the same name (dashes -> underscores).
@@ -104,6 +225,9 @@ SERVE_FLAGS = [
     ("--max-wait-ms", "MS", "micro-batching wait window of the embedded backend (default 2)"),
     ("--max-batch", "N", "largest merged batch (default 0: the model's max_batch_size)"),
     ("--queue-path", "FILE", "SQLite file of the query queue (default oodguard-queue.sqlite)"),
+    ("--queue-url", "URL", "the query queue as sqlite:///PATH or redis://HOST:PORT/DB (wins over --queue-path)"),
+    ("--queue-spool-path", "FILE", "spool file of the Redis queue while Redis is unreachable "
+                                   "(default oodguard-queue.spool)"),
     ("--queue-max-size", "N", "most unharvested records queued (default 100000)"),
     ("--queue-full-policy", "POLICY", "reject (default) or evict-oldest"),
     ("--unflagged-sample-fraction", "F", "fraction of unflagged items also queued (default 0)"),
@@ -112,6 +236,13 @@ SERVE_FLAGS = [
     ("--poll-interval-s", "S", "how often new model versions are looked for (default 5)"),
     ("--drain-timeout-s", "S", "SIGTERM: time in-flight requests get to finish (default 30)"),
     ("--intra-op-threads", "N", "ONNX Runtime intra-op threads (default 0: ONNX Runtime decides)"),
+    ("--metrics-port", "PORT", "Prometheus metrics over HTTP on this port, on the --listen host (default 0: off)"),
+    ("--tls-cert", "FILE", "TLS certificate chain (PEM); with --tls-key the gateway accepts TLS only"),
+    ("--tls-key", "FILE", "private key (PEM) of --tls-cert"),
+    ("--tls-client-ca", "FILE", "mutual TLS: CA bundle (PEM) that client certificates must chain to"),
+    ("--auth-token", "TOKEN", "require 'authorization: Bearer TOKEN' metadata (health checks stay open); "
+                              "prefer --auth-token-file"),
+    ("--auth-token-file", "FILE", "file holding that token"),
     ("--log-level", "LEVEL", "DEBUG, INFO (default), WARNING, ERROR"),
 ]
 
@@ -182,7 +313,8 @@ def _run_serve(args: argparse.Namespace) -> int:
         raise ValueError(str(exc)) from exc
 
 
-COMMANDS = {"serve": _run_serve, "train": _run_train, "export": _run_export, "validate-repo": _run_validate, "evaluate": _run_evaluate}
+COMMANDS = {"serve": _run_serve, "train": _run_train, "export": _run_export, "validate-repo": _run_validate, "evaluate": _run_evaluate,
+            "predict": _run_predict, "loadgen": _run_loadgen, "harvest": _run_harvest, "labels": _run_labels}
 
 
 def main(argv: list[str] | None = None) -> int:

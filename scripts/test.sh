@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# The README's test command: set up (idempotent: .venv, and .venv-triton for the real-tritonserver tests),
+# The README's test command: set up (idempotent: .venv, .venv-triton for the real-tritonserver tests, and
+# redis-server for the Redis queue tests),
 # then run the whole test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/setup_triton.sh
+bash scripts/setup_redis.sh
 . .venv/bin/activate
 python -m pytest "$@"

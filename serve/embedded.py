@@ -11,6 +11,7 @@ The repository is polled every ``poll_interval_s`` for new and removed versions.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
 import time
@@ -28,6 +29,7 @@ from .backend import Backend, BackendUnavailable, DeadlineExceeded, InferenceRes
 log = logging.getLogger("oodguard.serve.embedded")
 
 DEFAULT_MAX_BATCH = 64
+BATCH_SIZE_HISTORY = 10_000
 
 
 @dataclass
@@ -79,9 +81,10 @@ class EmbeddedBackend(Backend):
         self._poller: asyncio.Task | None = None
         self._refresh_lock: asyncio.Lock | None = None
         self._closed = False
-        #: number of ORT executions and the batch size of each (tests and metrics read them)
+        #: number of ORT executions and the batch sizes of the latest ones (tests and metrics read them;
+        #: bounded, so a long-running server does not grow one entry per batch forever)
         self.executions = 0
-        self.batch_sizes: list[int] = []
+        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=BATCH_SIZE_HISTORY)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:

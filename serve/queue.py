@@ -62,6 +62,7 @@ class QueueStats:
     accepted: int  # records ever stored
     rejected: int  # records refused because the queue was full (policy "reject")
     evicted: int  # pending records dropped to make room (policy "evict-oldest")
+    spool_backlog: int = 0  # acknowledged records waiting in a local spool for the store (Redis queue)
 
 
 class QueryQueue(abc.ABC):
@@ -83,6 +84,11 @@ class QueryQueue(abc.ABC):
     @abc.abstractmethod
     def claim(self, limit: int, flagged: bool | None = None) -> list[QueueRecord]:
         """Atomically move up to ``limit`` oldest pending records to ``claimed`` and return them."""
+
+    def claim_ids(self, ids: Sequence[str]) -> list[str]:
+        """Atomically move the given records from ``pending`` to ``claimed``; returns the ids this call
+        claimed (records already claimed or sent by someone else are left out)."""
+        raise NotImplementedError
 
     @abc.abstractmethod
     def release(self, ids: Sequence[str]) -> int:

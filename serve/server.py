@@ -22,8 +22,11 @@ from grpc_reflection.v1alpha import reflection
 from oodguard.datasets import DatasetError, decode_image
 
 from .backend import Backend, BackendUnavailable, DeadlineExceeded, ModelNotFound
+from .auth import TokenAuthInterceptor, load_token, server_credentials
 from .decision import DecisionPolicy, PolicyError, Verdict, decide
+from .metrics import GatewayMetrics
 from .queue import NewRecord, QueryQueue, QueueError
+from .queue_factory import describe_url
 from .registry import Registry, ServedVersion, UnknownModel, describe
 from .settings import Settings
 from .v1 import oodguard_pb2 as pb
@@ -121,6 +124,10 @@ class OODGuardService(pb_grpc.OODGuardServicer):
         self.gw = gateway
 
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        # metrics: counted by model, version and status, with the end-to-end latency
+        return await self.gw.metrics.track_predict(request, context, self._predict(request, context))
+
+    async def _predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
         gw = self.gw
         if gw.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
@@ -142,7 +149,7 @@ class OODGuardService(pb_grpc.OODGuardServicer):
         if timeout is not None and timeout <= 0:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before inference")
         try:
-            result = await gw.backend.infer(served.model, served.version, x, timeout)
+            result = await gw.metrics.time_backend(served.model, gw.backend.infer(served.model, served.version, x, timeout))
         except ModelNotFound as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         except DeadlineExceeded as exc:
@@ -157,6 +164,7 @@ class OODGuardService(pb_grpc.OODGuardServicer):
             verdicts = decide(result.outputs, served.calibration, gw.policy)
         except PolicyError as exc:
             await context.abort(grpc.StatusCode.INTERNAL, f"model outputs do not match its calibration: {exc}")
+        gw.metrics.observe_verdicts(served, verdicts)
         try:
             queued, sampled = await gw.enqueue(served, x, result.outputs, verdicts, request)
         except QueueError as exc:
@@ -246,9 +254,11 @@ def build_backend(settings: Settings) -> Backend:
 
 
 def build_queue(settings: Settings) -> QueryQueue:
-    from .sqlite_queue import SQLiteQueue
+    """The queue named by ``settings.queue_url`` (else the SQLite file ``settings.queue_path``)."""
+    from .queue_factory import open_queue
 
-    return SQLiteQueue(settings.queue_path, max_size=settings.queue_max_size, full_policy=settings.queue_full_policy)
+    return open_queue(settings.effective_queue_url, max_size=settings.queue_max_size,
+                      full_policy=settings.queue_full_policy, spool_path=settings.queue_spool_path)
 
 
 class Gateway:
@@ -268,6 +278,9 @@ class Gateway:
         self._rng = random.Random(settings.sample_seed)
         self._serving: bool | None = None
         self.queue_rejections = 0
+        self.metrics = GatewayMetrics()
+        self.metrics.bind(self)
+        self.metrics_port: int | None = None
 
     # -- health ---------------------------------------------------------------------------------
     async def _set_serving(self, serving: bool, reason: str = "") -> None:
@@ -312,7 +325,7 @@ class Gateway:
                              flagged=verdicts[i].ood, request_id=request.request_id, metadata=metadata)
                    for i in chosen]
         try:
-            ids = await asyncio.to_thread(self.queue.put, records)
+            ids = await self.metrics.time_queue_write(served.model, asyncio.to_thread(self.queue.put, records))
         except QueueError as exc:
             log.error("query queue write failed: %s", exc)
             raise
@@ -326,28 +339,46 @@ class Gateway:
         return status, sampled
 
     # -- lifecycle ------------------------------------------------------------------------------
+    def _security(self) -> tuple[grpc.ServerCredentials | None, list]:
+        """TLS credentials (None: plain TCP) and the interceptors (bearer-token check); see ``serve.auth``."""
+        s = self.settings
+        credentials = server_credentials(s.tls_cert, s.tls_key, s.tls_client_ca)
+        token = load_token(s.auth_token, s.auth_token_file)
+        interceptors = [TokenAuthInterceptor(token, on_failure=self.metrics.auth_failed)] if token else []
+        if token and credentials is None:
+            log.warning("bearer-token auth without TLS: the token crosses the network in clear text")
+        return credentials, interceptors
+
     async def start(self) -> int:
         await self._set_serving(False, "starting")
+        credentials, interceptors = self._security()  # TLS files and token are read before anything starts
         await self.backend.start()
         await self.registry.start()
         fatal = {k: v for k, v in self.registry.policy_errors.items() if not self.registry.snapshot.versions.get(k[0])}
         if fatal:
             raise PolicyError("; ".join(fatal.values()))
         limit = self.settings.max_message_bytes
-        self.server = grpc.aio.server(options=[("grpc.max_receive_message_length", limit),
+        self.server = grpc.aio.server(interceptors=interceptors,
+                                      options=[("grpc.max_receive_message_length", limit),
                                                ("grpc.max_send_message_length", limit),
                                                ("grpc.so_reuseport", 0)])
         pb_grpc.add_OODGuardServicer_to_server(OODGuardService(self), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(self.settings.listen)
+        if credentials is not None:
+            self.port = self.server.add_secure_port(self.settings.listen, credentials)
+        else:
+            self.port = self.server.add_insecure_port(self.settings.listen)
         if not self.port:
             raise OSError(f"cannot listen on {self.settings.listen}")
         await self.server.start()
         host = self.settings.listen.rpartition(":")[0]
+        if self.settings.metrics_port:
+            self.metrics_port = self.metrics.start_server(self.settings.metrics_port, host)
+            log.info("metrics on http://%s:%d/metrics", host, self.metrics_port)
         log.info("oodguard gateway listening on %s:%d (backend %s, repository %s, queue %s)", host, self.port,
-                 self.settings.backend, self.settings.repository, self.settings.queue_path)
+                 self.settings.backend, self.settings.repository, describe_url(self.settings.effective_queue_url))
         for model, versions in sorted(self.registry.snapshot.versions.items()):
             for number in sorted(versions):
                 log.info("model %s version %d: %s", model, number, describe(versions[number], self.policy))
@@ -362,6 +393,7 @@ class Gateway:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
+        self.metrics.stop_server()
         await self.registry.close()
         try:
             await self.backend.close()

@@ -20,6 +20,7 @@ ENV_PREFIX = "OODGUARD_"
 BACKENDS = ("embedded", "triton")
 DECISION_MODES = ("any", "all")
 FULL_POLICIES = ("reject", "evict-oldest")
+QUEUE_SCHEMES = ("sqlite", "redis", "rediss")
 
 
 class SettingsError(ValueError):
@@ -46,8 +47,12 @@ class Settings:
     max_wait_ms: float = 2.0
     #: micro-batching: largest merged batch; 0 = the model's max_batch_size (never above it)
     max_batch: int = 0
-    #: SQLite file of the active-learning query queue
+    #: SQLite file of the active-learning query queue (used when queue_url is empty)
     queue_path: Path = Path("oodguard-queue.sqlite")
+    #: the query queue as a URL, sqlite:///PATH or redis://HOST:PORT/DB (wins over queue_path; "" = queue_path)
+    queue_url: str = ""
+    #: local spool file of the Redis queue: records written there while Redis is unreachable, replayed later
+    queue_spool_path: Path = Path("oodguard-queue.spool")
     #: most unharvested records the queue holds
     queue_max_size: int = 100_000
     #: what happens to a new record when the queue is full: "reject" or "evict-oldest"
@@ -64,6 +69,18 @@ class Settings:
     drain_timeout_s: float = 30.0
     #: ONNX Runtime intra-op threads of the embedded backend (0 = ONNX Runtime's default)
     intra_op_threads: int = 0
+    #: Prometheus metrics over HTTP on this port, on the host of ``listen`` (0 = off)
+    metrics_port: int = 0
+    #: TLS: server certificate chain (PEM); with tls_key the gateway accepts TLS connections only
+    tls_cert: Path | None = None
+    #: TLS: the certificate's private key (PEM)
+    tls_key: Path | None = None
+    #: mutual TLS: CA bundle (PEM) that client certificates must chain to; needs tls_cert
+    tls_client_ca: Path | None = None
+    #: bearer token every call must carry as ``authorization: Bearer <token>`` ("" = no token auth)
+    auth_token: str = dataclasses.field(default="", repr=False)
+    #: file holding that token (keeps it out of the environment and the process list)
+    auth_token_file: Path | None = None
     #: logging level
     log_level: str = "INFO"
 
@@ -88,6 +105,10 @@ class Settings:
             raise bad("max_wait_ms", f"must be within 0..10000 ms, got {self.max_wait_ms}")
         if self.max_batch < 0:
             raise bad("max_batch", f"must be >= 0 (0 = the model's max batch size), got {self.max_batch}")
+        if self.queue_url:
+            scheme = self.queue_url.partition("://")[0].lower() if "://" in self.queue_url else ""
+            if scheme not in QUEUE_SCHEMES:
+                raise bad("queue_url", f"expected sqlite:///PATH or redis://HOST:PORT/DB, got {self.queue_url!r}")
         if self.queue_max_size < 1:
             raise bad("queue_max_size", f"must be >= 1, got {self.queue_max_size}")
         if self.queue_full_policy not in FULL_POLICIES:
@@ -102,6 +123,16 @@ class Settings:
             raise bad("drain_timeout_s", f"must be >= 0, got {self.drain_timeout_s}")
         if self.intra_op_threads < 0:
             raise bad("intra_op_threads", f"must be >= 0, got {self.intra_op_threads}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise bad("metrics_port", f"must be within 0..65535 (0 = off), got {self.metrics_port}")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise bad("tls_key" if self.tls_cert else "tls_cert", "give both tls_cert and tls_key (or neither)")
+        if self.tls_client_ca and not self.tls_cert:
+            raise bad("tls_client_ca", "mutual TLS needs tls_cert and tls_key too")
+        if self.auth_token and self.auth_token_file:
+            raise bad("auth_token", "give auth_token or auth_token_file, not both")
+        if self.auth_token and (self.auth_token != self.auth_token.strip() or any(c in self.auth_token for c in "\r\n")):
+            raise bad("auth_token", "must not hold whitespace at either end or line breaks")
 
     @classmethod
     def from_sources(cls, overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> "Settings":
@@ -123,15 +154,21 @@ class Settings:
             values[name] = _convert(name, "flag", value, hints[name]) if isinstance(value, str) else value
         if "repository" not in values:
             raise SettingsError(f"repository: give --repository or {ENV_PREFIX}REPOSITORY")
-        for name in ("repository", "queue_path"):
+        for name in ("repository", "queue_path", "queue_spool_path"):
             if name in values:
                 values[name] = Path(values[name])
         if "decision_scores" in values:
             values["decision_scores"] = tuple(values["decision_scores"])
         return cls(**values)
 
+    @property
+    def effective_queue_url(self) -> str:
+        """``queue_url`` when set, else the SQLite file ``queue_path`` as ``sqlite://PATH``."""
+        return self.queue_url or f"sqlite://{self.queue_path}"
+
     def describe(self) -> str:
-        return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
+        return ", ".join(f"{f.name}={'***' if f.name == 'auth_token' and self.auth_token else getattr(self, f.name)}"
+                         for f in dataclasses.fields(self))
 
 
 def _convert(name: str, source: str, raw: str, hint: Any) -> Any:

@@ -193,6 +193,17 @@ class SQLiteQueue(QueryQueue):
 
         return self._write(write)
 
+    def claim_ids(self, ids: Sequence[str]) -> list[str]:
+        def write(db: sqlite3.Connection) -> list[str]:
+            claimed = []
+            for record_id in ids:
+                moved = db.execute("UPDATE records SET state = ? WHERE id = ? AND state = ?", (CLAIMED, record_id, PENDING))
+                if moved.rowcount:
+                    claimed.append(record_id)
+            return claimed
+
+        return self._write(write) if ids else []
+
     def _move(self, ids: Sequence[str], to_state: str, from_states: tuple[str, ...]) -> int:
         marks = ",".join("?" * len(from_states))
 

@@ -35,3 +35,6 @@ def digits_export(tmp_path_factory):
                           epochs=30, seed=0, holdout=0.4, progress=lambda line: None)
     result = export_model(spec_from_training(work / CHECKPOINT_FILE, repository, "digits"), progress=lambda line: None)
     return record, result, repository, work / CHECKPOINT_FILE
+
+
+from redis_fixtures import redis_server  # noqa: E402,F401  (the real redis-server fixture, for tests/serve and tests/integration)

@@ -125,3 +125,24 @@ def test_concurrent_puts_from_threads_give_unique_ids(tmp_path):
 def test_bad_configuration(tmp_path, kwargs):
     with pytest.raises(ValueError):
         SQLiteQueue(tmp_path / "q.sqlite", **kwargs)
+
+
+def test_claim_ids_claims_only_pending_records_once(tmp_path):
+    from oodguard.serve.sqlite_queue import SQLiteQueue
+
+    queue = SQLiteQueue(tmp_path / "q.sqlite")
+    ids = queue.put([_claim_record(i) for i in range(5)])
+    assert queue.claim_ids(ids[:3]) == ids[:3]
+    assert queue.claim_ids(ids[1:4]) == [ids[3]]  # 1 and 2 were claimed by the first call
+    queue.mark_sent([ids[4]])
+    assert queue.claim_ids([ids[4], "no-such-id"]) == []
+    assert queue.stats().claimed == 4
+
+
+def _claim_record(i):
+    import numpy as np
+
+    from oodguard.serve.queue import NewRecord
+
+    return NewRecord(model="m", version=1, input=np.zeros((1, 2, 2), np.float32), logits=np.zeros(3, np.float32),
+                     features=np.zeros(4, np.float32), scores={"sisome": float(i)}, decision={"ood": True}, flagged=True)

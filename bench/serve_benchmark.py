@@ -1,0 +1,610 @@
+#!/usr/bin/env python
+"""Serving benchmark: what the gateway costs over its backends, and what micro-batching buys.
+
+Targets, each driven by a bounded closed loop (N workers, each sends one batch-1 request and waits for the
+answer before the next) at concurrency 1, 8 and 64 for --duration seconds per cell, after --warmup seconds:
+
+* ``ort-direct``        ONNX Runtime session in this process, N threads calling ``session.run``
+* ``triton-direct``     a real tritonserver (``--model-config-name=cpu``), ``tritonclient.grpc.aio``
+* ``gateway-embedded``  ``oodguard serve`` (embedded ORT, micro-batching at its defaults), ``grpc.aio``
+* ``gateway-triton``    ``oodguard serve --backend triton`` in front of that tritonserver, ``grpc.aio``
+* ``gateway-embedded-nobatch``  as gateway-embedded with ``--max-batch 1`` (micro-batching off)
+
+Servers are separate processes (the gateways are ``oodguard serve`` subprocesses), so the load generator
+never shares their GIL; everything is on loopback. Cells are interleaved: for each concurrency every target
+runs in turn (``--rounds`` repeats that), so machine noise hits all targets alike. Traffic is
+in-distribution digits 0-7 that the model does not flag, sent to the gateways as preprocessed float32
+``[1,1,28,28]`` tensors, so the active-learning queue (a temp SQLite file) is never written and what is
+measured is inference + gateway, not the queue. Responses that were nonetheless queued are counted.
+
+    python bench/serve_benchmark.py [--repository DIR] [--duration S] [--out DIR]
+
+Writes report.md and report.json to --out (default runs/bench/serve-report). Every process started here
+is stopped by PID on exit, error or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from contextlib import ExitStack
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+CONCURRENCIES = (1, 8, 64)
+TARGETS = ("ort-direct", "triton-direct", "gateway-embedded", "gateway-triton", "gateway-embedded-nobatch")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--repository", type=Path, help="model repository (default: the digits demo, exported once "
+                        "into runs/bench/serve-cache and reused)")
+    parser.add_argument("--model", help="model to drive (default: the repository's only/first model)")
+    parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell (default 5)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell (default 1)")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds over all cells; the report gives "
+                        "the median of the rounds per cell (default 2)")
+    parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCIES)), help="comma-separated (default 1,8,64)")
+    parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of " + ",".join(TARGETS))
+    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "serve-report")
+    parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "bench" / "serve-cache")
+    parser.add_argument("--max-wait-ms", type=float, default=None, help="gateway-embedded micro-batching window "
+                        "(default: the gateway's default)")
+    parser.add_argument("--hold", type=float, default=0.0, help=argparse.SUPPRESS)  # seconds to keep servers up at the end (profiling)
+    return parser.parse_args(argv)
+
+
+# -- model and traffic ------------------------------------------------------------------------------
+def ensure_repository(args) -> Path:
+    from oodguard import repository as repo
+
+    if args.repository:
+        return args.repository.resolve()
+    target = args.cache / "repository"
+    if any(repo.versions(target, m) for m in (repo.models(target) if target.is_dir() else [])):
+        log(f"reusing the digits demo repository {target}")
+        return target.resolve()
+    from oodguard.export.demo import run_demo
+
+    log(f"exporting the digits demo model into {target} (once; reused next time)")
+    shutil.rmtree(target, ignore_errors=True)
+    run_demo(target, work_dir=args.cache / "train", progress=lambda line: None)
+    return target.resolve()
+
+
+@dataclass
+class Traffic:
+    model: str
+    version: int
+    inputs: np.ndarray  # [N,1,28,28] float32, unflagged in-distribution digits
+    flagged_share: float  # share of the candidate digits the model flags (left out of the traffic)
+    decision_score: str
+    max_batch: int
+
+
+def build_traffic(repository: Path, model: str | None, count: int = 256) -> Traffic:
+    from oodguard import repository as repo
+    from oodguard.calibration import Calibration
+    from oodguard.datasets import load_dataset
+    from oodguard.onnx_runner import OnnxModel
+    from oodguard.preprocess import Preprocessing
+
+    model = model or repo.models(repository)[0]
+    version = repo.versions(repository, model)[-1]
+    folder = repo.version_dir(repository, model, version)
+    calibration = Calibration.load(folder / repo.CALIBRATION_FILE)
+    prep = Preprocessing.from_dict(calibration.model["preprocessing"])
+    digits = load_dataset("digits").select_classes(list(range(8)))
+    x = prep.apply(digits.images)
+    outputs = OnnxModel(folder / repo.MODEL_FILE).run(x)
+    score = "sisome"  # the gateway's default deciding score
+    threshold = calibration.thresholds[score].threshold
+    flagged = calibration.thresholds[score].is_ood(outputs[score])
+    # keep a margin below the threshold so batch-size-dependent rounding cannot flip a decision
+    near = outputs[score] > threshold - 0.02 * abs(threshold) - 1e-6
+    keep = np.flatnonzero(~flagged & ~near)[:count]
+    return Traffic(model, version, np.ascontiguousarray(x[keep]), float(flagged.mean()), score,
+                   int(calibration.model.get("max_batch_size", 64)))
+
+
+# -- processes --------------------------------------------------------------------------------------
+def _load_integration_helpers():
+    """tests/integration/conftest.py: TritonInstall / TritonServer / free_ports (one start logic for tests and bench)."""
+    path = ROOT / "tests" / "integration" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("oodguard_integration_helpers", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """user+system CPU seconds of every live process in process group ``pgid``."""
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields[0] is field 3 (state); pgrp is field 5
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
+    return total / CLK_TCK
+
+
+@dataclass
+class Gateway:
+    name: str
+    process: subprocess.Popen
+    port: int
+    log_path: Path
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait(5)
+            except ProcessLookupError:
+                pass
+
+
+def start_gateway(name: str, repository: Path, work: Path, port: int, extra: list[str]) -> Gateway:
+    log_path = work / f"{name}.log"
+    command = [sys.executable, "-m", "oodguard.cli", "serve", "--repository", str(repository),
+               "--listen", f"127.0.0.1:{port}", "--queue-path", str(work / f"{name}-queue.sqlite"),
+               "--drain-timeout-s", "1", "--log-level", "WARNING", *extra]
+    # only the flags above: OODGUARD_* settings of the calling shell would make runs incomparable
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OODGUARD_")}
+    with open(log_path, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=work,
+                                   env=env)
+    return Gateway(name, process, port, log_path)
+
+
+def wait_serving(gw: Gateway, timeout_s: float = 60.0) -> None:
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(gw.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            if gw.process.poll() is not None:
+                raise RuntimeError(f"{gw.name} exited with {gw.process.returncode}:\n{gw.log_path.read_text()[-3000:]}")
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+    raise RuntimeError(f"{gw.name} not SERVING within {timeout_s:.0f}s:\n{gw.log_path.read_text()[-3000:]}")
+
+
+# -- load generation --------------------------------------------------------------------------------
+@dataclass
+class Cell:
+    target: str
+    concurrency: int
+    round: int
+    requests: int
+    errors: int
+    throughput_rps: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    mean_ms: float
+    server_cpu_pct: float | None  # % of one core, server process group(s), over the measured window
+    client_cpu_pct: float  # % of one core, this process (load generator; ORT itself for ort-direct)
+    queued: int = 0
+    first_error: str = ""
+
+
+@dataclass
+class Window:
+    warm_end: float
+    end: float
+    latencies: list = field(default_factory=list)
+    errors: int = 0
+    queued: int = 0
+    first_error: str = ""
+
+    def record(self, t0: float, t1: float, error: BaseException | None = None) -> None:
+        if self.warm_end <= t1 <= self.end:
+            if error is None:
+                self.latencies.append(t1 - t0)
+            else:
+                self.errors += 1
+                self.first_error = self.first_error or f"{type(error).__name__}: {error}"[:300]
+
+
+def summarise(target: str, concurrency: int, rnd: int, w: Window, duration: float, server_cpu: float | None,
+              client_cpu: float) -> Cell:
+    lat = np.asarray(w.latencies) * 1000.0
+    pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: float("nan"))
+    return Cell(target, concurrency, rnd, len(lat), w.errors, len(lat) / duration, pct(50), pct(90), pct(99),
+                float(lat.mean()) if len(lat) else float("nan"),
+                None if server_cpu is None else 100.0 * server_cpu / duration, 100.0 * client_cpu / duration,
+                w.queued, w.first_error)
+
+
+async def drive_async(call, concurrency: int, warmup: float, duration: float, n_inputs: int) -> Window:
+    start = time.perf_counter()
+    w = Window(start + warmup, start + warmup + duration)
+
+    async def worker(k: int) -> None:
+        i = k
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= w.end:
+                return
+            try:
+                await call(i % n_inputs, w)
+                w.record(t0, time.perf_counter())
+            except Exception as exc:  # noqa: BLE001 - counted and reported
+                w.record(t0, time.perf_counter(), exc)
+                await asyncio.sleep(0.01)
+            i += concurrency
+
+    await asyncio.gather(*(worker(k) for k in range(concurrency)))
+    return w
+
+
+def drive_threads(call, concurrency: int, warmup: float, duration: float, n_inputs: int) -> Window:
+    start = time.perf_counter()
+    w = Window(start + warmup, start + warmup + duration)
+    lock = threading.Lock()
+
+    def worker(k: int) -> None:
+        i, local = k, []
+        while True:
+            t0 = time.perf_counter()
+            if t0 >= w.end:
+                break
+            try:
+                call(i % n_inputs)
+                local.append((t0, time.perf_counter(), None))
+            except Exception as exc:  # noqa: BLE001
+                local.append((t0, time.perf_counter(), exc))
+            i += concurrency
+        with lock:
+            for t0, t1, exc in local:
+                w.record(t0, t1, exc)
+
+    threads = [threading.Thread(target=worker, args=(k,), daemon=True) for k in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return w
+
+
+class Drivers:
+    """One client per target, built once and reused by every cell."""
+
+    def __init__(self, traffic: Traffic, repository: Path):
+        self.traffic = traffic
+        self.repository = repository
+        self.gateway_requests = None
+        self.channels = {}
+        self.triton_client = None
+        self.ort = None
+
+    # ort-direct
+    def ort_call(self):
+        from oodguard import repository as repo
+        from oodguard.onnx_runner import OnnxModel
+
+        if self.ort is None:
+            self.ort = OnnxModel(repo.version_dir(self.repository, self.traffic.model, self.traffic.version) / repo.MODEL_FILE)
+        session, rows = self.ort.session, [x[None] for x in self.traffic.inputs]
+        return lambda i: session.run(None, {repo.INPUT_NAME: rows[i]})
+
+    # gateways
+    def gateway_call(self, target: str):
+        import grpc
+
+        from oodguard.serve.v1 import oodguard_pb2 as pb
+        from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
+
+        if self.gateway_requests is None:
+            self.gateway_requests = [
+                pb.PredictRequest(model=self.traffic.model, request_id=f"bench-{i}",
+                                  tensor=pb.Tensor(dtype="float32", shape=[1, *x.shape], data=x.astype("<f4").tobytes()))
+                for i, x in enumerate(self.traffic.inputs)]
+        if target not in self.channels:
+            self.channels[target] = grpc.aio.insecure_channel(target)
+        stub = pb_grpc.OODGuardStub(self.channels[target])
+        requests, queued = self.gateway_requests, pb.QUEUED
+
+        async def call(i: int, w: Window) -> None:
+            response = await stub.Predict(requests[i], timeout=30)
+            if response.predictions[0].queue_status == queued:
+                w.queued += 1
+        return call
+
+    # triton-direct
+    def triton_call(self, url: str):
+        import tritonclient.grpc.aio as grpcclient
+
+        if self.triton_client is None:
+            self.triton_client = grpcclient.InferenceServerClient(url)
+        client, model = self.triton_client, self.traffic.model
+        inputs = []
+        for x in self.traffic.inputs:
+            tensor = grpcclient.InferInput("input", [1, *x.shape], "FP32")
+            tensor.set_data_from_numpy(x[None])
+            inputs.append(tensor)
+
+        async def call(i: int, w: Window) -> None:
+            result = await client.infer(model, [inputs[i]], client_timeout=30)
+            # decode every output, as the gateway's Triton backend does
+            for output in result.get_response().outputs:
+                result.as_numpy(output.name)
+        return call
+
+    async def aclose(self) -> None:
+        for channel in self.channels.values():
+            await channel.close()
+        if self.triton_client is not None:
+            await self.triton_client.close()
+
+
+# -- report -----------------------------------------------------------------------------------------
+def aggregate(cells: list[Cell]) -> dict[tuple[str, int], dict]:
+    """Per (target, concurrency): medians over rounds (one round: the cell itself)."""
+    out = {}
+    for key in sorted({(c.target, c.concurrency) for c in cells}, key=lambda k: (TARGETS.index(k[0]), k[1])):
+        group = [c for c in cells if (c.target, c.concurrency) == key]
+        med = lambda name: float(np.median([getattr(c, name) for c in group]))  # noqa: E731
+        server = [c.server_cpu_pct for c in group if c.server_cpu_pct is not None]
+        out[key] = {"target": key[0], "concurrency": key[1], "rounds": len(group), "requests": sum(c.requests for c in group),
+                    "errors": sum(c.errors for c in group), "queued": sum(c.queued for c in group),
+                    "throughput_rps": med("throughput_rps"), "p50_ms": med("p50_ms"), "p90_ms": med("p90_ms"),
+                    "p99_ms": med("p99_ms"), "mean_ms": med("mean_ms"),
+                    "server_cpu_pct": float(np.median(server)) if server else None, "client_cpu_pct": med("client_cpu_pct")}
+    return out
+
+
+def ratios(agg: dict) -> list[dict]:
+    def get(target, c, metric):
+        row = agg.get((target, c))
+        return None if row is None or row[metric] is None or np.isnan(row[metric]) else row[metric]
+
+    def entry(name, value, unit, target, ok, how):
+        return {"name": name, "value": value, "unit": unit, "target": target,
+                "met": None if value is None else bool(ok(value)), "how": how}
+
+    def diff(a, b):
+        return None if a is None or b is None else a - b
+
+    def ratio(a, b):
+        return None if a is None or b is None or b == 0 else a / b
+
+    return [
+        entry("gateway-triton p50 overhead @c=1", diff(get("gateway-triton", 1, "p50_ms"), get("triton-direct", 1, "p50_ms")),
+              "ms", "<= 1 ms", lambda v: v <= 1.0, "gateway-triton p50 - triton-direct p50"),
+        entry("gateway-embedded p50 overhead @c=1", diff(get("gateway-embedded", 1, "p50_ms"), get("ort-direct", 1, "p50_ms")),
+              "ms", "<= 1 ms", lambda v: v <= 1.0, "gateway-embedded p50 - ort-direct p50 (micro-batching on, default window)"),
+        entry("gateway-embedded (micro-batching off) p50 overhead @c=1",
+              diff(get("gateway-embedded-nobatch", 1, "p50_ms"), get("ort-direct", 1, "p50_ms")),
+              "ms", "<= 1 ms (info)", lambda v: v <= 1.0, "gateway-embedded-nobatch p50 - ort-direct p50"),
+        entry("throughput gateway-triton / triton-direct @c=64",
+              ratio(get("gateway-triton", 64, "throughput_rps"), get("triton-direct", 64, "throughput_rps")),
+              "x", ">= 0.80", lambda v: v >= 0.8, "requests/s ratio"),
+        entry("throughput gateway-embedded micro-batching on / off @c=64",
+              ratio(get("gateway-embedded", 64, "throughput_rps"), get("gateway-embedded-nobatch", 64, "throughput_rps")),
+              "x", ">= 2.0", lambda v: v >= 2.0, "requests/s ratio"),
+    ]
+
+
+def fmt(v, spec=".2f"):
+    return "n/a" if v is None or (isinstance(v, float) and np.isnan(v)) else format(v, spec)
+
+
+def write_report(out: Path, meta: dict, cells: list[Cell], agg: dict, rat: list[dict]) -> str:
+    out.mkdir(parents=True, exist_ok=True)
+    table = ["| target | conc | req/s | p50 ms | p90 ms | p99 ms | errors | queued | server CPU % | client CPU % |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in agg.values():
+        table.append(f"| {row['target']} | {row['concurrency']} | {fmt(row['throughput_rps'], '.0f')} | {fmt(row['p50_ms'])} | "
+                     f"{fmt(row['p90_ms'])} | {fmt(row['p99_ms'])} | {row['errors']} | {row['queued']} | "
+                     f"{fmt(row['server_cpu_pct'], '.0f')} | {fmt(row['client_cpu_pct'], '.0f')} |")
+    lines = ["| ratio | value | target | met |", "|---|---:|---|---|"]
+    for r in rat:
+        value = fmt(r["value"], ".2f") + (" ms" if r["unit"] == "ms" else "x" if r["value"] is not None else "")
+        lines.append(f"| {r['name']} ({r['how']}) | {value} | {r['target']} | "
+                     f"{'n/a' if r['met'] is None else 'yes' if r['met'] else 'NO'} |")
+    md = "\n".join([
+        "# Serving benchmark", "",
+        f"{meta['started']} on {meta['machine']}; run time {meta['run_time_s']:.0f} s. Model {meta['model']} v{meta['version']} "
+        f"from `{meta['repository']}`.", "",
+        f"Closed loop, batch 1 per request, {meta['duration_s']:.1f} s measured per cell after {meta['warmup_s']:.1f} s warm-up, "
+        f"{meta['rounds']} round(s), cells interleaved (every target in turn per concurrency). Loopback only; gateways "
+        "are `oodguard serve` subprocesses; the load generator (asyncio `grpc.aio` / `tritonclient.grpc.aio`; a thread "
+        "pool for ort-direct) is this process and shares the machine's CPU cores with the servers.", "",
+        f"Traffic: {meta['traffic_inputs']} in-distribution digits (0-7) that the model does not flag with "
+        f"`{meta['decision_score']}` ({100 * meta['flagged_share']:.1f}% of the candidates were flagged and left out), sent "
+        "to the gateways as preprocessed float32 [1,1,28,28] tensors, so the SQLite query queue (a temp file) is not "
+        "written: the `queued` column counts responses that were queued anyway. Server CPU % is the server process "
+        "group's CPU over the measured window in % of one core (gateway-triton: gateway + tritonserver); client CPU % is "
+        "this process (for ort-direct it includes the inference itself).", "",
+        f"Gateway-embedded: micro-batching at {meta['embedded_batching']}; gateway-embedded-nobatch: `--max-batch 1` "
+        "(each request runs alone; the wait window never applies). Triton: `--model-config-name=cpu` (python backend "
+        "running the same model.onnx with ONNX Runtime, 1 intra-op thread, dynamic batching up to 64, 500 us queue delay).",
+        "", "## Results", "", *table, "", "## Ratios (this run)", "", *lines, "",
+    ])
+    if meta.get("notes"):
+        md += "## Notes\n\n" + "\n".join(f"- {n}" for n in meta["notes"]) + "\n"
+    (out / "report.md").write_text(md)
+    (out / "report.json").write_text(json.dumps({"meta": meta, "summary": list(agg.values()), "ratios": rat,
+                                                 "cells": [asdict(c) for c in cells]}, indent=1))
+    return md
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+# -- main ---------------------------------------------------------------------------------------------
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    began, started = time.monotonic(), time.strftime("%Y-%m-%d %H:%M:%S")
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    targets = [t for t in args.targets.split(",") if t]
+    unknown = set(targets) - set(TARGETS)
+    if unknown:
+        raise SystemExit(f"unknown targets: {sorted(unknown)}")
+
+    # SIGINT (even where a parent shell made it ignored) and SIGTERM → the same cleanup path as Ctrl-C
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    notes: list[str] = []
+    with ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="oodguard-serve-bench-")))
+        repository = ensure_repository(args)
+        traffic = build_traffic(repository, args.model)
+        log(f"model {traffic.model} v{traffic.version}; traffic: {len(traffic.inputs)} unflagged ID digits "
+            f"({100 * traffic.flagged_share:.1f}% of candidates flagged, left out)")
+
+        helpers = _load_integration_helpers()
+        triton = None
+        if {"triton-direct", "gateway-triton"} & set(targets):
+            install = helpers.TritonInstall.find(helpers.triton_env_dir())
+            if isinstance(install, str):
+                notes.append(f"Triton targets skipped: {install} (run `bash scripts/setup_triton.sh`)")
+                log(notes[-1])
+                targets = [t for t in targets if t not in ("triton-direct", "gateway-triton")]
+            else:
+                triton = helpers.TritonServer(install, repository, work / "tritonserver.log", poll_secs=5)
+                stack.callback(triton.stop)
+                log("starting tritonserver (CPU config)")
+                triton.start()
+                log(f"tritonserver ready on {triton.url} in {triton.started_in_s:.1f}s")
+
+        gateways: dict[str, Gateway] = {}
+        extra_embedded = [] if args.max_wait_ms is None else ["--max-wait-ms", str(args.max_wait_ms)]
+        specs = {"gateway-embedded": extra_embedded,
+                 "gateway-embedded-nobatch": ["--max-batch", "1"],
+                 "gateway-triton": ["--backend", "triton", "--triton-url", triton.url] if triton else None}
+        ports = iter(helpers.free_ports(len(specs)))
+        for name, extra in specs.items():
+            port = next(ports)
+            if name not in targets:
+                continue
+            gw = start_gateway(name, repository, work, port, extra)
+            stack.callback(gw.stop)
+            gateways[name] = gw
+        for gw in gateways.values():
+            wait_serving(gw)
+            log(f"{gw.name} SERVING on {gw.target} (PID {gw.process.pid})")
+
+        from oodguard.serve.settings import Settings
+        defaults = Settings(repository=repository)
+        wait_ms = defaults.max_wait_ms if args.max_wait_ms is None else args.max_wait_ms
+        embedded_batching = f"max_wait_ms={wait_ms:g}, max_batch={defaults.max_batch or traffic.max_batch} (the model's max_batch_size)"
+
+        def server_pgids(target: str) -> list[int]:
+            if target == "ort-direct":
+                return []
+            if target == "triton-direct":
+                return [triton.process.pid]
+            pgids = [gateways[target].process.pid]
+            return pgids + ([triton.process.pid] if target == "gateway-triton" else [])
+
+        cells: list[Cell] = []
+        drivers = Drivers(traffic, repository)
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)  # grpc.aio channels bind to the current loop when they are created
+        stack.callback(loop.close)
+        stack.callback(lambda: loop.run_until_complete(drivers.aclose()))
+        total = args.rounds * len(concurrencies) * len(targets)
+        for rnd in range(args.rounds):
+            for c in concurrencies:
+                order = targets if (rnd + concurrencies.index(c)) % 2 == 0 else targets[::-1]
+                for target in order:
+                    pgids = server_pgids(target)
+                    cpu0 = [group_cpu_seconds(p) for p in pgids]
+                    client0 = time.process_time()
+                    if target == "ort-direct":
+                        w = drive_threads(drivers.ort_call(), c, args.warmup, args.duration, len(traffic.inputs))
+                    else:
+                        call = drivers.triton_call(triton.url) if target == "triton-direct" else \
+                            drivers.gateway_call(gateways[target].target)
+                        w = loop.run_until_complete(drive_async(call, c, args.warmup, args.duration, len(traffic.inputs)))
+                    # CPU over warm-up + measured window, scaled to the measured window's share
+                    span = args.warmup + args.duration
+                    scale = args.duration / span
+                    server_cpu = sum(group_cpu_seconds(p) - a for p, a in zip(pgids, cpu0)) * scale if pgids else None
+                    cell = summarise(target, c, rnd, w, args.duration, server_cpu, (time.process_time() - client0) * scale)
+                    cells.append(cell)
+                    log(f"[{len(cells)}/{total}] {target:<25} c={c:<3} {cell.throughput_rps:8.0f} req/s  "
+                        f"p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  errors {cell.errors}"
+                        + (f" ({cell.first_error})" if cell.errors else "")
+                        + (f"  server CPU {cell.server_cpu_pct:.0f}%" if cell.server_cpu_pct is not None else "")
+                        + f"  client CPU {cell.client_cpu_pct:.0f}%")
+        if args.hold:
+            log(f"holding servers for {args.hold:.0f}s: " + ", ".join(f"{g.name} PID {g.process.pid}" for g in gateways.values()))
+            time.sleep(args.hold)
+
+        for gw in gateways.values():  # a gateway that died during the run is a failed run, not a slow one
+            if gw.process.poll() is not None:
+                notes.append(f"{gw.name} exited during the run with {gw.process.returncode}")
+        agg = aggregate(cells)
+        rat = ratios(agg)
+        if any(c.errors for c in cells):
+            notes.append("some cells had errors; see report.json (first_error)")
+        notes.append(f"{os.cpu_count()} CPU cores shared by the load generator, the gateway and Triton: at concurrency 64 "
+                     "the Python load generator itself uses a large share of the CPU (client CPU %), which caps every "
+                     "target's throughput; ratios are more meaningful than absolute numbers.")
+        meta = {"started": started, "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}, "
+                f"Python {platform.python_version()})", "repository": str(repository), "model": traffic.model,
+                "version": traffic.version, "duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
+                "concurrencies": concurrencies, "targets": targets, "traffic_inputs": len(traffic.inputs),
+                "flagged_share": traffic.flagged_share, "decision_score": traffic.decision_score,
+                "embedded_batching": embedded_batching, "notes": notes,
+                "triton_started_in_s": None if triton is None else triton.started_in_s}
+        meta["run_time_s"] = time.monotonic() - began
+        md = write_report(args.out, meta, cells, agg, rat)
+        logs = args.out / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        for path in work.glob("*.log"):
+            shutil.copy(path, logs / path.name)
+    print(md)
+    print(f"run time {time.monotonic() - began:.0f}s; report in {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted; every started process was stopped", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,35 @@
+"""A real SQLite query queue filled by the exported digits model: known digits, unknown digits 8-9 and
+noise, each queued with what the gateway stores (model input, logits, features, scores, decision)."""
+
+import numpy as np
+
+from oodguard.datasets import load_dataset
+from oodguard.evaluation import VersionScorer, uniform_noise
+from oodguard.serve.queue import NewRecord
+from oodguard.serve.sqlite_queue import SQLiteQueue
+
+KINDS = ("known", "unknown", "noise")
+
+
+def filled_queue(digits_export, path, per_kind=40):
+    record, result, repository, _ = digits_export
+    scorer = VersionScorer(result.version_dir)
+    digits = load_dataset("digits")
+    sets = {
+        "known": record.part(record.dataset(), "test").images[:per_kind],
+        "unknown": digits.select_classes([8, 9]).images[:per_kind],
+        "noise": uniform_noise(per_kind, (8, 8), seed=5).images,
+    }
+    queue = SQLiteQueue(path)
+    truth = {}
+    for kind, images in sets.items():
+        x = scorer.preprocessing.apply(images)
+        out = scorer.model.run(x)
+        records = [NewRecord(model="digits", version=result.version, input=x[i], logits=out["logits"][i],
+                             features=out["features"][i], scores={s: float(out[s][i]) for s in scorer.score_names},
+                             decision={"ood": kind != "known", "deciding": ["sisome"]}, flagged=True,
+                             request_id=f"{kind}-{i}", metadata={"kind": kind})
+                   for i in range(len(x))]
+        for record_id, item in zip(queue.put(records), records):
+            truth[record_id] = kind
+    return queue, truth, repository

@@ -1,0 +1,98 @@
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from oodguard.harvest.job import run_harvest, safe_file_name
+from oodguard.serve.sqlite_queue import SQLiteQueue
+
+from .queue_fixture import filled_queue
+
+
+def quiet(line):
+    pass
+
+
+def test_harvest_writes_images_manifest_and_label_studio_tasks(digits_export, tmp_path):
+    queue, truth, repository = filled_queue(digits_export, tmp_path / "q.sqlite")
+    result = run_harvest(queue, "sisom", 12, tmp_path / "out", repository, seed=0, progress=quiet)
+    assert len(result.ids) == 12 and len(set(result.ids)) == 12
+    manifest = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert [m["record_id"] for m in manifest] == result.ids
+    assert all((tmp_path / "out" / m["image"]).exists() for m in manifest)
+    assert all(m["why"] and m["predicted_name"] in [str(c) for c in range(8)] for m in manifest)
+    tasks = json.loads((tmp_path / "out" / "tasks.json").read_text())
+    assert [t["data"]["record_id"] for t in tasks] == result.ids
+    for task, m in zip(tasks, manifest):
+        assert task["predictions"][0]["score"] == pytest.approx(m["scores"]["sisome"])
+        assert task["predictions"][0]["result"][0]["value"]["choices"] == [m["predicted_name"]]
+    # sisom top-B takes the highest SISOMe scores of the pool: noise and unknown digits, no known digit
+    assert sum(truth[i] == "known" for i in result.ids) == 0
+    assert queue.stats().sent == 12
+
+
+def test_exported_image_is_the_queued_input_undone(digits_export, tmp_path):
+    from PIL import Image
+
+    queue, truth, repository = filled_queue(digits_export, tmp_path / "q.sqlite", per_kind=5)
+    result = run_harvest(queue, "random", 3, tmp_path / "out", repository, progress=quiet)
+    record = queue.get(result.ids[:1])[0]
+    image = np.asarray(Image.open(tmp_path / "out" / "images" / f"{safe_file_name(record.id)}.png"))
+    assert image.shape == (28, 28) and image.dtype == np.uint8
+    prep = digits_export[1].calibration.model["preprocessing"]
+    reconstructed = (image / 255.0 - prep["mean"][0]) / prep["std"][0]
+    np.testing.assert_allclose(reconstructed, record.input[0], atol=1.0 / 255 / prep["std"][0])
+
+
+def test_no_record_is_harvested_twice_also_by_concurrent_harvests(digits_export, tmp_path):
+    queue, truth, repository = filled_queue(digits_export, tmp_path / "q.sqlite", per_kind=30)
+    first = run_harvest(queue, "entropy", 10, tmp_path / "a", repository, progress=quiet)
+    results = {}
+
+    def harvest(name):
+        own = SQLiteQueue(tmp_path / "q.sqlite")  # a second process would open its own connection
+        results[name] = run_harvest(own, "sisom", 15, tmp_path / name, repository, progress=quiet)
+
+    threads = [threading.Thread(target=harvest, args=(n,)) for n in ("b", "c")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = first.ids + results["b"].ids + results["c"].ids
+    assert len(ids) == len(set(ids)) == 40
+    assert results["b"].lost_to_others + results["c"].lost_to_others >= 0
+    assert queue.stats().sent == 40
+
+
+def test_failed_export_releases_the_claims(digits_export, tmp_path, monkeypatch):
+    queue, truth, repository = filled_queue(digits_export, tmp_path / "q.sqlite", per_kind=5)
+    import oodguard.harvest.job as job
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(job, "_export", broken)
+    with pytest.raises(OSError, match="disk full"):
+        run_harvest(queue, "random", 4, tmp_path / "out", repository, progress=quiet)
+    stats = queue.stats()
+    assert (stats.claimed, stats.sent, stats.pending) == (0, 0, 15)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_requests(digits_export, tmp_path):
+    queue, truth, repository = filled_queue(digits_export, tmp_path / "q.sqlite", per_kind=2)
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "x").write_text("")
+    with pytest.raises(ValueError, match="not empty"):
+        run_harvest(queue, "random", 1, tmp_path / "used", repository, progress=quiet)
+    with pytest.raises(ValueError, match="unknown strategy"):
+        run_harvest(queue, "best", 1, tmp_path / "o", repository, progress=quiet)
+    empty = SQLiteQueue(tmp_path / "empty.sqlite")
+    with pytest.raises(ValueError, match="no pending records"):
+        run_harvest(empty, "random", 1, tmp_path / "o2", repository, progress=quiet)
+
+
+def test_file_names_never_come_from_raw_ids():
+    assert safe_file_name("../../etc/passwd") == "______etc_passwd"
+    assert safe_file_name("") == "record"

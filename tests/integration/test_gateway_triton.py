@@ -1,0 +1,348 @@
+"""The real gateway over a real tritonserver (tests/integration/conftest.py), both on 127.0.0.1 free ports.
+
+* the embedded and the Triton backend give the same answers on the same repository;
+* a Triton outage is UNAVAILABLE (naming the cause) and NOT_SERVING, and the same gateway recovers when the
+  server comes back, without losing what it had queued;
+* a very short client deadline is DEADLINE_EXCEEDED, leaves health alone, and the next call succeeds.
+
+The tritonserver is shared by the module; the outage test kills and restarts it and leaves it running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from oodguard.serve.settings import Settings
+from oodguard.serve.v1 import oodguard_pb2 as pb
+from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
+
+MODEL = "digits"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+OUTAGE_LIMIT_S = 20.0
+
+
+# -- a gateway in its own event-loop thread (clients use plain synchronous gRPC) --------------------
+class GatewayThread:
+    """A :class:`oodguard.serve.server.Gateway` on 127.0.0.1:0 running on an event loop in a daemon thread."""
+
+    def __init__(self, settings: Settings):
+        from oodguard.serve.server import Gateway
+
+        self.settings = settings
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="gateway-loop")
+        self.thread.start()
+
+        async def boot():
+            gateway = Gateway(settings)
+            try:
+                await gateway.start()
+            except BaseException:
+                await gateway.stop(0)
+                raise
+            return gateway
+
+        try:
+            self.gateway = self._call(boot())
+        except BaseException:
+            self._close_loop()
+            raise
+        self.target = f"127.0.0.1:{self.gateway.port}"
+
+    def _call(self, coro, timeout: float = 60.0):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def _close_loop(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+    def stop(self, grace: float = 0.5) -> None:
+        try:
+            self._call(self.gateway.stop(grace))
+        finally:
+            self._close_loop()
+
+
+@pytest.fixture
+def start_gateway(tmp_path):
+    """``start_gateway(name, repository, **settings) -> GatewayThread``; every gateway stops at the end."""
+    started: list[GatewayThread] = []
+
+    def start(name: str, repository: Path, **overrides) -> GatewayThread:
+        values = dict(repository=repository, listen="127.0.0.1:0", queue_path=tmp_path / f"{name}-queue.sqlite",
+                      poll_interval_s=0.2, max_wait_ms=1.0)
+        values.update(overrides)
+        gateway = GatewayThread(Settings(**values))
+        started.append(gateway)
+        return gateway
+
+    yield start
+    for gateway in started:
+        gateway.stop()
+
+
+@pytest.fixture
+def triton_gateway(start_gateway, triton_server):
+    """A gateway with the Triton backend on the shared server (which is running when the test starts)."""
+    if triton_server.process is None or triton_server.process.poll() is not None:  # an earlier test left it down
+        triton_server.restart()
+    return start_gateway("triton", triton_server.repository, backend="triton", triton_url=triton_server.url)
+
+
+@pytest.fixture(scope="module")
+def held_out_digits(digits_export) -> np.ndarray:
+    """Held-out in-distribution digits (the training record's test split), raw uint8 [N,8,8]."""
+    record = digits_export[0]
+    return record.part(record.dataset(), "test").images
+
+
+# -- helpers --------------------------------------------------------------------------------------
+def tensor(array: np.ndarray) -> pb.Tensor:
+    array = np.ascontiguousarray(array)
+    return pb.Tensor(dtype=str(array.dtype), shape=list(array.shape), data=array.tobytes())
+
+
+def noise(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, 8, 8), dtype=np.uint8)
+
+
+def health(channel: grpc.Channel) -> int:
+    return health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=2).status
+
+
+def wait_until(predicate, limit_s: float, what: str) -> float:
+    """Seconds until ``predicate()`` held (polled every 50 ms); fails after ``limit_s``."""
+    began = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - began < limit_s, f"{what}: not within {limit_s:.0f} s"
+        time.sleep(0.05)
+    return time.monotonic() - began
+
+
+def queued_ids(queue_path: Path) -> set[str]:
+    """Record ids in the SQLite queue, read with a connection of our own (what a harvester would see)."""
+    with sqlite3.connect(queue_path) as db:
+        return {row[0] for row in db.execute("SELECT id FROM records")}
+
+
+def close(a: float, b: float, tol: float = 1e-5) -> bool:
+    """Within ``tol``: absolute, or relative where |value| > 1."""
+    return abs(a - b) <= tol * max(1.0, abs(a), abs(b))
+
+
+# -- 1. same answers through both backends -----------------------------------------------------------
+def test_embedded_and_triton_backends_give_the_same_answers(start_gateway, triton_server, held_out_digits):
+    repository = triton_server.repository
+    embedded = start_gateway("embedded", repository, backend="embedded")
+    triton = start_gateway("triton", repository, backend="triton", triton_url=triton_server.url)
+    batch = np.concatenate([held_out_digits[:20], noise(20, seed=11)])
+    request = pb.PredictRequest(tensor=tensor(batch), request_id="parity", top_k=8)
+    answers = {}
+    for name, gw in (("embedded", embedded), ("triton", triton)):
+        with grpc.insecure_channel(gw.target) as channel:
+            answers[name] = pb_grpc.OODGuardStub(channel).Predict(request, timeout=30)
+    e, t = answers["embedded"], answers["triton"]
+
+    assert (e.model, e.version, e.request_id) == (t.model, t.version, t.request_id) == (MODEL, 1, "parity")
+    assert len(e.predictions) == len(t.predictions) == len(batch)
+    flagged = [p.decision.ood for p in t.predictions]
+    assert sum(flagged[:20]) <= 4, "held-out digits should mostly pass (thresholds at 95% TPR)"
+    assert sum(flagged[20:]) >= 18, "uniform noise should be flagged"
+    mismatches = []
+    for i, (a, b) in enumerate(zip(e.predictions, t.predictions)):
+        assert (a.model, a.version) == (b.model, b.version) == (MODEL, 1), i
+        assert a.decision.ood == b.decision.ood, (i, dict(a.scores), dict(b.scores))
+        assert list(a.decision.crossed) == list(b.decision.crossed), i
+        assert list(a.decision.deciding_scores) == list(b.decision.deciding_scores) and a.decision.mode == b.decision.mode
+        assert dict(a.decision.thresholds) == dict(b.decision.thresholds), i
+        assert (a.class_index, a.class_name) == (b.class_index, b.class_name), i
+        assert [c.index for c in a.top_k] == [c.index for c in b.top_k], i
+        assert a.queue_status == b.queue_status and bool(a.queue_record_id) == bool(b.queue_record_id), i
+        assert set(a.scores) == set(b.scores) and len(a.scores) == 8, i
+        values = [(f"scores[{k}]", a.scores[k], b.scores[k]) for k in a.scores]
+        values += [(f"p_values[{k}]", a.decision.p_values[k], b.decision.p_values[k]) for k in a.decision.p_values]
+        values += [("probability", a.probability, b.probability)]
+        values += [(f"top_k[{j}]", x.probability, y.probability) for j, (x, y) in enumerate(zip(a.top_k, b.top_k))]
+        mismatches += [(i, what, x, y) for what, x, y in values if not close(x, y)]
+    assert not mismatches, mismatches[:10]
+    worst = max(abs(a.scores[k] - b.scores[k]) / max(1.0, abs(a.scores[k]))
+                for a, b in zip(e.predictions, t.predictions) for k in a.scores)
+    print(f"40 items: {sum(flagged)} flagged by both; largest score difference {worst:.2e}")
+
+
+# -- 2. a Triton outage through the gateway ----------------------------------------------------------
+def test_triton_outage_is_unavailable_and_the_gateway_recovers_without_losing_queued_records(triton_gateway,
+                                                                                          triton_server, caplog):
+    gw = triton_gateway
+    caplog.set_level(logging.INFO, logger="oodguard")
+    queue_path = gw.settings.queue_path
+    with grpc.insecure_channel(gw.target) as channel:
+        stub = pb_grpc.OODGuardStub(channel)
+        before = stub.Predict(pb.PredictRequest(tensor=tensor(noise(12, seed=21)), request_id="before"), timeout=30)
+        ids_before = {p.queue_record_id for p in before.predictions if p.queue_status == pb.QUEUED}
+        assert len(ids_before) >= 10 and queued_ids(queue_path) == ids_before
+        assert health(channel) == SERVING
+
+        try:
+            triton_server.kill()  # SIGKILL: a crash, as the gateway sees it
+            # the registry's poll notices on its own (no request needed)
+            to_not_serving = wait_until(lambda: health(channel) == NOT_SERVING, 10, "health NOT_SERVING after the kill")
+            with pytest.raises(grpc.RpcError) as down:
+                stub.Predict(pb.PredictRequest(tensor=tensor(noise(4, seed=22)), request_id="during"), timeout=10)
+            assert down.value.code() == grpc.StatusCode.UNAVAILABLE, down.value.details()
+            details = down.value.details()
+            assert "backend unavailable" in details and f"Triton at {triton_server.url}" in details, details
+            assert "UNAVAILABLE" in details, details  # the transport's status is passed on
+            assert any(cause in details for cause in ("failed to connect", "Connection refused", "Socket closed")), details
+            assert health(channel) == NOT_SERVING
+            assert queued_ids(queue_path) == ids_before  # nothing lost, nothing half-written
+
+            triton_server.restart()  # same ports; the gateway keeps its channel
+        finally:
+            if triton_server.process is None:  # leave the shared server running for later tests
+                triton_server.start()
+
+        def predict_works() -> bool:
+            try:
+                stub.Predict(pb.PredictRequest(tensor=tensor(noise(1, seed=23))), timeout=5)
+                return True
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, (exc.code(), exc.details())
+                return False
+
+        to_predict = wait_until(predict_works, OUTAGE_LIMIT_S, "Predict after the restart")
+        to_serving = wait_until(lambda: health(channel) == SERVING, OUTAGE_LIMIT_S, "health SERVING after the restart")
+        to_serving += to_predict
+        after = stub.Predict(pb.PredictRequest(tensor=tensor(noise(12, seed=24)), request_id="after"), timeout=30)
+        assert after.version == 1 and health(channel) == SERVING
+        ids_after = {p.queue_record_id for p in after.predictions if p.queue_status == pb.QUEUED}
+        assert len(ids_after) >= 10 and not ids_after & ids_before
+
+    # every record queued before the outage is still there after it (read with a connection of our own)
+    with sqlite3.connect(queue_path) as db:
+        rows = dict(db.execute("SELECT id, request_id FROM records"))
+    assert ids_before | ids_after <= set(rows)
+    assert {rows[i] for i in ids_before} == {"before"} and "during" not in rows.values()
+    records = gw.gateway.queue.get(sorted(ids_before))
+    assert len(records) == len(ids_before) and all(r.flagged and r.model == MODEL for r in records)
+    logged = [r.getMessage() for r in caplog.records if r.name.startswith("oodguard")]
+    assert any(m.startswith("health: NOT_SERVING (") and f"Triton at {triton_server.url}" in m for m in logged), logged
+    assert any(m == "health: SERVING" for m in logged), logged
+    print(f"kill → NOT_SERVING in {to_not_serving:.2f} s (by the poll alone); "
+          f"tritonserver restart took {triton_server.started_in_s:.2f} s; after it was ready: Predict OK in "
+          f"{to_predict:.2f} s, SERVING in {to_serving:.2f} s")
+
+
+def test_unavailable_predict_flips_health_before_the_poll_does(start_gateway, triton_server):
+    """A Predict that finds Triton gone flips health at once (the poll here is slow), and health comes back."""
+    gw = start_gateway("slow-poll", triton_server.repository, backend="triton", triton_url=triton_server.url,
+                       poll_interval_s=30.0)
+    with grpc.insecure_channel(gw.target) as channel:
+        stub = pb_grpc.OODGuardStub(channel)
+        request = pb.PredictRequest(tensor=tensor(noise(2, seed=31)))
+        assert stub.Predict(request, timeout=30).version == 1 and health(channel) == SERVING
+        try:
+            triton_server.kill()
+            with pytest.raises(grpc.RpcError) as down:
+                stub.Predict(request, timeout=10)
+            assert down.value.code() == grpc.StatusCode.UNAVAILABLE and "Triton at" in down.value.details()
+            assert health(channel) == NOT_SERVING  # at once: no poll ran in between
+            triton_server.restart()
+        finally:
+            if triton_server.process is None:
+                triton_server.start()
+
+        def predict_works() -> bool:
+            try:
+                return stub.Predict(request, timeout=5).version == 1
+            except grpc.RpcError as exc:
+                assert exc.code() == grpc.StatusCode.UNAVAILABLE, (exc.code(), exc.details())
+                return False
+
+        wait_until(predict_works, OUTAGE_LIMIT_S, "Predict after the restart")
+        assert health(channel) == SERVING  # the successful call restored it, without waiting for the poll
+
+
+def test_orderly_triton_stop_is_only_ever_unavailable(triton_gateway, triton_server):
+    """SIGTERM (a rolling restart): while Triton drains and unloads the model, and after it exits, every failed
+    Predict is UNAVAILABLE (never "unknown model" / INVALID_ARGUMENT), health goes NOT_SERVING, and it recovers."""
+    gw = triton_gateway
+    with grpc.insecure_channel(gw.target) as channel:
+        stub = pb_grpc.OODGuardStub(channel)
+        request = pb.PredictRequest(tensor=tensor(noise(2, seed=51)))
+        assert stub.Predict(request, timeout=30).version == 1
+        outcomes: list[tuple[str, str]] = []
+        try:
+            os.killpg(triton_server.process.pid, signal.SIGTERM)
+            began = time.monotonic()
+            while triton_server.process.poll() is None and time.monotonic() - began < 15:
+                try:
+                    stub.Predict(request, timeout=5)
+                    outcomes.append(("OK", ""))
+                except grpc.RpcError as exc:
+                    outcomes.append((exc.code().name, exc.details()))
+                time.sleep(0.02)
+            with pytest.raises(grpc.RpcError) as gone:
+                stub.Predict(request, timeout=5)
+            outcomes.append((gone.value.code().name, gone.value.details()))
+            wait_until(lambda: health(channel) == NOT_SERVING, 10, "health NOT_SERVING after the stop")
+            triton_server.stop()  # reap it (SIGKILL if it is still draining)
+            triton_server.start()
+        finally:
+            if triton_server.process is None:
+                triton_server.start()
+        wait_until(lambda: health(channel) == SERVING, OUTAGE_LIMIT_S, "health SERVING after the restart")
+        assert stub.Predict(request, timeout=30).version == 1
+    failures = [(code, details) for code, details in outcomes if code != "OK"]
+    assert failures and all(code == "UNAVAILABLE" for code, _ in failures), sorted(set(failures))
+    assert all(details.startswith("backend unavailable: Triton at") for _, details in failures), sorted(set(failures))
+    kinds = sorted({details.split(": ", 3)[-1][:50] for _, details in failures})
+    print(f"during/after SIGTERM: {len(outcomes)} calls, {len(failures)} UNAVAILABLE; causes: {kinds}")
+
+
+# -- 3. deadline propagation -------------------------------------------------------------------------
+def test_short_deadline_is_deadline_exceeded_and_the_next_call_succeeds(triton_gateway, triton_server, held_out_digits,
+                                                                        caplog):
+    gw = triton_gateway
+    caplog.set_level(logging.INFO, logger="oodguard")
+    batch = pb.PredictRequest(tensor=tensor(np.concatenate([held_out_digits[:32], noise(32, seed=41)])))
+    with grpc.insecure_channel(gw.target) as channel:
+        stub = pb_grpc.OODGuardStub(channel)
+        assert len(stub.Predict(batch, timeout=30).predictions) == 64  # connected and warm
+        with pytest.raises(grpc.RpcError) as short:
+            stub.Predict(batch, timeout=0.001)
+        assert short.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, short.value.details()
+        assert len(stub.Predict(batch, timeout=30).predictions) == 64
+
+        # deadlines around one inference's time: each call either answers or is DEADLINE_EXCEEDED, never
+        # anything else, and a request that ran out of time must not mark the backend as down
+        codes = []
+        for timeout in (0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2) * 3:
+            try:
+                stub.Predict(batch, timeout=timeout)
+                codes.append("OK")
+            except grpc.RpcError as exc:
+                codes.append(exc.code().name)
+        assert set(codes) <= {"OK", "DEADLINE_EXCEEDED"}, codes
+        assert health(channel) == SERVING
+        after = stub.Predict(batch, timeout=30)
+        assert len(after.predictions) == 64 and after.version == 1
+    assert triton_server.process.poll() is None  # the server did not fall over either
+    problems = [r.getMessage() for r in caplog.records
+                if r.name.startswith("oodguard") and (r.levelno >= logging.WARNING or "NOT_SERVING" in r.getMessage())]
+    assert not problems, problems
+    print(f"deadline sweep: {codes}")

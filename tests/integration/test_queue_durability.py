@@ -1,0 +1,229 @@
+"""Nothing acknowledged is lost: `oodguard serve` (embedded backend, digits repository) under sustained
+concurrent load of uniform noise (flagged, so queued) while redis-server is stopped and restarted, and while
+the gateway itself is SIGKILLed and restarted (SQLite and Redis queues). Every record id that Predict
+returned must end up in the queue exactly once. Every process is stopped by PID."""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from oodguard.serve.redis_queue import DEFAULT_PREFIX
+from oodguard.serve.sqlite_queue import SQLiteQueue
+from oodguard.serve.v1 import oodguard_pb2 as pb
+from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class GatewayProcess:
+    """``python -m oodguard.cli serve`` on a free loopback port; ``kill()`` is SIGKILL, ``stop()`` SIGTERM."""
+
+    def __init__(self, repository: Path, queue_url: str, workdir: Path, name: str):
+        self.port = free_port()
+        self.target = f"127.0.0.1:{self.port}"
+        self.log_path = workdir / f"{name}.log"
+        command = [sys.executable, "-m", "oodguard.cli", "serve", "--repository", str(repository),
+                   "--listen", self.target, "--queue-url", queue_url, "--queue-spool-path", str(workdir / "spool"),
+                   "--max-wait-ms", "2", "--intra-op-threads", "1", "--drain-timeout-s", "5"]
+        with open(self.log_path, "wb") as log:
+            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
+                                            start_new_session=True)
+        self._wait_serving()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def _wait_serving(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        with grpc.insecure_channel(self.target) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.log()[-4000:]}")
+                try:
+                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+                except grpc.RpcError:
+                    pass
+                if time.monotonic() > deadline:
+                    self.kill()
+                    raise RuntimeError(f"gateway never became SERVING:\n{self.log()[-4000:]}")
+                time.sleep(0.1)
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGKILL)
+        self.process.wait(10)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                return self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.process.wait(10)
+
+
+class Load:
+    """``threads`` clients sending batches of uniform noise until ``stop()``; collects queued record ids."""
+
+    def __init__(self, target: str, threads: int = 3, batch: int = 4):
+        self.target, self.batch = target, batch
+        self.ids: list[str] = []
+        self.errors: collections.Counter = collections.Counter()
+        self.requests = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(n,), daemon=True) for n in range(threads)]
+        for t in self._threads:
+            t.start()
+
+    def _run(self, n: int) -> None:
+        rng = np.random.default_rng(n)
+        with grpc.insecure_channel(self.target) as channel:
+            stub = pb_grpc.OODGuardStub(channel)
+            while not self._stop.is_set():
+                images = rng.integers(0, 256, size=(self.batch, 28, 28), dtype=np.uint8)
+                request = pb.PredictRequest(tensor=pb.Tensor(dtype="uint8", shape=list(images.shape),
+                                                             data=images.tobytes()))
+                try:
+                    response = stub.Predict(request, timeout=10)
+                except grpc.RpcError as exc:
+                    with self._lock:
+                        self.errors[exc.code().name] += 1
+                    time.sleep(0.05)
+                    continue
+                got = [p.queue_record_id for p in response.predictions if p.queue_status == pb.QUEUED]
+                with self._lock:
+                    self.ids += got
+                    self.requests += 1
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.ids)
+
+    def wait_more(self, n: int, min_s: float = 1.0, timeout_s: float = 20.0) -> None:
+        """Wait at least ``min_s`` and until at least ``n`` more ids have come back (the load really flows)."""
+        target = self.count() + n
+        began = time.monotonic()
+        deadline = began + timeout_s
+        while self.count() < target or time.monotonic() - began < min_s:
+            assert time.monotonic() < deadline, f"load stalled: {self.count()} ids, errors {dict(self.errors)}"
+            time.sleep(0.05)
+
+    def stop(self) -> list[str]:
+        self._stop.set()
+        for t in self._threads:
+            t.join(20)
+        return list(self.ids)
+
+
+def stream_counts(url: str) -> collections.Counter:
+    client = redis.Redis.from_url(url)
+    try:
+        return collections.Counter(f[b"id"].decode() for _, f in client.xrange(f"{DEFAULT_PREFIX}:stream"))
+    finally:
+        client.close()
+
+
+def wait_all_in_stream(url: str, ids: list[str], timeout_s: float = 20.0) -> collections.Counter:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        counts = stream_counts(url)
+        if set(ids) <= set(counts) or time.monotonic() > deadline:
+            return counts
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def workdir(tmp_path) -> Path:
+    path = tmp_path / "work"
+    path.mkdir()
+    return path
+
+
+def test_redis_stopped_and_restarted_under_load_every_record_lands_once(redis_server, digits_export, workdir):
+    gateway = GatewayProcess(digits_export[2], redis_server.url, workdir, "gateway")
+    load = None
+    try:
+        load = Load(gateway.target)
+        load.wait_more(40)
+        redis_server.stop()
+        load.wait_more(40)  # answered while Redis is down: spooled
+        down_ids = load.count()
+        redis_server.start()
+        load.wait_more(40)
+        ids = load.stop()
+        assert load.errors == {}, f"requests failed: {dict(load.errors)}"
+        assert len(ids) > down_ids and len(set(ids)) == len(ids)
+        counts = wait_all_in_stream(redis_server.url, ids)
+        missing = set(ids) - set(counts)
+        assert not missing, f"{len(missing)} of {len(ids)} acknowledged records are not in the stream"
+        assert max(counts.values()) == 1, "a record landed twice"
+        assert set(counts) == set(ids)
+        assert gateway.stop() == 0
+        log = gateway.log()
+        assert "spooling to" in log and "replayed" in log, log[-3000:]
+        assert (workdir / "spool").stat().st_size == 0
+    finally:
+        if load is not None:
+            load.stop()
+        gateway.kill()
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_gateway_sigkill_under_load_loses_no_acknowledged_record(backend, redis_server, digits_export, workdir):
+    url = f"sqlite://{workdir / 'queue.sqlite'}" if backend == "sqlite" else redis_server.url
+    gateway = GatewayProcess(digits_export[2], url, workdir, "gateway")
+    load = restarted = None
+    try:
+        load = Load(gateway.target)
+        load.wait_more(40)
+        if backend == "redis":  # the kill comes while records sit in the spool only
+            redis_server.stop()
+            load.wait_more(40)
+        gateway.kill()
+        ids = load.stop()
+        assert ids and len(set(ids)) == len(ids)
+        if backend == "redis":
+            assert (workdir / "spool").stat().st_size > 0
+            redis_server.start()
+        restarted = GatewayProcess(digits_export[2], url, workdir, "restarted")
+        if backend == "sqlite":
+            queue = SQLiteQueue(workdir / "queue.sqlite")
+            try:
+                found = {r.id for r in queue.get(ids)}
+            finally:
+                queue.close()
+            assert found == set(ids), f"{len(set(ids) - found)} of {len(ids)} acknowledged records lost"
+        else:
+            counts = wait_all_in_stream(redis_server.url, ids)  # the restarted gateway replays the spool
+            missing = set(ids) - set(counts)
+            assert not missing, f"{len(missing)} of {len(ids)} acknowledged records lost"
+            assert max(counts.values()) == 1
+        assert restarted.stop() == 0
+    finally:
+        if load is not None:
+            load.stop()
+        gateway.kill()
+        if restarted is not None:
+            restarted.kill()

@@ -1,0 +1,265 @@
+"""The Redis Streams queue against a real redis-server: records, bound, claims, and the spool that keeps
+records while Redis is down (exactly once after replay, across a process restart)."""
+
+from __future__ import annotations
+
+import collections
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import redis
+
+from oodguard.serve.queue import CLAIMED, PENDING, SENT, QueueError
+from oodguard.serve.queue_factory import open_queue, split_redis_url
+from oodguard.serve.redis_queue import DEFAULT_PREFIX, RedisQueue
+from oodguard.serve.settings import Settings, SettingsError
+from oodguard.serve.sqlite_queue import SQLiteQueue
+
+from .test_sqlite_queue import record
+
+
+def make_queue(server, tmp_path, spool: str = "spool", **kwargs) -> RedisQueue:
+    return RedisQueue(server.url, tmp_path / spool, connect_retry_s=0.1, **kwargs)
+
+
+def stream_ids(server, prefix: str = DEFAULT_PREFIX) -> collections.Counter:
+    client = redis.Redis.from_url(server.url)
+    try:
+        return collections.Counter(fields[b"id"].decode() for _, fields in client.xrange(f"{prefix}:stream"))
+    finally:
+        client.close()
+
+
+def wait_for(condition, timeout_s: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_roundtrip_of_arrays_metadata_and_large_inputs(redis_server, tmp_path):
+    # inline_max_bytes=2000: the (incompressible) 28x28 float input goes to its own key, logits stay inline
+    q = make_queue(redis_server, tmp_path, inline_max_bytes=2000)
+    originals = [record(0), record(1, flagged=False)]
+    ids = q.put(originals)
+    assert len(ids) == 2 and all(isinstance(i, str) and i for i in ids)
+    got = q.get(list(reversed(ids)))[::-1]
+    for orig, rec, rid in zip(originals, got, ids):
+        assert rec.id == rid and rec.state == PENDING
+        np.testing.assert_array_equal(rec.input, orig.input)
+        assert rec.input.dtype == np.float32 and rec.input.shape == (1, 28, 28)
+        np.testing.assert_array_equal(rec.logits, orig.logits)
+        np.testing.assert_array_equal(rec.features, orig.features)
+        assert rec.scores == orig.scores and rec.decision == orig.decision
+        assert rec.metadata == orig.metadata and rec.request_id == orig.request_id
+        assert (rec.model, rec.version, rec.flagged, rec.time) == (orig.model, orig.version, orig.flagged, orig.time)
+    assert [r.seq for r in got] == [1, 2]
+    client = redis.Redis.from_url(redis_server.url)
+    entry = client.xrange(f"{DEFAULT_PREFIX}:stream", "1-0", "1-0")[0][1]
+    assert entry[b"id"].decode() == ids[0] and entry[b"input_ref"] == b"1" and b"input" not in entry
+    assert json.loads(entry[b"metadata"]) == originals[0].metadata
+    assert client.exists(f"{DEFAULT_PREFIX}:blob:{ids[0]}")
+    s = q.stats()
+    assert (s.size, s.pending, s.flagged, s.sampled, s.accepted, s.spool_backlog) == (2, 2, 1, 1, 2, 0)
+    # the blob goes with its record
+    assert q.mark_sent(ids) == 2 and q.purge_sent() == 2
+    assert not client.exists(f"{DEFAULT_PREFIX}:blob:{ids[0]}") and client.xlen(f"{DEFAULT_PREFIX}:stream") == 0
+    client.close()
+    q.close()
+    with pytest.raises(QueueError, match="closed"):
+        q.put([record(3)])
+
+
+def test_reject_policy_counts_and_survives_reopen(redis_server, tmp_path):
+    q = make_queue(redis_server, tmp_path, max_size=5, full_policy="reject")
+    first = q.put([record(i) for i in range(4)])
+    second = q.put([record(i) for i in range(4, 7)])
+    assert all(first) and second[0] is not None and second[1:] == [None, None]
+    s = q.stats()
+    assert (s.size, s.accepted, s.rejected, s.evicted) == (5, 5, 2, 0)
+    assert q.mark_sent(first[:2]) == 2
+    assert all(q.put([record(8), record(9)]))
+    q.close()
+    q2 = make_queue(redis_server, tmp_path, max_size=5, full_policy="reject")
+    s = q2.stats()
+    assert (s.size, s.sent, s.rejected, s.accepted) == (5, 2, 2, 7)
+    assert q2.purge_sent() == 2 and q2.stats().sent == 0
+    q2.close()
+
+
+def test_evict_oldest_policy_drops_oldest_unharvested(redis_server, tmp_path):
+    q = make_queue(redis_server, tmp_path, max_size=3, full_policy="evict-oldest")
+    a = q.put([record(i) for i in range(3)])
+    claimed = q.claim(1)
+    assert [r.id for r in claimed] == a[:1] and claimed[0].state == CLAIMED
+    assert all(q.put([record(3), record(4)]))
+    s = q.stats()
+    assert (s.size, s.evicted, s.rejected, s.claimed, s.pending) == (3, 2, 0, 1, 2)
+    assert [r.id for r in q.get(a)] == a[:1]
+    # nothing older is left to evict: what does not fit is refused, this call's own records are never evicted
+    c = q.put([record(i) for i in range(5, 9)])
+    assert c.count(None) == 2 and q.stats().size == 3
+    assert stream_ids(redis_server).total() == 3
+    q.close()
+
+
+def test_claim_select_release_mark_sent(redis_server, tmp_path):
+    q = make_queue(redis_server, tmp_path)
+    ids = q.put([record(0), record(1, flagged=False), record(2), record(3)])
+    assert [r.id for r in q.select(flagged=False)] == [ids[1]]
+    assert [r.id for r in q.select(limit=2)] == ids[:2]
+    assert [r.id for r in q.claim(2, flagged=True)] == [ids[0], ids[2]]
+    assert [r.id for r in q.claim(5, flagged=True)] == [ids[3]]
+    assert q.claim(5, flagged=True) == []
+    assert q.release([ids[2]]) == 1 and q.release([ids[2]]) == 0
+    assert q.mark_sent([ids[0], ids[1]]) == 2
+    assert [r.id for r in q.select(state=SENT)] == [ids[0], ids[1]]
+    assert [r.id for r in q.select(state=PENDING)] == [ids[2]]
+    assert [r.id for r in q.claim(5)] == [ids[2]]
+    more = q.put([record(4), record(5)])
+    assert q.claim_ids([more[0], ids[2], "no-such-id"]) == [more[0]]  # ids[2] is claimed already
+    assert q.claim_ids([more[0], more[1]]) == [more[1]] and q.stats().claimed == 4
+    with pytest.raises(ValueError):
+        q.select(state="lost")
+    q.close()
+
+
+CLAIMER = """
+import json, sys
+from oodguard.serve.redis_queue import RedisQueue
+q = RedisQueue(sys.argv[1], sys.argv[2])
+got = []
+while True:
+    batch = q.claim(3)
+    if not batch:
+        break
+    got += [r.id for r in batch]
+q.close()
+print(json.dumps(got))
+"""
+
+
+def test_concurrent_claims_never_return_a_record_twice(redis_server, tmp_path):
+    q = make_queue(redis_server, tmp_path)
+    ids = [i for start in range(0, 300, 50) for i in q.put([record(j) for j in range(start, start + 50)])]
+    assert len(set(ids)) == 300
+    # another process and two threads (each with its own connections) claim at the same time
+    proc = subprocess.Popen([sys.executable, "-c", CLAIMER, redis_server.url, str(tmp_path / "spool-proc")],
+                            stdout=subprocess.PIPE, text=True)
+    results: dict[int, list[str]] = {}
+
+    def harvest(n: int) -> None:
+        mine = make_queue(redis_server, tmp_path, spool=f"spool{n}")
+        got: list[str] = []
+        while batch := mine.claim(2):
+            got += [r.id for r in batch]
+        results[n] = got
+        mine.close()
+
+    threads = [threading.Thread(target=harvest, args=(n,)) for n in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    out, _ = proc.communicate(timeout=60)
+    claimed = results[0] + results[1] + json.loads(out)
+    assert len(claimed) == 300 and sorted(claimed) == sorted(ids)
+    s = q.stats()
+    assert (s.pending, s.claimed) == (0, 300)
+    q.close()
+
+
+def test_spool_while_redis_is_down_then_replay_exactly_once(redis_server, tmp_path):
+    q = make_queue(redis_server, tmp_path)
+    before = q.put([record(0)])
+    redis_server.stop()
+    spooled = []
+    for i in range(1, 6):
+        ids = q.put([record(i), record(i + 10, flagged=False)])
+        assert all(ids)
+        spooled += ids
+    assert q.spool.backlog == 10 and (tmp_path / "spool").stat().st_size > 0
+    with pytest.raises(QueueError):
+        q.stats()
+    # a record that was written *and* spooled (the connection broke after Redis ran the script): lands once
+    redis_server.start()
+    both = q._encode(record(99), "written-and-spooled", time.time())
+    assert q._run_put([both], admit=False) == [1]
+    q.spool.append([both])
+    wait_for(lambda: q.spool.backlog == 0, what="the spool to drain")
+    assert (tmp_path / "spool").stat().st_size == 0
+    counts = stream_ids(redis_server)
+    assert set(counts) == set(before + spooled + ["written-and-spooled"]) and max(counts.values()) == 1
+    assert q.replayed == 10 and q.replay_duplicates == 1
+    assert [r.id for r in q.get(spooled)] == spooled
+    s = q.stats()
+    assert (s.size, s.accepted, s.flagged, s.sampled, s.spool_backlog) == (12, 12, 7, 5, 0)
+    q.close()
+
+
+def test_replayed_records_are_admitted_beyond_a_full_reject_queue(redis_server, tmp_path):
+    q = make_queue(redis_server, tmp_path, max_size=2, full_policy="reject")
+    redis_server.stop()
+    ids = q.put([record(i) for i in range(3)])  # acknowledged while down: Redis cannot refuse them later
+    redis_server.start()
+    wait_for(lambda: q.spool.backlog == 0, what="the spool to drain")
+    assert [r.id for r in q.get(ids)] == ids
+    assert q.put([record(5)]) == [None]  # the bound holds for new records
+    q.close()
+
+
+WRITER = """
+import json, os, sys
+from oodguard.serve.redis_queue import RedisQueue
+sys.path.insert(0, sys.argv[3])
+from test_sqlite_queue import record
+q = RedisQueue(sys.argv[1], sys.argv[2])
+ids = [i for n in range(4) for i in q.put([record(10 * n + j) for j in range(5)])]
+print(json.dumps(ids), flush=True)
+os._exit(0)  # no close(): as if the process died right after the puts returned
+"""
+
+
+def test_spool_survives_a_process_restart_and_drops_a_torn_tail(redis_server, tmp_path):
+    spool = tmp_path / "spool"
+    redis_server.stop()
+    run = subprocess.run([sys.executable, "-c", WRITER, redis_server.url, str(spool), str(Path(__file__).parent)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    ids = json.loads(run.stdout)
+    assert len(set(ids)) == 20 and spool.stat().st_size > 0
+    with open(spool, "ab") as f:  # a frame cut short by a crash (its put never returned)
+        f.write(b"OGSP\xff\x00\x00\x00\x01\x02")
+    redis_server.start()
+    q = make_queue(redis_server, tmp_path)  # replays at start-up
+    wait_for(lambda: q.spool.backlog == 0, what="the start-up replay")
+    counts = stream_ids(redis_server)
+    assert sorted(counts) == sorted(ids) and set(counts.values()) == {1}
+    assert spool.stat().st_size == 0
+    q.close()
+
+
+def test_open_queue_urls_and_settings(redis_server, tmp_path):
+    q = open_queue(f"sqlite://{tmp_path / 'q.sqlite'}", max_size=7)
+    assert isinstance(q, SQLiteQueue) and q.path == tmp_path / "q.sqlite" and q.max_size == 7
+    q.close()
+    q = open_queue(redis_server.url + "?key_prefix=test:q&inline_max_bytes=10&socket_timeout=3",
+                   spool_path=tmp_path / "spool", full_policy="evict-oldest")
+    assert isinstance(q, RedisQueue) and (q.key_prefix, q.inline_max_bytes, q.full_policy) == ("test:q", 10, "evict-oldest")
+    assert q.put([record(0)])[0] in stream_ids(redis_server, "test:q")
+    q.close()
+    assert split_redis_url("redis://h:1/2?spool=/x&socket_timeout=3") == ("redis://h:1/2?socket_timeout=3", {"spool": "/x"})
+    with pytest.raises(ValueError, match="expected sqlite"):
+        open_queue("mysql://x")
+    s = Settings.from_sources({"repository": "r"}, {"OODGUARD_QUEUE_URL": "redis://127.0.0.1:1/0",
+                                                    "OODGUARD_QUEUE_SPOOL_PATH": "/tmp/s"})
+    assert s.effective_queue_url == "redis://127.0.0.1:1/0" and s.queue_spool_path == Path("/tmp/s")
+    assert Settings.from_sources({"repository": "r", "queue_path": "/a/q.sqlite"}, {}).effective_queue_url == "sqlite:///a/q.sqlite"
+    with pytest.raises(SettingsError, match="OODGUARD_QUEUE_URL"):
+        Settings.from_sources({"repository": "r", "queue_url": "memcache://x"}, {})

@@ -1,0 +1,57 @@
+"""``oodguard predict IMAGE...`` against a real gateway on the digits demo model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from oodguard.cli import main
+from serve.conftest import digits_test_images, free_port, repo_copy, start_gateway  # noqa: F401  (fixtures)
+
+
+@pytest.fixture
+def images(digits_test_images, tmp_path):
+    digit = tmp_path / "digit.png"
+    Image.fromarray(digits_test_images[0][0]).save(digit)
+    noise = tmp_path / "noise.jpg"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(noise)
+    return digit, noise, int(digits_test_images[1][0])
+
+
+def test_predict_prints_class_decision_and_scores(start_gateway, repo_copy, images, capsys):
+    gateway = start_gateway(repo_copy)
+    digit, noise, label = images
+    assert main(["predict", str(digit), str(noise), "--target", gateway.target]) == 0
+    out = capsys.readouterr().out
+    first, second = out.split(f"{noise}:")
+    assert f"{digit}: class {label} " in first and "in-distribution" in first and "decided by any(sisome=" in first
+    assert "<=" in first.split("decided by")[1].splitlines()[0]
+    assert "OOD" in second and "sisome=" in second and " > " in second and "queued as" in second
+
+
+def test_predict_json(start_gateway, repo_copy, images, capsys):
+    gateway = start_gateway(repo_copy)
+    digit, noise, label = images
+    assert main(["predict", str(digit), str(noise), "--target", gateway.target, "--json", "--top-k", "2",
+                 "--model", "digits"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["path"] for r in rows] == [str(digit), str(noise)]
+    a, b = rows[0]["prediction"], rows[1]["prediction"]
+    assert a["class_index"] == label and not a["decision"]["ood"] and len(a["top_k"]) == 2
+    assert b["decision"]["ood"] and "sisome" in b["decision"]["crossed"] and b["record_id"]
+    assert b["scores"]["sisome"] > b["decision"]["thresholds"]["sisome"] and a["model"] == "digits"
+
+
+def test_predict_errors(start_gateway, repo_copy, images, tmp_path, capsys):
+    gateway = start_gateway(repo_copy)
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    assert main(["predict", str(images[0]), str(bad), str(tmp_path / "missing.png"), "--target", gateway.target]) == 1
+    out = capsys.readouterr().out
+    assert "class" in out and f"{bad}: error INVALID_ARGUMENT" in out and "missing.png: error NOT_FOUND" in out
+    assert main(["predict", str(images[0]), "--target", f"127.0.0.1:{free_port()}", "--timeout", "1"]) == 2
+    assert "cannot reach the gateway" in capsys.readouterr().err
+    assert main(["predict", str(images[0]), "--target", gateway.target, "--model", "nope"]) == 1
