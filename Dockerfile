@@ -1,12 +1,55 @@
-# Gateway image (serving side only: no torch). A later issue completes it (multi-stage, health check).
-FROM python:3.11-slim
-WORKDIR /app
+# syntax=docker/dockerfile:1
+# oodguard gateway image: the serving side only (base install: no torch), multi-stage.
+#
+#   docker build -t oodguard-gateway .                                  # onnxruntime (CPU)
+#   docker build -t oodguard-gateway:gpu --build-arg ORT_PACKAGE=onnxruntime-gpu .
+#   docker run -p 50051:50051 -v "$PWD/model_repository:/models:ro" oodguard-gateway
+#
+# The runtime stage installs the wheel's dependencies with onnxruntime replaced by ORT_PACKAGE (never both),
+# then the wheel itself without dependencies. HEALTHCHECK asks the gRPC health service.
+
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# -- build: the oodguard wheel and the runtime requirements --------------------------------------
+FROM ${PYTHON_IMAGE} AS build
+ARG ORT_PACKAGE=onnxruntime
+WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY oodguard ./oodguard
 COPY export ./export
 COPY serve ./serve
 COPY clients ./clients
-RUN pip install --no-cache-dir .
-RUN useradd --create-home oodguard
-USER oodguard
-ENTRYPOINT ["oodguard"]
+COPY harvest ./harvest
+COPY scripts/docker_requirements.py ./scripts/
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
+ && python scripts/docker_requirements.py pyproject.toml "${ORT_PACKAGE}" > /wheels/requirements.txt
+
+# -- runtime ------------------------------------------------------------------------------------
+FROM ${PYTHON_IMAGE} AS runtime
+ARG ORT_PACKAGE=onnxruntime
+LABEL org.opencontainers.image.title="oodguard gateway" \
+      org.opencontainers.image.description="gRPC OOD guard gateway (embedded ONNX Runtime or Triton backend)" \
+      org.opencontainers.image.licenses="Apache-2.0" \
+      io.oodguard.onnxruntime="${ORT_PACKAGE}"
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    OODGUARD_LISTEN=0.0.0.0:50051 \
+    OODGUARD_REPOSITORY=/models \
+    OODGUARD_QUEUE_PATH=/var/lib/oodguard/queue.sqlite \
+    OODGUARD_QUEUE_SPOOL_PATH=/var/lib/oodguard/queue.spool \
+    OODGUARD_METRICS_PORT=9464
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir -r /wheels/requirements.txt \
+ && pip install --no-cache-dir --no-deps /wheels/oodguard-*.whl \
+ && rm -rf /wheels \
+ && python -c "import importlib.metadata as m, importlib.util as u; ort = {d.metadata['Name'].lower() for d in m.distributions()} & {'onnxruntime', 'onnxruntime-gpu'}; assert len(ort) == 1, ort; assert u.find_spec('torch') is None; import oodguard.serve.server, oodguard.clients.healthcheck" \
+ && useradd --system --uid 10001 --user-group --home-dir /var/lib/oodguard --create-home --shell /usr/sbin/nologin oodguard
+USER 10001:10001
+WORKDIR /var/lib/oodguard
+VOLUME ["/var/lib/oodguard"]
+# 50051: gRPC (OODGuard, health, reflection); 9464: Prometheus metrics (OODGUARD_METRICS_PORT)
+EXPOSE 50051 9464
+HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
+    CMD ["python", "-m", "oodguard.clients.healthcheck", "--timeout", "4"]
+ENTRYPOINT ["oodguard", "serve"]

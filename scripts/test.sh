@@ -7,5 +7,6 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 bash scripts/setup_triton.sh
 bash scripts/setup_redis.sh
+bash scripts/setup_prometheus.sh
 . .venv/bin/activate
 python -m pytest "$@"

@@ -2,8 +2,9 @@
 
 Every version folder holding a ``model.onnx`` gets a session (a folder whose model cannot be loaded is
 retried when its file changes). Concurrent :meth:`EmbeddedBackend.infer` calls for the same version are
-merged: the first request of a batch waits up to ``max_wait_ms`` for more, the merged batch (at most
-``max_batch`` rows, never above the version's ``max_batch_size``) runs in a worker thread, and the
+merged: while every worker is busy, the first request of a batch waits up to ``max_wait_ms`` for more;
+an idle backend dispatches at once, so a lone request pays no wait. The merged batch (at most
+``max_batch`` rows, never above the version's ``max_batch_size``) runs in a worker thread and the
 outputs are split back. While one batch runs the next one collects, so batches grow with load.
 The repository is polled every ``poll_interval_s`` for new and removed versions.
 """
@@ -217,6 +218,8 @@ class EmbeddedBackend(Backend):
             window_end = loop.time() + self.max_wait_s
             while rows < entry.max_batch:
                 if entry.queue.empty():
+                    if not self._run_slots.locked():
+                        break  # a worker is idle: waiting would only add latency
                     remaining = window_end - loop.time()
                     if remaining <= 0:
                         break

@@ -236,7 +236,7 @@ class GatewayMetrics:
     """Every metric object of one gateway, and the hooks the server calls."""
 
     def __init__(self, registry: CollectorRegistry | None = None):
-        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self.registry = registry if registry is not None else CollectorRegistry()
         r = self.registry
         self.requests = Counter("oodguard_requests", "Predict calls by model, version and gRPC status",
                                 ["model", "version", "code"], registry=r)

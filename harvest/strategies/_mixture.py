@@ -8,7 +8,9 @@ For each item: c = argmax of the model's outputs, MAV = max logit over the known
 Guard (params ``ashman_d``, default 2; ``min_weight``, default 0.05): when the two components are not
 separated — Ashman's D = √2·|μ1 − μ2| / √(σ1² + σ2²) below ``ashman_d``, or the smaller weight below
 ``min_weight`` — the class is treated as one component, p_known = 1 for all its items. A class whose MAVs
-are all equal is unimodal without a fit; a class with one member has p_known = 1. The note of each class
+are all equal is unimodal without a fit; a class with one member has p_known = 1. A class with more than
+params ``max_fit`` (default 5000) members is fitted on a seeded subsample of that many MAVs (a 1-D,
+2-component fit needs no more) and the posterior is evaluated on all of them. The note of each class
 says which applied. (The reference MNIST run found the guard firing mostly on *mixed* classes, so a fired
 guard does not prove a class is pure: it only stops the mixture from calling half of a class unknown.)
 """
@@ -43,6 +45,8 @@ def fit_p_known(pool: Pool, seed: int, context: Context, bayesian: bool) -> Mixt
     params = context.params
     d_min = float(params.get("ashman_d", 2.0))
     w_min = float(params.get("min_weight", 0.05))
+    max_fit = int(params.get("max_fit", 5000))
+    rng = np.random.default_rng(seed)
     known, predicted_unknown, k = known_logits(pool, context)
     known = known.astype(np.float64)
     predicted = known.argmax(axis=1) if k else np.zeros(len(pool), dtype=np.int64)
@@ -69,9 +73,10 @@ def fit_p_known(pool: Pool, seed: int, context: Context, bayesian: bool) -> Mixt
             model = BayesianGaussianMixture(n_init=int(params.get("n_init", 1)), **common)
         else:
             model = GaussianMixture(n_init=int(params.get("n_init", 1)), **common)
+        fit_rows = values if len(values) <= max_fit else values[np.sort(rng.choice(len(values), max_fit, replace=False))]
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # convergence warnings on tiny classes
-            model.fit(values.reshape(-1, 1))
+            model.fit(fit_rows.reshape(-1, 1))
         means = model.means_.reshape(-1)
         variances = model.covariances_.reshape(-1)
         weights = model.weights_.reshape(-1)

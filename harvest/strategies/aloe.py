@@ -5,9 +5,13 @@
    ``context.id_scores[score]`` (held-out labeled ID data: 95% TPR). Without ID scores λ falls back to the
    params ``pool_quantile`` (default 0.5) quantile of the pool's own scores — a weaker, relative
    threshold; every reason then says so. flag(x) = o(x) > λ.
-2. k-means on the L2-normalised features with M = min(2·max(B, K), N) clusters: scikit-learn ``KMeans``
-   (``n_init`` params ``n_init``, default 2) up to params ``minibatch_above`` (default 10000) items,
-   ``MiniBatchKMeans`` (n_init 1, batch 4096) beyond; both ``random_state=seed``.
+2. k-means on the L2-normalised features with M = min(2·max(B, K), N) clusters, ``random_state=seed``:
+   - small problems (N·M ≤ params ``kmeans_max_work``, default 5e6): scikit-learn ``KMeans`` (greedy
+     k-means++, ``n_init`` = params ``n_init``, default 3);
+   - larger ones: ``MiniBatchKMeans`` (batch 4096, stops after 5 mini-batches without improvement),
+     initialised by plain k-means++ (``n_local_trials=1``) on a seeded subsample of max(3·M, 4096) items —
+     scikit-learn's greedy k-means++ (≈ 2 + ln M trials per centre) dominated the cost (≈ 30 s for
+     M = 2000 on the 2-core dev machine) for the same final inertia within 0.5%.
 3. Clusters ranked by OOD ratio = flagged share (ties: mean score, then cluster id); the top B clusters.
 4. From each, the member with the highest score. If fewer than B clusters are non-empty, the remaining
    slots are filled with the highest-scoring items not yet taken.
@@ -23,15 +27,20 @@ from .base import Context, Pool, Selection, Strategy, l2_normalise, num_known, r
 
 
 def cluster(x: np.ndarray, clusters: int, seed: int, params: dict) -> np.ndarray:
-    from sklearn.cluster import KMeans, MiniBatchKMeans
+    """Cluster labels of ``x`` (see the module docstring for the two paths)."""
+    from sklearn.cluster import KMeans, MiniBatchKMeans, kmeans_plusplus
 
+    x = np.asarray(x, dtype=np.float64)  # scikit-learn's float32 distance path upcasts chunk by chunk: slower
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "fewer distinct points than clusters" on duplicated pools
-        if len(x) <= int(params.get("minibatch_above", 10000)):
-            model = KMeans(n_clusters=clusters, n_init=int(params.get("n_init", 2)), random_state=seed)
-        else:
-            model = MiniBatchKMeans(n_clusters=clusters, n_init=1, batch_size=4096, random_state=seed,
-                                    max_no_improvement=5)
+        if len(x) * clusters <= float(params.get("kmeans_max_work", 5e6)):
+            model = KMeans(n_clusters=clusters, n_init=int(params.get("n_init", 3)), random_state=seed)
+            return model.fit_predict(x)
+        rng = np.random.default_rng(seed)
+        init_rows = x[np.sort(rng.choice(len(x), size=min(len(x), max(3 * clusters, 4096)), replace=False))]
+        centres, _ = kmeans_plusplus(init_rows, clusters, random_state=seed, n_local_trials=1)
+        model = MiniBatchKMeans(n_clusters=clusters, init=centres, n_init=1, batch_size=4096, random_state=seed,
+                                max_no_improvement=5)
         return model.fit_predict(x)
 
 

@@ -20,6 +20,19 @@ import numpy as np
 from .base import Context, Pool, Selection, Strategy, softmax, subsample, subsample_note
 
 
+def embedding_parts(logits: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(u = p − e_ĉ ``[N, K]``, h ``[N, D]``, ||g||² ``[N]``) in float64: the factors of ``g = u ⊗ h``."""
+    u = softmax(logits)
+    u[np.arange(len(u)), u.argmax(axis=1)] -= 1.0
+    h = np.asarray(features, dtype=np.float64)
+    return u, h, (u * u).sum(axis=1) * (h * h).sum(axis=1)
+
+
+def sq_distances_to(u: np.ndarray, h: np.ndarray, g2: np.ndarray, j: int) -> np.ndarray:
+    """||g_i − g_j||² for every i, from the kernel identity, clipped at 0."""
+    return np.maximum(g2 + g2[j] - 2.0 * (u @ u[j]) * (h @ h[j]), 0.0)
+
+
 class BadgeStrategy(Strategy):
     name = "badge"
 
@@ -28,13 +41,10 @@ class BadgeStrategy(Strategy):
         n = len(pool)
         sub = subsample(n, max(int(context.params.get("max_pool", 20000)), budget), rng)
         note = subsample_note(n, len(sub))
-        u = softmax(pool.logits[sub])
-        u[np.arange(len(sub)), u.argmax(axis=1)] -= 1.0
-        h = pool.features[sub].astype(np.float64)
-        g2 = (u * u).sum(axis=1) * (h * h).sum(axis=1)
+        u, h, g2 = embedding_parts(pool.logits[sub], pool.features[sub])
 
         def sq_distance(j: int) -> np.ndarray:
-            return np.maximum(g2 + g2[j] - 2.0 * (u @ u[j]) * (h @ h[j]), 0.0)
+            return sq_distances_to(u, h, g2, j)
 
         chosen = np.empty(budget, dtype=np.int64)
         reasons = []

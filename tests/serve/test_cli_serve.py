@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import time
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
 
 from oodguard.serve.v1 import oodguard_pb2 as pb
 from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
@@ -48,7 +50,7 @@ def test_serve_subprocess_demo_client_and_sigterm_drain(digits_export, tmp_path)
     env = {**os.environ, "OODGUARD_QUEUE_PATH": str(tmp_path / "queue.sqlite"), "OODGUARD_LISTEN": "127.0.0.1:1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "oodguard.cli", "serve", "--repository", str(digits_export[2]), "--listen", target,
-         "--max-wait-ms", "1000", "--drain-timeout-s", "20"],
+         "--drain-timeout-s", "30"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         _wait_serving(target, process)
@@ -59,15 +61,18 @@ def test_serve_subprocess_demo_client_and_sigterm_drain(digits_export, tmp_path)
         assert digit_line.startswith("digit: class 0 ") and "in-distribution" in digit_line
         assert noise_line.startswith("noise: ") and ", OOD by any(sisome=" in noise_line and "queued as " in noise_line
 
-        # an in-flight request (waiting 1 s for batch mates) completes across SIGTERM; later ones are refused
+        # an in-flight request completes across SIGTERM; later ones are refused. It is slow on purpose:
+        # 64 PNGs of 6000x6000 pixels (tiny once compressed) take well over a second to decode and resize.
         outcome: dict = {}
+        buffer = io.BytesIO()
+        Image.new("L", (6000, 6000)).save(buffer, format="PNG")
+        slow = pb.PredictRequest(images=pb.EncodedImages(images=[buffer.getvalue()] * 64))
 
         def in_flight():
             with grpc.insecure_channel(target) as channel:
                 try:
                     started = time.monotonic()
-                    response = pb_grpc.OODGuardStub(channel).Predict(pb.PredictRequest(tensor=pb.Tensor(
-                        dtype="uint8", shape=[1, 28, 28], data=bytes(784))), timeout=20)
+                    response = pb_grpc.OODGuardStub(channel).Predict(slow, timeout=60)
                     outcome["items"] = len(response.predictions)
                     outcome["seconds"] = time.monotonic() - started
                 except grpc.RpcError as exc:
@@ -84,7 +89,7 @@ def test_serve_subprocess_demo_client_and_sigterm_drain(digits_export, tmp_path)
                     dtype="uint8", shape=[1, 8, 8], data=bytes(64))), timeout=5)
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
         thread.join(30)
-        assert outcome.get("items") == 1, outcome
+        assert outcome.get("items") == 64, outcome
         assert outcome["seconds"] >= 0.9  # it really was in flight when the signal came
         assert process.wait(30) == 0
     finally:

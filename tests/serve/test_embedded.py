@@ -120,8 +120,12 @@ def test_unknown_model_version_and_deadline(digits_export):
             with pytest.raises(ModelNotFound, match="version 7"):
                 await backend.infer("digits", 7, inputs(1), 1)
             t0 = time.monotonic()
-            with pytest.raises(DeadlineExceeded):
-                await backend.infer("digits", 1, inputs(1), 0.05)  # waits 300 ms for a batch mate
+            await backend._run_slots.acquire()  # the only worker is busy: a new request waits for batch mates
+            try:
+                with pytest.raises(DeadlineExceeded):
+                    await backend.infer("digits", 1, inputs(1), 0.05)  # the window is 300 ms
+            finally:
+                backend._run_slots.release()
             assert time.monotonic() - t0 < 0.25
             # the server keeps answering afterwards
             return (await backend.infer("digits", 1, inputs(1), 5)).outputs["logits"].shape
@@ -129,3 +133,17 @@ def test_unknown_model_version_and_deadline(digits_export):
             await backend.close()
 
     assert asyncio.run(main()) == (1, 8)
+
+
+def test_a_lone_request_does_not_wait_for_the_batching_window(digits_export):
+    async def main():
+        backend = await started(digits_export[2], max_wait_ms=500)
+        try:
+            await backend.infer("digits", 1, inputs(1), 5)  # warm-up
+            t0 = time.monotonic()
+            await backend.infer("digits", 1, inputs(1), 5)
+            return time.monotonic() - t0
+        finally:
+            await backend.close()
+
+    assert asyncio.run(main()) < 0.25  # far below the 500 ms window: an idle worker dispatches at once

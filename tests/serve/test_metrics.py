@@ -55,17 +55,19 @@ def test_metrics_after_id_and_noise_traffic(start_gateway, repo_copy, digits_tes
     assert gw.gateway.metrics_port == port
     cal = Calibration.load(repo_copy / "digits" / "1" / "calibration.json")
     images = digits_test_images[0][:96]
-    predictions = []
+    predictions, writes = [], 0  # writes: requests with a flagged item (one queue write each)
     with grpc.insecure_channel(gw.target) as channel:
         stub = pb_grpc.OODGuardStub(channel)
         for start in range(0, len(images), 32):
             response = stub.Predict(pb.PredictRequest(tensor=tensor(images[start:start + 32]),
                                                       request_id=f"secret-request-{start}"), timeout=10)
             predictions.extend(response.predictions)
+            writes += any(p.decision.ood for p in response.predictions)
         for seed in range(2):
             response = stub.Predict(pb.PredictRequest(tensor=tensor(noise(16, seed)), request_id=f"secret-noise-{seed}",
                                                       metadata={"camera": "north"}), timeout=10)
             predictions.extend(response.predictions)
+            writes += any(p.decision.ood for p in response.predictions)
         for bad in (pb.PredictRequest(tensor=pb.Tensor(dtype="float64", shape=[1], data=b"\0" * 8)),
                     pb.PredictRequest(tensor=tensor(noise(1)), model="no-such-model-abc123")):
             with pytest.raises(grpc.RpcError) as info:
@@ -131,8 +133,6 @@ def test_metrics_after_id_and_noise_traffic(start_gateway, repo_copy, digits_tes
                 pytest.approx(float(scores.sum()), rel=1e-4, abs=1e-3)
 
     # the queue: one write per request with flagged items, depth and the queue's own counters
-    writes = sum(1 for start in range(0, len(predictions), 32)
-                 if any(p.decision.ood for p in predictions[start:start + 32]))
     assert value(fam, "oodguard_queue_write_duration_seconds_count", model="digits") == writes
     assert value(fam, "oodguard_queue_size") == len(flagged)
     assert value(fam, "oodguard_queue_accepted_total") == len(flagged)

@@ -1,0 +1,61 @@
+"""The Prometheus recording and alert rules (deploy/prometheus/) under `promtool check rules` and
+`promtool test rules`. promtool comes from Debian's prometheus package (scripts/setup_prometheus.sh); without
+it these tests skip with the reason, unless OODGUARD_REQUIRE_PROMTOOL=1 (set by .ci/run): then they fail."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
+
+
+@pytest.fixture(scope="module")
+def promtool() -> str:
+    binary = shutil.which("promtool")
+    if binary is None:
+        message = "promtool is not installed; run `bash scripts/setup_prometheus.sh`"
+        if os.environ.get("OODGUARD_REQUIRE_PROMTOOL") == "1":
+            pytest.fail(message + " (OODGUARD_REQUIRE_PROMTOOL=1)", pytrace=False)
+        pytest.skip(message)
+    return binary
+
+
+def run(promtool: str, *args: str) -> str:
+    done = subprocess.run([promtool, *args], cwd=DEPLOY, capture_output=True, text=True, timeout=120)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output
+    return output
+
+
+def test_promtool_check_rules_and_config(promtool):
+    assert "SUCCESS" in run(promtool, "check", "rules", "rules.yml")
+    assert "SUCCESS" in run(promtool, "check", "config", "prometheus.yml")
+
+
+def test_promtool_rule_unit_tests(promtool):
+    assert "SUCCESS" in run(promtool, "test", "rules", "rules_test.yml")
+
+
+def test_every_alert_has_a_firing_and_a_silent_case():
+    rules = yaml.safe_load((DEPLOY / "rules.yml").read_text())
+    alerts = {r["alert"] for g in rules["groups"] for r in g["rules"] if "alert" in r}
+    tests = yaml.safe_load((DEPLOY / "rules_test.yml").read_text())["tests"]
+    fires, silent = set(), set()
+    for case in tests:
+        for check in case.get("alert_rule_test", []):
+            (fires if check.get("exp_alerts") else silent).add(check["alertname"])
+    assert alerts - fires == set(), "alerts without a case where they fire"
+    assert alerts - silent == set(), "alerts without a case where they stay silent"
+
+
+def test_flagged_rate_alert_uses_the_calibrated_rate_and_a_minimum_count():
+    rules = yaml.safe_load((DEPLOY / "rules.yml").read_text())
+    rule = next(r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "OODGuardFlaggedRateAboveCalibration")
+    assert "oodguard:calibrated_flag_rate_upper:max" in rule["expr"] and "sqrt(" in rule["expr"]
+    assert ">= 200" in rule["expr"]
