@@ -98,7 +98,10 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--score-batch", type=int, default=4096, help="batch size of the fused module over the pool")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--workers", type=int, default=2, help="processes; (seed, strategy) runs are independent")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per process (1: LeNet-5 at these batch sizes gains nothing from more, and "
+                        "loses a lot on a loaded machine)")
     p.add_argument("--keep-queues", action="store_true", help="keep each round's SQLite queue under --out/work")
     return p.parse_args(argv)
 
@@ -266,6 +269,7 @@ class RoundZero:
     calibration_path: Path
     id_to_index: dict[str, int]
     seconds: float
+    test_images: int
 
 
 @dataclass
@@ -348,7 +352,7 @@ def round_zero(split: Split, seed: int, work: Path, prep: Preproc, test, args) -
     log(f"seed {seed} round 0: {len(split.seed_labels)} labels, accuracy {acc:.4f}; queue of {len(mapping)} "
         f"(train {t['train']:.1f}s, scores {t['scores']:.1f}s, queue {t['queue']:.1f}s)")
     cal = folder / "repo" / MODEL_NAME / "1" / "calibration.json"
-    return RoundZero(acc, queue_path, cal, mapping, seconds)
+    return RoundZero(acc, queue_path, cal, mapping, seconds, len(test[1]))
 
 
 def run_strategy(strategy: str, seed: int, split: Split, zero: RoundZero, work: Path, prep: Preproc, test, args) -> Run:
@@ -482,6 +486,62 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 # ----------------------------------------------------------------------------------------------- main
 
+_STATE: dict = {}
+
+
+def _state(args) -> dict:
+    """Per process: the data, the preprocessing, the test set (and torch's thread count), loaded once."""
+    if not _STATE:
+        if args.threads:
+            import torch
+
+            torch.set_num_threads(args.threads)
+        data = load_data(args.data)
+        train_images = data.mnist_train[0][np.isin(data.mnist_train[1], KNOWN_CLASSES)].astype(np.float32) / 255.0
+        prep = Preproc(float(train_images.mean()), float(train_images.std()))
+        del train_images
+        _STATE.update(data=data, prep=prep, test=test_set(data, prep, args.test_size), splits={})
+    return _STATE
+
+
+def _split(args, seed: int) -> Split:
+    state = _state(args)
+    if seed not in state["splits"]:
+        state["splits"][seed] = make_split(state["data"], seed, args)
+    return state["splits"][seed]
+
+
+def job_round_zero(args, seed: int) -> RoundZero:
+    state = _state(args)
+    return round_zero(_split(args, seed), seed, args.out / "work", state["prep"], state["test"], args)
+
+
+def job_strategy(args, strategy: str, seed: int, zero: RoundZero) -> Run:
+    state = _state(args)
+    run = run_strategy(strategy, seed, _split(args, seed), zero, args.out / "work", state["prep"], state["test"], args)
+    log(f"{strategy} seed {seed} done in {run.seconds:.0f}s")
+    return run
+
+
+def run_all(args, strategies: list[str], seeds: list[int]) -> tuple[list[Run], int]:
+    """Every (strategy, seed) run, and the number of test images."""
+    if args.workers <= 1:
+        runs = []
+        for seed in seeds:
+            zero = job_round_zero(args, seed)
+            runs.extend(job_strategy(args, strategy, seed, zero) for strategy in strategies)
+        return runs, zero.test_images
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        zeros = {pool.submit(job_round_zero, args, seed): seed for seed in seeds}
+        futures = []
+        for done in as_completed(zeros):  # a seed's strategies start as soon as its round 0 is ready
+            zero = done.result()
+            futures += [pool.submit(job_strategy, args, strategy, zeros[done], zero) for strategy in strategies]
+        return [f.result() for f in futures], zero.test_images
+
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
@@ -492,32 +552,17 @@ def main(argv=None) -> dict:
     unknown = [s for s in strategies if s not in STRATEGIES]
     if unknown:
         raise SystemExit(f"unknown strategies {unknown}; choose from {list(STRATEGIES)}")
-    if args.threads:
-        import torch
-
-        torch.set_num_threads(args.threads)
     start = time.perf_counter()
+    args.out = args.out.resolve()
+    args.out.mkdir(parents=True, exist_ok=True)
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    work = out / "work"
-    log(f"loading MNIST / Fashion-MNIST from {args.data}")
-    data = load_data(args.data)
-    train_images = data.mnist_train[0][np.isin(data.mnist_train[1], KNOWN_CLASSES)].astype(np.float32) / 255.0
-    prep = Preproc(float(train_images.mean()), float(train_images.std()))
-    del train_images
-    test = test_set(data, prep, args.test_size)
-    log(f"strategies {strategies}, seeds {seeds}, {args.rounds} rounds of B={args.budget}; test set {len(test[1])} images")
-
-    runs: list[Run] = []
-    for seed in seeds:
-        split = make_split(data, seed, args)
-        zero = round_zero(split, seed, work, prep, test, args)
-        for strategy in strategies:
-            runs.append(run_strategy(strategy, seed, split, zero, work, prep, test, args))
-            log(f"{strategy} seed {seed} done in {runs[-1].seconds:.0f}s; total so far {time.perf_counter() - start:.0f}s")
-        if not args.keep_queues:
-            zero.queue_path.unlink(missing_ok=True)
-
+    log(f"strategies {strategies}, seeds {seeds}, {args.rounds} rounds of B={args.budget}; "
+        f"{args.workers} process(es) x {args.threads} torch thread(s); data {args.data}")
+    runs, test_images = run_all(args, strategies, seeds)
+    runs.sort(key=lambda r: (strategies.index(r.strategy), seeds.index(r.seed)))
+    if not args.keep_queues:
+        for seed in seeds:
+            (out / "work" / f"seed{seed}" / "round0" / "queue-round0.sqlite").unlink(missing_ok=True)
     total = time.perf_counter() - start
     pool = f"{args.pool_known} known MNIST + {args.pool_mnist_unknown} MNIST 6-9 + {args.pool_fashion} Fashion-MNIST"
     choices = [
@@ -539,7 +584,8 @@ def main(argv=None) -> dict:
     report = {
         "protocol": {**meta, "known_classes": list(KNOWN_CLASSES), "unknown_classes": list(UNKNOWN_NAMES),
                      "strategies": strategies, "calibration_per_class": args.calibration_per_class,
-                     "test_images": int(len(test[1])), "lr": args.lr, "data": str(args.data)},
+                     "test_images": test_images, "lr": args.lr, "data": str(args.data), "workers": args.workers,
+                     "threads": args.threads},
         "summary": rows,
         "runs": [{"strategy": r.strategy, "seed": r.seed, "rounds": r.rounds, "known_per_class": r.known_per_class,
                   "discovered": r.discovered, "seconds": r.seconds} for r in runs],

@@ -85,10 +85,10 @@ class QueryQueue(abc.ABC):
     def claim(self, limit: int, flagged: bool | None = None) -> list[QueueRecord]:
         """Atomically move up to ``limit`` oldest pending records to ``claimed`` and return them."""
 
+    @abc.abstractmethod
     def claim_ids(self, ids: Sequence[str]) -> list[str]:
         """Atomically move the given records from ``pending`` to ``claimed``; returns the ids this call
         claimed (records already claimed or sent by someone else are left out)."""
-        raise NotImplementedError
 
     @abc.abstractmethod
     def release(self, ids: Sequence[str]) -> int:

@@ -4,6 +4,7 @@ traffic and check the counters, the threshold gauges and the calibration-derived
 from __future__ import annotations
 
 import math
+import time
 import urllib.request
 
 import grpc
@@ -160,7 +161,13 @@ def test_backend_errors_and_queue_rejections_are_counted(start_gateway, repo_cop
         with pytest.raises(grpc.RpcError) as info:
             stub.Predict(pb.PredictRequest(tensor=tensor(noise(1))), timeout=10)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-    _, fam = scrape(port)
+    # the client sees the aborted call's status a moment before the handler's bookkeeping ends: poll briefly
+    deadline = time.monotonic() + 5
+    while True:
+        _, fam = scrape(port)
+        if any(s.labels.get("code") == "UNAVAILABLE" for samples in fam.values() for s in samples) or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert value(fam, "oodguard_backend_errors_total", model="digits", reason="unavailable") == 1
     assert value(fam, "oodguard_requests_total", model="digits", version="1", code="UNAVAILABLE") == 1
     assert value(fam, "oodguard_backend_duration_seconds_count", model="digits") == 2
