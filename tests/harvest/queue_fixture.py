@@ -11,7 +11,8 @@ from oodguard.serve.sqlite_queue import SQLiteQueue
 KINDS = ("known", "unknown", "noise")
 
 
-def filled_queue(digits_export, path, per_kind=40):
+def filled_queue(digits_export, path, per_kind=40, queue=None):
+    """(queue, record id → kind, repository); ``queue`` defaults to a new SQLite queue at ``path``."""
     record, result, repository, _ = digits_export
     scorer = VersionScorer(result.version_dir)
     digits = load_dataset("digits")
@@ -20,7 +21,7 @@ def filled_queue(digits_export, path, per_kind=40):
         "unknown": digits.select_classes([8, 9]).images[:per_kind],
         "noise": uniform_noise(per_kind, (8, 8), seed=5).images,
     }
-    queue = SQLiteQueue(path)
+    queue = queue if queue is not None else SQLiteQueue(path)
     truth = {}
     for kind, images in sets.items():
         x = scorer.preprocessing.apply(images)

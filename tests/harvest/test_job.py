@@ -96,3 +96,30 @@ def test_bad_requests(digits_export, tmp_path):
 def test_file_names_never_come_from_raw_ids():
     assert safe_file_name("../../etc/passwd") == "______etc_passwd"
     assert safe_file_name("") == "record"
+
+
+def test_concurrent_harvests_against_redis_never_share_a_record(digits_export, tmp_path, redis_server):
+    from oodguard.serve.queue_factory import open_queue
+
+    def connect(name):
+        return open_queue(f"{redis_server.url}?spool={tmp_path / name}.spool")
+
+    queue, truth, repository = filled_queue(digits_export, None, per_kind=20, queue=connect("filler"))
+    results = {}
+
+    def harvest(name):
+        own = connect(name)
+        try:
+            results[name] = run_harvest(own, "sisom", 25, tmp_path / name, repository, progress=quiet)
+        finally:
+            own.close()
+
+    threads = [threading.Thread(target=harvest, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = results["a"].ids + results["b"].ids
+    assert len(ids) == len(set(ids)) == 50
+    assert queue.stats().sent == 50 and queue.stats().pending == 10
+    queue.close()
