@@ -155,7 +155,7 @@ def markdown(report: dict) -> str:
               f"Best logit-based near-OOD AUROC: {goal['best_logit_score']} {100 * goal['best_logit_auroc']:.2f}; "
               f"SISOM {100 * goal['sisom']:.2f}, SISOMe {100 * goal['sisome']:.2f} → "
               + ("**met**." if goal["met"] else "**not met**: " + goal["note"]),
-              "", f"Calibration on unseen data (MNIST test, realised TPR within [94%, 96%] for every score): "
+              "", "Calibration on unseen data (MNIST test, realised TPR within [94%, 96%] for every score): "
               + ("**holds**" if report["calibration_holds"] else "**violated**") + ".", "",
               "SISOM alpha search (validation AUROC on synthetic OOD built from training images): "
               + ", ".join(f"{a:g}: {o:.4f}" for a, o in zip(report["alpha_search"]["grid"], report["alpha_search"]["objective"])),

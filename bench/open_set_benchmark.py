@@ -539,7 +539,9 @@ def run_all(args, strategies: list[str], seeds: list[int]) -> tuple[list[Run], i
         futures = []
         for done in as_completed(zeros):  # a seed's strategies start as soon as its round 0 is ready
             zero = done.result()
-            futures += [pool.submit(job_strategy, args, strategy, zeros[done], zero) for strategy in strategies]
+            # ALOE (k-means on the pool) first: the longest jobs start early, so no worker idles at the end
+            futures += [pool.submit(job_strategy, args, strategy, zeros[done], zero)
+                         for strategy in sorted(strategies, key=lambda s: s != "aloe")]
         return [f.result() for f in futures], zero.test_images
 
 

@@ -10,12 +10,10 @@ The tritonserver is shared by the module; the outage test kills and restarts it 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
@@ -23,6 +21,8 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from gateway_fixtures import GatewayThread
 
 from oodguard.serve.settings import Settings
 from oodguard.serve.v1 import oodguard_pb2 as pb
@@ -35,48 +35,6 @@ OUTAGE_LIMIT_S = 20.0
 
 
 # -- a gateway in its own event-loop thread (clients use plain synchronous gRPC) --------------------
-class GatewayThread:
-    """A :class:`oodguard.serve.server.Gateway` on 127.0.0.1:0 running on an event loop in a daemon thread."""
-
-    def __init__(self, settings: Settings):
-        from oodguard.serve.server import Gateway
-
-        self.settings = settings
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True, name="gateway-loop")
-        self.thread.start()
-
-        async def boot():
-            gateway = Gateway(settings)
-            try:
-                await gateway.start()
-            except BaseException:
-                await gateway.stop(0)
-                raise
-            return gateway
-
-        try:
-            self.gateway = self._call(boot())
-        except BaseException:
-            self._close_loop()
-            raise
-        self.target = f"127.0.0.1:{self.gateway.port}"
-
-    def _call(self, coro, timeout: float = 60.0):
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def _close_loop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
-        self.loop.close()
-
-    def stop(self, grace: float = 0.5) -> None:
-        try:
-            self._call(self.gateway.stop(grace))
-        finally:
-            self._close_loop()
-
-
 @pytest.fixture
 def start_gateway(tmp_path):
     """``start_gateway(name, repository, **settings) -> GatewayThread``; every gateway stops at the end."""
