@@ -268,7 +268,7 @@ def test_backend_failure_unavailable_health_flips_and_recovers(start_gateway, re
     with grpc.insecure_channel(gw.target) as channel:
         stub = pb_grpc.OODGuardStub(channel)
         assert stub.Predict(request, timeout=3).version == 1
-        assert 0 < backend.timeouts[-1] <= 3  # the client's deadline reached the backend
+        assert 0 < backend.timeouts[-1] <= 3.1  # the client's 3 s deadline reached the backend (gRPC may round it up)
         assert stub.Predict(request).version == 1 and backend.timeouts[-1] is None  # no deadline, none passed on
         assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
         backend.down = True
