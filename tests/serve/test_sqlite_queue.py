@@ -146,3 +146,19 @@ def _claim_record(i):
 
     return NewRecord(model="m", version=1, input=np.zeros((1, 2, 2), np.float32), logits=np.zeros(3, np.float32),
                      features=np.zeros(4, np.float32), scores={"sisome": float(i)}, decision={"ood": True}, flagged=True)
+
+
+def test_array_packing_roundtrips_shapes_and_dtypes_and_refuses_others():
+    import numpy as np
+    import pytest
+
+    from oodguard.serve.queue import QueueError
+    from oodguard.serve.sqlite_queue import pack_array, unpack_array
+
+    arrays = [np.random.default_rng(0).random((1, 28, 28), dtype=np.float32), np.arange(5, dtype=np.int64),
+              np.zeros((0, 3), np.uint8), np.array(2.5), np.arange(12, dtype=">f4").reshape(3, 4).T]
+    for array in arrays:
+        back = unpack_array(pack_array(array))
+        assert back.shape == array.shape and np.array_equal(back, array)
+    with pytest.raises(QueueError, match="complex"):
+        pack_array(np.zeros(2, np.complex64))
