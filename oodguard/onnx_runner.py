@@ -13,9 +13,14 @@ from .repository import INPUT_NAME
 class OnnxModel:
     """An ONNX Runtime session over one ``model.onnx`` that returns every output by name."""
 
-    def __init__(self, path: str | Path, providers: list[str] | None = None, intra_op_threads: int = 0):
+    def __init__(self, path: str | Path, providers: list[str] | None = None, intra_op_threads: int = 0,
+                 spin: bool = True):
+        """``spin=False`` stops idle intra-op threads from busy-waiting for work: in a server that shares
+        its cores with gRPC and Python threads, spinning burned most of a core per request stream."""
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(path), options, providers=providers or ["CPUExecutionProvider"])
         self.output_names = [o.name for o in self.session.get_outputs()]
         inputs = self.session.get_inputs()

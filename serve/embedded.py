@@ -148,7 +148,7 @@ class EmbeddedBackend(Backend):
                     continue
                 try:
                     onnx = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, lambda f=folder: OnnxModel(f / repo.MODEL_FILE, intra_op_threads=self.intra_op_threads))
+                        self._executor, lambda f=folder: OnnxModel(f / repo.MODEL_FILE, intra_op_threads=self.intra_op_threads, spin=False))
                 except Exception as exc:  # ORT raises its own types for broken files
                     self._failed[key] = stamp
                     log.error("model %s version %d: cannot load %s (%s); not served", key[0], key[1], folder / repo.MODEL_FILE, exc)

@@ -95,3 +95,14 @@ def test_two_inputs_raise(tmp_path):
     path = tiny_model(tmp_path / "model.onnx", input_names=("input", "extra"))
     with pytest.raises(ValueError, match=r"got \['input', 'extra'\]"):
         OnnxModel(path)
+
+
+def test_spinning_can_be_switched_off_without_changing_results(tmp_path, inputs):
+    path = tiny_model(tmp_path / "m.onnx")
+    quiet = OnnxModel(path, spin=False)
+    options = quiet.session.get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    with pytest.raises(RuntimeError):  # the default session leaves ONNX Runtime's default (spinning) alone
+        OnnxModel(path).session.get_session_options().get_session_config_entry("session.intra_op.allow_spinning")
+    for name, value in reference(inputs).items():
+        np.testing.assert_allclose(quiet.run(inputs)[name], value, rtol=1e-6)
