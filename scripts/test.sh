@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# The README's test command: set up (idempotent: .venv, .venv-triton for the real-tritonserver tests, and
-# redis-server for the Redis queue tests),
-# then run the whole test suite. Extra arguments go to pytest.
+# The README's test command: set up (idempotent: .venv; .venv-triton for the real-tritonserver tests;
+# Debian's redis-server and prometheus (promtool) for the queue and alert-rule tests), then run the whole
+# test suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
