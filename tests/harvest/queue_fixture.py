@@ -1,7 +1,6 @@
 """A real SQLite query queue filled by the exported digits model: known digits, unknown digits 8-9 and
 noise, each queued with what the gateway stores (model input, logits, features, scores, decision)."""
 
-
 from oodguard.datasets import load_dataset
 from oodguard.evaluation import VersionScorer, uniform_noise
 from oodguard.serve.queue import NewRecord
