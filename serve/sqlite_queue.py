@@ -69,6 +69,16 @@ def unpack_array(blob: bytes) -> np.ndarray:
     return np.frombuffer(raw, dtype=ARRAY_DTYPES[code], offset=2 + 4 * ndim).reshape(shape)
 
 
+class _Batch:
+    """One ``put`` call's rows waiting for a group commit, and its outcome."""
+
+    def __init__(self, rows: list[tuple]):
+        self.rows = rows
+        self.done = False
+        self.result: list[str | None] = []
+        self.error: BaseException | None = None
+
+
 class SQLiteQueue(QueryQueue):
     def __init__(self, path: str | Path, max_size: int = 100_000, full_policy: str = "reject"):
         if max_size < 1:
@@ -80,6 +90,8 @@ class SQLiteQueue(QueryQueue):
         self.full_policy = full_policy
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
+        self._pending_lock = threading.Lock()
+        self._pending: list[_Batch] = []
         self._db: sqlite3.Connection | None = sqlite3.connect(
             str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
         )
@@ -96,18 +108,22 @@ class SQLiteQueue(QueryQueue):
     def _write(self, fn):
         """Run ``fn(conn)`` in one IMMEDIATE transaction under the lock."""
         with self._lock:
-            db = self._conn()
+            return self._transaction(fn)
+
+    def _transaction(self, fn):
+        """``fn(conn)`` in one IMMEDIATE transaction; the caller holds the lock."""
+        db = self._conn()
+        try:
+            db.execute("BEGIN IMMEDIATE")
             try:
-                db.execute("BEGIN IMMEDIATE")
-                try:
-                    result = fn(db)
-                except BaseException:
-                    db.execute("ROLLBACK")
-                    raise
-                db.execute("COMMIT")
-                return result
-            except sqlite3.Error as exc:
-                raise QueueError(f"queue {self.path}: {exc}") from exc
+                result = fn(db)
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+            return result
+        except sqlite3.Error as exc:
+            raise QueueError(f"queue {self.path}: {exc}") from exc
 
     def _read(self, sql: str, params: Sequence = ()) -> list[tuple]:
         with self._lock:
@@ -144,28 +160,52 @@ class SQLiteQueue(QueryQueue):
                 json.dumps({k: float(v) for k, v in r.scores.items()}), json.dumps(r.decision), r.request_id or "",
                 json.dumps({str(k): str(v) for k, v in (r.metadata or {}).items()}),
             ))
+        return self._group_commit(rows)
 
-        def write(db: sqlite3.Connection) -> list[str | None]:
-            size = db.execute("SELECT COUNT(*) FROM records WHERE state != ?", (SENT,)).fetchone()[0]
-            room = self.max_size - size
-            keep = len(rows)
-            if room < len(rows):
-                if self.full_policy == "evict-oldest":
-                    need = len(rows) - max(room, 0)
-                    victims = [v for (v,) in db.execute(
-                        "SELECT seq FROM records WHERE state = ? ORDER BY seq LIMIT ?", (PENDING, need))]
-                    db.executemany("DELETE FROM records WHERE seq = ?", [(v,) for v in victims])
-                    self._bump(db, "evicted", len(victims))
-                    room += len(victims)
-                keep = max(0, min(len(rows), room))
-            db.executemany(
-                "INSERT INTO records (id, time, model, version, flagged, state, input, logits, features, scores, "
-                "decision, request_id, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows[:keep])
-            self._bump(db, "accepted", keep)
-            self._bump(db, "rejected", len(rows) - keep)
-            return [row[0] for row in rows[:keep]] + [None] * (len(rows) - keep)
+    def _group_commit(self, rows: list[tuple]) -> list[str | None]:
+        """Durable writes cost one fsync per transaction, so concurrent ``put`` calls share one: each
+        caller queues its rows; whoever takes the lock first commits every queued batch in one transaction
+        (each batch applied in order, with the same bound and policy as alone); the others find their
+        batch done when they get the lock. Nobody returns before its rows are committed."""
+        mine = _Batch(rows)
+        with self._pending_lock:
+            self._pending.append(mine)
+        with self._lock:
+            if not mine.done:
+                with self._pending_lock:
+                    batches, self._pending = self._pending, []
+                try:
+                    results = self._transaction(lambda db: [self._insert(db, b.rows) for b in batches])
+                except BaseException as exc:
+                    for b in batches:
+                        b.error, b.done = exc, True
+                    raise
+                for b, result in zip(batches, results):
+                    b.result, b.done = result, True
+        if mine.error is not None:
+            raise mine.error
+        return mine.result
 
-        return self._write(write)
+    def _insert(self, db: sqlite3.Connection, rows: list[tuple]) -> list[str | None]:
+        """Insert one ``put`` call's rows within the bound (applying the full-queue policy); their ids."""
+        size = db.execute("SELECT COUNT(*) FROM records WHERE state != ?", (SENT,)).fetchone()[0]
+        room = self.max_size - size
+        keep = len(rows)
+        if room < len(rows):
+            if self.full_policy == "evict-oldest":
+                need = len(rows) - max(room, 0)
+                victims = [v for (v,) in db.execute(
+                    "SELECT seq FROM records WHERE state = ? ORDER BY seq LIMIT ?", (PENDING, need))]
+                db.executemany("DELETE FROM records WHERE seq = ?", [(v,) for v in victims])
+                self._bump(db, "evicted", len(victims))
+                room += len(victims)
+            keep = max(0, min(len(rows), room))
+        db.executemany(
+            "INSERT INTO records (id, time, model, version, flagged, state, input, logits, features, scores, "
+            "decision, request_id, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows[:keep])
+        self._bump(db, "accepted", keep)
+        self._bump(db, "rejected", len(rows) - keep)
+        return [row[0] for row in rows[:keep]] + [None] * (len(rows) - keep)
 
     def get(self, ids: Sequence[str]) -> list[QueueRecord]:
         if not ids:

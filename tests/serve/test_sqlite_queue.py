@@ -162,3 +162,49 @@ def test_array_packing_roundtrips_shapes_and_dtypes_and_refuses_others():
         assert back.shape == array.shape and np.array_equal(back, array)
     with pytest.raises(QueueError, match="complex"):
         pack_array(np.zeros(2, np.complex64))
+
+
+def test_concurrent_puts_share_one_durable_transaction(tmp_path, monkeypatch):
+    import threading
+    import time as clock
+
+    from oodguard.serve.sqlite_queue import SQLiteQueue
+
+    queue = SQLiteQueue(tmp_path / "q.sqlite", max_size=12, full_policy="reject")
+    transactions = []
+    original = queue._transaction
+    monkeypatch.setattr(queue, "_transaction", lambda fn: transactions.append(1) or original(fn))
+    results = {}
+
+    def put(i):
+        results[i] = queue.put([_claim_record(10 * i + j) for j in range(3)])
+
+    queue._lock.acquire()  # a commit in progress: the five puts below queue up behind it
+    threads = [threading.Thread(target=put, args=(i,)) for i in range(5)]
+    for t in threads:
+        t.start()
+    deadline = clock.monotonic() + 10
+    while len(queue._pending) < 5 and clock.monotonic() < deadline:
+        clock.sleep(0.01)
+    queue._lock.release()
+    for t in threads:
+        t.join(10)
+    assert len(transactions) == 1  # one fsync'd transaction for all five callers
+    ids = [i for r in results.values() for i in r]
+    assert len(ids) == 15 and sum(i is None for i in ids) == 3  # the bound (12) applies batch by batch
+    stored = [i for i in ids if i is not None]
+    assert len(set(stored)) == 12 and len(queue.get(stored)) == 12
+    assert queue.stats().rejected == 3
+
+
+def test_a_failed_group_commit_fails_every_caller_and_stores_nothing(tmp_path, monkeypatch):
+    import pytest
+
+    from oodguard.serve.queue import QueueError
+    from oodguard.serve.sqlite_queue import SQLiteQueue
+
+    queue = SQLiteQueue(tmp_path / "q.sqlite")
+    monkeypatch.setattr(queue, "_insert", lambda db, rows: db.execute("INSERT INTO nowhere VALUES (1)"))
+    with pytest.raises(QueueError, match="nowhere"):
+        queue.put([_claim_record(1)])
+    assert queue.stats().size == 0 and queue._pending == []
