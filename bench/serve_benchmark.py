@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import json
 import os
 import platform
@@ -128,13 +127,11 @@ def build_traffic(repository: Path, model: str | None, count: int = 256) -> Traf
 
 # -- processes --------------------------------------------------------------------------------------
 def _load_integration_helpers():
-    """tests/integration/conftest.py: TritonInstall / TritonServer / free_ports (one start logic for tests and bench)."""
-    path = ROOT / "tests" / "integration" / "conftest.py"
-    spec = importlib.util.spec_from_file_location("oodguard_integration_helpers", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    """tests/triton_process.py: TritonInstall / TritonServer / free_ports (one start logic for tests and bench)."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    import triton_process
+
+    return triton_process
 
 
 def group_cpu_seconds(pgid: int) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 
@@ -137,35 +138,36 @@ def _strategy_params(pairs: list[str]) -> dict:
     return params
 
 
-def _open_queue_for_harvest(url: str):
+@contextlib.contextmanager
+def _harvest_queue(url: str):
+    """The queue at ``url``, closed afterwards. Harvest never writes records, so the spool file the Redis
+    queue requires stays empty; it lives in a temporary folder removed on exit."""
     import tempfile
 
     from oodguard.serve.queue_factory import open_queue
 
-    # harvest never writes records: its spool (needed by the Redis queue) stays empty
-    return open_queue(url, spool_path=Path(tempfile.mkdtemp(prefix="oodguard-harvest-")) / "spool")
+    with tempfile.TemporaryDirectory(prefix="oodguard-harvest-") as spool_dir:
+        queue = open_queue(url, spool_path=Path(spool_dir) / "spool")
+        try:
+            yield queue
+        finally:
+            queue.close()
 
 
 def _run_harvest(args: argparse.Namespace) -> int:
     from oodguard.harvest.job import run_harvest
 
-    queue = _open_queue_for_harvest(args.queue)
-    try:
+    with _harvest_queue(args.queue) as queue:
         run_harvest(queue, args.strategy, args.budget, args.out, args.repository, seed=args.seed,
                     params=_strategy_params(args.param))
-    finally:
-        queue.close()
     return 0
 
 
 def _run_labels(args: argparse.Namespace) -> int:
     from oodguard.harvest.labels import import_labels
 
-    queue = _open_queue_for_harvest(args.queue)
-    try:
+    with _harvest_queue(args.queue) as queue:
         summary = import_labels(args.file, queue, args.repository, args.out, args.unknown_policy)
-    finally:
-        queue.close()
     print(f"wrote {summary.out_path}: {summary.n} labeled images, classes {summary.class_names}"
           + (f" (new: {summary.new_classes})" if summary.new_classes else "")
           + (f"; {len(summary.missing_ids)} labeled ids not in the queue were skipped" if summary.missing_ids else ""))

@@ -123,3 +123,18 @@ def test_concurrent_harvests_against_redis_never_share_a_record(digits_export, t
     assert len(ids) == len(set(ids)) == 50
     assert queue.stats().sent == 50 and queue.stats().pending == 10
     queue.close()
+
+
+def test_harvest_command_on_a_queue_url(digits_export, tmp_path, capsys):
+    from oodguard.cli import main
+
+    queue, truth, repository = filled_queue(digits_export, tmp_path / "q.sqlite", per_kind=5)
+    queue.close()
+    code = main(["harvest", "--queue", f"sqlite:///{tmp_path / 'q.sqlite'}", "--strategy", "entropy", "--budget", "4",
+                 "--out", str(tmp_path / "out"), "--repository", str(repository)])
+    assert code == 0 and "harvested 4 records" in capsys.readouterr().out
+    assert len((tmp_path / "out" / "manifest.jsonl").read_text().splitlines()) == 4
+    assert SQLiteQueue(tmp_path / "q.sqlite").stats().sent == 4
+    assert main(["harvest", "--queue", f"sqlite:///{tmp_path / 'q.sqlite'}", "--strategy", "best", "--budget", "1",
+                 "--out", str(tmp_path / "o2"), "--repository", str(repository)]) == 2
+    assert "unknown strategy 'best'" in capsys.readouterr().err

@@ -131,21 +131,12 @@ def test_claim_ids_claims_only_pending_records_once(tmp_path):
     from oodguard.serve.sqlite_queue import SQLiteQueue
 
     queue = SQLiteQueue(tmp_path / "q.sqlite")
-    ids = queue.put([_claim_record(i) for i in range(5)])
+    ids = queue.put([record(i) for i in range(5)])
     assert queue.claim_ids(ids[:3]) == ids[:3]
     assert queue.claim_ids(ids[1:4]) == [ids[3]]  # 1 and 2 were claimed by the first call
     queue.mark_sent([ids[4]])
     assert queue.claim_ids([ids[4], "no-such-id"]) == []
     assert queue.stats().claimed == 4
-
-
-def _claim_record(i):
-    import numpy as np
-
-    from oodguard.serve.queue import NewRecord
-
-    return NewRecord(model="m", version=1, input=np.zeros((1, 2, 2), np.float32), logits=np.zeros(3, np.float32),
-                     features=np.zeros(4, np.float32), scores={"sisome": float(i)}, decision={"ood": True}, flagged=True)
 
 
 def test_array_packing_roundtrips_shapes_and_dtypes_and_refuses_others():
@@ -177,7 +168,7 @@ def test_concurrent_puts_share_one_durable_transaction(tmp_path, monkeypatch):
     results = {}
 
     def put(i):
-        results[i] = queue.put([_claim_record(10 * i + j) for j in range(3)])
+        results[i] = queue.put([record(10 * i + j) for j in range(3)])
 
     queue._lock.acquire()  # a commit in progress: the five puts below queue up behind it
     threads = [threading.Thread(target=put, args=(i,)) for i in range(5)]
@@ -206,5 +197,5 @@ def test_a_failed_group_commit_fails_every_caller_and_stores_nothing(tmp_path, m
     queue = SQLiteQueue(tmp_path / "q.sqlite")
     monkeypatch.setattr(queue, "_insert", lambda db, rows: db.execute("INSERT INTO nowhere VALUES (1)"))
     with pytest.raises(QueueError, match="nowhere"):
-        queue.put([_claim_record(1)])
+        queue.put([record(1)])
     assert queue.stats().size == 0 and queue._pending == []
