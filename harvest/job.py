@@ -47,12 +47,8 @@ def safe_file_name(record_id: str) -> str:
 
 
 def to_image(model_input: np.ndarray, preprocessing: Preprocessing) -> Image.Image:
-    """Undo the normalisation of a queued model input ``[C,H,W]`` → a PNG-ready uint8 image."""
-    x = np.asarray(model_input, np.float32).reshape(preprocessing.input_shape)
-    mean = np.asarray(preprocessing.mean, np.float32)[:, None, None]
-    std = np.asarray(preprocessing.std, np.float32)[:, None, None]
-    pixels = np.clip(np.round((x * std + mean) * 255.0), 0, 255).astype(np.uint8)
-    return Image.fromarray(pixels[0] if pixels.shape[0] == 1 else pixels.transpose(1, 2, 0))
+    """A queued model input ``[C,H,W]`` as a PNG-ready image (see :meth:`Preprocessing.invert`)."""
+    return Image.fromarray(preprocessing.invert(model_input))
 
 
 class CalibrationCache:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .job import CalibrationCache, to_image
+from .job import CalibrationCache
 from oodguard.preprocess import Preprocessing
 
 POLICIES = ("new-classes", "unknown")
@@ -90,7 +90,7 @@ def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, po
                 class_names.append(label)
                 new_classes.append(label)
         preprocessing = Preprocessing.from_dict(calibrations.get(record.model, record.version).model["preprocessing"])
-        images.append(np.asarray(to_image(record.input, preprocessing)))
+        images.append(preprocessing.invert(record.input))
         targets.append(class_names.index(label))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -71,6 +71,15 @@ class Preprocessing:
         x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
 
+    def invert(self, model_input: np.ndarray) -> np.ndarray:
+        """One model input ``[C,H,W]`` back to uint8 pixels (``[H,W]`` or ``[H,W,3]``) at the model's size:
+        undoes the normalisation and scaling (resizing and channel conversion are not undone)."""
+        x = np.asarray(model_input, np.float32).reshape(self.input_shape)
+        mean = np.asarray(self.mean, np.float32)[:, None, None]
+        std = np.asarray(self.std, np.float32)[:, None, None]
+        pixels = np.clip(np.round((x * std + mean) * 255.0), 0, 255).astype(np.uint8)
+        return pixels[0] if self.channels == 1 else pixels.transpose(1, 2, 0)
+
     def _convert_one(self, image: np.ndarray) -> np.ndarray:
         pil = Image.fromarray(image)
         pil = pil.convert("L" if self.channels == 1 else "RGB")

@@ -124,3 +124,16 @@ def test_bad_images_raise(images, message):
 def test_bad_settings_raise(args, message):
     with pytest.raises(ValueError, match=message):
         Preprocessing(*args)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_invert_undoes_normalisation_to_the_pixel(channels):
+    rng = np.random.default_rng(0)
+    shape = (2, 12, 12) if channels == 1 else (2, 12, 12, 3)
+    images = rng.integers(0, 256, size=shape, dtype=np.uint8)
+    prep = Preprocessing(channels, 12, 12, (0.3,) * channels, (0.2,) * channels)
+    x = prep.apply(images)
+    for image, model_input in zip(images, x):
+        back = prep.invert(model_input)
+        assert back.dtype == np.uint8 and back.shape == image.shape
+        assert np.abs(back.astype(int) - image.astype(int)).max() <= 1
