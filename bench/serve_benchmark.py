@@ -14,13 +14,24 @@ Servers are separate processes (the gateways are ``oodguard serve`` subprocesses
 never shares their GIL; everything is on loopback. Cells are interleaved: for each concurrency every target
 runs in turn (``--rounds`` repeats that), so machine noise hits all targets alike. Traffic is
 in-distribution digits 0-7 that the model does not flag, sent to the gateways as preprocessed float32
-``[1,1,28,28]`` tensors, so the active-learning queue (a temp SQLite file) is never written and what is
-measured is inference + gateway, not the queue. Responses that were nonetheless queued are counted.
+``[1,C,H,W]`` tensors (the shape of the model version's recorded preprocessing), so the active-learning queue
+(a temp SQLite file) is never written and what is measured is inference + gateway, not the queue. Responses
+that were nonetheless queued are counted.
 
-    python bench/serve_benchmark.py [--repository DIR] [--duration S] [--out DIR]
+Two built-in models (``--backbone``), each exported once by the project's own pipeline into --cache and
+reused on later runs:
 
-Writes report.md and report.json to --out (default runs/bench/serve-report). Every process started here
-is stopped by PID on exit, error or Ctrl-C.
+* ``lenet5`` (default)  the digits demo: LeNet-5, input [1,1,28,28], ~0.15 ms per batch-1 call, so the
+  gateway's gRPC overhead dominates every ratio
+* ``resnet18_cifar``     a fused CIFAR ResNet-18 (input [1,3,32,32]) trained for 1 epoch on digits 0-7: the
+  weights do not matter for a cost benchmark, the model is there for its realistic inference cost
+
+The model's own ORT latency at batch 1 and batch 64 is measured once at start-up and shown in the report.
+
+    python bench/serve_benchmark.py [--backbone lenet5|resnet18_cifar] [--repository DIR] [--duration S] [--out DIR]
+
+Writes report.md and report.json to --out (default runs/bench/serve-report, or serve-report-<backbone> for a
+backbone other than lenet5). Every process started here is stopped by PID on exit, error or Ctrl-C.
 """
 
 from __future__ import annotations
@@ -47,6 +58,13 @@ ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCIES = (1, 8, 64)
 TARGETS = ("ort-direct", "triton-direct", "gateway-embedded", "gateway-triton", "gateway-embedded-nobatch")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+BACKBONES = ("lenet5", "resnet18_cifar")
+#: model name of the resnet18_cifar repository (the lenet5 one is the demo's "digits")
+RESNET_MODEL = "digits_resnet18"
+RESNET_EPOCHS = 1
+KNOWN_CLASSES = list(range(8))
+LATENCY_BATCHES = (1, 64)
+BUILD_FILE = "build.json"
 
 
 def log(message: str) -> None:
@@ -55,8 +73,12 @@ def log(message: str) -> None:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repository", type=Path, help="model repository (default: the digits demo, exported once "
-                        "into runs/bench/serve-cache and reused)")
+    parser.add_argument("--backbone", choices=BACKBONES, default="lenet5",
+                        help="model to build and drive when --repository is not given: lenet5 (the digits demo, "
+                        "default) or resnet18_cifar (a fused CIFAR ResNet-18 on digits 0-7, input 3x32x32, trained "
+                        "1 epoch: only its cost matters here); exported once into --cache and reused")
+    parser.add_argument("--repository", type=Path, help="model repository (default: the --backbone model, exported "
+                        "once into --cache and reused)")
     parser.add_argument("--model", help="model to drive (default: the repository's only/first model)")
     parser.add_argument("--duration", type=float, default=5.0, help="measured seconds per cell (default 5)")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each cell (default 1)")
@@ -64,40 +86,116 @@ def parse_args(argv=None):
                         "the median of the rounds per cell (default 2)")
     parser.add_argument("--concurrency", default=",".join(map(str, CONCURRENCIES)), help="comma-separated (default 1,8,64)")
     parser.add_argument("--targets", default=",".join(TARGETS), help="comma-separated subset of " + ",".join(TARGETS))
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "serve-report")
+    parser.add_argument("--out", type=Path, default=None, help="report folder (default runs/bench/serve-report, "
+                        "or runs/bench/serve-report-<backbone> for a backbone other than lenet5)")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "bench" / "serve-cache")
     parser.add_argument("--max-wait-ms", type=float, default=None, help="gateway-embedded micro-batching window "
                         "(default: the gateway's default)")
     parser.add_argument("--hold", type=float, default=0.0, help=argparse.SUPPRESS)  # seconds to keep servers up at the end (profiling)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.out is None:
+        name = "serve-report" if args.backbone == "lenet5" else f"serve-report-{args.backbone}"
+        args.out = ROOT / "runs" / "bench" / name
+    return args
 
 
 # -- model and traffic ------------------------------------------------------------------------------
-def ensure_repository(args) -> Path:
+def cache_root(args) -> Path:
+    """Where --backbone's repository (``repository/``) and training run (``train/``) are cached: --cache itself
+    for lenet5 (the layout before --backbone existed), --cache/<backbone> otherwise."""
+    return args.cache if args.backbone == "lenet5" else args.cache / args.backbone
+
+
+def _has_version(repository: Path) -> bool:
     from oodguard import repository as repo
 
+    return repository.is_dir() and any(repo.versions(repository, m) for m in repo.models(repository))
+
+
+def ensure_repository(args) -> Path:
     if args.repository:
         return args.repository.resolve()
-    target = args.cache / "repository"
-    if any(repo.versions(target, m) for m in (repo.models(target) if target.is_dir() else [])):
-        log(f"reusing the digits demo repository {target}")
+    root = cache_root(args)
+    target = root / "repository"
+    if _has_version(target):
+        log(f"reusing the {args.backbone} repository {target}")
         return target.resolve()
-    from oodguard.export.demo import run_demo
+    if args.backbone == "lenet5":
+        from oodguard.export.demo import run_demo
 
-    log(f"exporting the digits demo model into {target} (once; reused next time)")
-    shutil.rmtree(target, ignore_errors=True)
-    run_demo(target, work_dir=args.cache / "train", progress=lambda line: None)
-    return target.resolve()
+        log(f"exporting the digits demo model into {target} (once; reused next time)")
+        shutil.rmtree(target, ignore_errors=True)
+        began = time.perf_counter()
+        run_demo(target, work_dir=root / "train", progress=lambda line: None)
+        _save_build(root, {"backbone": "lenet5", "model": "digits", "seconds": {"total": time.perf_counter() - began}})
+        return target.resolve()
+    return build_resnet18_repository(root).resolve()
+
+
+def build_resnet18_repository(root: Path) -> Path:
+    """Train (1 epoch) and export a fused CIFAR ResNet-18 on digits 0-7 into ``root/repository``.
+
+    Built in ``root/.repository-building`` and renamed when complete, so an interrupted build is never
+    mistaken for a cached one. The build times go to ``root/build.json`` (shown in later reports)."""
+    from oodguard.export.pipeline import export_model, spec_from_training
+    from oodguard.export.training_job import CHECKPOINT_FILE, run_training
+
+    target, staging, work = root / "repository", root / ".repository-building", root / "train"
+    log(f"building the resnet18_cifar repository in {target} (once; reused next time): train {RESNET_EPOCHS} "
+        "epoch on digits 0-7 (resized to 3x32x32), then export the fused model (bank, scores, ONNX, calibration)")
+    for path in (target, staging, work):
+        shutil.rmtree(path, ignore_errors=True)
+    began = time.perf_counter()
+    run_training(backbone="resnet18_cifar", data="digits", out_dir=work, classes=KNOWN_CLASSES, epochs=RESNET_EPOCHS,
+                 seed=0, holdout=0.4, progress=lambda line: log(f"  train: {line}"))
+    trained = time.perf_counter()
+    log(f"trained in {trained - began:.1f}s; exporting")
+    result = export_model(spec_from_training(work / CHECKPOINT_FILE, staging, RESNET_MODEL),
+                          progress=lambda line: log(f"  export: {line.strip()}"))
+    exported = time.perf_counter()
+    staging.rename(target)
+    seconds = {"train": trained - began, "export": exported - trained, "total": exported - began,
+               "export_steps": result.seconds}
+    _save_build(root, {"backbone": "resnet18_cifar", "model": RESNET_MODEL, "epochs": RESNET_EPOCHS, "seconds": seconds})
+    log(f"built the resnet18_cifar repository in {exported - began:.1f}s (train {seconds['train']:.1f}s, "
+        f"export {seconds['export']:.1f}s)")
+    return target
+
+
+def _save_build(root: Path, info: dict) -> None:
+    info = {**info, "built": time.strftime("%Y-%m-%d %H:%M:%S")}
+    (root / BUILD_FILE).write_text(json.dumps(info, indent=1) + "\n")
+
+
+def load_build(args) -> dict | None:
+    """How the cached --backbone repository was built (None with --repository, or for a cache older than this)."""
+    if args.repository:
+        return None
+    try:
+        return json.loads((cache_root(args) / BUILD_FILE).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 @dataclass
 class Traffic:
     model: str
     version: int
-    inputs: np.ndarray  # [N,1,28,28] float32, unflagged in-distribution digits
+    inputs: np.ndarray  # [N,C,H,W] float32 (the version's preprocessing), unflagged in-distribution digits
     flagged_share: float  # share of the candidate digits the model flags (left out of the traffic)
     decision_score: str
     max_batch: int
+    backbone: str = ""  # as recorded in calibration.json (a factory reference)
+
+    @property
+    def request_shape(self) -> list[int]:
+        """Shape of one batch-1 request: ``[1, C, H, W]``."""
+        return [1, *self.inputs.shape[1:]]
+
+    @property
+    def backbone_name(self) -> str:
+        """``resnet18_cifar`` for the builtin ``oodguard.export.backbones:resnet18_cifar``; other references as they are."""
+        return self.backbone.removeprefix("oodguard.export.backbones:")
 
 
 def build_traffic(repository: Path, model: str | None, count: int = 256) -> Traffic:
@@ -112,8 +210,12 @@ def build_traffic(repository: Path, model: str | None, count: int = 256) -> Traf
     folder = repo.version_dir(repository, model, version)
     calibration = Calibration.load(folder / repo.CALIBRATION_FILE)
     prep = Preprocessing.from_dict(calibration.model["preprocessing"])
-    digits = load_dataset("digits").select_classes(list(range(8)))
-    x = prep.apply(digits.images)
+    declared = calibration.model.get("input", {}).get("shape")
+    if declared is not None and tuple(declared) != prep.input_shape:
+        raise ValueError(f"{folder}: calibration.json declares input {declared} but its preprocessing makes "
+                         f"{list(prep.input_shape)}")
+    digits = load_dataset("digits").select_classes(KNOWN_CLASSES)
+    x = prep.apply(digits.images)  # [N, *prep.input_shape]
     outputs = OnnxModel(folder / repo.MODEL_FILE).run(x)
     score = "sisome"  # the gateway's default deciding score
     threshold = calibration.thresholds[score].threshold
@@ -121,8 +223,36 @@ def build_traffic(repository: Path, model: str | None, count: int = 256) -> Traf
     # keep a margin below the threshold so batch-size-dependent rounding cannot flip a decision
     near = outputs[score] > threshold - 0.02 * abs(threshold) - 1e-6
     keep = np.flatnonzero(~flagged & ~near)[:count]
+    if not len(keep):
+        raise RuntimeError(f"{model} v{version} flags (or nearly flags) every candidate digit: no traffic to send")
     return Traffic(model, version, np.ascontiguousarray(x[keep]), float(flagged.mean()), score,
-                   int(calibration.model.get("max_batch_size", 64)))
+                   int(calibration.model.get("max_batch_size", 64)), str(calibration.model.get("backbone", "")))
+
+
+def model_latency(session, inputs: np.ndarray, batches=LATENCY_BATCHES, runs: int = 5,
+                  min_run_s: float = 0.05) -> dict[int, dict]:
+    """ORT latency of one ``session.run`` per batch size: ``runs`` interleaved runs (batch 1, batch 64, batch 1,
+    ...), each the mean over enough back-to-back calls to last ``min_run_s``; the median of the runs is reported,
+    with the best run (the least disturbed by other load on a shared machine). Rows are the traffic's inputs
+    (repeated to fill a batch)."""
+    from oodguard import repository as repo
+
+    feeds = {b: {repo.INPUT_NAME: np.ascontiguousarray(inputs[np.arange(b) % len(inputs)])} for b in batches}
+    calls = {}
+    for b, feed in feeds.items():  # warm-up, and how many calls make one run
+        session.run(None, feed)
+        t0 = time.perf_counter()
+        session.run(None, feed)
+        calls[b] = max(1, int(min_run_s / max(time.perf_counter() - t0, 1e-6)))
+    per_run = {b: [] for b in batches}
+    for _ in range(runs):
+        for b, feed in feeds.items():
+            t0 = time.perf_counter()
+            for _ in range(calls[b]):
+                session.run(None, feed)
+            per_run[b].append((time.perf_counter() - t0) / calls[b] * 1000.0)
+    return {b: {"ms": float(np.median(ms)), "per_sample_ms": float(np.median(ms)) / b, "min_ms": float(min(ms)),
+                "runs_ms": ms, "calls_per_run": calls[b]} for b, ms in per_run.items()}
 
 
 # -- processes --------------------------------------------------------------------------------------
@@ -321,7 +451,8 @@ class Drivers:
 
         if self.ort is None:
             self.ort = OnnxModel(repo.version_dir(self.repository, self.traffic.model, self.traffic.version) / repo.MODEL_FILE)
-        session, rows = self.ort.session, [x[None] for x in self.traffic.inputs]
+        shape = self.traffic.request_shape
+        session, rows = self.ort.session, [x.reshape(shape) for x in self.traffic.inputs]
         return lambda i: session.run(None, {repo.INPUT_NAME: rows[i]})
 
     # gateways
@@ -334,7 +465,8 @@ class Drivers:
         if self.gateway_requests is None:
             self.gateway_requests = [
                 pb.PredictRequest(model=self.traffic.model, request_id=f"bench-{i}",
-                                  tensor=pb.Tensor(dtype="float32", shape=[1, *x.shape], data=x.astype("<f4").tobytes()))
+                                  tensor=pb.Tensor(dtype="float32", shape=self.traffic.request_shape,
+                                                   data=x.astype("<f4").tobytes()))
                 for i, x in enumerate(self.traffic.inputs)]
         if target not in self.channels:
             self.channels[target] = grpc.aio.insecure_channel(target)
@@ -351,13 +483,16 @@ class Drivers:
     def triton_call(self, url: str):
         import tritonclient.grpc.aio as grpcclient
 
+        from oodguard import repository as repo
+
         if self.triton_client is None:
             self.triton_client = grpcclient.InferenceServerClient(url)
         client, model = self.triton_client, self.traffic.model
         inputs = []
+        shape = self.traffic.request_shape
         for x in self.traffic.inputs:
-            tensor = grpcclient.InferInput("input", [1, *x.shape], "FP32")
-            tensor.set_data_from_numpy(x[None])
+            tensor = grpcclient.InferInput(repo.INPUT_NAME, shape, "FP32")
+            tensor.set_data_from_numpy(x.reshape(shape))
             inputs.append(tensor)
 
         async def call(i: int, w: Window) -> None:
@@ -436,20 +571,22 @@ def write_report(out: Path, meta: dict, cells: list[Cell], agg: dict, rat: list[
                      f"{fmt(row['server_cpu_pct'], '.0f')} | {fmt(row['client_cpu_pct'], '.0f')} |")
     lines = ["| ratio | value | target | met |", "|---|---:|---|---|"]
     for r in rat:
-        value = fmt(r["value"], ".2f") + (" ms" if r["unit"] == "ms" else "x" if r["value"] is not None else "")
+        value = fmt(r["value"], ".2f") + ("" if r["value"] is None else " ms" if r["unit"] == "ms" else "x")
         lines.append(f"| {r['name']} ({r['how']}) | {value} | {r['target']} | "
                      f"{'n/a' if r['met'] is None else 'yes' if r['met'] else 'NO'} |")
+    shape = "[" + ",".join(map(str, meta["request_shape"])) + "]"
     md = "\n".join([
         "# Serving benchmark", "",
         f"{meta['started']} on {meta['machine']}; run time {meta['run_time_s']:.0f} s. Model {meta['model']} v{meta['version']} "
-        f"from `{meta['repository']}`.", "",
+        f"(backbone `{meta['backbone']}`, input {shape}) from `{meta['repository']}`.", "",
+        model_cost_paragraph(meta), "",
         f"Closed loop, batch 1 per request, {meta['duration_s']:.1f} s measured per cell after {meta['warmup_s']:.1f} s warm-up, "
         f"{meta['rounds']} round(s), cells interleaved (every target in turn per concurrency). Loopback only; gateways "
         "are `oodguard serve` subprocesses; the load generator (asyncio `grpc.aio` / `tritonclient.grpc.aio`; a thread "
         "pool for ort-direct) is this process and shares the machine's CPU cores with the servers.", "",
         f"Traffic: {meta['traffic_inputs']} in-distribution digits (0-7) that the model does not flag with "
         f"`{meta['decision_score']}` ({100 * meta['flagged_share']:.1f}% of the candidates were flagged and left out), sent "
-        "to the gateways as preprocessed float32 [1,1,28,28] tensors, so the SQLite query queue (a temp file) is not "
+        f"to the gateways as preprocessed float32 {shape} tensors, so the SQLite query queue (a temp file) is not "
         "written: the `queued` column counts responses that were queued anyway. Server CPU % is the server process "
         "group's CPU over the measured window in % of one core (gateway-triton: gateway + tritonserver); client CPU % is "
         "this process (for ort-direct it includes the inference itself).", "",
@@ -459,11 +596,35 @@ def write_report(out: Path, meta: dict, cells: list[Cell], agg: dict, rat: list[
         "", "## Results", "", *table, "", "## Ratios (this run)", "", *lines, "",
     ])
     if meta.get("notes"):
-        md += "## Notes\n\n" + "\n".join(f"- {n}" for n in meta["notes"]) + "\n"
+        md += "\n## Notes\n\n" + "\n".join(f"- {n}" for n in meta["notes"]) + "\n"
     (out / "report.md").write_text(md)
     (out / "report.json").write_text(json.dumps({"meta": meta, "summary": list(agg.values()), "ratios": rat,
                                                  "cells": [asdict(c) for c in cells]}, indent=1))
     return md
+
+
+def model_cost_paragraph(meta: dict) -> str:
+    """How heavy the model is on its own, to read the gateway overheads against."""
+    lat = meta.get("model_latency_ms") or {}
+    parts = [f"batch {b}: {fmt(v['ms'], '.2f')} ms per call ({fmt(v['per_sample_ms'], '.3f')} ms per sample; "
+             f"best run {fmt(v.get('min_ms'), '.2f')} ms)" for b, v in sorted(lat.items(), key=lambda kv: int(kv[0]))]
+    text = (f"Model cost: ONNX Runtime in this process, one session (the ort-direct one, default threads), measured "
+            f"once at start-up before any cell, median of {meta.get('model_latency_runs', 'n/a')} interleaved runs: "
+            + ("; ".join(parts) if parts else "n/a")
+            + (f" (1-minute load average {meta['model_latency_loadavg']:.2f} on {meta.get('cpus', '?')} cores when it "
+               "was measured: other load inflates these figures)" if meta.get("model_latency_loadavg") is not None else "")
+            + ". A gateway overhead in the ratios below is to be read against "
+            "the batch-1 figure: where it is a small fraction of a millisecond the gateway dominates every ratio.")
+    build = meta.get("build")
+    if build and build.get("backbone") == "resnet18_cifar":
+        sec = build.get("seconds", {})
+        text += (f" The {build['backbone']} weights come from {build.get('epochs', 1)} epoch of training on digits 0-7 "
+                 "(inputs resized to 3x32x32): they do not matter for a cost benchmark (the graph and its cost are "
+                 f"those of any trained CIFAR ResNet-18 with the fused OOD head); the repository was built on "
+                 f"{build.get('built', '?')} in {fmt(sec.get('total'), '.0f')} s (train {fmt(sec.get('train'), '.0f')} s, "
+                 f"export {fmt(sec.get('export'), '.0f')} s)"
+                 + (", reused from the cache by this run." if build.get("reused") else ", by this run."))
+    return text
 
 
 def _interrupt(signum, frame):
@@ -486,10 +647,32 @@ def main(argv=None) -> int:
     notes: list[str] = []
     with ExitStack() as stack:
         work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="oodguard-serve-bench-")))
+        cached = args.repository is None and _has_version(cache_root(args) / "repository")
         repository = ensure_repository(args)
+        build = load_build(args)
+        if build is not None:
+            build["reused"] = cached
         traffic = build_traffic(repository, args.model)
-        log(f"model {traffic.model} v{traffic.version}; traffic: {len(traffic.inputs)} unflagged ID digits "
-            f"({100 * traffic.flagged_share:.1f}% of candidates flagged, left out)")
+        log(f"model {traffic.model} v{traffic.version} ({traffic.backbone_name}, request {traffic.request_shape}); "
+            f"traffic: {len(traffic.inputs)} unflagged ID digits ({100 * traffic.flagged_share:.1f}% of candidates "
+            "flagged, left out)")
+        if args.repository and args.backbone != "lenet5" and traffic.backbone_name != args.backbone:
+            notes.append(f"--backbone {args.backbone} ignored: --repository was given and its model's backbone is "
+                         f"{traffic.backbone_name}")
+            log(notes[-1])
+
+        from oodguard import repository as repo
+        from oodguard.onnx_runner import OnnxModel
+
+        drivers = Drivers(traffic, repository)
+        # one session for the start-up latency and for ort-direct (the model is loaded once)
+        drivers.ort = OnnxModel(repo.version_dir(repository, traffic.model, traffic.version) / repo.MODEL_FILE)
+        latency_runs = 5
+        latency = model_latency(drivers.ort.session, traffic.inputs, runs=latency_runs)
+        latency_loadavg = os.getloadavg()[0]
+        log("model latency (ORT, one session, median of interleaved runs): " + ", ".join(
+            f"batch {b} {v['ms']:.2f} ms ({v['per_sample_ms']:.3f} ms/sample, best run {v['min_ms']:.2f} ms)"
+            for b, v in latency.items()) + f"; load average {latency_loadavg:.2f}")
 
         helpers = _load_integration_helpers()
         triton = None
@@ -537,7 +720,6 @@ def main(argv=None) -> int:
             return pgids + ([triton.process.pid] if target == "gateway-triton" else [])
 
         cells: list[Cell] = []
-        drivers = Drivers(traffic, repository)
         loop = asyncio.new_event_loop()
         asyncio.set_event_loop(loop)  # grpc.aio channels bind to the current loop when they are created
         stack.callback(loop.close)
@@ -583,7 +765,11 @@ def main(argv=None) -> int:
                      "target's throughput; ratios are more meaningful than absolute numbers.")
         meta = {"started": started, "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}, "
                 f"Python {platform.python_version()})", "repository": str(repository), "model": traffic.model,
-                "version": traffic.version, "duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
+                "version": traffic.version, "backbone": traffic.backbone_name, "backbone_ref": traffic.backbone,
+                "request_shape": traffic.request_shape,
+                "model_latency_ms": {str(b): v for b, v in latency.items()}, "model_latency_runs": latency_runs,
+                "model_latency_loadavg": latency_loadavg, "cpus": os.cpu_count(),
+                "build": build, "duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
                 "concurrencies": concurrencies, "targets": targets, "traffic_inputs": len(traffic.inputs),
                 "flagged_share": traffic.flagged_share, "decision_score": traffic.decision_score,
                 "embedded_batching": embedded_batching, "notes": notes,

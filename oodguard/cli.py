@@ -224,8 +224,10 @@ SERVE_FLAGS = [
     ("--default-model", "NAME", "model used when a request names none and several are served"),
     ("--decision-scores", "S1,S2", "scores that decide (default sisome)"),
     ("--decision-mode", "MODE", "any (default) or all of the deciding scores must cross their thresholds"),
-    ("--max-wait-ms", "MS", "micro-batching wait window of the embedded backend (default 2)"),
-    ("--max-batch", "N", "largest merged batch (default 0: the model's max_batch_size)"),
+    ("--max-wait-ms", "MS", "micro-batching: how long an idle backend waits for batch mates (default 0: run at "
+     "once; under load, requests that arrive while the backend is busy are merged anyway)"),
+    ("--max-batch", "N", "largest merged batch and request (default 0: the model's max_batch_size; 1 turns "
+     "micro-batching off)"),
     ("--queue-path", "FILE", "SQLite file of the query queue (default oodguard-queue.sqlite)"),
     ("--queue-url", "URL", "the query queue as sqlite:///PATH or redis://HOST:PORT/DB (wins over --queue-path)"),
     ("--queue-spool-path", "FILE", "spool file of the Redis queue while Redis is unreachable "

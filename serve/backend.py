@@ -43,6 +43,9 @@ class DeadlineExceeded(BackendError):
 class Backend(abc.ABC):
     """One model server. All methods are coroutines; implementations must be safe under concurrency."""
 
+    #: how many batches the gateway's micro-batcher runs on this backend at once (its capacity)
+    max_inflight_batches: int = 1
+
     @abc.abstractmethod
     async def start(self) -> None:
         """Connect / load; returns when the backend can report its state (it may still have no model)."""

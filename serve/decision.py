@@ -70,33 +70,75 @@ class Verdict:
         }
 
 
-def decide(outputs: Mapping[str, np.ndarray], calibration: Calibration, policy: DecisionPolicy) -> list[Verdict]:
-    """One :class:`Verdict` per batch item. ``outputs`` holds one ``[B]`` array per score named in
-    ``calibration.model["scores"]`` (extra outputs such as logits and features are ignored)."""
-    names = [str(n) for n in calibration.model["scores"]]
-    policy.validate(names, f"model {calibration.model.get('name', '?')!r}")
-    missing = [n for n in names if n not in outputs]
-    if missing:
-        raise PolicyError(f"model outputs lack score(s) {missing}")
-    columns = {n: np.asarray(outputs[n], dtype=np.float64).reshape(-1) for n in names}
-    sizes = {len(c) for c in columns.values()}
-    if len(sizes) != 1:
-        raise PolicyError(f"score outputs disagree on the batch size: { {n: len(c) for n, c in columns.items()} }")
-    size = sizes.pop()
-    crossed = {n: calibration.thresholds[n].is_ood(columns[n]) for n in names}
-    p_values = {n: calibration.thresholds[n].p_values(columns[n]) for n in names}
-    thresholds = {n: float(calibration.thresholds[n].threshold) for n in names}
-    combine = np.any if policy.mode == "any" else np.all
-    ood = combine(np.stack([crossed[n] for n in policy.scores]), axis=0)
-    return [
-        Verdict(
-            ood=bool(ood[i]),
-            crossed=tuple(n for n in names if crossed[n][i]),
-            deciding=tuple(policy.scores),
-            mode=policy.mode,
-            scores={n: float(columns[n][i]) for n in names},
-            thresholds=dict(thresholds),
-            p_values={n: float(p_values[n][i]) for n in names},
+class Decisions:
+    """The verdicts of a batch, column-wise: ``scores`` / ``crossed`` / ``p_values`` are ``[B, S]`` in
+    ``names`` order, ``ood`` is ``[B]``. A sequence of :class:`Verdict` (``len``, ``[i]``, iteration);
+    ``[start:stop]`` is the :class:`Decisions` of those rows (views, no copies)."""
+
+    __slots__ = ("names", "deciding", "mode", "thresholds", "scores", "crossed", "p_values", "ood")
+
+    def __init__(self, names: tuple[str, ...], deciding: tuple[str, ...], mode: str, thresholds: np.ndarray,
+                 scores: np.ndarray, crossed: np.ndarray, p_values: np.ndarray, ood: np.ndarray):
+        self.names, self.deciding, self.mode, self.thresholds = names, deciding, mode, thresholds
+        self.scores, self.crossed, self.p_values, self.ood = scores, crossed, p_values, ood
+
+    def __len__(self) -> int:
+        return len(self.ood)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return Decisions(self.names, self.deciding, self.mode, self.thresholds, self.scores[index],
+                             self.crossed[index], self.p_values[index], self.ood[index])
+        return self.verdict(index)
+
+    def __iter__(self):
+        return (self.verdict(i) for i in range(len(self)))
+
+    def verdict(self, i: int) -> Verdict:
+        names = self.names
+        return Verdict(
+            ood=bool(self.ood[i]),
+            crossed=tuple(n for n, c in zip(names, self.crossed[i].tolist()) if c),
+            deciding=self.deciding,
+            mode=self.mode,
+            scores=dict(zip(names, self.scores[i].tolist())),
+            thresholds=dict(zip(names, self.thresholds.tolist())),
+            p_values=dict(zip(names, self.p_values[i].tolist())),
         )
-        for i in range(size)
-    ]
+
+
+class DecisionRule:
+    """A version's calibration and the policy, prepared once (validated, thresholds as arrays) and then
+    applied to each batch of outputs: ``rule(outputs) -> Decisions``. Raises :class:`PolicyError` when
+    the policy names a score the calibration lacks."""
+
+    def __init__(self, calibration: Calibration, policy: DecisionPolicy):
+        self.names = tuple(str(n) for n in calibration.model["scores"])
+        policy.validate(self.names, f"model {calibration.model.get('name', '?')!r}")
+        self.policy = policy
+        self._thresholds = [calibration.thresholds[n] for n in self.names]
+        self.thresholds = np.array([t.threshold for t in self._thresholds], dtype=np.float64)
+        self._deciding = np.array([self.names.index(n) for n in policy.scores])
+
+    def __call__(self, outputs: Mapping[str, np.ndarray]) -> Decisions:
+        """One verdict per batch item. ``outputs`` holds one ``[B]`` array per score of the calibration
+        (extra outputs such as logits and features are ignored)."""
+        missing = [n for n in self.names if n not in outputs]
+        if missing:
+            raise PolicyError(f"model outputs lack score(s) {missing}")
+        columns = [np.asarray(outputs[n]).reshape(-1) for n in self.names]
+        sizes = {len(c) for c in columns}
+        if len(sizes) != 1:
+            raise PolicyError(f"score outputs disagree on the batch size: { {n: len(c) for n, c in zip(self.names, columns)} }")
+        scores = np.stack(columns, axis=1).astype(np.float64)
+        crossed = scores > self.thresholds
+        p_values = np.stack([t.p_values(scores[:, j]) for j, t in enumerate(self._thresholds)], axis=1)
+        deciding = crossed[:, self._deciding]
+        ood = deciding.any(axis=1) if self.policy.mode == "any" else deciding.all(axis=1)
+        return Decisions(self.names, tuple(self.policy.scores), self.policy.mode, self.thresholds, scores, crossed,
+                         p_values, ood)
+
+
+def decide(outputs: Mapping[str, np.ndarray], calibration: Calibration, policy: DecisionPolicy) -> Decisions:
+    """One :class:`Verdict` per batch item (see :class:`DecisionRule`; the gateway keeps a rule per version)."""
+    return DecisionRule(calibration, policy)(outputs)

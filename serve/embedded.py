@@ -1,23 +1,24 @@
-"""The embedded backend: ONNX Runtime in-process over the model repository, with micro-batching.
+"""The embedded backend: ONNX Runtime in-process over the model repository.
 
 Every version folder holding a ``model.onnx`` gets a session (a folder whose model cannot be loaded is
-retried when its file changes). Concurrent :meth:`EmbeddedBackend.infer` calls for the same version are
-merged: while every worker is busy, the first request of a batch waits up to ``max_wait_ms`` for more;
-an idle backend dispatches at once, so a lone request pays no wait. The merged batch (at most
-``max_batch`` rows, never above the version's ``max_batch_size``) runs in a worker thread and the
-outputs are split back. While one batch runs the next one collects, so batches grow with load.
-The repository is polled every ``poll_interval_s`` for new and removed versions.
+retried when its file changes). :meth:`EmbeddedBackend.infer` runs a batch in one of ``workers``
+threads, so the event loop keeps serving gRPC while ONNX Runtime computes; an input larger than the
+version's ``max_batch_size`` runs in chunks. A single row of a model whose single-row runs (measured in
+the worker: the registry's warm-up is the first) take less than ``INLINE_BUDGET_S`` runs on the event
+loop instead: at low load that saves two thread hand-offs, more than such a run costs. Merging concurrent requests into batches is the gateway's
+job (:mod:`oodguard.serve.batching`), the same for every backend; ``max_inflight_batches`` tells it how
+many batches to run at once (one per worker). The repository is polled every ``poll_interval_s`` for new
+and removed versions.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,14 +31,9 @@ from .backend import Backend, BackendUnavailable, DeadlineExceeded, InferenceRes
 log = logging.getLogger("oodguard.serve.embedded")
 
 DEFAULT_MAX_BATCH = 64
-BATCH_SIZE_HISTORY = 10_000
-
-
-@dataclass
-class _Pending:
-    inputs: np.ndarray
-    future: asyncio.Future
-    deadline: float | None  # loop time
+#: a single-row run expected to take less than this runs on the event loop itself: for a small model the
+#: two thread hand-offs (to a worker and back) cost more than the run and add latency at low load
+INLINE_BUDGET_S = 0.0005
 
 
 @dataclass
@@ -47,8 +43,7 @@ class _Version:
     onnx: OnnxModel
     max_batch: int
     stamp: tuple
-    queue: asyncio.Queue = field(default_factory=asyncio.Queue)
-    task: asyncio.Task | None = None
+    single_row_s: float = float("inf")  # running estimate of one single-row run (unknown until measured)
 
 
 def _stamp(path: Path) -> tuple:
@@ -67,50 +62,38 @@ def _declared_max_batch(folder: Path) -> int:
 
 
 class EmbeddedBackend(Backend):
-    def __init__(self, repository: str | Path, max_wait_ms: float = 2.0, max_batch: int = 0,
-                 poll_interval_s: float = 5.0, intra_op_threads: int = 0, workers: int = 1):
+    def __init__(self, repository: str | Path, poll_interval_s: float = 5.0, intra_op_threads: int = 0,
+                 workers: int = 1):
         self.repository = Path(repository)
-        self.max_wait_s = max_wait_ms / 1000.0
-        self.max_batch = max_batch
         self.poll_interval_s = poll_interval_s
         self.intra_op_threads = intra_op_threads
         self._executor = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="oodguard-ort")
-        self._run_slots: asyncio.Semaphore | None = None
-        self._workers = max(1, workers)
+        self.max_inflight_batches = max(1, workers)
+        self._running = 0
         self._versions: dict[tuple[str, int], _Version] = {}
         self._failed: dict[tuple[str, int], tuple] = {}  # version → stamp of the model that failed to load
         self._poller: asyncio.Task | None = None
         self._refresh_lock: asyncio.Lock | None = None
         self._closed = False
-        #: number of ORT executions and the batch sizes of the latest ones (tests and metrics read them;
-        #: bounded, so a long-running server does not grow one entry per batch forever)
+        #: number of ONNX Runtime executions (tests read it)
         self.executions = 0
-        self.batch_sizes: collections.deque[int] = collections.deque(maxlen=BATCH_SIZE_HISTORY)
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
-        self._run_slots = asyncio.Semaphore(self._workers)
         self._refresh_lock = asyncio.Lock()
         await self.refresh()
         self._poller = asyncio.create_task(self._poll_loop(), name="oodguard-embedded-poll")
 
     async def close(self) -> None:
+        """Stop polling and wait (up to 10 s) for running batches; later calls raise BackendUnavailable."""
         self._closed = True
         if self._poller:
             self._poller.cancel()
-        entries = list(self._versions.values())
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 10
+        while self._running and loop.time() < end:
+            await asyncio.sleep(0.01)
         self._versions.clear()
-        for v in entries:
-            await self._stop_version(v)
-        tasks = [v.task for v in entries if v.task]
-        if tasks:
-            await asyncio.wait(tasks, timeout=10)
-        if self._run_slots is not None:  # wait for running batches
-            for _ in range(self._workers):
-                try:
-                    await asyncio.wait_for(self._run_slots.acquire(), 10)
-                except asyncio.TimeoutError:
-                    break
         self._executor.shutdown(wait=False)
 
     async def _poll_loop(self) -> None:
@@ -137,7 +120,7 @@ class EmbeddedBackend(Backend):
                 return
             for key in [k for k in self._versions if k not in found]:
                 log.info("model %s version %d removed from the repository; unloading", *key)
-                await self._stop_version(self._versions.pop(key))
+                del self._versions[key]  # a batch already running keeps its session
             for key, folder in sorted(found.items()):
                 try:
                     stamp = _stamp(folder / repo.MODEL_FILE)
@@ -154,18 +137,24 @@ class EmbeddedBackend(Backend):
                     log.error("model %s version %d: cannot load %s (%s); not served", key[0], key[1], folder / repo.MODEL_FILE, exc)
                     continue
                 self._failed.pop(key, None)
-                limit = _declared_max_batch(folder)
-                max_batch = min(self.max_batch, limit) if self.max_batch else limit
-                entry = _Version(key[0], key[1], onnx, max_batch, stamp)
-                entry.task = asyncio.create_task(self._collect(entry), name=f"oodguard-batch-{key[0]}-{key[1]}")
-                self._versions[key] = entry
-                if current:
-                    await self._stop_version(current)
-                log.info("model %s version %d loaded (input %s, micro-batch up to %d)", key[0], key[1], onnx.input_shape, max_batch)
+                max_batch = _declared_max_batch(folder)
+                self._versions[key] = _Version(key[0], key[1], onnx, max_batch, stamp)
+                log.info("model %s version %d loaded (input %s, max batch %d)", key[0], key[1], onnx.input_shape, max_batch)
 
-    async def _stop_version(self, entry: _Version) -> None:
-        """Stop collecting for ``entry``; requests still queued for it are served first."""
-        await entry.queue.put(None)
+    @staticmethod
+    def _timed_run(entry: _Version, inputs: np.ndarray) -> list:
+        """One run in a worker thread; single-row runs update the version's estimate (for inlining)."""
+        started = time.perf_counter()
+        outputs = entry.onnx.session.run(None, {repo.INPUT_NAME: inputs})
+        if len(inputs) == 1:
+            took = time.perf_counter() - started
+            entry.single_row_s = took if entry.single_row_s == float("inf") else 0.8 * entry.single_row_s + 0.2 * took
+        return outputs
+
+    def _finished(self, running: asyncio.Future) -> None:
+        self._running -= 1
+        if not running.cancelled():
+            running.exception()  # retrieved: a run whose caller gave up must not log "never retrieved"
 
     # -- interface ------------------------------------------------------------------------------
     async def ready_versions(self) -> dict[str, list[int]]:
@@ -193,91 +182,25 @@ class EmbeddedBackend(Backend):
             parts = [await self.infer(model, version, inputs[i:i + entry.max_batch], timeout_s)
                      for i in range(0, len(inputs), entry.max_batch)]
             return InferenceResult(model, version, {k: np.concatenate([p.outputs[k] for p in parts]) for k in parts[0].outputs})
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        deadline = None if timeout_s is None else loop.time() + timeout_s
-        await entry.queue.put(_Pending(inputs, future, deadline))
-        try:
-            outputs = await asyncio.wait_for(asyncio.shield(future), timeout_s)
-        except asyncio.TimeoutError:
-            future.cancel()
-            raise DeadlineExceeded(f"no answer from model {model!r} version {version} within {timeout_s:.3f}s") from None
-        return InferenceResult(model, version, outputs)
-
-    # -- micro-batching -------------------------------------------------------------------------
-    async def _collect(self, entry: _Version) -> None:
-        """Merge queued requests into batches until the stop marker (None) comes out of the queue."""
-        loop = asyncio.get_running_loop()
-        carry: _Pending | None = None
-        while True:
-            first = carry if carry is not None else await entry.queue.get()
-            carry = None
-            if first is None:
-                return
-            batch, rows, stop = [first], len(first.inputs), False
-            window_end = loop.time() + self.max_wait_s
-            while rows < entry.max_batch:
-                if entry.queue.empty():
-                    if not self._run_slots.locked():
-                        break  # a worker is idle: waiting would only add latency
-                    remaining = window_end - loop.time()
-                    if remaining <= 0:
-                        break
-                    try:
-                        item = await asyncio.wait_for(entry.queue.get(), remaining)
-                    except asyncio.TimeoutError:
-                        break
-                else:
-                    item = entry.queue.get_nowait()
-                if item is None:
-                    stop = True
-                    break
-                if rows + len(item.inputs) > entry.max_batch:
-                    carry = item
-                    break
-                batch.append(item)
-                rows += len(item.inputs)
-            await self._dispatch(entry, batch)
-            if stop:
-                return
-
-    async def _dispatch(self, entry: _Version, batch: list[_Pending]) -> None:
-        now = asyncio.get_running_loop().time()
-        live = []
-        for p in batch:
-            if p.future.done():
-                continue
-            if p.deadline is not None and now >= p.deadline:
-                p.future.set_exception(DeadlineExceeded("deadline passed while waiting for a batch"))
-                continue
-            live.append(p)
-        if not live:
-            return
-        assert self._run_slots is not None
-        await self._run_slots.acquire()
-        task = asyncio.create_task(self._run(entry, live))
-        task.add_done_callback(lambda _: self._run_slots.release())
-
-    async def _run(self, entry: _Version, batch: list[_Pending]) -> None:
-        merged = np.concatenate([p.inputs for p in batch]) if len(batch) > 1 else batch[0].inputs
+        if timeout_s is not None and timeout_s <= 0:
+            raise DeadlineExceeded(f"deadline passed before model {model!r} version {version} ran")
         self.executions += 1
-        self.batch_sizes.append(len(merged))
         started = time.perf_counter()
-        try:
-            outputs = await asyncio.get_running_loop().run_in_executor(self._executor, entry.onnx.session.run, None,
-                                                                       {repo.INPUT_NAME: merged})
-        except Exception as exc:
-            error = BackendUnavailable(f"ONNX Runtime failed on model {entry.model} version {entry.version}: {exc}")
-            for p in batch:
-                if not p.future.done():
-                    p.future.set_exception(error)
-            return
-        named = dict(zip(entry.onnx.output_names, outputs))
-        start = 0
-        for p in batch:
-            stop = start + len(p.inputs)
-            if not p.future.done():
-                p.future.set_result({k: v[start:stop] for k, v in named.items()})
-            start = stop
-        log.debug("model %s v%d: batch of %d rows (%d requests) in %.1f ms", entry.model, entry.version, len(merged),
-                  len(batch), 1000 * (time.perf_counter() - started))
+        if len(inputs) == 1 and entry.single_row_s < INLINE_BUDGET_S:
+            try:
+                outputs = entry.onnx.session.run(None, {repo.INPUT_NAME: inputs})
+            except Exception as exc:  # ORT raises its own types
+                raise BackendUnavailable(f"ONNX Runtime failed on model {model} version {version}: {exc}") from exc
+        else:
+            self._running += 1
+            running = asyncio.get_running_loop().run_in_executor(self._executor, self._timed_run, entry, inputs)
+            running.add_done_callback(self._finished)  # ONNX Runtime cannot be interrupted: count it until it ends
+            try:
+                outputs = await (running if timeout_s is None else asyncio.wait_for(asyncio.shield(running), timeout_s))
+            except asyncio.TimeoutError:
+                raise DeadlineExceeded(f"no answer from model {model!r} version {version} within {timeout_s:.3f}s") from None
+            except Exception as exc:  # ORT raises its own types
+                raise BackendUnavailable(f"ONNX Runtime failed on model {model} version {version}: {exc}") from exc
+        log.debug("model %s v%d: batch of %d rows in %.1f ms", model, version, len(inputs),
+                  1000 * (time.perf_counter() - started))
+        return InferenceResult(model, version, dict(zip(entry.onnx.output_names, outputs)))

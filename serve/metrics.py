@@ -10,8 +10,10 @@ Traffic (updated on the request path):
 
 - ``oodguard_requests_total{model,version,code}``: Predict calls by gRPC status.
 - ``oodguard_request_duration_seconds{model}``: Predict latency, end to end (histogram).
-- ``oodguard_backend_duration_seconds{model}``: backend inference time, failed calls included (histogram).
-- ``oodguard_backend_errors_total{model,reason}``: backend failures (``unavailable``, ``deadline``, ``not_found``).
+- ``oodguard_backend_duration_seconds{model}``: backend inference time of one micro-batch (concurrent requests
+  share one call), failed calls included (histogram).
+- ``oodguard_backend_errors_total{model,reason}``: failed backend calls (micro-batches) by reason (``unavailable``,
+  ``deadline``, ``not_found``).
 - ``oodguard_items_total{model,version}``: items decided (a request holds one or more items).
 - ``oodguard_flagged_items_total{model,version}``: items flagged OOD (the flagged rate is this over ``items``).
 - ``oodguard_flagged_total{model,version,score}``: flagged items per deciding score that crossed its
@@ -64,7 +66,7 @@ from .queue import QueueError
 if TYPE_CHECKING:  # pragma: no cover
     from oodguard.calibration import ScoreThreshold
 
-    from .decision import DecisionPolicy, Verdict
+    from .decision import DecisionPolicy, Decisions
     from .registry import ServedVersion
 
 log = logging.getLogger("oodguard.serve.metrics")
@@ -112,33 +114,65 @@ def expected_flag_rates(served: "ServedVersion", policy: "DecisionPolicy") -> tu
 
 class _ScoreHistograms(Collector):
     """``oodguard_score``: one histogram per (model, version, score), each with its own calibration buckets
-    (prometheus_client's Histogram has one bucket set per metric, hence this collector)."""
+    (prometheus_client's Histogram has one bucket set per metric, hence this collector).
+
+    The request path only appends each batch's ``[B, S]`` score matrix to a buffer (no NumPy work per
+    request); the buffer is folded into the bucket counts at scrape time, or once it holds
+    ``FOLD_ROWS`` rows, so memory stays bounded however rarely Prometheus scrapes."""
+
+    FOLD_ROWS = 4096
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the buffer and the series' counts
+        self._fold_lock = threading.Lock()  # one fold at a time (request path and scrape thread)
         #: (model, version, score) → (upper bounds, cumulative-free bucket counts, sum)
         self._series: dict[tuple[str, str, str], list[Any]] = {}
+        self._buffer: list[tuple["ServedVersion", tuple[str, ...], np.ndarray]] = []
+        self._buffered_rows = 0
 
-    def observe(self, served: "ServedVersion", name: str, values: np.ndarray) -> None:
-        key = (served.model, str(served.version), name)
-        series = self._series.get(key)
-        if series is None:
-            bounds = np.asarray(score_buckets(served.calibration.thresholds[name]), dtype=np.float64)
-            with self._lock:
-                series = self._series.setdefault(key, [bounds, np.zeros(len(bounds), np.int64), 0.0])
-        values = np.asarray(values, dtype=np.float64).reshape(-1)
-        values = values[np.isfinite(values)]
-        # Prometheus buckets are "le": a value equal to a bound falls in that bound's bucket
-        index = np.searchsorted(series[0], values, side="left")
-        counts = np.bincount(index, minlength=len(series[0]))[: len(series[0])]
+    def observe(self, served: "ServedVersion", names: Sequence[str], scores: np.ndarray) -> None:
+        """Record ``scores`` (``[B, len(names)]``, one column per score) of one batch."""
         with self._lock:
-            series[1] += counts
-            series[2] += float(values.sum())
+            self._buffer.append((served, tuple(names), scores))
+            self._buffered_rows += len(scores)
+            full = self._buffered_rows >= self.FOLD_ROWS
+        if full:
+            self._fold()
+
+    def _fold(self) -> None:
+        with self._fold_lock:
+            with self._lock:
+                buffer, self._buffer, self._buffered_rows = self._buffer, [], 0
+            self._count(buffer)
+
+    def _count(self, buffer: list) -> None:
+        groups: dict[tuple[str, int, tuple[str, ...]], list] = {}
+        for served, names, scores in buffer:
+            groups.setdefault((served.model, served.version, names), [served, []])[1].append(scores)
+        for (model, version, names), (served, parts) in groups.items():
+            scores = np.concatenate(parts)
+            for j, name in enumerate(names):
+                if name not in served.calibration.thresholds:
+                    continue
+                key = (model, str(version), name)
+                series = self._series.get(key)
+                if series is None:
+                    bounds = np.asarray(score_buckets(served.calibration.thresholds[name]), dtype=np.float64)
+                    series = self._series.setdefault(key, [bounds, np.zeros(len(bounds), np.int64), 0.0])
+                values = scores[:, j]
+                values = values[np.isfinite(values)]
+                # Prometheus buckets are "le": a value equal to a bound falls in that bound's bucket
+                index = np.searchsorted(series[0], values, side="left")
+                counts = np.bincount(index, minlength=len(series[0]))[: len(series[0])]
+                with self._lock:
+                    series[1] += counts
+                    series[2] += float(values.sum())
 
     def collect(self) -> Iterable[HistogramMetricFamily]:
         family = HistogramMetricFamily("oodguard_score", "OOD score values; buckets from the version's calibration "
                                        "(calibration quantiles, the threshold, steps above the largest calibration score)",
                                        labels=["model", "version", "score"])
+        self._fold()
         with self._lock:
             items = [(key, s[0], s[1].copy(), s[2]) for key, s in sorted(self._series.items())]
         for key, bounds, counts, total in items:
@@ -242,8 +276,8 @@ class GatewayMetrics:
                                 ["model", "version", "code"], registry=r)
         self.request_seconds = Histogram("oodguard_request_duration_seconds", "Predict latency, end to end",
                                          ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.backend_seconds = Histogram("oodguard_backend_duration_seconds", "Backend inference time (failed calls "
-                                         "included)", ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.backend_seconds = Histogram("oodguard_backend_duration_seconds", "Backend inference time of one (micro-)batch "
+                                         "(failed calls included)", ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.backend_errors = Counter("oodguard_backend_errors", "Backend inference failures", ["model", "reason"],
                                       registry=r)
         self.items = Counter("oodguard_items", "Items decided", ["model", "version"], registry=r)
@@ -332,26 +366,20 @@ class GatewayMetrics:
             self.queue_rejected.labels(model).inc(rejected)
         return ids
 
-    def observe_verdicts(self, served: "ServedVersion", verdicts: Sequence["Verdict"]) -> None:
-        """Count items, flagged items and the deciding scores that flagged them; record every score."""
-        if not verdicts:
+    def observe_decisions(self, served: "ServedVersion", decisions: "Decisions") -> None:
+        """Count a batch's items, flagged items and the deciding scores that flagged them; record every score."""
+        if not len(decisions):
             return
         model, version = served.model, str(served.version)
-        self.items.labels(model, version).inc(len(verdicts))
-        flagged = [v for v in verdicts if v.ood]
+        self.items.labels(model, version).inc(len(decisions))
+        flagged = int(decisions.ood.sum())
         if flagged:
-            self.flagged_items.labels(model, version).inc(len(flagged))
-            per_score: dict[str, int] = {}
-            for v in flagged:
-                for name in v.deciding:
-                    if name in v.crossed:
-                        per_score[name] = per_score.get(name, 0) + 1
-            for name, count in per_score.items():
-                self.flagged.labels(model, version, name).inc(count)
-        for name in verdicts[0].scores:
-            if name in served.calibration.thresholds:
-                self.scores.observe(served, name, np.fromiter((v.scores[name] for v in verdicts), np.float64,
-                                                              len(verdicts)))
+            self.flagged_items.labels(model, version).inc(flagged)
+            for name in decisions.deciding:
+                count = int(decisions.crossed[decisions.ood, decisions.names.index(name)].sum())
+                if count:
+                    self.flagged.labels(model, version, name).inc(count)
+        self.scores.observe(served, decisions.names, decisions.scores)
 
     def auth_failed(self, reason: str) -> None:
         self.auth_failures.labels(reason).inc()

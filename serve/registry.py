@@ -23,7 +23,7 @@ from oodguard.calibration import Calibration, CalibrationError
 from oodguard.preprocess import Preprocessing
 
 from .backend import Backend, BackendError, BackendUnavailable, DeadlineExceeded, ModelNotFound
-from .decision import DecisionPolicy, PolicyError
+from .decision import DecisionPolicy, DecisionRule, PolicyError
 
 log = logging.getLogger("oodguard.serve.registry")
 
@@ -37,7 +37,7 @@ class UnknownModel(LookupError):
         return str(self.args[0]) if self.args else ""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # identity: the micro-batcher keys its lanes by the served object
 class ServedVersion:
     model: str
     version: int
@@ -49,6 +49,7 @@ class ServedVersion:
     scores: tuple[str, ...]
     outputs: tuple[str, ...]
     stamp: object  # calibration file's (mtime, size) when loaded
+    rule: DecisionRule  # the calibration's thresholds under the gateway's policy
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ class Registry:
         max_batch = min(self.max_batch, declared) if self.max_batch else declared
         outputs = tuple(str(o) for o in meta.get("outputs", list(repo.TENSOR_OUTPUTS) + list(scores)))
         return ServedVersion(model, version, calibration, preprocessing, shape, max_batch,
-                             tuple(calibration.class_names), scores, outputs, stamp)
+                             tuple(calibration.class_names), scores, outputs, stamp, DecisionRule(calibration, self.policy))
 
     async def _warm_up(self, served: ServedVersion) -> None:
         result = await self.backend.infer(served.model, served.version, np.zeros((1, *served.input_shape), np.float32),

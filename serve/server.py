@@ -12,7 +12,6 @@ import logging
 import math
 import random
 import signal
-from typing import Sequence
 
 import grpc
 import numpy as np
@@ -21,9 +20,10 @@ from grpc_reflection.v1alpha import reflection
 
 from oodguard.datasets import DatasetError, decode_image
 
-from .backend import Backend, BackendUnavailable, DeadlineExceeded, ModelNotFound
 from .auth import TokenAuthInterceptor, load_token, server_credentials
-from .decision import DecisionPolicy, PolicyError, Verdict, decide
+from .backend import Backend, BackendUnavailable, DeadlineExceeded, ModelNotFound
+from .batching import BatchDeadlineExceeded, MicroBatcher
+from .decision import Decisions, DecisionPolicy, PolicyError
 from .metrics import GatewayMetrics
 from .queue import NewRecord, QueryQueue, QueueError
 from .queue_factory import describe_url
@@ -149,51 +149,53 @@ class OODGuardService(pb_grpc.OODGuardServicer):
         if timeout is not None and timeout <= 0:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before inference")
         try:
-            result = await gw.metrics.time_backend(served.model, gw.backend.infer(served.model, served.version, x, timeout))
+            part = await gw.batcher.submit(served, x, served.max_batch, timeout)
         except ModelNotFound as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-        except DeadlineExceeded as exc:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, str(exc))
+        except (DeadlineExceeded, BatchDeadlineExceeded) as exc:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"model {served.model!r} version {served.version}: {exc}")
         except BackendUnavailable as exc:
-            await gw.backend_failed(str(exc))
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"backend unavailable: {exc}")
-        await gw.backend_ok()
-        if result.version != served.version:
-            served = gw.registry.resolve(served.model, result.version)
-        try:
-            verdicts = decide(result.outputs, served.calibration, gw.policy)
         except PolicyError as exc:
             await context.abort(grpc.StatusCode.INTERNAL, f"model outputs do not match its calibration: {exc}")
-        gw.metrics.observe_verdicts(served, verdicts)
+        outcome, rows = part.result, slice(part.start, part.stop)
+        decisions = outcome.decisions[rows]
         try:
-            queued, sampled = await gw.enqueue(served, x, result.outputs, verdicts, request)
+            queued, sampled = await gw.enqueue(outcome.served, x, outcome, rows, decisions, request)
         except QueueError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"query queue unavailable, flagged items not stored: {exc}")
-        return self._response(served, request, result.outputs, verdicts, queued, sampled)
+        return self._response(outcome, rows, decisions, request, queued, sampled)
 
-    def _response(self, served: ServedVersion, request: pb.PredictRequest, outputs: dict, verdicts: Sequence[Verdict],
+    @staticmethod
+    def _response(outcome: "BatchOutcome", rows: slice, decisions: Decisions, request: pb.PredictRequest,
                   queued: list, sampled: list[bool]) -> pb.PredictResponse:
-        probs = _softmax(np.asarray(outputs["logits"]))
+        served = outcome.served
+        probs = outcome.probabilities[rows]
         k = min(request.top_k or DEFAULT_TOP_K, probs.shape[1])
+        ranked = outcome.ranking[rows, :k].tolist()
+        probs = probs.tolist()
         names = served.class_names
+        score_names = decisions.names
+        thresholds = dict(zip(score_names, decisions.thresholds.tolist()))
+        crossed, scores, p_values = decisions.crossed.tolist(), decisions.scores.tolist(), decisions.p_values.tolist()
+        ood = decisions.ood.tolist()
         response = pb.PredictResponse(model=served.model, version=served.version, request_id=request.request_id)
-        for i, verdict in enumerate(verdicts):
-            order = np.argsort(-probs[i], kind="stable")[:k]
-            best = int(order[0])
+        for i in range(len(decisions)):
+            best = ranked[i][0]
             item = response.predictions.add(
-                class_index=best, class_name=names[best], probability=float(probs[i, best]),
+                class_index=best, class_name=names[best], probability=probs[i][best],
                 model=served.model, version=served.version, sampled=sampled[i],
             )
-            for c in order:
-                item.top_k.add(index=int(c), name=names[int(c)], probability=float(probs[i, c]))
-            item.scores.update(verdict.scores)
+            for c in ranked[i]:
+                item.top_k.add(index=c, name=names[c], probability=probs[i][c])
+            item.scores.update(zip(score_names, scores[i]))
             d = item.decision
-            d.ood = verdict.ood
-            d.crossed.extend(verdict.crossed)
-            d.deciding_scores.extend(verdict.deciding)
-            d.mode = verdict.mode
-            d.thresholds.update(verdict.thresholds)
-            d.p_values.update(verdict.p_values)
+            d.ood = ood[i]
+            d.crossed.extend(n for n, c in zip(score_names, crossed[i]) if c)
+            d.deciding_scores.extend(decisions.deciding)
+            d.mode = decisions.mode
+            d.thresholds.update(thresholds)
+            d.p_values.update(zip(score_names, p_values[i]))
             status = queued[i]
             if isinstance(status, str):
                 item.queue_status = pb.QUEUED
@@ -239,13 +241,36 @@ class OODGuardService(pb_grpc.OODGuardServicer):
 
 
 # -- the gateway ------------------------------------------------------------------------------------
+class BatchOutcome:
+    """What one micro-batch produced: the version that answered, every model output, the decisions, and
+    (computed on first use, once per batch) the class probabilities and classes ranked by them."""
+
+    def __init__(self, served: ServedVersion, outputs: dict[str, np.ndarray], decisions: Decisions):
+        self.served, self.outputs, self.decisions = served, outputs, decisions
+        self._probabilities: np.ndarray | None = None
+        self._ranking: np.ndarray | None = None
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        if self._probabilities is None:
+            self._probabilities = _softmax(np.asarray(self.outputs["logits"]))
+        return self._probabilities
+
+    @property
+    def ranking(self) -> np.ndarray:
+        """Class indices by falling probability per row (ties: the lower index first)."""
+        if self._ranking is None:
+            self._ranking = np.argsort(-self.probabilities, axis=1, kind="stable")
+        return self._ranking
+
+
 def build_backend(settings: Settings) -> Backend:
     """The backend named by ``settings.backend``; the Triton one is imported only when chosen."""
     if settings.backend == "embedded":
         from .embedded import EmbeddedBackend
 
-        return EmbeddedBackend(settings.repository, max_wait_ms=settings.max_wait_ms, max_batch=settings.max_batch,
-                               poll_interval_s=settings.poll_interval_s, intra_op_threads=settings.intra_op_threads)
+        return EmbeddedBackend(settings.repository, poll_interval_s=settings.poll_interval_s,
+                               intra_op_threads=settings.intra_op_threads)
     if settings.backend == "triton":
         from .triton_backend import TritonBackend
 
@@ -280,6 +305,9 @@ class Gateway:
         self.queue_rejections = 0
         self.metrics = GatewayMetrics()
         self.metrics.bind(self)
+        self.batcher: MicroBatcher[BatchOutcome] = MicroBatcher(self.run_batch,
+                                                                max_inflight=self.backend.max_inflight_batches,
+                                                                max_wait_s=settings.max_wait_ms / 1000.0)
         self.metrics_port: int | None = None
 
     # -- health ---------------------------------------------------------------------------------
@@ -308,22 +336,26 @@ class Gateway:
             await self._set_serving(self.registry.serving, "no model version ready")
 
     # -- queue ----------------------------------------------------------------------------------
-    async def enqueue(self, served: ServedVersion, x: np.ndarray, outputs: dict, verdicts: Sequence[Verdict],
-                      request: pb.PredictRequest) -> tuple[list, list[bool]]:
-        """Queue flagged items (and the sampled share of unflagged ones) before answering.
-        Returns per item: record id (str), False (refused: queue full) or None (not queued); and sampled flags."""
+    async def enqueue(self, served: ServedVersion, x: np.ndarray, outcome: "BatchOutcome", rows: slice,
+                      decisions: Decisions, request: pb.PredictRequest) -> tuple[list, list[bool]]:
+        """Queue a request's flagged items (and the sampled share of unflagged ones) before answering.
+        ``rows`` are the request's rows of ``outcome`` (its micro-batch). Returns per item: record id
+        (str), False (refused: queue full) or None (not queued); and sampled flags."""
         fraction = self.settings.unflagged_sample_fraction
-        sampled = [not v.ood and fraction > 0 and self._rng.random() < fraction for v in verdicts]
-        chosen = [i for i, v in enumerate(verdicts) if v.ood or sampled[i]]
-        status: list = [None] * len(verdicts)
+        ood = decisions.ood.tolist()
+        sampled = [not flagged and fraction > 0 and self._rng.random() < fraction for flagged in ood]
+        chosen = [i for i, flagged in enumerate(ood) if flagged or sampled[i]]
+        status: list = [None] * len(ood)
         if not chosen:
             return status, sampled
-        logits, features = np.asarray(outputs["logits"]), np.asarray(outputs["features"])
+        logits, features = outcome.outputs["logits"][rows], outcome.outputs["features"][rows]
         metadata = dict(request.metadata)
-        records = [NewRecord(model=served.model, version=served.version, input=x[i], logits=logits[i],
-                             features=features[i], scores=verdicts[i].scores, decision=verdicts[i].to_dict(),
-                             flagged=verdicts[i].ood, request_id=request.request_id, metadata=metadata)
-                   for i in chosen]
+        records = []
+        for i in chosen:
+            verdict = decisions.verdict(i)
+            records.append(NewRecord(model=served.model, version=served.version, input=x[i], logits=logits[i],
+                                     features=features[i], scores=verdict.scores, decision=verdict.to_dict(),
+                                     flagged=verdict.ood, request_id=request.request_id, metadata=metadata))
         try:
             ids = await self.metrics.time_queue_write(served.model, asyncio.to_thread(self.queue.put, records))
         except QueueError as exc:
@@ -337,6 +369,22 @@ class Gateway:
             log.warning("query queue full (%d): %d item(s) of request %r not queued", self.settings.queue_max_size,
                         rejected, request.request_id)
         return status, sampled
+
+    # -- micro-batches --------------------------------------------------------------------------
+    async def run_batch(self, served: ServedVersion, x: np.ndarray, timeout_s: float | None) -> "BatchOutcome":
+        """One backend call for a micro-batch of requests, decided and counted once for all of them."""
+        try:
+            result = await self.metrics.time_backend(served.model, self.backend.infer(served.model, served.version, x,
+                                                                                        timeout_s))
+        except BackendUnavailable as exc:
+            await self.backend_failed(str(exc))
+            raise
+        await self.backend_ok()
+        if result.version != served.version:
+            served = self.registry.resolve(served.model, result.version)
+        decisions = served.rule(result.outputs)
+        self.metrics.observe_decisions(served, decisions)
+        return BatchOutcome(served, result.outputs, decisions)
 
     # -- lifecycle ------------------------------------------------------------------------------
     def _security(self) -> tuple[grpc.ServerCredentials | None, list]:

@@ -43,9 +43,11 @@ class Settings:
     decision_scores: tuple[str, ...] = ("sisome",)
     #: "any": OOD when any deciding score crosses its threshold; "all": when all do
     decision_mode: str = "any"
-    #: micro-batching: how long the first request of a batch waits for more (milliseconds)
-    max_wait_ms: float = 2.0
-    #: micro-batching: largest merged batch; 0 = the model's max_batch_size (never above it)
+    #: micro-batching (every backend): how long a free backend slot holds a batch smaller than max_batch
+    #: for more requests, milliseconds. 0 = run at once; under load batches still form while the backend
+    #: is busy (continuous batching)
+    max_wait_ms: float = 0.0
+    #: micro-batching: largest merged batch and largest request; 0 = the model's max_batch_size (never above it)
     max_batch: int = 0
     #: SQLite file of the active-learning query queue (used when queue_url is empty)
     queue_path: Path = Path("oodguard-queue.sqlite")

@@ -49,6 +49,9 @@ class TritonBackend(Backend):
     ``max_reconnect_backoff_ms`` caps gRPC's reconnect backoff: after a server restart a long-lived
     channel is usable again within about that long (gRPC's default cap is 120 s).
     ``control_timeout_s`` bounds the calls that are not inference (repository index).
+    ``max_inflight_batches``: how many (micro-batched) calls the gateway keeps in flight at once, so
+    the next batch is already at the server while one computes (Triton's own dynamic batcher and
+    instance count decide how they run there).
     """
 
     def __init__(
@@ -58,7 +61,9 @@ class TritonBackend(Backend):
         *,
         max_reconnect_backoff_ms: int = 500,
         control_timeout_s: float = 5.0,
+        max_inflight_batches: int = 2,
     ) -> None:
+        self.max_inflight_batches = max(1, max_inflight_batches)
         self.url = url.removeprefix("grpc://")
         self.repository = Path(repository)
         self.max_reconnect_backoff_ms = max_reconnect_backoff_ms

@@ -1,13 +1,14 @@
 import asyncio
 import os
 import shutil
+import threading
 import time
 
 import numpy as np
 import pytest
 
 from oodguard.onnx_runner import OnnxModel
-from oodguard.serve.backend import DeadlineExceeded, ModelNotFound
+from oodguard.serve.backend import BackendUnavailable, DeadlineExceeded, ModelNotFound
 from oodguard.serve.embedded import EmbeddedBackend
 
 
@@ -42,41 +43,24 @@ def test_outputs_equal_a_direct_session(digits_export):
         assert result.outputs[name].shape == value.shape
 
 
-def test_concurrent_requests_are_merged_into_batches(digits_export):
+def test_an_input_above_the_max_batch_size_runs_in_chunks(digits_export):
     repository = digits_export[2]
-    direct = OnnxModel(repository / "digits" / "1" / "model.onnx")
-    xs = [inputs(1 + i % 3, seed=i) for i in range(24)]  # 48 rows
+    x = inputs(130)  # the digits model declares max_batch_size 64: 64 + 64 + 2
+    direct = OnnxModel(repository / "digits" / "1" / "model.onnx").run(x)
 
     async def main():
-        backend = await started(repository, max_wait_ms=50)
+        backend = await started(repository)
         try:
-            results = await asyncio.gather(*(backend.infer("digits", 1, x, 10) for x in xs))
-            return results, backend.executions, list(backend.batch_sizes)
+            before = backend.executions
+            result = await backend.infer("digits", 1, x, 10)
+            return result, backend.executions - before
         finally:
             await backend.close()
 
-    results, executions, sizes = asyncio.run(main())
-    assert sum(sizes) == 48
-    assert executions < 24 and max(sizes) > 3, (executions, sizes)
-    for x, result in zip(xs, results):
-        expected = direct.run(x)
-        assert result.outputs["logits"].shape == (len(x), 8)
-        np.testing.assert_allclose(result.outputs["sisome"], expected["sisome"], rtol=1e-4, atol=1e-4)
-
-
-def test_batches_never_exceed_max_batch(digits_export):
-    async def main():
-        backend = await started(digits_export[2], max_wait_ms=30, max_batch=4)
-        try:
-            await asyncio.gather(*(backend.infer("digits", 1, inputs(1 + i % 2, i), 10) for i in range(10)))
-            big = await backend.infer("digits", 1, inputs(9), 10)  # above max_batch: chunked
-            return list(backend.batch_sizes), big
-        finally:
-            await backend.close()
-
-    sizes, big = asyncio.run(main())
-    assert max(sizes) <= 4 and sum(sizes) == 15 + 9 and len(sizes) >= 4 + 3
-    assert big.outputs["features"].shape == (9, 84)
+    result, executions = asyncio.run(main())
+    assert executions == 3
+    assert result.outputs["features"].shape == (130, 84)
+    np.testing.assert_allclose(result.outputs["sisome"], direct["sisome"], rtol=1e-4, atol=1e-4)
 
 
 def test_new_version_copied_in_is_served_after_a_poll(repo_copy):
@@ -113,37 +97,40 @@ def test_new_version_copied_in_is_served_after_a_poll(repo_copy):
 
 def test_unknown_model_version_and_deadline(digits_export):
     async def main():
-        backend = await started(digits_export[2], max_wait_ms=300)
+        backend = await started(digits_export[2])
+        gate = threading.Event()
         try:
             with pytest.raises(ModelNotFound, match="'nope'"):
                 await backend.infer("nope", None, inputs(1), 1)
             with pytest.raises(ModelNotFound, match="version 7"):
                 await backend.infer("digits", 7, inputs(1), 1)
+            with pytest.raises(DeadlineExceeded, match="deadline passed"):
+                await backend.infer("digits", 1, inputs(1), 0)
+            backend._executor.submit(gate.wait, 10)  # the only worker is busy: a new run has to wait for it
             t0 = time.monotonic()
-            await backend._run_slots.acquire()  # the only worker is busy: a new request waits for batch mates
-            try:
-                with pytest.raises(DeadlineExceeded):
-                    await backend.infer("digits", 1, inputs(1), 0.05)  # the window is 300 ms
-            finally:
-                backend._run_slots.release()
-            assert time.monotonic() - t0 < 0.25
+            with pytest.raises(DeadlineExceeded, match="within 0.050s"):
+                await backend.infer("digits", 1, inputs(1), 0.05)
+            waited = time.monotonic() - t0
+            gate.set()
             # the server keeps answering afterwards
-            return (await backend.infer("digits", 1, inputs(1), 5)).outputs["logits"].shape
+            return waited, (await backend.infer("digits", 1, inputs(1), 5)).outputs["logits"].shape
         finally:
+            gate.set()
             await backend.close()
 
-    assert asyncio.run(main()) == (1, 8)
+    waited, shape = asyncio.run(main())
+    assert 0.04 < waited < 0.5 and shape == (1, 8)
 
 
-def test_a_lone_request_does_not_wait_for_the_batching_window(digits_export):
+def test_close_waits_for_a_running_batch_and_refuses_new_ones(digits_export):
     async def main():
-        backend = await started(digits_export[2], max_wait_ms=500)
-        try:
-            await backend.infer("digits", 1, inputs(1), 5)  # warm-up
-            t0 = time.monotonic()
-            await backend.infer("digits", 1, inputs(1), 5)
-            return time.monotonic() - t0
-        finally:
-            await backend.close()
+        backend = await started(digits_export[2])
+        running = asyncio.create_task(backend.infer("digits", 1, inputs(64), 10))
+        await asyncio.sleep(0)
+        await backend.close()
+        result = await running
+        with pytest.raises(BackendUnavailable, match="closed"):
+            await backend.infer("digits", 1, inputs(1), 1)
+        return result
 
-    assert asyncio.run(main()) < 0.25  # far below the 500 ms window: an idle worker dispatches at once
+    assert asyncio.run(main()).outputs["logits"].shape == (64, 8)

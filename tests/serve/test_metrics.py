@@ -147,7 +147,7 @@ def test_backend_errors_and_queue_rejections_are_counted(start_gateway, repo_cop
     backends = []
 
     def factory(settings):
-        backends.append(FlakyBackend(EmbeddedBackend(settings.repository, max_wait_ms=1)))
+        backends.append(FlakyBackend(EmbeddedBackend(settings.repository)))
         return backends[0]
 
     port = free_port()

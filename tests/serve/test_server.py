@@ -259,7 +259,7 @@ def test_backend_failure_unavailable_health_flips_and_recovers(start_gateway, re
     backends = []
 
     def factory(settings):
-        backends.append(FlakyBackend(EmbeddedBackend(settings.repository, max_wait_ms=1)))
+        backends.append(FlakyBackend(EmbeddedBackend(settings.repository)))
         return backends[0]
 
     gw = start_gateway(repo_copy, backend_factory=factory, poll_interval_s=0.1)

@@ -1,0 +1,152 @@
+"""bench/serve_benchmark.py without servers: flags, the aggregation and ratio arithmetic on hand-made cells,
+and the traffic built from a real (digits demo) repository."""
+
+import importlib.util
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+BENCH = Path(__file__).resolve().parents[2] / "bench"
+
+
+@pytest.fixture(scope="module")
+def sb():
+    if "serve_benchmark" in sys.modules:
+        return sys.modules["serve_benchmark"]
+    spec = importlib.util.spec_from_file_location("serve_benchmark", BENCH / "serve_benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["serve_benchmark"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def cell(sb, target, concurrency, rnd=0, *, rps=100.0, p50=1.0, p90=2.0, p99=3.0, mean=1.5, server=None, client=50.0,
+         requests=100, errors=0, queued=0):
+    return sb.Cell(target, concurrency, rnd, requests, errors, rps, p50, p90, p99, mean, server, client, queued)
+
+
+# -- flags --------------------------------------------------------------------------------------------
+def test_backbone_flag_defaults_to_lenet5_and_the_historical_report_folder(sb):
+    args = sb.parse_args([])
+    assert args.backbone == "lenet5"
+    assert args.out == sb.ROOT / "runs" / "bench" / "serve-report"
+    assert sb.cache_root(args) == args.cache
+
+
+def test_resnet18_backbone_gets_its_own_report_and_cache_folders(sb):
+    args = sb.parse_args(["--backbone", "resnet18_cifar"])
+    assert args.backbone == "resnet18_cifar"
+    assert args.out == sb.ROOT / "runs" / "bench" / "serve-report-resnet18_cifar"
+    assert sb.cache_root(args) == args.cache / "resnet18_cifar"
+
+
+def test_an_explicit_out_wins_and_unknown_backbones_are_refused(sb, tmp_path, capsys):
+    assert sb.parse_args(["--backbone", "resnet18_cifar", "--out", str(tmp_path)]).out == tmp_path
+    with pytest.raises(SystemExit):
+        sb.parse_args(["--backbone", "resnet50"])
+    assert "invalid choice" in capsys.readouterr().err
+
+
+# -- aggregate / ratios -------------------------------------------------------------------------------
+def test_aggregate_takes_medians_over_rounds_and_sums_counts(sb):
+    cells = [
+        cell(sb, "gateway-embedded", 1, 0, rps=100.0, p50=2.0, server=80.0, requests=10, errors=1, queued=2),
+        cell(sb, "gateway-embedded", 1, 1, rps=300.0, p50=4.0, server=None, requests=20),
+        cell(sb, "gateway-embedded", 1, 2, rps=200.0, p50=9.0, server=40.0, requests=30, errors=2),
+        cell(sb, "ort-direct", 1, 0, rps=1000.0, p50=0.5),
+    ]
+    agg = sb.aggregate(cells)
+    # ordered by TARGETS, then concurrency
+    assert list(agg) == [("ort-direct", 1), ("gateway-embedded", 1)]
+    row = agg[("gateway-embedded", 1)]
+    assert row["rounds"] == 3 and row["requests"] == 60 and row["errors"] == 3 and row["queued"] == 2
+    assert row["throughput_rps"] == 200.0 and row["p50_ms"] == 4.0
+    assert row["server_cpu_pct"] == 60.0  # median of the rounds that measured it (80, 40)
+    assert agg[("ort-direct", 1)]["server_cpu_pct"] is None
+    assert agg[("ort-direct", 1)]["p50_ms"] == 0.5
+
+
+def test_ratios_compute_overheads_throughput_ratios_and_met_flags(sb):
+    cells = [
+        cell(sb, "ort-direct", 1, p50=0.25),
+        cell(sb, "triton-direct", 1, p50=2.0),
+        cell(sb, "gateway-embedded", 1, p50=1.0),          # overhead 0.75 ms: met
+        cell(sb, "gateway-embedded-nobatch", 1, p50=1.5),  # overhead 1.25 ms: not met
+        cell(sb, "gateway-triton", 1, p50=3.5),            # overhead 1.5 ms: not met
+        cell(sb, "triton-direct", 64, rps=1000.0),
+        cell(sb, "gateway-triton", 64, rps=850.0),         # 0.85 >= 0.80: met
+        cell(sb, "gateway-embedded", 64, rps=300.0),
+        cell(sb, "gateway-embedded-nobatch", 64, rps=200.0),  # 1.5 < 2.0: not met
+    ]
+    rat = {r["name"]: r for r in sb.ratios(sb.aggregate(cells))}
+    assert len(rat) == 5
+    assert rat["gateway-triton p50 overhead @c=1"]["value"] == 1.5
+    assert rat["gateway-triton p50 overhead @c=1"]["met"] is False
+    assert rat["gateway-embedded p50 overhead @c=1"]["value"] == 0.75
+    assert rat["gateway-embedded p50 overhead @c=1"]["met"] is True
+    assert rat["gateway-embedded (micro-batching off) p50 overhead @c=1"]["value"] == 1.25
+    assert rat["gateway-embedded (micro-batching off) p50 overhead @c=1"]["met"] is False
+    assert rat["throughput gateway-triton / triton-direct @c=64"]["value"] == 0.85
+    assert rat["throughput gateway-triton / triton-direct @c=64"]["met"] is True
+    assert rat["throughput gateway-embedded micro-batching on / off @c=64"]["value"] == 1.5
+    assert rat["throughput gateway-embedded micro-batching on / off @c=64"]["met"] is False
+    assert {r["unit"] for r in rat.values()} == {"ms", "x"}
+
+
+def test_ratios_are_none_where_a_target_is_missing_failed_or_had_zero_throughput(sb):
+    cells = [
+        cell(sb, "ort-direct", 1, p50=0.25),
+        cell(sb, "gateway-embedded", 1, p50=math.nan, requests=0),  # no successful request
+        cell(sb, "triton-direct", 64, rps=0.0),
+        cell(sb, "gateway-triton", 64, rps=500.0),
+    ]
+    rat = {r["name"]: r for r in sb.ratios(sb.aggregate(cells))}
+    for name in ("gateway-embedded p50 overhead @c=1", "gateway-triton p50 overhead @c=1",
+                 "throughput gateway-triton / triton-direct @c=64",
+                 "throughput gateway-embedded micro-batching on / off @c=64"):
+        assert rat[name]["value"] is None and rat[name]["met"] is None, name
+
+
+def test_report_names_the_backbone_and_its_latency(sb, tmp_path):
+    cells = [cell(sb, "ort-direct", 1, p50=0.25)]
+    agg = sb.aggregate(cells)
+    meta = {"started": "2026-01-01 00:00:00", "machine": "test", "run_time_s": 1.0, "model": "digits_resnet18",
+            "version": 1, "backbone": "resnet18_cifar", "request_shape": [1, 3, 32, 32], "repository": "/r",
+            "model_latency_ms": {"1": {"ms": 4.0, "per_sample_ms": 4.0, "min_ms": 3.5},
+                                 "64": {"ms": 128.0, "per_sample_ms": 2.0, "min_ms": 120.0}},
+            "model_latency_runs": 5, "model_latency_loadavg": 0.5, "cpus": 2, "build": {"backbone": "resnet18_cifar", "epochs": 1, "built": "x",
+                                               "seconds": {"total": 90.0, "train": 30.0, "export": 60.0}},
+            "duration_s": 1.0, "warmup_s": 0.5, "rounds": 1, "traffic_inputs": 10, "decision_score": "sisome",
+            "flagged_share": 0.0, "embedded_batching": "x", "notes": []}
+    md = sb.write_report(tmp_path, meta, cells, agg, sb.ratios(agg))
+    assert "backbone `resnet18_cifar`, input [1,3,32,32]" in md
+    assert "batch 1: 4.00 ms per call" in md and "batch 64: 128.00 ms per call (2.000 ms per sample; best run 120.00 ms)" in md
+    assert "1-minute load average 0.50 on 2 cores" in md
+    assert "float32 [1,3,32,32] tensors" in md and "28,28" not in md
+    assert "| n/a | <= 1 ms | n/a |" in md  # a missing overhead is "n/a", not "n/a ms"
+
+
+# -- traffic from a real repository -------------------------------------------------------------------
+def test_build_traffic_matches_the_model_input(sb, digits_export):
+    from oodguard import repository as repo
+    from oodguard.onnx_runner import OnnxModel
+
+    repository = digits_export[2]
+    traffic = sb.build_traffic(repository, None, count=32)
+    model = OnnxModel(repo.version_dir(repository, traffic.model, traffic.version) / repo.MODEL_FILE)
+    assert traffic.model == "digits" and traffic.backbone_name == "lenet5"
+    assert traffic.inputs.dtype == np.float32 and traffic.inputs.flags["C_CONTIGUOUS"]
+    assert 0 < len(traffic.inputs) <= 32
+    assert traffic.inputs.shape[1:] == model.input_shape == (1, 28, 28)
+    assert traffic.request_shape == [1, 1, 28, 28]
+    outputs = model.session.run(None, {repo.INPUT_NAME: traffic.inputs[0].reshape(traffic.request_shape)})
+    assert outputs[0].shape[0] == 1
+
+    latency = sb.model_latency(model.session, traffic.inputs, batches=(1, 4), runs=2, min_run_s=0.001)
+    assert set(latency) == {1, 4}
+    assert all(v["ms"] > 0 and len(v["runs_ms"]) == 2 for v in latency.values())
+    assert latency[4]["per_sample_ms"] == latency[4]["ms"] / 4
+    assert all(v["min_ms"] <= v["ms"] for v in latency.values())

@@ -1,0 +1,196 @@
+"""MicroBatcher on its own, with a recording run function (the gateway tests drive it with real backends)."""
+
+import asyncio
+import time
+
+import numpy as np
+import pytest
+
+from oodguard.serve.batching import BatchDeadlineExceeded, MicroBatcher
+
+
+class Recorder:
+    """A run function that records every batch and can be held closed by a gate."""
+
+    def __init__(self, fail_first: int = 0):
+        self.batches: list[tuple[object, list[float]]] = []
+        self.gate: asyncio.Event | None = None
+        self.running = 0
+        self.most_running = 0
+        self.fail_first = fail_first
+
+    async def __call__(self, key, rows, timeout_s):
+        self.batches.append((key, rows[:, 0].tolist()))
+        self.running += 1
+        self.most_running = max(self.most_running, self.running)
+        try:
+            if self.gate is not None:
+                await self.gate.wait()
+            if len(self.batches) <= self.fail_first:
+                raise RuntimeError("backend down")
+            return {"key": key, "doubled": rows * 2, "timeout": timeout_s}
+        finally:
+            self.running -= 1
+
+
+def rows(*values) -> np.ndarray:
+    return np.array(values, dtype=np.float32).reshape(-1, 1)
+
+
+def test_submissions_of_one_loop_turn_share_one_batch_and_get_their_own_rows():
+    run = Recorder()
+
+    async def main():
+        batcher = MicroBatcher(run)
+        return await asyncio.gather(*(batcher.submit("m", rows(i, i + 0.5), 64) for i in range(5)))
+
+    parts = asyncio.run(main())
+    assert run.batches == [("m", [0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5])]
+    for i, part in enumerate(parts):
+        assert (part.start, part.stop, part.batch_rows) == (2 * i, 2 * i + 2, 10)
+        assert part.result["doubled"][part.start:part.stop, 0].tolist() == [2 * i, 2 * i + 1]
+        assert part.result["timeout"] is None
+
+
+def test_while_the_slot_is_busy_requests_pile_up_into_the_next_batch():
+    run = Recorder()
+
+    async def main():
+        batcher = MicroBatcher(run)
+        run.gate = asyncio.Event()
+        first = asyncio.create_task(batcher.submit("m", rows(0), 64))
+        await asyncio.sleep(0.01)  # the first batch is running, held by the gate
+        rest = [asyncio.create_task(batcher.submit("m", rows(i), 64)) for i in range(1, 11)]
+        await asyncio.sleep(0.01)
+        assert len(run.batches) == 1  # nothing else started: the only slot is busy
+        run.gate.set()
+        await asyncio.gather(first, *rest)
+        return list(batcher.batch_rows), batcher.batches
+
+    sizes, count = asyncio.run(main())
+    assert run.batches == [("m", [0]), ("m", [float(i) for i in range(1, 11)])]
+    assert sizes == [1, 10] and count == 2
+
+
+def test_batches_respect_the_row_limit_and_keys_are_never_mixed():
+    run = Recorder()
+
+    async def main():
+        batcher = MicroBatcher(run, max_inflight=2)
+        work = [batcher.submit("a", rows(i, i), 4) for i in range(5)] + [batcher.submit("b", rows(100 + i), 4) for i in range(3)]
+        return await asyncio.gather(*work)
+
+    parts = asyncio.run(main())
+    assert all(len(values) <= 4 for _, values in run.batches)
+    assert sorted(v for key, values in run.batches if key == "a" for v in values) == sorted([float(i) for i in range(5)] * 2)
+    assert [values for key, values in run.batches if key == "b"] == [[100, 101, 102]]
+    for i, part in enumerate(parts[:5]):
+        assert part.result["key"] == "a" and part.result["doubled"][part.start:part.stop, 0].tolist() == [2 * i, 2 * i]
+
+
+def test_max_inflight_batches_run_at_the_same_time():
+    run = Recorder()
+
+    async def main():
+        batcher = MicroBatcher(run, max_inflight=3)
+        run.gate = asyncio.Event()
+        tasks = [asyncio.create_task(batcher.submit("m", rows(i), 1)) for i in range(6)]
+        await asyncio.sleep(0.01)
+        started = len(run.batches)
+        run.gate.set()
+        await asyncio.gather(*tasks)
+        return started
+
+    assert asyncio.run(main()) == 3
+    assert run.most_running == 3 and len(run.batches) == 6
+
+
+def test_a_lone_request_does_not_wait_unless_a_window_is_set():
+    def lone(max_wait_s):
+        async def main():
+            batcher = MicroBatcher(Recorder(), max_wait_s=max_wait_s)
+            await batcher.submit("m", rows(1), 64)  # warm-up
+            t0 = time.monotonic()
+            await batcher.submit("m", rows(1), 64)
+            return time.monotonic() - t0
+        return asyncio.run(main())
+
+    assert lone(0.0) < 0.05
+    assert 0.19 < lone(0.2) < 1.0
+
+
+def test_a_window_gathers_requests_that_arrive_within_it():
+    run = Recorder()
+
+    async def main():
+        batcher = MicroBatcher(run, max_wait_s=0.2)
+        tasks = []
+        for i in range(4):
+            tasks.append(asyncio.create_task(batcher.submit("m", rows(i), 64)))
+            await asyncio.sleep(0.02)
+        await asyncio.gather(*tasks)
+
+    asyncio.run(main())
+    assert run.batches == [("m", [0, 1, 2, 3])]
+
+
+def test_a_full_batch_does_not_wait_for_the_window():
+    run = Recorder()
+
+    async def main():
+        batcher = MicroBatcher(run, max_wait_s=5.0)
+        t0 = time.monotonic()
+        await asyncio.gather(*(batcher.submit("m", rows(i), 4) for i in range(4)))
+        return time.monotonic() - t0
+
+    assert asyncio.run(main()) < 1.0 and run.batches == [("m", [0, 1, 2, 3])]
+
+
+def test_a_failure_reaches_every_request_of_its_batch_only():
+    run = Recorder(fail_first=1)
+
+    async def main():
+        batcher = MicroBatcher(run)
+        failed = await asyncio.gather(*(batcher.submit("m", rows(i), 64) for i in range(3)), return_exceptions=True)
+        ok = await batcher.submit("m", rows(9), 64)
+        return failed, ok
+
+    failed, ok = asyncio.run(main())
+    assert [str(e) for e in failed] == ["backend down"] * 3
+    assert ok.result["doubled"][ok.start, 0] == 18
+
+
+def test_a_request_past_its_deadline_is_dropped_before_its_batch_runs():
+    run = Recorder()
+
+    async def main():
+        batcher = MicroBatcher(run)
+        run.gate = asyncio.Event()
+        first = asyncio.create_task(batcher.submit("m", rows(0), 64))
+        await asyncio.sleep(0.01)
+        late = asyncio.create_task(batcher.submit("m", rows(1), 64, timeout_s=0.05))
+        patient = asyncio.create_task(batcher.submit("m", rows(2), 64, timeout_s=5.0))
+        with pytest.raises(BatchDeadlineExceeded, match="within 0.050s"):
+            await late
+        run.gate.set()
+        await first
+        return await patient
+
+    part = asyncio.run(main())
+    assert run.batches == [("m", [0]), ("m", [2])]  # the late request never reached the backend
+    assert 0 < part.result["timeout"] <= 5.0  # the batch's deadline is passed on
+
+
+@pytest.mark.parametrize("values, limit, message", [((), 4, "empty batch"), ((1, 2, 3), 2, "above the batch limit of 2")])
+def test_invalid_submissions_are_refused(values, limit, message):
+    async def main():
+        await MicroBatcher(Recorder()).submit("m", rows(*values), limit)
+
+    with pytest.raises(ValueError, match=message):
+        asyncio.run(main())
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(max_inflight=0), "max_inflight"), (dict(max_wait_s=-1), "max_wait_s")])
+def test_invalid_settings_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MicroBatcher(Recorder(), **kwargs)
