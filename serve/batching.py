@@ -4,9 +4,10 @@
 and at most ``max_inflight`` batches running at once (the backend's capacity: one ONNX Runtime worker,
 a few calls in flight to Triton). It is *continuous* batching:
 
+* an idle batcher (no batch running or pending) runs a submission at once, in the caller's own task:
+  at low load a request pays no hand-off at all (``max_wait_s = 0``, the default);
 * a free slot takes everything pending for a lane (whole submissions, up to the lane's row limit) on the
-  next event-loop turn, so requests that arrived together go together and a lone request waits for
-  nothing (``max_wait_s = 0``, the default);
+  next event-loop turn, so requests that arrived together go together;
 * while every slot is busy, submissions pile up and the next free slot takes them as one batch, so
   batches grow with load and no timer is involved;
 * ``max_wait_s > 0`` makes a free slot hold a lane smaller than its row limit until its oldest
@@ -85,6 +86,8 @@ class MicroBatcher(Generic[T]):
             raise ValueError("nothing to run: empty batch")
         if len(rows) > max_rows:
             raise ValueError(f"{len(rows)} rows are above the batch limit of {max_rows}")
+        if self._inflight == 0 and not self._lanes and self.max_wait_s == 0:
+            return await self._run_alone(key, rows, timeout_s)
         loop = asyncio.get_running_loop()
         now = loop.time()
         lane = self._lanes.get(key)
@@ -104,6 +107,20 @@ class MicroBatcher(Generic[T]):
         finally:
             if timer is not None:
                 timer.cancel()
+
+    async def _run_alone(self, key: Hashable, rows: np.ndarray, timeout_s: float | None) -> Part[T]:
+        """The idle fast path: this submission is a batch of its own and runs in the caller's task;
+        submissions arriving meanwhile find the slot taken and pile up for the next batch."""
+        self._inflight += 1
+        self.batches += 1
+        self.batch_rows.append(len(rows))
+        try:
+            result = await self.run_batch(key, rows, timeout_s)
+        finally:
+            self._inflight -= 1
+            if self._lanes:
+                self._kick(asyncio.get_running_loop())
+        return Part(result, 0, len(rows), len(rows))
 
     @staticmethod
     def _expire(future: asyncio.Future, timeout_s: float) -> None:

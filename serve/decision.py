@@ -8,6 +8,7 @@ deciding or not.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
@@ -16,6 +17,8 @@ import numpy as np
 from oodguard.calibration import Calibration
 
 MODES = ("any", "all")
+#: batches up to this many rows count calibration scores with :func:`bisect.bisect_left`, larger ones with NumPy
+BISECT_MAX_ROWS = 4
 
 
 class PolicyError(ValueError):
@@ -116,23 +119,32 @@ class DecisionRule:
         self.names = tuple(str(n) for n in calibration.model["scores"])
         policy.validate(self.names, f"model {calibration.model.get('name', '?')!r}")
         self.policy = policy
-        self._thresholds = [calibration.thresholds[n] for n in self.names]
-        self.thresholds = np.array([t.threshold for t in self._thresholds], dtype=np.float64)
-        self._deciding = np.array([self.names.index(n) for n in policy.scores])
+        thresholds = [calibration.thresholds[n] for n in self.names]
+        self.thresholds = np.array([t.threshold for t in thresholds], dtype=np.float64)
+        self._sorted = [np.asarray(t.sorted_scores, dtype=np.float64) for t in thresholds]
+        self._sorted_lists = [calib.tolist() for calib in self._sorted]  # for bisect on small batches
+        self._n = np.array([t.n for t in thresholds], dtype=np.float64)
+        self._deciding = [self.names.index(n) for n in policy.scores]
 
     def __call__(self, outputs: Mapping[str, np.ndarray]) -> Decisions:
         """One verdict per batch item. ``outputs`` holds one ``[B]`` array per score of the calibration
-        (extra outputs such as logits and features are ignored)."""
-        missing = [n for n in self.names if n not in outputs]
-        if missing:
-            raise PolicyError(f"model outputs lack score(s) {missing}")
-        columns = [np.asarray(outputs[n]).reshape(-1) for n in self.names]
-        sizes = {len(c) for c in columns}
-        if len(sizes) != 1:
-            raise PolicyError(f"score outputs disagree on the batch size: { {n: len(c) for n, c in zip(self.names, columns)} }")
-        scores = np.stack(columns, axis=1).astype(np.float64)
+        (extra outputs such as logits and features are ignored). Conformal p-values are
+        ``(1 + #{calibration scores >= s}) / (n + 1)``, as :meth:`ScoreThreshold.p_values`."""
+        try:
+            columns = [outputs[n].reshape(-1) for n in self.names]
+        except KeyError:
+            raise PolicyError(f"model outputs lack score(s) {[n for n in self.names if n not in outputs]}") from None
+        try:
+            scores = np.array(columns, dtype=np.float64).T  # [B, S]
+        except ValueError:
+            raise PolicyError(f"score outputs disagree on the batch size: { {n: len(c) for n, c in zip(self.names, columns)} }") from None
         crossed = scores > self.thresholds
-        p_values = np.stack([t.p_values(scores[:, j]) for j, t in enumerate(self._thresholds)], axis=1)
+        if len(scores) <= BISECT_MAX_ROWS:  # a few rows: plain bisect beats NumPy's per-call overhead
+            below = np.array([[bisect.bisect_left(calib, v) for v in column]
+                              for calib, column in zip(self._sorted_lists, scores.T.tolist())], dtype=np.float64)
+        else:
+            below = np.array([np.searchsorted(calib, column, side="left") for calib, column in zip(self._sorted, scores.T)])
+        p_values = ((1.0 + self._n[:, None] - below) / (self._n[:, None] + 1.0)).T
         deciding = crossed[:, self._deciding]
         ood = deciding.any(axis=1) if self.policy.mode == "any" else deciding.all(axis=1)
         return Decisions(self.names, tuple(self.policy.scores), self.policy.mode, self.thresholds, scores, crossed,

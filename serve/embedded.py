@@ -3,9 +3,10 @@
 Every version folder holding a ``model.onnx`` gets a session (a folder whose model cannot be loaded is
 retried when its file changes). :meth:`EmbeddedBackend.infer` runs a batch in one of ``workers``
 threads, so the event loop keeps serving gRPC while ONNX Runtime computes; an input larger than the
-version's ``max_batch_size`` runs in chunks. A single row of a model whose single-row runs (measured in
-the worker: the registry's warm-up is the first) take less than ``INLINE_BUDGET_S`` runs on the event
-loop instead: at low load that saves two thread hand-offs, more than such a run costs. Merging concurrent requests into batches is the gateway's
+version's ``max_batch_size`` runs in chunks. A single row of a model whose single-row runs (measured at
+load, then by every single-row run in a worker) take less than ``INLINE_BUDGET_S`` runs on the event
+loop instead: at low load that saves two thread hand-offs, more than such a run costs. With
+``intra_op_threads = 0`` such a small model gets a one-thread session (see ``_load_session``). Merging concurrent requests into batches is the gateway's
 job (:mod:`oodguard.serve.batching`), the same for every backend; ``max_inflight_batches`` tells it how
 many batches to run at once (one per worker). The repository is polled every ``poll_interval_s`` for new
 and removed versions.
@@ -43,7 +44,7 @@ class _Version:
     onnx: OnnxModel
     max_batch: int
     stamp: tuple
-    single_row_s: float = float("inf")  # running estimate of one single-row run (unknown until measured)
+    single_row_s: float  # running estimate of one single-row run (measured at load, updated by worker runs)
 
 
 def _stamp(path: Path) -> tuple:
@@ -59,6 +60,17 @@ def _declared_max_batch(folder: Path) -> int:
         return value if value > 0 else DEFAULT_MAX_BATCH
     except (OSError, ValueError, KeyError, TypeError):
         return DEFAULT_MAX_BATCH
+
+
+def _single_row_seconds(onnx: OnnxModel, runs: int = 5) -> float:
+    row = np.zeros((1, *onnx.input_shape), np.float32)
+    onnx.session.run(None, {repo.INPUT_NAME: row})  # the first run allocates
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        onnx.session.run(None, {repo.INPUT_NAME: row})
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
 
 
 class EmbeddedBackend(Backend):
@@ -130,16 +142,32 @@ class EmbeddedBackend(Backend):
                 if (current and current.stamp == stamp) or self._failed.get(key) == stamp:
                     continue
                 try:
-                    onnx = await asyncio.get_running_loop().run_in_executor(
-                        self._executor, lambda f=folder: OnnxModel(f / repo.MODEL_FILE, intra_op_threads=self.intra_op_threads, spin=False))
+                    onnx, single_row_s = await asyncio.get_running_loop().run_in_executor(
+                        self._executor, self._load_session, folder / repo.MODEL_FILE)
                 except Exception as exc:  # ORT raises its own types for broken files
                     self._failed[key] = stamp
                     log.error("model %s version %d: cannot load %s (%s); not served", key[0], key[1], folder / repo.MODEL_FILE, exc)
                     continue
                 self._failed.pop(key, None)
                 max_batch = _declared_max_batch(folder)
-                self._versions[key] = _Version(key[0], key[1], onnx, max_batch, stamp)
-                log.info("model %s version %d loaded (input %s, max batch %d)", key[0], key[1], onnx.input_shape, max_batch)
+                self._versions[key] = _Version(key[0], key[1], onnx, max_batch, stamp, single_row_s)
+                log.info("model %s version %d loaded (input %s, max batch %d, one row in %.2f ms%s)", key[0], key[1],
+                         onnx.input_shape, max_batch, 1000 * single_row_s,
+                         ", run on the event loop" if single_row_s < INLINE_BUDGET_S else "")
+
+    def _load_session(self, path: Path) -> tuple[OnnxModel, float]:
+        """The version's session and its single-row run time (median of a few runs on zeros).
+        ``intra_op_threads == 0`` (auto): ONNX Runtime's default thread pool, except for a model whose single
+        row runs below ``INLINE_BUDGET_S``: it gets one thread, as such rows run inline on the event loop
+        and waking a pool thread for them would cost more than the parallelism gains."""
+        onnx = OnnxModel(path, intra_op_threads=self.intra_op_threads, spin=False)
+        single_row_s = _single_row_seconds(onnx)
+        if self.intra_op_threads == 0 and single_row_s < INLINE_BUDGET_S:
+            small = OnnxModel(path, intra_op_threads=1, spin=False)
+            small_row_s = _single_row_seconds(small)
+            if small_row_s < INLINE_BUDGET_S:
+                return small, small_row_s
+        return onnx, single_row_s
 
     @staticmethod
     def _timed_run(entry: _Version, inputs: np.ndarray) -> list:
@@ -148,7 +176,7 @@ class EmbeddedBackend(Backend):
         outputs = entry.onnx.session.run(None, {repo.INPUT_NAME: inputs})
         if len(inputs) == 1:
             took = time.perf_counter() - started
-            entry.single_row_s = took if entry.single_row_s == float("inf") else 0.8 * entry.single_row_s + 0.2 * took
+            entry.single_row_s = 0.8 * entry.single_row_s + 0.2 * took
         return outputs
 
     def _finished(self, running: asyncio.Future) -> None:

@@ -1,8 +1,10 @@
 """The gRPC gateway: ``oodguard.v1.OODGuard`` + standard health + reflection, over one backend.
 
 ``Predict``: validate and convert the input (raw tensor or encoded images, with the version's recorded
-preprocessing), run it on the backend (deadline passed on), decide with the version's thresholds, write
-the flagged (and sampled) items to the query queue in a worker thread, and answer. Never imports torch.
+preprocessing), hand it to the micro-batcher (:mod:`oodguard.serve.batching`), which merges concurrent
+requests for the same version into one backend call (deadline passed on), decided with the version's
+thresholds and counted in the metrics once per batch; then write the request's flagged (and sampled)
+items to the query queue in a worker thread, and answer. Never imports torch.
 """
 
 from __future__ import annotations
@@ -107,7 +109,7 @@ def to_model_input(request: pb.PredictRequest, served: ServedVersion) -> np.ndar
             bad = int((~finite).sum())
             item = int(np.argwhere(~finite)[0][0])
             raise InputError(f"tensor holds {bad} NaN/Inf value(s) (first in item {item}); inputs must be finite")
-        return array.astype(np.float32)  # a writable copy
+        return array  # a read-only view of the request's bytes: nothing downstream writes to it
     return served.preprocessing.apply(array)
 
 

@@ -24,6 +24,7 @@ class Recorder:
         self.running += 1
         self.most_running = max(self.most_running, self.running)
         try:
+            await asyncio.sleep(0.001)  # a backend call takes time: submissions meanwhile must wait
             if self.gate is not None:
                 await self.gate.wait()
             if len(self.batches) <= self.fail_first:
@@ -37,7 +38,7 @@ def rows(*values) -> np.ndarray:
     return np.array(values, dtype=np.float32).reshape(-1, 1)
 
 
-def test_submissions_of_one_loop_turn_share_one_batch_and_get_their_own_rows():
+def test_an_idle_batcher_runs_the_first_at_once_and_merges_the_rest_of_its_loop_turn():
     run = Recorder()
 
     async def main():
@@ -45,9 +46,12 @@ def test_submissions_of_one_loop_turn_share_one_batch_and_get_their_own_rows():
         return await asyncio.gather(*(batcher.submit("m", rows(i, i + 0.5), 64) for i in range(5)))
 
     parts = asyncio.run(main())
-    assert run.batches == [("m", [0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5])]
+    # the first found the batcher idle and ran alone; the other four arrived meanwhile and share one batch
+    assert run.batches == [("m", [0, 0.5]), ("m", [1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5])]
+    assert (parts[0].start, parts[0].stop, parts[0].batch_rows) == (0, 2, 2)
+    for i, part in enumerate(parts[1:], start=1):
+        assert (part.start, part.stop, part.batch_rows) == (2 * i - 2, 2 * i, 8)
     for i, part in enumerate(parts):
-        assert (part.start, part.stop, part.batch_rows) == (2 * i, 2 * i + 2, 10)
         assert part.result["doubled"][part.start:part.stop, 0].tolist() == [2 * i, 2 * i + 1]
         assert part.result["timeout"] is None
 
@@ -83,7 +87,7 @@ def test_batches_respect_the_row_limit_and_keys_are_never_mixed():
     parts = asyncio.run(main())
     assert all(len(values) <= 4 for _, values in run.batches)
     assert sorted(v for key, values in run.batches if key == "a" for v in values) == sorted([float(i) for i in range(5)] * 2)
-    assert [values for key, values in run.batches if key == "b"] == [[100, 101, 102]]
+    assert [values for key, values in run.batches if key == "b"] == [[100, 101, 102]]  # one batch: under the limit
     for i, part in enumerate(parts[:5]):
         assert part.result["key"] == "a" and part.result["doubled"][part.start:part.stop, 0].tolist() == [2 * i, 2 * i]
 
@@ -147,7 +151,7 @@ def test_a_full_batch_does_not_wait_for_the_window():
 
 
 def test_a_failure_reaches_every_request_of_its_batch_only():
-    run = Recorder(fail_first=1)
+    run = Recorder(fail_first=2)
 
     async def main():
         batcher = MicroBatcher(run)
@@ -156,6 +160,7 @@ def test_a_failure_reaches_every_request_of_its_batch_only():
         return failed, ok
 
     failed, ok = asyncio.run(main())
+    assert run.batches[:2] == [("m", [0]), ("m", [1, 2])]  # both failed batches; the first ran alone
     assert [str(e) for e in failed] == ["backend down"] * 3
     assert ok.result["doubled"][ok.start, 0] == 18
 

@@ -90,3 +90,24 @@ def test_missing_score_output_is_an_error():
     del outputs["b"]
     with pytest.raises(PolicyError, match=r"lack score\(s\) \['b'\]"):
         decide(outputs, calibration(), DecisionPolicy(("a",)))
+
+
+def test_small_and_large_batches_give_the_same_decisions_and_p_values():
+    # batches of up to BISECT_MAX_ROWS rows take the bisect path, larger ones NumPy's searchsorted
+    from oodguard.serve.decision import BISECT_MAX_ROWS, DecisionRule
+
+    rule = DecisionRule(calibration(), DecisionPolicy(("a", "c"), "all"))
+    values = np.array([-1.0, 0.0, 3.0, 9.5, 10.0, 10.0001, 17.99, 18.0, 18.5, 99.0], np.float32)
+    outputs = {n: np.roll(values, j) for j, n in enumerate(NAMES)}
+    whole = rule(outputs)
+    assert len(values) > BISECT_MAX_ROWS
+    for i in range(len(values)):
+        one = rule({n: v[i:i + 1] for n, v in outputs.items()})
+        assert one.p_values.tolist() == whole.p_values[i:i + 1].tolist()
+        assert one.ood.tolist() == whole.ood[i:i + 1].tolist() and one.crossed.tolist() == whole.crossed[i:i + 1].tolist()
+    calib = np.arange(N)
+    expected = [[(1 + np.sum(calib >= float(v[i]))) / (N + 1) for v in outputs.values()] for i in range(len(values))]
+    np.testing.assert_allclose(whole.p_values, expected)
+    # slicing keeps the columns of those rows
+    part = whole[2:5]
+    assert len(part) == 3 and part[0] == whole[2] and part.scores.shape == (3, 3)

@@ -109,8 +109,12 @@ def test_unknown_model_version_and_deadline(digits_export):
             backend._executor.submit(gate.wait, 10)  # the only worker is busy: a new run has to wait for it
             t0 = time.monotonic()
             with pytest.raises(DeadlineExceeded, match="within 0.050s"):
-                await backend.infer("digits", 1, inputs(1), 0.05)
+                await backend.infer("digits", 1, inputs(2), 0.05)  # two rows: never run inline
             waited = time.monotonic() - t0
+            # a single row of this small model runs on the event loop: the busy worker does not delay it
+            t0 = time.monotonic()
+            assert (await backend.infer("digits", 1, inputs(1), 0.05)).outputs["logits"].shape == (1, 8)
+            assert time.monotonic() - t0 < 0.05
             gate.set()
             # the server keeps answering afterwards
             return waited, (await backend.infer("digits", 1, inputs(1), 5)).outputs["logits"].shape
@@ -134,3 +138,19 @@ def test_close_waits_for_a_running_batch_and_refuses_new_ones(digits_export):
         return result
 
     assert asyncio.run(main()).outputs["logits"].shape == (64, 8)
+
+
+def test_a_small_model_gets_one_thread_and_runs_single_rows_inline(digits_export):
+    from oodguard.serve.embedded import INLINE_BUDGET_S
+
+    async def main(threads):
+        backend = await started(digits_export[2], intra_op_threads=threads)
+        try:
+            entry = backend._versions[("digits", 1)]
+            return entry.onnx.session.get_session_options().intra_op_num_threads, entry.single_row_s
+        finally:
+            await backend.close()
+
+    threads, single_row_s = asyncio.run(main(0))  # auto
+    assert threads == 1 and 0 < single_row_s < INLINE_BUDGET_S
+    assert asyncio.run(main(2))[0] == 2  # an explicit count is kept

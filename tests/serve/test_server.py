@@ -308,3 +308,42 @@ def test_startup_refuses_a_policy_the_model_cannot_satisfy(start_gateway, repo_c
 
     with pytest.raises(PolicyError, match=r"\['odin'\] not exported"):
         start_gateway(repo_copy, decision_scores=("sisome", "odin"))
+
+
+def _concurrent_predictions(target: str, requests: list[pb.PredictRequest]) -> list[pb.PredictResponse]:
+    """Send every request at once from one asyncio client (many calls in flight on one channel)."""
+    import asyncio
+
+    async def main():
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = pb_grpc.OODGuardStub(channel)
+            return await asyncio.gather(*(stub.Predict(r, timeout=30) for r in requests))
+
+    return asyncio.run(main())
+
+
+@pytest.mark.parametrize("max_batch", [0, 1])
+def test_concurrent_requests_share_backend_calls_and_get_their_own_answers(start_gateway, repo_copy, digits_test_images,
+                                                                           max_batch):
+    images, _ = digits_test_images
+    gw = start_gateway(repo_copy, max_batch=max_batch)
+    cal = calibration_of(repo_copy)
+    x = Preprocessing.from_dict(cal.model["preprocessing"]).apply(images[:48])
+    direct = OnnxModel(repo_copy / "digits" / "1" / "model.onnx").run(x)
+    requests = [pb.PredictRequest(tensor=tensor(x[i:i + 1]), request_id=f"r{i}") for i in range(48)]
+    batcher = gw.gateway.batcher
+    before = len(batcher.batch_rows)
+    responses = _concurrent_predictions(gw.target, requests)
+    rows = list(batcher.batch_rows)[before:]
+    assert sum(rows) == 48
+    if max_batch == 1:  # batching off: one backend call per request
+        assert rows == [1] * 48
+    else:  # merged while the single ONNX Runtime worker was busy
+        assert len(rows) < 48 and max(rows) > 1 and max(rows) <= 64
+    for i, response in enumerate(responses):
+        assert response.request_id == f"r{i}" and len(response.predictions) == 1
+        p = response.predictions[0]
+        for name in cal.model["scores"]:  # each request got its own rows of the merged batch
+            assert p.scores[name] == pytest.approx(float(direct[name][i]), rel=1e-4, abs=1e-4)
+        assert p.class_index == int(np.argmax(direct["logits"][i]))
+        assert p.decision.ood == bool(direct["sisome"][i] > cal.thresholds["sisome"].threshold)
