@@ -4,10 +4,11 @@
 and at most ``max_inflight`` batches running at once (the backend's capacity: one ONNX Runtime worker,
 a few calls in flight to Triton). It is *continuous* batching:
 
-* an idle batcher (no batch running or pending) runs a submission at once, in the caller's own task:
-  at low load a request pays no hand-off at all (``max_wait_s = 0``, the default);
-* a free slot takes everything pending for a lane (whole submissions, up to the lane's row limit) on the
-  next event-loop turn, so requests that arrived together go together;
+* a submission that finds a slot free and nothing pending leads the next batch: it yields once, so the
+  submissions already runnable in this event-loop turn join it, and runs the batch; alone, it runs in
+  its caller's own task, so at low load a request pays no hand-off (``max_wait_s = 0``, the default);
+* otherwise a free slot takes everything pending for a lane (whole submissions, up to the lane's row
+  limit) on the next event-loop turn, so requests that arrived together go together;
 * while every slot is busy, submissions pile up and the next free slot takes them as one batch, so
   batches grow with load and no timer is involved;
 * ``max_wait_s > 0`` makes a free slot hold a lane smaller than its row limit until its oldest
@@ -86,17 +87,35 @@ class MicroBatcher(Generic[T]):
             raise ValueError("nothing to run: empty batch")
         if len(rows) > max_rows:
             raise ValueError(f"{len(rows)} rows are above the batch limit of {max_rows}")
-        if self._inflight == 0 and not self._lanes and self.max_wait_s == 0:
-            return await self._run_alone(key, rows, timeout_s)
         loop = asyncio.get_running_loop()
         now = loop.time()
+        lead = self._inflight < self.max_inflight and not self._lanes and self.max_wait_s == 0
         lane = self._lanes.get(key)
         if lane is None:
             lane = self._lanes[key] = _Lane(max_rows)
         lane.max_rows = max_rows
         future = loop.create_future()
-        lane.pending.append(_Pending(rows, future, None if timeout_s is None else now + timeout_s, now))
-        self._kick(loop)
+        pending = _Pending(rows, future, None if timeout_s is None else now + timeout_s, now)
+        lane.pending.append(pending)
+        if lead:
+            self._inflight += 1  # this submission leads the next batch and holds its slot
+            try:
+                await asyncio.sleep(0)  # submissions already runnable in this loop turn join the lane
+            except asyncio.CancelledError:
+                future.cancel()
+                self._release(loop)
+                raise
+            if lane.pending and lane.pending[0] is pending:
+                batch = self._take(lane)
+                if not lane.pending and self._lanes.get(key) is lane:
+                    del self._lanes[key]
+                if len(batch) == 1:  # alone: run in this task, no hand-off at all
+                    return await self._run_alone(key, rows, timeout_s)
+                self._launch(key, batch)
+            else:  # taken by the dispatcher meanwhile
+                self._release(loop)
+        else:
+            self._kick(loop)
         timer = None if timeout_s is None else loop.call_at(now + timeout_s, self._expire, future, timeout_s)
         try:
             return await future
@@ -109,18 +128,20 @@ class MicroBatcher(Generic[T]):
                 timer.cancel()
 
     async def _run_alone(self, key: Hashable, rows: np.ndarray, timeout_s: float | None) -> Part[T]:
-        """The idle fast path: this submission is a batch of its own and runs in the caller's task;
-        submissions arriving meanwhile find the slot taken and pile up for the next batch."""
-        self._inflight += 1
+        """A leader that found no batch mate runs in its caller's task (its slot is held already);
+        submissions arriving meanwhile pile up for the next batch. The backend honours the deadline."""
         self.batches += 1
         self.batch_rows.append(len(rows))
         try:
             result = await self.run_batch(key, rows, timeout_s)
         finally:
-            self._inflight -= 1
-            if self._lanes:
-                self._kick(asyncio.get_running_loop())
+            self._release(asyncio.get_running_loop())
         return Part(result, 0, len(rows), len(rows))
+
+    def _release(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._inflight -= 1
+        if self._lanes:
+            self._kick(loop)
 
     @staticmethod
     def _expire(future: asyncio.Future, timeout_s: float) -> None:
@@ -186,6 +207,10 @@ class MicroBatcher(Generic[T]):
 
     def _start(self, key: Hashable, batch: list[_Pending]) -> None:
         self._inflight += 1
+        self._launch(key, batch)
+
+    def _launch(self, key: Hashable, batch: list[_Pending]) -> None:
+        """Run ``batch`` in a task of its own; its slot is already counted."""
         task = asyncio.get_running_loop().create_task(self._run(key, batch))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
@@ -211,9 +236,7 @@ class MicroBatcher(Generic[T]):
                     p.future.set_result(Part(result, start, stop, len(merged)))
                 start = stop
         finally:
-            self._inflight -= 1
-            if any(lane.pending for lane in self._lanes.values()):
-                self._kick(asyncio.get_running_loop())
+            self._release(asyncio.get_running_loop())
 
     # -- lifecycle --------------------------------------------------------------------------------
     async def drain(self, timeout_s: float = 10.0) -> None:

@@ -21,6 +21,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -89,6 +90,10 @@ class EmbeddedBackend(Backend):
         self._closed = False
         #: number of ONNX Runtime executions (tests read it)
         self.executions = 0
+        #: whether a small single-row run may use the event loop now; the gateway allows it only while it
+        #: has no other request in flight: under load, running in the worker keeps the loop free to take
+        #: requests, which then merge into the next batch
+        self.inline_allowed: Callable[[], bool] = lambda: True
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -214,7 +219,7 @@ class EmbeddedBackend(Backend):
             raise DeadlineExceeded(f"deadline passed before model {model!r} version {version} ran")
         self.executions += 1
         started = time.perf_counter()
-        if len(inputs) == 1 and entry.single_row_s < INLINE_BUDGET_S:
+        if len(inputs) == 1 and entry.single_row_s < INLINE_BUDGET_S and self.inline_allowed():
             try:
                 outputs = entry.onnx.session.run(None, {repo.INPUT_NAME: inputs})
             except Exception as exc:  # ORT raises its own types

@@ -127,7 +127,11 @@ class OODGuardService(pb_grpc.OODGuardServicer):
 
     async def Predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
         # metrics: counted by model, version and status, with the end-to-end latency
-        return await self.gw.metrics.track_predict(request, context, self._predict(request, context))
+        self.gw.active_requests += 1
+        try:
+            return await self.gw.metrics.track_predict(request, context, self._predict(request, context))
+        finally:
+            self.gw.active_requests -= 1
 
     async def _predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
         gw = self.gw
@@ -307,6 +311,10 @@ class Gateway:
         self.queue_rejections = 0
         self.metrics = GatewayMetrics()
         self.metrics.bind(self)
+        #: Predict calls in progress; the embedded backend runs small single rows inline only when alone
+        self.active_requests = 0
+        if hasattr(self.backend, "inline_allowed"):
+            self.backend.inline_allowed = lambda: self.active_requests <= 1
         self.batcher: MicroBatcher[BatchOutcome] = MicroBatcher(self.run_batch,
                                                                 max_inflight=self.backend.max_inflight_batches,
                                                                 max_wait_s=settings.max_wait_ms / 1000.0)

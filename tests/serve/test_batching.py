@@ -38,7 +38,7 @@ def rows(*values) -> np.ndarray:
     return np.array(values, dtype=np.float32).reshape(-1, 1)
 
 
-def test_an_idle_batcher_runs_the_first_at_once_and_merges_the_rest_of_its_loop_turn():
+def test_submissions_of_one_loop_turn_share_one_batch_and_get_their_own_rows():
     run = Recorder()
 
     async def main():
@@ -46,14 +46,33 @@ def test_an_idle_batcher_runs_the_first_at_once_and_merges_the_rest_of_its_loop_
         return await asyncio.gather(*(batcher.submit("m", rows(i, i + 0.5), 64) for i in range(5)))
 
     parts = asyncio.run(main())
-    # the first found the batcher idle and ran alone; the other four arrived meanwhile and share one batch
-    assert run.batches == [("m", [0, 0.5]), ("m", [1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5])]
-    assert (parts[0].start, parts[0].stop, parts[0].batch_rows) == (0, 2, 2)
-    for i, part in enumerate(parts[1:], start=1):
-        assert (part.start, part.stop, part.batch_rows) == (2 * i - 2, 2 * i, 8)
+    # the first found the batcher idle and led the batch; the other four joined it in the same loop turn
+    assert run.batches == [("m", [0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5, 4, 4.5])]
     for i, part in enumerate(parts):
+        assert (part.start, part.stop, part.batch_rows) == (2 * i, 2 * i + 2, 10)
         assert part.result["doubled"][part.start:part.stop, 0].tolist() == [2 * i, 2 * i + 1]
         assert part.result["timeout"] is None
+
+
+def test_a_lone_leader_runs_in_its_own_task():
+    run = Recorder()
+
+    async def main():
+        batcher = MicroBatcher(run)
+        me = asyncio.current_task()
+        seen = []
+
+        async def record(key, rows, timeout_s):
+            seen.append(asyncio.current_task() is me)
+            return await run(key, rows, timeout_s)
+
+        batcher.run_batch = record
+        part = await batcher.submit("m", rows(7), 64, timeout_s=5.0)
+        return part, seen, batcher._inflight, batcher._lanes
+
+    part, seen, inflight, lanes = asyncio.run(main())
+    assert seen == [True] and (part.start, part.stop) == (0, 1) and part.result["timeout"] == 5.0
+    assert inflight == 0 and lanes == {}
 
 
 def test_while_the_slot_is_busy_requests_pile_up_into_the_next_batch():
@@ -151,7 +170,7 @@ def test_a_full_batch_does_not_wait_for_the_window():
 
 
 def test_a_failure_reaches_every_request_of_its_batch_only():
-    run = Recorder(fail_first=2)
+    run = Recorder(fail_first=1)
 
     async def main():
         batcher = MicroBatcher(run)
@@ -160,7 +179,7 @@ def test_a_failure_reaches_every_request_of_its_batch_only():
         return failed, ok
 
     failed, ok = asyncio.run(main())
-    assert run.batches[:2] == [("m", [0]), ("m", [1, 2])]  # both failed batches; the first ran alone
+    assert run.batches == [("m", [0, 1, 2]), ("m", [9])]
     assert [str(e) for e in failed] == ["backend down"] * 3
     assert ok.result["doubled"][ok.start, 0] == 18
 

@@ -154,3 +154,22 @@ def test_a_small_model_gets_one_thread_and_runs_single_rows_inline(digits_export
     threads, single_row_s = asyncio.run(main(0))  # auto
     assert threads == 1 and 0 < single_row_s < INLINE_BUDGET_S
     assert asyncio.run(main(2))[0] == 2  # an explicit count is kept
+
+
+def test_single_rows_go_to_the_worker_when_inlining_is_not_allowed(digits_export):
+    # the gateway forbids inlining while other requests are in flight, so the loop stays free to merge them
+    async def main():
+        backend = await started(digits_export[2])
+        gate = threading.Event()
+        try:
+            backend.inline_allowed = lambda: False
+            backend._executor.submit(gate.wait, 10)  # the worker is busy: a row sent to it must wait
+            with pytest.raises(DeadlineExceeded):
+                await backend.infer("digits", 1, inputs(1), 0.05)
+            gate.set()
+            return (await backend.infer("digits", 1, inputs(1), 5)).outputs["logits"].shape
+        finally:
+            gate.set()
+            await backend.close()
+
+    assert asyncio.run(main()) == (1, 8)
