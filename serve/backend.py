@@ -9,6 +9,7 @@ version's ``calibration.json`` from that repository itself.
 from __future__ import annotations
 
 import abc
+from typing import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +46,10 @@ class Backend(abc.ABC):
 
     #: how many batches the gateway's micro-batcher runs on this backend at once (its capacity)
     max_inflight_batches: int = 1
+    #: set by the gateway: True while it has no other request in flight. A backend that could run a small
+    #: call on the event loop itself (the embedded one) does so only then; under load, handing the call to a
+    #: worker keeps the loop free to take requests, which merge into the next batch.
+    inline_allowed: Callable[[], bool] = staticmethod(lambda: True)
 
     @abc.abstractmethod
     async def start(self) -> None:

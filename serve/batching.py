@@ -238,13 +238,4 @@ class MicroBatcher(Generic[T]):
         finally:
             self._release(asyncio.get_running_loop())
 
-    # -- lifecycle --------------------------------------------------------------------------------
-    async def drain(self, timeout_s: float = 10.0) -> None:
-        """Wait (up to ``timeout_s``) until nothing is pending or running."""
-        loop = asyncio.get_running_loop()
-        end = loop.time() + timeout_s
-        while (self._tasks or any(lane.pending for lane in self._lanes.values())) and loop.time() < end:
-            await asyncio.sleep(0.005)
-
-
 __all__ = ["MicroBatcher", "Part", "BatchDeadlineExceeded"]

@@ -149,8 +149,3 @@ class DecisionRule:
         ood = deciding.any(axis=1) if self.policy.mode == "any" else deciding.all(axis=1)
         return Decisions(self.names, tuple(self.policy.scores), self.policy.mode, self.thresholds, scores, crossed,
                          p_values, ood)
-
-
-def decide(outputs: Mapping[str, np.ndarray], calibration: Calibration, policy: DecisionPolicy) -> Decisions:
-    """One :class:`Verdict` per batch item (see :class:`DecisionRule`; the gateway keeps a rule per version)."""
-    return DecisionRule(calibration, policy)(outputs)

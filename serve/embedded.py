@@ -21,7 +21,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -90,10 +89,6 @@ class EmbeddedBackend(Backend):
         self._closed = False
         #: number of ONNX Runtime executions (tests read it)
         self.executions = 0
-        #: whether a small single-row run may use the event loop now; the gateway allows it only while it
-        #: has no other request in flight: under load, running in the worker keeps the loop free to take
-        #: requests, which then merge into the next batch
-        self.inline_allowed: Callable[[], bool] = lambda: True
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def start(self) -> None:

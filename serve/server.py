@@ -167,7 +167,7 @@ class OODGuardService(pb_grpc.OODGuardServicer):
         outcome, rows = part.result, slice(part.start, part.stop)
         decisions = outcome.decisions[rows]
         try:
-            queued, sampled = await gw.enqueue(outcome.served, x, outcome, rows, decisions, request)
+            queued, sampled = await gw.enqueue(x, outcome, rows, decisions, request)
         except QueueError as exc:
             await context.abort(grpc.StatusCode.UNAVAILABLE, f"query queue unavailable, flagged items not stored: {exc}")
         return self._response(outcome, rows, decisions, request, queued, sampled)
@@ -313,8 +313,7 @@ class Gateway:
         self.metrics.bind(self)
         #: Predict calls in progress; the embedded backend runs small single rows inline only when alone
         self.active_requests = 0
-        if hasattr(self.backend, "inline_allowed"):
-            self.backend.inline_allowed = lambda: self.active_requests <= 1
+        self.backend.inline_allowed = lambda: self.active_requests <= 1
         self.batcher: MicroBatcher[BatchOutcome] = MicroBatcher(self.run_batch,
                                                                 max_inflight=self.backend.max_inflight_batches,
                                                                 max_wait_s=settings.max_wait_ms / 1000.0)
@@ -346,11 +345,12 @@ class Gateway:
             await self._set_serving(self.registry.serving, "no model version ready")
 
     # -- queue ----------------------------------------------------------------------------------
-    async def enqueue(self, served: ServedVersion, x: np.ndarray, outcome: "BatchOutcome", rows: slice,
-                      decisions: Decisions, request: pb.PredictRequest) -> tuple[list, list[bool]]:
+    async def enqueue(self, x: np.ndarray, outcome: "BatchOutcome", rows: slice, decisions: Decisions,
+                      request: pb.PredictRequest) -> tuple[list, list[bool]]:
         """Queue a request's flagged items (and the sampled share of unflagged ones) before answering.
-        ``rows`` are the request's rows of ``outcome`` (its micro-batch). Returns per item: record id
-        (str), False (refused: queue full) or None (not queued); and sampled flags."""
+        ``rows`` are the request's rows of ``outcome`` (its micro-batch), ``decisions`` theirs. Returns per
+        item: record id (str), False (refused: queue full) or None (not queued); and sampled flags."""
+        served = outcome.served
         fraction = self.settings.unflagged_sample_fraction
         ood = decisions.ood.tolist()
         sampled = [not flagged and fraction > 0 and self._rng.random() < fraction for flagged in ood]

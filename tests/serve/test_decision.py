@@ -4,7 +4,11 @@ import numpy as np
 import pytest
 
 from oodguard.calibration import Calibration, ScoreThreshold
-from oodguard.serve.decision import DecisionPolicy, PolicyError, decide
+from oodguard.serve.decision import DecisionPolicy, DecisionRule, PolicyError
+
+
+def decide(outputs, cal, policy):
+    return DecisionRule(cal, policy)(outputs)
 
 NAMES = ("a", "b", "c")
 N = 19
