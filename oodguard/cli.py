@@ -221,6 +221,8 @@ SERVE_FLAGS = [
     ("--listen", "HOST:PORT", "address to listen on (default 127.0.0.1:50051)"),
     ("--backend", "NAME", "embedded (ONNX Runtime in-process, default) or triton"),
     ("--triton-url", "HOST:PORT", "Triton gRPC address for --backend triton (default 127.0.0.1:8001)"),
+    ("--triton-inflight-batches", "N", "micro-batches kept in flight to Triton at once (default 1: requests "
+     "arriving during a call merge into the next batch; raise it when Triton's execution time dominates)"),
     ("--default-model", "NAME", "model used when a request names none and several are served"),
     ("--decision-scores", "S1,S2", "scores that decide (default sisome)"),
     ("--decision-mode", "MODE", "any (default) or all of the deciding scores must cross their thresholds"),

@@ -2,7 +2,7 @@
 
 :class:`MicroBatcher` keeps one lane of pending submissions per key (``(model, version)`` in the gateway)
 and at most ``max_inflight`` batches running at once (the backend's capacity: one ONNX Runtime worker,
-a few calls in flight to Triton). It is *continuous* batching:
+``--triton-inflight-batches`` calls in flight to Triton). It is *continuous* batching:
 
 * a submission that finds a slot free and nothing pending leads the next batch: it yields once, so the
   submissions already runnable in this event-loop turn join it, and runs the batch; alone, it runs in

@@ -124,6 +124,7 @@ class DecisionRule:
         self._sorted = [np.asarray(t.sorted_scores, dtype=np.float64) for t in thresholds]
         self._sorted_lists = [calib.tolist() for calib in self._sorted]  # for bisect on small batches
         self._n = np.array([t.n for t in thresholds], dtype=np.float64)
+        self._n_plus_1 = [t.n + 1.0 for t in thresholds]
         self._deciding = [self.names.index(n) for n in policy.scores]
 
     def __call__(self, outputs: Mapping[str, np.ndarray]) -> Decisions:
@@ -131,21 +132,25 @@ class DecisionRule:
         (extra outputs such as logits and features are ignored). Conformal p-values are
         ``(1 + #{calibration scores >= s}) / (n + 1)``, as :meth:`ScoreThreshold.p_values`."""
         try:
-            columns = [outputs[n].reshape(-1) for n in self.names]
+            columns = [outputs[n] for n in self.names]
         except KeyError:
             raise PolicyError(f"model outputs lack score(s) {[n for n in self.names if n not in outputs]}") from None
-        try:
-            scores = np.array(columns, dtype=np.float64).T  # [B, S]
-        except ValueError:
-            raise PolicyError(f"score outputs disagree on the batch size: { {n: len(c) for n, c in zip(self.names, columns)} }") from None
+        rows = columns[0].size
+        if any(c.size != rows for c in columns):
+            raise PolicyError(f"score outputs disagree on the batch size: { {n: c.size for n, c in zip(self.names, columns)} }")
+        scores = np.concatenate(columns, axis=None, dtype=np.float64).reshape(len(columns), rows).T  # [B, S]
         crossed = scores > self.thresholds
-        if len(scores) <= BISECT_MAX_ROWS:  # a few rows: plain bisect beats NumPy's per-call overhead
-            below = np.array([[bisect.bisect_left(calib, v) for v in column]
-                              for calib, column in zip(self._sorted_lists, scores.T.tolist())], dtype=np.float64)
+        if rows <= BISECT_MAX_ROWS:  # a few rows: plain bisect beats NumPy's per-call overhead
+            n1, calibs = self._n_plus_1, self._sorted_lists
+            p_values = np.array([[(n1[j] - bisect.bisect_left(calibs[j], v)) / n1[j] for j, v in enumerate(row)]
+                                 for row in scores.tolist()], dtype=np.float64).reshape(rows, len(columns))
         else:
             below = np.array([np.searchsorted(calib, column, side="left") for calib, column in zip(self._sorted, scores.T)])
-        p_values = ((1.0 + self._n[:, None] - below) / (self._n[:, None] + 1.0)).T
-        deciding = crossed[:, self._deciding]
-        ood = deciding.any(axis=1) if self.policy.mode == "any" else deciding.all(axis=1)
+            p_values = ((1.0 + self._n[:, None] - below) / (self._n[:, None] + 1.0)).T
+        if len(self._deciding) == 1:
+            ood = crossed[:, self._deciding[0]]
+        else:
+            deciding = crossed[:, self._deciding]
+            ood = deciding.any(axis=1) if self.policy.mode == "any" else deciding.all(axis=1)
         return Decisions(self.names, tuple(self.policy.scores), self.policy.mode, self.thresholds, scores, crossed,
                          p_values, ood)

@@ -256,6 +256,24 @@ class _StateCollector(Collector):
             yield CounterMetricFamily(name, text, value=float(value))
 
 
+class _Children:
+    """``metric.labels(*values)`` with the children kept: ``labels()`` validates its arguments and takes a
+    lock on every call, a cost paid per request on the hot path. Label values are bounded (served versions,
+    status names, score names), so the cache is too; no child is ever removed from these metrics."""
+
+    __slots__ = ("_metric", "_cache")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._cache: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._cache.get(values)
+        if child is None:
+            child = self._cache[values] = self._metric.labels(*values)
+        return child
+
+
 def _status_name(context: grpc.aio.ServicerContext | None) -> str:
     try:
         code = context.code() if context is not None else None
@@ -294,6 +312,10 @@ class GatewayMetrics:
                                      registry=r)
         self.scores = _ScoreHistograms()
         r.register(self.scores)
+        # children of the request-path metrics, by label values
+        self._requests, self._request_seconds = _Children(self.requests), _Children(self.request_seconds)
+        self._backend_seconds, self._items = _Children(self.backend_seconds), _Children(self.items)
+        self._flagged_items, self._flagged = _Children(self.flagged_items), _Children(self.flagged)
         self._gateway: Any = None
         self._server = None
         self._thread: threading.Thread | None = None
@@ -331,8 +353,8 @@ class GatewayMetrics:
                 model, version = response.model, str(response.version)
             else:
                 model, version = self._labels_of_request(request)
-            self.requests.labels(model, version, code).inc()
-            self.request_seconds.labels(model).observe(time.perf_counter() - started)
+            self._requests(model, version, code).inc()
+            self._request_seconds(model).observe(time.perf_counter() - started)
 
     async def time_backend(self, model: str, call: Awaitable) -> Any:
         """Await the backend's ``infer`` call, timing it and counting its failures by reason."""
@@ -349,7 +371,7 @@ class GatewayMetrics:
             self.backend_errors.labels(model, "not_found").inc()
             raise
         finally:
-            self.backend_seconds.labels(model).observe(time.perf_counter() - started)
+            self._backend_seconds(model).observe(time.perf_counter() - started)
 
     async def time_queue_write(self, model: str, call: Awaitable[Sequence[str | None]]) -> Sequence[str | None]:
         """Await one queue write, timing it, counting a failure and the items a full queue refused."""
@@ -371,14 +393,14 @@ class GatewayMetrics:
         if not len(decisions):
             return
         model, version = served.model, str(served.version)
-        self.items.labels(model, version).inc(len(decisions))
+        self._items(model, version).inc(len(decisions))
         flagged = int(decisions.ood.sum())
         if flagged:
-            self.flagged_items.labels(model, version).inc(flagged)
+            self._flagged_items(model, version).inc(flagged)
             for name in decisions.deciding:
                 count = int(decisions.crossed[decisions.ood, decisions.names.index(name)].sum())
                 if count:
-                    self.flagged.labels(model, version, name).inc(count)
+                    self._flagged(model, version, name).inc(count)
         self.scores.observe(served, decisions.names, decisions.scores)
 
     def auth_failed(self, reason: str) -> None:

@@ -280,7 +280,8 @@ def build_backend(settings: Settings) -> Backend:
     if settings.backend == "triton":
         from .triton_backend import TritonBackend
 
-        return TritonBackend(settings.triton_url, settings.repository)
+        return TritonBackend(settings.triton_url, settings.repository,
+                             max_inflight_batches=settings.triton_inflight_batches)
     raise ValueError(f"unknown backend {settings.backend!r}")
 
 

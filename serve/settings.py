@@ -37,6 +37,11 @@ class Settings:
     backend: str = "embedded"
     #: Triton's gRPC address, used when backend == "triton"
     triton_url: str = "127.0.0.1:8001"
+    #: micro-batches the gateway keeps in flight to Triton at once. 1: requests arriving while a call runs
+    #: merge into the next, larger batch (cheapest per request while the gateway's own CPU is the limit);
+    #: more: Triton gets the next batch before the current one returns (worth it when Triton's execution time
+    #: dominates and it runs several model instances)
+    triton_inflight_batches: int = 1
     #: model used when a request names none and several models are served ("" = none)
     default_model: str = ""
     #: scores whose thresholds decide (validated against the scores the model exports)
@@ -98,6 +103,8 @@ class Settings:
             raise bad("backend", f"expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.backend == "triton" and not self.triton_url:
             raise bad("triton_url", "the triton backend needs a Triton gRPC address")
+        if not 1 <= self.triton_inflight_batches <= 64:
+            raise bad("triton_inflight_batches", f"must be within 1..64, got {self.triton_inflight_batches}")
         if not self.decision_scores or any(not s for s in self.decision_scores):
             raise bad("decision_scores", "name at least one score, e.g. 'sisome' or 'sisome,energy'")
         if len(set(self.decision_scores)) != len(self.decision_scores):

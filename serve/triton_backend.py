@@ -49,9 +49,12 @@ class TritonBackend(Backend):
     ``max_reconnect_backoff_ms`` caps gRPC's reconnect backoff: after a server restart a long-lived
     channel is usable again within about that long (gRPC's default cap is 120 s).
     ``control_timeout_s`` bounds the calls that are not inference (repository index).
-    ``max_inflight_batches``: how many (micro-batched) calls the gateway keeps in flight at once, so
-    the next batch is already at the server while one computes (Triton's own dynamic batcher and
-    instance count decide how they run there).
+    ``max_inflight_batches``: how many (micro-batched) calls the gateway keeps in flight at once. With 1,
+    requests that arrive while a call runs pile up into the next batch: fewer, larger calls, the cheapest
+    per request when the gateway's CPU is the limit (measured on 2 CPU cores with the digits model: about
+    12 rows per call and +20% throughput at concurrency 64 against 2 in flight, 5 rows per call). More
+    lets Triton receive the next batch while one computes (its dynamic batcher and instance count decide
+    how they run there).
     """
 
     def __init__(
@@ -61,9 +64,11 @@ class TritonBackend(Backend):
         *,
         max_reconnect_backoff_ms: int = 500,
         control_timeout_s: float = 5.0,
-        max_inflight_batches: int = 2,
+        max_inflight_batches: int = 1,
     ) -> None:
-        self.max_inflight_batches = max(1, max_inflight_batches)
+        if max_inflight_batches < 1:
+            raise ValueError(f"max_inflight_batches must be >= 1, got {max_inflight_batches}")
+        self.max_inflight_batches = max_inflight_batches
         self.url = url.removeprefix("grpc://")
         self.repository = Path(repository)
         self.max_reconnect_backoff_ms = max_reconnect_backoff_ms

@@ -142,6 +142,52 @@ def test_embedded_and_triton_backends_give_the_same_answers(start_gateway, trito
     print(f"40 items: {sum(flagged)} flagged by both; largest score difference {worst:.2e}")
 
 
+@pytest.mark.parametrize("inflight", [1, 3])
+def test_concurrent_requests_merge_into_triton_calls_within_the_inflight_limit(start_gateway, triton_server,
+                                                                             held_out_digits, inflight):
+    import asyncio
+
+    if triton_server.process is None or triton_server.process.poll() is not None:
+        triton_server.restart()
+    gw = start_gateway(f"merge-{inflight}", triton_server.repository, backend="triton", triton_url=triton_server.url,
+                       triton_inflight_batches=inflight, max_wait_ms=0.0)
+    backend = gw.gateway.backend
+    assert gw.gateway.batcher.max_inflight == inflight
+    running, peak, real_infer = 0, 0, backend.infer
+
+    async def counted_infer(*args):  # the real Triton call, counted
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        try:
+            return await real_infer(*args)
+        finally:
+            running -= 1
+
+    backend.infer = counted_infer
+    requests = [pb.PredictRequest(tensor=tensor(held_out_digits[i:i + 1]), request_id=f"r{i}") for i in range(48)]
+    with grpc.insecure_channel(gw.target) as channel:  # the expected answers, one request at a time
+        stub = pb_grpc.OODGuardStub(channel)
+        alone = [stub.Predict(r, timeout=30) for r in requests]
+
+    async def together():
+        async with grpc.aio.insecure_channel(gw.target) as channel:
+            stub = pb_grpc.OODGuardStub(channel)
+            return await asyncio.gather(*(stub.Predict(r, timeout=30) for r in requests))
+
+    before = len(gw.gateway.batcher.batch_rows)
+    merged = asyncio.run(together())
+    rows = list(gw.gateway.batcher.batch_rows)[before:]
+    assert sum(rows) == 48 and len(rows) < 48 and max(rows) > 1, rows
+    assert 1 <= peak <= inflight, (peak, inflight)
+    for a, b in zip(alone, merged):  # each request got its own rows of the merged calls
+        assert b.request_id == a.request_id
+        assert b.predictions[0].class_index == a.predictions[0].class_index
+        assert b.predictions[0].decision.ood == a.predictions[0].decision.ood
+        assert all(close(a.predictions[0].scores[k], b.predictions[0].scores[k]) for k in a.predictions[0].scores)
+    print(f"inflight {inflight}: 48 requests in {len(rows)} Triton calls (rows {rows}), peak {peak} in flight")
+
+
 # -- 2. a Triton outage through the gateway ----------------------------------------------------------
 def test_triton_outage_is_unavailable_and_the_gateway_recovers_without_losing_queued_records(triton_gateway,
                                                                                           triton_server, caplog):

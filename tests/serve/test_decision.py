@@ -96,6 +96,23 @@ def test_missing_score_output_is_an_error():
         decide(outputs, calibration(), DecisionPolicy(("a",)))
 
 
+def test_score_outputs_of_different_batch_sizes_are_an_error():
+    outputs = outputs_for([(True, False, True), (False, False, False)])
+    outputs["c"] = outputs["c"][:1]
+    with pytest.raises(PolicyError, match=r"disagree on the batch size: \{'a': 2, 'b': 2, 'c': 1\}"):
+        decide(outputs, calibration(), DecisionPolicy(("a",)))
+
+
+def test_scores_shaped_b_by_1_decide_like_flat_ones():
+    # Triton may answer [B, 1] per score; the rule reads any shape with B values
+    flat = outputs_for([(True, False, True), (False, True, False)])
+    column = {n: v.reshape(-1, 1) if n in NAMES else v for n, v in flat.items()}
+    rule = DecisionRule(calibration(), DecisionPolicy(("a", "b"), "any"))
+    a, b = rule(flat), rule(column)
+    assert b.scores.shape == (2, 3) and b.scores.tolist() == a.scores.tolist()
+    assert b.ood.tolist() == a.ood.tolist() == [True, True] and b.p_values.tolist() == a.p_values.tolist()
+
+
 def test_small_and_large_batches_give_the_same_decisions_and_p_values():
     # batches of up to BISECT_MAX_ROWS rows take the bisect path, larger ones NumPy's searchsorted
     from oodguard.serve.decision import BISECT_MAX_ROWS, DecisionRule

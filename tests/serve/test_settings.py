@@ -15,6 +15,7 @@ def test_defaults_env_and_flags_layer():
     assert s.listen == "127.0.0.1:1234"  # flag beats env
     assert s.max_wait_ms == 8.0 and s.queue_max_size == 10 and s.sample_seed == 7
     assert s.backend == "embedded" and s.unflagged_sample_fraction == 0.0 and s.queue_full_policy == "reject"
+    assert s.triton_inflight_batches == 1
     with pytest.raises(Exception):
         s.listen = "x"  # frozen
 
@@ -28,6 +29,7 @@ def test_defaults_env_and_flags_layer():
     ({"OODGUARD_REPOSITORY": "r", "OODGUARD_MAX_BATCH": "many"}, "cannot read 'many' as int"),
     ({"OODGUARD_REPOSITORY": "r", "OODGUARD_DECISION_SCORES": ","}, "name at least one score"),
     ({"OODGUARD_REPOSITORY": "r", "OODGUARD_DECISION_MODE": "most"}, "'any' or 'all'"),
+    ({"OODGUARD_REPOSITORY": "r", "OODGUARD_TRITON_INFLIGHT_BATCHES": "0"}, "OODGUARD_TRITON_INFLIGHT_BATCHES.*1..64"),
 ])
 def test_bad_settings_say_which(env, message):
     with pytest.raises(SettingsError, match=message):
