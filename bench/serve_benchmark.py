@@ -5,6 +5,9 @@ Targets, each driven by a bounded closed loop (N workers, each sends one batch-1
 answer before the next) at concurrency 1, 8 and 64 for --duration seconds per cell, after --warmup seconds:
 
 * ``ort-direct``        ONNX Runtime session in this process, N threads calling ``session.run``
+* ``grpc-floor``        ``bench/grpc_floor_server.py``: a ``grpc.aio`` OODGuard server answering every Predict with
+  one prebuilt response (captured from a gateway), no work at all: the transport's share of the gateway's
+  overhead (client, loopback, Python gRPC server), measured in the same run; ``grpc.aio``
 * ``triton-direct``     a real tritonserver (``--model-config-name=cpu``), ``tritonclient.grpc.aio``
 * ``gateway-embedded``  ``oodguard serve`` (embedded ORT, micro-batching at its defaults), ``grpc.aio``
 * ``gateway-triton``    ``oodguard serve --backend triton`` in front of that tritonserver, ``grpc.aio``
@@ -56,7 +59,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCIES = (1, 8, 64)
-TARGETS = ("ort-direct", "triton-direct", "gateway-embedded", "gateway-triton", "gateway-embedded-nobatch")
+TARGETS = ("ort-direct", "grpc-floor", "triton-direct", "gateway-embedded", "gateway-triton", "gateway-embedded-nobatch")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BACKBONES = ("lenet5", "resnet18_cifar")
 #: model name of the resnet18_cifar repository (the lenet5 one is the demo's "digits")
@@ -316,6 +319,30 @@ def start_gateway(name: str, repository: Path, work: Path, port: int, extra: lis
     return Gateway(name, process, port, log_path)
 
 
+def start_floor_server(port: int, response: Path, work: Path) -> Gateway:
+    """``bench/grpc_floor_server.py`` answering ``response`` (a serialized PredictResponse) on ``port``."""
+    log_path = work / "grpc-floor.log"
+    command = [sys.executable, str(ROOT / "bench" / "grpc_floor_server.py"), "--listen", f"127.0.0.1:{port}",
+               "--response", str(response)]
+    with open(log_path, "wb") as out:
+        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=work)
+    return Gateway("grpc-floor", process, port, log_path)
+
+
+def capture_response(gw: Gateway, traffic: Traffic, path: Path) -> Path:
+    """The gateway's answer to the first traffic request, serialized to ``path`` (what grpc-floor answers)."""
+    import grpc
+
+    from oodguard.serve.v1 import oodguard_pb2 as pb
+    from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
+
+    request = pb.PredictRequest(model=traffic.model, request_id="bench-0", tensor=pb.Tensor(
+        dtype="float32", shape=traffic.request_shape, data=traffic.inputs[0].astype("<f4").tobytes()))
+    with grpc.insecure_channel(gw.target) as channel:
+        path.write_bytes(pb_grpc.OODGuardStub(channel).Predict(request, timeout=30).SerializeToString())
+    return path
+
+
 def wait_serving(gw: Gateway, timeout_s: float = 60.0) -> None:
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -531,8 +558,9 @@ def ratios(agg: dict) -> list[dict]:
         return None if row is None or row[metric] is None or np.isnan(row[metric]) else row[metric]
 
     def entry(name, value, unit, target, ok, how):
+        """``ok=None``: an informative row (no target)."""
         return {"name": name, "value": value, "unit": unit, "target": target,
-                "met": None if value is None else bool(ok(value)), "how": how}
+                "met": None if value is None or ok is None else bool(ok(value)), "how": how}
 
     def diff(a, b):
         return None if a is None or b is None else a - b
@@ -554,6 +582,13 @@ def ratios(agg: dict) -> list[dict]:
         entry("throughput gateway-embedded micro-batching on / off @c=64",
               ratio(get("gateway-embedded", 64, "throughput_rps"), get("gateway-embedded-nobatch", 64, "throughput_rps")),
               "x", ">= 2.0", lambda v: v >= 2.0, "requests/s ratio"),
+        entry("gRPC round trip alone @c=1", diff(get("grpc-floor", 1, "p50_ms"), get("ort-direct", 1, "p50_ms")),
+              "ms", "(info)", None, "grpc-floor p50 - ort-direct p50: the transport's share of the embedded overhead"),
+        entry("gateway-embedded own work @c=1", diff(get("gateway-embedded", 1, "p50_ms"), get("grpc-floor", 1, "p50_ms")),
+              "ms", "(info)", None, "gateway-embedded p50 - grpc-floor p50: validation, model call, decision, answer"),
+        entry("throughput grpc-floor / triton-direct @c=64",
+              ratio(get("grpc-floor", 64, "throughput_rps"), get("triton-direct", 64, "throughput_rps")),
+              "x", "(info)", None, "requests/s ratio: the most a single-process Python gRPC front reaches here"),
     ]
 
 
@@ -592,7 +627,10 @@ def write_report(out: Path, meta: dict, cells: list[Cell], agg: dict, rat: list[
         "this process (for ort-direct it includes the inference itself).", "",
         f"Gateway-embedded: micro-batching at {meta['embedded_batching']}; gateway-embedded-nobatch: `--max-batch 1` "
         "(each request runs alone; the wait window never applies). Triton: `--model-config-name=cpu` (python backend "
-        "running the same model.onnx with ONNX Runtime, 1 intra-op thread, dynamic batching up to 64, 500 us queue delay).",
+        "running the same model.onnx with ONNX Runtime, 1 intra-op thread, dynamic batching up to 64, 500 us queue delay). "
+        "grpc-floor: `bench/grpc_floor_server.py`, a `grpc.aio` server answering every Predict with one response captured "
+        "from a gateway, no work: the Python gRPC round trip alone, so the gateway's overhead splits into transport "
+        "(grpc-floor - ort-direct) and the gateway's own work (gateway-embedded - grpc-floor).",
         "", "## Results", "", *table, "", "## Ratios (this run)", "", *lines, "",
     ])
     if meta.get("notes"):
@@ -694,7 +732,7 @@ def main(argv=None) -> int:
         specs = {"gateway-embedded": extra_embedded,
                  "gateway-embedded-nobatch": ["--max-batch", "1"],
                  "gateway-triton": ["--backend", "triton", "--triton-url", triton.url] if triton else None}
-        ports = iter(helpers.free_ports(len(specs)))
+        ports = iter(helpers.free_ports(len(specs) + 1))
         for name, extra in specs.items():
             port = next(ports)
             if name not in targets:
@@ -705,6 +743,21 @@ def main(argv=None) -> int:
         for gw in gateways.values():
             wait_serving(gw)
             log(f"{gw.name} SERVING on {gw.target} (PID {gw.process.pid})")
+        floor_port = next(ports)
+        if "grpc-floor" in targets:
+            if not gateways:
+                notes.append("grpc-floor skipped: it answers with a response captured from a gateway, and no gateway "
+                             "target was chosen")
+                log(notes[-1])
+                targets = [t for t in targets if t != "grpc-floor"]
+            else:
+                answer = capture_response(next(iter(gateways.values())), traffic, work / "floor-response.bin")
+                floor = start_floor_server(floor_port, answer, work)
+                stack.callback(floor.stop)
+                gateways["grpc-floor"] = floor
+                wait_serving(floor)
+                log(f"grpc-floor SERVING on {floor.target} (PID {floor.process.pid}), answering "
+                    f"{answer.stat().st_size} bytes")
 
         from oodguard.serve.settings import Settings
         defaults = Settings(repository=repository)

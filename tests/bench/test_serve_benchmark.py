@@ -80,9 +80,11 @@ def test_ratios_compute_overheads_throughput_ratios_and_met_flags(sb):
         cell(sb, "gateway-triton", 64, rps=850.0),         # 0.85 >= 0.80: met
         cell(sb, "gateway-embedded", 64, rps=300.0),
         cell(sb, "gateway-embedded-nobatch", 64, rps=200.0),  # 1.5 < 2.0: not met
+        cell(sb, "grpc-floor", 1, p50=0.6),
+        cell(sb, "grpc-floor", 64, rps=1200.0),
     ]
     rat = {r["name"]: r for r in sb.ratios(sb.aggregate(cells))}
-    assert len(rat) == 5
+    assert len(rat) == 8
     assert rat["gateway-triton p50 overhead @c=1"]["value"] == 1.5
     assert rat["gateway-triton p50 overhead @c=1"]["met"] is False
     assert rat["gateway-embedded p50 overhead @c=1"]["value"] == 0.75
@@ -94,6 +96,12 @@ def test_ratios_compute_overheads_throughput_ratios_and_met_flags(sb):
     assert rat["throughput gateway-embedded micro-batching on / off @c=64"]["value"] == 1.5
     assert rat["throughput gateway-embedded micro-batching on / off @c=64"]["met"] is False
     assert {r["unit"] for r in rat.values()} == {"ms", "x"}
+    # informative rows: the overhead split into transport and the gateway's own work, and the floor's ceiling
+    assert rat["gRPC round trip alone @c=1"]["value"] == pytest.approx(0.35)
+    assert rat["gateway-embedded own work @c=1"]["value"] == pytest.approx(0.4)
+    assert rat["throughput grpc-floor / triton-direct @c=64"]["value"] == pytest.approx(1.2)
+    assert all(rat[n]["met"] is None and rat[n]["target"] == "(info)" for n in (
+        "gRPC round trip alone @c=1", "gateway-embedded own work @c=1", "throughput grpc-floor / triton-direct @c=64"))
 
 
 def test_ratios_are_none_where_a_target_is_missing_failed_or_had_zero_throughput(sb):
@@ -127,6 +135,34 @@ def test_report_names_the_backbone_and_its_latency(sb, tmp_path):
     assert "1-minute load average 0.50 on 2 cores" in md
     assert "float32 [1,3,32,32] tensors" in md and "28,28" not in md
     assert "| n/a | <= 1 ms | n/a |" in md  # a missing overhead is "n/a", not "n/a ms"
+
+
+def test_grpc_floor_server_answers_every_predict_with_its_response_and_reports_serving(sb, tmp_path):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from oodguard.serve.v1 import oodguard_pb2 as pb
+    from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
+
+    sys.path.insert(0, str(BENCH.parent / "tests"))
+    from triton_process import free_ports
+
+    answer = pb.PredictResponse(model="digits", version=3, request_id="captured")
+    answer.predictions.add(class_index=2, class_name="2", probability=0.9).scores.update({"sisome": 1.5})
+    path = tmp_path / "answer.bin"
+    path.write_bytes(answer.SerializeToString())
+    floor = sb.start_floor_server(free_ports(1)[0], path, tmp_path)
+    try:
+        sb.wait_serving(floor, timeout_s=30)
+        with grpc.insecure_channel(floor.target) as channel:
+            stub = pb_grpc.OODGuardStub(channel)
+            for request in (pb.PredictRequest(), pb.PredictRequest(model="x", tensor=pb.Tensor(dtype="float32"))):
+                assert stub.Predict(request, timeout=10) == answer  # whatever is asked
+            status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert status.status == health_pb2.HealthCheckResponse.SERVING
+    finally:
+        floor.stop()
+    assert floor.process.returncode == 0  # SIGTERM: a clean exit
 
 
 # -- traffic from a real repository -------------------------------------------------------------------
