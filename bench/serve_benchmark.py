@@ -15,7 +15,8 @@ answer before the next) at concurrency 1, 8 and 64 for --duration seconds per ce
 
 Servers are separate processes (the gateways are ``oodguard serve`` subprocesses), so the load generator
 never shares their GIL; everything is on loopback. Cells are interleaved: for each concurrency every target
-runs in turn (``--rounds`` repeats that), so machine noise hits all targets alike. Traffic is
+runs in turn (``--rounds`` repeats that), so machine noise hits all targets alike, and every ratio is
+computed per round from two cells that ran back to back, then reported as the median over rounds. Traffic is
 in-distribution digits 0-7 that the model does not flag, sent to the gateways as preprocessed float32
 ``[1,C,H,W]`` tensors (the shape of the model version's recorded preprocessing), so the active-learning queue
 (a temp SQLite file) is never written and what is measured is inference + gateway, not the queue. Responses
@@ -552,42 +553,54 @@ def aggregate(cells: list[Cell]) -> dict[tuple[str, int], dict]:
     return out
 
 
-def ratios(agg: dict) -> list[dict]:
-    def get(target, c, metric):
-        row = agg.get((target, c))
-        return None if row is None or row[metric] is None or np.isnan(row[metric]) else row[metric]
+def ratios(cells: list[Cell]) -> list[dict]:
+    """Every ratio (or difference) is computed per round from that round's two cells, which ran back to back
+    and so saw the same state of a shared, noisy machine, and reported as the median over the rounds that have
+    both (``per_round`` lists them). A missing, failed or zero-throughput cell gives no value for its round."""
+    by_key = {(c.target, c.concurrency, c.round): c for c in cells}
+    rounds = sorted({c.round for c in cells})
 
-    def entry(name, value, unit, target, ok, how):
+    def metric(target, c, name, rnd):
+        cell = by_key.get((target, c, rnd))
+        value = None if cell is None else getattr(cell, name)
+        return None if value is None or np.isnan(value) else value
+
+    def paired(a, b, c, name, combine):
+        values = [combine(metric(a, c, name, r), metric(b, c, name, r)) for r in rounds]
+        return [v for v in values if v is not None]
+
+    def diff(a, b):  # p50 of target a - p50 of target b at concurrency 1
+        return paired(a, b, 1, "p50_ms", lambda x, y: None if x is None or y is None else x - y)
+
+    def ratio(a, b):  # throughput of a / throughput of b at concurrency 64
+        return paired(a, b, 64, "throughput_rps", lambda x, y: None if x is None or y is None or y == 0 else x / y)
+
+    def entry(name, per_round, unit, target, ok, how):
         """``ok=None``: an informative row (no target)."""
-        return {"name": name, "value": value, "unit": unit, "target": target,
+        value = float(np.median(per_round)) if per_round else None
+        return {"name": name, "value": value, "per_round": per_round, "unit": unit, "target": target,
                 "met": None if value is None or ok is None else bool(ok(value)), "how": how}
 
-    def diff(a, b):
-        return None if a is None or b is None else a - b
-
-    def ratio(a, b):
-        return None if a is None or b is None or b == 0 else a / b
-
     return [
-        entry("gateway-triton p50 overhead @c=1", diff(get("gateway-triton", 1, "p50_ms"), get("triton-direct", 1, "p50_ms")),
+        entry("gateway-triton p50 overhead @c=1", diff("gateway-triton", "triton-direct"),
               "ms", "<= 1 ms", lambda v: v <= 1.0, "gateway-triton p50 - triton-direct p50"),
-        entry("gateway-embedded p50 overhead @c=1", diff(get("gateway-embedded", 1, "p50_ms"), get("ort-direct", 1, "p50_ms")),
+        entry("gateway-embedded p50 overhead @c=1", diff("gateway-embedded", "ort-direct"),
               "ms", "<= 1 ms", lambda v: v <= 1.0, "gateway-embedded p50 - ort-direct p50 (micro-batching on, default window)"),
         entry("gateway-embedded (micro-batching off) p50 overhead @c=1",
-              diff(get("gateway-embedded-nobatch", 1, "p50_ms"), get("ort-direct", 1, "p50_ms")),
+              diff("gateway-embedded-nobatch", "ort-direct"),
               "ms", "<= 1 ms (info)", lambda v: v <= 1.0, "gateway-embedded-nobatch p50 - ort-direct p50"),
         entry("throughput gateway-triton / triton-direct @c=64",
-              ratio(get("gateway-triton", 64, "throughput_rps"), get("triton-direct", 64, "throughput_rps")),
+              ratio("gateway-triton", "triton-direct"),
               "x", ">= 0.80", lambda v: v >= 0.8, "requests/s ratio"),
         entry("throughput gateway-embedded micro-batching on / off @c=64",
-              ratio(get("gateway-embedded", 64, "throughput_rps"), get("gateway-embedded-nobatch", 64, "throughput_rps")),
+              ratio("gateway-embedded", "gateway-embedded-nobatch"),
               "x", ">= 2.0", lambda v: v >= 2.0, "requests/s ratio"),
-        entry("gRPC round trip alone @c=1", diff(get("grpc-floor", 1, "p50_ms"), get("ort-direct", 1, "p50_ms")),
+        entry("gRPC round trip alone @c=1", diff("grpc-floor", "ort-direct"),
               "ms", "(info)", None, "grpc-floor p50 - ort-direct p50: the transport's share of the embedded overhead"),
-        entry("gateway-embedded own work @c=1", diff(get("gateway-embedded", 1, "p50_ms"), get("grpc-floor", 1, "p50_ms")),
+        entry("gateway-embedded own work @c=1", diff("gateway-embedded", "grpc-floor"),
               "ms", "(info)", None, "gateway-embedded p50 - grpc-floor p50: validation, model call, decision, answer"),
         entry("throughput grpc-floor / triton-direct @c=64",
-              ratio(get("grpc-floor", 64, "throughput_rps"), get("triton-direct", 64, "throughput_rps")),
+              ratio("grpc-floor", "triton-direct"),
               "x", "(info)", None, "requests/s ratio: the most a single-process Python gRPC front reaches here"),
     ]
 
@@ -604,10 +617,11 @@ def write_report(out: Path, meta: dict, cells: list[Cell], agg: dict, rat: list[
         table.append(f"| {row['target']} | {row['concurrency']} | {fmt(row['throughput_rps'], '.0f')} | {fmt(row['p50_ms'])} | "
                      f"{fmt(row['p90_ms'])} | {fmt(row['p99_ms'])} | {row['errors']} | {row['queued']} | "
                      f"{fmt(row['server_cpu_pct'], '.0f')} | {fmt(row['client_cpu_pct'], '.0f')} |")
-    lines = ["| ratio | value | target | met |", "|---|---:|---|---|"]
+    lines = ["| ratio | value | per round | target | met |", "|---|---:|---|---|---|"]
     for r in rat:
         value = fmt(r["value"], ".2f") + ("" if r["value"] is None else " ms" if r["unit"] == "ms" else "x")
-        lines.append(f"| {r['name']} ({r['how']}) | {value} | {r['target']} | "
+        per_round = ", ".join(fmt(v, ".2f") for v in r.get("per_round", [])) or "n/a"
+        lines.append(f"| {r['name']} ({r['how']}) | {value} | {per_round} | {r['target']} | "
                      f"{'n/a' if r['met'] is None else 'yes' if r['met'] else 'NO'} |")
     shape = "[" + ",".join(map(str, meta["request_shape"])) + "]"
     md = "\n".join([
@@ -631,7 +645,10 @@ def write_report(out: Path, meta: dict, cells: list[Cell], agg: dict, rat: list[
         "grpc-floor: `bench/grpc_floor_server.py`, a `grpc.aio` server answering every Predict with one response captured "
         "from a gateway, no work: the Python gRPC round trip alone, so the gateway's overhead splits into transport "
         "(grpc-floor - ort-direct) and the gateway's own work (gateway-embedded - grpc-floor).",
-        "", "## Results", "", *table, "", "## Ratios (this run)", "", *lines, "",
+        "", "## Results", "", *table, "",
+        "## Ratios (this run)", "",
+        "Each ratio is computed per round from the two cells of that round (run back to back, so they saw the same "
+        "state of the machine); the value is the median over rounds.", "", *lines, "",
     ])
     if meta.get("notes"):
         md += "\n## Notes\n\n" + "\n".join(f"- {n}" for n in meta["notes"]) + "\n"
@@ -810,7 +827,7 @@ def main(argv=None) -> int:
             if gw.process.poll() is not None:
                 notes.append(f"{gw.name} exited during the run with {gw.process.returncode}")
         agg = aggregate(cells)
-        rat = ratios(agg)
+        rat = ratios(cells)
         if any(c.errors for c in cells):
             notes.append("some cells had errors; see report.json (first_error)")
         notes.append(f"{os.cpu_count()} CPU cores shared by the load generator, the gateway and Triton: at concurrency 64 "

@@ -83,7 +83,7 @@ def test_ratios_compute_overheads_throughput_ratios_and_met_flags(sb):
         cell(sb, "grpc-floor", 1, p50=0.6),
         cell(sb, "grpc-floor", 64, rps=1200.0),
     ]
-    rat = {r["name"]: r for r in sb.ratios(sb.aggregate(cells))}
+    rat = {r["name"]: r for r in sb.ratios(cells)}
     assert len(rat) == 8
     assert rat["gateway-triton p50 overhead @c=1"]["value"] == 1.5
     assert rat["gateway-triton p50 overhead @c=1"]["met"] is False
@@ -104,6 +104,23 @@ def test_ratios_compute_overheads_throughput_ratios_and_met_flags(sb):
         "gRPC round trip alone @c=1", "gateway-embedded own work @c=1", "throughput grpc-floor / triton-direct @c=64"))
 
 
+def test_ratios_pair_cells_of_the_same_round_and_take_the_median_over_rounds(sb):
+    cells = [
+        cell(sb, "gateway-triton", 64, 0, rps=100.0), cell(sb, "triton-direct", 64, 0, rps=50.0),   # 2.0
+        cell(sb, "gateway-triton", 64, 1, rps=400.0), cell(sb, "triton-direct", 64, 1, rps=100.0),  # 4.0
+        cell(sb, "gateway-triton", 64, 2, rps=210.0), cell(sb, "triton-direct", 64, 2, rps=200.0),  # 1.05
+        cell(sb, "gateway-triton", 64, 3, rps=999.0),  # its pair is missing: no value for round 3
+        cell(sb, "gateway-embedded", 1, 0, p50=1.5), cell(sb, "ort-direct", 1, 0, p50=0.2),
+        cell(sb, "gateway-embedded", 1, 1, p50=0.9), cell(sb, "ort-direct", 1, 1, p50=0.1),
+    ]
+    rat = {r["name"]: r for r in sb.ratios(cells)}
+    triton = rat["throughput gateway-triton / triton-direct @c=64"]
+    assert triton["per_round"] == [2.0, 4.0, 1.05] and triton["value"] == 2.0  # not 210 / 100 = 2.1 (ratio of medians)
+    embedded = rat["gateway-embedded p50 overhead @c=1"]
+    assert embedded["per_round"] == pytest.approx([1.3, 0.8]) and embedded["value"] == pytest.approx(1.05)
+    assert embedded["met"] is False
+
+
 def test_ratios_are_none_where_a_target_is_missing_failed_or_had_zero_throughput(sb):
     cells = [
         cell(sb, "ort-direct", 1, p50=0.25),
@@ -111,7 +128,7 @@ def test_ratios_are_none_where_a_target_is_missing_failed_or_had_zero_throughput
         cell(sb, "triton-direct", 64, rps=0.0),
         cell(sb, "gateway-triton", 64, rps=500.0),
     ]
-    rat = {r["name"]: r for r in sb.ratios(sb.aggregate(cells))}
+    rat = {r["name"]: r for r in sb.ratios(cells)}
     for name in ("gateway-embedded p50 overhead @c=1", "gateway-triton p50 overhead @c=1",
                  "throughput gateway-triton / triton-direct @c=64",
                  "throughput gateway-embedded micro-batching on / off @c=64"):
@@ -129,12 +146,12 @@ def test_report_names_the_backbone_and_its_latency(sb, tmp_path):
                                                "seconds": {"total": 90.0, "train": 30.0, "export": 60.0}},
             "duration_s": 1.0, "warmup_s": 0.5, "rounds": 1, "traffic_inputs": 10, "decision_score": "sisome",
             "flagged_share": 0.0, "embedded_batching": "x", "notes": []}
-    md = sb.write_report(tmp_path, meta, cells, agg, sb.ratios(agg))
+    md = sb.write_report(tmp_path, meta, cells, agg, sb.ratios(cells))
     assert "backbone `resnet18_cifar`, input [1,3,32,32]" in md
     assert "batch 1: 4.00 ms per call" in md and "batch 64: 128.00 ms per call (2.000 ms per sample; best run 120.00 ms)" in md
     assert "1-minute load average 0.50 on 2 cores" in md
     assert "float32 [1,3,32,32] tensors" in md and "28,28" not in md
-    assert "| n/a | <= 1 ms | n/a |" in md  # a missing overhead is "n/a", not "n/a ms"
+    assert "| n/a | n/a | <= 1 ms | n/a |" in md  # a missing overhead is "n/a", not "n/a ms"
 
 
 def test_grpc_floor_server_answers_every_predict_with_its_response_and_reports_serving(sb, tmp_path):
