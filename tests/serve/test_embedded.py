@@ -156,6 +156,30 @@ def test_a_small_model_gets_one_thread_and_runs_single_rows_inline(digits_export
     assert asyncio.run(main(2))[0] == 2  # an explicit count is kept
 
 
+def test_single_row_time_is_the_fastest_run_within_a_time_budget():
+    # a busy moment (one slow run) must not make a small model look big; a big model is not run for long
+    import time as clock
+    from types import SimpleNamespace
+
+    from oodguard.serve.embedded import _single_row_seconds
+
+    def model(delays):
+        delays = iter(delays)
+        calls = []
+
+        def run(outputs, feed):
+            calls.append(feed["input"].shape)
+            clock.sleep(next(delays))
+        return SimpleNamespace(input_shape=(1, 2, 2), session=SimpleNamespace(run=run)), calls
+
+    small, calls = model([0.0, 0.02, 0.001, 0.02] + [0.004] * 30)
+    assert 0.001 <= _single_row_seconds(small, runs=10) < 0.004
+    assert len(calls) == 11 and calls[0] == (1, 1, 2, 2)  # a first (allocating) run, then 10 timed ones
+    big, calls = model([0.0] + [0.03] * 30)
+    assert _single_row_seconds(big, runs=20, budget_s=0.05) >= 0.03
+    assert len(calls) <= 4  # stopped once the budget was spent
+
+
 def test_single_rows_go_to_the_worker_when_inlining_is_not_allowed(digits_export):
     # the gateway forbids inlining while other requests are in flight, so the loop stays free to merge them
     async def main():
