@@ -55,10 +55,13 @@ def _check_batch(size: int, served: ServedVersion, what: str) -> None:
                          f"{served.model!r} version {served.version}; split the request")
 
 
+def _expected(served: ServedVersion) -> str:
+    return f"[B,{','.join(map(str, served.input_shape))}]"
+
+
 def to_model_input(request: pb.PredictRequest, served: ServedVersion) -> np.ndarray:
     """The request's input as the model's float32 ``[B, C, H, W]``; :class:`InputError` says what is wrong."""
     which = request.WhichOneof("input")
-    expected = f"[B,{','.join(map(str, served.input_shape))}]"
     if which is None:
         raise InputError("request has no input: set 'tensor' (raw) or 'images' (PNG/JPEG)")
     if which == "images":
@@ -83,7 +86,7 @@ def to_model_input(request: pb.PredictRequest, served: ServedVersion) -> np.ndar
     elif dtype in UINT8_DTYPES:
         np_dtype = np.dtype("u1")
     else:
-        raise InputError(f"unsupported dtype {tensor.dtype!r}: send float32 {expected} (preprocessed model input) "
+        raise InputError(f"unsupported dtype {tensor.dtype!r}: send float32 {_expected(served)} (preprocessed model input) "
                          "or uint8 images [B,H,W] / [B,H,W,C] (C = 1 or 3)")
     if not shape:
         raise InputError("tensor has no shape")
@@ -92,7 +95,7 @@ def to_model_input(request: pb.PredictRequest, served: ServedVersion) -> np.ndar
     _check_batch(shape[0], served, "the tensor")
     if np_dtype.kind == "f":
         if tuple(shape[1:]) != served.input_shape:
-            raise InputError(f"float32 tensor of shape {shape} does not match the model input {expected} of model "
+            raise InputError(f"float32 tensor of shape {shape} does not match the model input {_expected(served)} of model "
                              f"{served.model!r} version {served.version}")
     else:
         if not (len(shape) == 3 or (len(shape) == 4 and shape[3] in (1, 3))):
@@ -104,8 +107,9 @@ def to_model_input(request: pb.PredictRequest, served: ServedVersion) -> np.ndar
         raise InputError(f"tensor data holds {len(tensor.data)} bytes but shape {shape} of {dtype} needs {needed}")
     array = np.frombuffer(tensor.data, dtype=np_dtype).reshape(shape)
     if np_dtype.kind == "f":
-        finite = np.isfinite(array)
-        if not finite.all():
+        # a float64 sum of float32 values cannot overflow: it is finite exactly when every value is
+        if not math.isfinite(array.sum(dtype=np.float64)):
+            finite = np.isfinite(array)
             bad = int((~finite).sum())
             item = int(np.argwhere(~finite)[0][0])
             raise InputError(f"tensor holds {bad} NaN/Inf value(s) (first in item {item}); inputs must be finite")
