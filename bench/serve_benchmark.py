@@ -565,15 +565,20 @@ def ratios(cells: list[Cell]) -> list[dict]:
         value = None if cell is None else getattr(cell, name)
         return None if value is None or np.isnan(value) else value
 
-    def paired(a, b, c, name, combine):
-        values = [combine(metric(a, c, name, r), metric(b, c, name, r)) for r in rounds]
-        return [v for v in values if v is not None]
+    def paired(targets, c, name, combine):
+        values = []
+        for r in rounds:
+            found = [metric(t, c, name, r) for t in targets]
+            value = None if None in found else combine(*found)
+            if value is not None:
+                values.append(value)
+        return values
 
     def diff(a, b):  # p50 of target a - p50 of target b at concurrency 1
-        return paired(a, b, 1, "p50_ms", lambda x, y: None if x is None or y is None else x - y)
+        return paired([a, b], 1, "p50_ms", lambda x, y: x - y)
 
     def ratio(a, b):  # throughput of a / throughput of b at concurrency 64
-        return paired(a, b, 64, "throughput_rps", lambda x, y: None if x is None or y is None or y == 0 else x / y)
+        return paired([a, b], 64, "throughput_rps", lambda x, y: None if y == 0 else x / y)
 
     def entry(name, per_round, unit, target, ok, how):
         """``ok=None``: an informative row (no target)."""
@@ -595,10 +600,13 @@ def ratios(cells: list[Cell]) -> list[dict]:
         entry("throughput gateway-embedded micro-batching on / off @c=64",
               ratio("gateway-embedded", "gateway-embedded-nobatch"),
               "x", ">= 2.0", lambda v: v >= 2.0, "requests/s ratio"),
-        entry("gRPC round trip alone @c=1", diff("grpc-floor", "ort-direct"),
-              "ms", "(info)", None, "grpc-floor p50 - ort-direct p50: the transport's share of the embedded overhead"),
-        entry("gateway-embedded own work @c=1", diff("gateway-embedded", "grpc-floor"),
-              "ms", "(info)", None, "gateway-embedded p50 - grpc-floor p50: validation, model call, decision, answer"),
+        entry("gRPC round trip alone @c=1", paired(["grpc-floor"], 1, "p50_ms", lambda x: x),
+              "ms", "(info)", None, "grpc-floor p50: a Python gRPC call that does no work, the transport's share of "
+              "the embedded overhead"),
+        entry("gateway-embedded own work @c=1",
+              paired(["gateway-embedded", "grpc-floor", "ort-direct"], 1, "p50_ms", lambda g, f, o: g - f - o),
+              "ms", "(info)", None, "gateway-embedded p50 - grpc-floor p50 - ort-direct p50: the rest of the embedded "
+              "overhead (validation, decision, answer, and the model call's cost in the gateway beyond its cost direct)"),
         entry("throughput grpc-floor / triton-direct @c=64",
               ratio("grpc-floor", "triton-direct"),
               "x", "(info)", None, "requests/s ratio: the most a single-process Python gRPC front reaches here"),
@@ -643,8 +651,8 @@ def write_report(out: Path, meta: dict, cells: list[Cell], agg: dict, rat: list[
         "(each request runs alone; the wait window never applies). Triton: `--model-config-name=cpu` (python backend "
         "running the same model.onnx with ONNX Runtime, 1 intra-op thread, dynamic batching up to 64, 500 us queue delay). "
         "grpc-floor: `bench/grpc_floor_server.py`, a `grpc.aio` server answering every Predict with one response captured "
-        "from a gateway, no work: the Python gRPC round trip alone, so the gateway's overhead splits into transport "
-        "(grpc-floor - ort-direct) and the gateway's own work (gateway-embedded - grpc-floor).",
+        "from a gateway, no work: the Python gRPC round trip alone, so the embedded overhead splits into transport "
+        "(grpc-floor) and the gateway's own work (gateway-embedded - grpc-floor - ort-direct).",
         "", "## Results", "", *table, "",
         "## Ratios (this run)", "",
         "Each ratio is computed per round from the two cells of that round (run back to back, so they saw the same "

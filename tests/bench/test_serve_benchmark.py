@@ -97,8 +97,8 @@ def test_ratios_compute_overheads_throughput_ratios_and_met_flags(sb):
     assert rat["throughput gateway-embedded micro-batching on / off @c=64"]["met"] is False
     assert {r["unit"] for r in rat.values()} == {"ms", "x"}
     # informative rows: the overhead split into transport and the gateway's own work, and the floor's ceiling
-    assert rat["gRPC round trip alone @c=1"]["value"] == pytest.approx(0.35)
-    assert rat["gateway-embedded own work @c=1"]["value"] == pytest.approx(0.4)
+    assert rat["gRPC round trip alone @c=1"]["value"] == pytest.approx(0.6)
+    assert rat["gateway-embedded own work @c=1"]["value"] == pytest.approx(1.0 - 0.6 - 0.25)
     assert rat["throughput grpc-floor / triton-direct @c=64"]["value"] == pytest.approx(1.2)
     assert all(rat[n]["met"] is None and rat[n]["target"] == "(info)" for n in (
         "gRPC round trip alone @c=1", "gateway-embedded own work @c=1", "throughput grpc-floor / triton-direct @c=64"))
