@@ -3,7 +3,7 @@
 
 Every ``Predict`` is answered with one prebuilt response (``--response FILE``: a serialized
 ``PredictResponse``, captured from a real gateway by ``bench/serve_benchmark.py``), on the same stack as the
-gateway (``grpc.aio`` server, same message limits, gRPC health reporting SERVING). Its latency and
+gateway (``grpc.aio`` server, the gateway's ``server_options``, gRPC health reporting SERVING). Its latency and
 throughput are what any single-process Python gRPC server reaches on the machine with the gateway's
 request and response sizes: the part of the gateway's overhead that is transport, not the gateway's work.
 
@@ -20,6 +20,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
+from oodguard.serve.server import server_options
 from oodguard.serve.v1 import oodguard_pb2 as pb
 from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
 
@@ -33,9 +34,7 @@ class FixedAnswer(pb_grpc.OODGuardServicer):
 
 
 async def serve(listen: str, response: pb.PredictResponse, max_message_bytes: int) -> None:
-    server = grpc.aio.server(options=[("grpc.max_receive_message_length", max_message_bytes),
-                                      ("grpc.max_send_message_length", max_message_bytes),
-                                      ("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=server_options(max_message_bytes))
     pb_grpc.add_OODGuardServicer_to_server(FixedAnswer(response), server)
     checker = health.aio.HealthServicer()
     await checker.set("", health_pb2.HealthCheckResponse.SERVING)

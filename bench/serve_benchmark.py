@@ -196,6 +196,13 @@ class Traffic:
         """Shape of one batch-1 request: ``[1, C, H, W]``."""
         return [1, *self.inputs.shape[1:]]
 
+    def request(self, i: int):
+        """The gateway's ``PredictRequest`` of input ``i``: a float32 batch-1 tensor, request id ``bench-<i>``."""
+        from oodguard.serve.v1 import oodguard_pb2 as pb
+
+        return pb.PredictRequest(model=self.model, request_id=f"bench-{i}", tensor=pb.Tensor(
+            dtype="float32", shape=self.request_shape, data=self.inputs[i].astype("<f4").tobytes()))
+
     @property
     def backbone_name(self) -> str:
         """``resnet18_cifar`` for the builtin ``oodguard.export.backbones:resnet18_cifar``; other references as they are."""
@@ -334,13 +341,10 @@ def capture_response(gw: Gateway, traffic: Traffic, path: Path) -> Path:
     """The gateway's answer to the first traffic request, serialized to ``path`` (what grpc-floor answers)."""
     import grpc
 
-    from oodguard.serve.v1 import oodguard_pb2 as pb
     from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
 
-    request = pb.PredictRequest(model=traffic.model, request_id="bench-0", tensor=pb.Tensor(
-        dtype="float32", shape=traffic.request_shape, data=traffic.inputs[0].astype("<f4").tobytes()))
     with grpc.insecure_channel(gw.target) as channel:
-        path.write_bytes(pb_grpc.OODGuardStub(channel).Predict(request, timeout=30).SerializeToString())
+        path.write_bytes(pb_grpc.OODGuardStub(channel).Predict(traffic.request(0), timeout=30).SerializeToString())
     return path
 
 
@@ -491,11 +495,7 @@ class Drivers:
         from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
 
         if self.gateway_requests is None:
-            self.gateway_requests = [
-                pb.PredictRequest(model=self.traffic.model, request_id=f"bench-{i}",
-                                  tensor=pb.Tensor(dtype="float32", shape=self.traffic.request_shape,
-                                                   data=x.astype("<f4").tobytes()))
-                for i, x in enumerate(self.traffic.inputs)]
+            self.gateway_requests = [self.traffic.request(i) for i in range(len(self.traffic.inputs))]
         if target not in self.channels:
             self.channels[target] = grpc.aio.insecure_channel(target)
         stub = pb_grpc.OODGuardStub(self.channels[target])

@@ -123,8 +123,7 @@ class DecisionRule:
         self.thresholds = np.array([t.threshold for t in thresholds], dtype=np.float64)
         self._sorted = [np.asarray(t.sorted_scores, dtype=np.float64) for t in thresholds]
         self._sorted_lists = [calib.tolist() for calib in self._sorted]  # for bisect on small batches
-        self._n = np.array([t.n for t in thresholds], dtype=np.float64)
-        self._n_plus_1 = [t.n + 1.0 for t in thresholds]
+        self._n_plus_1 = np.array([t.n + 1.0 for t in thresholds], dtype=np.float64)
         self._deciding = [self.names.index(n) for n in policy.scores]
 
     def __call__(self, outputs: Mapping[str, np.ndarray]) -> Decisions:
@@ -141,12 +140,12 @@ class DecisionRule:
         scores = np.concatenate(columns, axis=None, dtype=np.float64).reshape(len(columns), rows).T  # [B, S]
         crossed = scores > self.thresholds
         if rows <= BISECT_MAX_ROWS:  # a few rows: plain bisect beats NumPy's per-call overhead
-            n1, calibs = self._n_plus_1, self._sorted_lists
-            p_values = np.array([[(n1[j] - bisect.bisect_left(calibs[j], v)) / n1[j] for j, v in enumerate(row)]
-                                 for row in scores.tolist()], dtype=np.float64).reshape(rows, len(columns))
+            below = np.array([[bisect.bisect_left(calib, v) for calib, v in zip(self._sorted_lists, row)]
+                              for row in scores.tolist()], dtype=np.float64).reshape(rows, len(columns))
         else:
-            below = np.array([np.searchsorted(calib, column, side="left") for calib, column in zip(self._sorted, scores.T)])
-            p_values = ((1.0 + self._n[:, None] - below) / (self._n[:, None] + 1.0)).T
+            below = np.stack([np.searchsorted(calib, column, side="left") for calib, column in zip(self._sorted, scores.T)],
+                             axis=1)
+        p_values = (self._n_plus_1 - below) / self._n_plus_1  # [B, S]: #{calibration >= s} = n - below
         if len(self._deciding) == 1:
             ood = crossed[:, self._deciding[0]]
         else:

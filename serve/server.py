@@ -297,6 +297,13 @@ def build_queue(settings: Settings) -> QueryQueue:
                       full_policy=settings.queue_full_policy, spool_path=settings.queue_spool_path)
 
 
+def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """gRPC server options of the gateway: the message size limit both ways; a port is never shared."""
+    return [("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0)]
+
+
 class Gateway:
     """Owns the gRPC server, the backend, the registry and the queue. ``start`` → ``port``; ``stop`` drains."""
 
@@ -421,10 +428,7 @@ class Gateway:
         if fatal:
             raise PolicyError("; ".join(fatal.values()))
         limit = self.settings.max_message_bytes
-        self.server = grpc.aio.server(interceptors=interceptors,
-                                      options=[("grpc.max_receive_message_length", limit),
-                                               ("grpc.max_send_message_length", limit),
-                                               ("grpc.so_reuseport", 0)])
+        self.server = grpc.aio.server(interceptors=interceptors, options=server_options(limit))
         pb_grpc.add_OODGuardServicer_to_server(OODGuardService(self), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -489,5 +493,5 @@ def run(settings: Settings) -> int:
     return asyncio.run(serve(settings))
 
 
-__all__ = ["Gateway", "OODGuardService", "InputError", "to_model_input", "build_backend", "build_queue", "serve", "run",
-           "SERVICE_NAME"]
+__all__ = ["Gateway", "OODGuardService", "InputError", "to_model_input", "build_backend", "build_queue", "server_options",
+           "serve", "run", "SERVICE_NAME"]

@@ -195,6 +195,10 @@ def test_build_traffic_matches_the_model_input(sb, digits_export):
     assert 0 < len(traffic.inputs) <= 32
     assert traffic.inputs.shape[1:] == model.input_shape == (1, 28, 28)
     assert traffic.request_shape == [1, 1, 28, 28]
+    request = traffic.request(3)  # what the gateway targets are sent
+    assert (request.model, request.request_id, request.tensor.dtype) == ("digits", "bench-3", "float32")
+    assert list(request.tensor.shape) == [1, 1, 28, 28]
+    assert np.frombuffer(request.tensor.data, "<f4").tolist() == traffic.inputs[3].ravel().tolist()
     outputs = model.session.run(None, {repo.INPUT_NAME: traffic.inputs[0].reshape(traffic.request_shape)})
     assert outputs[0].shape[0] == 1
 

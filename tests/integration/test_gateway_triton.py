@@ -53,11 +53,16 @@ def start_gateway(tmp_path):
         gateway.stop()
 
 
+def ensure_running(triton_server) -> None:
+    """Restart the shared tritonserver if an earlier test left it down."""
+    if triton_server.process is None or triton_server.process.poll() is not None:
+        triton_server.restart()
+
+
 @pytest.fixture
 def triton_gateway(start_gateway, triton_server):
     """A gateway with the Triton backend on the shared server (which is running when the test starts)."""
-    if triton_server.process is None or triton_server.process.poll() is not None:  # an earlier test left it down
-        triton_server.restart()
+    ensure_running(triton_server)
     return start_gateway("triton", triton_server.repository, backend="triton", triton_url=triton_server.url)
 
 
@@ -147,8 +152,7 @@ def test_concurrent_requests_merge_into_triton_calls_within_the_inflight_limit(s
                                                                              held_out_digits, inflight):
     import asyncio
 
-    if triton_server.process is None or triton_server.process.poll() is not None:
-        triton_server.restart()
+    ensure_running(triton_server)
     gw = start_gateway(f"merge-{inflight}", triton_server.repository, backend="triton", triton_url=triton_server.url,
                        triton_inflight_batches=inflight, max_wait_ms=0.0)
     backend = gw.gateway.backend
