@@ -3,10 +3,10 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
+from missing import missing
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -14,10 +14,7 @@ SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "mnist").is_dir():
-        message = f"MNIST/Fashion-MNIST not found at {SHARED_DATA}"
-        if os.environ.get("OODGUARD_REQUIRE_DATA") == "1":
-            pytest.fail(message + " (OODGUARD_REQUIRE_DATA=1)")
-        pytest.skip(message)
+        missing(f"MNIST/Fashion-MNIST not found at {SHARED_DATA}", "OODGUARD_REQUIRE_DATA")
     return SHARED_DATA
 
 

@@ -7,7 +7,6 @@ failure. The server runs with AOF (``appendfsync always``), so what it acknowled
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import socket
@@ -17,16 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from missing import missing
 
 
 def redis_server_binary() -> str:
     """The redis-server path, or a skip (a failure with OODGUARD_REQUIRE_REDIS=1) saying it is missing."""
     binary = shutil.which("redis-server")
     if binary is None:
-        message = "redis-server is not installed; run `bash scripts/setup_redis.sh`"
-        if os.environ.get("OODGUARD_REQUIRE_REDIS") == "1":
-            pytest.fail(message + " (OODGUARD_REQUIRE_REDIS=1)", pytrace=False)
-        pytest.skip(message)
+        missing("redis-server is not installed; run `bash scripts/setup_redis.sh`", "OODGUARD_REQUIRE_REDIS")
     return binary
 
 

@@ -4,12 +4,12 @@ it these tests skip with the reason, unless OODGUARD_REQUIRE_PROMTOOL=1 (set by 
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from missing import missing
 import yaml
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
@@ -19,10 +19,7 @@ DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
 def promtool() -> str:
     binary = shutil.which("promtool")
     if binary is None:
-        message = "promtool is not installed; run `bash scripts/setup_prometheus.sh`"
-        if os.environ.get("OODGUARD_REQUIRE_PROMTOOL") == "1":
-            pytest.fail(message + " (OODGUARD_REQUIRE_PROMTOOL=1)", pytrace=False)
-        pytest.skip(message)
+        missing("promtool is not installed; run `bash scripts/setup_prometheus.sh`", "OODGUARD_REQUIRE_PROMTOOL")
     return binary
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Context, Pool, Selection, Strategy, softmax, subsample, subsample_note
+from .base import Context, Pool, Selection, Strategy, pool_subsample, softmax
 
 
 def embedding_parts(logits: np.ndarray, features: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -38,9 +38,7 @@ class BadgeStrategy(Strategy):
 
     def _select(self, pool: Pool, budget: int, seed: int, context: Context) -> Selection:
         rng = np.random.default_rng(seed)
-        n = len(pool)
-        sub = subsample(n, max(int(context.params.get("max_pool", 20000)), budget), rng)
-        note = subsample_note(n, len(sub))
+        sub, note = pool_subsample(len(pool), budget, context, rng)
         u, h, g2 = embedding_parts(pool.logits[sub], pool.features[sub])
 
         def sq_distance(j: int) -> np.ndarray:

@@ -246,5 +246,12 @@ def subsample(n: int, limit: int, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(n, size=limit, replace=False))
 
 
-def subsample_note(n: int, kept: int) -> str:
-    return "" if kept == n else f"; pool subsampled to {kept} of {n}"
+#: default of the ``max_pool`` param of the strategies whose cost grows with the pool (badge, coreset)
+MAX_POOL = 20_000
+
+
+def pool_subsample(n: int, budget: int, context: "Context", rng: np.random.Generator) -> tuple[np.ndarray, str]:
+    """Indices of at most ``max(params["max_pool"], budget)`` of a pool of ``n`` (all when it is smaller), and
+    the note that says so in the selection reasons ("" when nothing was left out)."""
+    kept = subsample(n, max(int(context.params.get("max_pool", MAX_POOL)), budget), rng)
+    return kept, ("" if len(kept) == n else f"; pool subsampled to {len(kept)} of {n}")

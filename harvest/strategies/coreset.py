@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import Context, Pool, Selection, Strategy, l2_normalise, subsample, subsample_note
+from .base import Context, Pool, Selection, Strategy, l2_normalise, pool_subsample, subsample
 
 
 def _min_sq_distance(x: np.ndarray, centres: np.ndarray, chunk: int = 4096) -> np.ndarray:
@@ -31,10 +31,8 @@ class CoresetStrategy(Strategy):
 
     def _select(self, pool: Pool, budget: int, seed: int, context: Context) -> Selection:
         rng = np.random.default_rng(seed)
-        n = len(pool)
-        sub = subsample(n, max(int(context.params.get("max_pool", 20000)), budget), rng)
+        sub, note = pool_subsample(len(pool), budget, context, rng)
         x = l2_normalise(pool.features[sub])
-        note = subsample_note(n, len(sub))
         labeled = context.labeled_features
         if labeled is not None and len(labeled):
             labeled = np.asarray(labeled, dtype=np.float32).reshape(len(labeled), -1)

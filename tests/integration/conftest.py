@@ -9,11 +9,11 @@ tritonserver comes from ``.venv-triton`` (``bash scripts/setup_triton.sh``; anot
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
 
 import pytest
+from missing import missing
 from triton_process import TritonInstall, TritonServer, triton_env_dir
 
 
@@ -21,10 +21,7 @@ def require_triton() -> "TritonInstall":
     """The tritonserver install, or a skip (a failure with OODGUARD_REQUIRE_TRITON=1) saying what is missing."""
     install = TritonInstall.find(triton_env_dir())
     if isinstance(install, str):
-        message = f"{install}; run `bash scripts/setup_triton.sh` (or set OODGUARD_TRITON_ENV)"
-        if os.environ.get("OODGUARD_REQUIRE_TRITON") == "1":
-            pytest.fail(message + " (OODGUARD_REQUIRE_TRITON=1)", pytrace=False)
-        pytest.skip(message)
+        missing(f"{install}; run `bash scripts/setup_triton.sh` (or set OODGUARD_TRITON_ENV)", "OODGUARD_REQUIRE_TRITON")
     return install
 
 

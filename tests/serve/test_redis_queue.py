@@ -21,7 +21,7 @@ from oodguard.serve.redis_queue import DEFAULT_PREFIX, RedisQueue
 from oodguard.serve.settings import Settings, SettingsError
 from oodguard.serve.sqlite_queue import SQLiteQueue
 
-from .test_sqlite_queue import record
+from .test_sqlite_queue import assert_stored_as_put, record
 
 
 def make_queue(server, tmp_path, spool: str = "spool", **kwargs) -> RedisQueue:
@@ -51,14 +51,7 @@ def test_roundtrip_of_arrays_metadata_and_large_inputs(redis_server, tmp_path):
     assert len(ids) == 2 and all(isinstance(i, str) and i for i in ids)
     got = q.get(list(reversed(ids)))[::-1]
     for orig, rec, rid in zip(originals, got, ids):
-        assert rec.id == rid and rec.state == PENDING
-        np.testing.assert_array_equal(rec.input, orig.input)
-        assert rec.input.dtype == np.float32 and rec.input.shape == (1, 28, 28)
-        np.testing.assert_array_equal(rec.logits, orig.logits)
-        np.testing.assert_array_equal(rec.features, orig.features)
-        assert rec.scores == orig.scores and rec.decision == orig.decision
-        assert rec.metadata == orig.metadata and rec.request_id == orig.request_id
-        assert (rec.model, rec.version, rec.flagged, rec.time) == (orig.model, orig.version, orig.flagged, orig.time)
+        assert_stored_as_put(rec, orig, rid)
     assert [r.seq for r in got] == [1, 2]
     client = redis.Redis.from_url(redis_server.url)
     entry = client.xrange(f"{DEFAULT_PREFIX}:stream", "1-0", "1-0")[0][1]

@@ -15,6 +15,18 @@ def record(i: int, flagged: bool = True) -> NewRecord:
                      flagged=flagged, request_id=f"req-{i}", metadata={"camera": "7", "i": str(i)}, time=1000.0 + i)
 
 
+def assert_stored_as_put(rec, orig: NewRecord, rid: str) -> None:
+    """A record read back from a queue holds everything it was put with, as the queue's pending record ``rid``."""
+    assert rec.id == rid and rec.state == PENDING
+    np.testing.assert_array_equal(rec.input, orig.input)
+    assert rec.input.dtype == np.float32 and rec.input.shape == (1, 28, 28)
+    np.testing.assert_array_equal(rec.logits, orig.logits)
+    np.testing.assert_array_equal(rec.features, orig.features)
+    assert rec.scores == orig.scores and rec.decision == orig.decision
+    assert rec.metadata == orig.metadata and rec.request_id == orig.request_id
+    assert (rec.model, rec.version, rec.flagged, rec.time) == (orig.model, orig.version, orig.flagged, orig.time)
+
+
 def test_roundtrip_of_arrays_and_metadata(tmp_path):
     q = SQLiteQueue(tmp_path / "q.sqlite")
     originals = [record(0), record(1, flagged=False)]
@@ -22,14 +34,7 @@ def test_roundtrip_of_arrays_and_metadata(tmp_path):
     assert len(ids) == 2 and all(isinstance(i, str) and i for i in ids)
     got = q.get(ids)
     for orig, rec, rid in zip(originals, got, ids):
-        assert rec.id == rid and rec.state == PENDING
-        np.testing.assert_array_equal(rec.input, orig.input)
-        assert rec.input.dtype == np.float32 and rec.input.shape == (1, 28, 28)
-        np.testing.assert_array_equal(rec.logits, orig.logits)
-        np.testing.assert_array_equal(rec.features, orig.features)
-        assert rec.scores == orig.scores and rec.decision == orig.decision
-        assert rec.metadata == orig.metadata and rec.request_id == orig.request_id
-        assert (rec.model, rec.version, rec.flagged, rec.time) == (orig.model, orig.version, orig.flagged, orig.time)
+        assert_stored_as_put(rec, orig, rid)
     s = q.stats()
     assert (s.size, s.pending, s.flagged, s.sampled, s.accepted) == (2, 2, 1, 1, 2)
     q.close()
