@@ -235,15 +235,33 @@ SERVE_FLAGS = [
     ("--queue-spool-path", "FILE", "spool file of the Redis queue while Redis is unreachable "
                                    "(default oodguard-queue.spool)"),
     ("--queue-max-size", "N", "most unharvested records queued (default 100000)"),
+    ("--queue-max-bytes", "N", "most stored bytes of unharvested records (default 1 GiB)"),
     ("--queue-full-policy", "POLICY", "reject (default) or evict-oldest"),
     ("--unflagged-sample-fraction", "F", "fraction of unflagged items also queued (default 0)"),
     ("--sample-seed", "N", "seed of that sampling"),
     ("--max-message-bytes", "N", "largest gRPC message accepted (default 16 MiB)"),
+    ("--max-request-id-bytes", "N", "longest request_id accepted, UTF-8 bytes (default 256)"),
+    ("--max-metadata-bytes", "N", "largest request metadata, keys and values together (default 16384)"),
+    ("--max-image-pixels", "N", "largest encoded image, width x height, checked before decoding "
+                                "(default 16777216 = 4096x4096)"),
+    ("--max-request-pixels", "N", "most pixels of all images of one request (default 67108864)"),
+    ("--decode-workers", "N", "threads decoding images, a pool of their own (default 2)"),
+    ("--decode-queue-max-images", "N", "most images waiting for or in decoding; more: RESOURCE_EXHAUSTED "
+                                       "(default 1024)"),
+    ("--max-inflight-requests", "N", "most Predict calls in progress; more: RESOURCE_EXHAUSTED at once "
+                                     "(default 256)"),
+    ("--max-inflight-items", "N", "most items of all Predict calls in progress (default 8192)"),
+    ("--input-range-margin", "F", "flag raw float32 inputs outside the model's input range widened by F "
+                                  "range widths per side (default 0.5; inf: no check)"),
     ("--poll-interval-s", "S", "how often new model versions are looked for (default 5)"),
     ("--drain-timeout-s", "S", "SIGTERM: time in-flight requests get to finish (default 30)"),
     ("--intra-op-threads", "N", "ONNX Runtime intra-op threads of the embedded backend (default 0: auto, ONNX "
      "Runtime decides, one thread for a model whose single row runs in under 0.5 ms)"),
-    ("--metrics-port", "PORT", "Prometheus metrics over HTTP on this port, on the --listen host (default 0: off)"),
+    ("--metrics-port", "PORT", "Prometheus metrics over HTTP on this port (default 0: off)"),
+    ("--metrics-host", "HOST", "address the metrics endpoint binds to (default: the --listen host)"),
+    ("--metrics-tls-cert", "FILE", "serve metrics over HTTPS with this certificate chain (PEM)"),
+    ("--metrics-tls-key", "FILE", "private key (PEM) of --metrics-tls-cert"),
+    ("--metrics-auth-file", "FILE", "require HTTP basic auth on /metrics: file with one user:password line"),
     ("--tls-cert", "FILE", "TLS certificate chain (PEM); with --tls-key the gateway accepts TLS only"),
     ("--tls-key", "FILE", "private key (PEM) of --tls-cert"),
     ("--tls-client-ca", "FILE", "mutual TLS: CA bundle (PEM) that client certificates must chain to"),

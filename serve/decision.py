@@ -4,6 +4,13 @@ Every score is *higher = more OOD*; a score *crosses* when ``score > threshold``
 scores that decide and the mode: ``any`` flags an item when at least one deciding score crosses, ``all``
 when every deciding score does. Thresholds and conformal p-values of every exported score are reported,
 deciding or not.
+
+**Fail closed.** A guard that cannot score must not answer "in-distribution": an item with any non-finite
+score (NaN or ±Inf, e.g. from finite but absurd inputs that overflow inside the model) is flagged with the
+reason ``unscorable``, whatever the policy says (``NaN > threshold`` is false, so a plain comparison would
+pass it). The gateway may also mark items whose model input lies outside the model's input range
+(:class:`InputRange`); they are flagged with the reason ``input_range``. A policy flag is the reason
+``threshold``. An item may carry several reasons.
 """
 
 from __future__ import annotations
@@ -17,6 +24,8 @@ import numpy as np
 from oodguard.calibration import Calibration
 
 MODES = ("any", "all")
+#: why an item is flagged
+REASON_THRESHOLD, REASON_UNSCORABLE, REASON_INPUT_RANGE = "threshold", "unscorable", "input_range"
 #: batches up to this many rows count calibration scores with :func:`bisect.bisect_left`, larger ones with NumPy
 BISECT_MAX_ROWS = 4
 
@@ -61,10 +70,12 @@ class Verdict:
     scores: dict[str, float]
     thresholds: dict[str, float]
     p_values: dict[str, float]
+    reasons: tuple[str, ...] = ()  # why flagged: threshold, unscorable, input_range (empty when not flagged)
 
     def to_dict(self) -> dict:
         return {
             "ood": self.ood,
+            "reasons": list(self.reasons),
             "crossed": list(self.crossed),
             "deciding": list(self.deciding),
             "mode": self.mode,
@@ -75,15 +86,21 @@ class Verdict:
 
 class Decisions:
     """The verdicts of a batch, column-wise: ``scores`` / ``crossed`` / ``p_values`` are ``[B, S]`` in
-    ``names`` order, ``ood`` is ``[B]``. A sequence of :class:`Verdict` (``len``, ``[i]``, iteration);
-    ``[start:stop]`` is the :class:`Decisions` of those rows (views, no copies)."""
+    ``names`` order; ``ood`` (the verdict), ``by_policy`` (the policy's thresholds flag it), ``unscorable``
+    (a score is not finite) and ``out_of_range`` (the input is outside the model's range) are ``[B]``. A
+    sequence of :class:`Verdict` (``len``, ``[i]``, iteration); ``[start:stop]`` is the :class:`Decisions` of
+    those rows (views, no copies)."""
 
-    __slots__ = ("names", "deciding", "mode", "thresholds", "scores", "crossed", "p_values", "ood")
+    __slots__ = ("names", "deciding", "mode", "thresholds", "scores", "crossed", "p_values", "ood", "by_policy",
+                 "unscorable", "out_of_range")
 
     def __init__(self, names: tuple[str, ...], deciding: tuple[str, ...], mode: str, thresholds: np.ndarray,
-                 scores: np.ndarray, crossed: np.ndarray, p_values: np.ndarray, ood: np.ndarray):
+                 scores: np.ndarray, crossed: np.ndarray, p_values: np.ndarray, by_policy: np.ndarray,
+                 unscorable: np.ndarray, out_of_range: np.ndarray):
         self.names, self.deciding, self.mode, self.thresholds = names, deciding, mode, thresholds
-        self.scores, self.crossed, self.p_values, self.ood = scores, crossed, p_values, ood
+        self.scores, self.crossed, self.p_values = scores, crossed, p_values
+        self.by_policy, self.unscorable, self.out_of_range = by_policy, unscorable, out_of_range
+        self.ood = by_policy | unscorable | out_of_range
 
     def __len__(self) -> int:
         return len(self.ood)
@@ -91,11 +108,18 @@ class Decisions:
     def __getitem__(self, index):
         if isinstance(index, slice):
             return Decisions(self.names, self.deciding, self.mode, self.thresholds, self.scores[index],
-                             self.crossed[index], self.p_values[index], self.ood[index])
+                             self.crossed[index], self.p_values[index], self.by_policy[index],
+                             self.unscorable[index], self.out_of_range[index])
         return self.verdict(index)
 
     def __iter__(self):
         return (self.verdict(i) for i in range(len(self)))
+
+    def reasons(self, i: int) -> tuple[str, ...]:
+        """Why item ``i`` is flagged (empty when it is not)."""
+        return tuple(reason for reason, flagged in ((REASON_THRESHOLD, self.by_policy[i]),
+                                                    (REASON_UNSCORABLE, self.unscorable[i]),
+                                                    (REASON_INPUT_RANGE, self.out_of_range[i])) if flagged)
 
     def verdict(self, i: int) -> Verdict:
         names = self.names
@@ -107,6 +131,7 @@ class Decisions:
             scores=dict(zip(names, self.scores[i].tolist())),
             thresholds=dict(zip(names, self.thresholds.tolist())),
             p_values=dict(zip(names, self.p_values[i].tolist())),
+            reasons=self.reasons(i),
         )
 
 
@@ -126,10 +151,12 @@ class DecisionRule:
         self._n_plus_1 = np.array([t.n + 1.0 for t in thresholds], dtype=np.float64)
         self._deciding = [self.names.index(n) for n in policy.scores]
 
-    def __call__(self, outputs: Mapping[str, np.ndarray]) -> Decisions:
+    def __call__(self, outputs: Mapping[str, np.ndarray], out_of_range: np.ndarray | None = None) -> Decisions:
         """One verdict per batch item. ``outputs`` holds one ``[B]`` array per score of the calibration
-        (extra outputs such as logits and features are ignored). Conformal p-values are
-        ``(1 + #{calibration scores >= s}) / (n + 1)``, as :meth:`ScoreThreshold.p_values`."""
+        (extra outputs such as logits and features are ignored); ``out_of_range`` (``[B]`` bool, optional)
+        marks items whose input is outside the model's range. Conformal p-values are
+        ``(1 + #{calibration scores >= s}) / (n + 1)``, as :meth:`ScoreThreshold.p_values` (a NaN score
+        gets the smallest p-value, ``1 / (n + 1)``)."""
         try:
             columns = [outputs[n] for n in self.names]
         except KeyError:
@@ -147,9 +174,44 @@ class DecisionRule:
                              axis=1)
         p_values = (self._n_plus_1 - below) / self._n_plus_1  # [B, S]: #{calibration >= s} = n - below
         if len(self._deciding) == 1:
-            ood = crossed[:, self._deciding[0]]
+            by_policy = crossed[:, self._deciding[0]]
         else:
             deciding = crossed[:, self._deciding]
-            ood = deciding.any(axis=1) if self.policy.mode == "any" else deciding.all(axis=1)
+            by_policy = deciding.any(axis=1) if self.policy.mode == "any" else deciding.all(axis=1)
+        # a float64 row sum is finite exactly when every (float32-sized) score of the row is
+        unscorable = ~np.isfinite(scores.sum(axis=1))
+        if out_of_range is None:
+            out_of_range = np.zeros(rows, dtype=bool)
+        elif out_of_range.shape != (rows,):
+            raise PolicyError(f"out_of_range has shape {out_of_range.shape}, expected ({rows},)")
         return Decisions(self.names, tuple(self.policy.scores), self.policy.mode, self.thresholds, scores, crossed,
-                         p_values, ood)
+                         p_values, by_policy, unscorable, out_of_range)
+
+
+class InputRange:
+    """The range a model's float32 input can take, from its recorded preprocessing, widened by a margin.
+
+    Every training, calibration and served image reaches the model through :class:`Preprocessing`: uint8
+    pixels scaled to [0, 1], then ``(x - mean) / std`` per channel (bilinear resizing stays within the
+    pixels' range). So channel ``c`` of any preprocessed image lies in ``[(0 - mean_c) / std_c,
+    (1 - mean_c) / std_c]``: the range is a property of the recorded preprocessing and holds for every
+    version, old ones included. A raw float32 request whose values leave that range widened by ``margin``
+    times its width on each side (default 0.5: half a span) is not an image this model could have been
+    trained on; the gateway flags it (reason ``input_range``) instead of trusting scores computed on it.
+    ``margin = inf`` turns the check off."""
+
+    def __init__(self, mean, std, margin: float):
+        mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
+        low, high = (0.0 - mean) / std, (1.0 - mean) / std
+        span = high - low
+        with np.errstate(invalid="ignore"):
+            self.low = (low - margin * span).astype(np.float32) if np.isfinite(margin) else None
+            self.high = (high + margin * span).astype(np.float32) if np.isfinite(margin) else None
+        self.margin = margin
+
+    def outside(self, x: np.ndarray) -> np.ndarray:
+        """``[B]`` bool: which items of ``x`` (``[B, C, H, W]`` float32) hold a value outside the range."""
+        if self.low is None:
+            return np.zeros(len(x), dtype=bool)
+        flat = x.reshape(len(x), x.shape[1], -1)
+        return (flat.min(axis=2) < self.low).any(axis=1) | (flat.max(axis=2) > self.high).any(axis=1)

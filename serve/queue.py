@@ -4,7 +4,15 @@ A record is one batch item: its model input, logits, features, every score, the 
 request's id and metadata. Records move ``pending`` → ``claimed`` (by a harvest, :meth:`QueryQueue.claim`)
 → ``sent`` (:meth:`QueryQueue.mark_sent`, e.g. handed to the relabeling tool). The queue is bounded: at
 most ``max_size`` unharvested (pending or claimed) records; a full queue either rejects new records or
-evicts the oldest pending ones, and counts both.
+evicts the oldest pending ones, and counts both. The bound is in records (``max_size``) and in bytes
+(``max_bytes``: the stored size of unharvested records, request rows included).
+
+A request's id and metadata are stored once per request, not once per record: records of one ``put`` that
+share ``request_id`` and ``metadata`` reference one request row (a 1 MB metadata value on a 64-item request
+costs 1 MB, not 64).
+
+:meth:`QueryQueue.local_state` answers from the process's own memory, never from the store: metrics read it
+during a store outage (spool backlog, whether the last store call worked).
 """
 
 from __future__ import annotations
@@ -63,6 +71,16 @@ class QueueStats:
     rejected: int  # records refused because the queue was full (policy "reject")
     evicted: int  # pending records dropped to make room (policy "evict-oldest")
     spool_backlog: int = 0  # acknowledged records waiting in a local spool for the store (Redis queue)
+    bytes: int = 0  # stored bytes of unharvested records (what max_bytes bounds)
+    max_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class LocalQueueState:
+    """What the queue knows without asking its store (no I/O; safe to read during an outage)."""
+
+    spool_backlog: int  # acknowledged records waiting in the local spool (0 for a queue without one)
+    reachable: bool  # False while the store is known to be unreachable (the last store call failed)
 
 
 class QueryQueue(abc.ABC):
@@ -104,6 +122,10 @@ class QueryQueue(abc.ABC):
 
     @abc.abstractmethod
     def stats(self) -> QueueStats: ...
+
+    @abc.abstractmethod
+    def local_state(self) -> LocalQueueState:
+        """Spool backlog and reachability from this process's memory: never blocks on the store."""
 
     @abc.abstractmethod
     def close(self) -> None:

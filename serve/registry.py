@@ -23,7 +23,7 @@ from oodguard.calibration import Calibration, CalibrationError
 from oodguard.preprocess import Preprocessing
 
 from .backend import Backend, BackendError, BackendUnavailable, DeadlineExceeded, ModelNotFound
-from .decision import DecisionPolicy, DecisionRule, PolicyError
+from .decision import DecisionPolicy, DecisionRule, InputRange, PolicyError
 
 log = logging.getLogger("oodguard.serve.registry")
 
@@ -50,6 +50,7 @@ class ServedVersion:
     outputs: tuple[str, ...]
     stamp: object  # calibration file's (mtime, size) when loaded
     rule: DecisionRule  # the calibration's thresholds under the gateway's policy
+    input_range: InputRange  # where the model's float32 input can lie (from the preprocessing)
 
 
 @dataclass(frozen=True)
@@ -72,7 +73,7 @@ def _stamp(path: Path) -> object:
 class Registry:
     def __init__(self, backend: Backend, repository: str | Path, policy: DecisionPolicy, poll_interval_s: float = 5.0,
                  max_batch: int = 0, default_model: str = "",
-                 on_state: Callable[[bool, str], Awaitable[None]] | None = None):
+                 on_state: Callable[[bool, str], Awaitable[None]] | None = None, input_range_margin: float = 0.5):
         self.backend = backend
         self.repository = Path(repository)
         self.policy = policy
@@ -80,6 +81,7 @@ class Registry:
         self.max_batch = max_batch
         self.default_model = default_model
         self.on_state = on_state
+        self.input_range_margin = input_range_margin
         self.snapshot = Snapshot({})
         #: (model, version) → (calibration stamp, reason) of versions refused
         self.refused: dict[tuple[str, int], tuple[object, str]] = {}
@@ -192,7 +194,8 @@ class Registry:
         max_batch = min(self.max_batch, declared) if self.max_batch else declared
         outputs = tuple(str(o) for o in meta.get("outputs", list(repo.TENSOR_OUTPUTS) + list(scores)))
         return ServedVersion(model, version, calibration, preprocessing, shape, max_batch,
-                             tuple(calibration.class_names), scores, outputs, stamp, DecisionRule(calibration, self.policy))
+                             tuple(calibration.class_names), scores, outputs, stamp, DecisionRule(calibration, self.policy),
+                             InputRange(preprocessing.mean, preprocessing.std, self.input_range_margin))
 
     async def _warm_up(self, served: ServedVersion) -> None:
         result = await self.backend.infer(served.model, served.version, np.zeros((1, *served.input_shape), np.float32),

@@ -62,6 +62,8 @@ class Settings:
     queue_spool_path: Path = Path("oodguard-queue.spool")
     #: most unharvested records the queue holds
     queue_max_size: int = 100_000
+    #: most stored bytes of unharvested records (arrays, scores, decision, request rows) the queue holds
+    queue_max_bytes: int = 1024 * 1024 * 1024
     #: what happens to a new record when the queue is full: "reject" or "evict-oldest"
     queue_full_policy: str = "reject"
     #: fraction of unflagged items also queued (marked as sampled)
@@ -70,6 +72,25 @@ class Settings:
     sample_seed: int | None = None
     #: largest gRPC message accepted (and sent), bytes
     max_message_bytes: int = 16 * 1024 * 1024
+    #: longest request_id accepted, UTF-8 bytes (INVALID_ARGUMENT above)
+    max_request_id_bytes: int = 256
+    #: largest request metadata accepted: keys and values together, UTF-8 bytes (INVALID_ARGUMENT above)
+    max_metadata_bytes: int = 16 * 1024
+    #: largest encoded image accepted, in pixels (width x height, read from the header before decoding)
+    max_image_pixels: int = 4096 * 4096
+    #: most pixels of all images of one request together (encoded images and uint8 tensors)
+    max_request_pixels: int = 64 * 1024 * 1024
+    #: threads decoding encoded images (a pool of their own: hostile images cannot starve tensor requests)
+    decode_workers: int = 2
+    #: most images waiting for or in decoding, over all requests; a request above it gets RESOURCE_EXHAUSTED
+    decode_queue_max_images: int = 1024
+    #: admission control: most Predict calls in progress; above it a call gets RESOURCE_EXHAUSTED at once
+    max_inflight_requests: int = 256
+    #: admission control: most items (images) of all Predict calls in progress together
+    max_inflight_items: int = 8192
+    #: raw float32 inputs outside the model's input range (from its preprocessing) widened by this many
+    #: range widths on each side are flagged (reason input_range); inf = no check
+    input_range_margin: float = 0.5
     #: how often the repository / backend is polled for new versions, seconds
     poll_interval_s: float = 5.0
     #: SIGTERM: how long in-flight requests get to finish, seconds
@@ -77,8 +98,15 @@ class Settings:
     #: ONNX Runtime intra-op threads of the embedded backend (0 = auto: ONNX Runtime's default, one thread for a
     #: model whose single row runs in under 0.5 ms: such rows run on the event loop)
     intra_op_threads: int = 0
-    #: Prometheus metrics over HTTP on this port, on the host of ``listen`` (0 = off)
+    #: Prometheus metrics over HTTP on this port (0 = off)
     metrics_port: int = 0
+    #: address the metrics endpoint binds to ("" = the host of ``listen``)
+    metrics_host: str = ""
+    #: metrics over HTTPS: certificate chain and key (PEM); both or neither
+    metrics_tls_cert: Path | None = None
+    metrics_tls_key: Path | None = None
+    #: metrics behind HTTP basic auth: a file holding one ``user:password`` line
+    metrics_auth_file: Path | None = None
     #: TLS: server certificate chain (PEM); with tls_key the gateway accepts TLS connections only
     tls_cert: Path | None = None
     #: TLS: the certificate's private key (PEM)
@@ -121,12 +149,26 @@ class Settings:
                 raise bad("queue_url", f"expected sqlite:///PATH or redis://HOST:PORT/DB, got {self.queue_url!r}")
         if self.queue_max_size < 1:
             raise bad("queue_max_size", f"must be >= 1, got {self.queue_max_size}")
+        if self.queue_max_bytes < 1024:
+            raise bad("queue_max_bytes", f"must be at least 1024, got {self.queue_max_bytes}")
         if self.queue_full_policy not in FULL_POLICIES:
             raise bad("queue_full_policy", f"expected 'reject' or 'evict-oldest', got {self.queue_full_policy!r}")
         if not 0.0 <= self.unflagged_sample_fraction <= 1.0:
             raise bad("unflagged_sample_fraction", f"must be within [0, 1], got {self.unflagged_sample_fraction}")
         if self.max_message_bytes < 1024:
             raise bad("max_message_bytes", f"must be at least 1024, got {self.max_message_bytes}")
+        for name in ("max_request_id_bytes", "max_metadata_bytes"):
+            if getattr(self, name) < 0:
+                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
+        for name in ("max_image_pixels", "max_request_pixels", "decode_workers", "decode_queue_max_images",
+                     "max_inflight_requests", "max_inflight_items"):
+            if getattr(self, name) < 1:
+                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
+        if self.max_request_pixels < self.max_image_pixels:
+            raise bad("max_request_pixels", f"must be >= max_image_pixels ({self.max_image_pixels}), "
+                                            f"got {self.max_request_pixels}")
+        if not self.input_range_margin >= 0:
+            raise bad("input_range_margin", f"must be >= 0 (inf = no check), got {self.input_range_margin}")
         if self.poll_interval_s <= 0:
             raise bad("poll_interval_s", f"must be > 0, got {self.poll_interval_s}")
         if self.drain_timeout_s < 0:
@@ -135,6 +177,9 @@ class Settings:
             raise bad("intra_op_threads", f"must be >= 0, got {self.intra_op_threads}")
         if not 0 <= self.metrics_port <= 65535:
             raise bad("metrics_port", f"must be within 0..65535 (0 = off), got {self.metrics_port}")
+        if bool(self.metrics_tls_cert) != bool(self.metrics_tls_key):
+            raise bad("metrics_tls_key" if self.metrics_tls_cert else "metrics_tls_cert",
+                      "give both metrics_tls_cert and metrics_tls_key (or neither)")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise bad("tls_key" if self.tls_cert else "tls_cert", "give both tls_cert and tls_key (or neither)")
         if self.tls_client_ca and not self.tls_cert:
