@@ -16,10 +16,15 @@ Inputs (one item or a list of items; a batch goes in one ``Predict`` call):
   float32 ``[C,H,W]``); arrays of one shape and dtype go as one tensor, anything else (mixed with images
   or paths, sizes that differ) as PNG-encoded images.
 
-Every call has a deadline (``timeout`` seconds, across all attempts). Calls that fail with ``UNAVAILABLE``
-(gateway not up yet, restarting, draining, backend down) are retried with exponential backoff and full
-jitter, at most ``max_attempts`` times in all and never past the deadline; any other status (for example
-``INVALID_ARGUMENT``: bad input, unknown model) is raised at once as :class:`OODGuardError`.
+Every call has a deadline (``timeout`` seconds, across all attempts). Calls the server could not take now
+are retried with exponential backoff and full jitter, at most ``max_attempts`` times in all and never past
+the deadline: ``UNAVAILABLE`` (gateway not up yet, restarting, draining, backend down) and a
+``RESOURCE_EXHAUSTED`` whose details start with ``"overloaded:"`` (the gateway's admission control: too many
+requests or items in flight). Any other ``RESOURCE_EXHAUSTED`` is a message above a size limit (gRPC's
+"Received message larger than max" / "Sent message larger than max", the gateway's "reply would be ... bytes")
+and is not retried: the same request meets the same limit. Any other status (for example
+``INVALID_ARGUMENT``: bad input, unknown model) is raised at once as :class:`OODGuardError`. Which statuses
+and details are retried is :class:`RetryPolicy`'s ``retry_on`` and ``retry_details_prefixes``.
 TLS (``root_certificates``; mutual TLS with ``client_certificate`` + ``client_key``; PEM bytes or file paths)
 and a bearer token (``token``: metadata ``authorization: Bearer <token>`` on every call) are optional. Results are frozen dataclasses (:class:`Prediction`, :class:`Decision`).
 """
@@ -33,6 +38,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable, Mapping, Sequence
 
 import grpc
@@ -44,7 +50,12 @@ from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
 DEFAULT_TARGET = "127.0.0.1:50051"
 DEFAULT_TIMEOUT_S = 10.0
 #: gRPC statuses retried by default: the server could not take the call now; nothing else is retried.
-RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE})
+RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+#: how the gateway's admission control starts the details of its RESOURCE_EXHAUSTED (too much in flight)
+OVERLOADED_PREFIX = "overloaded:"
+#: statuses retried only when their details start with one of the prefixes: RESOURCE_EXHAUSTED only when
+#: overloaded, not when a message is above a size limit (a retry meets the same limit)
+RETRY_DETAILS_PREFIXES = MappingProxyType({grpc.StatusCode.RESOURCE_EXHAUSTED: (OVERLOADED_PREFIX,)})
 #: channel options: reconnect quickly after the gateway (re)starts (gRPC's default backoff grows to 120 s).
 DEFAULT_CHANNEL_OPTIONS = (
     ("grpc.initial_reconnect_backoff_ms", 100),
@@ -146,13 +157,25 @@ class OODGuardError(Exception):
 @dataclass(frozen=True)
 class RetryPolicy:
     """Exponential backoff with full jitter: before retry n (1, 2, ...) sleep ``uniform(0, min(max_backoff_s,
-    initial_backoff_s * multiplier**(n-1)))``. At most ``max_attempts`` calls in all; only ``retry_on`` statuses."""
+    initial_backoff_s * multiplier**(n-1)))``. At most ``max_attempts`` calls in all, never past the call's deadline.
+
+    Only ``retry_on`` statuses are retried (default ``UNAVAILABLE`` and ``RESOURCE_EXHAUSTED``), and a status
+    that ``retry_details_prefixes`` names only when its details start with one of its prefixes. The default
+    retries ``RESOURCE_EXHAUSTED`` only when overloaded (details ``"overloaded:..."``, the gateway's admission
+    control), never a message above a size limit ("Received/Sent message larger than max", "reply would be ...
+    bytes"). The prefixes given are added to the default's, replacing its own for their status (its
+    RESOURCE_EXHAUSTED rule stays unless named): ``{RESOURCE_EXHAUSTED: ("",)}`` retries every RESOURCE_EXHAUSTED,
+    ``{RESOURCE_EXHAUSTED: ()}`` none (as does leaving it out of ``retry_on``; prefixes of statuses outside
+    ``retry_on`` are unused), ``{UNAVAILABLE: ("backend",)}`` only the UNAVAILABLE whose details start so.
+    """
 
     max_attempts: int = 5
     initial_backoff_s: float = 0.1
     max_backoff_s: float = 2.0
     multiplier: float = 2.0
     retry_on: frozenset = RETRYABLE
+    retry_details_prefixes: Mapping[grpc.StatusCode, tuple[str, ...]] = field(
+        default_factory=lambda: RETRY_DETAILS_PREFIXES, hash=False)
 
     def __post_init__(self) -> None:
         if self.max_attempts < 1:
@@ -161,6 +184,22 @@ class RetryPolicy:
             raise ValueError("backoffs must be >= 0 and multiplier >= 1")
         if grpc.StatusCode.INVALID_ARGUMENT in self.retry_on:
             raise ValueError("INVALID_ARGUMENT is never retried: the same request fails the same way")
+        prefixes = dict(RETRY_DETAILS_PREFIXES)
+        for code, given in dict(self.retry_details_prefixes).items():
+            given = (given,) if isinstance(given, str) else tuple(given)
+            if not isinstance(code, grpc.StatusCode) or not all(isinstance(p, str) for p in given):
+                raise TypeError(f"retry_details_prefixes maps grpc.StatusCode to str prefixes, "
+                                f"got {code!r}: {given!r}")
+            prefixes[code] = given
+        object.__setattr__(self, "retry_on", frozenset(self.retry_on))
+        object.__setattr__(self, "retry_details_prefixes", MappingProxyType(prefixes))
+
+    def retries(self, code: grpc.StatusCode, details: str | None) -> bool:
+        """Whether a failed attempt with this status and details is one to retry (attempts and deadline aside)."""
+        if code not in self.retry_on:
+            return False
+        prefixes = self.retry_details_prefixes.get(code)
+        return prefixes is None or (details or "").startswith(prefixes)
 
     def backoff(self, retry: int, rng: random.Random) -> float:
         return rng.uniform(0.0, min(self.max_backoff_s, self.initial_backoff_s * self.multiplier ** (retry - 1)))
@@ -282,6 +321,17 @@ class _Common:
     on_retry: RetryCallback | None
     rng: random.Random = field(default_factory=random.Random)
 
+    def retry_delay(self, attempt: int, exc: grpc.RpcError, now: float, deadline: float) -> float | None:
+        """After failed ``attempt``: the sleep before the next one (``on_retry`` told), or None: give up (a status
+        not to retry, the last attempt, or the sleep would reach the deadline). The one rule of both clients."""
+        delay = self.retry.backoff(attempt, self.rng)
+        if (not self.retry.retries(exc.code(), exc.details()) or attempt >= self.retry.max_attempts
+                or now + delay >= deadline):
+            return None
+        if self.on_retry:
+            self.on_retry(attempt, exc, delay)
+        return delay
+
 
 def _common(target: str, timeout: float, retry: RetryPolicy | None, token: str | None,
             on_retry: RetryCallback | None, seed: int | None) -> _Common:
@@ -324,12 +374,9 @@ class OODGuardClient:
                     raise OODGuardError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the call", attempt - 1)
                 return method(request, timeout=remaining, metadata=c.metadata)
             except grpc.RpcError as exc:
-                delay = c.retry.backoff(attempt, c.rng)
-                if (exc.code() not in c.retry.retry_on or attempt >= c.retry.max_attempts
-                        or time.monotonic() + delay >= deadline):
+                delay = c.retry_delay(attempt, exc, time.monotonic(), deadline)
+                if delay is None:
                     raise OODGuardError(exc.code(), exc.details() or "", attempt) from None
-                if c.on_retry:
-                    c.on_retry(attempt, exc, delay)
                 time.sleep(delay)
 
     def predict_response(self, inputs: Any, *, timeout: float | None = None, **request_fields) -> pb.PredictResponse:
@@ -398,12 +445,9 @@ class AsyncOODGuardClient:
                     raise OODGuardError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before the call", attempt - 1)
                 return await method(request, timeout=remaining, metadata=c.metadata)
             except grpc.RpcError as exc:
-                delay = c.retry.backoff(attempt, c.rng)
-                if (exc.code() not in c.retry.retry_on or attempt >= c.retry.max_attempts
-                        or loop.time() + delay >= deadline):
+                delay = c.retry_delay(attempt, exc, loop.time(), deadline)
+                if delay is None:
                     raise OODGuardError(exc.code(), exc.details() or "", attempt) from None
-                if c.on_retry:
-                    c.on_retry(attempt, exc, delay)
                 await asyncio.sleep(delay)
 
     async def predict_response(self, inputs: Any, *, timeout: float | None = None, **request_fields) -> pb.PredictResponse:
@@ -437,4 +481,5 @@ class AsyncOODGuardClient:
 
 
 __all__ = ["OODGuardClient", "AsyncOODGuardClient", "Prediction", "Decision", "ClassProbability", "OODGuardError",
-           "RetryPolicy", "NO_RETRY", "build_request", "predictions_from_response", "DEFAULT_TARGET"]
+           "RetryPolicy", "NO_RETRY", "RETRYABLE", "OVERLOADED_PREFIX", "RETRY_DETAILS_PREFIXES", "build_request",
+           "predictions_from_response", "DEFAULT_TARGET"]

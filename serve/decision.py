@@ -180,6 +180,8 @@ class DecisionRule:
             by_policy = deciding.any(axis=1) if self.policy.mode == "any" else deciding.all(axis=1)
         # a float64 row sum is finite exactly when every (float32-sized) score of the row is
         unscorable = ~np.isfinite(scores.sum(axis=1))
+        if unscorable.any():  # NaN compares false with everything: give it the smallest p-value on both paths
+            p_values = np.where(np.isnan(scores), 1.0 / self._n_plus_1, p_values)
         if out_of_range is None:
             out_of_range = np.zeros(rows, dtype=bool)
         elif out_of_range.shape != (rows,):

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aoodguard/v1/oodguard.proto\x12\x0boodguard.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x1f\n\rEncodedImages\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"\x9f\x02\n\x0ePredictRequest\x12%\n\x06tensor\x18\x01 \x01(\x0b\x32\x13.oodguard.v1.TensorH\x00\x12,\n\x06images\x18\x02 \x01(\x0b\x32\x1a.oodguard.v1.EncodedImagesH\x00\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12;\n\x08metadata\x18\x06 \x03(\x0b\x32).oodguard.v1.PredictRequest.MetadataEntry\x12\r\n\x05top_k\x18\x07 \x01(\r\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"D\n\x10\x43lassProbability\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"\xa3\x02\n\x08\x44\x65\x63ision\x12\x0b\n\x03ood\x18\x01 \x01(\x08\x12\x0f\n\x07\x63rossed\x18\x02 \x03(\t\x12\x17\n\x0f\x64\x65\x63iding_scores\x18\x03 \x03(\t\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x39\n\nthresholds\x18\x05 \x03(\x0b\x32%.oodguard.v1.Decision.ThresholdsEntry\x12\x34\n\x08p_values\x18\x06 \x03(\x0b\x32\".oodguard.v1.Decision.PValuesEntry\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cPValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xff\x02\n\nPrediction\x12\x13\n\x0b\x63lass_index\x18\x01 \x01(\x05\x12\x12\n\nclass_name\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12,\n\x05top_k\x18\x04 \x03(\x0b\x32\x1d.oodguard.v1.ClassProbability\x12\x33\n\x06scores\x18\x05 \x03(\x0b\x32#.oodguard.v1.Prediction.ScoresEntry\x12\'\n\x08\x64\x65\x63ision\x18\x06 \x01(\x0b\x32\x15.oodguard.v1.Decision\x12.\n\x0cqueue_status\x18\x07 \x01(\x0e\x32\x18.oodguard.v1.QueueStatus\x12\x17\n\x0fqueue_record_id\x18\x08 \x01(\t\x12\x0f\n\x07sampled\x18\t \x01(\x08\x12\r\n\x05model\x18\n \x01(\t\x12\x0f\n\x07version\x18\x0b \x01(\x03\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"s\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12,\n\x0bpredictions\x18\x04 \x03(\x0b\x32\x17.oodguard.v1.Prediction\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"j\n\rPreprocessing\x12\x10\n\x08\x63hannels\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0c\n\x04mean\x18\x04 \x03(\x02\x12\x0b\n\x03std\x18\x05 \x03(\x02\x12\r\n\x05order\x18\x06 \x01(\t\"\x82\x01\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x05\x12\x31\n\rpreprocessing\x18\x05 \x01(\x0b\x32\x1a.oodguard.v1.Preprocessing\"\xc9\x01\n\rThresholdInfo\x12\r\n\x05score\x18\x01 \x01(\t\x12\x11\n\tthreshold\x18\x02 \x01(\x01\x12\x12\n\ntarget_tpr\x18\x03 \x01(\x01\x12\t\n\x01n\x18\x04 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x05 \x01(\x03\x12\x14\n\x0c\x61\x63hieved_tpr\x18\x06 \x01(\x01\x12\x1d\n\x15\x61\x63hieved_tpr_ci95_low\x18\x07 \x01(\x01\x12\x1e\n\x16\x61\x63hieved_tpr_ci95_high\x18\x08 \x01(\x01\x12\x10\n\x08\x64\x65\x63iding\x18\t \x01(\x08\"\x9b\x01\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12%\n\x05input\x18\x02 \x01(\x0b\x32\x16.oodguard.v1.InputSpec\x12\x13\n\x0b\x63lass_names\x18\x03 \x03(\t\x12.\n\nthresholds\x18\x04 \x03(\x0b\x32\x1a.oodguard.v1.ThresholdInfo\x12\x0f\n\x07outputs\x18\x05 \x03(\t\"]\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x08versions\x18\x02 \x03(\x0b\x32\x18.oodguard.v1.VersionInfo\x12\x16\n\x0elatest_version\x18\x03 \x01(\x03\".\n\x0e\x44\x65\x63isionPolicy\x12\x0e\n\x06scores\x18\x01 \x03(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\"y\n\x11ModelInfoResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.oodguard.v1.ModelSpec\x12+\n\x06policy\x18\x02 \x01(\x0b\x32\x1b.oodguard.v1.DecisionPolicy\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t*B\n\x0bQueueStatus\x12\x0e\n\nNOT_QUEUED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x17\n\x13REJECTED_QUEUE_FULL\x10\x02\x32\x9c\x01\n\x08OODGuard\x12\x44\n\x07Predict\x12\x1b.oodguard.v1.PredictRequest\x1a\x1c.oodguard.v1.PredictResponse\x12J\n\tModelInfo\x12\x1d.oodguard.v1.ModelInfoRequest\x1a\x1e.oodguard.v1.ModelInfoResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aoodguard/v1/oodguard.proto\x12\x0boodguard.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"\x1f\n\rEncodedImages\x12\x0e\n\x06images\x18\x01 \x03(\x0c\"\x9f\x02\n\x0ePredictRequest\x12%\n\x06tensor\x18\x01 \x01(\x0b\x32\x13.oodguard.v1.TensorH\x00\x12,\n\x06images\x18\x02 \x01(\x0b\x32\x1a.oodguard.v1.EncodedImagesH\x00\x12\r\n\x05model\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\x03\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12;\n\x08metadata\x18\x06 \x03(\x0b\x32).oodguard.v1.PredictRequest.MetadataEntry\x12\r\n\x05top_k\x18\x07 \x01(\r\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05input\"D\n\x10\x43lassProbability\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\"\xb4\x02\n\x08\x44\x65\x63ision\x12\x0b\n\x03ood\x18\x01 \x01(\x08\x12\x0f\n\x07\x63rossed\x18\x02 \x03(\t\x12\x17\n\x0f\x64\x65\x63iding_scores\x18\x03 \x03(\t\x12\x0c\n\x04mode\x18\x04 \x01(\t\x12\x39\n\nthresholds\x18\x05 \x03(\x0b\x32%.oodguard.v1.Decision.ThresholdsEntry\x12\x34\n\x08p_values\x18\x06 \x03(\x0b\x32\".oodguard.v1.Decision.PValuesEntry\x12\x0f\n\x07reasons\x18\x07 \x03(\t\x1a\x31\n\x0fThresholdsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x1a.\n\x0cPValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xff\x02\n\nPrediction\x12\x13\n\x0b\x63lass_index\x18\x01 \x01(\x05\x12\x12\n\nclass_name\x18\x02 \x01(\t\x12\x13\n\x0bprobability\x18\x03 \x01(\x02\x12,\n\x05top_k\x18\x04 \x03(\x0b\x32\x1d.oodguard.v1.ClassProbability\x12\x33\n\x06scores\x18\x05 \x03(\x0b\x32#.oodguard.v1.Prediction.ScoresEntry\x12\'\n\x08\x64\x65\x63ision\x18\x06 \x01(\x0b\x32\x15.oodguard.v1.Decision\x12.\n\x0cqueue_status\x18\x07 \x01(\x0e\x32\x18.oodguard.v1.QueueStatus\x12\x17\n\x0fqueue_record_id\x18\x08 \x01(\t\x12\x0f\n\x07sampled\x18\t \x01(\x08\x12\r\n\x05model\x18\n \x01(\t\x12\x0f\n\x07version\x18\x0b \x01(\x03\x1a-\n\x0bScoresEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x02:\x02\x38\x01\"s\n\x0fPredictResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x12\n\nrequest_id\x18\x03 \x01(\t\x12,\n\x0bpredictions\x18\x04 \x03(\x0b\x32\x17.oodguard.v1.Prediction\"!\n\x10ModelInfoRequest\x12\r\n\x05model\x18\x01 \x01(\t\"j\n\rPreprocessing\x12\x10\n\x08\x63hannels\x18\x01 \x01(\x05\x12\x0e\n\x06height\x18\x02 \x01(\x05\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0c\n\x04mean\x18\x04 \x03(\x02\x12\x0b\n\x03std\x18\x05 \x03(\x02\x12\r\n\x05order\x18\x06 \x01(\t\"\x82\x01\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x05\x12\x31\n\rpreprocessing\x18\x05 \x01(\x0b\x32\x1a.oodguard.v1.Preprocessing\"\xc9\x01\n\rThresholdInfo\x12\r\n\x05score\x18\x01 \x01(\t\x12\x11\n\tthreshold\x18\x02 \x01(\x01\x12\x12\n\ntarget_tpr\x18\x03 \x01(\x01\x12\t\n\x01n\x18\x04 \x01(\x03\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x05 \x01(\x03\x12\x14\n\x0c\x61\x63hieved_tpr\x18\x06 \x01(\x01\x12\x1d\n\x15\x61\x63hieved_tpr_ci95_low\x18\x07 \x01(\x01\x12\x1e\n\x16\x61\x63hieved_tpr_ci95_high\x18\x08 \x01(\x01\x12\x10\n\x08\x64\x65\x63iding\x18\t \x01(\x08\"\x9b\x01\n\x0bVersionInfo\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12%\n\x05input\x18\x02 \x01(\x0b\x32\x16.oodguard.v1.InputSpec\x12\x13\n\x0b\x63lass_names\x18\x03 \x03(\t\x12.\n\nthresholds\x18\x04 \x03(\x0b\x32\x1a.oodguard.v1.ThresholdInfo\x12\x0f\n\x07outputs\x18\x05 \x03(\t\"]\n\tModelSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12*\n\x08versions\x18\x02 \x03(\x0b\x32\x18.oodguard.v1.VersionInfo\x12\x16\n\x0elatest_version\x18\x03 \x01(\x03\".\n\x0e\x44\x65\x63isionPolicy\x12\x0e\n\x06scores\x18\x01 \x03(\t\x12\x0c\n\x04mode\x18\x02 \x01(\t\"y\n\x11ModelInfoResponse\x12&\n\x06models\x18\x01 \x03(\x0b\x32\x16.oodguard.v1.ModelSpec\x12+\n\x06policy\x18\x02 \x01(\x0b\x32\x1b.oodguard.v1.DecisionPolicy\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t*B\n\x0bQueueStatus\x12\x0e\n\nNOT_QUEUED\x10\x00\x12\n\n\x06QUEUED\x10\x01\x12\x17\n\x13REJECTED_QUEUE_FULL\x10\x02\x32\x9c\x01\n\x08OODGuard\x12\x44\n\x07Predict\x12\x1b.oodguard.v1.PredictRequest\x1a\x1c.oodguard.v1.PredictResponse\x12J\n\tModelInfo\x12\x1d.oodguard.v1.ModelInfoRequest\x1a\x1e.oodguard.v1.ModelInfoResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,8 +39,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DECISION_PVALUESENTRY']._serialized_options = b'8\001'
   _globals['_PREDICTION_SCORESENTRY']._loaded_options = None
   _globals['_PREDICTION_SCORESENTRY']._serialized_options = b'8\001'
-  _globals['_QUEUESTATUS']._serialized_start=2191
-  _globals['_QUEUESTATUS']._serialized_end=2257
+  _globals['_QUEUESTATUS']._serialized_start=2208
+  _globals['_QUEUESTATUS']._serialized_end=2274
   _globals['_TENSOR']._serialized_start=43
   _globals['_TENSOR']._serialized_end=95
   _globals['_ENCODEDIMAGES']._serialized_start=97
@@ -52,33 +52,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLASSPROBABILITY']._serialized_start=420
   _globals['_CLASSPROBABILITY']._serialized_end=488
   _globals['_DECISION']._serialized_start=491
-  _globals['_DECISION']._serialized_end=782
-  _globals['_DECISION_THRESHOLDSENTRY']._serialized_start=685
-  _globals['_DECISION_THRESHOLDSENTRY']._serialized_end=734
-  _globals['_DECISION_PVALUESENTRY']._serialized_start=736
-  _globals['_DECISION_PVALUESENTRY']._serialized_end=782
-  _globals['_PREDICTION']._serialized_start=785
-  _globals['_PREDICTION']._serialized_end=1168
-  _globals['_PREDICTION_SCORESENTRY']._serialized_start=1123
-  _globals['_PREDICTION_SCORESENTRY']._serialized_end=1168
-  _globals['_PREDICTRESPONSE']._serialized_start=1170
-  _globals['_PREDICTRESPONSE']._serialized_end=1285
-  _globals['_MODELINFOREQUEST']._serialized_start=1287
-  _globals['_MODELINFOREQUEST']._serialized_end=1320
-  _globals['_PREPROCESSING']._serialized_start=1322
-  _globals['_PREPROCESSING']._serialized_end=1428
-  _globals['_INPUTSPEC']._serialized_start=1431
-  _globals['_INPUTSPEC']._serialized_end=1561
-  _globals['_THRESHOLDINFO']._serialized_start=1564
-  _globals['_THRESHOLDINFO']._serialized_end=1765
-  _globals['_VERSIONINFO']._serialized_start=1768
-  _globals['_VERSIONINFO']._serialized_end=1923
-  _globals['_MODELSPEC']._serialized_start=1925
-  _globals['_MODELSPEC']._serialized_end=2018
-  _globals['_DECISIONPOLICY']._serialized_start=2020
-  _globals['_DECISIONPOLICY']._serialized_end=2066
-  _globals['_MODELINFORESPONSE']._serialized_start=2068
-  _globals['_MODELINFORESPONSE']._serialized_end=2189
-  _globals['_OODGUARD']._serialized_start=2260
-  _globals['_OODGUARD']._serialized_end=2416
+  _globals['_DECISION']._serialized_end=799
+  _globals['_DECISION_THRESHOLDSENTRY']._serialized_start=702
+  _globals['_DECISION_THRESHOLDSENTRY']._serialized_end=751
+  _globals['_DECISION_PVALUESENTRY']._serialized_start=753
+  _globals['_DECISION_PVALUESENTRY']._serialized_end=799
+  _globals['_PREDICTION']._serialized_start=802
+  _globals['_PREDICTION']._serialized_end=1185
+  _globals['_PREDICTION_SCORESENTRY']._serialized_start=1140
+  _globals['_PREDICTION_SCORESENTRY']._serialized_end=1185
+  _globals['_PREDICTRESPONSE']._serialized_start=1187
+  _globals['_PREDICTRESPONSE']._serialized_end=1302
+  _globals['_MODELINFOREQUEST']._serialized_start=1304
+  _globals['_MODELINFOREQUEST']._serialized_end=1337
+  _globals['_PREPROCESSING']._serialized_start=1339
+  _globals['_PREPROCESSING']._serialized_end=1445
+  _globals['_INPUTSPEC']._serialized_start=1448
+  _globals['_INPUTSPEC']._serialized_end=1578
+  _globals['_THRESHOLDINFO']._serialized_start=1581
+  _globals['_THRESHOLDINFO']._serialized_end=1782
+  _globals['_VERSIONINFO']._serialized_start=1785
+  _globals['_VERSIONINFO']._serialized_end=1940
+  _globals['_MODELSPEC']._serialized_start=1942
+  _globals['_MODELSPEC']._serialized_end=2035
+  _globals['_DECISIONPOLICY']._serialized_start=2037
+  _globals['_DECISIONPOLICY']._serialized_end=2083
+  _globals['_MODELINFORESPONSE']._serialized_start=2085
+  _globals['_MODELINFORESPONSE']._serialized_end=2206
+  _globals['_OODGUARD']._serialized_start=2277
+  _globals['_OODGUARD']._serialized_end=2433
 # @@protoc_insertion_point(module_scope)

@@ -10,7 +10,10 @@ import numpy as np
 import pytest
 
 from oodguard.cli import main
-from oodguard.clients.loadgen import LoadgenConfig, is_loopback, percentiles, run_loadgen
+from oodguard.clients.loadgen import LoadgenConfig, format_report, is_loopback, percentiles, run_loadgen
+from oodguard.serve.v1 import oodguard_pb2 as pb
+
+from .test_sdk import Scripted, in_process_server
 
 
 @pytest.fixture
@@ -67,6 +70,30 @@ def test_errors_are_counted_by_status(gateway):
     assert report["ok"] > 0 and report["errors"].get("UNAVAILABLE", 0) > 0
     assert report["requests"] == report["ok"] + sum(report["errors"].values())
     assert report["error_examples"]["UNAVAILABLE"]
+
+
+class ScriptedModel(Scripted):
+    """:class:`Scripted` ``Predict`` (overloaded first) plus the ``ModelInfo`` of one 28x28 grey model."""
+
+    def ModelInfo(self, request, context):
+        spec = pb.InputSpec(max_batch_size=8, preprocessing=pb.Preprocessing(channels=1, height=28, width=28))
+        version = pb.VersionInfo(version=1, input=spec)
+        return pb.ModelInfoResponse(models=[pb.ModelSpec(name="scripted", versions=[version], latest_version=1)])
+
+
+def test_overloaded_answers_are_counted_not_retried():
+    """Admission control's RESOURCE_EXHAUSTED gets its own count (and example), and loadgen does not retry it."""
+    servicer = ScriptedModel(5)
+    server, target = in_process_server(servicer)
+    try:
+        report = asyncio.run(run_loadgen(LoadgenConfig(target, "synthetic:uniform:20", concurrency=2, duration=20,
+                                                       requests=12)))
+    finally:
+        server.stop(0)
+    assert report["requests"] == servicer.calls == 12 and report["ok"] == 7
+    assert report["errors"] == {"RESOURCE_EXHAUSTED": 5}
+    assert report["error_examples"]["RESOURCE_EXHAUSTED"].startswith("overloaded:")
+    assert "RESOURCE_EXHAUSTED 5" in format_report(report)
 
 
 def test_unreachable_gateway_is_an_error(capsys):

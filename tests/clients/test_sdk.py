@@ -1,21 +1,27 @@
 """The Python SDK against a real gateway on 127.0.0.1: inputs (numpy, PIL, paths, bytes), typed results,
-deadlines, retries on UNAVAILABLE (and never on INVALID_ARGUMENT), bearer metadata, the asyncio client."""
+deadlines, retries on UNAVAILABLE (and never on INVALID_ARGUMENT), bearer metadata, the asyncio client; and
+against a scripted gRPC server in this process: retries on an overloaded RESOURCE_EXHAUSTED, never on one for a
+message above a size limit."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
 import io
+import random
 import threading
 import time
+from concurrent import futures
 
 import grpc
 import numpy as np
 import pytest
 from PIL import Image
 
-from oodguard.clients.sdk import (AsyncOODGuardClient, Decision, OODGuardClient, OODGuardError, Prediction,
-                                  RetryPolicy, build_request)
+from oodguard.clients.sdk import (NO_RETRY, AsyncOODGuardClient, Decision, OODGuardClient, OODGuardError,
+                                  Prediction, RetryPolicy, build_request)
+from oodguard.serve.v1 import oodguard_pb2 as pb
+from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
 from oodguard.preprocess import Preprocessing
 from oodguard.calibration import Calibration
 
@@ -206,3 +212,194 @@ def test_async_client_retries_unavailable(start_gateway, repo_copy):
     finally:
         later.join()
     assert prediction.ood and retries
+
+
+# -- RESOURCE_EXHAUSTED: overloaded (retried) or a size limit (never), against a scripted server -------------
+EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
+OVERLOADED = "overloaded: 257 requests in flight, limit 256 (call {call})"
+TOO_LARGE = "reply would be 20000000 bytes, above the max message size of 16777216 bytes (call {call})"
+
+
+class Scripted(pb_grpc.OODGuardServicer):
+    """``Predict`` answers ``code`` with ``details`` (``{call}``: the call's number, from 1) for the first
+    ``failures`` calls, then OK with one prediction (its class name ``reply_padding`` characters long)."""
+
+    def __init__(self, failures: int, details: str = OVERLOADED, code: grpc.StatusCode = EXHAUSTED,
+                 reply_padding: int = 3):
+        self.failures, self.details, self.code, self.reply_padding = failures, details, code, reply_padding
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def Predict(self, request, context):
+        with self.lock:
+            self.calls += 1
+            call = self.calls
+        if call <= self.failures:
+            context.abort(self.code, self.details.format(call=call))
+        return pb.PredictResponse(model="scripted", version=1, request_id=request.request_id, predictions=[
+            pb.Prediction(class_index=1, class_name="x" * self.reply_padding, probability=0.9, model="scripted",
+                          version=1)])
+
+
+def in_process_server(servicer: pb_grpc.OODGuardServicer) -> tuple[grpc.Server, str]:
+    """``servicer`` served on a free loopback port by a gRPC server in this process: (server, target)."""
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_OODGuardServicer_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def scripted():
+    """``scripted(failures, details=OVERLOADED, ...)``: a :class:`Scripted` servicer served here and its target."""
+    servers = []
+
+    def start(failures: int, details: str = OVERLOADED, **kwargs) -> tuple[Scripted, str]:
+        servicer = Scripted(failures, details, **kwargs)
+        server, target = in_process_server(servicer)
+        servers.append(server)
+        return servicer, target
+
+    yield start
+    for server in servers:
+        server.stop(0)
+
+
+def expected_sleeps(policy: RetryPolicy, seed: int, retries: int) -> list[float]:
+    """The client's backoffs with ``seed``: one draw of its rng per failed attempt."""
+    rng = random.Random(seed)
+    return [policy.backoff(n, rng) for n in range(1, retries + 1)]
+
+
+def test_which_resource_exhausted_is_retried():
+    policy = RetryPolicy()
+    assert policy.retries(EXHAUSTED, "overloaded: 9000 items in flight, limit 8192")
+    assert policy.retries(grpc.StatusCode.UNAVAILABLE, "") and policy.retries(grpc.StatusCode.UNAVAILABLE, None)
+    for details in ("Received message larger than max (20000000 vs. 16777216)",
+                    "Sent message larger than max (20000000 vs. 16777216)", TOO_LARGE, "", None,
+                    "server overloaded: prefix only"):
+        assert not policy.retries(EXHAUSTED, details), details
+    assert not policy.retries(grpc.StatusCode.INTERNAL, "overloaded: not this status")
+    assert not RetryPolicy(retry_on=frozenset({grpc.StatusCode.UNAVAILABLE})).retries(EXHAUSTED, "overloaded: x")
+    every = RetryPolicy(retry_details_prefixes={EXHAUSTED: ("",)})
+    assert every.retries(EXHAUSTED, TOO_LARGE) and every.retries(EXHAUSTED, None)
+    assert not RetryPolicy(retry_details_prefixes={EXHAUSTED: ()}).retries(EXHAUSTED, "overloaded: x")
+    assert RetryPolicy(retry_details_prefixes={}) == policy
+    # another status narrowed by its details, the default's RESOURCE_EXHAUSTED rule kept; a str is one prefix
+    narrowed = RetryPolicy(retry_details_prefixes={grpc.StatusCode.UNAVAILABLE: "backend"})
+    assert narrowed.retries(grpc.StatusCode.UNAVAILABLE, "backend unavailable: down")
+    assert not narrowed.retries(grpc.StatusCode.UNAVAILABLE, "b") and not narrowed.retries(EXHAUSTED, TOO_LARGE)
+    assert narrowed.retries(EXHAUSTED, "overloaded: x")
+    assert narrowed == RetryPolicy(retry_details_prefixes={grpc.StatusCode.UNAVAILABLE: ("backend",)})
+    assert hash(narrowed) == hash(RetryPolicy())  # still hashable (the prefixes are left out of the hash)
+    with pytest.raises(TypeError):
+        RetryPolicy(retry_details_prefixes={"RESOURCE_EXHAUSTED": ("overloaded:",)})
+    with pytest.raises(TypeError):
+        RetryPolicy(retry_details_prefixes={EXHAUSTED: (b"overloaded:",)})
+
+
+def test_retries_overloaded_until_it_succeeds(scripted):
+    servicer, target = scripted(3)
+    policy = RetryPolicy(max_attempts=5, initial_backoff_s=0.05, max_backoff_s=0.15)
+    retries = []
+    with OODGuardClient(target, timeout=10, retry=policy, seed=7, on_retry=lambda *a: retries.append(a)) as client:
+        started = time.monotonic()
+        prediction = client.predict_one(noise(1)[0])
+        elapsed = time.monotonic() - started
+    assert prediction.model == "scripted" and prediction.class_index == 1
+    assert servicer.calls == 4  # 3 overloaded, then OK on attempt 4
+    assert [attempt for attempt, _, _ in retries] == [1, 2, 3]
+    assert all(e.code() == EXHAUSTED and e.details() == OVERLOADED.format(call=n) for n, e, _ in retries)
+    sleeps = [delay for _, _, delay in retries]
+    assert sleeps == expected_sleeps(policy, 7, 3)  # full jitter: uniform(0, min(max, initial * 2**(n-1)))
+    assert all(0 <= s <= cap for s, cap in zip(sleeps, (0.05, 0.1, 0.15)))
+    assert elapsed >= sum(sleeps)  # and they were slept
+
+
+def test_overloaded_gives_up_at_max_attempts_with_the_last_error(scripted):
+    servicer, target = scripted(10**6)
+    retries = []
+    with OODGuardClient(target, timeout=10, retry=RetryPolicy(max_attempts=3, initial_backoff_s=0.01),
+                        on_retry=lambda *a: retries.append(a)) as client:
+        with pytest.raises(OODGuardError) as info:
+            client.predict(noise(1))
+    assert info.value.code == EXHAUSTED and info.value.attempts == 3 and servicer.calls == 3
+    assert info.value.details == OVERLOADED.format(call=3) and "after 3 attempts" in str(info.value)
+    assert [attempt for attempt, _, _ in retries] == [1, 2]
+
+
+def test_size_limits_are_never_retried(scripted):
+    retries = []
+    policy = RetryPolicy(max_attempts=5, initial_backoff_s=0.5)
+
+    def client(target: str, **kwargs) -> OODGuardClient:
+        return OODGuardClient(target, timeout=10, retry=policy, on_retry=lambda *a: retries.append(a), **kwargs)
+
+    # the gateway's own limit on the reply
+    servicer, target = scripted(10**6, TOO_LARGE)
+    with client(target) as c:
+        with pytest.raises(OODGuardError) as info:
+            c.predict(noise(1))
+    assert info.value.code == EXHAUSTED and info.value.details == TOO_LARGE.format(call=1)
+    assert info.value.attempts == 1 and servicer.calls == 1
+    # gRPC's: a reply above the client's max message size (the server answered once), a request above it (never sent)
+    servicer, target = scripted(0, reply_padding=8192)
+    with client(target, max_message_bytes=4096) as c:
+        with pytest.raises(OODGuardError) as info:
+            c.predict(noise(1))
+        assert info.value.code == EXHAUSTED and "Received message larger than max" in info.value.details
+        assert info.value.attempts == 1 and servicer.calls == 1
+        with pytest.raises(OODGuardError) as info:
+            c.predict(noise(8))  # 8 x 28 x 28 bytes of pixels
+        assert info.value.code == EXHAUSTED and "Sent message larger than max" in info.value.details
+        assert info.value.attempts == 1 and servicer.calls == 1
+    assert not retries
+
+
+def test_overloaded_retries_stop_at_the_deadline(scripted):
+    servicer, target = scripted(10**6)
+    retries = []
+    with OODGuardClient(target, timeout=0.5, on_retry=lambda *a: retries.append(a),
+                        retry=RetryPolicy(max_attempts=1000, initial_backoff_s=0.02, max_backoff_s=0.1)) as client:
+        started = time.monotonic()
+        with pytest.raises(OODGuardError) as info:
+            client.predict(noise(1))
+        elapsed = time.monotonic() - started
+    assert elapsed < 0.5 + 0.3  # the deadline, plus one answer's time at most
+    assert info.value.code in (EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED)
+    assert 3 <= len(retries) < 1000 and sum(delay for _, _, delay in retries) < 0.5
+    assert servicer.calls == len(retries) + 1
+
+
+def test_no_retry_policy_does_not_retry_overloaded(scripted):
+    servicer, target = scripted(1)
+    with OODGuardClient(target, timeout=10, retry=NO_RETRY) as client:
+        with pytest.raises(OODGuardError) as info:
+            client.predict(noise(1))
+        assert info.value.code == EXHAUSTED and info.value.attempts == 1 and servicer.calls == 1
+        assert client.predict(noise(1))[0].model == "scripted"
+
+
+def test_async_client_retries_overloaded_not_size_limits(scripted):
+    overloaded, overloaded_target = scripted(2)
+    too_large, too_large_target = scripted(10**6, TOO_LARGE)
+    policy = RetryPolicy(max_attempts=4, initial_backoff_s=0.05)
+    retries = []
+
+    async def main():
+        async with AsyncOODGuardClient(overloaded_target, timeout=10, retry=policy, seed=3,
+                                       on_retry=lambda *a: retries.append(a)) as client:
+            prediction = await client.predict_one(noise(1)[0])
+        async with AsyncOODGuardClient(too_large_target, timeout=10, retry=policy,
+                                       on_retry=lambda *a: retries.append(a)) as client:
+            with pytest.raises(OODGuardError) as info:
+                await client.predict(noise(1))
+        return prediction, info.value
+
+    prediction, error = asyncio.run(main())
+    assert prediction.model == "scripted" and overloaded.calls == 3
+    assert [attempt for attempt, _, _ in retries] == [1, 2]  # the size error added none
+    assert [delay for _, _, delay in retries] == expected_sleeps(policy, 3, 2)
+    assert all(e.code() == EXHAUSTED and e.details().startswith("overloaded:") for _, e, _ in retries)
+    assert error.code == EXHAUSTED and error.attempts == 1 and too_large.calls == 1

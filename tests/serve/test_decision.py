@@ -132,3 +132,55 @@ def test_small_and_large_batches_give_the_same_decisions_and_p_values():
     # slicing keeps the columns of those rows
     part = whole[2:5]
     assert len(part) == 3 and part[0] == whole[2] and part.scores.shape == (3, 3)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_a_non_finite_score_fails_closed(bad):
+    # NaN > threshold is False: a plain comparison would answer "in-distribution" for an item nobody scored
+    outputs = outputs_for([(False, False, False)] * 3 + [(True, False, False)])
+    outputs["b"] = outputs["b"].copy()
+    outputs["b"][1] = bad  # a score that does not decide
+    outputs["a"] = outputs["a"].copy()
+    outputs["a"][2] = bad  # the deciding score
+    d = DecisionRule(calibration(), DecisionPolicy(("a",)))(outputs)
+    assert d.ood.tolist() == [False, True, True, True]
+    assert d.unscorable.tolist() == [False, True, True, False]
+    assert [d.reasons(i) for i in range(4)] == [(), ("unscorable",), (("threshold", "unscorable") if bad == np.inf
+                                                                         else ("unscorable",)), ("threshold",)]
+    assert d[1].to_dict()["reasons"] == ["unscorable"] and d[1:3].unscorable.tolist() == [True, True]
+    if bad != bad:  # NaN: the smallest p-value, unlike any calibration score
+        assert d.p_values[2, 0] == pytest.approx(1 / (N + 1))
+
+
+def test_items_out_of_the_input_range_are_flagged_with_their_reason():
+    outputs = outputs_for([(False, False, False), (True, False, False), (False, False, False)])
+    rule = DecisionRule(calibration(), DecisionPolicy(("a",)))
+    d = rule(outputs, np.array([False, True, True]))
+    assert d.ood.tolist() == [False, True, True] and d.by_policy.tolist() == [False, True, False]
+    assert [d.reasons(i) for i in range(3)] == [(), ("threshold", "input_range"), ("input_range",)]
+    with pytest.raises(PolicyError, match=r"out_of_range has shape \(2,\), expected \(3,\)"):
+        rule(outputs, np.array([False, True]))
+
+
+def test_input_range_follows_the_preprocessing_with_its_margin():
+    from oodguard.serve.decision import InputRange
+
+    # MNIST-like normalisation: pixels in [0, 1] become [(0 - 0.1307) / 0.3081, (1 - 0.1307) / 0.3081]
+    low, high = -0.1307 / 0.3081, (1 - 0.1307) / 0.3081
+    span = high - low
+    check = InputRange((0.1307,), (0.3081,), margin=0.5)
+    np.testing.assert_allclose([check.low[0], check.high[0]], [low - span / 2, high + span / 2], rtol=1e-6)
+    x = np.zeros((5, 1, 4, 4), np.float32)
+    x[0] = low  # a black image
+    x[1] = high  # a white one
+    x[2, 0, 0, 0] = high + 0.49 * span  # within the margin
+    x[3, 0, 3, 3] = high + 0.51 * span  # beyond it
+    x[4, 0, 1, 2] = low - 0.51 * span
+    assert check.outside(x).tolist() == [False, False, False, True, True]
+    assert InputRange((0.1307,), (0.3081,), margin=float("inf")).outside(x).tolist() == [False] * 5
+    # per channel: the second channel has its own range
+    rgb = InputRange((0.5, 0.0), (0.5, 1.0), margin=0.0)
+    y = np.zeros((2, 2, 1, 1), np.float32)
+    y[0, 1] = 1.0
+    y[1, 1] = 1.01
+    assert rgb.outside(y).tolist() == [False, True]

@@ -16,6 +16,8 @@ def test_defaults_env_and_flags_layer():
     assert s.max_wait_ms == 8.0 and s.queue_max_size == 10 and s.sample_seed == 7
     assert s.backend == "embedded" and s.unflagged_sample_fraction == 0.0 and s.queue_full_policy == "reject"
     assert s.triton_inflight_batches == 1
+    assert (s.max_image_pixels, s.max_inflight_requests, s.input_range_margin) == (4096 * 4096, 256, 0.5)
+    assert Settings.from_sources({}, {**env, "OODGUARD_INPUT_RANGE_MARGIN": "inf"}).input_range_margin == float("inf")
     with pytest.raises(Exception):
         s.listen = "x"  # frozen
 
@@ -30,6 +32,14 @@ def test_defaults_env_and_flags_layer():
     ({"OODGUARD_REPOSITORY": "r", "OODGUARD_DECISION_SCORES": ","}, "name at least one score"),
     ({"OODGUARD_REPOSITORY": "r", "OODGUARD_DECISION_MODE": "most"}, "'any' or 'all'"),
     ({"OODGUARD_REPOSITORY": "r", "OODGUARD_TRITON_INFLIGHT_BATCHES": "0"}, "OODGUARD_TRITON_INFLIGHT_BATCHES.*1..64"),
+    ({"OODGUARD_REPOSITORY": "r", "OODGUARD_MAX_INFLIGHT_REQUESTS": "0"}, "OODGUARD_MAX_INFLIGHT_REQUESTS.*>= 1"),
+    ({"OODGUARD_REPOSITORY": "r", "OODGUARD_MAX_IMAGE_PIXELS": "100", "OODGUARD_MAX_REQUEST_PIXELS": "99"},
+     "max_request_pixels.*>= max_image_pixels"),
+    ({"OODGUARD_REPOSITORY": "r", "OODGUARD_INPUT_RANGE_MARGIN": "-1"}, "OODGUARD_INPUT_RANGE_MARGIN.*inf = no check"),
+    ({"OODGUARD_REPOSITORY": "r", "OODGUARD_INPUT_RANGE_MARGIN": "nan"}, "OODGUARD_INPUT_RANGE_MARGIN"),
+    ({"OODGUARD_REPOSITORY": "r", "OODGUARD_QUEUE_MAX_BYTES": "10"}, "OODGUARD_QUEUE_MAX_BYTES.*at least 1024"),
+    ({"OODGUARD_REPOSITORY": "r", "OODGUARD_MAX_METADATA_BYTES": "-1"}, "OODGUARD_MAX_METADATA_BYTES"),
+    ({"OODGUARD_REPOSITORY": "r", "OODGUARD_METRICS_TLS_CERT": "c.pem"}, "give both metrics_tls_cert and metrics_tls_key"),
 ])
 def test_bad_settings_say_which(env, message):
     with pytest.raises(SettingsError, match=message):

@@ -1,0 +1,333 @@
+"""The ``oodguard.v1.OODGuard`` service: Predict and ModelInfo over one :class:`~oodguard.serve.server.Gateway`.
+
+``Predict``, in order: admission (at most ``max_inflight_requests`` calls and ``max_inflight_items`` items in
+progress; above either, ``RESOURCE_EXHAUSTED`` "overloaded: ..." at once, before any work), parsing of the
+body (the service is registered with raw bytes, so a body that is not a valid ``PredictRequest`` is an
+``INVALID_ARGUMENT`` like any bad input, not gRPC's ``UNKNOWN`` with a traceback), the request's own limits
+(:mod:`oodguard.serve.inputs`), conversion to the model input (encoded images on the gateway's own decoder
+pool, :class:`ImageDecoder`), the micro-batched backend call and decision (the gateway), the reply built and
+its size checked against the message limit *before* anything is queued, the flagged items queued, and the
+answer. Bad requests are counted by reason and logged as one line, at most once a second (no traceback, no
+client string beyond a short quote), so hostile traffic cannot flood the log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
+
+import grpc
+import numpy as np
+from google.protobuf.message import DecodeError
+from PIL import Image
+
+from .backend import BackendUnavailable, DeadlineExceeded, ModelNotFound
+from .batching import BatchDeadlineExceeded
+from .decision import PolicyError
+from .inputs import (Abandoned, InputError, check_request_fields, decode_images, is_float_tensor, item_count,
+                     open_images, quote, tensor_input)
+from .queue import QueueError
+from .registry import ServedVersion, UnknownModel
+from .v1 import oodguard_pb2 as pb
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .decision import Decisions
+    from .server import BatchOutcome, Gateway
+
+log = logging.getLogger("oodguard.serve")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OODGuard"].full_name  # "oodguard.v1.OODGuard"
+DEFAULT_TOP_K = 3
+#: a queue record id (uuid4 hex) as long as the real ones: the reply's size is measured with it in place
+RECORD_ID_PLACEHOLDER = "0" * 32
+#: at most one log line per this many seconds for bad requests (the rest are counted in the metrics)
+BAD_REQUEST_LOG_INTERVAL_S = 1.0
+
+
+class Overloaded(Exception):
+    """Admission control refused the call (gRPC RESOURCE_EXHAUSTED "overloaded: ..."); ``reason`` labels it."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(f"overloaded: {message}")
+        self.reason = reason
+
+
+class RateLimitedLog:
+    """One warning line at most every ``interval_s`` seconds; the lines left out are counted into the next."""
+
+    def __init__(self, logger: logging.Logger, interval_s: float):
+        self.logger, self.interval_s = logger, interval_s
+        self._last = -float("inf")
+        self._skipped = 0
+        self._lock = threading.Lock()
+
+    def warning(self, message: str, *args) -> None:
+        with self._lock:
+            now = time.monotonic()
+            if now - self._last < self.interval_s:
+                self._skipped += 1
+                return
+            skipped, self._skipped, self._last = self._skipped, 0, now
+        suffix = f" (+{skipped} more since the last line)" if skipped else ""
+        self.logger.warning(message + suffix, *args)
+
+
+class ImageDecoder:
+    """Decodes encoded images on a thread pool of its own, so that hostile images cannot delay tensor requests
+    (which use asyncio's default pool) or queue writes. At most ``max_pending`` images wait for or are in
+    decoding, over all requests; a request that would go above it is refused at once (:class:`Overloaded`).
+    A request that gives up (cancelled, deadline) stops its decoding at the next image."""
+
+    def __init__(self, workers: int, max_pending: int):
+        # our pixel limit is checked from the header first (inputs.open_images); Pillow's own warning above
+        # 89 M pixels would only print a line per hostile image (it names the size, so it is never deduplicated)
+        warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
+        self.max_pending = max_pending
+        self.pending = 0
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oodguard-decode")
+
+    async def decode(self, images: list, served: ServedVersion) -> np.ndarray:
+        n = len(images)
+        if self.pending + n > self.max_pending:
+            raise Overloaded(f"{self.pending} images are waiting for decoding (limit {self.max_pending}); retry "
+                             "with backoff", "decode_queue")
+        self.pending += n
+        abandoned = threading.Event()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, decode_images, images, served, abandoned)
+        finally:
+            abandoned.set()  # a cancelled request: the worker stops before its next image
+            self.pending -= n
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class OODGuardService:
+    """The handlers; :meth:`handler` registers them with raw request bytes (parsed here)."""
+
+    def __init__(self, gateway: "Gateway"):
+        self.gw = gateway
+        self.inflight_items = 0
+        self._bad_log = RateLimitedLog(log, BAD_REQUEST_LOG_INTERVAL_S)
+
+    def handler(self) -> grpc.GenericRpcHandler:
+        """The service's gRPC handler; request bodies arrive as bytes (:meth:`Predict` and :meth:`ModelInfo`
+        parse them) so that an undecodable body is answered INVALID_ARGUMENT."""
+        def method(fn, response):
+            return grpc.unary_unary_rpc_method_handler(fn, request_deserializer=None,
+                                                       response_serializer=response.SerializeToString)
+
+        return grpc.method_handlers_generic_handler(SERVICE_NAME, {
+            "Predict": method(self.Predict, pb.PredictResponse),
+            "ModelInfo": method(self.ModelInfo, pb.ModelInfoResponse),
+        })
+
+    # -- errors -----------------------------------------------------------------------------------
+    async def _refuse(self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str, reason: str):
+        """Abort with ``code``, counting the request as bad (``reason``) with one rate-limited log line."""
+        self.gw.metrics.bad_request(reason)
+        self._bad_log.warning("bad request (%s, %s): %s", reason, code.name, message)
+        await context.abort(code, message)
+
+    async def _parse(self, raw: bytes, message, context: grpc.aio.ServicerContext) -> None:
+        """Parse ``raw`` into the empty ``message``; an undecodable body (or invalid UTF-8 in a string field)
+        is INVALID_ARGUMENT."""
+        try:
+            message.MergeFromString(raw)
+        except (DecodeError, ValueError) as exc:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT,
+                               f"request body is not a valid {message.DESCRIPTOR.name} ({str(exc)[:120]})",
+                               "undecodable")
+
+    # -- Predict ----------------------------------------------------------------------------------
+    async def Predict(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        request = pb.PredictRequest()  # filled by _handle; the metrics label a failed call by its model
+        return await self.gw.metrics.track_predict(request, context, self._handle(raw, request, context))
+
+    async def _handle(self, raw: bytes, request: pb.PredictRequest,
+                      context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        gw = self.gw
+        if gw.active_requests >= gw.settings.max_inflight_requests:
+            await self._overloaded(context, Overloaded(f"{gw.active_requests} requests in progress (limit "
+                                                       f"{gw.settings.max_inflight_requests}); retry with backoff",
+                                                       "inflight_requests"))
+        gw.active_requests += 1
+        try:
+            await self._parse(raw, request, context)
+            return await self._predict(request, context)
+        finally:
+            gw.active_requests -= 1
+
+    async def _overloaded(self, context: grpc.aio.ServicerContext, exc: Overloaded) -> None:
+        self.gw.metrics.request_refused(exc.reason)
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+
+    async def _predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        gw = self.gw
+        if gw.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
+        items = item_count(request)
+        if self.inflight_items + items > gw.settings.max_inflight_items:
+            await self._overloaded(context, Overloaded(
+                f"{self.inflight_items} items in progress, this request adds {items} (limit "
+                f"{gw.settings.max_inflight_items}); retry with backoff", "inflight_items"))
+        self.inflight_items += items
+        try:
+            return await self._admitted(request, context)
+        finally:
+            self.inflight_items -= items
+
+    async def _admitted(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        gw = self.gw
+        try:
+            check_request_fields(request, gw.input_limits)
+        except InputError as exc:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.reason)
+        try:
+            served = gw.registry.resolve(request.model, request.version or None)
+        except UnknownModel as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if request.version < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"version must be >= 0, got {request.version}")
+        try:
+            x = await self._model_input(request, served)
+        except InputError as exc:
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.reason)
+        except Overloaded as exc:
+            await self._overloaded(context, exc)
+        timeout = context.time_remaining()
+        if timeout is not None and timeout <= 0:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before inference")
+        try:
+            part = await gw.batcher.submit(served, x, served.max_batch, timeout)
+        except ModelNotFound as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        except (DeadlineExceeded, BatchDeadlineExceeded) as exc:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"model {served.model!r} version {served.version}: {exc}")
+        except BackendUnavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"backend unavailable: {exc}")
+        except PolicyError as exc:
+            await context.abort(grpc.StatusCode.INTERNAL, f"model outputs do not match its calibration: {exc}")
+        outcome, rows = part.result, slice(part.start, part.stop)
+        decisions = outcome.decisions[rows]
+        chosen, sampled = gw.choose_for_queue(decisions)
+        response = self._response(outcome, rows, decisions, request, chosen, sampled)
+        size, limit = response.ByteSize(), gw.settings.max_message_bytes
+        if size > limit:  # checked before queueing: no record for an answer that cannot be sent
+            await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED,
+                               f"reply would be {size} bytes, above the limit of {limit} (max_message_bytes); "
+                               "send fewer items or a smaller top_k", "reply_too_large")
+        if chosen:
+            try:
+                ids = await gw.enqueue(x, outcome, rows, decisions, request, chosen)
+            except QueueError as exc:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, f"query queue unavailable, flagged items not stored: {exc}")
+            for i, rid in zip(chosen, ids):
+                item = response.predictions[i]
+                if rid is None:
+                    item.queue_status = pb.REJECTED_QUEUE_FULL
+                    item.ClearField("queue_record_id")
+                else:
+                    item.queue_record_id = rid
+        return response
+
+    async def _model_input(self, request: pb.PredictRequest, served: ServedVersion) -> np.ndarray:
+        """Float32 tensors convert inline (a view of the request's bytes); uint8 tensors in asyncio's default
+        pool; encoded images are checked from their headers here and decoded on the decoder pool."""
+        which = request.WhichOneof("input")
+        if which is None:
+            raise InputError("request has no input: set 'tensor' (raw) or 'images' (PNG/JPEG)")
+        limits = self.gw.input_limits
+        if which == "images":
+            try:
+                return await self.gw.decoder.decode(open_images(request, served, limits), served)
+            except Abandoned:
+                raise asyncio.CancelledError() from None
+        if is_float_tensor(request):
+            return tensor_input(request, served, limits)
+        return await asyncio.to_thread(tensor_input, request, served, limits)
+
+    @staticmethod
+    def _response(outcome: "BatchOutcome", rows: slice, decisions: "Decisions", request: pb.PredictRequest,
+                  chosen: list[int], sampled: list[bool]) -> pb.PredictResponse:
+        """The reply, with every item that will be queued marked QUEUED under a placeholder id of the real
+        ids' length (so its size is final; the ids are filled in once the queue has them)."""
+        served = outcome.served
+        probs = outcome.probabilities[rows]
+        k = min(request.top_k or DEFAULT_TOP_K, probs.shape[1])
+        ranked = outcome.ranking[rows, :k].tolist()
+        probs = probs.tolist()
+        names = served.class_names
+        score_names = decisions.names
+        thresholds = dict(zip(score_names, decisions.thresholds.tolist()))
+        crossed, scores, p_values = decisions.crossed.tolist(), decisions.scores.tolist(), decisions.p_values.tolist()
+        ood = decisions.ood.tolist()
+        queued = set(chosen)
+        response = pb.PredictResponse(model=served.model, version=served.version, request_id=request.request_id)
+        for i in range(len(decisions)):
+            best = ranked[i][0]
+            item = response.predictions.add(
+                class_index=best, class_name=names[best], probability=probs[i][best],
+                model=served.model, version=served.version, sampled=sampled[i],
+            )
+            for c in ranked[i]:
+                item.top_k.add(index=c, name=names[c], probability=probs[i][c])
+            item.scores.update(zip(score_names, scores[i]))
+            d = item.decision
+            d.ood = ood[i]
+            if ood[i]:
+                d.reasons.extend(decisions.reasons(i))
+            d.crossed.extend(n for n, c in zip(score_names, crossed[i]) if c)
+            d.deciding_scores.extend(decisions.deciding)
+            d.mode = decisions.mode
+            d.thresholds.update(thresholds)
+            d.p_values.update(zip(score_names, p_values[i]))
+            if i in queued:
+                item.queue_status = pb.QUEUED
+                item.queue_record_id = RECORD_ID_PLACEHOLDER
+        return response
+
+    # -- ModelInfo --------------------------------------------------------------------------------
+    async def ModelInfo(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
+        request = pb.ModelInfoRequest()
+        await self._parse(raw, request, context)
+        gw = self.gw
+        versions = gw.registry.snapshot.versions
+        if request.model and request.model not in versions:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"unknown model {quote(request.model)} (served: {', '.join(sorted(versions)) or 'none'})")
+        response = pb.ModelInfoResponse(backend=gw.settings.backend)
+        response.policy.scores.extend(gw.policy.scores)
+        response.policy.mode = gw.policy.mode
+        for model in sorted(versions):
+            if request.model and model != request.model:
+                continue
+            spec = response.models.add(name=model, latest_version=max(versions[model]))
+            for number in sorted(versions[model]):
+                served = versions[model][number]
+                info = spec.versions.add(version=number, class_names=list(served.class_names), outputs=list(served.outputs))
+                meta = served.calibration.model
+                info.input.name = str(meta["input"].get("name", "input"))
+                info.input.dtype = str(meta["input"].get("dtype", "float32"))
+                info.input.shape.extend(served.input_shape)
+                info.input.max_batch_size = served.max_batch
+                p = served.preprocessing
+                info.input.preprocessing.CopyFrom(pb.Preprocessing(
+                    channels=p.channels, height=p.height, width=p.width, mean=list(p.mean), std=list(p.std),
+                    order=str(meta["preprocessing"].get("order", ""))))
+                for name in served.scores:
+                    t = served.calibration.thresholds[name]
+                    info.thresholds.add(score=name, threshold=t.threshold, target_tpr=t.target_tpr, n=t.n,
+                                        accepted=t.accepted, achieved_tpr=t.achieved_tpr,
+                                        achieved_tpr_ci95_low=t.achieved_tpr_ci95[0],
+                                        achieved_tpr_ci95_high=t.achieved_tpr_ci95[1], deciding=name in gw.policy.scores)
+        return response
+
+
+__all__ = ["OODGuardService", "ImageDecoder", "Overloaded", "RateLimitedLog", "SERVICE_NAME", "DEFAULT_TOP_K"]

@@ -1,0 +1,131 @@
+"""Input limits and conversion without gRPC: header checks before decoding, formats, sizes, quoting."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from oodguard.serve.inputs import (InputError, InputLimits, check_request_fields, decode_images, item_count,
+                                   open_images, quote, tensor_input, to_model_input)
+from oodguard.serve.v1 import oodguard_pb2 as pb
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def bomb_png(width: int = 13000, height: int = 13000) -> bytes:
+    """A tiny PNG whose header declares ``width x height`` RGB pixels (one row of data follows): decoding it
+    would allocate width * height * 3 bytes before finding the data truncated."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    row = zlib.compress(b"\x00" * (1 + 3 * width), 9)
+    return b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", header) + png_chunk(b"IDAT", row) + png_chunk(b"IEND", b"")
+
+
+def encoded(image: np.ndarray, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+class Served:
+    """The parts of a ServedVersion that input conversion reads."""
+
+    def __init__(self):
+        from oodguard.preprocess import Preprocessing
+
+        self.preprocessing = Preprocessing(1, 8, 8, (0.5,), (0.25,))
+        self.input_shape = (1, 8, 8)
+        self.max_batch = 64
+        self.model, self.version = "digits", 1
+
+
+def test_bomb_is_refused_from_its_header_before_decoding():
+    data = bomb_png()
+    assert len(data) < 1000
+    request = pb.PredictRequest(images=pb.EncodedImages(images=[data]))
+    with pytest.raises(InputError, match=r"image 0 declares 13000x13000 = 169000000 pixels; the limit is 16777216") as exc:
+        open_images(request, Served(), InputLimits())
+    assert exc.value.reason == "image_too_large"
+
+
+def test_pixels_of_a_request_are_bounded_together():
+    limits = InputLimits(max_image_pixels=100 * 100, max_request_pixels=3 * 100 * 100)
+    image = encoded(np.zeros((100, 100), np.uint8), "PNG")
+    assert len(open_images(pb.PredictRequest(images=pb.EncodedImages(images=[image] * 3)), Served(), limits)) == 3
+    with pytest.raises(InputError, match="more than 30000 pixels together"):
+        open_images(pb.PredictRequest(images=pb.EncodedImages(images=[image] * 4)), Served(), limits)
+    big = encoded(np.zeros((101, 100), np.uint8), "PNG")
+    with pytest.raises(InputError, match="declares 100x101 = 10100 pixels"):
+        open_images(pb.PredictRequest(images=pb.EncodedImages(images=[big])), Served(), limits)
+
+
+@pytest.mark.parametrize("fmt", ["BMP", "TIFF", "GIF", "WEBP"])
+def test_only_png_and_jpeg_are_accepted(fmt):
+    data = encoded(np.full((8, 8), 7, np.uint8), fmt)
+    with pytest.raises(InputError, match="image 0 is not a PNG or JPEG image") as exc:
+        to_model_input(pb.PredictRequest(images=pb.EncodedImages(images=[data])), Served())
+    assert exc.value.reason == "image_format"
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG"])
+def test_png_and_jpeg_decode_like_the_preprocessing(fmt):
+    image = np.tile(np.arange(0, 256, 32, dtype=np.uint8), (8, 1))
+    served = Served()
+    x = to_model_input(pb.PredictRequest(images=pb.EncodedImages(images=[encoded(image, fmt)] * 2)), served)
+    assert x.shape == (2, 1, 8, 8) and x.dtype == np.float32
+    expected = served.preprocessing.apply(image[None])
+    np.testing.assert_allclose(x[0], expected[0], atol=0.0 if fmt == "PNG" else 0.2)
+
+
+def test_a_truncated_image_is_an_input_error_at_decoding():
+    data = encoded(np.zeros((64, 64), np.uint8), "PNG")[:-30]
+    images = open_images(pb.PredictRequest(images=pb.EncodedImages(images=[data])), Served(), InputLimits())
+    with pytest.raises(InputError, match="image 0: cannot decode image"):
+        decode_images(images, Served())
+
+
+def test_uint8_tensors_obey_the_pixel_limits():
+    limits = InputLimits(max_image_pixels=64, max_request_pixels=128)
+    ok = np.zeros((2, 8, 8), np.uint8)
+    assert tensor_input(pb.PredictRequest(tensor=pb.Tensor(dtype="uint8", shape=[2, 8, 8], data=ok.tobytes())),
+                        Served(), limits).shape == (2, 1, 8, 8)
+    three = np.zeros((3, 8, 8), np.uint8)
+    with pytest.raises(InputError, match="images above the limit of 64 pixels each or 128 per request"):
+        tensor_input(pb.PredictRequest(tensor=pb.Tensor(dtype="uint8", shape=[3, 8, 8], data=three.tobytes())),
+                     Served(), limits)
+
+
+def test_request_id_and_metadata_sizes():
+    limits = InputLimits(max_request_id_bytes=8, max_metadata_bytes=10)
+    check_request_fields(pb.PredictRequest(request_id="12345678", metadata={"ab": "cdefghij"}), limits)
+    with pytest.raises(InputError, match="request_id is 9 bytes, above the limit of 8") as exc:
+        check_request_fields(pb.PredictRequest(request_id="123456789"), limits)
+    assert exc.value.reason == "request_id_too_long"
+    with pytest.raises(InputError, match=r"metadata is 11 bytes \(keys and values\), above the limit of 10") as exc:
+        check_request_fields(pb.PredictRequest(metadata={"ab": "cdefghijk"}), limits)
+    assert exc.value.reason == "metadata_too_large"
+    # multi-byte characters count as their UTF-8 bytes
+    with pytest.raises(InputError, match="request_id is 10 bytes"):
+        check_request_fields(pb.PredictRequest(request_id="ééééé"), limits)
+
+
+def test_client_strings_in_errors_are_truncated():
+    long = "x" * 1_000_000
+    assert quote("abc") == "'abc'"
+    assert quote(long) == repr("x" * 64) + "... (1000000 characters)"
+    with pytest.raises(InputError) as exc:
+        tensor_input(pb.PredictRequest(tensor=pb.Tensor(dtype=long, shape=[1, 1, 8, 8])), Served(), InputLimits())
+    assert len(str(exc.value)) < 300
+
+
+def test_item_count():
+    assert item_count(pb.PredictRequest()) == 0
+    assert item_count(pb.PredictRequest(images=pb.EncodedImages(images=[b"a", b"b"]))) == 2
+    assert item_count(pb.PredictRequest(tensor=pb.Tensor(dtype="uint8", shape=[5, 8, 8]))) == 5
+    assert item_count(pb.PredictRequest(tensor=pb.Tensor(dtype="uint8", shape=[-3, 8, 8]))) == 0
