@@ -13,12 +13,15 @@ import io
 import math
 import threading
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from .registry import ServedVersion
 from .v1 import oodguard_pb2 as pb
+
+if TYPE_CHECKING:  # pragma: no cover (the registry quotes model names with quote(): no import cycle)
+    from .registry import ServedVersion
 
 FLOAT_DTYPES = ("float32", "fp32")
 UINT8_DTYPES = ("uint8",)
@@ -89,7 +92,7 @@ def is_float_tensor(request: pb.PredictRequest) -> bool:
     return request.WhichOneof("input") == "tensor" and request.tensor.dtype.strip().lower() in FLOAT_DTYPES
 
 
-def _check_batch(size: int, served: ServedVersion, what: str) -> None:
+def _check_batch(size: int, served: "ServedVersion", what: str) -> None:
     if size == 0:
         raise InputError(f"empty batch: {what} holds no item")
     if size > served.max_batch:
@@ -97,11 +100,11 @@ def _check_batch(size: int, served: ServedVersion, what: str) -> None:
                          f"{served.model!r} version {served.version}; split the request")
 
 
-def _expected(served: ServedVersion) -> str:
+def _expected(served: "ServedVersion") -> str:
     return f"[B,{','.join(map(str, served.input_shape))}]"
 
 
-def open_images(request: pb.PredictRequest, served: ServedVersion, limits: InputLimits) -> list[Image.Image]:
+def open_images(request: pb.PredictRequest, served: "ServedVersion", limits: InputLimits) -> list[Image.Image]:
     """Open every encoded image from its header only (no pixel decoded yet) and check the format and the
     pixel limits. Cheap: safe to run on the event loop."""
     blobs = request.images.images
@@ -133,7 +136,7 @@ def open_images(request: pb.PredictRequest, served: ServedVersion, limits: Input
     return opened
 
 
-def decode_images(images: list[Image.Image], served: ServedVersion,
+def decode_images(images: list[Image.Image], served: "ServedVersion",
                   abandoned: threading.Event | None = None) -> np.ndarray:
     """Decode images opened by :func:`open_images` and convert them with the version's preprocessing to the
     model's ``[B, C, H, W]``. Runs in a worker thread; stops early (:class:`Abandoned`) once ``abandoned``
@@ -153,7 +156,7 @@ def decode_images(images: list[Image.Image], served: ServedVersion,
     return np.concatenate(converted)
 
 
-def tensor_input(request: pb.PredictRequest, served: ServedVersion, limits: InputLimits) -> np.ndarray:
+def tensor_input(request: pb.PredictRequest, served: "ServedVersion", limits: InputLimits) -> np.ndarray:
     """The request's raw tensor as the model's float32 ``[B, C, H, W]``: float32 as is (a read-only view of
     the request's bytes), uint8 images through the version's preprocessing (call that in a worker thread)."""
     tensor = request.tensor
@@ -198,7 +201,7 @@ def tensor_input(request: pb.PredictRequest, served: ServedVersion, limits: Inpu
     return served.preprocessing.apply(array)
 
 
-def to_model_input(request: pb.PredictRequest, served: ServedVersion, limits: InputLimits = InputLimits()) -> np.ndarray:
+def to_model_input(request: pb.PredictRequest, served: "ServedVersion", limits: InputLimits = InputLimits()) -> np.ndarray:
     """The request's input as the model's float32 ``[B, C, H, W]``, in one call (the gateway splits the image
     path into :func:`open_images` on the loop and :func:`decode_images` on its decoder pool)."""
     which = request.WhichOneof("input")

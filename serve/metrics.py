@@ -1,4 +1,6 @@
-"""Prometheus metrics of the gateway, served over plain HTTP on their own port (``--metrics-port``; 0 = off).
+"""Prometheus metrics of the gateway, served on their own port (``--metrics-port``; 0 = off): plain HTTP, or
+HTTPS (``metrics_tls_cert`` / ``metrics_tls_key``), optionally behind HTTP basic auth (``metrics_auth_file``),
+on ``metrics_host`` (default: the host of ``--listen``); see :func:`start_metrics_server`.
 
 Every metric lives in the gateway's own :class:`prometheus_client.CollectorRegistry` (several gateways in
 one process, as in the tests, do not collide). Labels are bounded: ``model`` / ``version`` only take
@@ -15,7 +17,11 @@ Traffic (updated on the request path):
 - ``oodguard_backend_errors_total{model,reason}``: failed backend calls (micro-batches) by reason (``unavailable``,
   ``deadline``, ``not_found``).
 - ``oodguard_items_total{model,version}``: items decided (a request holds one or more items).
-- ``oodguard_flagged_items_total{model,version}``: items flagged OOD (the flagged rate is this over ``items``).
+- ``oodguard_flagged_items_total{model,version}``: items flagged OOD (the flagged rate is this over ``items``),
+  for any reason: the policy's thresholds, or failing closed (the two counters below).
+- ``oodguard_unscorable_items_total{model,version}``: items flagged because a score is not finite.
+- ``oodguard_input_out_of_range_items_total{model,version}``: items flagged because the input lies outside the
+  model's input range.
 - ``oodguard_flagged_total{model,version,score}``: flagged items per deciding score that crossed its
   threshold (an item crossed by two deciding scores counts once for each).
 - ``oodguard_score{model,version,score}``: every score's value (histogram). Its buckets come from that
@@ -27,6 +33,10 @@ Traffic (updated on the request path):
 - ``oodguard_queue_write_failures_total{model}``: queue writes that failed (the request got UNAVAILABLE).
 - ``oodguard_queue_rejected_items_total{model}``: items refused by a full queue (policy ``reject``).
 - ``oodguard_auth_failures_total{reason}``: calls refused with UNAUTHENTICATED (``missing``, ``invalid``).
+- ``oodguard_refused_requests_total{reason}``: calls refused with RESOURCE_EXHAUSTED by admission control
+  (:data:`REFUSED_REASONS`).
+- ``oodguard_bad_requests_total{reason}``: calls refused as malformed or over a size limit
+  (:data:`BAD_REQUEST_REASONS`).
 
 State (read when scraped):
 
@@ -39,29 +49,41 @@ State (read when scraped):
   own sampling error).
 - ``oodguard_model_info{model,version,latest,backend}`` = 1 per served version.
 - ``oodguard_serving``: 1 when gRPC health is SERVING.
+- ``oodguard_queue_spool_backlog`` and ``oodguard_queue_reachable`` (1/0): from the queue's own memory
+  (:meth:`QueryQueue.local_state`), on every scrape, also while the queue's store is down.
 - ``oodguard_queue_size`` (unharvested), ``oodguard_queue_pending``, ``oodguard_queue_max_size``,
-  ``oodguard_queue_spool_backlog``, ``oodguard_queue_accepted_total``, ``oodguard_queue_rejected_total``,
-  ``oodguard_queue_evicted_total`` (the queue's own counters, which survive restarts), and
-  ``oodguard_queue_stats_up`` (0 when the queue could not be read at the last scrape).
+  ``oodguard_queue_bytes``, ``oodguard_queue_max_bytes``, ``oodguard_queue_accepted_total``,
+  ``oodguard_queue_rejected_total``, ``oodguard_queue_evicted_total`` (the queue's own counters, which survive
+  restarts): the store's statistics, read by a thread of their own while the endpoint runs (a scrape never
+  waits on the store); ``oodguard_queue_stats_up`` is 0, and these are left out, when the last read failed
+  or the current one is stuck (running for :data:`QUEUE_STATS_STUCK_INTERVALS` intervals: a hung store).
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import hashlib
+import hmac
 import logging
+import socket
+import ssl
 import threading
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Iterable, Sequence
+from pathlib import Path
+from socketserver import ThreadingMixIn
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Iterable, Sequence
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import grpc
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from .backend import BackendUnavailable, DeadlineExceeded, ModelNotFound
-from .queue import QueueError
+from .queue import QueryQueue, QueueError, QueueStats
 
 if TYPE_CHECKING:  # pragma: no cover
     from oodguard.calibration import ScoreThreshold
@@ -78,8 +100,21 @@ SCORE_QUANTILES = (0.01, 0.05, 0.10, 0.25, 0.50, 0.75, 0.90, 0.99)
 #: boundaries beyond the largest calibration score, in units of its 5%..95% spread
 SCORE_TAIL_STEPS = (0.25, 0.5, 1.0, 2.0, 4.0)
 UNKNOWN_MODEL = "unknown"
-#: queue statistics are read at most this often (a scrape storm does not hammer the queue)
+#: queue statistics are read at most this often, seconds
 QUEUE_STATS_MIN_INTERVAL_S = 1.0
+#: ... and, while reads succeed, at most this share of the time (SQLite counts 100k records in ~0.2 s, holding
+#: the queue's lock) but at least once per QUEUE_STATS_MAX_PERIOD_S
+QUEUE_STATS_MAX_DUTY = 0.05
+QUEUE_STATS_MAX_PERIOD_S = 10.0
+#: a read running longer than this many QUEUE_STATS_MIN_INTERVAL_S is stuck: ``oodguard_queue_stats_up`` 0
+QUEUE_STATS_STUCK_INTERVALS = 3
+#: ``request_refused`` reasons (admission control answered RESOURCE_EXHAUSTED); anything else counts as "other"
+REFUSED_REASONS = ("inflight_requests", "inflight_items", "decode_queue", "other")
+#: ``bad_request`` reasons; anything else counts as "other"
+BAD_REQUEST_REASONS = ("undecodable", "request_id_too_long", "metadata_too_large", "image_too_large", "image_format",
+                       "reply_too_large", "other")
+#: the metrics endpoint: seconds a connection gets for its TLS handshake and for each read or write
+HTTP_TIMEOUT_S = 10.0
 
 
 def score_buckets(threshold: "ScoreThreshold") -> tuple[float, ...]:
@@ -182,31 +217,72 @@ class _ScoreHistograms(Collector):
         yield family
 
 
-class _StateCollector(Collector):
-    """Read at scrape time: thresholds, calibrated flag rates, model info, serving state, queue statistics."""
+class _QueueStatsPoller:
+    """Reads ``queue.stats()`` in a thread of its own, at most once per ``interval_s`` (and at most
+    :data:`QUEUE_STATS_MAX_DUTY` of the time); :meth:`current` hands a scrape the last result without waiting."""
 
-    def __init__(self, gateway: Any) -> None:
-        self.gateway = gateway
-        self._stats_lock = threading.Lock()
-        self._stats: Any = None
-        self._stats_at = -1e9
-        self._stats_ok = False
+    def __init__(self, queue: QueryQueue, interval_s: float):
+        self.queue, self.interval_s = queue, interval_s
+        self._last: QueueStats | None = None  # None: the last read failed (or none ended yet)
+        self._reading_since: float | None = None  # monotonic start of the read in progress
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
-    def _queue_stats(self):
-        with self._stats_lock:
-            now = time.monotonic()
-            if now - self._stats_at >= QUEUE_STATS_MIN_INTERVAL_S:
-                self._stats_at = now
-                try:
-                    self._stats = self.gateway.queue.stats()
-                    self._stats_ok = True
-                except (QueueError, OSError) as exc:
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="oodguard-queue-stats", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        failing, last_took = False, float("inf")
+        while True:
+            started = self._reading_since = time.monotonic()
+            try:
+                self._last = self.queue.stats()
+            except Exception as exc:  # noqa: BLE001 (the store is down, or a queue bug: keep polling)
+                if not failing:
                     log.warning("metrics: cannot read queue statistics: %s", exc)
-                    self._stats_ok = False
-                except Exception:  # noqa: BLE001 (a scrape must not fail on a queue bug)
-                    log.exception("metrics: cannot read queue statistics")
-                    self._stats_ok = False
-            return self._stats if self._stats_ok else None, self._stats_ok
+                failing = True
+                self._last = None
+                period = self.interval_s
+            else:
+                if failing:
+                    log.info("metrics: queue statistics readable again")
+                failing = False
+                # a store slow to count is read less often; one slow read (a hang that ended) is not enough
+                took = time.monotonic() - started
+                period = min(max(self.interval_s, min(took, last_took) / QUEUE_STATS_MAX_DUTY),
+                             QUEUE_STATS_MAX_PERIOD_S)
+                last_took = took
+            self._reading_since = None
+            if self._stop.wait(max(0.0, started + period - time.monotonic())):
+                return
+
+    def current(self) -> QueueStats | None:
+        """The last statistics; None when the last read failed or the one in progress is stuck."""
+        since = self._reading_since
+        if since is not None and time.monotonic() - since > QUEUE_STATS_STUCK_INTERVALS * self.interval_s:
+            return None
+        return self._last
+
+    def close(self, timeout_s: float = 2.0) -> None:
+        """Stop the thread; a read stuck in the store is not waited for beyond ``timeout_s`` (the thread is a
+        daemon and ends when the read returns or fails, e.g. once the queue is closed)."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.warning("metrics: a queue statistics read is still running at stop")
+        self._thread = None
+
+
+class _StateCollector(Collector):
+    """Read at scrape time: thresholds, calibrated flag rates, model info, serving state, the queue's local
+    state, and the last queue statistics of :class:`_QueueStatsPoller` (nothing here waits on the queue)."""
+
+    def __init__(self, gateway: Any, stats_interval_s: float) -> None:
+        self.gateway = gateway
+        self.stats = _QueueStatsPoller(gateway.queue, stats_interval_s)
 
     def collect(self):
         gw = self.gateway
@@ -235,18 +311,29 @@ class _StateCollector(Collector):
         yield from (threshold, rate, upper, info)
         yield GaugeMetricFamily("oodguard_serving", "1 when the gateway's gRPC health is SERVING",
                                 value=1.0 if getattr(gw, "_serving", False) else 0.0)
+        yield from self._queue_state()
 
-        stats, ok = self._queue_stats()
-        yield GaugeMetricFamily("oodguard_queue_stats_up", "1 when the query queue's statistics could be read",
-                                value=1.0 if ok else 0.0)
+    def _queue_state(self):
+        try:
+            local = self.gateway.queue.local_state()
+        except Exception:  # noqa: BLE001 (a queue bug must not fail the whole scrape)
+            log.exception("metrics: cannot read the queue's local state")
+        else:
+            yield GaugeMetricFamily("oodguard_queue_spool_backlog", "Records waiting in the local spool for the "
+                                    "queue store", value=float(local.spool_backlog))
+            yield GaugeMetricFamily("oodguard_queue_reachable", "1 unless the query queue's store is known to be "
+                                    "unreachable (its last call failed)", value=1.0 if local.reachable else 0.0)
+        stats = self.stats.current()
+        yield GaugeMetricFamily("oodguard_queue_stats_up", "1 when the query queue's statistics can be read (the "
+                                "last read worked and none is stuck)", value=0.0 if stats is None else 1.0)
         if stats is None:
             return
         for name, text, value in (
                 ("oodguard_queue_size", "Unharvested (pending + claimed) records in the query queue", stats.size),
                 ("oodguard_queue_pending", "Pending records in the query queue", stats.pending),
-                ("oodguard_queue_max_size", "Bound of the query queue", stats.max_size),
-                ("oodguard_queue_spool_backlog", "Records waiting in the local spool for the queue store",
-                 stats.spool_backlog)):
+                ("oodguard_queue_max_size", "Bound of the query queue, records", stats.max_size),
+                ("oodguard_queue_bytes", "Stored bytes of the unharvested records in the query queue", stats.bytes),
+                ("oodguard_queue_max_bytes", "Bound of the query queue, bytes", stats.max_bytes)):
             yield GaugeMetricFamily(name, text, value=float(value))
         for name, text, value in (
                 ("oodguard_queue_accepted", "Records ever stored by the query queue", stats.accepted),
@@ -274,21 +361,24 @@ class _Children:
         return child
 
 
-def _status_name(context: grpc.aio.ServicerContext | None) -> str:
+def _status_name(context: grpc.aio.ServicerContext | None, unset: str) -> str:
+    """The name of the status the handler set (``context.abort`` / ``set_code``), else ``unset``."""
     try:
         code = context.code() if context is not None else None
     except Exception:  # noqa: BLE001
         code = None
     if isinstance(code, grpc.StatusCode):
         return code.name
-    return "UNKNOWN"
+    return unset
 
 
 class GatewayMetrics:
     """Every metric object of one gateway, and the hooks the server calls."""
 
-    def __init__(self, registry: CollectorRegistry | None = None):
+    def __init__(self, registry: CollectorRegistry | None = None,
+                 queue_stats_interval_s: float = QUEUE_STATS_MIN_INTERVAL_S):
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.queue_stats_interval_s = queue_stats_interval_s
         r = self.registry
         self.requests = Counter("oodguard_requests", "Predict calls by model, version and gRPC status",
                                 ["model", "version", "code"], registry=r)
@@ -300,6 +390,10 @@ class GatewayMetrics:
                                       registry=r)
         self.items = Counter("oodguard_items", "Items decided", ["model", "version"], registry=r)
         self.flagged_items = Counter("oodguard_flagged_items", "Items flagged OOD", ["model", "version"], registry=r)
+        self.unscorable_items = Counter("oodguard_unscorable_items", "Items flagged because a score is not finite",
+                                        ["model", "version"], registry=r)
+        self.out_of_range_items = Counter("oodguard_input_out_of_range_items", "Items flagged because the input lies "
+                                          "outside the model's input range", ["model", "version"], registry=r)
         self.flagged = Counter("oodguard_flagged", "Flagged items per deciding score that crossed its threshold",
                                ["model", "version", "score"], registry=r)
         self.queue_seconds = Histogram("oodguard_queue_write_duration_seconds", "Time of one query-queue write",
@@ -310,20 +404,31 @@ class GatewayMetrics:
                                       ["model"], registry=r)
         self.auth_failures = Counter("oodguard_auth_failures", "Calls refused with UNAUTHENTICATED", ["reason"],
                                      registry=r)
+        refused = Counter("oodguard_refused_requests", "Calls refused with RESOURCE_EXHAUSTED by admission control",
+                          ["reason"], registry=r)
+        bad = Counter("oodguard_bad_requests", "Calls refused as malformed or over a size limit", ["reason"],
+                      registry=r)
+        # every reason exported from the start (at 0), so rate() and increase() see the first one
+        self._refused = {reason: refused.labels(reason) for reason in REFUSED_REASONS}
+        self._bad_requests = {reason: bad.labels(reason) for reason in BAD_REQUEST_REASONS}
         self.scores = _ScoreHistograms()
         r.register(self.scores)
         # children of the request-path metrics, by label values
         self._requests, self._request_seconds = _Children(self.requests), _Children(self.request_seconds)
         self._backend_seconds, self._items = _Children(self.backend_seconds), _Children(self.items)
         self._flagged_items, self._flagged = _Children(self.flagged_items), _Children(self.flagged)
+        self._unscorable, self._out_of_range = _Children(self.unscorable_items), _Children(self.out_of_range_items)
         self._gateway: Any = None
+        self._state: _StateCollector | None = None
         self._server = None
         self._thread: threading.Thread | None = None
 
     def bind(self, gateway: Any) -> None:
-        """Export the gateway's state (registry snapshot, health, queue statistics) at scrape time."""
+        """Export the gateway's state (registry snapshot, health, queue) at scrape time; the queue statistics
+        are read while the endpoint runs (:meth:`start_server` .. :meth:`stop_server`)."""
         self._gateway = gateway
-        self.registry.register(_StateCollector(gateway))
+        self._state = _StateCollector(gateway, self.queue_stats_interval_s)
+        self.registry.register(self._state)
 
     # -- hooks ----------------------------------------------------------------------------------
     def _labels_of_request(self, request: Any) -> tuple[str, str]:
@@ -335,21 +440,21 @@ class GatewayMetrics:
             return UNKNOWN_MODEL, ""
 
     async def track_predict(self, request: Any, context: grpc.aio.ServicerContext, call: Awaitable) -> Any:
-        """Await ``call`` (the Predict handler) and count it by model, version and status, with its latency."""
+        """Await ``call`` (the Predict handler) and count it by model, version and status (the one it aborted
+        with or set, e.g. RESOURCE_EXHAUSTED; CANCELLED when the client went away), with its latency."""
         started = time.perf_counter()
-        response = None
-        code = "OK"
         try:
             response = await call
+            code = _status_name(context, unset="OK")
             return response
         except asyncio.CancelledError:
             code = "CANCELLED"
             raise
         except BaseException:
-            code = _status_name(context)
+            code = _status_name(context, unset="UNKNOWN")
             raise
         finally:
-            if response is not None:
+            if code == "OK":
                 model, version = response.model, str(response.version)
             else:
                 model, version = self._labels_of_request(request)
@@ -389,11 +494,14 @@ class GatewayMetrics:
         return ids
 
     def observe_decisions(self, served: "ServedVersion", decisions: "Decisions") -> None:
-        """Count a batch's items, flagged items and the deciding scores that flagged them; record every score."""
+        """Count a batch's items, flagged items (and those that failed closed: unscorable, input out of range)
+        and the deciding scores that flagged them; record every score."""
         if not len(decisions):
             return
         model, version = served.model, str(served.version)
         self._items(model, version).inc(len(decisions))
+        self._unscorable(model, version).inc(int(decisions.unscorable.sum()))
+        self._out_of_range(model, version).inc(int(decisions.out_of_range.sum()))
         flagged = int(decisions.ood.sum())
         if flagged:
             self._flagged_items(model, version).inc(flagged)
@@ -406,13 +514,26 @@ class GatewayMetrics:
     def auth_failed(self, reason: str) -> None:
         self.auth_failures.labels(reason).inc()
 
+    def request_refused(self, reason: str) -> None:
+        """Admission control answered RESOURCE_EXHAUSTED; ``reason`` one of :data:`REFUSED_REASONS`."""
+        self._refused.get(reason, self._refused["other"]).inc()
+
+    def bad_request(self, reason: str) -> None:
+        """A call refused as malformed or over a limit; ``reason`` one of :data:`BAD_REQUEST_REASONS`."""
+        self._bad_requests.get(reason, self._bad_requests["other"]).inc()
+
     # -- HTTP endpoint --------------------------------------------------------------------------
-    def start_server(self, port: int, addr: str = "127.0.0.1") -> int:
-        """Serve ``/metrics`` on ``addr:port`` in a daemon thread; returns the port."""
-        self._server, self._thread = start_metrics_server(port, addr, self.registry)
+    def start_server(self, port: int, host: str, tls_cert: str | Path | None = None,
+                     tls_key: str | Path | None = None, auth_file: str | Path | None = None) -> int:
+        """Serve ``/metrics`` on ``host:port`` (see :func:`start_metrics_server`) and start reading the queue
+        statistics; returns the port."""
+        self._server, self._thread = start_metrics_server(port, host, self.registry, tls_cert, tls_key, auth_file)
+        if self._state is not None:
+            self._state.stats.start()
         return int(self._server.server_port)
 
     def stop_server(self) -> None:
+        """Stop the endpoint and the queue statistics thread (before the queue closes)."""
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -420,15 +541,100 @@ class GatewayMetrics:
         if self._thread is not None:
             self._thread.join(5)
             self._thread = None
+        if self._state is not None:
+            self._state.stats.close()
 
 
-def start_metrics_server(port: int, addr: str = "0.0.0.0", registry: CollectorRegistry | None = None):
-    """Serve the metrics of ``registry`` (default: prometheus_client's global one) over HTTP on
-    ``addr:port`` in a daemon thread; returns ``(server, thread)`` (``server.shutdown()`` stops it)."""
+class _QuietHandler(WSGIRequestHandler):
+    timeout = HTTP_TIMEOUT_S  # a client that stalls mid-request frees its thread
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (the base class's name)
+        """No access log."""
+
+
+class _MetricsServer(ThreadingMixIn, WSGIServer):
+    """A thread-per-connection WSGI server, as prometheus_client's, except that with TLS the handshake runs in
+    the connection's own thread (prometheus_client's runs it in the accept loop, where one client that
+    connects and stays silent blocks every scrape)."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple, family: socket.AddressFamily, tls: ssl.SSLContext | None):
+        self.address_family, self.tls = family, tls
+        super().__init__(address, _QuietHandler)
+
+    def finish_request(self, request: socket.socket, client_address: Any) -> None:
+        if self.tls is None:
+            return super().finish_request(request, client_address)
+        request.settimeout(HTTP_TIMEOUT_S)
+        try:
+            request = self.tls.wrap_socket(request, server_side=True)
+        except OSError as exc:  # ssl.SSLError included: plain HTTP, a bad or silent client
+            log.debug("metrics: TLS handshake with %s failed: %s", client_address, exc)
+            return
+        try:
+            super().finish_request(request, client_address)
+        finally:
+            self.shutdown_request(request)
+
+
+def load_basic_auth(path: str | Path) -> bytes:
+    """The ``user:password`` of an auth file (one line, UTF-8), as the bytes basic auth encodes."""
+    lines = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+    user, _, password = lines[0].partition(":") if len(lines) == 1 else ("", "", "")
+    if not (user and password):
+        raise ValueError(f"metrics auth file {path}: expected one line 'user:password'")
+    return lines[0].encode("utf-8")
+
+
+def basic_auth(app: Callable, credentials: bytes, realm: str = "oodguard metrics") -> Callable:
+    """WSGI middleware: ``app`` for requests with HTTP basic auth ``credentials`` (``user:password``), 401
+    otherwise. Compares SHA-256 digests in constant time (neither content nor length leaks)."""
+    expected = hashlib.sha256(credentials).digest()
+    challenge = ("WWW-Authenticate", f'Basic realm="{realm}", charset="UTF-8"')
+
+    def guarded(environ: dict, start_response: Callable) -> Iterable[bytes]:
+        scheme, _, token = environ.get("HTTP_AUTHORIZATION", "").partition(" ")
+        try:
+            given = base64.b64decode(token.strip(), validate=True)
+        except ValueError:  # binascii.Error and non-ASCII text
+            given = b""
+        if scheme.lower() == "basic" and hmac.compare_digest(hashlib.sha256(given).digest(), expected):
+            return app(environ, start_response)
+        start_response("401 Unauthorized", [challenge, ("Content-Type", "text/plain; charset=utf-8")])
+        return [b"401 Unauthorized\n"]
+
+    return guarded
+
+
+def start_metrics_server(port: int, host: str = "0.0.0.0", registry: CollectorRegistry | None = None,
+                         tls_cert: str | Path | None = None, tls_key: str | Path | None = None,
+                         auth_file: str | Path | None = None) -> tuple[_MetricsServer, threading.Thread]:
+    """Serve the metrics of ``registry`` (default: prometheus_client's global one) on ``host:port`` (``""``:
+    every interface; ``[::1]`` style accepted) in a daemon thread: HTTPS with ``tls_cert`` + ``tls_key`` (PEM),
+    HTTP basic auth with ``auth_file`` (:func:`load_basic_auth`). Returns ``(server, thread)``
+    (``server.shutdown()`` stops it). Bad TLS or auth files raise before anything listens."""
     from prometheus_client import REGISTRY
 
-    addr = addr.strip("[]") or "0.0.0.0"
-    return start_http_server(port, addr=addr, registry=REGISTRY if registry is None else registry)
+    if bool(tls_cert) != bool(tls_key):
+        raise ValueError("metrics TLS needs both a certificate and a key")
+    app = make_wsgi_app(REGISTRY if registry is None else registry)
+    if auth_file:
+        app = basic_auth(app, load_basic_auth(auth_file))
+        if not tls_cert:
+            log.warning("metrics basic auth without TLS: the password crosses the network in clear text")
+    tls = None
+    if tls_cert:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.load_cert_chain(str(tls_cert), str(tls_key))
+    host = host.strip("[]") or "0.0.0.0"
+    family, _, _, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
+    server = _MetricsServer(address, family, tls)
+    server.set_app(app)
+    thread = threading.Thread(target=server.serve_forever, name="oodguard-metrics-http", daemon=True)
+    thread.start()
+    return server, thread
 
 
-__all__ = ["GatewayMetrics", "start_metrics_server", "score_buckets", "expected_flag_rates", "LATENCY_BUCKETS"]
+__all__ = ["GatewayMetrics", "start_metrics_server", "basic_auth", "load_basic_auth", "score_buckets",
+           "expected_flag_rates", "LATENCY_BUCKETS", "REFUSED_REASONS", "BAD_REQUEST_REASONS"]

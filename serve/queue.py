@@ -11,6 +11,8 @@ A request's id and metadata are stored once per request, not once per record: re
 share ``request_id`` and ``metadata`` reference one request row (a 1 MB metadata value on a 64-item request
 costs 1 MB, not 64).
 
+Records a full queue drops (evicted, refused) leave a rate-limited WARNING line (:class:`DropLog`).
+
 :meth:`QueryQueue.local_state` answers from the process's own memory, never from the store: metrics read it
 during a store outage (spool backlog, whether the last store call worked).
 """
@@ -18,6 +20,9 @@ during a store outage (spool backlog, whether the last store call worked).
 from __future__ import annotations
 
 import abc
+import logging
+import threading
+import time
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -25,6 +30,7 @@ import numpy as np
 
 PENDING, CLAIMED, SENT = "pending", "claimed", "sent"
 STATES = (PENDING, CLAIMED, SENT)
+DEFAULT_MAX_BYTES = 1024 ** 3
 
 
 class QueueError(RuntimeError):
@@ -81,6 +87,49 @@ class LocalQueueState:
 
     spool_backlog: int  # acknowledged records waiting in the local spool (0 for a queue without one)
     reachable: bool  # False while the store is known to be unreachable (the last store call failed)
+
+
+class DropLog:
+    """Rate-limited WARNING lines about records a full queue dropped, so that an overload leaves a trace without
+    a line per request: at most one line per ``interval_s`` per kind (``evicted``: record ids; ``refused``:
+    request ids), with the count since the last line and its first few ids. What is held back rides on the next
+    line of its kind, or on :meth:`flush` (at close)."""
+
+    SHOWN = 5
+    MESSAGES = {
+        "evicted": "query queue %s: evicted %d pending record(s) to make room (first ids: %s)",
+        "refused": "query queue %s full: refused %d record(s) (first requests: %s)",
+    }
+
+    def __init__(self, logger: logging.Logger, queue_name: str, interval_s: float = 1.0):
+        self.logger, self.queue_name, self.interval_s = logger, queue_name, interval_s
+        self._lock = threading.Lock()
+        self._held = {kind: (0, []) for kind in self.MESSAGES}  # kind -> (count, first ids) since its last line
+        self._last = {kind: float("-inf") for kind in self.MESSAGES}
+
+    def note(self, kind: str, ids: Sequence[str]) -> None:
+        if not ids:
+            return
+        with self._lock:
+            count, shown = self._held[kind]
+            new = [i for i in dict.fromkeys(ids) if i and i not in shown]
+            self._held[kind] = (count + len(ids), (shown + new)[:self.SHOWN])
+            now = time.monotonic()
+            if now - self._last[kind] < self.interval_s:
+                return
+            self._last[kind] = now
+            line, self._held[kind] = self._held[kind], (0, [])
+        self._warn(kind, *line)
+
+    def flush(self) -> None:
+        with self._lock:
+            lines = [(kind, *line) for kind, line in self._held.items() if line[0]]
+            self._held = {kind: (0, []) for kind in self.MESSAGES}
+        for line in lines:
+            self._warn(*line)
+
+    def _warn(self, kind: str, count: int, shown: list[str]) -> None:
+        self.logger.warning(self.MESSAGES[kind], self.queue_name, count, ", ".join(shown) or "-")
 
 
 class QueryQueue(abc.ABC):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .queue import QueryQueue
+from .queue import DEFAULT_MAX_BYTES, QueryQueue
 
 SCHEMES = ("sqlite", "redis", "rediss")
 REDIS_QUEUE_PARAMS = ("key_prefix", "inline_max_bytes", "spool")
@@ -36,8 +36,9 @@ def split_redis_url(url: str) -> tuple[str, dict[str, str]]:
 
 
 def open_queue(url: str, *, max_size: int = 100_000, full_policy: str = "reject",
-               spool_path: str | Path | None = None) -> QueryQueue:
-    """The queue that ``url`` names (see the module docstring)."""
+               spool_path: str | Path | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> QueryQueue:
+    """The queue that ``url`` names (see the module docstring), bounded to ``max_size`` unharvested records
+    and ``max_bytes`` of them."""
     scheme = url_scheme(url)
     if scheme == "sqlite":
         from .sqlite_queue import SQLiteQueue
@@ -45,7 +46,7 @@ def open_queue(url: str, *, max_size: int = 100_000, full_policy: str = "reject"
         path = url[len("sqlite://"):]
         if not path:
             raise ValueError(f"queue URL {url!r} names no file")
-        return SQLiteQueue(Path(path), max_size=max_size, full_policy=full_policy)
+        return SQLiteQueue(Path(path), max_size=max_size, full_policy=full_policy, max_bytes=max_bytes)
 
     import redis
     from redis.backoff import NoBackoff
@@ -63,7 +64,7 @@ def open_queue(url: str, *, max_size: int = 100_000, full_policy: str = "reject"
         raise ValueError(f"queue URL {url!r}: inline_max_bytes must be an integer") from None
     client = redis.Redis.from_url(client_url, socket_connect_timeout=2.0, socket_timeout=5.0,
                                   retry=Retry(NoBackoff(), 0), retry_on_error=[])
-    return RedisQueue(client, Path(spool), max_size=max_size, full_policy=full_policy,
+    return RedisQueue(client, Path(spool), max_size=max_size, full_policy=full_policy, max_bytes=max_bytes,
                       key_prefix=params.get("key_prefix") or DEFAULT_PREFIX, inline_max_bytes=inline)
 
 

@@ -5,40 +5,55 @@ Keys (``P`` = ``key_prefix``, default ``oodguard:queue``; standalone Redis, not 
 
 =====================  ==================================================================================
 ``P:stream``           the stream: one entry per record, entry id ``<seq>-0``. Fields: ``id``, ``seq``,
-                       ``time``, ``model``, ``version``, ``flagged``, ``request_id``, ``metadata`` /
-                       ``scores`` / ``decision`` (JSON), ``logits`` / ``features`` / ``input`` (``np.save``
-                       bytes compressed with zlib, as in the SQLite queue). An input whose compressed bytes
-                       exceed ``inline_max_bytes`` is stored in ``P:blob:<id>`` instead (field
-                       ``input_ref`` = ``1``); the blob is deleted with the record.
-``P:rec``              hash: record id -> ``"<seq>:<flag 1|0>:<state>"`` (the mutable state; stream entries
-                       are never rewritten)
+                       ``time``, ``model``, ``version``, ``flagged``, ``req`` (its request key, absent for a
+                       record without request id and metadata), ``scores`` / ``decision`` (JSON),
+                       ``logits`` / ``features`` / ``input`` (packed as in the SQLite queue). An input whose
+                       packed bytes exceed ``inline_max_bytes`` is stored in ``P:blob:<id>`` instead (field
+                       ``input_ref`` = ``1``); the blob is deleted with the record. Entries written by an
+                       older version carry ``request_id`` and ``metadata`` (JSON) inline instead of ``req``.
+``P:req:<key>``        hash ``request_id``, ``metadata`` (JSON), ``refs``: one request's id and metadata, stored
+                       once for all its records (key = the id of its first record); ``refs`` counts the
+                       records that reference it, and the last one deleted (evicted, purged) deletes it
+``P:rec``              hash: record id -> ``"<seq>:<flag 1|0>:<state>:<bytes>:<request key>"`` (the mutable
+                       state; stream entries are never rewritten). Records of an older version have
+                       ``"<seq>:<flag>:<state>"`` and count 0 bytes.
 ``P:z:<state>:<flag>`` sorted sets of record ids scored by ``seq``, one per state (pending / claimed / sent)
                        and flag (1 = flagged, 0 = sampled): oldest-first order for select / claim
 ``P:seen``             set of every record id ever stored (dedup; never shrinks, ~50-80 bytes per id)
 ``P:seq``              insertion counter
+``P:bytes``            the bytes of the unharvested (pending + claimed) records: what ``max_bytes`` bounds
 ``P:counters``         hash: accepted, rejected, evicted
 =====================  ==================================================================================
 
+Bytes of a record (as in the SQLite queue): its packed arrays (blob included) + scores and decision JSON; the
+first record that stores a request payload also carries the payload's bytes (request id + metadata JSON), so
+a request counts once. The put script computes them from the fields, so a spooled record needs no extra item.
+
 Atomicity: every write is one Lua script (Redis runs each one atomically): ``put`` checks ``P:seen``,
-applies the bound / full policy, and adds the entry, its state and its id in one step, so "check id + add"
-cannot race and a record id lands at most once; ``claim`` pops the oldest pending ids and marks them claimed
-in one step, so two concurrent harvests never get the same record.
+applies both bounds / the full policy, and adds the entry, its state, its id and its reference to the request
+payload in one step, so "check id + add" cannot race and a record id lands (and references its request) at
+most once; ``claim`` pops the oldest pending ids and marks them claimed in one step, so two concurrent
+harvests never get the same record. ``P:bytes`` and the ``refs`` of ``P:req:<key>`` change in the same scripts
+as the records they count.
 
 Durability: a ``put`` returns once Redis has answered the script; run Redis with ``appendonly yes`` and
 ``appendfsync always`` for that to mean "on disk" (the queue does not configure the server).
 
 Spool: when Redis is unreachable (connection refused / reset, timeout, loading, read-only, OOM), ``put``
 assigns the ids as usual, appends the records to ``spool_path`` (one frame per ``put``:
-``b"OGSP" | u32 length | u32 crc32 | payload``, payload = u32 record count, then per record u32 item count
-and items ``id, flag, blob, field, value, ...`` each as u32 length + bytes), ``fsync``s it, and returns the
+``b"OGSP" | u32 length | u32 crc32 | payload``; payload = the records, then the request payloads, each a list:
+u32 count, then per element u32 item count and items each as u32 length + bytes; a record's items are
+``id, flag, blob, field, value, ...``, a request's ``key, request_id, metadata``; a frame of the first
+format ends after its records, whose request travels inline as fields), ``fsync``s it, and returns the
 ids. A background thread replays the spool into Redis when it answers again (and once at start-up: crash
 recovery), through the same script with dedup by id, and cuts the replayed frames off the spool only after
-Redis accepted them; a crash in between replays them again, which dedup makes harmless. A torn last frame
-(a crash during an append, never acknowledged) is dropped when the spool is opened. Replayed records are
-always admitted: under ``evict-oldest`` older pending records are evicted for them as usual, under
-``reject`` the queue may exceed ``max_size`` by at most the spool backlog (those records were already
-acknowledged). One spool file belongs to one process. For ``connect_retry_s`` after a failure, puts go to
-the spool without trying Redis (the replay thread probes it).
+Redis accepted them; a crash in between replays them again, which dedup makes harmless (a duplicate adds no
+request reference). A torn last frame (a crash during an append, never acknowledged) is dropped when the
+spool is opened. Replayed records are always admitted: under ``evict-oldest`` older pending records are
+evicted for them as usual, under ``reject`` the queue may exceed ``max_size`` / ``max_bytes`` by at most the
+spool backlog (those records were already acknowledged). One spool file belongs to one process. For
+``connect_retry_s`` after a failure, puts go to the spool without trying Redis (the replay thread probes it);
+:meth:`RedisQueue.local_state` reports the store unreachable from then until a call works again.
 """
 
 from __future__ import annotations
@@ -59,8 +74,9 @@ import redis.exceptions as rx
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .queue import CLAIMED, PENDING, SENT, STATES, NewRecord, QueryQueue, QueueError, QueueRecord, QueueStats
-from .sqlite_queue import FULL_POLICIES, pack_array, unpack_array
+from .queue import (CLAIMED, DEFAULT_MAX_BYTES, PENDING, SENT, STATES, DropLog, LocalQueueState, NewRecord, QueryQueue,
+                    QueueError, QueueRecord, QueueStats)
+from .sqlite_queue import FULL_POLICIES, group_requests, pack_array, unpack_array
 
 log = logging.getLogger("oodguard.serve.redis_queue")
 
@@ -71,66 +87,118 @@ UNREACHABLE = (rx.ConnectionError, rx.TimeoutError, rx.ReadOnlyError, rx.MasterD
 DEFAULT_PREFIX = "oodguard:queue"
 DEFAULT_INLINE_MAX_BYTES = 256 * 1024
 
-# ARGV: max_size, policy, admit (1: ignore the bound: replayed records), n, then per record:
-#   id, flag, blob ('' = input inline), nfields, field, value, ...
-# Returns per record: 1 stored, 2 already stored (dedup), 0 refused (queue full).
-PUT_LUA = r"""
+# Shared by the scripts below. P:rec values are '<seq>:<flag>:<state>:<bytes>:<request key>' (request key ''
+# for a record without request); records stored by an older version have '<seq>:<flag>:<state>' and count 0 bytes.
+RECORD_LUA = r"""
+local function parse(v)
+  local seq, f, state, tail = string.match(v, '^(%d+):(%d):(%a+)(.*)$')
+  local nbytes, req = string.match(tail, '^:(%d+):(.*)$')
+  return seq, f, state, tail, tonumber(nbytes or '0'), req or ''
+end
+-- drop one reference to a request payload; the last one deletes it
+local function unref(P, req)
+  if req ~= '' and redis.call('HINCRBY', P .. ':req:' .. req, 'refs', -1) <= 0 then
+    redis.call('DEL', P .. ':req:' .. req)
+  end
+end
+-- delete a record everywhere; returns its bytes
+local function delete(P, id)
+  local seq, f, state, _, nbytes, req = parse(redis.call('HGET', P .. ':rec', id))
+  redis.call('ZREM', P .. ':z:' .. state .. ':' .. f, id)
+  redis.call('HDEL', P .. ':rec', id)
+  redis.call('XDEL', P .. ':stream', seq .. '-0')
+  redis.call('DEL', P .. ':blob:' .. id)
+  unref(P, req)
+  return nbytes
+end
+"""
+
+# ARGV: max_size, max_bytes, policy, admit (1: ignore the bounds: replayed records), m, then per request payload:
+#   key, request_id, metadata; then n, then per record: id, flag, blob ('' = input inline), nfields, field, value, ...
+#   (field 'req' names the record's request key)
+# Returns per record 1 stored, 2 already stored (dedup), 0 refused (queue full); then the ids it evicted.
+PUT_LUA = RECORD_LUA + r"""
 local P = KEYS[1]
-local max_size, policy, admit, n = tonumber(ARGV[1]), ARGV[2], ARGV[3] == '1', tonumber(ARGV[4])
+local max_size, max_bytes, policy, admit = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4] == '1'
 local rec, seen = P .. ':rec', P .. ':seen'
+local payloads, i = {}, 6
+for _ = 1, tonumber(ARGV[5]) do
+  payloads[ARGV[i]] = {ARGV[i + 1], ARGV[i + 2]}
+  i = i + 3
+end
+local n = tonumber(ARGV[i])
+i = i + 1
+-- what a record's bytes are: arrays, scores, decision (and the inline request of an older spool frame)
+local counted = {input = true, logits = true, features = true, scores = true, decision = true,
+                 request_id = true, metadata = true}
 local first = tonumber(redis.call('GET', P .. ':seq') or '0') + 1
 local cur = redis.call('ZCARD', P .. ':z:pending:1') + redis.call('ZCARD', P .. ':z:pending:0')
           + redis.call('ZCARD', P .. ':z:claimed:1') + redis.call('ZCARD', P .. ':z:claimed:0')
-local out, accepted, rejected, evicted = {}, 0, 0, 0
-local i = 5
+local used = tonumber(redis.call('GET', P .. ':bytes') or '0')
+local start_used = used
+local out, evicted, accepted, rejected = {}, {}, 0, 0
 for k = 1, n do
   local id, flag, blob, nf = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
-  local fields = {}
-  for j = 1, nf do fields[j] = ARGV[i + 3 + j] end
+  local fields, req, nbytes = {}, '', #blob
+  for j = 1, nf, 2 do
+    local name, value = ARGV[i + 3 + j], ARGV[i + 4 + j]
+    fields[j], fields[j + 1] = name, value
+    if name == 'req' then req = value elseif counted[name] then nbytes = nbytes + #value end
+  end
   i = i + 4 + nf
   if redis.call('SISMEMBER', seen, id) == 1 then
     out[k] = 2
   else
-    if cur >= max_size and policy == 'evict-oldest' then
+    local rkey = P .. ':req:' .. req
+    if req ~= '' and redis.call('EXISTS', rkey) == 0 then  -- the first record stored carries its request
+      nbytes = nbytes + #payloads[req][1] + #payloads[req][2]
+    end
+    while policy == 'evict-oldest' and nbytes <= max_bytes and (cur >= max_size or used + nbytes > max_bytes) do
       -- the oldest pending record stored before this call (never one of this call's records)
-      local victim, vflag, vseq = nil, nil, nil
+      local victim, vseq = nil, nil
       for _, f in ipairs({'1', '0'}) do
         local r = redis.call('ZRANGEBYSCORE', P .. ':z:pending:' .. f, '-inf', '(' .. first, 'WITHSCORES', 'LIMIT', 0, 1)
-        if r[1] and (vseq == nil or tonumber(r[2]) < vseq) then victim, vflag, vseq = r[1], f, tonumber(r[2]) end
+        if r[1] and (vseq == nil or tonumber(r[2]) < vseq) then victim, vseq = r[1], tonumber(r[2]) end
       end
-      if victim then
-        redis.call('ZREM', P .. ':z:pending:' .. vflag, victim)
-        redis.call('HDEL', rec, victim)
-        redis.call('XDEL', P .. ':stream', string.format('%d-0', vseq))
-        redis.call('DEL', P .. ':blob:' .. victim)
-        cur = cur - 1
-        evicted = evicted + 1
-      end
+      if not victim then break end
+      used = used - delete(P, victim)
+      cur = cur - 1
+      evicted[#evicted + 1] = victim
     end
-    if cur >= max_size and not admit then
+    if (cur >= max_size or used + nbytes > max_bytes) and not admit then
       out[k] = 0
       rejected = rejected + 1
     else
+      if req ~= '' then
+        -- (re)stored if missing: a replayed chunk may just have evicted the last record of its request
+        if redis.call('EXISTS', rkey) == 0 then
+          redis.call('HSET', rkey, 'request_id', payloads[req][1], 'metadata', payloads[req][2])
+        end
+        redis.call('HINCRBY', rkey, 'refs', 1)
+      end
       local seq = redis.call('INCR', P .. ':seq')
       if blob ~= '' then redis.call('SET', P .. ':blob:' .. id, blob) end
-      redis.call('XADD', P .. ':stream', string.format('%d-0', seq), 'seq', tostring(seq), unpack(fields))
-      redis.call('HSET', rec, id, string.format('%d:%s:pending', seq, flag))
+      redis.call('XADD', P .. ':stream', seq .. '-0', 'seq', tostring(seq), unpack(fields))
+      redis.call('HSET', rec, id, string.format('%d:%s:pending:%d:%s', seq, flag, nbytes, req))
       redis.call('ZADD', P .. ':z:pending:' .. flag, seq, id)
       redis.call('SADD', seen, id)
       cur = cur + 1
+      used = used + nbytes
       accepted = accepted + 1
       out[k] = 1
     end
   end
 end
+if used ~= start_used then redis.call('INCRBY', P .. ':bytes', used - start_used) end
 if accepted > 0 then redis.call('HINCRBY', P .. ':counters', 'accepted', accepted) end
 if rejected > 0 then redis.call('HINCRBY', P .. ':counters', 'rejected', rejected) end
-if evicted > 0 then redis.call('HINCRBY', P .. ':counters', 'evicted', evicted) end
+if #evicted > 0 then redis.call('HINCRBY', P .. ':counters', 'evicted', #evicted) end
+for _, id in ipairs(evicted) do out[#out + 1] = id end
 return out
 """
 
 # ARGV: limit, which ('1', '0' or '*'). Returns id, seq, flag, id, seq, flag, ... of the claimed records.
-CLAIM_LUA = r"""
+CLAIM_LUA = RECORD_LUA + r"""
 local P, limit, which = KEYS[1], tonumber(ARGV[1]), ARGV[2]
 local flags = {which}
 if which == '*' then flags = {'1', '0'} end
@@ -143,9 +211,10 @@ table.sort(cands, function(a, b) return a[2] < b[2] end)
 local out = {}
 for j = 1, math.min(limit, #cands) do
   local id, seq, f = cands[j][1], cands[j][2], cands[j][3]
+  local _, _, _, tail = parse(redis.call('HGET', P .. ':rec', id))
   redis.call('ZREM', P .. ':z:pending:' .. f, id)
   redis.call('ZADD', P .. ':z:claimed:' .. f, seq, id)
-  redis.call('HSET', P .. ':rec', id, string.format('%d:%s:claimed', seq, f))
+  redis.call('HSET', P .. ':rec', id, string.format('%d:%s:claimed', seq, f) .. tail)
   out[#out + 1] = id
   out[#out + 1] = string.format('%d', seq)
   out[#out + 1] = f
@@ -154,36 +223,35 @@ return out
 """
 
 # ARGV: to_state, from_states (comma separated), ids... Returns the ids that moved.
-MOVE_LUA = r"""
+MOVE_LUA = RECORD_LUA + r"""
 local P, to, from = KEYS[1], ARGV[1], ',' .. ARGV[2] .. ','
-local moved = {}
+local moved, freed = {}, 0
 for j = 3, #ARGV do
   local id = ARGV[j]
   local v = redis.call('HGET', P .. ':rec', id)
   if v then
-    local seq, f, state = string.match(v, '^(%d+):(%d):(%a+)$')
+    local seq, f, state, tail, nbytes = parse(v)
     if string.find(from, ',' .. state .. ',', 1, true) then
       redis.call('ZREM', P .. ':z:' .. state .. ':' .. f, id)
       redis.call('ZADD', P .. ':z:' .. to .. ':' .. f, seq, id)
-      redis.call('HSET', P .. ':rec', id, seq .. ':' .. f .. ':' .. to)
+      redis.call('HSET', P .. ':rec', id, seq .. ':' .. f .. ':' .. to .. tail)
+      -- sent records leave the unharvested set (pending <-> claimed keeps them counted)
+      if to == 'sent' then freed = freed + nbytes end
       moved[#moved + 1] = id
     end
   end
 end
+if freed > 0 then redis.call('DECRBY', P .. ':bytes', freed) end
 return moved
 """
 
 # ARGV: most records to delete in this call. Returns how many were deleted.
-PURGE_LUA = r"""
+PURGE_LUA = RECORD_LUA + r"""
 local P, limit = KEYS[1], tonumber(ARGV[1])
 local n = 0
 for _, f in ipairs({'1', '0'}) do
-  local r = redis.call('ZRANGE', P .. ':z:sent:' .. f, 0, limit - n - 1, 'WITHSCORES')
-  for j = 1, #r, 2 do
-    redis.call('ZREM', P .. ':z:sent:' .. f, r[j])
-    redis.call('HDEL', P .. ':rec', r[j])
-    redis.call('XDEL', P .. ':stream', string.format('%d-0', tonumber(r[j + 1])))
-    redis.call('DEL', P .. ':blob:' .. r[j])
+  for _, id in ipairs(redis.call('ZRANGE', P .. ':z:sent:' .. f, 0, limit - n - 1)) do
+    delete(P, id)  -- sent records no longer count in P:bytes
     n = n + 1
   end
   if n >= limit then break end
@@ -198,20 +266,26 @@ _HEADER = struct.Struct("<4sII")  # magic, payload length, crc32
 _U32 = struct.Struct("<I")
 
 SpoolRecord = list  # [id, flag, blob, field, value, ...] as bytes
+SpoolRequest = list  # [key, request_id, metadata JSON] as bytes
 
 
-def _encode_frame(records: Sequence[SpoolRecord]) -> bytes:
-    parts = [_U32.pack(len(records))]
-    for items in records:
+def _encode_lists(lists: Sequence[list]) -> list[bytes]:
+    parts = [_U32.pack(len(lists))]
+    for items in lists:
         parts.append(_U32.pack(len(items)))
         for item in items:
             parts.append(_U32.pack(len(item)))
             parts.append(item)
-    payload = b"".join(parts)
+    return parts
+
+
+def _encode_frame(records: Sequence[SpoolRecord], requests: Sequence[SpoolRequest]) -> bytes:
+    payload = b"".join(_encode_lists(records) + _encode_lists(requests))
     return _HEADER.pack(SPOOL_MAGIC, len(payload), zlib.crc32(payload)) + payload
 
 
-def _decode_payload(payload: bytes) -> list[SpoolRecord]:
+def _decode_payload(payload: bytes) -> tuple[list[SpoolRecord], list[SpoolRequest]]:
+    """(records, request payloads); a frame of the first format ends after its records (no requests)."""
     pos = 0
 
     def u32() -> int:
@@ -220,20 +294,25 @@ def _decode_payload(payload: bytes) -> list[SpoolRecord]:
         pos += 4
         return value
 
-    records = []
-    for _ in range(u32()):
-        items = []
+    def lists() -> list[list]:
+        nonlocal pos
+        out = []
         for _ in range(u32()):
-            length = u32()
-            items.append(payload[pos:pos + length])
-            pos += length
-        records.append(items)
-    return records
+            items = []
+            for _ in range(u32()):
+                length = u32()
+                items.append(payload[pos:pos + length])
+                pos += length
+            out.append(items)
+        return out
+
+    records = lists()
+    return records, lists() if pos < len(payload) else []
 
 
-def _read_frames(data: bytes) -> tuple[int, list[tuple[int, list[SpoolRecord]]]]:
-    """The valid frames at the start of ``data`` as (end offset, records), and where the last one ends (a torn
-    or corrupt frame ends the scan)."""
+def _read_frames(data: bytes) -> tuple[int, list[tuple[int, list[SpoolRecord], list[SpoolRequest]]]]:
+    """The valid frames at the start of ``data`` as (end offset, records, requests), and where the last one
+    ends (a torn or corrupt frame ends the scan)."""
     pos, frames = 0, []
     while pos + _HEADER.size <= len(data):
         magic, length, crc = _HEADER.unpack_from(data, pos)
@@ -244,7 +323,7 @@ def _read_frames(data: bytes) -> tuple[int, list[tuple[int, list[SpoolRecord]]]]
         if zlib.crc32(payload) != crc:
             break
         pos = start + length
-        frames.append((pos, _decode_payload(payload)))
+        frames.append((pos, *_decode_payload(payload)))
     return pos, frames
 
 
@@ -263,7 +342,7 @@ class Spool:
             log.warning("spool %s: dropping %d bytes of an incomplete frame at the end", self.path, len(data) - end)
             os.ftruncate(self._fd, end)
             os.fsync(self._fd)
-        self.backlog = sum(len(records) for _, records in frames)  # records waiting in the spool
+        self.backlog = sum(len(records) for _, records, _ in frames)  # records waiting in the spool
 
     def _open(self) -> None:
         created = not self.path.exists()
@@ -275,8 +354,8 @@ class Spool:
         size = os.fstat(self._fd).st_size
         return os.pread(self._fd, size, 0) if size else b""
 
-    def append(self, records: Sequence[SpoolRecord]) -> None:
-        frame = _encode_frame(records)
+    def append(self, records: Sequence[SpoolRecord], requests: Sequence[SpoolRequest]) -> None:
+        frame = _encode_frame(records, requests)
         with self._lock:
             if self._fd is None:
                 raise QueueError(f"spool {self.path} is closed")
@@ -294,8 +373,8 @@ class Spool:
                 raise QueueError(f"spool {self.path}: {exc}") from exc
             self.backlog += len(records)
 
-    def snapshot(self) -> list[tuple[int, list[SpoolRecord]]]:
-        """The frames the spool holds now, as (end offset, records)."""
+    def snapshot(self) -> list[tuple[int, list[SpoolRecord], list[SpoolRequest]]]:
+        """The frames the spool holds now, as (end offset, records, request payloads)."""
         with self._lock:
             if self._fd is None:
                 raise QueueError(f"spool {self.path} is closed")
@@ -355,9 +434,11 @@ class RedisQueue(QueryQueue):
     def __init__(self, client: redis.Redis | str, spool_path: str | Path, max_size: int = 100_000,
                  full_policy: str = "reject", key_prefix: str = DEFAULT_PREFIX,
                  inline_max_bytes: int = DEFAULT_INLINE_MAX_BYTES, connect_retry_s: float = 0.5,
-                 replay_batch: int = 256):
+                 replay_batch: int = 256, max_bytes: int = DEFAULT_MAX_BYTES):
         if max_size < 1:
             raise ValueError(f"max_size must be >= 1, got {max_size}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         if full_policy not in FULL_POLICIES:
             raise ValueError(f"full_policy must be one of {FULL_POLICIES}, got {full_policy!r}")
         if inline_max_bytes < 0:
@@ -369,6 +450,7 @@ class RedisQueue(QueryQueue):
                                           retry=Retry(NoBackoff(), 0), retry_on_error=[])
         self.redis = client
         self.max_size = max_size
+        self.max_bytes = max_bytes
         self.full_policy = full_policy
         self.key_prefix = key_prefix
         self.inline_max_bytes = inline_max_bytes
@@ -381,6 +463,8 @@ class RedisQueue(QueryQueue):
         self._purge_script = client.register_script(PURGE_LUA)
         self._closed = False
         self._down_until = 0.0
+        self._reachable = True  # False while the last Redis call failed as unreachable, True after one worked
+        self._drops = DropLog(log, key_prefix)
         self._replay_lock = threading.Lock()
         self._wake = threading.Event()
         self._stop = threading.Event()
@@ -399,22 +483,41 @@ class RedisQueue(QueryQueue):
     def _call(self, fn, *args, **kwargs):
         self._check_open()
         try:
-            return fn(*args, **kwargs)
+            result = fn(*args, **kwargs)
         except rx.RedisError as exc:
+            if isinstance(exc, UNREACHABLE):
+                self._reachable = False
             raise QueueError(f"redis queue {self.key_prefix}: {exc}") from exc
+        self._reachable = True
+        return result
 
     # -- records <-> stream entries -----------------------------------------------------------------
-    def _encode(self, r: NewRecord, rid: str, now: float) -> SpoolRecord:
+    def _encode(self, records: Sequence[NewRecord], ids: Sequence[str],
+                now: float) -> tuple[list[SpoolRecord], list[SpoolRequest]]:
+        """The script's (and the spool's) items for ``records`` stored as ``ids``, and their request payloads,
+        one per request, keyed by the id of its first record."""
+        requests, refs = group_requests(records)
+        keys: dict[int, str] = {}
+        for rid, ref in zip(ids, refs):
+            if ref is not None:
+                keys.setdefault(ref, rid)
+        items = [self._encode_record(r, rid, now, keys.get(ref)) for r, rid, ref in zip(records, ids, refs)]
+        payloads = [[keys[j].encode(), request_id.encode(), metadata.encode()]
+                    for j, (request_id, metadata) in enumerate(requests)]
+        return items, payloads
+
+    def _encode_record(self, r: NewRecord, rid: str, now: float, request_key: str | None) -> SpoolRecord:
         flag = b"1" if r.flagged else b"0"
         packed = pack_array(r.input)
         blob = b""
         fields = {
             "id": rid, "time": repr(now if r.time is None else float(r.time)), "model": r.model,
-            "version": str(int(r.version)), "flagged": flag, "request_id": r.request_id or "",
-            "metadata": json.dumps({str(k): str(v) for k, v in (r.metadata or {}).items()}),
+            "version": str(int(r.version)), "flagged": flag,
             "scores": json.dumps({k: float(v) for k, v in r.scores.items()}), "decision": json.dumps(r.decision),
             "logits": pack_array(r.logits), "features": pack_array(r.features),
         }
+        if request_key is not None:
+            fields["req"] = request_key
         if len(packed) > self.inline_max_bytes:
             blob, fields["input_ref"] = packed, b"1"
         else:
@@ -425,15 +528,17 @@ class RedisQueue(QueryQueue):
         return items
 
     @staticmethod
-    def _decode(fields: dict, state: str, blob: bytes | None) -> QueueRecord:
+    def _decode(fields: dict, state: str, blob: bytes | None, request: tuple[str, dict] | None) -> QueueRecord:
         f = {k.decode(): v for k, v in fields.items()}
         packed = blob if f.get("input_ref") == b"1" else f["input"]
+        if request is None:  # inline in entries of an older version; neither for a record without request
+            request = (f.get("request_id", b"").decode(), json.loads(f.get("metadata", b"{}")))
+        request_id, metadata = request[0], dict(request[1])  # a copy per record: readers may change theirs
         return QueueRecord(
             model=f["model"].decode(), version=int(f["version"]), input=unpack_array(packed),
             logits=unpack_array(f["logits"]), features=unpack_array(f["features"]), scores=json.loads(f["scores"]),
-            decision=json.loads(f["decision"]), flagged=f["flagged"] == b"1", request_id=f["request_id"].decode(),
-            metadata=json.loads(f["metadata"]), time=float(f["time"]), id=f["id"].decode(), seq=int(f["seq"]),
-            state=state,
+            decision=json.loads(f["decision"]), flagged=f["flagged"] == b"1", request_id=request_id,
+            metadata=metadata, time=float(f["time"]), id=f["id"].decode(), seq=int(f["seq"]), state=state,
         )
 
     def _fetch(self, rows: Sequence[tuple[str, int, str]]) -> list[QueueRecord]:
@@ -444,41 +549,57 @@ class RedisQueue(QueryQueue):
         pipe = self.redis.pipeline(transaction=False)
         for _, seq, _ in rows:
             pipe.xrange(stream, f"{seq}-0", f"{seq}-0", count=1)
-        entries = pipe.execute()
-        refs = [rid for (rid, _, _), e in zip(rows, entries) if e and e[0][1].get(b"input_ref") == b"1"]
-        blobs = dict(zip(refs, self.redis.mget([self._key(f"blob:{rid}") for rid in refs]))) if refs else {}
+        entries = [e[0][1] if e else None for e in pipe.execute()]
+        refs = [rid for (rid, _, _), e in zip(rows, entries) if e and e.get(b"input_ref") == b"1"]
+        keys = sorted({e[b"req"] for e in entries if e and b"req" in e})
+        pipe = self.redis.pipeline(transaction=False)
+        if refs:
+            pipe.mget([self._key(f"blob:{rid}") for rid in refs])
+        for key in keys:
+            pipe.hmget(self._key(f"req:{key.decode()}"), ["request_id", "metadata"])
+        answers = pipe.execute()
+        blobs = dict(zip(refs, answers.pop(0))) if refs else {}
+        requests = {key: (rid.decode(), json.loads(meta)) for key, (rid, meta) in zip(keys, answers) if rid is not None}
         out = []
         for (rid, _, state), e in zip(rows, entries):
-            if not e or (rid in blobs and blobs[rid] is None):
+            if not e or (rid in blobs and blobs[rid] is None) or (b"req" in e and e[b"req"] not in requests):
                 continue
-            out.append(self._decode(e[0][1], state, blobs.get(rid)))
+            out.append(self._decode(e, state, blobs.get(rid), requests.get(e.get(b"req"))))
         return out
 
     # -- writes ---------------------------------------------------------------------------------------
-    def _run_put(self, items: Sequence[SpoolRecord], admit: bool) -> list[int]:
-        argv: list = [self.max_size, self.full_policy, "1" if admit else "0", len(items)]
+    def _run_put(self, items: Sequence[SpoolRecord], requests: Sequence[SpoolRequest], admit: bool) -> list[int]:
+        """The put script for ``items``; each one's status (1 stored, 2 already there, 0 refused)."""
+        argv: list = [self.max_size, self.max_bytes, self.full_policy, "1" if admit else "0", len(requests)]
+        for request in requests:
+            argv += request
+        argv.append(len(items))
         for rec in items:
             argv += [rec[0], rec[1], rec[2], len(rec) - 3, *rec[3:]]
-        return [int(x) for x in self._put_script(keys=[self.key_prefix], args=argv)]
+        out = self._put_script(keys=[self.key_prefix], args=argv)
+        self._reachable = True
+        self._drops.note("evicted", [rid.decode() for rid in out[len(items):]])
+        return [int(x) for x in out[:len(items)]]
 
     def put(self, records: Sequence[NewRecord]) -> list[str | None]:
         self._check_open()
         if not records:
             return []
-        now = time.time()
         ids = [uuid.uuid4().hex for _ in records]
-        items = [self._encode(r, rid, now) for r, rid in zip(records, ids)]
+        items, requests = self._encode(records, ids, time.time())
         if time.monotonic() >= self._down_until:
             try:
-                result = self._run_put(items, admit=False)
+                result = self._run_put(items, requests, admit=False)
+                self._drops.note("refused", [r.request_id for r, status in zip(records, result) if not status])
                 return [rid if status else None for rid, status in zip(ids, result)]
             except UNREACHABLE as exc:
+                self._reachable = False
                 self._down_until = time.monotonic() + self.connect_retry_s
                 log.warning("redis queue %s unreachable (%s): spooling to %s", self.key_prefix, exc, self.spool.path)
             except rx.RedisError as exc:
                 raise QueueError(f"redis queue {self.key_prefix}: {exc}") from exc
         # Redis is unreachable (maybe the write landed before the connection broke: replay dedups by id)
-        self.spool.append(items)
+        self.spool.append(items, requests)
         self._wake.set()
         return ids
 
@@ -491,9 +612,10 @@ class RedisQueue(QueryQueue):
                 return 0
             done_offset = done_records = written = 0
             try:
-                for offset, frame in frames:
+                for offset, frame, requests in frames:
                     for start in range(0, len(frame), self.replay_batch):
-                        result = self._run_put(frame[start:start + self.replay_batch], admit=True)
+                        # every chunk carries the frame's request payloads: the script stores what it references
+                        result = self._run_put(frame[start:start + self.replay_batch], requests, admit=True)
                         written += result.count(1)
                         self.replay_duplicates += result.count(2)
                     done_offset, done_records = offset, done_records + len(frame)
@@ -512,6 +634,7 @@ class RedisQueue(QueryQueue):
                     self.replay_spool()
                     self._down_until = 0.0
                 except UNREACHABLE:
+                    self._reachable = False
                     self._down_until = time.monotonic() + self.connect_retry_s
                 except Exception:  # a bug or a disk error: keep the spool, try again later
                     log.exception("redis queue %s: spool replay failed", self.key_prefix)
@@ -560,7 +683,7 @@ class RedisQueue(QueryQueue):
         rows = []
         for rid, v in zip(ids, values):
             if v is not None:
-                seq, _, state = v.decode().split(":")
+                seq, _, state = v.decode().split(":")[:3]
                 rows.append((rid, int(seq), state))
         return self._call(self._fetch, rows)
 
@@ -586,7 +709,8 @@ class RedisQueue(QueryQueue):
             for f in ("1", "0"):
                 pipe.zcard(self._key(f"z:{state}:{f}"))
         pipe.hgetall(self._key("counters"))
-        *cards, counters = self._call(pipe.execute)
+        pipe.get(self._key("bytes"))
+        *cards, counters, used = self._call(pipe.execute)
         n = {(state, f): cards[2 * i + j] for i, state in enumerate(STATES) for j, f in enumerate(("1", "0"))}
         counters = {k.decode(): int(v) for k, v in counters.items()}
         pending, claimed = n[(PENDING, "1")] + n[(PENDING, "0")], n[(CLAIMED, "1")] + n[(CLAIMED, "0")]
@@ -595,8 +719,11 @@ class RedisQueue(QueryQueue):
             flagged=n[(PENDING, "1")] + n[(CLAIMED, "1")], sampled=n[(PENDING, "0")] + n[(CLAIMED, "0")],
             max_size=self.max_size, full_policy=self.full_policy, accepted=counters.get("accepted", 0),
             rejected=counters.get("rejected", 0), evicted=counters.get("evicted", 0),
-            spool_backlog=self.spool.backlog,
+            spool_backlog=self.spool.backlog, bytes=int(used or 0), max_bytes=self.max_bytes,
         )
+
+    def local_state(self) -> LocalQueueState:
+        return LocalQueueState(spool_backlog=self.spool.backlog, reachable=self._reachable)
 
     def close(self) -> None:
         """Stop the replay thread (one last replay if Redis answers); what is still spooled stays for the next
@@ -613,6 +740,7 @@ class RedisQueue(QueryQueue):
                 log.warning("redis queue %s: %d record(s) stay spooled in %s (%s)", self.key_prefix,
                             self.spool.backlog, self.spool.path, exc)
         self._closed = True
+        self._drops.flush()
         self.spool.close()
         self.redis.close()
 

@@ -24,6 +24,7 @@ from oodguard.preprocess import Preprocessing
 
 from .backend import Backend, BackendError, BackendUnavailable, DeadlineExceeded, ModelNotFound
 from .decision import DecisionPolicy, DecisionRule, InputRange, PolicyError
+from .inputs import quote
 
 log = logging.getLogger("oodguard.serve.registry")
 
@@ -224,7 +225,7 @@ class Registry:
         served = versions.get(model)
         if not served:
             known = ", ".join(sorted(versions)) or "none"
-            raise UnknownModel(f"unknown model {model!r} (served: {known})")
+            raise UnknownModel(f"unknown model {quote(model)} (served: {known})")
         if not version:
             return served[max(served)]
         if version not in served:

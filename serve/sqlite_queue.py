@@ -1,13 +1,28 @@
 """The query queue in one SQLite file (WAL, ``synchronous=FULL``: a committed put survives a crash).
 
-One row per item. Arrays (model input, logits, features) are stored as ``np.save`` bytes compressed
-with zlib; scores, decision and metadata as JSON text. Counters (accepted, rejected, evicted) live in
-the same file, so they survive restarts.
+Layout:
+
+- ``records``: one row per item, ``seq`` (insertion order), ``id``, ``state``, ``flagged``, model, version,
+  time; the arrays (model input, logits, features) packed by :func:`pack_array` (zlib); scores and decision
+  as JSON text; ``bytes``: what the record counts towards ``max_bytes`` (see below); ``request_ref``: the
+  ``requests`` row holding its request id and metadata. Columns ``request_id`` / ``metadata`` hold them
+  inline only in rows written before request rows existed (``request_ref`` NULL); newer rows write ``''`` /
+  ``'{}'`` there (also for a record with neither, which gets no request row).
+- ``requests``: ``ref``, ``request_id``, ``metadata`` (JSON): one row per request of a ``put``, shared by its
+  records, deleted with the last record that references it.
+- ``counters``: accepted, rejected, evicted (events, they survive restarts) and ``bytes``: the running sum of
+  ``records.bytes`` over unharvested (pending + claimed) rows, updated in the transaction that changes it.
+
+Bytes of a record: its packed arrays + scores and decision JSON (+ the inline request of an older row); the
+first record of a request that is stored also carries the request row's bytes (request id + metadata JSON),
+so a request row counts once. A file of the first layout (no ``request_ref`` / ``bytes``) is upgraded in
+place when opened (:data:`UPGRADE`); a fresh file is made the same way.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -19,10 +34,14 @@ from typing import Sequence
 
 import numpy as np
 
-from .queue import CLAIMED, PENDING, SENT, STATES, NewRecord, QueryQueue, QueueError, QueueRecord, QueueStats
+from .queue import (CLAIMED, DEFAULT_MAX_BYTES, PENDING, SENT, STATES, DropLog, LocalQueueState, NewRecord, QueryQueue,
+                    QueueError, QueueRecord, QueueStats)
+
+log = logging.getLogger("oodguard.serve.sqlite_queue")
 
 FULL_POLICIES = ("reject", "evict-oldest")
 
+# The first layout; :data:`UPGRADE` brings it (old files and fresh ones alike) to the current one.
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS records (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -45,7 +64,21 @@ CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NU
 INSERT OR IGNORE INTO counters VALUES ('accepted', 0), ('rejected', 0), ('evicted', 0);
 """
 
-COLUMNS = "seq, id, time, model, version, flagged, state, input, logits, features, scores, decision, request_id, metadata"
+# Run once, in one transaction, on a file whose records have no request_ref column yet.
+UPGRADE = (
+    "ALTER TABLE records ADD COLUMN request_ref INTEGER",
+    "ALTER TABLE records ADD COLUMN bytes INTEGER NOT NULL DEFAULT 0",
+    "CREATE INDEX records_request_ref ON records (request_ref)",
+    "CREATE TABLE requests (ref INTEGER PRIMARY KEY, request_id TEXT NOT NULL, metadata TEXT NOT NULL)",
+    # rows of the first layout hold their request inline: it counts in their bytes (CAST: UTF-8 bytes, not chars)
+    "UPDATE records SET bytes = length(input) + length(logits) + length(features) + length(CAST(scores AS BLOB))"
+    " + length(CAST(decision AS BLOB)) + length(CAST(request_id AS BLOB)) + length(CAST(metadata AS BLOB))",
+    f"INSERT OR REPLACE INTO counters SELECT 'bytes', COALESCE(SUM(bytes), 0) FROM records WHERE state != '{SENT}'",
+)
+
+COLUMNS = ("seq, id, time, model, version, flagged, state, input, logits, features, scores, decision, request_id, "
+           "metadata, request_ref")
+REF = 14  # index of request_ref in a row of COLUMNS
 
 
 ARRAY_DTYPES = ("<f4", "<f8", "|u1", "<i8")
@@ -69,37 +102,88 @@ def unpack_array(blob: bytes) -> np.ndarray:
     return np.frombuffer(raw, dtype=ARRAY_DTYPES[code], offset=2 + 4 * ndim).reshape(shape)
 
 
+def metadata_json(metadata: dict | None) -> str:
+    return json.dumps({str(k): str(v) for k, v in (metadata or {}).items()})
+
+
+def group_requests(records: Sequence[NewRecord]) -> tuple[list[tuple[str, str]], list[int | None]]:
+    """The distinct requests of ``records`` as (request id, metadata JSON), and per record the index of its
+    request (None: a record with neither). The gateway passes one metadata dict to all records of a request:
+    it is serialized once per dict object, not once per record."""
+    requests: list[tuple[str, str]] = []
+    index: dict[tuple[str, str], int] = {}
+    texts: dict[int, str] = {}  # id(metadata dict) -> JSON; the records keep the dicts alive meanwhile
+    refs: list[int | None] = []
+    for r in records:
+        text = texts.get(id(r.metadata))
+        if text is None:
+            text = texts[id(r.metadata)] = metadata_json(r.metadata)
+        request = (r.request_id or "", text)
+        if request == ("", "{}"):
+            refs.append(None)
+            continue
+        if request not in index:
+            index[request] = len(requests)
+            requests.append(request)
+        refs.append(index[request])
+    return requests, refs
+
+
+def request_bytes(request: tuple[str, str]) -> int:
+    return len(request[0].encode()) + len(request[1].encode())
+
+
 class _Batch:
     """One ``put`` call's rows waiting for a group commit, and its outcome."""
 
-    def __init__(self, rows: list[tuple]):
-        self.rows = rows
+    def __init__(self, rows: list[tuple], sizes: list[int], refs: list[int | None], requests: list[tuple[str, str]]):
+        self.rows = rows  # (id, time, model, version, flagged, input, logits, features, scores, decision)
+        self.sizes = sizes  # each row's bytes, its request not included
+        self.refs = refs  # each row's index into requests, or None
+        self.requests = requests
         self.done = False
         self.result: list[str | None] = []
+        self.evicted: list[str] = []  # ids of records this batch evicted
+        self.refused: list[str] = []  # request ids of the records it refused
         self.error: BaseException | None = None
 
 
 class SQLiteQueue(QueryQueue):
-    def __init__(self, path: str | Path, max_size: int = 100_000, full_policy: str = "reject"):
+    def __init__(self, path: str | Path, max_size: int = 100_000, full_policy: str = "reject",
+                 max_bytes: int = DEFAULT_MAX_BYTES):
         if max_size < 1:
             raise ValueError(f"max_size must be >= 1, got {max_size}")
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         if full_policy not in FULL_POLICIES:
             raise ValueError(f"full_policy must be one of {FULL_POLICIES}, got {full_policy!r}")
         self.path = Path(path)
         self.max_size = max_size
+        self.max_bytes = max_bytes
         self.full_policy = full_policy
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self._pending: list[_Batch] = []
+        self._reachable = True  # False while the last operation failed with an SQLite error
+        self._drops = DropLog(log, str(self.path))
         self._db: sqlite3.Connection | None = sqlite3.connect(
             str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
         )
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._write(self._upgrade)
 
     # -- helpers -------------------------------------------------------------------------------
+    @staticmethod
+    def _upgrade(db: sqlite3.Connection) -> None:
+        """Bring the first layout to the current one (checked inside the transaction: another process may be
+        opening the same file)."""
+        if "request_ref" not in {row[1] for row in db.execute("PRAGMA table_info(records)")}:
+            for statement in UPGRADE:
+                db.execute(statement)
+
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
             raise QueueError(f"queue {self.path} is closed")
@@ -111,35 +195,54 @@ class SQLiteQueue(QueryQueue):
             return self._transaction(fn)
 
     def _transaction(self, fn):
-        """``fn(conn)`` in one IMMEDIATE transaction; the caller holds the lock."""
+        """``fn(conn)`` in one IMMEDIATE (write) transaction; the caller holds the lock."""
+        return self._run(fn, "BEGIN IMMEDIATE")
+
+    def _read(self, fn):
+        """``fn(conn)`` in one read transaction under the lock: its statements see one snapshot of the file
+        (a record and its request row, even while another process purges)."""
+        with self._lock:
+            return self._run(fn, "BEGIN DEFERRED")
+
+    def _run(self, fn, begin: str):
+        """``fn(conn)`` between ``begin`` and COMMIT (ROLLBACK if it raises); notes whether SQLite failed."""
         db = self._conn()
         try:
-            db.execute("BEGIN IMMEDIATE")
+            db.execute(begin)
             try:
                 result = fn(db)
             except BaseException:
                 db.execute("ROLLBACK")
                 raise
             db.execute("COMMIT")
-            return result
         except sqlite3.Error as exc:
+            self._reachable = False
             raise QueueError(f"queue {self.path}: {exc}") from exc
+        self._reachable = True
+        return result
 
-    def _read(self, sql: str, params: Sequence = ()) -> list[tuple]:
-        with self._lock:
-            try:
-                return self._conn().execute(sql, params).fetchall()
-            except sqlite3.Error as exc:
-                raise QueueError(f"queue {self.path}: {exc}") from exc
+    def _records(self, db: sqlite3.Connection, rows: list[tuple]) -> list[QueueRecord]:
+        """Records for rows of :data:`COLUMNS`, their request rows read once per request."""
+        refs = sorted({row[REF] for row in rows if row[REF] is not None})
+        requests = {}
+        for start in range(0, len(refs), 500):  # within SQLite's limit on parameters
+            chunk = refs[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for ref, request_id, metadata in db.execute(
+                    f"SELECT ref, request_id, metadata FROM requests WHERE ref IN ({marks})", chunk):
+                requests[ref] = (request_id, json.loads(metadata))
+        return [self._row(row, requests.get(row[REF])) for row in rows]
 
     @staticmethod
-    def _row(row: tuple) -> QueueRecord:
-        seq, rid, t, model, version, flagged, state, inp, logits, feats, scores, decision, request_id, metadata = row
+    def _row(row: tuple, request: tuple[str, dict] | None) -> QueueRecord:
+        seq, rid, t, model, version, flagged, state, inp, logits, feats, scores, decision, request_id, metadata, _ = row
+        if request is None:  # a row of the first layout, or a record without request
+            request = (request_id, json.loads(metadata))
         return QueueRecord(
             model=model, version=int(version), input=unpack_array(inp), logits=unpack_array(logits),
             features=unpack_array(feats), scores=json.loads(scores), decision=json.loads(decision),
-            flagged=bool(flagged), request_id=request_id, metadata=json.loads(metadata), time=float(t),
-            id=rid, seq=int(seq), state=state,
+            flagged=bool(flagged), request_id=request[0], metadata=dict(request[1]),  # a copy: readers may change it
+            time=float(t), id=rid, seq=int(seq), state=state,
         )
 
     @staticmethod
@@ -147,27 +250,32 @@ class SQLiteQueue(QueryQueue):
         if by:
             db.execute("UPDATE counters SET value = value + ? WHERE name = ?", (by, name))
 
+    @staticmethod
+    def _drop_orphans(db: sqlite3.Connection, refs) -> None:
+        """Delete the request rows among ``refs`` that no record references any more."""
+        db.executemany("DELETE FROM requests WHERE ref = ?1 AND NOT EXISTS "
+                       "(SELECT 1 FROM records WHERE request_ref = ?1)", [(ref,) for ref in refs if ref is not None])
+
     # -- interface -----------------------------------------------------------------------------
     def put(self, records: Sequence[NewRecord]) -> list[str | None]:
         if not records:
             return []
         now = time.time()
-        rows = []
+        requests, refs = group_requests(records)
+        rows, sizes = [], []
         for r in records:
-            rows.append((
-                uuid.uuid4().hex, now if r.time is None else float(r.time), r.model, int(r.version), int(bool(r.flagged)),
-                PENDING, pack_array(r.input), pack_array(r.logits), pack_array(r.features),
-                json.dumps({k: float(v) for k, v in r.scores.items()}), json.dumps(r.decision), r.request_id or "",
-                json.dumps({str(k): str(v) for k, v in (r.metadata or {}).items()}),
-            ))
-        return self._group_commit(rows)
+            arrays = (pack_array(r.input), pack_array(r.logits), pack_array(r.features))
+            scores, decision = json.dumps({k: float(v) for k, v in r.scores.items()}), json.dumps(r.decision)
+            rows.append((uuid.uuid4().hex, now if r.time is None else float(r.time), r.model, int(r.version),
+                         int(bool(r.flagged)), *arrays, scores, decision))
+            sizes.append(sum(map(len, arrays)) + len(scores.encode()) + len(decision.encode()))
+        return self._group_commit(_Batch(rows, sizes, refs, requests))
 
-    def _group_commit(self, rows: list[tuple]) -> list[str | None]:
+    def _group_commit(self, mine: _Batch) -> list[str | None]:
         """Durable writes cost one fsync per transaction, so concurrent ``put`` calls share one: each
-        caller queues its rows; whoever takes the lock first commits every queued batch in one transaction
+        caller queues its batch; whoever takes the lock first commits every queued batch in one transaction
         (each batch applied in order, with the same bound and policy as alone); the others find their
         batch done when they get the lock. Nobody returns before its rows are committed."""
-        mine = _Batch(rows)
         with self._pending_lock:
             self._pending.append(mine)
         with self._lock:
@@ -175,43 +283,65 @@ class SQLiteQueue(QueryQueue):
                 with self._pending_lock:
                     batches, self._pending = self._pending, []
                 try:
-                    results = self._transaction(lambda db: [self._insert(db, b.rows) for b in batches])
+                    results = self._transaction(lambda db: [self._insert(db, b) for b in batches])
                 except BaseException as exc:
                     for b in batches:
                         b.error, b.done = exc, True
                     raise
                 for b, result in zip(batches, results):
                     b.result, b.done = result, True
+                    self._drops.note("evicted", b.evicted)
+                    self._drops.note("refused", b.refused)
         if mine.error is not None:
             raise mine.error
         return mine.result
 
-    def _insert(self, db: sqlite3.Connection, rows: list[tuple]) -> list[str | None]:
-        """Insert one ``put`` call's rows within the bound (applying the full-queue policy); their ids."""
+    def _insert(self, db: sqlite3.Connection, batch: _Batch) -> list[str | None]:
+        """Insert one ``put`` call's rows within both bounds (applying the full-queue policy); their ids."""
         size = db.execute("SELECT COUNT(*) FROM records WHERE state != ?", (SENT,)).fetchone()[0]
-        room = self.max_size - size
-        keep = len(rows)
-        if room < len(rows):
-            if self.full_policy == "evict-oldest":
-                need = len(rows) - max(room, 0)
-                victims = [v for (v,) in db.execute(
-                    "SELECT seq FROM records WHERE state = ? ORDER BY seq LIMIT ?", (PENDING, need))]
-                db.executemany("DELETE FROM records WHERE seq = ?", [(v,) for v in victims])
-                self._bump(db, "evicted", len(victims))
-                room += len(victims)
-            keep = max(0, min(len(rows), room))
-        db.executemany(
-            "INSERT INTO records (id, time, model, version, flagged, state, input, logits, features, scores, "
-            "decision, request_id, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows[:keep])
-        self._bump(db, "accepted", keep)
-        self._bump(db, "rejected", len(rows) - keep)
-        return [row[0] for row in rows[:keep]] + [None] * (len(rows) - keep)
+        used = start = db.execute("SELECT value FROM counters WHERE name = 'bytes'").fetchone()[0]
+        last = db.execute("SELECT COALESCE(MAX(seq), 0) FROM records").fetchone()[0]  # evict only older records
+        stored: dict[int, int] = {}  # index into batch.requests -> its requests.ref, once inserted
+        out: list[str | None] = []
+        for row, nbytes, ref in zip(batch.rows, batch.sizes, batch.refs):
+            if ref is not None and ref not in stored:
+                nbytes += request_bytes(batch.requests[ref])  # the first record stored carries its request row
+            if self.full_policy == "evict-oldest" and nbytes <= self.max_bytes:
+                while size >= self.max_size or used + nbytes > self.max_bytes:
+                    victim = db.execute("SELECT seq, id, bytes, request_ref FROM records WHERE state = ? AND seq <= ? "
+                                        "ORDER BY seq LIMIT 1", (PENDING, last)).fetchone()
+                    if victim is None:
+                        break
+                    db.execute("DELETE FROM records WHERE seq = ?", (victim[0],))
+                    self._drop_orphans(db, [victim[3]])
+                    size, used = size - 1, used - victim[2]
+                    batch.evicted.append(victim[1])
+            if size >= self.max_size or used + nbytes > self.max_bytes:
+                out.append(None)
+                batch.refused.append(batch.requests[ref][0] if ref is not None else "")
+                continue
+            if ref is not None and ref not in stored:
+                stored[ref] = db.execute("INSERT INTO requests (request_id, metadata) VALUES (?, ?)",
+                                         batch.requests[ref]).lastrowid
+            db.execute("INSERT INTO records (id, time, model, version, flagged, input, logits, features, scores, "
+                       "decision, state, request_id, metadata, request_ref, bytes) "
+                       "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '', '{}', ?, ?)",
+                       (*row, PENDING, stored.get(ref), nbytes))
+            size, used = size + 1, used + nbytes
+            out.append(row[0])
+        self._bump(db, "accepted", len(out) - out.count(None))
+        self._bump(db, "rejected", out.count(None))
+        self._bump(db, "evicted", len(batch.evicted))
+        self._bump(db, "bytes", used - start)
+        return out
 
     def get(self, ids: Sequence[str]) -> list[QueueRecord]:
         if not ids:
             return []
         marks = ",".join("?" * len(ids))
-        found = {row[1]: self._row(row) for row in self._read(f"SELECT {COLUMNS} FROM records WHERE id IN ({marks})", list(ids))}
+        rows = self._read(lambda db: self._records(
+            db, db.execute(f"SELECT {COLUMNS} FROM records WHERE id IN ({marks})", list(ids)).fetchall()))
+        found = {r.id: r for r in rows}
         return [found[i] for i in ids if i in found]
 
     def select(self, limit: int | None = None, state: str = PENDING, flagged: bool | None = None) -> list[QueueRecord]:
@@ -226,7 +356,7 @@ class SQLiteQueue(QueryQueue):
         if limit is not None:
             sql += " LIMIT ?"
             params.append(int(limit))
-        return [self._row(row) for row in self._read(sql, params)]
+        return self._read(lambda db: self._records(db, db.execute(sql, params).fetchall()))
 
     def claim(self, limit: int, flagged: bool | None = None) -> list[QueueRecord]:
         def write(db: sqlite3.Connection) -> list[QueueRecord]:
@@ -237,7 +367,7 @@ class SQLiteQueue(QueryQueue):
                 params.append(int(flagged))
             rows = db.execute(sql + " ORDER BY seq LIMIT ?", params + [int(limit)]).fetchall()
             db.executemany("UPDATE records SET state = ? WHERE seq = ?", [(CLAIMED, row[0]) for row in rows])
-            records = [self._row(row) for row in rows]
+            records = self._records(db, rows)
             for r in records:
                 r.state = CLAIMED
             return records
@@ -259,10 +389,12 @@ class SQLiteQueue(QueryQueue):
         marks = ",".join("?" * len(from_states))
 
         def write(db: sqlite3.Connection) -> int:
-            cur = db.executemany(
-                f"UPDATE records SET state = ? WHERE id = ? AND state IN ({marks})",
-                [(to_state, i, *from_states) for i in ids])
-            return cur.rowcount
+            moved = [row for i in ids for row in db.execute(
+                f"UPDATE records SET state = ? WHERE id = ? AND state IN ({marks}) RETURNING bytes",
+                (to_state, i, *from_states))]
+            if to_state == SENT:  # out of the unharvested set (claimed -> pending keeps the bytes counted)
+                self._bump(db, "bytes", -sum(nbytes for (nbytes,) in moved))
+            return len(moved)
 
         return self._write(write) if ids else 0
 
@@ -273,12 +405,20 @@ class SQLiteQueue(QueryQueue):
         return self._move(ids, SENT, (PENDING, CLAIMED))
 
     def purge_sent(self) -> int:
-        return self._write(lambda db: db.execute("DELETE FROM records WHERE state = ?", (SENT,)).rowcount)
+        def write(db: sqlite3.Connection) -> int:
+            refs = [ref for (ref,) in db.execute(
+                "SELECT DISTINCT request_ref FROM records WHERE state = ? AND request_ref IS NOT NULL", (SENT,))]
+            purged = db.execute("DELETE FROM records WHERE state = ?", (SENT,)).rowcount
+            self._drop_orphans(db, refs)
+            return purged
+
+        return self._write(write)
 
     def stats(self) -> QueueStats:
-        counts = {(state, bool(flagged)): n for state, flagged, n in
-                  self._read("SELECT state, flagged, COUNT(*) FROM records GROUP BY state, flagged")}
-        counters = dict(self._read("SELECT name, value FROM counters"))
+        counts, counters = self._read(lambda db: (
+            {(state, bool(flagged)): n for state, flagged, n in
+             db.execute("SELECT state, flagged, COUNT(*) FROM records GROUP BY state, flagged")},
+            dict(db.execute("SELECT name, value FROM counters").fetchall())))
 
         def n(state: str) -> int:
             return counts.get((state, True), 0) + counts.get((state, False), 0)
@@ -289,11 +429,16 @@ class SQLiteQueue(QueryQueue):
             sampled=counts.get((PENDING, False), 0) + counts.get((CLAIMED, False), 0),
             max_size=self.max_size, full_policy=self.full_policy, accepted=int(counters.get("accepted", 0)),
             rejected=int(counters.get("rejected", 0)), evicted=int(counters.get("evicted", 0)),
+            bytes=int(counters.get("bytes", 0)), max_bytes=self.max_bytes,
         )
+
+    def local_state(self) -> LocalQueueState:
+        return LocalQueueState(spool_backlog=0, reachable=self._reachable)
 
     def close(self) -> None:
         with self._lock:
             if self._db is not None:
+                self._drops.flush()
                 try:
                     self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
                 finally:

@@ -4,6 +4,7 @@ it these tests skip with the reason, unless OODGUARD_REQUIRE_PROMTOOL=1 (set by 
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 from missing import missing
 import yaml
+
+from oodguard.serve import metrics
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy" / "prometheus"
 
@@ -56,3 +59,13 @@ def test_flagged_rate_alert_uses_the_calibrated_rate_and_a_minimum_count():
     rule = next(r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "OODGuardFlaggedRateAboveCalibration")
     assert "oodguard:calibrated_flag_rate_upper:max" in rule["expr"] and "sqrt(" in rule["expr"]
     assert ">= 200" in rule["expr"]
+
+
+def test_rules_name_only_metrics_the_gateway_exports():
+    # the unit tests feed made-up series: a metric renamed in serve/metrics.py would silently never alert
+    source = Path(metrics.__file__).read_text()
+    names = set(re.findall(r"\boodguard_[a-z_]+", (DEPLOY / "rules.yml").read_text()))
+    assert {"oodguard_queue_reachable", "oodguard_queue_spool_backlog", "oodguard_queue_stats_up"} <= names
+    family = {n: re.sub(r"_(total|bucket|count|sum)$", "", n) for n in names}
+    unexported = {n for n in names if f'"{family[n]}"' not in source}
+    assert not unexported, f"rules.yml names metrics serve/metrics.py does not export: {sorted(unexported)}"

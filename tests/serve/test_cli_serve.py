@@ -50,7 +50,7 @@ def test_serve_subprocess_demo_client_and_sigterm_drain(digits_export, tmp_path)
     env = {**os.environ, "OODGUARD_QUEUE_PATH": str(tmp_path / "queue.sqlite"), "OODGUARD_LISTEN": "127.0.0.1:1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "oodguard.cli", "serve", "--repository", str(digits_export[2]), "--listen", target,
-         "--drain-timeout-s", "30"],
+         "--drain-timeout-s", "30", "--max-image-pixels", "36000000", "--max-request-pixels", "2304000000"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         _wait_serving(target, process)
@@ -62,7 +62,8 @@ def test_serve_subprocess_demo_client_and_sigterm_drain(digits_export, tmp_path)
         assert noise_line.startswith("noise: ") and ", OOD by any(sisome=" in noise_line and "queued as " in noise_line
 
         # an in-flight request completes across SIGTERM; later ones are refused. It is slow on purpose:
-        # 64 PNGs of 6000x6000 pixels (tiny once compressed) take well over a second to decode and resize.
+        # 64 PNGs of 6000x6000 pixels (tiny once compressed) take well over a second to decode and resize
+        # (the gateway above allows images that large, and that many pixels per request).
         outcome: dict = {}
         buffer = io.BytesIO()
         Image.new("L", (6000, 6000)).save(buffer, format="PNG")

@@ -5,23 +5,29 @@ from __future__ import annotations
 
 import collections
 import json
+import signal
+import struct
 import subprocess
 import sys
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from oodguard.serve.queue import CLAIMED, PENDING, SENT, QueueError
+from oodguard.serve.queue import CLAIMED, PENDING, SENT, LocalQueueState, QueueError
 from oodguard.serve.queue_factory import open_queue, split_redis_url
 from oodguard.serve.redis_queue import DEFAULT_PREFIX, RedisQueue
 from oodguard.serve.settings import Settings, SettingsError
-from oodguard.serve.sqlite_queue import SQLiteQueue
+from oodguard.serve.sqlite_queue import SQLiteQueue, pack_array
 
-from .test_sqlite_queue import assert_stored_as_put, record
+from .test_sqlite_queue import (ALIKE_BYTES, alike, assert_stored_as_put, big_request, check_byte_bound_evict,
+                                check_byte_bound_reject, check_drop_lines, own_bytes, record, request_bytes)
 
 
 def make_queue(server, tmp_path, spool: str = "spool", **kwargs) -> RedisQueue:
@@ -56,13 +62,17 @@ def test_roundtrip_of_arrays_metadata_and_large_inputs(redis_server, tmp_path):
     client = redis.Redis.from_url(redis_server.url)
     entry = client.xrange(f"{DEFAULT_PREFIX}:stream", "1-0", "1-0")[0][1]
     assert entry[b"id"].decode() == ids[0] and entry[b"input_ref"] == b"1" and b"input" not in entry
-    assert json.loads(entry[b"metadata"]) == originals[0].metadata
+    # its request lives in its own key (named after the request's first record), referenced once
+    assert entry[b"req"].decode() == ids[0] and b"metadata" not in entry
+    payload = client.hgetall(f"{DEFAULT_PREFIX}:req:{ids[0]}")
+    assert json.loads(payload[b"metadata"]) == originals[0].metadata and payload[b"refs"] == b"1"
     assert client.exists(f"{DEFAULT_PREFIX}:blob:{ids[0]}")
     s = q.stats()
     assert (s.size, s.pending, s.flagged, s.sampled, s.accepted, s.spool_backlog) == (2, 2, 1, 1, 2, 0)
     # the blob goes with its record
     assert q.mark_sent(ids) == 2 and q.purge_sent() == 2
     assert not client.exists(f"{DEFAULT_PREFIX}:blob:{ids[0]}") and client.xlen(f"{DEFAULT_PREFIX}:stream") == 0
+    assert not client.keys(f"{DEFAULT_PREFIX}:req:*")
     client.close()
     q.close()
     with pytest.raises(QueueError, match="closed"):
@@ -182,9 +192,9 @@ def test_spool_while_redis_is_down_then_replay_exactly_once(redis_server, tmp_pa
         q.stats()
     # a record that was written *and* spooled (the connection broke after Redis ran the script): lands once
     redis_server.start()
-    both = q._encode(record(99), "written-and-spooled", time.time())
-    assert q._run_put([both], admit=False) == [1]
-    q.spool.append([both])
+    both, requests = q._encode([record(99)], ["written-and-spooled"], time.time())
+    assert q._run_put(both, requests, admit=False) == [1]
+    q.spool.append(both, requests)
     wait_for(lambda: q.spool.backlog == 0, what="the spool to drain")
     assert (tmp_path / "spool").stat().st_size == 0
     counts = stream_ids(redis_server)
@@ -239,12 +249,13 @@ def test_spool_survives_a_process_restart_and_drops_a_torn_tail(redis_server, tm
 
 
 def test_open_queue_urls_and_settings(redis_server, tmp_path):
-    q = open_queue(f"sqlite://{tmp_path / 'q.sqlite'}", max_size=7)
-    assert isinstance(q, SQLiteQueue) and q.path == tmp_path / "q.sqlite" and q.max_size == 7
+    q = open_queue(f"sqlite://{tmp_path / 'q.sqlite'}", max_size=7, max_bytes=5000)
+    assert isinstance(q, SQLiteQueue) and q.path == tmp_path / "q.sqlite" and (q.max_size, q.max_bytes) == (7, 5000)
     q.close()
     q = open_queue(redis_server.url + "?key_prefix=test:q&inline_max_bytes=10&socket_timeout=3",
-                   spool_path=tmp_path / "spool", full_policy="evict-oldest")
+                   spool_path=tmp_path / "spool", full_policy="evict-oldest", max_bytes=6000)
     assert isinstance(q, RedisQueue) and (q.key_prefix, q.inline_max_bytes, q.full_policy) == ("test:q", 10, "evict-oldest")
+    assert q.max_bytes == 6000 and q.stats().max_bytes == 6000
     assert q.put([record(0)])[0] in stream_ids(redis_server, "test:q")
     q.close()
     assert split_redis_url("redis://h:1/2?spool=/x&socket_timeout=3") == ("redis://h:1/2?socket_timeout=3", {"spool": "/x"})
@@ -256,3 +267,202 @@ def test_open_queue_urls_and_settings(redis_server, tmp_path):
     assert Settings.from_sources({"repository": "r", "queue_path": "/a/q.sqlite"}, {}).effective_queue_url == "sqlite:///a/q.sqlite"
     with pytest.raises(SettingsError, match="OODGUARD_QUEUE_URL"):
         Settings.from_sources({"repository": "r", "queue_url": "memcache://x"}, {})
+
+
+def request_keys(server, prefix: str = DEFAULT_PREFIX) -> dict[str, int]:
+    """Request payload key -> its reference count."""
+    client = redis.Redis.from_url(server.url)
+    try:
+        return {k.decode(): int(client.hget(k, "refs")) for k in client.keys(f"{prefix}:req:*")}
+    finally:
+        client.close()
+
+
+def stored_bytes(client, prefix: str = DEFAULT_PREFIX) -> int:
+    """What the queue's keys take in Redis (client buffers left out: the queue's connection keeps a 1 MB
+    query buffer for a while after a 1 MB argument)."""
+    return sum(client.memory_usage(key, samples=0) for key in client.keys(f"{prefix}:*"))
+
+
+def test_a_request_is_stored_once_for_all_its_records(redis_server, tmp_path):
+    q = make_queue(redis_server, tmp_path)
+    client = redis.Redis.from_url(redis_server.url)
+    originals = big_request()
+    before, used_before = stored_bytes(client), client.info("memory")["used_memory"]
+    ids = q.put(originals)
+    grown, used_grown = stored_bytes(client) - before, client.info("memory")["used_memory"] - used_before
+    own = sum(own_bytes(r) for r in originals)
+    payload = client.memory_usage(f"{DEFAULT_PREFIX}:req:{ids[0]}")
+    print(f"redis: 64 records with 1 MB metadata grew the keys by {grown} bytes, used_memory by {used_grown} "
+          f"(request key {payload}, records' own bytes {own})")
+    assert 1_000_000 < payload < 1_100_000
+    assert 1_000_000 < grown < 1_000_000 + 3 * own  # one copy of the metadata (it was 64: > 64 MB)
+    assert request_keys(redis_server) == {f"{DEFAULT_PREFIX}:req:{ids[0]}": 64}
+    assert q.stats().bytes == own + request_bytes(originals[0])
+    got = q.get(ids)
+    assert len(got) == 64
+    for orig, rec, rid in zip(originals, got, ids):
+        assert_stored_as_put(rec, orig, rid)
+    got[0].metadata["camera"] = "changed"  # each record has its own dict
+    assert got[1].metadata == originals[1].metadata
+    assert [r.metadata for r in q.claim(64)] == [originals[0].metadata] * 64
+    client.close()
+    q.close()
+
+
+def test_request_payloads_go_with_their_last_record(redis_server, tmp_path):
+    q = make_queue(redis_server, tmp_path, max_size=4, full_policy="evict-oldest")
+    a = q.put([alike(0)] * 2)
+    b = q.put([alike(1)] * 2)
+    key = f"{DEFAULT_PREFIX}:req:"
+    assert request_keys(redis_server) == {key + a[0]: 2, key + b[0]: 2}
+    c = q.put([alike(2)])  # evicts a[0]: request r000 keeps a[1]
+    assert request_keys(redis_server) == {key + a[0]: 1, key + b[0]: 2, key + c[0]: 1}
+    assert [r.request_id for r in q.get(a)] == ["r000"]
+    d = q.put([alike(3)])  # evicts a[1], the last record of r000
+    assert request_keys(redis_server) == {key + b[0]: 2, key + c[0]: 1, key + d[0]: 1}
+    assert q.mark_sent(b[:1]) == 1 and q.purge_sent() == 1
+    assert request_keys(redis_server) == {key + b[0]: 1, key + c[0]: 1, key + d[0]: 1}
+    assert q.mark_sent(b[1:]) == 1 and q.purge_sent() == 1
+    assert request_keys(redis_server) == {key + c[0]: 1, key + d[0]: 1}
+    q.close()
+
+
+def test_byte_bound_under_reject(redis_server, tmp_path):
+    q = make_queue(redis_server, tmp_path, max_bytes=3 * ALIKE_BYTES, full_policy="reject")
+    check_byte_bound_reject(q)
+    q.close()
+
+
+def test_byte_bound_under_evict_oldest(redis_server, tmp_path):
+    q = make_queue(redis_server, tmp_path, max_bytes=3 * ALIKE_BYTES + ALIKE_BYTES // 2, full_policy="evict-oldest")
+    check_byte_bound_evict(q)
+    q.close()
+
+
+def test_evictions_and_refusals_leave_rate_limited_lines(redis_server, tmp_path, caplog):
+    made = []
+
+    def make(policy):
+        made.append(make_queue(redis_server, tmp_path, spool=f"spool{len(made)}", max_size=2, full_policy=policy,
+                               key_prefix=f"q{len(made)}"))
+        return made[-1]
+
+    check_drop_lines(make, caplog, "oodguard.serve.redis_queue")
+
+
+def test_spooled_records_of_one_request_land_once_with_their_payload(redis_server, tmp_path):
+    q = make_queue(redis_server, tmp_path)
+    redis_server.stop()
+    originals = big_request(5)
+    ids = q.put(originals)
+    assert all(ids) and q.spool.backlog == 5
+    # the same frame spooled twice (as if a replay was cut off before the spool was): dedup, no second reference
+    q.spool.append(*q.spool.snapshot()[0][1:])
+    redis_server.start()
+    wait_for(lambda: q.spool.backlog == 0, what="the spool to drain")
+    assert stream_ids(redis_server) == collections.Counter(ids)
+    assert request_keys(redis_server) == {f"{DEFAULT_PREFIX}:req:{ids[0]}": 5}
+    assert q.replayed == 5 and q.replay_duplicates == 5
+    for orig, rec, rid in zip(originals, q.get(ids), ids):
+        assert_stored_as_put(rec, orig, rid)
+    assert q.stats().bytes == sum(own_bytes(r) for r in originals) + request_bytes(originals[0])
+    q.close()
+
+
+def old_spool_frame(records, ids) -> bytes:
+    """A spool frame of the first format: records only, each request inline in its fields."""
+    parts = [struct.pack("<I", len(records))]
+    for r, rid in zip(records, ids):
+        items = [rid.encode(), b"1" if r.flagged else b"0", b""]
+        for name, value in [("id", rid), ("time", repr(r.time)), ("model", r.model), ("version", str(r.version)),
+                            ("flagged", "1" if r.flagged else "0"), ("request_id", r.request_id),
+                            ("metadata", json.dumps(r.metadata)), ("scores", json.dumps(r.scores)),
+                            ("decision", json.dumps(r.decision)), ("logits", pack_array(r.logits)),
+                            ("features", pack_array(r.features)), ("input", pack_array(r.input))]:
+            items += [name.encode(), value if isinstance(value, bytes) else value.encode()]
+        parts.append(struct.pack("<I", len(items)))
+        parts += [struct.pack("<I", len(item)) + item for item in items]
+    payload = b"".join(parts)
+    return struct.pack("<4sII", b"OGSP", len(payload), zlib.crc32(payload)) + payload
+
+
+def test_a_spool_of_the_old_format_still_replays(redis_server, tmp_path):
+    originals = [record(0), record(1, flagged=False)]
+    (tmp_path / "spool").write_bytes(old_spool_frame(originals, ["old0", "old1"]))
+    q = make_queue(redis_server, tmp_path)  # replays at start-up
+    wait_for(lambda: q.spool.backlog == 0, what="the start-up replay")
+    for orig, rec, rid in zip(originals, q.get(["old0", "old1"]), ["old0", "old1"]):
+        assert_stored_as_put(rec, orig, rid)
+    assert request_keys(redis_server) == {}  # their requests stay inline in the stream entries
+    assert q.stats().bytes == sum(own_bytes(r) + request_bytes(r) for r in originals)
+    q.close()
+
+
+def test_records_stored_by_the_previous_version_still_work(redis_server, tmp_path):
+    client = redis.Redis.from_url(redis_server.url)
+    olds = [record(0), record(1), record(2)]
+    for seq, (r, rid) in enumerate(zip(olds, ["old0", "old1", "old2"]), start=1):  # as the old put script wrote them
+        fields = {"seq": str(seq), "id": rid, "time": repr(r.time), "model": r.model, "version": str(r.version),
+                  "flagged": "1", "request_id": r.request_id, "metadata": json.dumps(r.metadata),
+                  "scores": json.dumps(r.scores), "decision": json.dumps(r.decision), "logits": pack_array(r.logits),
+                  "features": pack_array(r.features), "input": pack_array(r.input)}
+        client.xadd(f"{DEFAULT_PREFIX}:stream", fields, id=f"{seq}-0")
+        client.hset(f"{DEFAULT_PREFIX}:rec", rid, f"{seq}:1:pending")
+        client.zadd(f"{DEFAULT_PREFIX}:z:pending:1", {rid: seq})
+        client.sadd(f"{DEFAULT_PREFIX}:seen", rid)
+    client.set(f"{DEFAULT_PREFIX}:seq", 3)
+    q = make_queue(redis_server, tmp_path, max_size=3, full_policy="evict-oldest")
+    for rec, orig, rid in zip(q.get(["old0", "old1", "old2"]), olds, ["old0", "old1", "old2"]):
+        assert_stored_as_put(rec, orig, rid)
+    assert [r.id for r in q.claim(1)] == ["old0"] and q.mark_sent(["old0"]) == 1 and q.purge_sent() == 1
+    new = q.put([record(3), record(4)])  # evicts old1 (to make room by count; old records count 0 bytes)
+    s = q.stats()
+    assert (s.size, s.evicted, s.bytes) == (3, 1, sum(own_bytes(r) + request_bytes(r) for r in (record(3), record(4))))
+    assert [r.id for r in q.select()] == ["old2", *new]
+    client.close()
+    q.close()
+
+
+def timed_local_state(q):
+    start = time.monotonic()
+    state = q.local_state()
+    return state, time.monotonic() - start
+
+
+def test_local_state_during_an_outage(redis_server, tmp_path):
+    q = make_queue(redis_server, tmp_path)
+    q.put([record(0)])
+    assert q.local_state() == LocalQueueState(spool_backlog=0, reachable=True)
+    redis_server.stop()
+    q.put([record(1), record(2)])
+    state, took = timed_local_state(q)
+    assert state == LocalQueueState(spool_backlog=2, reachable=False) and took < 0.1
+    redis_server.start()
+    wait_for(lambda: q.local_state() == LocalQueueState(spool_backlog=0, reachable=True), what="the replay")
+    q.close()
+
+
+def test_local_state_answers_while_redis_hangs(redis_server, tmp_path):
+    client = redis.Redis.from_url(redis_server.url, socket_timeout=1.0, retry=Retry(NoBackoff(), 0), retry_on_error=[])
+    q = RedisQueue(client, tmp_path / "spool", connect_retry_s=0.1)
+    first = q.put([record(0)])
+    redis_server.process.send_signal(signal.SIGSTOP)  # Redis accepts connections but answers nothing
+    try:
+        done = []
+        writer = threading.Thread(target=lambda: done.append(q.put([record(1)])))
+        writer.start()
+        time.sleep(0.3)  # the put waits on Redis
+        assert not done
+        state, took = timed_local_state(q)
+        assert took < 0.1 and state.spool_backlog == 0
+        writer.join(10)  # the put times out and spools
+        assert done and all(done[0])
+        state, took = timed_local_state(q)
+        assert state == LocalQueueState(spool_backlog=1, reachable=False) and took < 0.1
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    wait_for(lambda: q.local_state() == LocalQueueState(spool_backlog=0, reachable=True), what="the replay")
+    # exactly once, though the stopped Redis may have run the timed-out put after all when it resumed
+    assert stream_ids(redis_server) == collections.Counter(first + done[0])
+    q.close()

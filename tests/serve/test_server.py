@@ -118,8 +118,8 @@ def test_noise_is_flagged_and_queued_durably(gateway, stub):
     # the records are in the SQLite file before Predict returned (read with a separate connection)
     with sqlite3.connect(gateway.settings.queue_path) as db:
         rows = {r[0]: r[1:] for r in db.execute(
-            f"SELECT id, request_id, metadata, flagged, model, version, input, scores, decision FROM records "
-            f"WHERE id IN ({','.join('?' * len(ids))})", ids)}
+            f"SELECT r.id, q.request_id, q.metadata, r.flagged, r.model, r.version, r.input, r.scores, r.decision "
+            f"FROM records r JOIN requests q ON q.ref = r.request_ref WHERE r.id IN ({','.join('?' * len(ids))})", ids)}
     assert set(rows) == set(ids)
     index = {p.queue_record_id: i for i, p in enumerate(response.predictions)}
     prep = Preprocessing.from_dict(calibration_of(gateway.settings.repository).model["preprocessing"])
@@ -131,6 +131,8 @@ def test_noise_is_flagged_and_queued_durably(gateway, stub):
         assert json.loads(scores)["sisome"] == pytest.approx(item.scores["sisome"])
         assert json.loads(decision)["ood"] is True
     assert gateway.gateway.queue.stats().flagged == len(ids)
+    with sqlite3.connect(gateway.settings.queue_path) as db:  # the request's id and metadata: stored once
+        assert db.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 1
 
 
 BAD_REQUESTS = [
@@ -146,7 +148,9 @@ BAD_REQUESTS = [
     (pb.PredictRequest(tensor=tensor(np.zeros((0, 1, 28, 28), np.float32))), "empty batch"),
     (pb.PredictRequest(images=pb.EncodedImages()), "empty batch"),
     (pb.PredictRequest(tensor=tensor(np.zeros((65, 8, 8), np.uint8))), "batch of 65 items is above the limit of 64"),
-    (pb.PredictRequest(images=pb.EncodedImages(images=[b"\x89PNG not really"])), "image 0: cannot decode image"),
+    (pb.PredictRequest(images=pb.EncodedImages(images=[b"\x89PNG not really"])), "image 0 is not a PNG or JPEG image"),
+    (pb.PredictRequest(images=pb.EncodedImages(images=[png(np.zeros((28, 28), np.uint8)), png(noise(1)[0])[:-40]])),
+     "image 1: cannot decode image"),
     (pb.PredictRequest(tensor=pb.Tensor(dtype="uint8", shape=[1, -8, 8], data=b"")), "negative dimension"),
     (pb.PredictRequest(model="mnist", tensor=tensor(np.zeros((1, 8, 8), np.uint8))), "unknown model 'mnist'"),
     (pb.PredictRequest(version=9, tensor=tensor(np.zeros((1, 8, 8), np.uint8))), "no version 9"),

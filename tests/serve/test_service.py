@@ -110,7 +110,7 @@ def test_image_flood_cannot_starve_tensor_requests(start_gateway, repo_copy, dig
     with room for 64 images: the rest are refused at once, and uint8 / float32 tensor requests sent during
     the flood all answer within their 3 s deadline."""
     gw = start_gateway(repo_copy, decode_workers=1, decode_queue_max_images=64)
-    big = encoded(np.random.default_rng(0).integers(0, 256, (2048, 2048), dtype=np.uint8), "PNG")
+    big = encoded(np.random.default_rng(0).integers(0, 2, (2048, 2048), dtype=np.uint8), "PNG")  # ~0.5 MB
     flood = pb.PredictRequest(images=pb.EncodedImages(images=[big] * 16))
     images = digits_test_images[0]
     good = [pb.PredictRequest(tensor=tensor(images[i:i + 4])) for i in range(0, 48, 4)]
@@ -185,7 +185,8 @@ def test_request_id_and_metadata_limits(start_gateway, repo_copy):
 
 def test_no_record_for_a_reply_that_cannot_be_sent(start_gateway, repo_copy):
     gw = start_gateway(repo_copy, max_message_bytes=16 * 1024)
-    request = pb.PredictRequest(tensor=tensor(noise(64)), top_k=8)
+    small = np.random.default_rng(0).integers(0, 256, (64, 8, 8), dtype=np.uint8)  # resized to 28 x 28
+    request = pb.PredictRequest(tensor=tensor(small), top_k=8)
     assert request.ByteSize() < 16 * 1024
     with grpc.insecure_channel(gw.target) as channel:
         error = _error(lambda: pb_grpc.OODGuardStub(channel).Predict(request, timeout=10))

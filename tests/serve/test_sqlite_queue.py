@@ -1,10 +1,14 @@
+import dataclasses
+import json
+import logging
+import sqlite3
 import threading
 
 import numpy as np
 import pytest
 
-from oodguard.serve.queue import CLAIMED, PENDING, SENT, NewRecord, QueueError
-from oodguard.serve.sqlite_queue import SQLiteQueue
+from oodguard.serve.queue import CLAIMED, PENDING, SENT, LocalQueueState, NewRecord, QueueError
+from oodguard.serve.sqlite_queue import SQLiteQueue, pack_array
 
 
 def record(i: int, flagged: bool = True) -> NewRecord:
@@ -25,6 +29,100 @@ def assert_stored_as_put(rec, orig: NewRecord, rid: str) -> None:
     assert rec.scores == orig.scores and rec.decision == orig.decision
     assert rec.metadata == orig.metadata and rec.request_id == orig.request_id
     assert (rec.model, rec.version, rec.flagged, rec.time) == (orig.model, orig.version, orig.flagged, orig.time)
+
+
+def own_bytes(r: NewRecord) -> int:
+    """What a record counts towards ``max_bytes`` without its request: packed arrays + scores/decision JSON."""
+    return (sum(len(pack_array(a)) for a in (r.input, r.logits, r.features))
+            + len(json.dumps({k: float(v) for k, v in r.scores.items()})) + len(json.dumps(r.decision)))
+
+
+def request_bytes(r: NewRecord) -> int:
+    """What a request row adds, once, to the first of its records that is stored."""
+    return len(r.request_id.encode()) + len(json.dumps(r.metadata))
+
+
+def alike(i: int) -> NewRecord:
+    """record(0)'s content under a request of its own: every alike record counts the same bytes."""
+    return dataclasses.replace(record(0), request_id=f"r{i:03d}", metadata={"i": f"{i:03d}"})
+
+
+ALIKE_BYTES = own_bytes(alike(0)) + request_bytes(alike(0))
+
+
+def big_request(n: int = 64) -> list[NewRecord]:
+    """``n`` records of one request whose metadata holds 1 MB of incompressible text (one dict, as the
+    gateway passes it)."""
+    metadata = {"camera": "7", "blob": np.random.default_rng(0).bytes(500_000).hex()}
+    return [dataclasses.replace(record(i), request_id="req-big", metadata=metadata) for i in range(n)]
+
+
+def check_byte_bound_reject(q) -> None:
+    """``q``: an empty queue, policy reject, room for 3 alike records by bytes (far more by count)."""
+    assert q.max_bytes == 3 * ALIKE_BYTES and q.max_size >= 10
+    ids = q.put([alike(i) for i in range(5)])
+    assert all(ids[:3]) and ids[3:] == [None, None]
+    s = q.stats()
+    assert (s.size, s.bytes, s.max_bytes, s.accepted, s.rejected) == (3, 3 * ALIKE_BYTES, 3 * ALIKE_BYTES, 3, 2)
+    # claimed records still count, released ones too; sent ones stop counting
+    assert [r.id for r in q.claim(2)] == ids[:2] and q.stats().bytes == 3 * ALIKE_BYTES
+    assert q.release([ids[1]]) == 1 and q.stats().bytes == 3 * ALIKE_BYTES
+    assert q.mark_sent([ids[0]]) == 1 and q.stats().bytes == 2 * ALIKE_BYTES
+    assert q.mark_sent([ids[0]]) == 0 and q.stats().bytes == 2 * ALIKE_BYTES
+    more = q.put([alike(5), alike(6)])
+    assert more[0] and more[1] is None
+    s = q.stats()
+    assert (s.size, s.sent, s.bytes, s.accepted, s.rejected) == (3, 1, 3 * ALIKE_BYTES, 4, 3)
+    assert q.purge_sent() == 1 and q.stats().bytes == 3 * ALIKE_BYTES
+
+
+def check_byte_bound_evict(q) -> None:
+    """``q``: an empty queue, policy evict-oldest, room for 3.5 alike records by bytes (far more by count)."""
+    assert q.max_bytes == 3 * ALIKE_BYTES + ALIKE_BYTES // 2 and q.max_size >= 10
+    a = q.put([alike(i) for i in range(3)])
+    assert [r.id for r in q.claim(1)] == a[:1]
+    b = q.put([alike(3), alike(4)])  # each evicts the oldest pending record
+    assert all(b)
+    s = q.stats()
+    assert (s.size, s.bytes, s.evicted, s.rejected, s.claimed) == (3, 3 * ALIKE_BYTES, 2, 0, 1)
+    assert [r.id for r in q.get(a + b)] == a[:1] + b
+    # a record larger than max_bytes is refused and evicts nothing
+    big = dataclasses.replace(alike(5), input=np.random.default_rng(5).normal(size=(1, 128, 128)).astype(np.float32))
+    assert own_bytes(big) > q.max_bytes
+    assert q.put([big]) == [None]
+    s = q.stats()
+    assert (s.size, s.bytes, s.evicted, s.rejected) == (3, 3 * ALIKE_BYTES, 2, 1)
+    assert q.mark_sent(b) == 2 and q.stats().bytes == ALIKE_BYTES
+
+
+def check_drop_lines(make, caplog, logger: str) -> None:
+    """``make(policy)``: an empty queue with max_size 2. Evictions and refusals leave rate-limited lines."""
+    def lines(word: str) -> list[str]:
+        return [r.getMessage() for r in caplog.records if r.name == logger and word in r.getMessage()]
+
+    caplog.set_level(logging.WARNING, logger=logger)
+    q = make("evict-oldest")
+    q._drops.interval_s = 60  # the whole burst falls within one interval
+    first = q.put([alike(0), alike(1)])
+    burst = [q.put([alike(i)])[0] for i in range(2, 12)]  # each put evicts one record
+    assert len(lines("evicted")) == 1
+    assert f"evicted 1 pending record(s) to make room (first ids: {first[0]})" in lines("evicted")[0]
+    q._drops.interval_s = 0  # the interval is over: the next eviction's line counts the held ones too
+    q.put([alike(12)])
+    shown = ", ".join([first[1]] + burst[:4])  # the first five of the ten held back
+    assert len(lines("evicted")) == 2
+    assert f"evicted 10 pending record(s) to make room (first ids: {shown})" in lines("evicted")[1]
+    assert q.stats().evicted == 11
+    q.close()
+    q = make("reject")
+    q._drops.interval_s = 60
+    q.put([alike(0), alike(1)])
+    for i in range(2, 9):
+        assert q.put([alike(i), alike(i)]) == [None, None]
+    assert len(lines("refused")) == 1 and "refused 2 record(s) (first requests: r002)" in lines("refused")[0]
+    q.close()  # what was held back is written at close
+    assert len(lines("refused")) == 2
+    assert "refused 12 record(s) (first requests: r003, r004, r005, r006, r007)" in lines("refused")[1]
 
 
 def test_roundtrip_of_arrays_and_metadata(tmp_path):
@@ -204,3 +302,156 @@ def test_a_failed_group_commit_fails_every_caller_and_stores_nothing(tmp_path, m
     with pytest.raises(QueueError, match="nowhere"):
         queue.put([record(1)])
     assert queue.stats().size == 0 and queue._pending == []
+
+
+# The layout before request rows (a copy: the module's SCHEMA may change).
+OLD_SCHEMA = """
+CREATE TABLE IF NOT EXISTS records (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    id         TEXT NOT NULL UNIQUE,
+    time       REAL NOT NULL,
+    model      TEXT NOT NULL,
+    version    INTEGER NOT NULL,
+    flagged    INTEGER NOT NULL,
+    state      TEXT NOT NULL,
+    input      BLOB NOT NULL,
+    logits     BLOB NOT NULL,
+    features   BLOB NOT NULL,
+    scores     TEXT NOT NULL,
+    decision   TEXT NOT NULL,
+    request_id TEXT NOT NULL,
+    metadata   TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS records_state_seq ON records (state, seq);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO counters VALUES ('accepted', 0), ('rejected', 0), ('evicted', 0);
+"""
+
+
+def test_a_request_is_stored_once_for_all_its_records(tmp_path):
+    path = tmp_path / "q.sqlite"
+    SQLiteQueue(path).close()  # close checkpoints the WAL into the file: its size is what is stored
+    empty = path.stat().st_size
+    originals = big_request()
+    q = SQLiteQueue(path)
+    ids = q.put(originals)
+    q.close()
+    grown = path.stat().st_size - empty
+    own = sum(own_bytes(r) for r in originals)
+    print(f"sqlite: 64 records with 1 MB metadata grew the file by {grown} bytes (records' own bytes {own})")
+    assert 1_000_000 < grown < 1_000_000 + 3 * own  # one copy of the metadata (it was 64: > 64 MB)
+    q = SQLiteQueue(path)
+    assert q.stats().bytes == own + request_bytes(originals[0])
+    got = q.get(ids)
+    assert len(got) == 64
+    for orig, rec, rid in zip(originals, got, ids):
+        assert_stored_as_put(rec, orig, rid)
+    got[0].metadata["camera"] = "changed"  # each record has its own dict
+    assert got[1].metadata == originals[1].metadata
+    assert [r.metadata for r in q.claim(64)] == [originals[0].metadata] * 64
+    q.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 1
+        assert db.execute("SELECT COUNT(DISTINCT request_ref) FROM records").fetchone()[0] == 1
+
+
+def requests_left(path) -> list[str]:
+    with sqlite3.connect(path) as db:
+        return [rid for (rid,) in db.execute("SELECT request_id FROM requests ORDER BY ref")]
+
+
+def test_request_rows_go_with_their_last_record(tmp_path):
+    path = tmp_path / "q.sqlite"
+    q = SQLiteQueue(path, max_size=4, full_policy="evict-oldest")
+    a = q.put([alike(0)] * 2)
+    q.put([alike(1)] * 2)
+    assert requests_left(path) == ["r000", "r001"]
+    q.put([alike(2)])  # evicts a[0]: request r000 keeps a[1]
+    assert requests_left(path) == ["r000", "r001", "r002"] and [r.request_id for r in q.get(a)] == ["r000"]
+    q.put([alike(3)])  # evicts a[1], the last record of r000
+    assert requests_left(path) == ["r001", "r002", "r003"]
+    b = [r.id for r in q.select(limit=2)]  # r001's records
+    assert q.mark_sent(b[:1]) == 1 and q.purge_sent() == 1
+    assert requests_left(path) == ["r001", "r002", "r003"]
+    assert q.mark_sent(b[1:]) == 1 and q.purge_sent() == 1
+    assert requests_left(path) == ["r002", "r003"]
+    q.close()
+
+
+def test_byte_bound_under_reject(tmp_path):
+    q = SQLiteQueue(tmp_path / "q.sqlite", max_bytes=3 * ALIKE_BYTES, full_policy="reject")
+    check_byte_bound_reject(q)
+    q.close()
+
+
+def test_byte_bound_under_evict_oldest(tmp_path):
+    q = SQLiteQueue(tmp_path / "q.sqlite", max_bytes=3 * ALIKE_BYTES + ALIKE_BYTES // 2, full_policy="evict-oldest")
+    check_byte_bound_evict(q)
+    q.close()
+
+
+def test_the_byte_counter_matches_the_rows_and_survives_reopen(tmp_path):
+    path = tmp_path / "q.sqlite"
+    q = SQLiteQueue(path, max_size=6, full_policy="evict-oldest")
+    ids = [i for n in range(4) for i in q.put(big_request(3)[:1] + [alike(n), alike(n)])]
+    q.claim(2)
+    q.release(ids[:1])
+    q.mark_sent(ids[-4:-1])
+    expected = q.stats().bytes
+    q.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT SUM(bytes) FROM records WHERE state != 'sent'").fetchone()[0] == expected
+    assert SQLiteQueue(path).stats().bytes == expected > 0
+
+
+def test_evictions_and_refusals_leave_rate_limited_lines(tmp_path, caplog):
+    made = []
+
+    def make(policy):
+        made.append(SQLiteQueue(tmp_path / f"q{len(made)}.sqlite", max_size=2, full_policy=policy))
+        return made[-1]
+
+    check_drop_lines(make, caplog, "oodguard.serve.sqlite_queue")
+
+
+def test_a_file_of_the_old_layout_is_upgraded_in_place(tmp_path):
+    path = tmp_path / "old.sqlite"
+    olds = [record(0), record(1, flagged=False), record(2)]
+    with sqlite3.connect(path) as db:
+        db.executescript(OLD_SCHEMA)
+        for i, r in enumerate(olds):
+            db.execute("INSERT INTO records (id, time, model, version, flagged, state, input, logits, features, scores,"
+                       " decision, request_id, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (f"old{i}", r.time, r.model, r.version, int(r.flagged), SENT if i == 2 else PENDING,
+                        pack_array(r.input), pack_array(r.logits), pack_array(r.features),
+                        json.dumps(r.scores), json.dumps(r.decision), r.request_id, json.dumps(r.metadata)))
+        db.execute("UPDATE counters SET value = 3 WHERE name = 'accepted'")
+    db.close()
+    q = SQLiteQueue(path)
+    for rec, orig, rid in zip(q.get(["old0", "old1"]), olds, ["old0", "old1"]):
+        assert_stored_as_put(rec, orig, rid)
+    inline = [own_bytes(r) + request_bytes(r) for r in olds]  # the old rows hold their request inline
+    s = q.stats()
+    assert (s.size, s.sent, s.accepted, s.bytes) == (2, 1, 3, inline[0] + inline[1])
+    new = q.put([record(3)])
+    assert q.stats().bytes == inline[0] + inline[1] + own_bytes(record(3)) + request_bytes(record(3))
+    assert q.mark_sent(["old0"]) == 1 and q.purge_sent() == 2
+    assert [r.id for r in q.select()] == ["old1", new[0]]
+    q.close()
+    q = SQLiteQueue(path)  # opened again: nothing to upgrade, the counter stays
+    assert q.stats().bytes == inline[1] + own_bytes(record(3)) + request_bytes(record(3))
+    assert_stored_as_put(q.get(new)[0], record(3), new[0])
+    q.close()
+
+
+def test_local_state_tells_whether_the_last_operation_failed(tmp_path, monkeypatch):
+    q = SQLiteQueue(tmp_path / "q.sqlite")
+    assert q.local_state() == LocalQueueState(spool_backlog=0, reachable=True)
+    with monkeypatch.context() as m:
+        m.setattr(q, "_insert", lambda db, batch: db.execute("INSERT INTO nowhere VALUES (1)"))
+        with pytest.raises(QueueError):
+            q.put([record(1)])
+    assert q.local_state() == LocalQueueState(spool_backlog=0, reachable=False)
+    q.stats()
+    assert q.local_state().reachable
+    q.close()
