@@ -242,7 +242,7 @@ def test_triton_outage_is_unavailable_and_the_gateway_recovers_without_losing_qu
 
     # every record queued before the outage is still there after it (read with a connection of our own)
     with sqlite3.connect(queue_path) as db:
-        rows = dict(db.execute("SELECT id, request_id FROM records"))
+        rows = dict(db.execute("SELECT r.id, q.request_id FROM records r JOIN requests q ON q.ref = r.request_ref"))
     assert ids_before | ids_after <= set(rows)
     assert {rows[i] for i in ids_before} == {"before"} and "during" not in rows.values()
     records = gw.gateway.queue.get(sorted(ids_before))
