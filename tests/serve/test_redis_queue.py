@@ -14,7 +14,6 @@ import time
 import zlib
 from pathlib import Path
 
-import numpy as np
 import pytest
 import redis
 from redis.backoff import NoBackoff
@@ -26,7 +25,7 @@ from oodguard.serve.redis_queue import DEFAULT_PREFIX, RedisQueue
 from oodguard.serve.settings import Settings, SettingsError
 from oodguard.serve.sqlite_queue import SQLiteQueue, pack_array
 
-from .test_sqlite_queue import (ALIKE_BYTES, alike, assert_stored_as_put, big_request, check_byte_bound_evict,
+from .test_sqlite_queue import (ALIKE_BYTES, alike, assert_one_request_read_back, assert_stored_as_put, big_request, check_byte_bound_evict,
                                 check_byte_bound_reject, check_drop_lines, own_bytes, record, request_bytes)
 
 
@@ -298,14 +297,7 @@ def test_a_request_is_stored_once_for_all_its_records(redis_server, tmp_path):
     assert 1_000_000 < payload < 1_100_000
     assert 1_000_000 < grown < 1_000_000 + 3 * own  # one copy of the metadata (it was 64: > 64 MB)
     assert request_keys(redis_server) == {f"{DEFAULT_PREFIX}:req:{ids[0]}": 64}
-    assert q.stats().bytes == own + request_bytes(originals[0])
-    got = q.get(ids)
-    assert len(got) == 64
-    for orig, rec, rid in zip(originals, got, ids):
-        assert_stored_as_put(rec, orig, rid)
-    got[0].metadata["camera"] = "changed"  # each record has its own dict
-    assert got[1].metadata == originals[1].metadata
-    assert [r.metadata for r in q.claim(64)] == [originals[0].metadata] * 64
+    assert_one_request_read_back(q, originals, ids)
     client.close()
     q.close()
 

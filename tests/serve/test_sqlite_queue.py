@@ -31,6 +31,19 @@ def assert_stored_as_put(rec, orig: NewRecord, rid: str) -> None:
     assert (rec.model, rec.version, rec.flagged, rec.time) == (orig.model, orig.version, orig.flagged, orig.time)
 
 
+def assert_one_request_read_back(q, originals: list[NewRecord], ids: list[str]) -> None:
+    """Records of one request (stored once) read back each with the request's id and its own metadata dict;
+    the bytes counter holds the records' own bytes plus one request row."""
+    assert q.stats().bytes == sum(own_bytes(r) for r in originals) + request_bytes(originals[0])
+    got = q.get(ids)
+    assert len(got) == len(originals)
+    for orig, rec, rid in zip(originals, got, ids):
+        assert_stored_as_put(rec, orig, rid)
+    got[0].metadata["camera"] = "changed"  # each record has its own dict
+    assert got[1].metadata == originals[1].metadata
+    assert [r.metadata for r in q.claim(len(ids))] == [originals[0].metadata] * len(ids)
+
+
 def own_bytes(r: NewRecord) -> int:
     """What a record counts towards ``max_bytes`` without its request: packed arrays + scores/decision JSON."""
     return (sum(len(pack_array(a)) for a in (r.input, r.logits, r.features))
@@ -341,14 +354,7 @@ def test_a_request_is_stored_once_for_all_its_records(tmp_path):
     print(f"sqlite: 64 records with 1 MB metadata grew the file by {grown} bytes (records' own bytes {own})")
     assert 1_000_000 < grown < 1_000_000 + 3 * own  # one copy of the metadata (it was 64: > 64 MB)
     q = SQLiteQueue(path)
-    assert q.stats().bytes == own + request_bytes(originals[0])
-    got = q.get(ids)
-    assert len(got) == 64
-    for orig, rec, rid in zip(originals, got, ids):
-        assert_stored_as_put(rec, orig, rid)
-    got[0].metadata["camera"] = "changed"  # each record has its own dict
-    assert got[1].metadata == originals[1].metadata
-    assert [r.metadata for r in q.claim(64)] == [originals[0].metadata] * 64
+    assert_one_request_read_back(q, originals, ids)
     q.close()
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 1
