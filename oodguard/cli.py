@@ -251,6 +251,8 @@ SERVE_FLAGS = [
     ("--max-inflight-requests", "N", "most Predict calls in progress; more: RESOURCE_EXHAUSTED at once "
                                      "(default 256)"),
     ("--max-inflight-items", "N", "most items of all Predict calls in progress (default 8192)"),
+    ("--max-inflight-bytes", "N", "most request bytes of all Predict calls in progress (default 536870912 = "
+                                  "512 MiB)"),
     ("--input-range-margin", "F", "flag raw float32 inputs outside the model's input range widened by F "
                                   "range widths per side (default 0.5; inf: no check)"),
     ("--poll-interval-s", "S", "how often new model versions are looked for (default 5)"),

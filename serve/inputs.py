@@ -92,7 +92,7 @@ def is_float_tensor(request: pb.PredictRequest) -> bool:
     return request.WhichOneof("input") == "tensor" and request.tensor.dtype.strip().lower() in FLOAT_DTYPES
 
 
-def _check_batch(size: int, served: "ServedVersion", what: str) -> None:
+def check_batch(size: int, served: "ServedVersion", what: str) -> None:
     if size == 0:
         raise InputError(f"empty batch: {what} holds no item")
     if size > served.max_batch:
@@ -106,9 +106,10 @@ def _expected(served: "ServedVersion") -> str:
 
 def open_images(request: pb.PredictRequest, served: "ServedVersion", limits: InputLimits) -> list[Image.Image]:
     """Open every encoded image from its header only (no pixel decoded yet) and check the format and the
-    pixel limits. Cheap: safe to run on the event loop."""
+    pixel limits. Usually cheap, but a hostile file can make the header walk take seconds (a million empty
+    PNG chunks before the pixels): run it in a worker thread."""
     blobs = request.images.images
-    _check_batch(len(blobs), served, "images")
+    check_batch(len(blobs), served, "images")
     opened, total = [], 0
     for i, blob in enumerate(blobs):
         if not blob:
@@ -173,7 +174,7 @@ def tensor_input(request: pb.PredictRequest, served: "ServedVersion", limits: In
         raise InputError("tensor has no shape")
     if any(d < 0 for d in shape):
         raise InputError(f"tensor shape {shape[:8]} has a negative dimension")
-    _check_batch(shape[0], served, "the tensor")
+    check_batch(shape[0], served, "the tensor")
     if np_dtype.kind == "f":
         if tuple(shape[1:]) != served.input_shape:
             raise InputError(f"float32 tensor of shape {shape[:8]} does not match the model input {_expected(served)} of "
@@ -203,7 +204,7 @@ def tensor_input(request: pb.PredictRequest, served: "ServedVersion", limits: In
 
 def to_model_input(request: pb.PredictRequest, served: "ServedVersion", limits: InputLimits = InputLimits()) -> np.ndarray:
     """The request's input as the model's float32 ``[B, C, H, W]``, in one call (the gateway splits the image
-    path into :func:`open_images` on the loop and :func:`decode_images` on its decoder pool)."""
+    path over its decoder pool, :class:`oodguard.serve.service.ImageDecoder`)."""
     which = request.WhichOneof("input")
     if which is None:
         raise InputError("request has no input: set 'tensor' (raw) or 'images' (PNG/JPEG)")
@@ -212,5 +213,5 @@ def to_model_input(request: pb.PredictRequest, served: "ServedVersion", limits: 
     return tensor_input(request, served, limits)
 
 
-__all__ = ["InputError", "InputLimits", "Abandoned", "check_request_fields", "item_count", "is_float_tensor",
+__all__ = ["InputError", "InputLimits", "Abandoned", "check_request_fields", "check_batch", "item_count", "is_float_tensor",
            "open_images", "decode_images", "tensor_input", "to_model_input", "quote", "IMAGE_FORMATS"]

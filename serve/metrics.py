@@ -109,7 +109,7 @@ QUEUE_STATS_MAX_PERIOD_S = 10.0
 #: a read running longer than this many QUEUE_STATS_MIN_INTERVAL_S is stuck: ``oodguard_queue_stats_up`` 0
 QUEUE_STATS_STUCK_INTERVALS = 3
 #: ``request_refused`` reasons (admission control answered RESOURCE_EXHAUSTED); anything else counts as "other"
-REFUSED_REASONS = ("inflight_requests", "inflight_items", "decode_queue", "other")
+REFUSED_REASONS = ("inflight_requests", "inflight_items", "inflight_bytes", "decode_queue", "other")
 #: ``bad_request`` reasons; anything else counts as "other"
 BAD_REQUEST_REASONS = ("undecodable", "request_id_too_long", "metadata_too_large", "image_too_large", "image_format",
                        "reply_too_large", "other")

@@ -25,6 +25,7 @@ from .backend import Backend, BackendUnavailable
 from .batching import MicroBatcher
 from .decision import Decisions, DecisionPolicy, PolicyError
 from .inputs import InputLimits
+from .memory import MemoryTrimmer
 from .metrics import GatewayMetrics
 from .queue import NewRecord, QueryQueue, QueueError
 from .queue_factory import describe_url
@@ -111,6 +112,7 @@ class Gateway:
                                  input_range_margin=settings.input_range_margin)
         self.input_limits = InputLimits.from_settings(settings)
         self.decoder = ImageDecoder(settings.decode_workers, settings.decode_queue_max_images)
+        self.trimmer = MemoryTrimmer()  # returns freed request memory to the OS
         self.health = health.aio.HealthServicer()
         self.draining = False
         self.port: int | None = None
@@ -256,6 +258,7 @@ class Gateway:
             await self.server.stop(grace)
         self.metrics.stop_server()
         self.decoder.close()
+        self.trimmer.close()
         await self.registry.close()
         try:
             await self.backend.close()

@@ -1,7 +1,8 @@
 """The ``oodguard.v1.OODGuard`` service: Predict and ModelInfo over one :class:`~oodguard.serve.server.Gateway`.
 
-``Predict``, in order: admission (at most ``max_inflight_requests`` calls and ``max_inflight_items`` items in
-progress; above either, ``RESOURCE_EXHAUSTED`` "overloaded: ..." at once, before any work), parsing of the
+``Predict``, in order: admission (at most ``max_inflight_requests`` calls, ``max_inflight_bytes`` request
+bytes and ``max_inflight_items`` items in progress; above any, ``RESOURCE_EXHAUSTED`` "overloaded: ..." at
+once, before any work; a batch above the model's limit is ``INVALID_ARGUMENT``, never "overloaded"), parsing of the
 body (the service is registered with raw bytes, so a body that is not a valid ``PredictRequest`` is an
 ``INVALID_ARGUMENT`` like any bad input, not gRPC's ``UNKNOWN`` with a traceback), the request's own limits
 (:mod:`oodguard.serve.inputs`), conversion to the model input (encoded images on the gateway's own decoder
@@ -29,8 +30,8 @@ from PIL import Image
 from .backend import BackendUnavailable, DeadlineExceeded, ModelNotFound
 from .batching import BatchDeadlineExceeded
 from .decision import PolicyError
-from .inputs import (Abandoned, InputError, check_request_fields, decode_images, is_float_tensor, item_count,
-                     open_images, quote, tensor_input)
+from .inputs import (Abandoned, InputError, InputLimits, check_batch, check_request_fields, decode_images, is_float_tensor,
+                     item_count, open_images, quote, tensor_input)
 from .queue import QueueError
 from .registry import ServedVersion, UnknownModel
 from .v1 import oodguard_pb2 as pb
@@ -91,18 +92,26 @@ class ImageDecoder:
         self.pending = 0
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oodguard-decode")
 
-    async def decode(self, images: list, served: ServedVersion) -> np.ndarray:
-        n = len(images)
+    async def decode(self, request: pb.PredictRequest, served: ServedVersion, limits: InputLimits) -> np.ndarray:
+        """The request's encoded images as model input: headers checked, then decoded, in a worker thread
+        (headers too: a PNG may hold a million chunks before its pixels, which takes seconds to walk)."""
+        n = len(request.images.images)
         if self.pending + n > self.max_pending:
             raise Overloaded(f"{self.pending} images are waiting for decoding (limit {self.max_pending}); retry "
                              "with backoff", "decode_queue")
         self.pending += n
         abandoned = threading.Event()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, decode_images, images, served, abandoned)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self._work, request, served, limits,
+                                                                    abandoned)
         finally:
             abandoned.set()  # a cancelled request: the worker stops before its next image
             self.pending -= n
+
+    @staticmethod
+    def _work(request: pb.PredictRequest, served: ServedVersion, limits: InputLimits,
+              abandoned: threading.Event) -> np.ndarray:
+        return decode_images(open_images(request, served, limits), served, abandoned)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -114,6 +123,7 @@ class OODGuardService:
     def __init__(self, gateway: "Gateway"):
         self.gw = gateway
         self.inflight_items = 0
+        self.inflight_bytes = 0
         self._bad_log = RateLimitedLog(log, BAD_REQUEST_LOG_INTERVAL_S)
 
     def handler(self) -> grpc.GenericRpcHandler:
@@ -157,34 +167,30 @@ class OODGuardService:
             await self._overloaded(context, Overloaded(f"{gw.active_requests} requests in progress (limit "
                                                        f"{gw.settings.max_inflight_requests}); retry with backoff",
                                                        "inflight_requests"))
+        size = len(raw)
+        if self.inflight_bytes + size > gw.settings.max_inflight_bytes:
+            await self._overloaded(context, Overloaded(
+                f"{self.inflight_bytes} request bytes in progress, this request adds {size} (limit "
+                f"{gw.settings.max_inflight_bytes}); retry with backoff", "inflight_bytes"))
         gw.active_requests += 1
+        self.inflight_bytes += size
         try:
             await self._parse(raw, request, context)
             return await self._predict(request, context)
         finally:
             gw.active_requests -= 1
+            self.inflight_bytes -= size
+            gw.trimmer.released(size)
 
     async def _overloaded(self, context: grpc.aio.ServicerContext, exc: Overloaded) -> None:
         self.gw.metrics.request_refused(exc.reason)
         await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
 
     async def _predict(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        """The request's own checks (cheap, no pixel touched), then item admission, then the work."""
         gw = self.gw
         if gw.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down")
-        items = item_count(request)
-        if self.inflight_items + items > gw.settings.max_inflight_items:
-            await self._overloaded(context, Overloaded(
-                f"{self.inflight_items} items in progress, this request adds {items} (limit "
-                f"{gw.settings.max_inflight_items}); retry with backoff", "inflight_items"))
-        self.inflight_items += items
-        try:
-            return await self._admitted(request, context)
-        finally:
-            self.inflight_items -= items
-
-    async def _admitted(self, request: pb.PredictRequest, context: grpc.aio.ServicerContext) -> pb.PredictResponse:
-        gw = self.gw
         try:
             check_request_fields(request, gw.input_limits)
         except InputError as exc:
@@ -195,6 +201,25 @@ class OODGuardService:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if request.version < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"version must be >= 0, got {request.version}")
+        items = item_count(request)
+        if items > served.max_batch:  # can never be admitted: a bad request, not an overload
+            try:
+                check_batch(items, served, "the request")
+            except InputError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self.inflight_items + items > gw.settings.max_inflight_items:
+            await self._overloaded(context, Overloaded(
+                f"{self.inflight_items} items in progress, this request adds {items} (limit "
+                f"{gw.settings.max_inflight_items}); retry with backoff", "inflight_items"))
+        self.inflight_items += items
+        try:
+            return await self._admitted(request, served, context)
+        finally:
+            self.inflight_items -= items
+
+    async def _admitted(self, request: pb.PredictRequest, served: ServedVersion,
+                        context: grpc.aio.ServicerContext) -> pb.PredictResponse:
+        gw = self.gw
         try:
             x = await self._model_input(request, served)
         except InputError as exc:
@@ -239,14 +264,14 @@ class OODGuardService:
 
     async def _model_input(self, request: pb.PredictRequest, served: ServedVersion) -> np.ndarray:
         """Float32 tensors convert inline (a view of the request's bytes); uint8 tensors in asyncio's default
-        pool; encoded images are checked from their headers here and decoded on the decoder pool."""
+        pool; encoded images on the decoder pool (headers checked before any pixel is decoded)."""
         which = request.WhichOneof("input")
         if which is None:
             raise InputError("request has no input: set 'tensor' (raw) or 'images' (PNG/JPEG)")
         limits = self.gw.input_limits
         if which == "images":
             try:
-                return await self.gw.decoder.decode(open_images(request, served, limits), served)
+                return await self.gw.decoder.decode(request, served, limits)
             except Abandoned:
                 raise asyncio.CancelledError() from None
         if is_float_tensor(request):

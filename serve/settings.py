@@ -88,6 +88,8 @@ class Settings:
     max_inflight_requests: int = 256
     #: admission control: most items (images) of all Predict calls in progress together
     max_inflight_items: int = 8192
+    #: admission control: most request bytes of all Predict calls in progress together
+    max_inflight_bytes: int = 512 * 1024 * 1024
     #: raw float32 inputs outside the model's input range (from its preprocessing) widened by this many
     #: range widths on each side are flagged (reason input_range); inf = no check
     input_range_margin: float = 0.5
@@ -161,7 +163,7 @@ class Settings:
             if getattr(self, name) < 0:
                 raise bad(name, f"must be >= 0, got {getattr(self, name)}")
         for name in ("max_image_pixels", "max_request_pixels", "decode_workers", "decode_queue_max_images",
-                     "max_inflight_requests", "max_inflight_items"):
+                     "max_inflight_requests", "max_inflight_items", "max_inflight_bytes"):
             if getattr(self, name) < 1:
                 raise bad(name, f"must be >= 1, got {getattr(self, name)}")
         if self.max_request_pixels < self.max_image_pixels:

@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -260,3 +261,58 @@ def test_items_in_flight_are_bounded(start_gateway, repo_copy):
     assert all("items in progress" in e.details() for e in refused)
     assert 6 - len(refused) >= 2 and len(refused) >= 2
     assert metric(gw, "oodguard_refused_requests_total", reason="inflight_items") == len(refused)
+
+
+def test_a_slow_header_walk_does_not_block_the_event_loop(gateway, stub):
+    """A PNG with a million empty private chunks before its pixels (12 MB) takes seconds to walk for its
+    header; that happens on the decoder pool, so health checks and tensor requests answer meanwhile."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from .test_inputs import png_chunk
+
+    ihdr = png_chunk(b"IHDR", bytes.fromhex("0000001c0000001c0800000000"))  # 28 x 28, 8-bit grayscale
+    pixels = png_chunk(b"IDAT", zlib.compress(bytes(29) * 28))
+    flood = b"\x89PNG\r\n\x1a\n" + ihdr + png_chunk(b"prVt", b"") * 1_000_000 + pixels + png_chunk(b"IEND", b"")
+    request = pb.PredictRequest(images=pb.EncodedImages(images=[flood]))
+    with grpc.insecure_channel(gateway.target) as channel, ThreadPoolExecutor(2) as pool:
+        health = health_pb2_grpc.HealthStub(channel)
+        slow = pool.submit(lambda: pb_grpc.OODGuardStub(channel).Predict(request, timeout=60))
+        time.sleep(0.2)
+        waits = []
+        while not slow.done():
+            started = time.perf_counter()
+            health.Check(health_pb2.HealthCheckRequest(), timeout=10)
+            stub.Predict(pb.PredictRequest(tensor=tensor(noise(1))), timeout=10)
+            waits.append(time.perf_counter() - started)
+        answer = slow.result()
+    assert len(answer.predictions) == 1
+    assert len(waits) >= 3 and max(waits) < 0.3, waits  # the walk took longer than 3 rounds; none waited for it
+
+
+def test_a_batch_that_can_never_be_admitted_is_invalid_argument(start_gateway, repo_copy):
+    gw = start_gateway(repo_copy, max_inflight_items=100)
+    with grpc.insecure_channel(gw.target) as channel:
+        stub = pb_grpc.OODGuardStub(channel)
+        many = _error(lambda: stub.Predict(pb.PredictRequest(images=pb.EncodedImages(images=[b"x"] * 9000)), timeout=10))
+        huge = _error(lambda: stub.Predict(pb.PredictRequest(tensor=pb.Tensor(dtype="uint8", shape=[2**63 - 1, 8, 8])),
+                                           timeout=10))
+    for error, n in ((many, 9000), (huge, 2**63 - 1)):
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT  # not "overloaded: retry"
+        assert f"batch of {n} items is above the limit of 64" in error.details()
+    assert metric(gw, "oodguard_refused_requests_total", reason="inflight_items") == 0
+
+
+def test_request_bytes_in_flight_are_bounded(start_gateway, repo_copy):
+    gw = start_gateway(repo_copy, max_wait_ms=400, max_inflight_bytes=3 * 2**20, max_message_bytes=4 * 2**20,
+                       max_metadata_bytes=2 * 2**20)
+    request = pb.PredictRequest(tensor=tensor(noise(1)), metadata={"pad": "x" * 2**20})  # 1 MB each
+    with grpc.insecure_channel(gw.target) as channel:
+        stub = pb_grpc.OODGuardStub(channel)
+        stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
+        with ThreadPoolExecutor(6) as pool:
+            errors = list(pool.map(lambda _: _error(lambda: stub.Predict(request, timeout=10)), range(6)))
+    refused = [e for e in errors if e is not None]
+    assert {e.code() for e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+    assert all("request bytes in progress" in e.details() for e in refused)
+    assert 6 - len(refused) <= 2 and len(refused) >= 3  # at most two 1 MB bodies fit under 3 MB at a time
+    assert metric(gw, "oodguard_refused_requests_total", reason="inflight_bytes") == len(refused)
