@@ -316,3 +316,24 @@ def test_request_bytes_in_flight_are_bounded(start_gateway, repo_copy):
     assert all("request bytes in progress" in e.details() for e in refused)
     assert 6 - len(refused) <= 2 and len(refused) >= 3  # at most two 1 MB bodies fit under 3 MB at a time
     assert metric(gw, "oodguard_refused_requests_total", reason="inflight_bytes") == len(refused)
+
+
+def test_refused_calls_leave_no_reference_cycle_holding_their_request(gateway, stub):
+    """context.abort() would leave each refused call in a reference cycle with its parsed request (megabytes
+    for images) until Python's next full collection; refusals end the call without one."""
+    import gc
+
+    bombs = pb.PredictRequest(images=pb.EncodedImages(images=[bomb_png()] * 8))
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        codes = [code_of(lambda: stub.Predict(bombs, timeout=10)) for _ in range(5)]
+        codes += [code_of(lambda: stub.Predict(pb.PredictRequest(model="nope", tensor=tensor(noise(1))), timeout=10))]
+        time.sleep(0.2)
+        gc.collect()
+        held = [o for o in gc.garbage if isinstance(o, pb.PredictRequest)]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+    assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 6
+    assert held == []
