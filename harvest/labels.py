@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .job import CalibrationCache
+from .versions import CalibrationCache
 from oodguard.preprocess import Preprocessing
 
 POLICIES = ("new-classes", "unknown")

@@ -111,6 +111,19 @@ def _add_harvest_commands(sub) -> None:
                          help="model repository (class names, preprocessing, calibration scores); default model_repository")
     harvest.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                          help="strategy parameter (numbers are parsed), repeatable")
+    harvest.add_argument("--model", help="the model to harvest (required when the queue holds records of several)")
+    harvest.add_argument("--stale", choices=["rescore", "exclude"], default="rescore",
+                         help="pending records of older versions of the model: rescore them with the newest version "
+                              "in the pool (default; their stored input runs through that version's ONNX model) or "
+                              "exclude them")
+    harvest.add_argument("--dry-run", action="store_true",
+                         help="select and write the outputs, but claim and mark nothing (compare strategies on one pool)")
+    harvest.add_argument("--image-url-prefix", metavar="URL",
+                         help="Label Studio task images as URL/images/<id>.png (a web or object-store root serving "
+                              "the output folder); default: Label Studio's local-files form (see --local-files-root)")
+    harvest.add_argument("--local-files-root", type=Path, metavar="DIR",
+                         help="the LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT of the Label Studio server: task images become "
+                              "/data/local-files/?d=<path below DIR> (default /: absolute paths)")
 
     labels = sub.add_parser("labels", help="bring relabeled records back as a training dataset")
     labels_sub = labels.add_subparsers(dest="labels_command", required=True, metavar="ACTION")
@@ -157,9 +170,12 @@ def _harvest_queue(url: str):
 def _run_harvest(args: argparse.Namespace) -> int:
     from oodguard.harvest.job import run_harvest
 
+    from oodguard.harvest.export import ExportOptions
+
     with _harvest_queue(args.queue) as queue:
         run_harvest(queue, args.strategy, args.budget, args.out, args.repository, seed=args.seed,
-                    params=_strategy_params(args.param))
+                    params=_strategy_params(args.param), model=args.model, stale=args.stale, dry_run=args.dry_run,
+                    export=ExportOptions(image_url_prefix=args.image_url_prefix, local_files_root=args.local_files_root))
     return 0
 
 

@@ -82,6 +82,19 @@ class QueueStats:
 
 
 @dataclass(frozen=True)
+class SummaryRow:
+    """One group of :meth:`QueryQueue.summary`."""
+
+    model: str
+    version: int
+    state: str
+    flagged: bool
+    count: int
+    oldest: float  # record time, seconds since the epoch
+    newest: float
+
+
+@dataclass(frozen=True)
 class LocalQueueState:
     """What the queue knows without asking its store (no I/O; safe to read during an outage)."""
 
@@ -145,8 +158,21 @@ class QueryQueue(abc.ABC):
         """The records with these ids that still exist, in the order asked."""
 
     @abc.abstractmethod
-    def select(self, limit: int | None = None, state: str = PENDING, flagged: bool | None = None) -> list[QueueRecord]:
-        """Read records in ``state`` (oldest first) without changing them; ``flagged`` filters."""
+    def select(self, limit: int | None = None, state: str = PENDING, flagged: bool | None = None,
+               model: str | None = None, version: int | None = None, since: float | None = None,
+               until: float | None = None) -> list[QueueRecord]:
+        """Read records in ``state`` (oldest first) without changing them. Filters (None = any): ``flagged``,
+        ``model``, ``version``, and the record's time: ``since <= time < until`` (seconds since the epoch)."""
+
+    @abc.abstractmethod
+    def summary(self) -> list["SummaryRow"]:
+        """Record counts by (model, version, state, flagged) with the oldest and newest record time of each
+        group, sorted by those keys; no arrays are read."""
+
+    @abc.abstractmethod
+    def delete(self, ids: Sequence[str]) -> int:
+        """Delete these records, whatever their state (and request rows no record references any more);
+        returns how many were deleted. Deleted records count neither as evicted nor as sent."""
 
     @abc.abstractmethod
     def claim(self, limit: int, flagged: bool | None = None) -> list[QueueRecord]:

@@ -4,7 +4,8 @@ import threading
 import numpy as np
 import pytest
 
-from oodguard.harvest.job import run_harvest, safe_file_name
+from oodguard.harvest.export import safe_file_name
+from oodguard.harvest.job import run_harvest
 from oodguard.serve.sqlite_queue import SQLiteQueue
 
 from .queue_fixture import filled_queue
@@ -72,7 +73,7 @@ def test_failed_export_releases_the_claims(digits_export, tmp_path, monkeypatch)
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(job, "_export", broken)
+    monkeypatch.setattr(job, "write_export", broken)
     with pytest.raises(OSError, match="disk full"):
         run_harvest(queue, "random", 4, tmp_path / "out", repository, progress=quiet)
     stats = queue.stats()
