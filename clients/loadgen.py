@@ -12,8 +12,13 @@ errors by status, throughput, latency percentiles (p50/p90/p99 of successful cal
 from send to answer), and the share of items the gateway flagged as OOD, overall and per source (id/ood).
 
 Bounded: at most :data:`MAX_DURATION_S` seconds and :data:`MAX_CONCURRENCY` workers; only loopback targets
-unless ``allow_remote`` (a load test is not something to point at a shared gateway by accident). Every
-request has ``metadata={"source": "oodguard-loadgen"}``, which is stored with the records it queues.
+unless ``allow_remote`` (a load test is not something to point at a shared gateway by accident).
+
+Ground truth travels with the traffic: every request's metadata (stored with the records it queues) holds
+``source`` (``oodguard-loadgen``), ``set`` (``id`` or ``ood``), ``dataset`` (the spec it was drawn from), and
+per item, comma-separated in request order, ``indices`` (the image's index in that dataset) and ``labels``
+(its true label, empty where the dataset has none). A queued record's ``decision["item"]`` is its position in
+its request, so ``metadata["indices"].split(",")[decision["item"]]`` traces it back to the image.
 """
 
 from __future__ import annotations
@@ -111,13 +116,14 @@ def _model_preprocessing(info, model: str) -> tuple[str, int, SimpleNamespace]:
     return spec.name, latest.input.max_batch_size, SimpleNamespace(channels=p.channels, height=p.height, width=p.width)
 
 
-def _load(spec: str, preprocessing: SimpleNamespace, seed: int) -> np.ndarray:
+def _load(spec: str, preprocessing: SimpleNamespace, seed: int):
+    """The dataset (images and, where it has them, labels) that ``spec`` names, at the model's input size."""
     from oodguard.evaluation import resolve_dataset
 
-    images = resolve_dataset(spec, preprocessing, seed=seed).images
-    if len(images) == 0:
+    data = resolve_dataset(spec, preprocessing, seed=seed)
+    if len(data.images) == 0:
         raise ValueError(f"dataset {spec!r} holds no image")
-    return images
+    return data
 
 
 async def run_loadgen(config: LoadgenConfig) -> dict[str, Any]:
@@ -132,8 +138,10 @@ async def run_loadgen(config: LoadgenConfig) -> dict[str, Any]:
     if c.batch_size > max_batch > 0:
         raise ValueError(f"batch size {c.batch_size} is above the model's max batch size {max_batch}")
     sources = {"id": await asyncio.to_thread(_load, c.data, preprocessing, c.seed)}
+    specs = {"id": c.data}
     if c.ood_fraction > 0:
         sources["ood"] = await asyncio.to_thread(_load, c.ood_data, preprocessing, c.seed + 1)
+        specs["ood"] = c.ood_data
 
     rng = np.random.default_rng(c.seed)
     latencies: list[float] = []
@@ -155,10 +163,12 @@ async def run_loadgen(config: LoadgenConfig) -> dict[str, Any]:
             return None
         state["sent"] = n + 1
         source = "ood" if "ood" in sources and rng.random() < c.ood_fraction else "id"
-        images = sources[source]
-        picks = rng.integers(0, len(images), size=c.batch_size)
-        request = build_request(images[picks], model=model, request_id=f"loadgen-{c.seed}-{n}",
-                                metadata={"source": LOADGEN_SOURCE})
+        data = sources[source]
+        picks = rng.integers(0, len(data.images), size=c.batch_size)
+        labels = "" if data.labels is None else ",".join(str(int(data.labels[i])) for i in picks)
+        request = build_request(data.images[picks], model=model, request_id=f"loadgen-{c.seed}-{n}",
+                                metadata={"source": LOADGEN_SOURCE, "set": source, "dataset": specs[source],
+                                          "indices": ",".join(map(str, picks.tolist())), "labels": labels})
         return n, source, request
 
     async def worker() -> None:

@@ -1,7 +1,8 @@
 """`oodguard harvest`: pick a label budget from the query queue and export it for relabeling.
 
-Steps: read the pending records; build the pool (features, logits, scores — no re-inference); run the
-strategy; claim the chosen ids atomically (a concurrent harvest that claimed some first makes this one
+Steps: choose the model (``--model``, required when several are queued); read its pending records and build
+the pool at its newest version (features, logits, scores as queued; records of older versions re-scored or
+excluded, :mod:`oodguard.harvest.versions`); run the strategy; claim the chosen ids atomically (a concurrent harvest that claimed some first makes this one
 re-select among what is left, so two harvests never send the same record); write
 ``<out>/images/<id>.png``, ``<out>/manifest.jsonl`` and ``<out>/tasks.json`` (Label Studio import
 format) into a temporary folder renamed into place; then mark the records as sent. On any failure the
@@ -16,9 +17,9 @@ from typing import Callable
 
 import numpy as np
 
-from .export import write_export
+from .export import ExportOptions, write_export
 from .strategies import Context, Pool, get_strategy
-from .versions import CalibrationCache
+from .versions import CalibrationCache, PoolPlan, choose_model, plan_pool
 
 MAX_ROUNDS = 5
 
@@ -29,34 +30,42 @@ class HarvestResult:
     ids: list[str]
     pool_size: int
     lost_to_others: int
+    plan: PoolPlan
 
 
-def context_for(records, calibrations: CalibrationCache, params: dict) -> Context:
-    """Known classes from the newest version in the pool; held-out ID scores (ALOE's threshold) from its
-    calibration file: the sorted calibration scores *are* held-out labeled ID scores."""
-    model, version = max(((r.model, r.version) for r in records), key=lambda mv: mv[1])
-    calibration = calibrations.get(model, version)
+def context_for(plan: PoolPlan, calibrations: CalibrationCache, params: dict) -> Context:
+    """Known classes of the pool's version; held-out ID scores (ALOE's threshold) from its calibration file:
+    the sorted calibration scores *are* held-out labeled ID scores."""
+    calibration = calibrations.get(plan.model, plan.version)
     id_scores = {name: t.sorted_scores for name, t in calibration.thresholds.items()}
     return Context(known_classes=len(calibration.class_names), id_scores=id_scores, params=params)
 
 
 def run_harvest(queue, strategy: str, budget: int, out_dir: Path, repository: Path, seed: int = 0,
-                params: dict | None = None, progress: Callable[[str], None] = print) -> HarvestResult:
+                params: dict | None = None, progress: Callable[[str], None] = print, model: str | None = None,
+                stale: str = "rescore", dry_run: bool = False, export: ExportOptions = ExportOptions()) -> HarvestResult:
+    """Harvest ``budget`` records of one model (``model``, or the only one queued) at its newest version in
+    ``repository`` (stale records re-scored or excluded, :func:`plan_pool`). ``dry_run`` selects and writes
+    the output folder but claims and marks nothing (two strategies can be compared on one pool)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"{out_dir} exists and is not empty; give a new --out folder")
+    if budget < 1:
+        raise ValueError(f"budget must be >= 1, got {budget}")
     chooser = get_strategy(strategy)
-    records = queue.select(state="pending")
-    progress(f"pool: {len(records)} pending records")
-    if not records:
-        raise ValueError("the queue holds no pending records to harvest")
+    model = choose_model(queue.summary(), model)
     calibrations = CalibrationCache(repository)
-    context = context_for(records, calibrations, params or {})
-    by_id = {r.id: r for r in records}
+    plan = plan_pool(queue.select(state="pending", model=model), model, repository, calibrations, stale)
+    progress(plan.describe())
+    if not plan.records:
+        raise ValueError(f"no pending record of model {model!r} is left to harvest at version {plan.version} "
+                         f"({len(plan.excluded)} excluded: {', '.join(sorted(set(plan.excluded.values())))})")
+    context = context_for(plan, calibrations, params or {})
+    by_id = {r.id: r for r in plan.records}
     reasons: dict[str, str] = {}
     claimed: list[str] = []
     lost = 0
-    pool = Pool.from_records(records)
+    pool = Pool.from_records(plan.records)
     try:
         for _ in range(MAX_ROUNDS):
             wanted = budget - len(claimed)
@@ -64,17 +73,23 @@ def run_harvest(queue, strategy: str, budget: int, out_dir: Path, repository: Pa
                 break
             selection = chooser.select(pool, wanted, seed, context)
             chosen = [str(i) for i in selection.ids(pool)]
-            progress(f"{strategy}: selected {len(chosen)} of {len(pool)}; claiming")
-            got = queue.claim_ids(chosen)
+            progress(f"{strategy}: selected {len(chosen)} of {len(pool)}" + ("" if dry_run else "; claiming"))
+            got = chosen if dry_run else queue.claim_ids(chosen)
             claimed.extend(got)
             lost += len(chosen) - len(got)
-            reasons.update({i: r for i, r in zip(chosen, selection.reasons) if i in set(got)})
+            taken = set(got)
+            reasons.update({i: r for i, r in zip(chosen, selection.reasons) if i in taken})
             keep = ~np.isin(pool.ids, chosen)  # claimed now, or by another harvest
             pool = pool.subset(np.flatnonzero(keep))
-        write_export([by_id[i] for i in claimed], reasons, calibrations, out_dir, strategy, progress)
-        queue.mark_sent(claimed)
+        extra = {i: {"queued_version": v, "rescored": True} for i, v in plan.rescored.items() if i in by_id}
+        write_export([by_id[i] for i in claimed], reasons, calibrations, out_dir, strategy, progress, export, extra)
+        if not dry_run:
+            queue.mark_sent(claimed)
     except BaseException:
-        queue.release(claimed)
+        if not dry_run:
+            queue.release(claimed)
         raise
-    progress(f"harvested {len(claimed)} records into {out_dir}" + (f" ({lost} lost to a concurrent harvest)" if lost else ""))
-    return HarvestResult(out_dir, claimed, len(records), lost)
+    progress(f"{'dry run: selected' if dry_run else 'harvested'} {len(claimed)} records into {out_dir}"
+             + (f" ({lost} lost to a concurrent harvest)" if lost else "")
+             + (" (nothing claimed or marked sent)" if dry_run else ""))
+    return HarvestResult(out_dir, claimed, len(plan.records), lost, plan)

@@ -7,6 +7,8 @@ import contextlib
 import sys
 from pathlib import Path
 
+from oodguard.queue_cli import add_queue_command, run_queue
+
 
 def _classes(text: str) -> list[int]:
     """'0-7' or '0,1,2' or '0-3,7' → list of ints."""
@@ -92,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         serve.add_argument(flag, metavar=meta, help=text)
     _add_client_commands(sub)
     _add_harvest_commands(sub)
+    add_queue_command(sub)
     return parser
 
 
@@ -153,14 +156,16 @@ def _strategy_params(pairs: list[str]) -> dict:
 
 @contextlib.contextmanager
 def _harvest_queue(url: str):
-    """The queue at ``url``, closed afterwards. Harvest never writes records, so the spool file the Redis
-    queue requires stays empty; it lives in a temporary folder removed on exit."""
+    """The existing queue at ``url``, closed afterwards: a SQLite file that does not exist is an error naming
+    its absolute path, and is not created (only ``serve`` creates the queue). These commands never put
+    records, so the spool file the Redis queue requires stays empty; it lives in a temporary folder removed
+    on exit."""
     import tempfile
 
     from oodguard.serve.queue_factory import open_queue
 
     with tempfile.TemporaryDirectory(prefix="oodguard-harvest-") as spool_dir:
-        queue = open_queue(url, spool_path=Path(spool_dir) / "spool")
+        queue = open_queue(url, spool_path=Path(spool_dir) / "spool", create=False)
         try:
             yield queue
         finally:
@@ -357,7 +362,8 @@ def _run_serve(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"serve": _run_serve, "train": _run_train, "export": _run_export, "validate-repo": _run_validate, "evaluate": _run_evaluate,
-            "predict": _run_predict, "loadgen": _run_loadgen, "harvest": _run_harvest, "labels": _run_labels}
+            "predict": _run_predict, "loadgen": _run_loadgen, "harvest": _run_harvest, "labels": _run_labels,
+            "queue": run_queue}
 
 
 def main(argv: list[str] | None = None) -> int:

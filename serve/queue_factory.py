@@ -1,7 +1,9 @@
 """Open a query queue from a URL.
 
-- ``sqlite://PATH``: the SQLite queue in the file PATH (``sqlite:///var/q.sqlite`` is the absolute
-  ``/var/q.sqlite``, ``sqlite://q.sqlite`` is relative to the working directory).
+- ``sqlite:///PATH``: the SQLite queue in the file PATH, as SQLAlchemy writes it: three slashes and a
+  relative path (``sqlite:///q.sqlite`` is ``q.sqlite`` in the working directory), four for an absolute one
+  (``sqlite:////var/lib/oodguard/q.sqlite``). ``sqlite://x`` (two slashes) and ``sqlite://`` are errors
+  that say what to write instead. Logs show the resolved absolute path (:func:`describe_url`).
 - ``redis://[[user]:password@]host[:port][/db]`` (or ``rediss://`` for TLS): the Redis Streams queue, with
   its spool file at ``spool_path``. Extra query parameters of the queue (removed before the URL goes to
   redis-py, which takes the rest, e.g. ``socket_timeout``): ``key_prefix`` (default ``oodguard:queue``),
@@ -10,6 +12,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -17,13 +20,33 @@ from .queue import DEFAULT_MAX_BYTES, QueryQueue
 
 SCHEMES = ("sqlite", "redis", "rediss")
 REDIS_QUEUE_PARAMS = ("key_prefix", "inline_max_bytes", "spool")
+NO_FILE = "write sqlite:///queue.sqlite (a file in the working directory) or sqlite:////absolute/path/queue.sqlite"
 
 
 def url_scheme(url: str) -> str:
     scheme = url.partition("://")[0].lower() if "://" in url else ""
     if scheme not in SCHEMES:
-        raise ValueError(f"queue URL {url!r}: expected sqlite:///PATH or redis://HOST:PORT/DB")
+        raise ValueError(f"queue URL {url!r}: expected sqlite:///PATH (relative to the working directory), "
+                         "sqlite:////ABSOLUTE/PATH or redis://HOST:PORT/DB")
     return scheme
+
+
+def sqlite_path(url: str) -> Path:
+    """The absolute path of the file a ``sqlite:`` URL names (see the module docstring); ValueError saying
+    what to write for a URL of another form."""
+    rest = url.partition("://")[2]
+    if not rest.startswith("/"):  # sqlite://x: SQLAlchemy would read x as a host
+        if not rest:
+            raise ValueError(f"queue URL {url!r} names no file: {NO_FILE}")
+        raise ValueError(f"queue URL {url!r} has two slashes: write sqlite:///{rest} for "
+                         f"{os.path.abspath(rest)} (relative to the working directory) or sqlite:////{rest} "
+                         f"(four slashes) for /{rest}")
+    path = rest[1:]
+    if not path:
+        raise ValueError(f"queue URL {url!r} names no file: {NO_FILE}")
+    if "?" in path:
+        raise ValueError(f"queue URL {url!r}: the SQLite queue takes no query parameters")
+    return Path(os.path.abspath(path))
 
 
 def split_redis_url(url: str) -> tuple[str, dict[str, str]]:
@@ -36,17 +59,20 @@ def split_redis_url(url: str) -> tuple[str, dict[str, str]]:
 
 
 def open_queue(url: str, *, max_size: int = 100_000, full_policy: str = "reject",
-               spool_path: str | Path | None = None, max_bytes: int = DEFAULT_MAX_BYTES) -> QueryQueue:
+               spool_path: str | Path | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
+               create: bool = True) -> QueryQueue:
     """The queue that ``url`` names (see the module docstring), bounded to ``max_size`` unharvested records
-    and ``max_bytes`` of them."""
+    and ``max_bytes`` of them. ``create=False`` (every command but ``serve``): a SQLite file that does not
+    exist is a :class:`FileNotFoundError` naming its absolute path, and nothing is created (a Redis queue
+    needs no file)."""
     scheme = url_scheme(url)
     if scheme == "sqlite":
         from .sqlite_queue import SQLiteQueue
 
-        path = url[len("sqlite://"):]
-        if not path:
-            raise ValueError(f"queue URL {url!r} names no file")
-        return SQLiteQueue(Path(path), max_size=max_size, full_policy=full_policy, max_bytes=max_bytes)
+        path = sqlite_path(url)
+        if not create and not path.exists():
+            raise FileNotFoundError(f"no queue at {path} (from {url}); the gateway creates it on first start")
+        return SQLiteQueue(path, max_size=max_size, full_policy=full_policy, max_bytes=max_bytes, create=create)
 
     import redis
     from redis.backoff import NoBackoff
@@ -69,7 +95,13 @@ def open_queue(url: str, *, max_size: int = 100_000, full_policy: str = "reject"
 
 
 def describe_url(url: str) -> str:
-    """The URL without a password, for logs."""
+    """The URL for logs: a SQLite URL with its resolved absolute path (``sqlite:////abs/q.sqlite``), a Redis URL
+    without its password."""
+    if url.partition("://")[0].lower() == "sqlite":
+        try:
+            return f"sqlite:///{sqlite_path(url)}"
+        except ValueError:
+            return url
     parts = urlsplit(url)
     if parts.password:
         host = parts.hostname or ""
@@ -80,4 +112,4 @@ def describe_url(url: str) -> str:
     return url
 
 
-__all__ = ["open_queue", "url_scheme", "split_redis_url", "describe_url", "SCHEMES"]
+__all__ = ["open_queue", "url_scheme", "sqlite_path", "split_redis_url", "describe_url", "SCHEMES"]

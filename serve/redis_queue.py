@@ -19,6 +19,12 @@ Keys (``P`` = ``key_prefix``, default ``oodguard:queue``; standalone Redis, not 
                        ``"<seq>:<flag>:<state>"`` and count 0 bytes.
 ``P:z:<state>:<flag>`` sorted sets of record ids scored by ``seq``, one per state (pending / claimed / sent)
                        and flag (1 = flagged, 0 = sampled): oldest-first order for select / claim
+``P:info``             hash: record id -> ``"<time>:<version>:<model>"`` (immutable, written with the entry,
+                       deleted with the record): what the model / version / time filters of ``select`` and
+                       ``summary`` read instead of the stream entries (which carry the arrays). Records stored
+                       by an older version have none; their stream entry is read instead (and an older
+                       version deleting a record leaves its entry here: harmless, reads start from ``P:rec``
+                       or the sorted sets)
 ``P:seen``             set of every record id ever stored (dedup; never shrinks, ~50-80 bytes per id)
 ``P:seq``              insertion counter
 ``P:bytes``            the bytes of the unharvested (pending + claimed) records: what ``max_bytes`` bounds
@@ -33,8 +39,9 @@ Atomicity: every write is one Lua script (Redis runs each one atomically): ``put
 applies both bounds / the full policy, and adds the entry, its state, its id and its reference to the request
 payload in one step, so "check id + add" cannot race and a record id lands (and references its request) at
 most once; ``claim`` pops the oldest pending ids and marks them claimed in one step, so two concurrent
-harvests never get the same record. ``P:bytes`` and the ``refs`` of ``P:req:<key>`` change in the same scripts
-as the records they count.
+harvests never get the same record; ``delete`` removes records (any state) with their blob, info and request
+reference in one step. ``P:bytes`` and the ``refs`` of ``P:req:<key>`` change in the same scripts as the
+records they count.
 
 Durability: a ``put`` returns once Redis has answered the script; run Redis with ``appendonly yes`` and
 ``appendfsync always`` for that to mean "on disk" (the queue does not configure the server).
@@ -75,7 +82,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .queue import (CLAIMED, DEFAULT_MAX_BYTES, PENDING, SENT, STATES, DropLog, LocalQueueState, NewRecord, QueryQueue,
-                    QueueError, QueueRecord, QueueStats)
+                    QueueError, QueueRecord, QueueStats, SummaryRow)
 from .sqlite_queue import FULL_POLICIES, group_requests, pack_array, unpack_array
 
 log = logging.getLogger("oodguard.serve.redis_queue")
@@ -106,6 +113,7 @@ local function delete(P, id)
   local seq, f, state, _, nbytes, req = parse(redis.call('HGET', P .. ':rec', id))
   redis.call('ZREM', P .. ':z:' .. state .. ':' .. f, id)
   redis.call('HDEL', P .. ':rec', id)
+  redis.call('HDEL', P .. ':info', id)
   redis.call('XDEL', P .. ':stream', seq .. '-0')
   redis.call('DEL', P .. ':blob:' .. id)
   unref(P, req)
@@ -139,11 +147,12 @@ local start_used = used
 local out, evicted, accepted, rejected = {}, {}, 0, 0
 for k = 1, n do
   local id, flag, blob, nf = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
-  local fields, req, nbytes = {}, '', #blob
+  local fields, req, nbytes, info = {}, '', #blob, {}
   for j = 1, nf, 2 do
     local name, value = ARGV[i + 3 + j], ARGV[i + 4 + j]
     fields[j], fields[j + 1] = name, value
     if name == 'req' then req = value elseif counted[name] then nbytes = nbytes + #value end
+    if name == 'time' or name == 'version' or name == 'model' then info[name] = value end
   end
   i = i + 4 + nf
   if redis.call('SISMEMBER', seen, id) == 1 then
@@ -181,6 +190,9 @@ for k = 1, n do
       redis.call('XADD', P .. ':stream', seq .. '-0', 'seq', tostring(seq), unpack(fields))
       redis.call('HSET', rec, id, string.format('%d:%s:pending:%d:%s', seq, flag, nbytes, req))
       redis.call('ZADD', P .. ':z:pending:' .. flag, seq, id)
+      if info.model then
+        redis.call('HSET', P .. ':info', id, (info.time or '0') .. ':' .. (info.version or '0') .. ':' .. info.model)
+      end
       redis.call('SADD', seen, id)
       cur = cur + 1
       used = used + nbytes
@@ -243,6 +255,22 @@ for j = 3, #ARGV do
 end
 if freed > 0 then redis.call('DECRBY', P .. ':bytes', freed) end
 return moved
+"""
+
+# ARGV: record ids. Deletes them whatever their state; returns how many existed.
+DELETE_LUA = RECORD_LUA + r"""
+local P, n, freed = KEYS[1], 0, 0
+for j = 1, #ARGV do
+  local v = redis.call('HGET', P .. ':rec', ARGV[j])
+  if v then
+    local _, _, state = parse(v)
+    local nbytes = delete(P, ARGV[j])
+    if state ~= 'sent' then freed = freed + nbytes end  -- sent records no longer count in P:bytes
+    n = n + 1
+  end
+end
+if freed > 0 then redis.call('DECRBY', P .. ':bytes', freed) end
+return n
 """
 
 # ARGV: most records to delete in this call. Returns how many were deleted.
@@ -461,6 +489,7 @@ class RedisQueue(QueryQueue):
         self._claim_script = client.register_script(CLAIM_LUA)
         self._move_script = client.register_script(MOVE_LUA)
         self._purge_script = client.register_script(PURGE_LUA)
+        self._delete_script = client.register_script(DELETE_LUA)
         self._closed = False
         self._down_until = 0.0
         self._reachable = True  # False while the last Redis call failed as unreachable, True after one worked
@@ -666,6 +695,14 @@ class RedisQueue(QueryQueue):
     def mark_sent(self, ids: Sequence[str]) -> int:
         return len(self._move(ids, SENT, (PENDING, CLAIMED)))
 
+    def delete(self, ids: Sequence[str]) -> int:
+        ids = list(dict.fromkeys(ids))
+        if not ids:
+            self._check_open()
+            return 0
+        return sum(int(self._call(self._delete_script, keys=[self.key_prefix], args=ids[start:start + 1000]))
+                   for start in range(0, len(ids), 1000))
+
     def purge_sent(self) -> int:
         total = 0
         while True:
@@ -687,21 +724,85 @@ class RedisQueue(QueryQueue):
                 rows.append((rid, int(seq), state))
         return self._call(self._fetch, rows)
 
-    def select(self, limit: int | None = None, state: str = PENDING, flagged: bool | None = None) -> list[QueueRecord]:
+    def select(self, limit: int | None = None, state: str = PENDING, flagged: bool | None = None,
+               model: str | None = None, version: int | None = None, since: float | None = None,
+               until: float | None = None) -> list[QueueRecord]:
         if state not in STATES:
             raise ValueError(f"state must be one of {STATES}, got {state!r}")
-        flags = ["1", "0"] if flagged is None else (["1"] if flagged else ["0"])
-        stop = -1 if limit is None else int(limit) - 1
-        if stop < -1:
+        self._check_open()
+        if limit is not None and limit <= 0:
             return []
+        filtered = not (model is None and version is None and since is None and until is None)
+        flags = ["1", "0"] if flagged is None else (["1"] if flagged else ["0"])
+        stop = -1 if limit is None or filtered else int(limit) - 1
         pipe = self.redis.pipeline(transaction=False)
         for f in flags:
             pipe.zrange(self._key(f"z:{state}:{f}"), 0, stop, withscores=True)
         rows = sorted(((m.decode(), int(s), state) for part in self._call(pipe.execute) for m, s in part),
                       key=lambda row: row[1])
+        if filtered:  # oldest first, a chunk at a time, until ``limit`` match: only their entries are read
+            version = None if version is None else int(version)
+            matched = []
+            for start in range(0, len(rows), 1000):
+                chunk = rows[start:start + 1000]
+                for row, info in zip(chunk, self._call(self._info, chunk)):
+                    if info is None:
+                        continue  # deleted meanwhile
+                    t, v, m = info
+                    if ((model is None or m == model) and (version is None or v == version)
+                            and (since is None or t >= since) and (until is None or t < until)):
+                        matched.append(row)
+                if limit is not None and len(matched) >= limit:
+                    break
+            rows = matched
         if limit is not None:
             rows = rows[:limit]
         return self._call(self._fetch, rows)
+
+    def _info(self, rows: Sequence[tuple[str, int, str]]) -> list[tuple[float, int, str] | None]:
+        """(time, version, model) of (id, seq, state) rows from ``P:info``; the stream entry of a record stored by
+        an older version (no ``P:info``); None for a record deleted meanwhile."""
+        if not rows:
+            return []
+        values = self.redis.hmget(self._key("info"), [rid for rid, _, _ in rows])
+        out: list[tuple[float, int, str] | None] = []
+        for value in values:
+            if value is None:
+                out.append(None)
+            else:
+                t, v, m = value.decode().split(":", 2)
+                out.append((float(t), int(v), m))
+        old = [j for j, value in enumerate(values) if value is None]
+        if old:  # entries of an older version (or deleted records): the stream entry holds the fields
+            pipe = self.redis.pipeline(transaction=False)
+            for j in old:
+                seq = rows[j][1]
+                pipe.xrange(self._key("stream"), f"{seq}-0", f"{seq}-0", count=1)
+            for j, entry in zip(old, pipe.execute()):
+                if entry:
+                    f = entry[0][1]
+                    out[j] = (float(f[b"time"]), int(f[b"version"]), f[b"model"].decode())
+        return out
+
+    def summary(self) -> list[SummaryRow]:
+        self._check_open()
+        rows = []
+        for rid, value in self._call(lambda: list(self.redis.hscan_iter(self._key("rec"), count=1000))):
+            seq, flag, state = value.decode().split(":")[:3]
+            rows.append((rid.decode(), int(seq), state, flag == "1"))
+        groups: dict[tuple[str, int, str, bool], list] = {}
+        for start in range(0, len(rows), 1000):
+            chunk = rows[start:start + 1000]
+            infos = self._call(self._info, [(rid, seq, state) for rid, seq, state, _ in chunk])
+            for (_, _, state, flagged), info in zip(chunk, infos):
+                if info is None:
+                    continue  # deleted meanwhile
+                t, version, model = info
+                group = groups.setdefault((model, version, state, flagged), [0, t, t])
+                group[0] += 1
+                group[1], group[2] = min(group[1], t), max(group[2], t)
+        return [SummaryRow(model=m, version=v, state=st, flagged=f, count=n, oldest=lo, newest=hi)
+                for (m, v, st, f), (n, lo, hi) in sorted(groups.items())]
 
     def stats(self) -> QueueStats:
         pipe = self.redis.pipeline(transaction=False)

@@ -175,8 +175,10 @@ class Gateway:
         records = []
         for i in chosen:
             verdict = decisions.verdict(i)
+            # "item": the record's position in its request (ties it to per-item client metadata)
             records.append(NewRecord(model=served.model, version=served.version, input=x[i], logits=logits[i],
-                                     features=features[i], scores=verdict.scores, decision=verdict.to_dict(),
+                                     features=features[i], scores=verdict.scores,
+                                     decision={**verdict.to_dict(), "item": i},
                                      flagged=verdict.ood, request_id=request.request_id, metadata=metadata))
         try:
             return await self.metrics.time_queue_write(served.model, asyncio.to_thread(self.queue.put, records))

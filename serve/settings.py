@@ -56,7 +56,8 @@ class Settings:
     max_batch: int = 0
     #: SQLite file of the active-learning query queue (used when queue_url is empty)
     queue_path: Path = Path("oodguard-queue.sqlite")
-    #: the query queue as a URL, sqlite:///PATH or redis://HOST:PORT/DB (wins over queue_path; "" = queue_path)
+    #: the query queue as a URL, sqlite:///RELATIVE/PATH, sqlite:////ABSOLUTE/PATH or redis://HOST:PORT/DB (wins
+    #: over queue_path; "" = queue_path)
     queue_url: str = ""
     #: local spool file of the Redis queue: records written there while Redis is unreachable, replayed later
     queue_spool_path: Path = Path("oodguard-queue.spool")
@@ -148,7 +149,15 @@ class Settings:
         if self.queue_url:
             scheme = self.queue_url.partition("://")[0].lower() if "://" in self.queue_url else ""
             if scheme not in QUEUE_SCHEMES:
-                raise bad("queue_url", f"expected sqlite:///PATH or redis://HOST:PORT/DB, got {self.queue_url!r}")
+                raise bad("queue_url", f"expected sqlite:///PATH (relative to the working directory), "
+                                       f"sqlite:////ABSOLUTE/PATH or redis://HOST:PORT/DB, got {self.queue_url!r}")
+            if scheme == "sqlite":
+                from .queue_factory import sqlite_path
+
+                try:
+                    sqlite_path(self.queue_url)
+                except ValueError as exc:
+                    raise bad("queue_url", str(exc)) from None
         if self.queue_max_size < 1:
             raise bad("queue_max_size", f"must be >= 1, got {self.queue_max_size}")
         if self.queue_max_bytes < 1024:
@@ -220,8 +229,9 @@ class Settings:
 
     @property
     def effective_queue_url(self) -> str:
-        """``queue_url`` when set, else the SQLite file ``queue_path`` as ``sqlite://PATH``."""
-        return self.queue_url or f"sqlite://{self.queue_path}"
+        """``queue_url`` when set, else the SQLite file ``queue_path`` as a URL: ``sqlite:///PATH`` for a relative
+        path (relative to the working directory), ``sqlite:////PATH`` for an absolute one."""
+        return self.queue_url or f"sqlite:///{self.queue_path}"
 
     def describe(self) -> str:
         return ", ".join(f"{f.name}={'***' if f.name == 'auth_token' and self.auth_token else getattr(self, f.name)}"

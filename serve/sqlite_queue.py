@@ -12,11 +12,17 @@ Layout:
   records, deleted with the last record that references it.
 - ``counters``: accepted, rejected, evicted (events, they survive restarts) and ``bytes``: the running sum of
   ``records.bytes`` over unharvested (pending + claimed) rows, updated in the transaction that changes it.
+- indexes ``records_state_seq`` (state, seq): oldest-first reads of one state; ``records_model_state_seq``
+  (model, state, seq): the same for one model (:meth:`SQLiteQueue.select` with ``model``); ``records_group``
+  (model, version, state, flagged, time): :meth:`SQLiteQueue.summary` reads only this index (no row, no array).
 
 Bytes of a record: its packed arrays + scores and decision JSON (+ the inline request of an older row); the
 first record of a request that is stored also carries the request row's bytes (request id + metadata JSON),
 so a request row counts once. A file of the first layout (no ``request_ref`` / ``bytes``) is upgraded in
-place when opened (:data:`UPGRADE`); a fresh file is made the same way.
+place when opened (:data:`UPGRADE`, then :data:`INDEXES`); a fresh file is made the same way.
+
+``SQLiteQueue(path, create=False)`` opens an existing file only (:class:`FileNotFoundError` otherwise): the
+commands that read a queue never leave an empty file (or its folder) behind.
 """
 
 from __future__ import annotations
@@ -31,11 +37,12 @@ import uuid
 import zlib
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import quote
 
 import numpy as np
 
 from .queue import (CLAIMED, DEFAULT_MAX_BYTES, PENDING, SENT, STATES, DropLog, LocalQueueState, NewRecord, QueryQueue,
-                    QueueError, QueueRecord, QueueStats)
+                    QueueError, QueueRecord, QueueStats, SummaryRow)
 
 log = logging.getLogger("oodguard.serve.sqlite_queue")
 
@@ -74,6 +81,12 @@ UPGRADE = (
     "UPDATE records SET bytes = length(input) + length(logits) + length(features) + length(CAST(scores AS BLOB))"
     " + length(CAST(decision AS BLOB)) + length(CAST(request_id AS BLOB)) + length(CAST(metadata AS BLOB))",
     f"INSERT OR REPLACE INTO counters SELECT 'bytes', COALESCE(SUM(bytes), 0) FROM records WHERE state != '{SENT}'",
+)
+
+# Run (idempotent) on every open, in the transaction of the upgrade: indexes added after the first two layouts.
+INDEXES = (
+    "CREATE INDEX IF NOT EXISTS records_group ON records (model, version, state, flagged, time)",
+    "CREATE INDEX IF NOT EXISTS records_model_state_seq ON records (model, state, seq)",
 )
 
 COLUMNS = ("seq, id, time, model, version, flagged, state, input, logits, features, scores, decision, request_id, "
@@ -150,7 +163,7 @@ class _Batch:
 
 class SQLiteQueue(QueryQueue):
     def __init__(self, path: str | Path, max_size: int = 100_000, full_policy: str = "reject",
-                 max_bytes: int = DEFAULT_MAX_BYTES):
+                 max_bytes: int = DEFAULT_MAX_BYTES, create: bool = True):
         if max_size < 1:
             raise ValueError(f"max_size must be >= 1, got {max_size}")
         if max_bytes < 1:
@@ -161,18 +174,28 @@ class SQLiteQueue(QueryQueue):
         self.max_size = max_size
         self.max_bytes = max_bytes
         self.full_policy = full_policy
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if create:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        elif not self.path.is_file():
+            raise FileNotFoundError(f"no queue at {self.path.absolute()}")
         self._lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self._pending: list[_Batch] = []
         self._reachable = True  # False while the last operation failed with an SQLite error
         self._drops = DropLog(log, str(self.path))
-        self._db: sqlite3.Connection | None = sqlite3.connect(
-            str(self.path), check_same_thread=False, isolation_level=None, timeout=30.0
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(SCHEMA)
+        # create=False: mode=rw never creates the file, even if it vanished since the check above
+        target, uri = (str(self.path), False) if create else (f"file:{quote(str(self.path.absolute()))}?mode=rw", True)
+        self._db: sqlite3.Connection | None = None
+        try:
+            self._db = sqlite3.connect(target, check_same_thread=False, isolation_level=None, timeout=30.0, uri=uri)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+            raise QueueError(f"queue {self.path}: {exc}") from exc
         self._write(self._upgrade)
 
     # -- helpers -------------------------------------------------------------------------------
@@ -183,6 +206,8 @@ class SQLiteQueue(QueryQueue):
         if "request_ref" not in {row[1] for row in db.execute("PRAGMA table_info(records)")}:
             for statement in UPGRADE:
                 db.execute(statement)
+        for statement in INDEXES:
+            db.execute(statement)
 
     def _conn(self) -> sqlite3.Connection:
         if self._db is None:
@@ -344,19 +369,61 @@ class SQLiteQueue(QueryQueue):
         found = {r.id: r for r in rows}
         return [found[i] for i in ids if i in found]
 
-    def select(self, limit: int | None = None, state: str = PENDING, flagged: bool | None = None) -> list[QueueRecord]:
+    def select(self, limit: int | None = None, state: str = PENDING, flagged: bool | None = None,
+               model: str | None = None, version: int | None = None, since: float | None = None,
+               until: float | None = None) -> list[QueueRecord]:
         if state not in STATES:
             raise ValueError(f"state must be one of {STATES}, got {state!r}")
-        sql = f"SELECT {COLUMNS} FROM records WHERE state = ?"
-        params: list = [state]
-        if flagged is not None:
-            sql += " AND flagged = ?"
-            params.append(int(flagged))
-        sql += " ORDER BY seq"
+        if limit is not None and limit <= 0:
+            self._conn()
+            return []
+        where, params = ["state = ?"], [state]
+        for column, value in (("flagged", None if flagged is None else int(bool(flagged))), ("model", model),
+                              ("version", None if version is None else int(version))):
+            if value is not None:
+                where.append(f"{column} = ?")
+                params.append(value)
+        if since is not None:
+            where.append("time >= ?")
+            params.append(float(since))
+        if until is not None:
+            where.append("time < ?")
+            params.append(float(until))
+        sql = f"SELECT {COLUMNS} FROM records WHERE {' AND '.join(where)} ORDER BY seq"
         if limit is not None:
             sql += " LIMIT ?"
             params.append(int(limit))
         return self._read(lambda db: self._records(db, db.execute(sql, params).fetchall()))
+
+    def summary(self) -> list[SummaryRow]:
+        rows = self._read(lambda db: db.execute(
+            "SELECT model, version, state, flagged, COUNT(*), MIN(time), MAX(time) FROM records "
+            "GROUP BY model, version, state, flagged ORDER BY model, version, state, flagged").fetchall())
+        return [SummaryRow(model=m, version=int(v), state=st, flagged=bool(f), count=int(n), oldest=float(lo),
+                           newest=float(hi)) for m, v, st, f, n, lo, hi in rows]
+
+    def delete(self, ids: Sequence[str]) -> int:
+        ids = list(dict.fromkeys(ids))
+        if not ids:
+            self._conn()
+            return 0
+
+        def write(db: sqlite3.Connection) -> int:
+            deleted, freed, refs = 0, 0, set()
+            for start in range(0, len(ids), 500):  # within SQLite's limit on parameters
+                chunk = ids[start:start + 500]
+                marks = ",".join("?" * len(chunk))
+                for state, nbytes, ref in db.execute(
+                        f"DELETE FROM records WHERE id IN ({marks}) RETURNING state, bytes, request_ref", chunk).fetchall():
+                    deleted += 1
+                    if state != SENT:  # sent records no longer count in the bytes counter
+                        freed += nbytes
+                    refs.add(ref)
+            self._bump(db, "bytes", -freed)
+            self._drop_orphans(db, refs)
+            return deleted
+
+        return self._write(write)
 
     def claim(self, limit: int, flagged: bool | None = None) -> list[QueueRecord]:
         def write(db: sqlite3.Connection) -> list[QueueRecord]:

@@ -34,4 +34,23 @@ def digits_export(tmp_path_factory):
     return record, result, repository, work / CHECKPOINT_FILE
 
 
+@pytest.fixture(scope="session")
+def digits_two_versions(digits_export, tmp_path_factory):
+    """A repository holding the digits demo model twice: version 1 (digits 0-7, as ``digits_export``) and
+    version 2, retrained on digits 0-8 (an added class, '8', at index 8). Returns (repository, v2 record)."""
+    import shutil
+
+    from oodguard.export.pipeline import export_model, spec_from_training
+    from oodguard.export.training_job import CHECKPOINT_FILE, run_training
+
+    repository = tmp_path_factory.mktemp("repo-v1-v2") / "repo"
+    shutil.copytree(digits_export[2], repository)
+    work = tmp_path_factory.mktemp("digits-train-v2")
+    record = run_training(backbone="lenet5", data="digits", out_dir=work, classes=list(range(9)),
+                          epochs=30, seed=1, holdout=0.4, progress=lambda line: None)
+    result = export_model(spec_from_training(work / CHECKPOINT_FILE, repository, "digits"), progress=lambda line: None)
+    assert result.version == 2
+    return repository, record
+
+
 from redis_fixtures import redis_server  # noqa: E402,F401  (the real redis-server fixture, for tests/serve and tests/integration)

@@ -46,6 +46,32 @@ def test_counts_and_flagged_share(gateway, id_npz):
     json.dumps(report)  # JSON-ready
 
 
+def test_queued_records_trace_back_to_their_dataset_image_and_label(gateway, id_npz):
+    asyncio.run(run_loadgen(LoadgenConfig(gateway.target, id_npz, concurrency=2, duration=20, requests=30,
+                                          batch_size=3, ood_fraction=0.5, ood_data="synthetic:uniform:50")))
+    data = np.load(id_npz)
+    records = gateway.gateway.queue.select(state="pending")
+    assert len(records) > 30
+    from oodguard.calibration import Calibration
+    from oodguard.preprocess import Preprocessing
+
+    cal = Calibration.load(gateway.settings.repository / "digits" / "1" / "calibration.json")
+    prep = Preprocessing.from_dict(cal.model["preprocessing"])
+    traced = {"id": 0, "ood": 0}
+    for record in records:
+        meta = record.metadata
+        assert meta["source"] == "oodguard-loadgen" and meta["set"] in traced
+        index = int(meta["indices"].split(",")[record.decision["item"]])
+        traced[meta["set"]] += 1
+        if meta["set"] == "id":  # an in-distribution digit: its image and its true label
+            assert meta["dataset"] == id_npz
+            np.testing.assert_allclose(record.input, prep.apply(data["images"][index][None])[0], atol=1e-6)
+            assert int(meta["labels"].split(",")[record.decision["item"]]) == int(data["labels"][index])
+        else:
+            assert meta["dataset"] == "synthetic:uniform:50" and meta["labels"] == "" and 0 <= index < 50
+    assert traced["ood"] > 10
+
+
 def test_duration_and_rate_bound_the_run(gateway):
     report = asyncio.run(run_loadgen(LoadgenConfig(gateway.target, "synthetic:uniform:50", concurrency=3, rate=20,
                                                    duration=1.0)))

@@ -32,3 +32,16 @@ def filled_queue(digits_export, path, per_kind=40, queue=None):
         for record_id, item in zip(queue.put(records), records):
             truth[record_id] = kind
     return queue, truth, repository
+
+
+def queue_images(queue, version_dir, images, kind: str, model: str = "digits") -> list[str]:
+    """Queue uint8 ``images`` as the version at ``version_dir`` (``<repo>/<model>/<version>``) would; their ids."""
+    scorer = VersionScorer(version_dir)
+    x = scorer.preprocessing.apply(images)
+    out = scorer.model.run(x)
+    version = int(version_dir.name)
+    records = [NewRecord(model=model, version=version, input=x[i], logits=out["logits"][i], features=out["features"][i],
+                         scores={s: float(out[s][i]) for s in scorer.score_names},
+                         decision={"ood": True, "deciding": ["sisome"]}, flagged=True, request_id=f"{kind}-{i}",
+                         metadata={"kind": kind}) for i in range(len(x))]
+    return queue.put(records)

@@ -192,7 +192,8 @@ def test_redis_stopped_and_restarted_under_load_every_record_lands_once(redis_se
 
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
 def test_gateway_sigkill_under_load_loses_no_acknowledged_record(backend, redis_server, digits_export, workdir):
-    url = f"sqlite://{workdir / 'queue.sqlite'}" if backend == "sqlite" else redis_server.url
+    # the SQLite URL is relative: the gateway runs in workdir, where the file must land (not at the root)
+    url = "sqlite:///queue.sqlite" if backend == "sqlite" else redis_server.url
     gateway = GatewayProcess(digits_export[2], url, workdir, "gateway")
     load = restarted = None
     try:
@@ -209,7 +210,7 @@ def test_gateway_sigkill_under_load_loses_no_acknowledged_record(backend, redis_
             redis_server.start()
         restarted = GatewayProcess(digits_export[2], url, workdir, "restarted")
         if backend == "sqlite":
-            queue = SQLiteQueue(workdir / "queue.sqlite")
+            queue = SQLiteQueue(workdir / "queue.sqlite", create=False)  # where the relative URL points
             try:
                 found = {r.id for r in queue.get(ids)}
             finally:

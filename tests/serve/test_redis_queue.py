@@ -4,6 +4,7 @@ records while Redis is down (exactly once after replay, across a process restart
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import signal
 import struct
@@ -26,7 +27,8 @@ from oodguard.serve.settings import Settings, SettingsError
 from oodguard.serve.sqlite_queue import SQLiteQueue, pack_array
 
 from .test_sqlite_queue import (ALIKE_BYTES, alike, assert_one_request_read_back, assert_stored_as_put, big_request, check_byte_bound_evict,
-                                check_byte_bound_reject, check_drop_lines, own_bytes, record, request_bytes)
+                                check_byte_bound_reject, check_delete, check_drop_lines, check_select_filters, check_summary,
+                                own_bytes, record, request_bytes, varied)
 
 
 def make_queue(server, tmp_path, spool: str = "spool", **kwargs) -> RedisQueue:
@@ -248,7 +250,7 @@ def test_spool_survives_a_process_restart_and_drops_a_torn_tail(redis_server, tm
 
 
 def test_open_queue_urls_and_settings(redis_server, tmp_path):
-    q = open_queue(f"sqlite://{tmp_path / 'q.sqlite'}", max_size=7, max_bytes=5000)
+    q = open_queue(f"sqlite:///{tmp_path / 'q.sqlite'}", max_size=7, max_bytes=5000)  # sqlite:////tmp/...: absolute
     assert isinstance(q, SQLiteQueue) and q.path == tmp_path / "q.sqlite" and (q.max_size, q.max_bytes) == (7, 5000)
     q.close()
     q = open_queue(redis_server.url + "?key_prefix=test:q&inline_max_bytes=10&socket_timeout=3",
@@ -263,7 +265,8 @@ def test_open_queue_urls_and_settings(redis_server, tmp_path):
     s = Settings.from_sources({"repository": "r"}, {"OODGUARD_QUEUE_URL": "redis://127.0.0.1:1/0",
                                                     "OODGUARD_QUEUE_SPOOL_PATH": "/tmp/s"})
     assert s.effective_queue_url == "redis://127.0.0.1:1/0" and s.queue_spool_path == Path("/tmp/s")
-    assert Settings.from_sources({"repository": "r", "queue_path": "/a/q.sqlite"}, {}).effective_queue_url == "sqlite:///a/q.sqlite"
+    assert Settings.from_sources({"repository": "r", "queue_path": "/a/q.sqlite"}, {}).effective_queue_url == "sqlite:////a/q.sqlite"
+    assert Settings.from_sources({"repository": "r", "queue_path": "q.sqlite"}, {}).effective_queue_url == "sqlite:///q.sqlite"
     with pytest.raises(SettingsError, match="OODGUARD_QUEUE_URL"):
         Settings.from_sources({"repository": "r", "queue_url": "memcache://x"}, {})
 
@@ -457,4 +460,110 @@ def test_local_state_answers_while_redis_hangs(redis_server, tmp_path):
     wait_for(lambda: q.local_state() == LocalQueueState(spool_backlog=0, reachable=True), what="the replay")
     # exactly once, though the stopped Redis may have run the timed-out put after all when it resumed
     assert stream_ids(redis_server) == collections.Counter(first + done[0])
+    q.close()
+
+
+def info_ids(server, prefix: str = DEFAULT_PREFIX) -> set[str]:
+    """The record ids of ``P:info`` (model, version and time of each record)."""
+    client = redis.Redis.from_url(server.url)
+    try:
+        return {k.decode() for k in client.hkeys(f"{prefix}:info")}
+    finally:
+        client.close()
+
+
+def test_select_filters_by_model_version_flag_and_time(redis_server, tmp_path):
+    q = make_queue(redis_server, tmp_path)
+    check_select_filters(q)
+    q.close()
+
+
+def test_summary_counts_groups(redis_server, tmp_path):
+    q = make_queue(redis_server, tmp_path)
+    check_summary(q)
+    q.close()
+
+
+def test_delete_any_state_keeps_bytes_and_request_payloads_right(redis_server, tmp_path):
+    q = make_queue(redis_server, tmp_path)
+    check_delete(q, lambda: len(request_keys(redis_server)))
+    client = redis.Redis.from_url(redis_server.url)
+    assert client.xlen(f"{DEFAULT_PREFIX}:stream") == 0 and int(client.get(f"{DEFAULT_PREFIX}:bytes")) == 0
+    assert not client.exists(f"{DEFAULT_PREFIX}:info") and client.hlen(f"{DEFAULT_PREFIX}:rec") == 0
+    client.close()
+    q.close()
+
+
+def test_filtered_select_decodes_only_the_records_it_returns(redis_server, tmp_path, monkeypatch):
+    q = make_queue(redis_server, tmp_path, inline_max_bytes=2000)  # inputs in blobs: those are read only if needed
+    ids = q.put(varied() * 3)
+    decoded = []
+    original = RedisQueue._decode
+
+    def counting(fields, state, blob, request):
+        decoded.append(fields[b"id"].decode())
+        return original(fields, state, blob, request)
+
+    monkeypatch.setattr(RedisQueue, "_decode", staticmethod(counting))
+    assert [r.id for r in q.select(model="cifar", version=3)] == [ids[5], ids[12], ids[19]]
+    assert decoded == [ids[5], ids[12], ids[19]]
+    decoded.clear()
+    assert [r.id for r in q.select(model="digits", limit=2)] == ids[:2] and decoded == ids[:2]
+    decoded.clear()
+    assert [r.count for r in q.summary()] == [3, 3, 3, 3, 9] and decoded == []
+    q.close()
+
+
+def test_info_goes_with_its_record(redis_server, tmp_path):
+    q = make_queue(redis_server, tmp_path, max_size=3, full_policy="evict-oldest")
+    ids = q.put([record(i) for i in range(3)])
+    assert info_ids(redis_server) == set(ids)
+    more = q.put([record(3)])  # evicts ids[0]
+    assert info_ids(redis_server) == set(ids[1:] + more)
+    q.mark_sent(ids[1:2])
+    q.purge_sent()
+    assert info_ids(redis_server) == {ids[2], more[0]}
+    q.delete(more)
+    assert info_ids(redis_server) == {ids[2]}
+    q.close()
+
+
+def test_spooled_records_land_with_their_info(redis_server, tmp_path):
+    (tmp_path / "spool").write_bytes(old_spool_frame([record(0)], ["old0"]))  # a frame of the first format too
+    q = make_queue(redis_server, tmp_path)
+    wait_for(lambda: q.spool.backlog == 0, what="the start-up replay")
+    redis_server.stop()
+    ids = q.put([dataclasses.replace(record(1), model="cifar"), record(2)])
+    assert q.spool.backlog == 2
+    redis_server.start()
+    wait_for(lambda: q.spool.backlog == 0, what="the spool to drain")
+    assert info_ids(redis_server) == {"old0", *ids}
+    assert [r.id for r in q.select(model="cifar")] == ids[:1]
+    assert [(r.model, r.version, r.count) for r in q.summary()] == [("cifar", 2, 1), ("digits", 1, 2)]
+    q.close()
+
+
+def test_records_of_the_previous_version_are_counted_filtered_and_deleted(redis_server, tmp_path):
+    client = redis.Redis.from_url(redis_server.url)
+    olds = [record(0), record(1), dataclasses.replace(record(2), model="cifar")]
+    for seq, (r, rid) in enumerate(zip(olds, ["old0", "old1", "old2"]), start=1):  # as the old put script wrote them
+        fields = {"seq": str(seq), "id": rid, "time": repr(r.time), "model": r.model, "version": str(r.version),
+                  "flagged": "1", "request_id": r.request_id, "metadata": json.dumps(r.metadata),
+                  "scores": json.dumps(r.scores), "decision": json.dumps(r.decision), "logits": pack_array(r.logits),
+                  "features": pack_array(r.features), "input": pack_array(r.input)}
+        client.xadd(f"{DEFAULT_PREFIX}:stream", fields, id=f"{seq}-0")
+        client.hset(f"{DEFAULT_PREFIX}:rec", rid, f"{seq}:1:pending")
+        client.zadd(f"{DEFAULT_PREFIX}:z:pending:1", {rid: seq})
+        client.sadd(f"{DEFAULT_PREFIX}:seen", rid)
+    client.set(f"{DEFAULT_PREFIX}:seq", 3)
+    q = make_queue(redis_server, tmp_path)
+    new = q.put([record(3)])
+    rows = [(r.model, r.version, r.state, r.count, r.oldest, r.newest) for r in q.summary()]
+    assert rows == [("cifar", 1, PENDING, 1, 1002.0, 1002.0), ("digits", 1, PENDING, 1, 1000.0, 1000.0),
+                    ("digits", 2, PENDING, 2, 1001.0, 1003.0)]
+    assert [r.id for r in q.select(model="digits", version=2)] == ["old1", new[0]]
+    assert [r.id for r in q.select(model="digits", since=1000.5)] == ["old1", new[0]]
+    assert q.delete(["old1", "old2"]) == 2 and [r.id for r in q.select()] == ["old0", new[0]]
+    assert q.stats().bytes == own_bytes(record(3)) + request_bytes(record(3))  # old records counted 0 bytes
+    client.close()
     q.close()

@@ -138,6 +138,101 @@ def check_drop_lines(make, caplog, logger: str) -> None:
     assert "refused 12 record(s) (first requests: r003, r004, r005, r006, r007)" in lines("refused")[1]
 
 
+def varied() -> list[NewRecord]:
+    """Records of two models and several versions, flagged and sampled, each its own request; record 6 is
+    the oldest by time but stored last."""
+    shape = [("digits", 1, True), ("digits", 1, False), ("digits", 2, True), ("cifar", 1, True), ("digits", 2, True),
+             ("cifar", 3, False), ("digits", 2, True)]
+    out = [dataclasses.replace(record(i), model=m, version=v, flagged=f) for i, (m, v, f) in enumerate(shape)]
+    out[6].time = 990.0
+    return out
+
+
+def check_select_filters(q) -> None:
+    """``q``: an empty queue. select filters by model, version, flag and time (since <= time < until)."""
+    originals = varied()
+    ids = q.put(originals)
+
+    def picked(**filters) -> list[int]:
+        return [ids.index(r.id) for r in q.select(**filters)]
+
+    assert picked() == [0, 1, 2, 3, 4, 5, 6]
+    assert picked(model="digits") == [0, 1, 2, 4, 6]
+    assert picked(model="digits", version=2) == [2, 4, 6]
+    assert picked(model="digits", flagged=True) == [0, 2, 4, 6]
+    assert picked(model="cifar", flagged=False) == [5]
+    assert picked(version=1) == [0, 1, 3]
+    assert picked(model="cifar", version=1) == [3]
+    assert picked(model="nope") == [] and picked(model="digits", version=7) == []
+    assert picked(since=1002.0) == [2, 3, 4, 5]  # record 6 is older than its seq
+    assert picked(until=1002.0) == [0, 1, 6]
+    assert picked(since=1001.0, until=1004.0) == [1, 2, 3]
+    assert picked(since=1002.0, until=1002.0) == []
+    assert picked(model="digits", limit=2) == [0, 1] and picked(model="digits", version=2, limit=2) == [2, 4]
+    assert picked(model="digits", limit=0) == []
+    assert_stored_as_put(q.select(model="cifar", version=3)[0], originals[5], ids[5])
+    assert q.claim_ids([ids[2], ids[3]]) == [ids[2], ids[3]]
+    assert picked(model="digits") == [0, 1, 4, 6] and picked(state=CLAIMED, model="digits") == [2]
+    assert picked(state=CLAIMED, until=1003.0) == [2] and picked(state=SENT, model="digits") == []
+    with pytest.raises(ValueError):
+        q.select(state="lost", model="digits")
+
+
+def check_summary(q) -> None:
+    """``q``: an empty queue. summary counts by (model, version, state, flagged) with oldest / newest times."""
+    assert q.summary() == []
+    ids = q.put(varied())
+    q.claim_ids([ids[2]])
+    q.mark_sent([ids[0]])
+    rows = [(r.model, r.version, r.state, r.flagged, r.count, r.oldest, r.newest) for r in q.summary()]
+    assert rows == [
+        ("cifar", 1, PENDING, True, 1, 1003.0, 1003.0),
+        ("cifar", 3, PENDING, False, 1, 1005.0, 1005.0),
+        ("digits", 1, PENDING, False, 1, 1001.0, 1001.0),
+        ("digits", 1, SENT, True, 1, 1000.0, 1000.0),
+        ("digits", 2, CLAIMED, True, 1, 1002.0, 1002.0),
+        ("digits", 2, PENDING, True, 2, 990.0, 1004.0),
+    ]
+    assert sum(r.count for r in q.summary()) == q.stats().size + q.stats().sent == 7
+
+
+def check_delete(q, requests_left) -> None:
+    """``q``: an empty queue; ``requests_left()``: how many request rows / payloads it stores. delete removes
+    records in any state, keeps the byte counter right, drops request rows with their last record and counts
+    neither as evicted nor as sent."""
+    originals = varied()
+    ids = q.put(originals)
+    metadata = {"camera": "9"}
+    pair = [dataclasses.replace(record(10), request_id="shared", metadata=metadata),
+            dataclasses.replace(record(11), request_id="shared", metadata=metadata)]
+    pair_ids = q.put(pair)
+    assert requests_left() == 8
+    q.claim_ids([ids[1]])
+    q.mark_sent([ids[2]])
+    before = q.stats()
+    assert q.delete([]) == 0
+    assert q.delete([ids[0], ids[1], ids[2], "no-such-id", ids[0]]) == 3  # pending, claimed, sent
+    s = q.stats()
+    freed = sum(own_bytes(r) + request_bytes(r) for r in originals[:2])  # the sent one no longer counted
+    assert (s.size, s.pending, s.claimed, s.sent) == (before.size - 2, before.pending - 1, 0, 0)
+    assert (s.accepted, s.evicted, s.rejected, s.bytes) == (before.accepted, 0, 0, before.bytes - freed)
+    assert q.get(ids[:3]) == [] and requests_left() == 5
+    assert q.delete(ids[:3]) == 0
+    # the first record of a request carries its bytes; the request row stays for the second
+    assert q.delete(pair_ids[:1]) == 1 and requests_left() == 5
+    assert q.stats().bytes == before.bytes - freed - own_bytes(pair[0]) - request_bytes(pair[0])
+    kept = q.get(pair_ids[1:])[0]
+    assert (kept.request_id, kept.metadata) == ("shared", metadata)
+    assert q.delete(pair_ids[1:]) == 1 and requests_left() == 4
+    rest = originals[3:]
+    assert q.stats().bytes == sum(own_bytes(r) + request_bytes(r) for r in rest)
+    assert [r.id for r in q.select()] == ids[3:] and q.purge_sent() == 0
+    assert q.delete(ids[3:]) == 4
+    s = q.stats()
+    assert (s.size, s.sent, s.bytes, s.evicted, s.accepted) == (0, 0, 0, 0, 9) and q.summary() == []
+    assert requests_left() == 0
+
+
 def test_roundtrip_of_arrays_and_metadata(tmp_path):
     q = SQLiteQueue(tmp_path / "q.sqlite")
     originals = [record(0), record(1, flagged=False)]
@@ -460,4 +555,81 @@ def test_local_state_tells_whether_the_last_operation_failed(tmp_path, monkeypat
     assert q.local_state() == LocalQueueState(spool_backlog=0, reachable=False)
     q.stats()
     assert q.local_state().reachable
+    q.close()
+
+
+def test_select_filters_by_model_version_flag_and_time(tmp_path):
+    q = SQLiteQueue(tmp_path / "q.sqlite")
+    check_select_filters(q)
+    q.close()
+
+
+def test_summary_counts_groups_from_the_index_alone(tmp_path):
+    q = SQLiteQueue(tmp_path / "q.sqlite")
+    check_summary(q)
+    plan = q._db.execute("EXPLAIN QUERY PLAN SELECT model, version, state, flagged, COUNT(*), MIN(time), MAX(time) "
+                         "FROM records GROUP BY model, version, state, flagged").fetchall()
+    assert "COVERING INDEX records_group" in plan[0][-1]  # no row (no array) is read
+    plan = q._db.execute("EXPLAIN QUERY PLAN SELECT seq FROM records WHERE state = 'pending' AND model = 'x' "
+                         "ORDER BY seq LIMIT 5").fetchall()
+    assert "records_model_state_seq" in plan[0][-1]
+    q.close()
+
+
+def test_delete_any_state_keeps_bytes_and_request_rows_right(tmp_path):
+    path = tmp_path / "q.sqlite"
+    q = SQLiteQueue(path)
+    check_delete(q, lambda: len(requests_left(path)))
+    q.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM records").fetchone()[0] == 0
+        assert db.execute("SELECT value FROM counters WHERE name = 'bytes'").fetchone()[0] == 0
+
+
+def test_the_byte_counter_matches_the_rows_after_deletes(tmp_path):
+    path = tmp_path / "q.sqlite"
+    q = SQLiteQueue(path, max_size=6, full_policy="evict-oldest")
+    ids = [i for n in range(4) for i in q.put(big_request(3)[:1] + [alike(n), alike(n)])]
+    q.claim(2)
+    q.mark_sent(ids[-4:-1])
+    assert q.delete(ids[::2]) == 3  # some of them were evicted already
+    expected = q.stats().bytes
+    q.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT SUM(bytes) FROM records WHERE state != 'sent'").fetchone()[0] == expected
+    q = SQLiteQueue(path)
+    assert q.stats().bytes == expected > 0 and q.stats().evicted == 6
+    q.close()
+
+
+def test_an_old_file_gets_the_new_indexes_and_answers_the_new_reads(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:
+        db.executescript(OLD_SCHEMA)
+        olds = [record(0), record(1, flagged=False)]
+        for i, r in enumerate(olds):
+            db.execute("INSERT INTO records (id, time, model, version, flagged, state, input, logits, features, scores,"
+                       " decision, request_id, metadata) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                       (f"old{i}", r.time, r.model, r.version, int(r.flagged), PENDING, pack_array(r.input),
+                        pack_array(r.logits), pack_array(r.features), json.dumps(r.scores), json.dumps(r.decision),
+                        r.request_id, json.dumps(r.metadata)))
+    db.close()
+    q = SQLiteQueue(path)
+    assert [(r.version, r.flagged, r.count) for r in q.summary()] == [(1, True, 1), (2, False, 1)]
+    assert [r.id for r in q.select(model="digits", version=2)] == ["old1"]
+    assert q.delete(["old0"]) == 1 and q.stats().bytes == own_bytes(olds[1]) + request_bytes(olds[1])
+    q.close()
+    with sqlite3.connect(path) as db:
+        names = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    db.close()
+    assert {"records_group", "records_model_state_seq"} <= names
+
+
+def test_create_false_opens_only_an_existing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "sub" / "q.sqlite")):
+        SQLiteQueue(tmp_path / "sub" / "q.sqlite", create=False)
+    assert not (tmp_path / "sub").exists()
+    SQLiteQueue(tmp_path / "q.sqlite").close()
+    q = SQLiteQueue(tmp_path / "q.sqlite", create=False)
+    assert q.put([record(0)])[0] and q.stats().size == 1
     q.close()
