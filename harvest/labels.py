@@ -1,29 +1,46 @@
 """`oodguard labels import`: labels from the relabeling tool, joined with the queue, become a dataset.
 
-Reads a Label Studio JSON export (tasks with ``data.record_id`` and an annotation whose first result is a
-``choices`` value; cancelled annotations are skipped) or a plain CSV ``record_id,label`` (header optional).
-Each labeled record's queued model input is turned back into a uint8 image with its version's recorded
-preprocessing. Labels that are not classes of the model either become new classes (``new-classes``,
-appended in order of first appearance) or one explicit ``unknown`` class (``unknown``). The result is an
-``.npz`` with ``images``, ``labels`` and ``class_names`` that `oodguard train --data` reads.
+Reads every shape Label Studio exports, and a plain CSV (the format is detected and reported, see
+:func:`oodguard.harvest.label_studio.read_export`):
+
+* Label Studio JSON (tasks with ``data.record_id`` and ``annotations``): per task the most recent
+  non-cancelled annotation; its ``label`` choice and ``new_class`` text;
+* Label Studio JSON-MIN (flat rows: ``record_id``, ``label``, ``new_class``, ...);
+* Label Studio CSV (a header naming ``record_id`` and ``label`` among other columns);
+* plain CSV ``record_id,label`` (header optional).
+
+A Label Studio export comes from a project configured with the harvest's ``label_config.xml``, so each label
+must be one of its choices: a known class of the record's model version; ``new class``, whose name is the
+``new_class`` text (an error naming the record when it is empty); or ``not relevant``, left out of the dataset
+(and counted). Anything else is an error naming the label and the allowed choices. A plain CSV has no
+configured choices: labels that are not classes of the model are new classes, as ``new class`` names are.
+
+``policy`` says what new classes become: each its own class, appended in order of first appearance
+(``new-classes``), or one explicit ``unknown`` class (``unknown``).
+
+Rows naming record ids that are not in the queue are reported in the summary (count and first ids), or are an
+error with ``strict``. Each labeled record's queued model input is turned back into a uint8 image with its
+version's recorded preprocessing. The result is an ``.npz`` with ``images``, ``labels``, ``class_names`` and
+``record_ids`` that `oodguard train --data` reads.
 """
 
 from __future__ import annotations
 
-import csv
-import json
 import os
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from . import label_studio
+from .label_studio import NEW_CLASS, NOT_RELEVANT, read_export
 from .versions import CalibrationCache
 from oodguard.preprocess import Preprocessing
 
 POLICIES = ("new-classes", "unknown")
 UNKNOWN = "unknown"
+SHOWN = 5
 
 
 @dataclass
@@ -32,71 +49,108 @@ class ImportSummary:
     n: int
     class_names: list[str]
     new_classes: list[str]
-    missing_ids: list[str]
+    missing_ids: list[str]  # labeled record ids that are not in the queue
+    format: str = ""
+    not_relevant: int = 0  # records labeled "not relevant" (left out)
+    unlabeled: int = 0  # tasks / rows without a (non-cancelled) label
+    rows: int = 0  # tasks / rows in the export
+    new_class_counts: dict[str, int] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """The summary line `oodguard labels import` prints."""
+        parts = [f"read {self.format}: {self.rows} task(s)/row(s)",
+                 f"wrote {self.out_path}: {self.n} labeled images, classes {self.class_names}"]
+        if self.new_classes:
+            parts.append(f"new classes: {self.new_classes}")
+        if self.not_relevant:
+            parts.append(f"{self.not_relevant} 'not relevant' left out")
+        if self.unlabeled:
+            parts.append(f"{self.unlabeled} without a label skipped")
+        if self.missing_ids:
+            parts.append(f"{len(self.missing_ids)} labeled id(s) not in the queue were skipped "
+                         f"(first: {', '.join(self.missing_ids[:SHOWN])})")
+        return "; ".join(parts)
 
 
 def read_labels(path: Path) -> dict[str, str]:
-    path = Path(path)
-    text = path.read_text()
-    if path.suffix.lower() == ".json":
-        try:
-            tasks = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from exc
-        if not isinstance(tasks, list):
-            raise ValueError(f"{path}: a Label Studio export is a JSON list of tasks")
-        labels = {}
-        for task in tasks:
-            record_id = str((task.get("data") or {}).get("record_id", ""))
-            for annotation in task.get("annotations") or []:
-                if annotation.get("was_cancelled"):
-                    continue
-                choices = [r["value"]["choices"][0] for r in annotation.get("result") or []
-                           if r.get("type") == "choices" and r.get("value", {}).get("choices")]
-                if record_id and choices:
-                    labels[record_id] = str(choices[0])
-                    break
-        return labels
-    rows = [row for row in csv.reader(text.splitlines()) if row]
-    if rows and rows[0][:2] == ["record_id", "label"]:
-        rows = rows[1:]
-    bad = [i for i, row in enumerate(rows, 1) if len(row) != 2 or not row[0] or not row[1]]
-    if bad:
-        raise ValueError(f"{path}: rows {bad[:5]} are not 'record_id,label'")
-    return {row[0]: row[1] for row in rows}
+    """``record id → label`` as written in the export (``new class`` already replaced by its name); for
+    quick looks and tests. :func:`import_labels` also checks the labels against the model's classes."""
+    export = read_export(path)
+    return {i: (e.new_class or e.label) if e.label == NEW_CLASS and export.configured else e.label
+            for i, e in export.entries.items()}
 
 
-def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, policy: str = "new-classes") -> ImportSummary:
+def _preview(values: list[str]) -> str:
+    return ", ".join(values[:SHOWN]) + (f", ... ({len(values)} in all)" if len(values) > SHOWN else "")
+
+
+def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, policy: str = "new-classes",
+                  strict: bool = False) -> ImportSummary:
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
-    labels = read_labels(labels_path)
-    if not labels:
-        raise ValueError(f"{labels_path}: no labels found")
-    records = queue.get(list(labels))
+    export = read_export(labels_path)
+    if not export.entries:
+        raise ValueError(f"{labels_path} ({export.format}): no labels found: {export.rows} task(s)/row(s), none "
+                         "with a label" + (f" ({export.cancelled} only cancelled)" if export.cancelled else ""))
+    entries = export.entries
+    records = queue.get(list(entries))
     found = {r.id for r in records}
-    missing = [i for i in labels if i not in found]
+    missing = [i for i in entries if i not in found]
+    if missing and strict:
+        raise ValueError(f"{labels_path}: {len(missing)} labeled record id(s) are not in the queue: {_preview(missing)}")
     if not records:
-        raise ValueError(f"none of the {len(labels)} labeled record ids is in the queue")
+        raise ValueError(f"none of the {len(entries)} labeled record ids is in the queue (first: {_preview(missing)})")
     calibrations = CalibrationCache(repository)
     newest = max(records, key=lambda r: r.version)
     class_names = list(calibrations.get(newest.model, newest.version).class_names)
     new_classes: list[str] = []
-    images, targets = [], []
+    images, targets, ids = [], [], []
+    errors: list[str] = []
+    not_relevant = 0
     for record in records:
-        label = labels[record.id]
-        if label not in class_names:
+        entry = entries[record.id]
+        known = calibrations.get(record.model, record.version).class_names
+        label = entry.label
+        if export.configured:
+            if label == NOT_RELEVANT:
+                not_relevant += 1
+                continue
+            if label == NEW_CLASS:
+                if not entry.new_class:
+                    errors.append(f"{entry.where}: 'new class' without a name (the new_class text is empty)")
+                    continue
+                label = entry.new_class
+            elif label not in known:
+                errors.append(f"{entry.where}: label {label!r} is not one of the choices "
+                              f"{label_studio.allowed_labels(known)}")
+                continue
+        # a class of neither the newest version nor the record's own one is new: the policy decides its name
+        if label not in class_names and label not in known:
             label = label if policy == "new-classes" else UNKNOWN
-            if label not in class_names:
-                class_names.append(label)
-                new_classes.append(label)
+        if label not in class_names:
+            class_names.append(label)
+            new_classes.append(label)
         preprocessing = Preprocessing.from_dict(calibrations.get(record.model, record.version).model["preprocessing"])
         images.append(preprocessing.invert(record.input))
         targets.append(class_names.index(label))
+        ids.append(record.id)
+    if errors:
+        raise ValueError(f"{labels_path} ({export.format}): {len(errors)} bad label(s): " + "; ".join(errors[:SHOWN])
+                         + (" ..." if len(errors) > SHOWN else ""))
+    if not images:
+        raise ValueError(f"{labels_path} ({export.format}): no record is left to import "
+                         f"({not_relevant} 'not relevant', {len(missing)} not in the queue)")
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".npz", dir=out_path.parent)
     os.close(fd)
-    np.savez_compressed(tmp, images=np.stack(images), labels=np.asarray(targets, np.int64),
-                        class_names=np.asarray(class_names), record_ids=np.asarray([r.id for r in records]))
-    os.replace(tmp, out_path)
-    return ImportSummary(out_path, len(records), class_names, new_classes, missing)
+    try:
+        np.savez_compressed(tmp, images=np.stack(images), labels=np.asarray(targets, np.int64),
+                            class_names=np.asarray(class_names), record_ids=np.asarray(ids))
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    counts = {name: int(np.sum(np.asarray(targets) == class_names.index(name))) for name in new_classes}
+    return ImportSummary(out_path, len(images), class_names, new_classes, missing, export.format, not_relevant,
+                         export.unlabeled, export.rows, counts)

@@ -130,15 +130,22 @@ def _add_harvest_commands(sub) -> None:
 
     labels = sub.add_parser("labels", help="bring relabeled records back as a training dataset")
     labels_sub = labels.add_subparsers(dest="labels_command", required=True, metavar="ACTION")
-    imp = labels_sub.add_parser("import", help="Label Studio export or CSV record_id,label → dataset .npz",
+    imp = labels_sub.add_parser("import", help="Label Studio export (JSON, JSON-MIN, CSV) or CSV record_id,label → dataset .npz",
                                 description="Join labels with the queue's records and write images, labels and class names "
-                                "to an .npz that `oodguard train --data` reads. Labels outside the model's classes become new "
-                                "classes (default) or one 'unknown' class.")
-    imp.add_argument("file", type=Path, help="Label Studio JSON export or CSV record_id,label")
+                                "to an .npz that `oodguard train --data` reads. Reads Label Studio's JSON, JSON-MIN and CSV "
+                                "exports of a project set up with the harvest's label_config.xml (labels must be its "
+                                "choices: a known class, 'new class' with its name, or 'not relevant', which is left out) "
+                                "and a plain CSV record_id,label (header optional); the format found is printed. New "
+                                "classes (and a plain CSV's labels outside the model's classes) become classes of their "
+                                "own (default) or one 'unknown' class.")
+    imp.add_argument("file", type=Path, help="Label Studio export (JSON, JSON-MIN or CSV) or CSV record_id,label")
     imp.add_argument("--queue", required=True, help="queue URL the records were harvested from")
     imp.add_argument("--repository", type=Path, default=Path("model_repository"))
     imp.add_argument("--out", type=Path, required=True, help="dataset .npz to write")
-    imp.add_argument("--unknown-policy", choices=["new-classes", "unknown"], default="new-classes")
+    imp.add_argument("--unknown-policy", choices=["new-classes", "unknown"], default="new-classes",
+                     help="new classes: each a class of its own (default) or one 'unknown' class")
+    imp.add_argument("--strict", action="store_true",
+                     help="fail when the export names record ids that are not in the queue (default: report and skip)")
 
 
 def _strategy_params(pairs: list[str]) -> dict:
@@ -188,10 +195,8 @@ def _run_labels(args: argparse.Namespace) -> int:
     from oodguard.harvest.labels import import_labels
 
     with _harvest_queue(args.queue) as queue:
-        summary = import_labels(args.file, queue, args.repository, args.out, args.unknown_policy)
-    print(f"wrote {summary.out_path}: {summary.n} labeled images, classes {summary.class_names}"
-          + (f" (new: {summary.new_classes})" if summary.new_classes else "")
-          + (f"; {len(summary.missing_ids)} labeled ids not in the queue were skipped" if summary.missing_ids else ""))
+        summary = import_labels(args.file, queue, args.repository, args.out, args.unknown_policy, strict=args.strict)
+    print(summary.describe())
     return 0
 
 

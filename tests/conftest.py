@@ -37,7 +37,8 @@ def digits_export(tmp_path_factory):
 @pytest.fixture(scope="session")
 def digits_two_versions(digits_export, tmp_path_factory):
     """A repository holding the digits demo model twice: version 1 (digits 0-7, as ``digits_export``) and
-    version 2, retrained on digits 0-8 (an added class, '8', at index 8). Returns (repository, v2 record)."""
+    version 2, retrained on digits 0-8 (an added class, '8', at index 8). Returns (repository, v2 training
+    record, v2 checkpoint)."""
     import shutil
 
     from oodguard.export.pipeline import export_model, spec_from_training
@@ -50,7 +51,8 @@ def digits_two_versions(digits_export, tmp_path_factory):
                           epochs=30, seed=1, holdout=0.4, progress=lambda line: None)
     result = export_model(spec_from_training(work / CHECKPOINT_FILE, repository, "digits"), progress=lambda line: None)
     assert result.version == 2
-    return repository, record
+    return repository, record, work / CHECKPOINT_FILE
 
 
 from redis_fixtures import redis_server  # noqa: E402,F401  (the real redis-server fixture, for tests/serve and tests/integration)
+from label_studio_fixtures import label_studio  # noqa: E402,F401  (the real Label Studio server, for tests/integration)

@@ -26,7 +26,9 @@ def test_harvest_writes_images_manifest_and_label_studio_tasks(digits_export, tm
     tasks = json.loads((tmp_path / "out" / "tasks.json").read_text())
     assert [t["data"]["record_id"] for t in tasks] == result.ids
     for task, m in zip(tasks, manifest):
-        assert task["predictions"][0]["score"] == pytest.approx(m["scores"]["sisome"])
+        # Label Studio's convention: a confidence in [0, 1] (the class probability); the OOD score stays in data
+        assert task["data"]["ood_score"] == pytest.approx(m["scores"]["sisome"])
+        assert 0 <= task["predictions"][0]["score"] <= 1
         assert task["predictions"][0]["result"][0]["value"]["choices"] == [m["predicted_name"]]
     # sisom top-B takes the highest SISOMe scores of the pool: noise and unknown digits, no known digit
     assert sum(truth[i] == "known" for i in result.ids) == 0

@@ -6,6 +6,7 @@ import pytest
 from oodguard.cli import main
 from oodguard.datasets import load_dataset
 from oodguard.harvest.job import run_harvest
+from oodguard.harvest.label_studio import read_export
 from oodguard.harvest.labels import import_labels, read_labels
 
 from .queue_fixture import filled_queue
@@ -61,3 +62,140 @@ def test_labels_import_command_and_train_accept_the_dataset(digits_export, tmp_p
     assert main(["train", "--data", str(tmp_path / "data.npz"), "--epochs", "1", "--out", str(tmp_path / "retrain")]) == 0
     record = json.loads((tmp_path / "retrain" / "training.json").read_text())
     assert record["class_names"][-3:] == ["known", "unknown", "noise"]
+
+
+# --- every export shape, and what is wrong with an export -------------------------------------------------
+
+def ls_task(record_id, *annotations, task_id=1):
+    return {"id": task_id, "data": {"record_id": record_id, "image": "/data/local-files/?d=x.png"},
+            "annotations": list(annotations)}
+
+
+def ls_annotation(label, new_class=None, annotation_id=1, updated="2026-01-01T00:00:00Z", cancelled=False):
+    result = [{"from_name": "label", "to_name": "image", "type": "choices", "value": {"choices": [label]}}]
+    if new_class is not None:
+        result.append({"from_name": "new_class", "to_name": "image", "type": "textarea", "value": {"text": [new_class]}})
+    return {"id": annotation_id, "result": result, "was_cancelled": cancelled, "updated_at": updated}
+
+
+def test_the_format_is_detected(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([ls_task("a", ls_annotation("3"))]))
+    (tmp_path / "b.json").write_text(json.dumps([{"record_id": "a", "label": "3", "id": 1},
+                                                 {"record_id": "b", "label": {"choices": ["new class"]}, "new_class": "x"}]))
+    (tmp_path / "c.csv").write_text('annotation_id,id,image,label,new_class,ood_score,record_id\n'
+                                    '1,1,/i.png,3,,1.5,a\n2,2,/j.png,"{""choices"": [""new class""]}",x,2.5,b\n')
+    (tmp_path / "d.txt").write_text("a,3\nb,x\n")
+    found = {name: read_export(tmp_path / name) for name in ("a.json", "b.json", "c.csv", "d.txt")}
+    assert {n: e.format for n, e in found.items()} == {
+        "a.json": "Label Studio JSON", "b.json": "Label Studio JSON-MIN", "c.csv": "Label Studio CSV",
+        "d.txt": "plain CSV record_id,label"}
+    assert read_labels(tmp_path / "b.json") == read_labels(tmp_path / "c.csv") == {"a": "3", "b": "x"}
+
+
+def test_the_most_recent_non_cancelled_annotation_counts(tmp_path):
+    (tmp_path / "e.json").write_text(json.dumps([
+        ls_task("a", ls_annotation("1", annotation_id=1, updated="2026-01-01T10:00:00Z"),
+                ls_annotation("2", annotation_id=2, updated="2026-01-02T10:00:00Z"),
+                ls_annotation("3", annotation_id=3, updated="2026-01-03T10:00:00Z", cancelled=True)),
+        ls_task("b", ls_annotation("4", cancelled=True), task_id=2)]))
+    export = read_export(tmp_path / "e.json")
+    assert {i: e.label for i, e in export.entries.items()} == {"a": "2"}
+    assert (export.unlabeled, export.cancelled) == (1, 1)
+    rows = [{"record_id": "a", "label": "5", "annotation_id": 7, "updated_at": "2026-01-02T00:00:00Z"},
+            {"record_id": "a", "label": "6", "annotation_id": 8, "updated_at": "2026-01-03T00:00:00Z"},
+            {"record_id": "a", "label": "4", "annotation_id": 6, "updated_at": "2026-01-01T00:00:00Z"}]
+    (tmp_path / "min.json").write_text(json.dumps(rows))
+    assert read_labels(tmp_path / "min.json") == {"a": "6"}
+
+
+@pytest.mark.parametrize("text", ["", "  \n", "[]", "record_id,label\n",
+                                  "annotation_id,id,label,new_class,record_id\n"])
+def test_an_empty_export_is_a_clear_error(tmp_path, text):
+    (tmp_path / "export.json").write_text(text)
+    with pytest.raises(ValueError, match="the export is empty"):
+        import_labels(tmp_path / "export.json", None, tmp_path, tmp_path / "data.npz")
+
+
+def test_an_export_without_a_label_is_a_clear_error(tmp_path):
+    (tmp_path / "export.json").write_text(json.dumps([ls_task("a", ls_annotation("3", cancelled=True)),
+                                                      ls_task("b", task_id=2)]))
+    with pytest.raises(ValueError, match=r"no labels found: 2 task\(s\)/row\(s\), none with a label \(1 only cancelled\)"):
+        import_labels(tmp_path / "export.json", None, tmp_path, tmp_path / "data.npz")
+
+
+def test_a_label_studio_csv_without_a_label_column_has_no_labels(tmp_path):
+    (tmp_path / "export.csv").write_text("id,image,record_id\n1,/i.png,a\n")
+    with pytest.raises(ValueError, match=r"\(Label Studio CSV\): no labels found: 1 task"):
+        import_labels(tmp_path / "export.csv", None, tmp_path, tmp_path / "data.npz")
+
+
+def test_several_choices_and_tasks_of_no_harvest_are_errors(tmp_path):
+    (tmp_path / "m.json").write_text(json.dumps([{"record_id": "a", "label": {"choices": ["1", "2"]}}]))
+    with pytest.raises(ValueError, match=r"several choices \['1', '2'\]"):
+        read_export(tmp_path / "m.json")
+    (tmp_path / "t.json").write_text(json.dumps([{"id": 5, "data": {"image": "x"}, "annotations": []}]))
+    with pytest.raises(ValueError, match="task 5 has no data.record_id"):
+        read_export(tmp_path / "t.json")
+
+
+@pytest.fixture
+def small_queue(digits_export, tmp_path):
+    """9 queued digits records (version 1: classes '0'..'7') and the repository; ids in queue order."""
+    queue, truth, repository = filled_queue(digits_export, tmp_path / "q.sqlite", per_kind=3)
+    ids = [r.id for r in queue.select(state="pending")]
+    yield queue, ids, repository
+    queue.close()
+
+
+def test_a_label_outside_the_configured_choices_is_an_error(small_queue, tmp_path):
+    queue, ids, repository = small_queue
+    (tmp_path / "export.json").write_text(json.dumps([{"record_id": ids[0], "label": "3"},
+                                                      {"record_id": ids[1], "label": "giraffe"}]))
+    with pytest.raises(ValueError, match=rf"record {ids[1]}\): label 'giraffe' is not one of the choices "
+                                         r"\['0', '1', '2', '3', '4', '5', '6', '7', 'new class', 'not relevant'\]"):
+        import_labels(tmp_path / "export.json", queue, repository, tmp_path / "data.npz")
+    assert not (tmp_path / "data.npz").exists()
+    # a plain CSV has no configured choices: the same label is a new class there
+    (tmp_path / "labels.csv").write_text(f"{ids[0]},3\n{ids[1]},giraffe\n")
+    assert import_labels(tmp_path / "labels.csv", queue, repository, tmp_path / "data.npz").new_classes == ["giraffe"]
+
+
+def test_new_class_without_a_name_is_an_error_naming_the_record(small_queue, tmp_path):
+    queue, ids, repository = small_queue
+    (tmp_path / "export.json").write_text(json.dumps([ls_task(ids[0], ls_annotation("new class", "")),
+                                                      ls_task(ids[1], ls_annotation("new class", "shoe"), task_id=2)]))
+    with pytest.raises(ValueError, match=rf"task 1 \(record {ids[0]}, annotation 1\): 'new class' without a name"):
+        import_labels(tmp_path / "export.json", queue, repository, tmp_path / "data.npz")
+
+
+def test_new_classes_not_relevant_and_the_unknown_policy(small_queue, tmp_path):
+    queue, ids, repository = small_queue
+    rows = [{"record_id": ids[0], "label": "3"}, {"record_id": ids[1], "label": "new class", "new_class": " shoe "},
+            {"record_id": ids[2], "label": "not relevant"}, {"record_id": ids[3], "label": "new class", "new_class": "2"},
+            {"record_id": ids[4], "label": "new class", "new_class": "hat"}]
+    (tmp_path / "export.json").write_text(json.dumps(rows))
+    summary = import_labels(tmp_path / "export.json", queue, repository, tmp_path / "data.npz")
+    assert (summary.format, summary.n, summary.not_relevant, summary.new_classes) == (
+        "Label Studio JSON-MIN", 4, 1, ["shoe", "hat"])
+    assert "1 'not relevant' left out" in summary.describe()
+    data = np.load(tmp_path / "data.npz")
+    names = list(data["class_names"])
+    assert dict(zip(data["record_ids"], (names[i] for i in data["labels"]))) == {
+        ids[0]: "3", ids[1]: "shoe", ids[3]: "2", ids[4]: "hat"}  # a 'new class' named like a known one is that one
+    summary = import_labels(tmp_path / "export.json", queue, repository, tmp_path / "unknown.npz", "unknown")
+    assert summary.new_classes == ["unknown"] and summary.class_names[-1] == "unknown"
+
+
+def test_record_ids_not_in_the_queue_are_reported_or_refused(small_queue, tmp_path):
+    queue, ids, repository = small_queue
+    tasks = [ls_task(ids[0], ls_annotation("3"))] + [ls_task(f"gone-{n}", ls_annotation("1"), task_id=n + 2)
+                                                     for n in range(7)]
+    (tmp_path / "export.json").write_text(json.dumps(tasks))
+    summary = import_labels(tmp_path / "export.json", queue, repository, tmp_path / "data.npz")
+    assert summary.n == 1 and summary.missing_ids == [f"gone-{n}" for n in range(7)]
+    assert "7 labeled id(s) not in the queue were skipped (first: gone-0, gone-1, gone-2, gone-3, gone-4)" in summary.describe()
+    with pytest.raises(ValueError, match=r"7 labeled record id\(s\) are not in the queue: gone-0, .* \(7 in all\)"):
+        import_labels(tmp_path / "export.json", queue, repository, tmp_path / "strict.npz", strict=True)
+    (tmp_path / "none.json").write_text(json.dumps(tasks[1:]))
+    with pytest.raises(ValueError, match="none of the 7 labeled record ids is in the queue"):
+        import_labels(tmp_path / "none.json", queue, repository, tmp_path / "none.npz")

@@ -22,7 +22,7 @@ def mixed_queue(digits_two_versions, tmp_path):
     """12 digits queued by v1, 8 by v2, and 5 of another model 'other' (served as v1 of a copy)."""
     import shutil
 
-    repository, _ = digits_two_versions
+    repository, _, _ = digits_two_versions
     repo = tmp_path / "repo"
     shutil.copytree(repository, repo)
     shutil.copytree(repo / "digits", repo / "other")
