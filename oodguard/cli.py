@@ -146,6 +146,27 @@ def _add_harvest_commands(sub) -> None:
                      help="new classes: each a class of its own (default) or one 'unknown' class")
     imp.add_argument("--strict", action="store_true",
                      help="fail when the export names record ids that are not in the queue (default: report and skip)")
+    for name, text in (("push", "create a Label Studio project from a harvest folder (its label_config.xml) and import "
+                                "its tasks.json"),
+                       ("pull", "download a Label Studio project's export (what `labels import` reads)")):
+        command = labels_sub.add_parser(name, help=text, description=text + ". The API token is read from the "
+                                        "environment variable --token-env (Label Studio: Account & Settings → Access "
+                                        "Token; start the server with --enable-legacy-api-token).")
+        command.add_argument("--label-studio", required=True, metavar="URL", help="Label Studio's address, e.g. "
+                             "http://127.0.0.1:8080")
+        command.add_argument("--token-env", default="LABEL_STUDIO_API_KEY",
+                             help="environment variable holding the API token (default LABEL_STUDIO_API_KEY)")
+        if name == "push":
+            command.add_argument("harvest", type=Path, help="a harvest output folder")
+            command.add_argument("--local-files-root", type=Path, default=Path("/"),
+                                 help="the server's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT, as given to harvest "
+                                      "(default /)")
+            command.add_argument("--title", help="project title (default: oodguard <harvest folder name>)")
+        else:
+            command.add_argument("--project", type=int, required=True, help="project id (printed by push)")
+            command.add_argument("--format", choices=["JSON", "JSON_MIN", "CSV"], default="JSON",
+                                 help="export format (default JSON)")
+            command.add_argument("--out", type=Path, required=True, help="file to write")
 
 
 def _strategy_params(pairs: list[str]) -> dict:
@@ -192,11 +213,37 @@ def _run_harvest(args: argparse.Namespace) -> int:
 
 
 def _run_labels(args: argparse.Namespace) -> int:
+    if args.labels_command in ("push", "pull"):
+        return _run_label_studio(args)
     from oodguard.harvest.labels import import_labels
 
     with _harvest_queue(args.queue) as queue:
         summary = import_labels(args.file, queue, args.repository, args.out, args.unknown_policy, strict=args.strict)
     print(summary.describe())
+    return 0
+
+
+def _run_label_studio(args: argparse.Namespace) -> int:
+    import os
+
+    from oodguard.harvest.label_studio_client import LabelStudioClient, LabelStudioError, push_harvest
+
+    token = os.environ.get(args.token_env, "")
+    if not token:
+        raise ValueError(f"set {args.token_env} to a Label Studio API token (Account & Settings → Access Token)")
+    client = LabelStudioClient(args.label_studio, token)
+    try:
+        if args.labels_command == "push":
+            project = push_harvest(client, args.harvest, args.local_files_root, args.title)
+            print(f"project {project}: {client.url}/projects/{project}/data (label there, then "
+                  f"`oodguard labels pull --label-studio {client.url} --project {project} --out export.json`)")
+            return 0
+        data = client.export(args.project, args.format)
+    except LabelStudioError as exc:
+        raise ValueError(f"Label Studio: {exc}") from None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_bytes(data)
+    print(f"wrote {args.out}: {len(data)} bytes, Label Studio {args.format} export of project {args.project}")
     return 0
 
 

@@ -21,21 +21,20 @@ How the server is set up (Label Studio 1.23):
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
 import socket
 import subprocess
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
+
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from missing import missing
+
+from oodguard.harvest.label_studio_client import LabelStudioClient, LabelStudioError
 
 ROOT = Path(__file__).resolve().parents[1]
 USERNAME = "oodguard-tests@example.com"
@@ -63,18 +62,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class LabelStudioError(RuntimeError):
-    """An API call answered with an error status."""
-
-    def __init__(self, method: str, path: str, status: int, body: bytes):
-        super().__init__(f"{method} {path}: HTTP {status}: {body[:2000].decode(errors='replace')}")
-        self.status, self.body = status, body
-
-
 @dataclass
-class LabelStudioServer:
+class LabelStudioServer(LabelStudioClient):
     """``start()`` returns once the API answers with the token; ``stop()`` is SIGTERM to its process group (then
-    SIGKILL). ``api()`` calls the REST API with the token."""
+    SIGKILL). The REST API calls are the product's own client (:class:`LabelStudioClient`), with the token."""
+
+    token = TOKEN
+    timeout_s = 60.0
 
     binary: Path
     data_dir: Path
@@ -169,75 +163,8 @@ class LabelStudioServer:
                 self.process.wait(10)
         self.process = None
 
-    # --- the REST API, with the token
-
-    def request(self, method: str, path: str, body=None, headers: dict | None = None, timeout: float = 60) -> tuple[int, bytes, dict]:
-        data = None
-        all_headers = {"Authorization": f"Token {TOKEN}", **(headers or {})}
-        if body is not None:
-            data = json.dumps(body).encode()
-            all_headers.setdefault("Content-Type", "application/json")
-        request = urllib.request.Request(self.url + path, data=data, method=method, headers=all_headers)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                return response.status, response.read(), dict(response.headers)
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read(), dict(exc.headers or {})
-
-    def api(self, method: str, path: str, body=None, timeout: float = 60):
-        """The JSON answer of a 2xx call; :class:`LabelStudioError` otherwise."""
-        status, data, _ = self.request(method, path, body, timeout=timeout)
-        if not 200 <= status < 300:
-            raise LabelStudioError(method, path, status, data)
-        return json.loads(data) if data else None
-
-    def add_local_storage(self, project_id: int, path: Path) -> dict:
-        """A Local Files storage of the project at ``path`` (a folder below ``document_root``, not the root itself),
-        so that Label Studio serves the files below it; not synced (tasks are imported with their URLs)."""
-        return self.api("POST", "/api/storages/localfiles", {
-            "project": project_id, "path": str(Path(path).resolve()), "title": "oodguard harvest images",
-            "use_blob_urls": False})
-
-    # --- what a test does with a project
-
-    def create_project(self, title: str, label_config: str) -> int:
-        """A new project with this labeling configuration; returns its id."""
-        return self.api("POST", "/api/projects", {"title": title, "label_config": label_config})["id"]
-
-    def import_tasks(self, project_id: int, tasks: list[dict]) -> dict:
-        """Import ``tasks`` (tasks.json as it is), after adding a Local Files storage for each folder their
-        local-files images are in (what a user does in the project's Cloud Storage settings)."""
-        storages = {s["path"] for s in self.api("GET", f"/api/storages/localfiles?project={project_id}")}
-        for folder in sorted({self.local_file(t["data"]["image"]).parent for t in tasks
-                              if str(t["data"].get("image", "")).startswith("/data/local-files/")}):
-            if str(folder) not in storages:
-                self.add_local_storage(project_id, folder)
-                storages.add(str(folder))
-        answer = self.api("POST", f"/api/projects/{project_id}/import", tasks, timeout=300)
-        assert answer["task_count"] == len(tasks), answer
-        return answer
-
-    def local_file(self, url: str) -> Path:
-        """The file a ``/data/local-files/?d=...`` URL names (below ``document_root``)."""
-        query = urllib.parse.urlparse(url).query
-        return self.document_root / urllib.parse.parse_qs(query)["d"][0]
-
-    def tasks(self, project_id: int) -> list[dict]:
-        """Every task of the project, in id order."""
-        out, page = [], 1
-        while True:
-            answer = self.api("GET", f"/api/tasks?project={project_id}&page={page}&page_size=100")
-            out.extend(answer["tasks"])
-            if len(out) >= answer["total"] or not answer["tasks"]:
-                return sorted(out, key=lambda t: t["id"])
-            page += 1
-
-    def get_bytes(self, url: str) -> bytes:
-        """GET a URL of the server (e.g. a task's ``data.image``) with the token; raises unless 200."""
-        status, data, _ = self.request("GET", url if url.startswith("/") else urllib.parse.urlparse(url).path)
-        if status != 200:
-            raise LabelStudioError("GET", url, status, data)
-        return data
+    def import_tasks(self, project_id: int, tasks: list[dict], local_files_root: Path | None = None) -> dict:
+        return super().import_tasks(project_id, tasks, local_files_root or self.document_root)
 
     def annotate(self, task_id: int, answer: dict) -> dict:
         """Submit an annotation: ``answer["label"]`` as the ``label`` choice (a list for several), with
@@ -251,14 +178,6 @@ class LabelStudioServer:
                            "value": {"text": [answer["new_class"]]}})
         return self.api("POST", f"/api/tasks/{task_id}/annotations",
                         {"result": result, "was_cancelled": bool(answer.get("cancelled"))})
-
-    def export(self, project_id: int, export_type: str) -> bytes:
-        """The project's export (``JSON``, ``JSON_MIN``, ``CSV``, ...) through the export API."""
-        status, data, _ = self.request("GET", f"/api/projects/{project_id}/export?exportType={export_type}",
-                                       timeout=300)
-        if status != 200:
-            raise LabelStudioError("GET", f"export {export_type}", status, data)
-        return data
 
 
 @pytest.fixture(scope="session")

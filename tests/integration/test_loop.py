@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from gateway_fixtures import GatewayThread
+from oodguard.cli import main
 from oodguard.datasets import load_dataset
 from oodguard.evaluation import uniform_noise
 from oodguard.harvest.export import ExportOptions
@@ -63,11 +64,21 @@ def wait_for_version(stub, version: int, timeout_s: float = 60.0) -> None:
     raise AssertionError(f"version {version} was not hot-reloaded within {timeout_s} s")
 
 
-def relabel_in_label_studio(label_studio, harvest_dir, queue, known: list[str], export_type: str, tmp_path):
+def relabel_in_label_studio(label_studio, harvest_dir, queue, known: list[str], export_type: str, tmp_path,
+                            monkeypatch, via_cli: bool = False):
     """Create a project from the harvest's config, import its tasks, annotate every task like our annotator,
-    export in ``export_type``; returns (the export file, the annotations sent by record id)."""
-    project = label_studio.create_project(f"harvest {harvest_dir.name}", (harvest_dir / "label_config.xml").read_text())
-    label_studio.import_tasks(project, json.loads((harvest_dir / "tasks.json").read_text()))
+    export in ``export_type`` (``via_cli``: push and pull with `oodguard labels push/pull`, as the README does);
+    returns (the export file, the annotations sent by record id)."""
+    path = tmp_path / f"export-{harvest_dir.name}-{export_type}.{'csv' if export_type == 'CSV' else 'json'}"
+    if via_cli:
+        monkeypatch.setenv("LABEL_STUDIO_API_KEY", label_studio.token)
+        assert main(["labels", "push", str(harvest_dir), "--label-studio", label_studio.url,
+                     "--local-files-root", str(label_studio.document_root)]) == 0
+        project = max(p["id"] for p in label_studio.api("GET", "/api/projects")["results"])
+    else:
+        project = label_studio.create_project(f"harvest {harvest_dir.name}",
+                                              (harvest_dir / "label_config.xml").read_text())
+        label_studio.import_tasks(project, json.loads((harvest_dir / "tasks.json").read_text()))
     tasks = label_studio.tasks(project)
     assert len(tasks) == len(json.loads((harvest_dir / "tasks.json").read_text()))
     # Label Studio serves the task images (local files below its document root)
@@ -78,8 +89,11 @@ def relabel_in_label_studio(label_studio, harvest_dir, queue, known: list[str], 
         answer = annotation_for(truth_of(records[t["data"]["record_id"]]), known)
         label_studio.annotate(t["id"], answer)
         sent[t["data"]["record_id"]] = answer
-    path = tmp_path / f"export-{harvest_dir.name}-{export_type}.{'csv' if export_type == 'CSV' else 'json'}"
-    path.write_bytes(label_studio.export(project, export_type))
+    if via_cli:
+        assert main(["labels", "pull", "--label-studio", label_studio.url, "--project", str(project),
+                     "--format", export_type, "--out", str(path)]) == 0
+    else:
+        path.write_bytes(label_studio.export(project, export_type))
     return path, sent
 
 
@@ -97,7 +111,7 @@ def imported(npz_path) -> dict[str, str]:
 
 @pytest.mark.parametrize("queue_kind", ["sqlite", "redis"])
 def test_the_loop_twice_through_the_real_gateway(queue_kind, digits_export, digits_two_versions, label_studio, redis_server,
-                                                 tmp_path, request):
+                                                 tmp_path, request, monkeypatch):
     _, _, v2_checkpoint = digits_two_versions
     repo = tmp_path / "repo"
     shutil.copytree(digits_export[2], repo)  # version 1 of 'digits' (digits 0-7) ...
@@ -130,7 +144,8 @@ def test_the_loop_twice_through_the_real_gateway(queue_kind, digits_export, digi
                          export=ExportOptions(local_files_root=label_studio.document_root))
         assert len(h1.ids) == 30 and h1.plan.version == 1
         assert {r.model for r in queue.get(h1.ids)} == {"digits"}
-        export_path, sent = relabel_in_label_studio(label_studio, root / "h1", queue, known_v1, "JSON", tmp_path)
+        export_path, sent = relabel_in_label_studio(label_studio, root / "h1", queue, known_v1, "JSON", tmp_path,
+                                                    monkeypatch, via_cli=True)
         summary = import_labels(export_path, queue, repo, tmp_path / "relabeled-1.npz")
         assert imported(summary.out_path) == expected_dataset(sent)
 
@@ -163,7 +178,8 @@ def test_the_loop_twice_through_the_real_gateway(queue_kind, digits_export, digi
     config = (root / "h2" / "label_config.xml").read_text()
     assert '<Choice value="8"' in config  # v2's classes
     for export_type in ("JSON_MIN", "CSV"):
-        export_path, sent = relabel_in_label_studio(label_studio, root / "h2", queue, known_v2, export_type, tmp_path)
+        export_path, sent = relabel_in_label_studio(label_studio, root / "h2", queue, known_v2, export_type, tmp_path,
+                                                    monkeypatch)
         summary = import_labels(export_path, queue, repo, tmp_path / f"relabeled-2-{export_type}.npz")
         assert imported(summary.out_path) == expected_dataset(sent)
         # old and new records keep their class names: '8' is a known class of v2, no longer a new one
