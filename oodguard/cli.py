@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
 from pathlib import Path
 
@@ -224,8 +225,6 @@ def _run_labels(args: argparse.Namespace) -> int:
 
 
 def _run_label_studio(args: argparse.Namespace) -> int:
-    import os
-
     from oodguard.harvest.label_studio_client import LabelStudioClient, LabelStudioError, push_harvest
 
     token = os.environ.get(args.token_env, "")
@@ -425,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"oodguard {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (`oodguard queue list | head`): stop quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -426,10 +426,11 @@ def _sheet(queue, args) -> int:
         sheet.paste(tile, ((n % columns) * width, (n // columns) * height))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(args.out, format="PNG")
+    legend = args.out.with_name(args.out.name + ".json")  # captions show 8 characters of an id: the full ones
+    legend.write_text(json.dumps([{"tile": n, "id": r.id, "model": r.model, "version": r.version,
+                                   "score": _score_text(r, args.score)} for n, r in enumerate(records, 1)], indent=1))
     print(f"wrote {args.out}: {len(tiles)} tile(s), {columns} x {rows} ({sheet.width}x{sheet.height} px), "
-          f"a sample of {total} matching {args.state} record(s) (seed {args.seed})")
-    for n, r in enumerate(records, 1):
-        print(f"{n:4d}  {r.id}  {r.model} v{r.version}  {_score_text(r, args.score)}")
+          f"a sample of {total} matching {args.state} record(s) (seed {args.seed}); tile ids in {legend}")
     return 0
 
 

@@ -167,10 +167,11 @@ def test_sheet_draws_the_inputs_undone_with_captions(filled, capsys, tmp_path):
     width, height = tile_shape(96)
     image = Image.open(out_png)
     assert image.format == "PNG" and image.size == (4 * width, 2 * height)  # 6 tiles: 4 + 2
-    lines = out.splitlines()
-    assert lines[0].startswith(f"wrote {out_png}: 6 tile(s), 4 x 2 ({4 * width}x{2 * height} px), a sample of 15 "
-                               "matching pending record(s) (seed 3)")
-    shown = [line.split()[1] for line in lines[1:]]
+    assert out.strip() == (f"wrote {out_png}: 6 tile(s), 4 x 2 ({4 * width}x{2 * height} px), a sample of 15 "
+                           f"matching pending record(s) (seed 3); tile ids in {out_png}.json")
+    legend = json.loads((tmp_path / "sheets" / "digits.png.json").read_text())
+    assert [t["tile"] for t in legend] == [1, 2, 3, 4, 5, 6]
+    shown = [t["id"] for t in legend]
     assert len(shown) == len(set(shown)) == 6 and set(shown) <= set(ids["digits"])
     # tile 1: the record's input turned back into pixels (28x28, scaled x96/28 with sharp pixels) and nothing else
     record = queue.get(shown[:1])[0]
