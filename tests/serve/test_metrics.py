@@ -275,7 +275,7 @@ class StubQueue(QueryQueue):
     """``stats()`` answers :data:`STATS` after ``read_s``, hangs (up to 5 s, as a Redis socket timeout) while
     ``responsive`` is clear, and raises while ``fail``; ``local_state()`` says 7 spooled records, unreachable."""
 
-    put = get = select = claim = claim_ids = release = mark_sent = purge_sent = None  # the metrics never call them
+    put = get = select = claim = claim_ids = release = mark_sent = purge_sent = summary = delete = None  # never called
 
     def __init__(self, read_s: float = 0.0):
         self.read_s, self.fail, self.reads = read_s, False, 0
