@@ -50,6 +50,23 @@ def wait_for(condition, timeout_s: float = 10.0, what: str = "condition") -> Non
         time.sleep(0.05)
 
 
+def write_old_entries(redis_server, olds) -> redis.Redis:
+    """Store ``olds`` as ids old0, old1, ... the way the put script before request rows wrote them (request id
+    and metadata inline, no byte count); returns the client."""
+    client = redis.Redis.from_url(redis_server.url)
+    for seq, (r, rid) in enumerate(zip(olds, [f"old{i}" for i in range(len(olds))]), start=1):
+        fields = {"seq": str(seq), "id": rid, "time": repr(r.time), "model": r.model, "version": str(r.version),
+                  "flagged": "1", "request_id": r.request_id, "metadata": json.dumps(r.metadata),
+                  "scores": json.dumps(r.scores), "decision": json.dumps(r.decision), "logits": pack_array(r.logits),
+                  "features": pack_array(r.features), "input": pack_array(r.input)}
+        client.xadd(f"{DEFAULT_PREFIX}:stream", fields, id=f"{seq}-0")
+        client.hset(f"{DEFAULT_PREFIX}:rec", rid, f"{seq}:1:pending")
+        client.zadd(f"{DEFAULT_PREFIX}:z:pending:1", {rid: seq})
+        client.sadd(f"{DEFAULT_PREFIX}:seen", rid)
+    client.set(f"{DEFAULT_PREFIX}:seq", len(olds))
+    return client
+
+
 def test_roundtrip_of_arrays_metadata_and_large_inputs(redis_server, tmp_path):
     # inline_max_bytes=2000: the (incompressible) 28x28 float input goes to its own key, logits stay inline
     q = make_queue(redis_server, tmp_path, inline_max_bytes=2000)
@@ -395,18 +412,8 @@ def test_a_spool_of_the_old_format_still_replays(redis_server, tmp_path):
 
 
 def test_records_stored_by_the_previous_version_still_work(redis_server, tmp_path):
-    client = redis.Redis.from_url(redis_server.url)
     olds = [record(0), record(1), record(2)]
-    for seq, (r, rid) in enumerate(zip(olds, ["old0", "old1", "old2"]), start=1):  # as the old put script wrote them
-        fields = {"seq": str(seq), "id": rid, "time": repr(r.time), "model": r.model, "version": str(r.version),
-                  "flagged": "1", "request_id": r.request_id, "metadata": json.dumps(r.metadata),
-                  "scores": json.dumps(r.scores), "decision": json.dumps(r.decision), "logits": pack_array(r.logits),
-                  "features": pack_array(r.features), "input": pack_array(r.input)}
-        client.xadd(f"{DEFAULT_PREFIX}:stream", fields, id=f"{seq}-0")
-        client.hset(f"{DEFAULT_PREFIX}:rec", rid, f"{seq}:1:pending")
-        client.zadd(f"{DEFAULT_PREFIX}:z:pending:1", {rid: seq})
-        client.sadd(f"{DEFAULT_PREFIX}:seen", rid)
-    client.set(f"{DEFAULT_PREFIX}:seq", 3)
+    client = write_old_entries(redis_server, olds)
     q = make_queue(redis_server, tmp_path, max_size=3, full_policy="evict-oldest")
     for rec, orig, rid in zip(q.get(["old0", "old1", "old2"]), olds, ["old0", "old1", "old2"]):
         assert_stored_as_put(rec, orig, rid)
@@ -544,18 +551,8 @@ def test_spooled_records_land_with_their_info(redis_server, tmp_path):
 
 
 def test_records_of_the_previous_version_are_counted_filtered_and_deleted(redis_server, tmp_path):
-    client = redis.Redis.from_url(redis_server.url)
     olds = [record(0), record(1), dataclasses.replace(record(2), model="cifar")]
-    for seq, (r, rid) in enumerate(zip(olds, ["old0", "old1", "old2"]), start=1):  # as the old put script wrote them
-        fields = {"seq": str(seq), "id": rid, "time": repr(r.time), "model": r.model, "version": str(r.version),
-                  "flagged": "1", "request_id": r.request_id, "metadata": json.dumps(r.metadata),
-                  "scores": json.dumps(r.scores), "decision": json.dumps(r.decision), "logits": pack_array(r.logits),
-                  "features": pack_array(r.features), "input": pack_array(r.input)}
-        client.xadd(f"{DEFAULT_PREFIX}:stream", fields, id=f"{seq}-0")
-        client.hset(f"{DEFAULT_PREFIX}:rec", rid, f"{seq}:1:pending")
-        client.zadd(f"{DEFAULT_PREFIX}:z:pending:1", {rid: seq})
-        client.sadd(f"{DEFAULT_PREFIX}:seen", rid)
-    client.set(f"{DEFAULT_PREFIX}:seq", 3)
+    client = write_old_entries(redis_server, olds)
     q = make_queue(redis_server, tmp_path)
     new = q.put([record(3)])
     rows = [(r.model, r.version, r.state, r.count, r.oldest, r.newest) for r in q.summary()]

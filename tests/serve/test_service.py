@@ -248,15 +248,19 @@ def test_a_burst_above_the_limits_is_refused_at_once_and_counted(start_gateway, 
     assert metric(gw, "oodguard_requests_total", model="digits", version="1", code="OK") == 24 - len(refused)
 
 
-def test_items_in_flight_are_bounded(start_gateway, repo_copy):
-    gw = start_gateway(repo_copy, max_wait_ms=400, max_inflight_items=20)
-    request = pb.PredictRequest(tensor=tensor(noise(8)))
+def concurrent_refusals(gw, request: pb.PredictRequest, n: int) -> list[grpc.RpcError]:
+    """Send ``request`` ``n`` times at once (on a connected channel); the errors of the refused calls."""
     with grpc.insecure_channel(gw.target) as channel:
         stub = pb_grpc.OODGuardStub(channel)
         stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
-        with ThreadPoolExecutor(6) as pool:
-            errors = list(pool.map(lambda _: _error(lambda: stub.Predict(request, timeout=10)), range(6)))
-    refused = [e for e in errors if e is not None]
+        with ThreadPoolExecutor(n) as pool:
+            errors = list(pool.map(lambda _: _error(lambda: stub.Predict(request, timeout=10)), range(n)))
+    return [e for e in errors if e is not None]
+
+
+def test_items_in_flight_are_bounded(start_gateway, repo_copy):
+    gw = start_gateway(repo_copy, max_wait_ms=400, max_inflight_items=20)
+    refused = concurrent_refusals(gw, pb.PredictRequest(tensor=tensor(noise(8))), 6)
     assert {e.code() for e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert all("items in progress" in e.details() for e in refused)
     assert 6 - len(refused) >= 2 and len(refused) >= 2
@@ -306,12 +310,7 @@ def test_request_bytes_in_flight_are_bounded(start_gateway, repo_copy):
     gw = start_gateway(repo_copy, max_wait_ms=400, max_inflight_bytes=3 * 2**20, max_message_bytes=4 * 2**20,
                        max_metadata_bytes=2 * 2**20)
     request = pb.PredictRequest(tensor=tensor(noise(1)), metadata={"pad": "x" * 2**20})  # 1 MB each
-    with grpc.insecure_channel(gw.target) as channel:
-        stub = pb_grpc.OODGuardStub(channel)
-        stub.ModelInfo(pb.ModelInfoRequest(), timeout=10)
-        with ThreadPoolExecutor(6) as pool:
-            errors = list(pool.map(lambda _: _error(lambda: stub.Predict(request, timeout=10)), range(6)))
-    refused = [e for e in errors if e is not None]
+    refused = concurrent_refusals(gw, request, 6)
     assert {e.code() for e in refused} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
     assert all("request bytes in progress" in e.details() for e in refused)
     assert 6 - len(refused) <= 2 and len(refused) >= 3  # at most two 1 MB bodies fit under 3 MB at a time
