@@ -200,7 +200,8 @@ def spec_from_training(checkpoint: Path, repository: Path, model_name: str, **ov
         bank_data=record.part(data, "train"),
         calibration_data=record.part(data, "calibration"),
         seed=record.seed,
-        provenance={"training_data": record.data, "training_classes": record.classes},
+        provenance={"training_data": record.data, "training_classes": record.classes,
+                    **({"test_accuracy": record.test_accuracy} if record.test_accuracy else {})},
         **overrides,
     )
 

@@ -68,13 +68,15 @@ def train_classifier(
     seed: int = 0,
     progress: Callable[[str], None] | None = print,
     report_every_s: float = 10.0,
+    validation: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> list[dict]:
     """Train ``model`` in place on ``images`` ``[N, C, H, W]`` float and ``labels`` ``[N]`` int.
 
-    Reports one line per epoch to ``progress`` (epoch, mean loss, training accuracy, seconds),
-    plus an intermediate line whenever ``report_every_s`` seconds pass within an epoch.
-    Returns one ``{"epoch", "loss", "accuracy", "seconds"}`` dict per epoch; leaves the model
-    in eval mode.
+    Reports one line per epoch to ``progress`` (epoch, mean loss, training accuracy, validation accuracy
+    when ``validation`` = (images, labels) is given, seconds), plus an intermediate line whenever
+    ``report_every_s`` seconds pass within an epoch. Returns one ``{"epoch", "loss", "accuracy",
+    ["validation_accuracy",] "seconds"}`` dict per epoch; leaves the model in eval mode. The validation
+    accuracy is only reported: nothing is chosen by it.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -119,16 +121,16 @@ def train_classifier(
                         f"acc {correct / seen:.4f}  {now - start:.1f}s"
                     )
                     last_report = now
-            record = {
-                "epoch": epoch,
-                "loss": loss_sum / seen,
-                "accuracy": correct / seen,
-                "seconds": time.monotonic() - start,
-            }
+            record = {"epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen}
+            if validation is not None:
+                record["validation_accuracy"] = accuracy(model, *validation)["overall"]
+                model.train()
+            record["seconds"] = time.monotonic() - start
             history.append(record)
             report(
                 f"epoch {epoch}/{epochs}  loss {record['loss']:.4f}  acc {record['accuracy']:.4f}  "
-                f"{record['seconds']:.1f}s"
+                + (f"val acc {record['validation_accuracy']:.4f}  " if validation is not None else "")
+                + f"{record['seconds']:.1f}s"
             )
     finally:
         model.eval()
@@ -161,3 +163,15 @@ def predict_logits(model: Classifier, images: np.ndarray, batch_size: int = 256)
         for first in range(0, images.shape[0], batch_size)
     ]
     return np.concatenate(logits)
+
+
+def accuracy(model: Classifier, images: np.ndarray, labels: np.ndarray,
+             class_names: list[str] | None = None) -> dict:
+    """Top-1 accuracy of ``model`` on ``images`` / ``labels``: ``{"overall", "n", "per_class": {name: acc}}``
+    (a class without samples is left out of ``per_class``)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    predicted = predict_logits(model, images).argmax(axis=1)
+    names = class_names or [str(c) for c in range(model.head.out_features)]
+    per_class = {names[c]: float(np.mean(predicted[labels == c] == c)) for c in range(len(names)) if np.any(labels == c)}
+    return {"overall": float(np.mean(predicted == labels)) if len(labels) else float("nan"), "n": int(len(labels)),
+            "per_class": per_class}

@@ -2,7 +2,9 @@
 
 Writes ``<out>/checkpoint.pt`` (the classifier's state dict) and ``<out>/training.json``: backbone
 factory, class names, the preprocessing (recorded explicitly), the dataset spec and class selection,
-the seed, and the disjoint split (train / calibration / test indices into the class-selected dataset).
+the seed, the disjoint split (train / calibration / test indices into the class-selected dataset), the
+history (loss, training and validation accuracy per epoch; validation = the calibration split, reported
+only) and the test split's accuracy, overall and per class (export carries it into calibration.json).
 Export draws the feature bank from ``train`` and calibrates on ``calibration``; ``test`` stays unseen
 for evaluation.
 """
@@ -21,7 +23,7 @@ from oodguard.datasets import Dataset, load_dataset, stratified_split
 from oodguard.preprocess import Preprocessing
 
 from .backbones import BUILTIN_BACKBONES, Classifier, resolve_factory, save_checkpoint
-from .train import train_classifier
+from .train import accuracy, train_classifier
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RECORD_FILE = "training.json"
@@ -39,6 +41,8 @@ class TrainingRecord:
     splits: dict[str, list[int]]
     checkpoint_sha256: str = ""
     history: list[dict] = field(default_factory=list)
+    #: top-1 accuracy of the trained classifier on the test split: {"overall", "n", "per_class": {name: acc}}
+    test_accuracy: dict = field(default_factory=dict)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)) + "\n")
@@ -109,10 +113,17 @@ def run_training(
     )
     torch.manual_seed(seed)
     model = Classifier(net, len(class_names), feature_dim=getattr(net, "feature_dim", None))
+    # the calibration split doubles as the validation set: its accuracy per epoch is reported, never used
+    calibration_part = dataset.take(cal_idx)
     history = train_classifier(
         model, prep.apply(train_part.images), train_part.labels,
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
+        validation=(prep.apply(calibration_part.images), calibration_part.labels),
     )
+    test_part = dataset.take(test_idx)
+    test_accuracy = accuracy(model, prep.apply(test_part.images), test_part.labels, list(class_names))
+    progress(f"test accuracy {test_accuracy['overall']:.4f} on {test_accuracy['n']} images; per class: "
+             + ", ".join(f"{name} {acc:.3f}" for name, acc in test_accuracy["per_class"].items()))
     out_dir.mkdir(parents=True, exist_ok=True)
     record = TrainingRecord(
         backbone=factory_ref,
@@ -124,6 +135,7 @@ def run_training(
         splits={"train": train_idx.tolist(), "calibration": cal_idx.tolist(), "test": test_idx.tolist()},
         checkpoint_sha256=save_checkpoint(model, out_dir / CHECKPOINT_FILE),
         history=history,
+        test_accuracy=test_accuracy,
     )
     record.save(out_dir / RECORD_FILE)
     progress(f"saved {out_dir / CHECKPOINT_FILE} and {out_dir / RECORD_FILE}")

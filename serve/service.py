@@ -364,6 +364,11 @@ class OODGuardService:
                 served = versions[model][number]
                 info = spec.versions.add(version=number, class_names=list(served.class_names), outputs=list(served.outputs))
                 meta = served.calibration.model
+                accuracy = meta.get("test_accuracy")
+                if accuracy:
+                    info.test_accuracy.overall = float(accuracy["overall"])
+                    info.test_accuracy.n = int(accuracy["n"])
+                    info.test_accuracy.per_class.update({str(k): float(v) for k, v in accuracy["per_class"].items()})
                 info.input.name = str(meta["input"].get("name", "input"))
                 info.input.dtype = str(meta["input"].get("dtype", "float32"))
                 info.input.shape.extend(served.input_shape)

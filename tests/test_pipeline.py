@@ -29,6 +29,7 @@ def test_calibration_file_records_thresholds_and_model_metadata(digits_export):
     assert {"mu_r", "sd_r", "mu_E", "sd_E", "r_avg"} <= set(model["score_params"]["sisome"])
     assert model["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert model["exported_at"] and model["oodguard_version"] and model["version"] == 1
+    assert model["test_accuracy"] == record.test_accuracy and model["test_accuracy"]["overall"] > 0.9
     n_cal = len(record.splits["calibration"])
     for name, threshold in result.calibration.thresholds.items():
         assert threshold.n == n_cal and threshold.target_tpr == 0.95

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from oodguard.export.backbones import Classifier, lenet5
-from oodguard.export.train import extract, predict_logits, train_classifier
+from oodguard.export.train import accuracy, extract, predict_logits, train_classifier
 
 N_PER_CLASS = 100
 EPOCHS = 4
@@ -52,6 +52,25 @@ def test_learns_separable_problem(data: tuple[np.ndarray, np.ndarray]) -> None:
     assert not model.training
     # Eval-mode predictions agree with the training-time accuracy.
     assert (predict_logits(model, images).argmax(axis=1) == labels).mean() > 0.9
+
+
+def test_validation_accuracy_per_epoch_and_accuracy_per_class(data: tuple[np.ndarray, np.ndarray]) -> None:
+    images, labels = data
+    model = _fresh_model()
+    lines: list[str] = []
+    history = train_classifier(model, images[::2], labels[::2], epochs=2, batch_size=32, lr=3e-3,
+                               progress=lines.append, validation=(images[1::2], labels[1::2]))
+    assert all(set(h) == {"epoch", "loss", "accuracy", "validation_accuracy", "seconds"} for h in history)
+    assert all(re.search(r"val acc \d\.\d{4}", line) for line in lines) and not model.training
+    predicted = predict_logits(model, images[1::2]).argmax(axis=1)
+    assert history[-1]["validation_accuracy"] == pytest.approx(float(np.mean(predicted == labels[1::2])))
+    report = accuracy(model, images[1::2], labels[1::2], ["h", "v", "square"])
+    assert report["n"] == 150 and report["overall"] == pytest.approx(history[-1]["validation_accuracy"])
+    for c, name in enumerate(["h", "v", "square"]):
+        mask = labels[1::2] == c
+        assert report["per_class"][name] == pytest.approx(float(np.mean(predicted[mask] == c)))
+    # a class without samples is left out
+    assert set(accuracy(model, images[labels == 0], labels[labels == 0])["per_class"]) == {"0"}
 
 
 def test_same_seed_gives_identical_weights(data: tuple[np.ndarray, np.ndarray]) -> None:

@@ -16,8 +16,15 @@ def test_record_has_disjoint_stratified_splits_and_preprocessing(digits_export):
     assert record.class_names == [str(c) for c in range(8)]
     assert record.preprocessing["height"] == 28 and record.preprocessing["channels"] == 1
     assert record.history[-1]["accuracy"] > 0.95
+    assert record.history[-1]["validation_accuracy"] > 0.9  # on the calibration split, reported only
+    acc = record.test_accuracy
+    assert acc["n"] == len(test) and set(acc["per_class"]) == set(record.class_names) and acc["overall"] > 0.9
+    # the overall accuracy is the per-class ones weighted by the test split's class counts
+    counts = np.bincount(data.labels[record.splits["test"]], minlength=8)
+    assert acc["overall"] == pytest.approx(sum(counts[c] * acc["per_class"][str(c)] for c in range(8)) / counts.sum())
     loaded = TrainingRecord.load(checkpoint.with_name(RECORD_FILE))
     assert loaded.splits == record.splits and loaded.checkpoint_sha256 == record.checkpoint_sha256
+    assert loaded.test_accuracy == record.test_accuracy
     labels = data.labels
     for cls in range(8):  # calibration holds ~20% of every class
         share = np.mean(labels[record.splits["calibration"]] == cls) / np.mean(labels == cls)

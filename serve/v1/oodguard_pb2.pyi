@@ -202,19 +202,38 @@ class ThresholdInfo(_message.Message):
     deciding: bool
     def __init__(self, score: _Optional[str] = ..., threshold: _Optional[float] = ..., target_tpr: _Optional[float] = ..., n: _Optional[int] = ..., accepted: _Optional[int] = ..., achieved_tpr: _Optional[float] = ..., achieved_tpr_ci95_low: _Optional[float] = ..., achieved_tpr_ci95_high: _Optional[float] = ..., deciding: _Optional[bool] = ...) -> None: ...
 
+class Accuracy(_message.Message):
+    __slots__ = ("overall", "n", "per_class")
+    class PerClassEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    OVERALL_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    PER_CLASS_FIELD_NUMBER: _ClassVar[int]
+    overall: float
+    n: int
+    per_class: _containers.ScalarMap[str, float]
+    def __init__(self, overall: _Optional[float] = ..., n: _Optional[int] = ..., per_class: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
 class VersionInfo(_message.Message):
-    __slots__ = ("version", "input", "class_names", "thresholds", "outputs")
+    __slots__ = ("version", "input", "class_names", "thresholds", "outputs", "test_accuracy")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     INPUT_FIELD_NUMBER: _ClassVar[int]
     CLASS_NAMES_FIELD_NUMBER: _ClassVar[int]
     THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
+    TEST_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     version: int
     input: InputSpec
     class_names: _containers.RepeatedScalarFieldContainer[str]
     thresholds: _containers.RepeatedCompositeFieldContainer[ThresholdInfo]
     outputs: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, version: _Optional[int] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., thresholds: _Optional[_Iterable[_Union[ThresholdInfo, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ...) -> None: ...
+    test_accuracy: Accuracy
+    def __init__(self, version: _Optional[int] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., class_names: _Optional[_Iterable[str]] = ..., thresholds: _Optional[_Iterable[_Union[ThresholdInfo, _Mapping]]] = ..., outputs: _Optional[_Iterable[str]] = ..., test_accuracy: _Optional[_Union[Accuracy, _Mapping]] = ...) -> None: ...
 
 class ModelSpec(_message.Message):
     __slots__ = ("name", "versions", "latest_version")

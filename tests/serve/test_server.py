@@ -227,6 +227,10 @@ def test_health_reflection_and_model_info(gateway):
     assert version.version == 1 and list(version.class_names) == [str(i) for i in range(8)]
     assert list(version.input.shape) == [1, 28, 28] and version.input.dtype == "float32" and version.input.max_batch_size == 64
     assert version.input.preprocessing.height == 28 and version.input.preprocessing.mean[0] == pytest.approx(cal.model["preprocessing"]["mean"][0])
+    # the training run's test accuracy, recorded in calibration.json by export
+    accuracy = cal.model["test_accuracy"]
+    assert version.test_accuracy.overall == pytest.approx(accuracy["overall"]) and accuracy["overall"] > 0.9
+    assert version.test_accuracy.n == accuracy["n"] and dict(version.test_accuracy.per_class) == pytest.approx(accuracy["per_class"])
     thresholds = {t.score: t for t in version.thresholds}
     assert list(thresholds) == cal.model["scores"]
     for name, t in thresholds.items():
