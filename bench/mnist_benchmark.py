@@ -199,8 +199,8 @@ def main(argv=None) -> int:
     seconds["export_full"] = sum(full.seconds.values())
     scorer = VersionScorer(full.version_dir)
     log("evaluating")
-    in_dist, scored = score_sets(scorer, mnist_test, oods, seed=args.seed)
-    evaluation = build_report(scorer, mnist_test, in_dist, oods, scored)
+    in_dist, scored, id_info = score_sets(scorer, mnist_test, oods, seed=args.seed)
+    evaluation = build_report(scorer, mnist_test, in_dist, oods, scored, id_info)
     figure(scorer, in_dist, scored[:3], args.out / "mnist_scores.png")
     seconds["evaluate"] = time.perf_counter() - start - seconds["train"] - seconds["export_full"]
 

@@ -86,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="an OOD set; PATH is a dataset spec or synthetic:uniform|blobs[:COUNT]; repeatable")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of synthetic sets")
+    evaluate.add_argument("--classes", type=_classes, help="the labels of the ID set the model knows, e.g. 0-7: others "
+                          "are left out of the ID set and reported (default: all; labels the model lacks are warned about)")
 
     serve = sub.add_parser("serve", help="run the gRPC gateway (embedded ONNX Runtime or Triton backend)",
                            description="Serve the model repository over gRPC (oodguard.v1.OODGuard + health + reflection): "
@@ -355,7 +357,7 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         raise ValueError("give at least one --ood NAME=PATH[:near|far]")
     oods = [evaluation.parse_ood(text) for text in args.ood]
     scorer = evaluation.VersionScorer(evaluation.resolve_version(args.repository, args.model, args.version))
-    report = evaluation.evaluate(scorer, args.id_spec, oods, seed=args.seed)
+    report = evaluation.evaluate(scorer, args.id_spec, oods, seed=args.seed, classes=args.classes)
     print(json.dumps(report, indent=1) if args.json else evaluation.format_report(report))
     return 0
 

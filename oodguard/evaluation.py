@@ -29,6 +29,7 @@ class ScoredSet:
     name: str
     scores: dict[str, np.ndarray]
     conversion: list[str]
+    logits: np.ndarray | None = None
 
 
 class VersionScorer:
@@ -47,7 +48,7 @@ class VersionScorer:
     def score(self, name: str, dataset: Dataset) -> ScoredSet:
         outputs = self.model.run(self.preprocessing.apply(dataset.images))
         conversion = self.preprocessing.conversion_steps(dataset.images.shape[1:])
-        return ScoredSet(name, {s: outputs[s] for s in self.score_names}, conversion)
+        return ScoredSet(name, {s: outputs[s] for s in self.score_names}, conversion, outputs["logits"])
 
 
 def compare(scorer: VersionScorer, in_dist: ScoredSet, ood: ScoredSet) -> dict[str, dict[str, float]]:
@@ -135,18 +136,67 @@ def resolve_version(repository: str | Path, model: str, version: int | None) -> 
     return version_dir(repository, model, version)
 
 
-def score_sets(scorer: VersionScorer, id_spec: str, oods: list[OodSet], seed: int = 0) -> tuple[ScoredSet, list[ScoredSet]]:
-    """Score the ID set and every OOD set with the exported model."""
-    in_dist = scorer.score("id", resolve_dataset(id_spec, scorer.preprocessing, seed))
-    return in_dist, [scorer.score(o.name, resolve_dataset(o.spec, scorer.preprocessing, seed)) for o in oods]
+def label_names(dataset: Dataset) -> np.ndarray:
+    """Each item's label as a class name (the dataset's class names, else the label number as text)."""
+    names = dataset.class_names or [str(c) for c in range(int(dataset.labels.max()) + 1)]
+    return np.asarray(names, dtype=object)[dataset.labels]
 
 
-def build_report(scorer: VersionScorer, id_spec: str, in_dist: ScoredSet, oods: list[OodSet], scored: list[ScoredSet]) -> dict:
+def known_id_set(scorer: VersionScorer, dataset: Dataset, classes: list[int] | None) -> tuple[Dataset, dict]:
+    """The ID set restricted to ``classes`` (labels the model knows), and what was left out or is unknown to
+    the model: labels outside ``classes`` are reported and not counted as in-distribution; without
+    ``classes``, labels whose names are not classes of the model are reported (and stay in the set)."""
+    info: dict = {}
+    if dataset.labels is None:
+        if classes is not None:
+            raise ValueError(f"{dataset.source}: --classes needs a labeled ID set")
+        return dataset, info
+    if classes is not None:
+        keep = np.isin(dataset.labels, classes)
+        left_out = sorted(set(label_names(dataset)[~keep].tolist()))
+        info["left_out"] = {"n": int((~keep).sum()), "labels": left_out}
+        dataset = dataset.take(np.flatnonzero(keep))
+    unknown = sorted(set(label_names(dataset).tolist()) - set(scorer.calibration.class_names))
+    if unknown:
+        info["unknown_labels"] = {"n": int(np.isin(label_names(dataset), unknown).sum()), "labels": unknown}
+    return dataset, info
+
+
+def classification_accuracy(scorer: VersionScorer, dataset: Dataset, scored: ScoredSet) -> dict | None:
+    """Top-1 accuracy on the items whose label names a class of the model, overall and per class."""
+    if dataset.labels is None or scored.logits is None:
+        return None
+    names = scorer.calibration.class_names
+    truth = label_names(dataset)
+    known = np.isin(truth, names)
+    if not known.any():
+        return None
+    predicted = np.asarray(names, dtype=object)[np.argmax(scored.logits, axis=1)]
+    hit = predicted == truth
+    per_class = {name: float(hit[truth == name].mean()) for name in names if np.any(truth == name)}
+    return {"overall": float(hit[known].mean()), "n": int(known.sum()), "per_class": per_class}
+
+
+def score_sets(scorer: VersionScorer, id_spec: str, oods: list[OodSet], seed: int = 0,
+               classes: list[int] | None = None) -> tuple[ScoredSet, list[ScoredSet], dict]:
+    """Score the ID set (restricted to ``classes``) and every OOD set with the exported model; the third
+    value says what the ID set held: labels left out, labels unknown to the model, classification accuracy."""
+    dataset, info = known_id_set(scorer, resolve_dataset(id_spec, scorer.preprocessing, seed), classes)
+    in_dist = scorer.score("id", dataset)
+    accuracy = classification_accuracy(scorer, dataset, in_dist)
+    if accuracy is not None:
+        info["accuracy"] = accuracy
+    return in_dist, [scorer.score(o.name, resolve_dataset(o.spec, scorer.preprocessing, seed)) for o in oods], info
+
+
+def build_report(scorer: VersionScorer, id_spec: str, in_dist: ScoredSet, oods: list[OodSet], scored: list[ScoredSet],
+                 id_info: dict | None = None) -> dict:
     """Metrics per OOD set × score, and plain means over the near and far groups."""
     report: dict = {
         "model": scorer.calibration.model["name"],
         "version": scorer.calibration.model.get("version"),
-        "id": {"spec": id_spec, "n": len(next(iter(in_dist.scores.values()))), "conversion": in_dist.conversion},
+        "id": {"spec": id_spec, "n": len(next(iter(in_dist.scores.values()))), "conversion": in_dist.conversion,
+               **(id_info or {})},
         "conventions": "scores higher = more OOD; FPR@95TPR = fraction of OOD accepted at the threshold keeping "
                        "95% of ID; calibrated_tpr/fpr = ID/OOD accepted at calibration.json's threshold",
         "sets": {},
@@ -167,10 +217,12 @@ def build_report(scorer: VersionScorer, id_spec: str, in_dist: ScoredSet, oods: 
     return report
 
 
-def evaluate(scorer: VersionScorer, id_spec: str, oods: list[OodSet], seed: int = 0) -> dict:
-    """Score the ID set and every OOD set with the exported model; metrics per set × score, group means."""
-    in_dist, scored = score_sets(scorer, id_spec, oods, seed)
-    return build_report(scorer, id_spec, in_dist, oods, scored)
+def evaluate(scorer: VersionScorer, id_spec: str, oods: list[OodSet], seed: int = 0,
+             classes: list[int] | None = None) -> dict:
+    """Score the ID set (its ``classes`` only, when given) and every OOD set with the exported model; metrics
+    per set × score, group means, and the ID set's classification accuracy."""
+    in_dist, scored, info = score_sets(scorer, id_spec, oods, seed, classes)
+    return build_report(scorer, id_spec, in_dist, oods, scored, info)
 
 
 def format_report(report: dict) -> str:
@@ -178,6 +230,17 @@ def format_report(report: dict) -> str:
     lines = [f"model {report['model']} version {report['version']}; ID {report['id']['spec']} (n={report['id']['n']})"
              + (f", converted: {', '.join(report['id']['conversion'])}" if report['id']['conversion'] else ""),
              "metrics in %; " + report["conventions"]]
+    ident = report["id"]
+    if "accuracy" in ident:
+        acc = ident["accuracy"]
+        lines.append(f"classification accuracy {100 * acc['overall']:.2f}% on {acc['n']} ID images; per class: "
+                     + ", ".join(f"{name} {100 * value:.1f}" for name, value in acc["per_class"].items()))
+    if "left_out" in ident:
+        lines.append(f"left out of the ID set (outside --classes): {ident['left_out']['n']} images of labels "
+                     f"{ident['left_out']['labels']}")
+    if "unknown_labels" in ident:
+        lines.append(f"warning: {ident['unknown_labels']['n']} ID images have labels the model does not know "
+                     f"({ident['unknown_labels']['labels']}) and are counted as in-distribution; give --classes")
 
     def table(title: str, metrics: dict) -> None:
         lines.extend(["", title, header])

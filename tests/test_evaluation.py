@@ -95,3 +95,29 @@ def test_evaluate_command_json_and_errors(digits_export, capsys):
     assert main(["evaluate", "--repository", str(repository), "--model", "digits", "--id", "digits",
                  "--ood", "x=synthetic:stripes"]) == 2
     assert "unknown synthetic set 'stripes'" in capsys.readouterr().err
+
+
+def test_evaluate_reports_accuracy_and_the_labels_the_model_does_not_know(digits_export, capsys):
+    record, result, repository, _ = digits_export
+    scorer = VersionScorer(result.version_dir)
+    # 'digits' holds 0-9; the model knows 0-7: without --classes, 8 and 9 are counted as ID but reported
+    everything = evaluate(scorer, "digits", [parse_ood("noise=synthetic:uniform:100:far")])
+    from oodguard.datasets import load_dataset
+
+    labels = load_dataset("digits").labels
+    assert everything["id"]["n"] == len(labels)
+    assert everything["id"]["unknown_labels"] == {"n": int(np.isin(labels, [8, 9]).sum()), "labels": ["8", "9"]}
+    known = evaluate(scorer, "digits", [parse_ood("noise=synthetic:uniform:100:far")], classes=list(range(8)))
+    assert known["id"]["n"] == int(np.isin(labels, range(8)).sum()) and "unknown_labels" not in known["id"]
+    assert known["id"]["left_out"] == {"n": int(np.isin(labels, [8, 9]).sum()), "labels": ["8", "9"]}
+    acc = known["id"]["accuracy"]
+    assert acc["n"] == known["id"]["n"] and set(acc["per_class"]) == {str(c) for c in range(8)}
+    assert acc["overall"] > 0.9  # includes the training images of 'digits': well above chance (1/8)
+    # the accuracy is the model's argmax against the labels, on the known items only
+    x = scorer.preprocessing.apply(load_dataset("digits").select_classes(list(range(8))).images)
+    predicted = scorer.model.run(x)["logits"].argmax(axis=1)
+    assert acc["overall"] == pytest.approx(float(np.mean(predicted == labels[labels < 8])))
+    assert main(["evaluate", "--repository", str(repository), "--model", "digits", "--id", "digits",
+                 "--classes", "0-7", "--ood", "noise=synthetic:uniform:100:far"]) == 0
+    out = capsys.readouterr().out
+    assert "classification accuracy" in out and "left out of the ID set (outside --classes): " in out
