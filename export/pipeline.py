@@ -79,6 +79,19 @@ def fit_scores(data: FitData, params: dict[str, dict]) -> dict[str, Score]:
     return fitted
 
 
+#: a class with fewer calibration samples than this is reported (the thresholds need enough samples overall)
+FEW_CALIBRATION_SAMPLES = 20
+
+
+def calibration_counts(spec: ExportSpec) -> dict[str, int]:
+    """Calibration samples per class name (empty when the calibration set has no labels)."""
+    labels = spec.calibration_data.labels
+    if labels is None:
+        return {}
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=len(spec.class_names))
+    return {name: int(n) for name, n in zip(spec.class_names, counts)}
+
+
 def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> ExportResult:
     seconds: dict[str, float] = {}
     clock = time.perf_counter()
@@ -98,6 +111,11 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
             f"the calibration set ({spec.calibration_data.source}) is empty" if n_cal == 0 else
             f"{n_cal} calibration samples are too few for a {spec.target_tpr:.0%} TPR threshold "
             f"(need at least {minimum_size(spec.target_tpr)})")
+    per_class = calibration_counts(spec)
+    few = {name: n for name, n in per_class.items() if n < FEW_CALIBRATION_SAMPLES}
+    if few:  # thresholds are per score over all classes: enough overall is what they need; say which are thin
+        progress(f"  note: few calibration samples for class(es) {few} (under {FEW_CALIBRATION_SAMPLES}); "
+                 f"thresholds use all {n_cal}, but the true-positive rate of these classes is estimated poorly")
     classifier = load_classifier(spec.backbone, spec.checkpoint, num_classes=len(spec.class_names))
     prep = spec.preprocessing
     bank_images = prep.apply(spec.bank_data.images)
@@ -135,7 +153,9 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
         calibration = Calibration(
             model=_metadata(spec, model, len(bank)),
             thresholds=thresholds,
-            data={"source": spec.calibration_data.source, "n": len(spec.calibration_data), "target_tpr": spec.target_tpr},
+            data={"source": spec.calibration_data.source, "n": len(spec.calibration_data), "target_tpr": spec.target_tpr,
+                  **({"per_class": per_class} if per_class else {}),
+                  **({"few_samples": sorted(few)} if few else {})},
         )
         version = _publish(staging, root, calibration)
     except BaseException:

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy.stats import betabinom
 
-from oodguard.calibration import CalibrationError
+from oodguard.calibration import Calibration, CalibrationError
 from oodguard.evaluation import VersionScorer
 from oodguard.export.backbones import CheckpointError
 from oodguard.export.pipeline import export_model, spec_from_training
@@ -106,6 +106,21 @@ def test_too_small_calibration_set_is_an_error_and_leaves_nothing(digits_export,
     with pytest.raises(CalibrationError, match=message):
         export_model(spec, progress=quiet)
     assert not (tmp_path / "digits").exists()
+
+
+def test_a_class_with_few_calibration_samples_is_reported_not_refused(digits_export, tmp_path):
+    _, _, _, checkpoint = digits_export
+    spec = spec_from_training(checkpoint, tmp_path, "digits", bank_size=200)
+    labels = spec.calibration_data.labels
+    keep = np.flatnonzero((labels != 7) | (np.cumsum(labels == 7) <= 3))  # class 7 down to 3 samples
+    spec.calibration_data = spec.calibration_data.take(keep)
+    lines: list[str] = []
+    result = export_model(spec, progress=lines.append)
+    data = result.calibration.data
+    assert data["per_class"]["7"] == 3 and sum(data["per_class"].values()) == data["n"] == len(keep)
+    assert data["few_samples"] == ["7"]
+    assert any("few calibration samples for class(es) {'7': 3}" in line for line in lines)
+    assert Calibration.load(result.version_dir / "calibration.json").data["few_samples"] == ["7"]
 
 
 def test_unknown_score_parameters_are_refused(digits_export, tmp_path):
