@@ -69,6 +69,7 @@ def train_classifier(
     progress: Callable[[str], None] | None = print,
     report_every_s: float = 10.0,
     validation: tuple[np.ndarray, np.ndarray] | None = None,
+    sample_weights: np.ndarray | None = None,
 ) -> list[dict]:
     """Train ``model`` in place on ``images`` ``[N, C, H, W]`` float and ``labels`` ``[N]`` int.
 
@@ -76,7 +77,9 @@ def train_classifier(
     when ``validation`` = (images, labels) is given, seconds), plus an intermediate line whenever
     ``report_every_s`` seconds pass within an epoch. Returns one ``{"epoch", "loss", "accuracy",
     ["validation_accuracy",] "seconds"}`` dict per epoch; leaves the model in eval mode. The validation
-    accuracy is only reported: nothing is chosen by it.
+    accuracy is only reported: nothing is chosen by it. ``sample_weights`` (``[N]``, e.g. the inverse of each
+    sample's class count) draws each epoch's N samples with replacement in proportion to them instead of a
+    permutation: class-balanced sampling.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -92,6 +95,11 @@ def train_classifier(
     x_all = torch.from_numpy(images)
     y_all = torch.from_numpy(labels)
     n = x_all.shape[0]
+    weights = None
+    if sample_weights is not None:
+        weights = torch.as_tensor(np.asarray(sample_weights, dtype=np.float64))
+        if weights.shape != (n,) or not bool(torch.all(weights >= 0)) or float(weights.sum()) <= 0:
+            raise ValueError(f"sample_weights must be [N={n}] non-negative with a positive sum")
     n_batches = (n + batch_size - 1) // batch_size
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay)
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
@@ -101,7 +109,8 @@ def train_classifier(
     try:
         for epoch in range(1, epochs + 1):
             start = last_report = time.monotonic()
-            order = torch.randperm(n, generator=generator)
+            order = (torch.randperm(n, generator=generator) if weights is None
+                     else torch.multinomial(weights, n, replacement=True, generator=generator))
             loss_sum, correct, seen = 0.0, 0, 0
             for batch, first in enumerate(range(0, n, batch_size), start=1):
                 idx = order[first : first + batch_size]

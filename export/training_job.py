@@ -19,15 +19,15 @@ from typing import Callable
 import numpy as np
 import torch
 
-from oodguard.datasets import Dataset, load_dataset, stratified_split
+from oodguard.datasets import Dataset
 from oodguard.preprocess import Preprocessing
 
 from .backbones import BUILTIN_BACKBONES, Classifier, resolve_factory, save_checkpoint
 from .train import accuracy, train_classifier
+from .training_data import Source, balancing_weights, combine, label_names, merge_class_names, new_source
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RECORD_FILE = "training.json"
-SPLITS = ("train", "calibration", "test")
 
 
 @dataclass
@@ -35,14 +35,21 @@ class TrainingRecord:
     backbone: str
     class_names: list[str]
     preprocessing: dict
-    data: str
+    data: str  # the first source's spec (a summary; ``sources`` holds them all)
     classes: list[int] | None
     seed: int
-    splits: dict[str, list[int]]
+    splits: dict[str, list[int]]  # indices into :meth:`dataset` (every source joined)
     checkpoint_sha256: str = ""
     history: list[dict] = field(default_factory=list)
     #: top-1 accuracy of the trained classifier on the test split: {"overall", "n", "per_class": {name: acc}}
     test_accuracy: dict = field(default_factory=dict)
+    #: every dataset the run trained on, by reference, with its own split (see export/training_data.py);
+    #: empty in records written before runs could have several: then ``data`` / ``classes`` / ``splits``
+    sources: list[dict] = field(default_factory=list)
+    #: the run this one was built on (``--base``) and the checkpoint it started from (``--init-from``)
+    base: str | None = None
+    init_from: str | None = None
+    balanced: bool = False
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)) + "\n")
@@ -56,10 +63,16 @@ class TrainingRecord:
         except (TypeError, json.JSONDecodeError) as exc:
             raise ValueError(f"{path}: not a training record ({exc})") from exc
 
+    def all_sources(self) -> list[Source]:
+        if self.sources:
+            return [Source.from_dict(raw) for raw in self.sources]
+        return [Source(self.data, self.classes, self.splits)]
+
     def dataset(self) -> Dataset:
-        """The class-selected dataset the split indices refer to."""
-        data = load_dataset(self.data)
-        return data.select_classes(self.classes) if self.classes is not None else data
+        """Every source joined (labels by this run's class names, images at its input size): what the split
+        indices refer to."""
+        data, _ = combine(self.all_sources(), self.class_names, Preprocessing.from_dict(self.preprocessing))
+        return data
 
     def part(self, data: Dataset, split: str) -> Dataset:
         return data.take(np.asarray(self.splits[split], dtype=np.int64))
@@ -76,8 +89,8 @@ def preprocessing_for(input_shape: tuple[int, int, int], images: Dataset) -> Pre
 
 def run_training(
     *,
-    backbone: str,
-    data: str,
+    backbone: str | None = None,
+    data: str | list[str] | None = None,
     out_dir: Path,
     classes: list[int] | None = None,
     epochs: int = 10,
@@ -86,41 +99,71 @@ def run_training(
     seed: int = 0,
     holdout: float = 0.2,
     input_shape: tuple[int, int, int] | None = None,
+    base: Path | None = None,
+    init_from: Path | None = None,
+    balance: str = "auto",
     progress: Callable[[str], None] = print,
 ) -> TrainingRecord:
+    """Train on ``data`` (one spec or several; ``classes`` selects labels of each), or on the ``base`` run's data
+    plus ``data`` (its split, class order and preprocessing kept; new classes appended by name). ``init_from``
+    starts from a checkpoint (its head grows for new classes) instead of fresh weights; ``balance`` (auto / on /
+    off) draws classes equally often."""
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
-    factory_ref = BUILTIN_BACKBONES.get(backbone, backbone)
+    specs = [data] if isinstance(data, str) else list(data or [])
+    base_record = TrainingRecord.load(Path(base) / RECORD_FILE) if base is not None else None
+    if base_record is None and not specs:
+        raise ValueError("give --data (or --base RUN with the run to build on)")
+    if base_record is not None and backbone is not None and BUILTIN_BACKBONES.get(backbone, backbone) != base_record.backbone:
+        raise ValueError(f"--backbone {backbone!r} differs from the base run's {base_record.backbone!r}")
+    factory_ref = base_record.backbone if base_record is not None else BUILTIN_BACKBONES.get(backbone or "lenet5",
+                                                                                              backbone or "lenet5")
     torch.manual_seed(seed)  # the initial weights are part of what the seed fixes
     net = resolve_factory(factory_ref)()
     shape = input_shape or getattr(net, "input_shape", None)
-    if shape is None:
-        raise ValueError(f"backbone {backbone!r} has no input_shape attribute: pass --input-shape C,H,W")
-    dataset = load_dataset(data)
-    if dataset.labels is None:
-        raise ValueError(f"{dataset.source}: training needs labels")
-    if classes is not None:
-        dataset = dataset.select_classes(classes)
-    class_names = dataset.class_names or [str(c) for c in range(int(dataset.labels.max()) + 1)]
-    train_idx, cal_idx, test_idx = stratified_split(dataset.labels, [1 - holdout, holdout / 2, holdout / 2], seed)
-    train_part = dataset.take(train_idx)
-    prep = preprocessing_for(tuple(shape), train_part)
-    steps = prep.conversion_steps(dataset.images.shape[1:])
+    if shape is None and base_record is None:
+        raise ValueError(f"backbone {factory_ref!r} has no input_shape attribute: pass --input-shape C,H,W")
+
+    fractions = [1 - holdout, holdout / 2, holdout / 2]
+    sources = base_record.all_sources() if base_record is not None else []
+    class_names = list(base_record.class_names) if base_record is not None else []
+    loaded = {}
+    for spec in specs:
+        source, dataset = new_source(spec, classes, fractions, seed)
+        class_names = merge_class_names(class_names, label_names(dataset))
+        loaded[len(sources)] = dataset
+        sources.append(source)
+    prep = Preprocessing.from_dict(base_record.preprocessing) if base_record is not None else None
+    if prep is None:
+        # the first source's size decides until the preprocessing exists; it is fitted on the joined train part
+        joined, splits = combine(sources, class_names, None, loaded)
+        prep = preprocessing_for(tuple(shape), joined.take(splits["train"]))
+    joined, splits = combine(sources, class_names, prep, loaded)
+    train_part = joined.take(splits["train"])
+    counts = np.bincount(train_part.labels, minlength=len(class_names))
+    empty = [name for name, n in zip(class_names, counts) if n == 0]
+    if empty:
+        progress(f"warning: no training image of class(es) {empty}")
+    weights = balancing_weights(train_part.labels, balance)
     progress(
-        f"training {backbone} on {dataset.source}: {len(class_names)} classes, {len(train_idx)} train / "
-        f"{len(cal_idx)} calibration / {len(test_idx)} test; input {prep.input_shape}"
-        + (f"; conversion: {', '.join(steps)}" if steps else "")
+        f"training {factory_ref} on {joined.source}: {len(class_names)} classes, {len(splits['train'])} train / "
+        f"{len(splits['calibration'])} calibration / {len(splits['test'])} test; input {prep.input_shape}"
+        + (f"; built on {base}" if base is not None else "")
+        + ("; class-balanced sampling" if weights is not None else "")
     )
     torch.manual_seed(seed)
     model = Classifier(net, len(class_names), feature_dim=getattr(net, "feature_dim", None))
+    if init_from is not None:
+        grown = init_weights(model, Path(init_from))
+        progress(f"initialised from {init_from}" + (f" (head grown by {grown} class(es))" if grown else ""))
+    calibration_part = joined.take(splits["calibration"])
     # the calibration split doubles as the validation set: its accuracy per epoch is reported, never used
-    calibration_part = dataset.take(cal_idx)
     history = train_classifier(
         model, prep.apply(train_part.images), train_part.labels,
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
-        validation=(prep.apply(calibration_part.images), calibration_part.labels),
+        validation=(prep.apply(calibration_part.images), calibration_part.labels), sample_weights=weights,
     )
-    test_part = dataset.take(test_idx)
+    test_part = joined.take(splits["test"])
     test_accuracy = accuracy(model, prep.apply(test_part.images), test_part.labels, list(class_names))
     progress(f"test accuracy {test_accuracy['overall']:.4f} on {test_accuracy['n']} images; per class: "
              + ", ".join(f"{name} {acc:.3f}" for name, acc in test_accuracy["per_class"].items()))
@@ -129,14 +172,39 @@ def run_training(
         backbone=factory_ref,
         class_names=list(class_names),
         preprocessing=prep.to_dict(),
-        data=str(data),
-        classes=list(classes) if classes is not None else None,
+        data=sources[0].data,
+        classes=sources[0].classes,
         seed=seed,
-        splits={"train": train_idx.tolist(), "calibration": cal_idx.tolist(), "test": test_idx.tolist()},
+        splits={name: part.tolist() for name, part in splits.items()},
         checkpoint_sha256=save_checkpoint(model, out_dir / CHECKPOINT_FILE),
         history=history,
         test_accuracy=test_accuracy,
+        sources=[source.to_dict() for source in sources],
+        base=str(base) if base is not None else None,
+        init_from=str(init_from) if init_from is not None else None,
+        balanced=weights is not None,
     )
     record.save(out_dir / RECORD_FILE)
     progress(f"saved {out_dir / CHECKPOINT_FILE} and {out_dir / RECORD_FILE}")
     return record
+
+
+def init_weights(model: Classifier, checkpoint: Path) -> int:
+    """Load ``checkpoint`` into ``model``; a head with fewer classes fills the first rows (new classes keep
+    their fresh initialisation). Returns how many classes the head grew by."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    weight, bias = state.get("head.weight"), state.get("head.bias")
+    if weight is None or bias is None:
+        raise ValueError(f"{checkpoint}: not an oodguard checkpoint (no head.weight / head.bias)")
+    classes, features = weight.shape
+    if features != model.head.in_features or classes > model.head.out_features:
+        raise ValueError(f"{checkpoint}: head of {classes} classes x {features} features does not fit this run's "
+                         f"{model.head.out_features} x {model.head.in_features}")
+    head = {"head.weight": state.pop("head.weight"), "head.bias": state.pop("head.bias")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - {"head.weight", "head.bias"}:
+        raise ValueError(f"{checkpoint}: does not match the backbone (missing {missing}, unexpected {unexpected})")
+    with torch.no_grad():
+        model.head.weight[:classes] = head["head.weight"]
+        model.head.bias[:classes] = head["head.bias"]
+    return model.head.out_features - classes

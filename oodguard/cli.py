@@ -35,8 +35,17 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a backbone + linear head on a dataset",
                            description="Train a built-in or user backbone with a linear head. Writes checkpoint.pt "
                            "and training.json (classes, preprocessing, seeded train/calibration/test split) to --out.")
-    train.add_argument("--backbone", default="lenet5", help="lenet5, resnet18_cifar, or package.module:factory")
-    train.add_argument("--data", required=True, help="'digits', an IDX images file, a .npz (PATH.npz[#KEY]) or a folder")
+    train.add_argument("--backbone", help="lenet5 (default), resnet18_cifar, or package.module:factory; with --base: "
+                       "the base run's")
+    train.add_argument("--data", action="append", default=[], help="'digits', an IDX images file, a .npz (PATH.npz[#KEY], "
+                       "e.g. what `labels import` writes) or a folder; repeatable")
+    train.add_argument("--base", type=Path, metavar="RUN", help="build on this run (a folder with training.json): its "
+                       "data (by reference) and split are kept, its classes keep their indices, new classes are "
+                       "appended by name, its preprocessing is kept")
+    train.add_argument("--init-from", type=Path, metavar="CHECKPOINT", help="start from these weights (the head grows "
+                       "for new classes) instead of training from scratch")
+    train.add_argument("--balance", choices=["auto", "on", "off"], default="auto", help="class-balanced sampling; auto "
+                       "(default): on when class counts differ by more than 10x")
     train.add_argument("--classes", type=_classes, help="keep only these labels, e.g. 0-7 (relabelled 0..n-1)")
     train.add_argument("--out", type=Path, required=True, help="output folder")
     train.add_argument("--epochs", type=int, default=10)
@@ -366,7 +375,8 @@ def _run_train(args: argparse.Namespace) -> int:
     from oodguard.export.training_job import run_training
 
     run_training(backbone=args.backbone, data=args.data, out_dir=args.out, classes=args.classes, epochs=args.epochs,
-                 batch_size=args.batch_size, lr=args.lr, seed=args.seed, holdout=args.holdout, input_shape=args.input_shape)
+                 batch_size=args.batch_size, lr=args.lr, seed=args.seed, holdout=args.holdout, input_shape=args.input_shape,
+                 base=args.base, init_from=args.init_from, balance=args.balance)
     return 0
 
 

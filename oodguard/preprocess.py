@@ -71,6 +71,19 @@ class Preprocessing:
         x = (x - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
         return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
 
+    def to_size(self, images: np.ndarray) -> np.ndarray:
+        """The channel and resize steps of :meth:`apply` alone: uint8 ``[N,H,W]`` / ``[N,H,W,3]`` at the model's
+        size and channels (``[N,height,width]`` for one channel). ``apply`` of the result equals ``apply`` of
+        the input: its resize step has nothing left to do."""
+        images = np.asarray(images)
+        if images.ndim == 4 and images.shape[-1] == 1:
+            images = images[..., 0]
+        if len(images) == 0:
+            shape = (0, self.height, self.width) + ((3,) if self.channels == 3 else ())
+            return np.zeros(shape, np.uint8)
+        converted = np.stack([self._convert_one(img) for img in images])
+        return converted[..., 0] if self.channels == 1 else converted
+
     def invert(self, model_input: np.ndarray) -> np.ndarray:
         """One model input ``[C,H,W]`` back to uint8 pixels (``[H,W]`` or ``[H,W,3]``) at the model's size:
         undoes the normalisation and scaling (resizing and channel conversion are not undone)."""

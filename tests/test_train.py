@@ -73,6 +73,17 @@ def test_validation_accuracy_per_epoch_and_accuracy_per_class(data: tuple[np.nda
     assert set(accuracy(model, images[labels == 0], labels[labels == 0])["per_class"]) == {"0"}
 
 
+def test_sample_weights_change_what_is_drawn(data: tuple[np.ndarray, np.ndarray]) -> None:
+    images, labels = data
+    # weight only on class 2: every batch holds class 2 alone, so the model learns to answer 2 for everything
+    only_two = (labels == 2).astype(np.float64)
+    model = _fresh_model()
+    train_classifier(model, images, labels, epochs=2, batch_size=32, lr=3e-3, progress=None, sample_weights=only_two)
+    assert (predict_logits(model, images).argmax(axis=1) == 2).mean() > 0.95
+    with pytest.raises(ValueError, match="sample_weights must be"):
+        train_classifier(_fresh_model(), images, labels, epochs=1, progress=None, sample_weights=np.zeros(len(labels)))
+
+
 def test_same_seed_gives_identical_weights(data: tuple[np.ndarray, np.ndarray]) -> None:
     images, labels = data
     first, second = _fresh_model(), _fresh_model()

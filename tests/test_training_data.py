@@ -1,0 +1,123 @@
+"""Training on a base run plus new labeled data: split and class indices kept, classes appended by name, the
+head grown, classes balanced; and the errors a user meets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from oodguard.datasets import load_dataset
+from oodguard.export.pipeline import export_model, spec_from_training
+from oodguard.export.training_data import balancing_weights, merge_class_names
+from oodguard.export.training_job import CHECKPOINT_FILE, TrainingRecord, init_weights, run_training
+from oodguard.preprocess import Preprocessing
+
+quiet = lambda line: None  # noqa: E731
+
+
+def relabeled_npz(path, record, digits, per_class: dict[int, int]):
+    """What `labels import` writes: images at the model's size, labels 0..n-1, class names."""
+    prep = Preprocessing.from_dict(record.preprocessing)
+    images, labels, names = [], [], []
+    for j, (digit, n) in enumerate(per_class.items()):
+        images.append(prep.to_size(digits.images[digits.labels == digit][-n:]))
+        labels += [j] * n
+        names.append(str(digit))
+    np.savez(path, images=np.concatenate(images), labels=np.asarray(labels), class_names=np.asarray(names))
+    return str(path)
+
+
+def test_merge_class_names_appends_new_names_and_refuses_case_collisions():
+    assert merge_class_names(["0", "1"], ["1", "8", "0", "9"]) == ["0", "1", "8", "9"]
+    with pytest.raises(ValueError, match="class 'Cat' differs from the existing class 'cat' only in letter case"):
+        merge_class_names(["cat", "dog"], ["Cat"])
+
+
+def test_balancing_weights():
+    labels = np.array([0] * 500 + [1] * 40 + [2] * 10)
+    w = balancing_weights(labels, "auto")  # 500 vs 10: more than 10x
+    assert np.allclose([w[labels == c].sum() for c in range(3)], 1.0)
+    assert balancing_weights(np.array([0] * 50 + [1] * 10), "auto") is None  # 5x: left alone
+    assert balancing_weights(np.array([0] * 50 + [1] * 10), "on") is not None
+    assert balancing_weights(labels, "off") is None
+    with pytest.raises(ValueError, match="auto, on or off"):
+        balancing_weights(labels, "maybe")
+
+
+def test_a_run_on_a_base_keeps_its_split_and_classes_and_appends_new_ones(digits_export, tmp_path):
+    base_record, _, _, checkpoint = digits_export
+    base = checkpoint.parent
+    digits = load_dataset("digits")
+    npz = relabeled_npz(tmp_path / "relabeled.npz", base_record, digits, {3: 5, 8: 12})
+    lines: list[str] = []
+    record = run_training(base=base, data=npz, out_dir=tmp_path / "v2", epochs=3, seed=4,
+                          init_from=checkpoint, progress=lines.append)
+    assert record.class_names == [str(c) for c in range(8)] + ["8"]  # old indices kept, '8' appended
+    assert record.preprocessing == base_record.preprocessing and record.base == str(base)
+    old, new = record.sources
+    assert old == {"data": base_record.data, "classes": base_record.classes, "splits": base_record.splits}
+    assert sorted(sum(new["splits"].values(), [])) == list(range(17))
+    # the base run's calibration and test images stay out of training (indices of the joined dataset)
+    n_old = len(base_record.dataset())
+    assert set(record.splits["train"]) & set(base_record.splits["calibration"] + base_record.splits["test"]) == set()
+    assert record.splits["calibration"][:len(base_record.splits["calibration"])] == base_record.splits["calibration"]
+    data = record.dataset()
+    assert len(data) == n_old + 17 and data.images.shape[1:] == (28, 28)  # 8x8 digits and 28x28 labels, joined
+    assert np.bincount(data.labels[n_old:]).tolist() == [0, 0, 0, 5, 0, 0, 0, 0, 12]  # '3' -> 3, '8' -> 8
+    assert record.balanced and any(  # ~140 training images per old class, ~10 of '8'
+        "class-balanced sampling" in line for line in lines)
+    assert any("head grown by 1 class(es)" in line for line in lines)
+    assert set(record.test_accuracy["per_class"]) == set(record.class_names)
+    # a third run on this one keeps all of it again
+    third = run_training(base=tmp_path / "v2", data=relabeled_npz(tmp_path / "more.npz", base_record, digits, {9: 20}),
+                         out_dir=tmp_path / "v3", epochs=1, progress=quiet)
+    assert third.class_names == record.class_names + ["9"] and third.sources[:2] == record.sources
+    # and it exports: the thin new classes are reported, not refused
+    out: list[str] = []
+    result = export_model(spec_from_training(tmp_path / "v3" / CHECKPOINT_FILE, tmp_path / "repo", "digits",
+                                             bank_size=200), progress=out.append)
+    assert result.calibration.class_names == third.class_names
+    assert "8" in result.calibration.data["few_samples"] and any("few calibration samples" in line for line in out)
+
+
+def test_init_from_grows_the_head_and_keeps_the_old_rows(digits_export):
+    from oodguard.export.backbones import Classifier, lenet5
+
+    _, _, _, checkpoint = digits_export
+    state = torch.load(checkpoint, weights_only=True)
+    model = Classifier(lenet5(), 10)
+    assert init_weights(model, checkpoint) == 2
+    assert torch.equal(model.head.weight[:8], state["head.weight"]) and torch.equal(model.head.bias[:8], state["head.bias"])
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items() if not k.startswith("head."))
+    with pytest.raises(ValueError, match="head of 8 classes x .* does not fit this run's 5"):
+        init_weights(Classifier(lenet5(), 5), checkpoint)
+
+
+def test_bad_input(digits_export, tmp_path):
+    base_record, _, _, checkpoint = digits_export
+    digits = load_dataset("digits")
+    # a base run whose data is gone: the error names the missing spec
+    npz = relabeled_npz(tmp_path / "gone.npz", base_record, digits, {8: 10})
+    run_training(base=checkpoint.parent, data=npz, out_dir=tmp_path / "v2", epochs=1, progress=quiet)
+    (tmp_path / "gone.npz").unlink()
+    with pytest.raises(ValueError, match=r"training data '.*gone.npz' of this run cannot be read"):
+        run_training(base=tmp_path / "v2", data=[], out_dir=tmp_path / "v3", epochs=1, progress=quiet)
+    # class names colliding with existing ones in another case
+    np.savez(tmp_path / "case.npz", images=digits.images[:4], labels=np.zeros(4, int), class_names=np.asarray(["Zero"]))
+    TrainingRecord.load(checkpoint.parent / "training.json")
+    collide = tmp_path / "collide"
+    collide.mkdir()
+    record = TrainingRecord.load(checkpoint.parent / "training.json")
+    record.class_names = ["zero"] + record.class_names[1:]
+    record.save(collide / "training.json")
+    with pytest.raises(ValueError, match="'Zero' differs from the existing class 'zero' only in letter case"):
+        run_training(base=collide, data=str(tmp_path / "case.npz"), out_dir=tmp_path / "v4", epochs=1, progress=quiet)
+    # an empty labels set
+    np.savez(tmp_path / "empty.npz", images=np.zeros((0, 28, 28), np.uint8), labels=np.zeros(0, int),
+             class_names=np.asarray(["8"]))
+    with pytest.raises(ValueError, match="holds no labeled image"):
+        run_training(base=checkpoint.parent, data=str(tmp_path / "empty.npz"), out_dir=tmp_path / "v5", epochs=1,
+                     progress=quiet)
+    with pytest.raises(ValueError, match="give --data"):
+        run_training(out_dir=tmp_path / "v6", progress=quiet)
