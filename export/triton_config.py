@@ -8,7 +8,9 @@ Two configurations per model (see :mod:`oodguard.repository`):
 
 Each score is a ``[batch]`` tensor in the ONNX graph. Triton requires at least one dimension per
 batch item, so scores are declared ``dims: [1]`` with ``reshape: { shape: [] }``: the model sees
-``[batch]``, clients get ``[batch, 1]``.
+``[batch]``, clients get ``[batch, 1]``. The logits have a variable class axis (``dims: [-1]``), so that
+versions of different class counts (a retrain that added classes) share one config; Triton serves the newest
+:data:`VERSIONS_SERVED` versions.
 """
 
 from __future__ import annotations
@@ -35,6 +37,10 @@ class ModelSignature:
     num_classes: int
     feature_dim: int
     scores: tuple[str, ...]
+
+
+#: how many of a model's newest versions Triton serves at once
+VERSIONS_SERVED = 2
 
 
 def production_config(
@@ -113,14 +119,17 @@ def _base_config(
     config = mc.ModelConfig(name=sig.name, max_batch_size=max_batch_size)
     config.input.add(name=INPUT_NAME, data_type=mc.TYPE_FP32, dims=sig.input_dims)
     logits, features = TENSOR_OUTPUTS
-    config.output.add(name=logits, data_type=mc.TYPE_FP32, dims=[sig.num_classes])
+    # variable class axis: a retrain that adds classes gives a version with more logits, and one config serves
+    # every version (each version's class count is in its calibration.json; validate-repo checks the ONNX model)
+    config.output.add(name=logits, data_type=mc.TYPE_FP32, dims=[-1])
     config.output.add(name=features, data_type=mc.TYPE_FP32, dims=[sig.feature_dim])
     for score in sig.scores:
         output = config.output.add(name=score, data_type=mc.TYPE_FP32, dims=[1])
         output.reshape.SetInParent()  # empty shape: the model's tensor is [batch]
     config.dynamic_batching.preferred_batch_size.extend(preferred_batch_sizes)
     config.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
-    config.version_policy.latest.num_versions = 1
+    # the newest two: while a new version rolls out, a client pinned to the previous one keeps being served
+    config.version_policy.latest.num_versions = VERSIONS_SERVED
     return config
 
 

@@ -163,6 +163,8 @@ def _check_version(folder: Path, configs: dict[str, mc.ModelConfig]) -> list[Pro
         except CalibrationError as exc:
             problems.append(Problem(str(calibration_path), str(exc).removeprefix(f"{calibration_path}: ")))
 
+    if session is not None and calibration is not None:
+        problems += [Problem(str(calibration_path), m) for m in _class_count_problems(session, calibration)]
     for label, config in configs.items():
         if session is not None:
             problems += [Problem(str(onnx_path), f"{label}: {m}") for m in _io_problems(config, session)]
@@ -171,6 +173,17 @@ def _check_version(folder: Path, configs: dict[str, mc.ModelConfig]) -> list[Pro
                 Problem(str(calibration_path), f"{label}: {m}") for m in _calibration_problems(config, calibration)
             ]
     return problems
+
+
+def _class_count_problems(session: ort.InferenceSession, calibration: Calibration) -> list[str]:
+    """The version's class names against its ONNX model's logits width (the config's class axis is variable)."""
+    logits = TENSOR_OUTPUTS[0]
+    shapes = {o.name: o.shape for o in session.get_outputs()}
+    width = shapes.get(logits, [None])[-1] if shapes.get(logits) else None
+    n_classes = len(calibration.class_names)
+    if isinstance(width, int) and width != n_classes:
+        return [f"calibration has {n_classes} class names but {MODEL_FILE}'s output {logits!r} has {width}"]
+    return []
 
 
 def _io_problems(config: mc.ModelConfig, session: ort.InferenceSession) -> list[str]:
@@ -246,7 +259,7 @@ def _calibration_problems(config: mc.ModelConfig, calibration: Calibration) -> l
     logits = TENSOR_OUTPUTS[0]
     if logits in outputs:
         n_classes, dims = len(calibration.class_names), list(outputs[logits].dims)
-        if [n_classes] != dims:
+        if dims not in ([n_classes], [-1]):  # [-1]: a variable class axis, for versions of any class count
             problems.append(f"calibration has {n_classes} class names but output {logits!r} has dims {dims}")
     return problems
 

@@ -27,13 +27,14 @@ def check_common(config: mc.ModelConfig, max_batch_size: int = 64) -> None:
     outputs = {t.name: t for t in config.output}
     assert list(outputs) == ["logits", "features", "sisom", "energy", "msp"]
     assert all(t.data_type == mc.TYPE_FP32 for t in config.output)
-    assert list(outputs["logits"].dims) == [10] and not outputs["logits"].HasField("reshape")
+    # a variable class axis: versions of different class counts share the config
+    assert list(outputs["logits"].dims) == [-1] and not outputs["logits"].HasField("reshape")
     assert list(outputs["features"].dims) == [512] and not outputs["features"].HasField("reshape")
     for score in SIG.scores:
         assert list(outputs[score].dims) == [1]
         assert outputs[score].HasField("reshape") and list(outputs[score].reshape.shape) == []
     assert config.HasField("dynamic_batching")
-    assert config.version_policy.latest.num_versions == 1
+    assert config.version_policy.latest.num_versions == 2  # a client pinned to the previous version is served
 
 
 def test_production_config():
@@ -74,8 +75,8 @@ def test_write_configs(tmp_path):
     assert cpu_parsed.parameters["intra_op_num_threads"].string_value == "3"
     assert sorted(p.name for p in folder.rglob("*")) == ["config.pbtxt", "configs", "cpu.pbtxt"]  # no temp files left
 
-    write_configs(folder, dataclasses.replace(SIG, num_classes=7))  # overwrites in place
-    assert list(parse(production.read_text()).output[0].dims) == [7]
+    write_configs(folder, dataclasses.replace(SIG, feature_dim=7))  # overwrites in place
+    assert list(parse(production.read_text()).output[1].dims) == [7]
 
 
 @pytest.mark.parametrize(

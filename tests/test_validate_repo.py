@@ -268,3 +268,8 @@ def test_missing_repository(tmp_path):
 def test_empty_repository(tmp_path):
     problems = validate_repository(tmp_path)
     assert len(problems) == 1 and "no model folders" in problems[0].message
+
+
+def test_versions_of_different_class_counts_validate(digits_two_versions):
+    repository, _, _ = digits_two_versions  # v1: 8 classes, v2: 9 (a retrain that added one)
+    assert validate_repository(repository) == []

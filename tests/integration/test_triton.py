@@ -185,8 +185,14 @@ def test_hot_reload_serves_a_version_moved_in_atomically(triton_server):
                 await asyncio.sleep(0.05)
             ready_after = time.monotonic() - began
             latest = await backend.infer(MODEL, None, images(3), timeout_s=10)
-            while (await backend.ready_versions()) != {MODEL: [2]}:  # version_policy latest 1: 1 unloads
-                assert time.monotonic() - began < 10, triton_server.log_tail()
+            # version_policy latest 2: version 1 stays served beside 2 (a client pinned to it keeps working) ...
+            assert (await backend.ready_versions()) == {MODEL: [1, 2]}
+            assert (await backend.infer(MODEL, 1, images(1), timeout_s=10)).version == 1
+            # ... until a third arrives: then 1 unloads
+            shutil.copytree(version_dir(repository, MODEL, 1), staging)
+            os.rename(staging, version_dir(repository, MODEL, 3))
+            while (await backend.ready_versions()) != {MODEL: [2, 3]}:
+                assert time.monotonic() - began < 15, triton_server.log_tail()
                 await asyncio.sleep(0.05)
             with pytest.raises(ModelNotFound):
                 await backend.infer(MODEL, 1, images(1), timeout_s=10)
@@ -196,6 +202,8 @@ def test_hot_reload_serves_a_version_moved_in_atomically(triton_server):
 
     ready_after, latest = asyncio.run(run())
     assert latest.version == 2 and latest.outputs["sisom"].shape == (3,)
+    loads = triton_server.log_tail(10**7).count('"loading: digits:')
     time.sleep(2.5)  # two more polls: the precompiled model.py must not trigger another reload
-    assert triton_server.log_tail(10**7).count('"loading: digits:2"') == 1
+    assert triton_server.log_tail(10**7).count('"loading: digits:') == loads
+    assert triton_server.log_tail(10**7).count('"loading: digits:3"') == 1
     print(f"version 2 ready {ready_after:.2f} s after the rename")
