@@ -36,6 +36,7 @@ import numpy as np
 from . import label_studio
 from .label_studio import NEW_CLASS, NOT_RELEVANT, read_export
 from .versions import CalibrationCache
+from oodguard import repository as repo
 from oodguard.preprocess import Preprocessing
 
 POLICIES = ("new-classes", "unknown")
@@ -102,14 +103,28 @@ def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, po
         raise ValueError(f"none of the {len(entries)} labeled record ids is in the queue (first: {_preview(missing)})")
     calibrations = CalibrationCache(repository)
     newest = max(records, key=lambda r: r.version)
-    class_names = list(calibrations.get(newest.model, newest.version).class_names)
+    harvested_for: dict[str, list[str]] = {}  # model -> class names of its newest version in the repository
+
+    def choices(record) -> list[str]:
+        """The classes a record could be labeled with: its own version's, and those of the version the harvest
+        was made for (the newest: a re-scored v1 record was offered v2's classes in label_config.xml)."""
+        if record.model not in harvested_for:
+            available = repo.versions(repository, record.model)
+            harvested_for[record.model] = list(calibrations.get(record.model, max(available)).class_names) if available else []
+        own = calibrations.get(record.model, record.version).class_names
+        return list(own) + [name for name in harvested_for[record.model] if name not in own]
+
+    # the dataset's classes start with those of the version harvested for (else the newest record's), in order
+    choices(newest)
+    class_names = list(harvested_for[newest.model] or calibrations.get(newest.model, newest.version).class_names)
+
     new_classes: list[str] = []
     images, targets, ids = [], [], []
     errors: list[str] = []
     not_relevant = 0
     for record in records:
         entry = entries[record.id]
-        known = calibrations.get(record.model, record.version).class_names
+        known = choices(record)
         label = entry.label
         if export.configured:
             if label == NOT_RELEVANT:

@@ -199,3 +199,30 @@ def test_record_ids_not_in_the_queue_are_reported_or_refused(small_queue, tmp_pa
     (tmp_path / "none.json").write_text(json.dumps(tasks[1:]))
     with pytest.raises(ValueError, match="none of the 7 labeled record ids is in the queue"):
         import_labels(tmp_path / "none.json", queue, repository, tmp_path / "none.npz")
+
+
+def test_a_stale_record_may_take_a_class_of_the_version_it_was_harvested_for(digits_two_versions, tmp_path):
+    """A v1 record (classes 0-7) re-scored and harvested for v2 (classes 0-8) was offered '8' in the harvest's
+    label config: importing '8' for it is a known class, not an error."""
+    import json
+
+    from oodguard.datasets import load_dataset
+    from oodguard.harvest.labels import import_labels
+    from oodguard.serve.sqlite_queue import SQLiteQueue
+
+    from .queue_fixture import queue_images
+
+    repository, _, _ = digits_two_versions
+    digits = load_dataset("digits")
+    queue = SQLiteQueue(tmp_path / "q.sqlite")
+    ids = queue_images(queue, repository / "digits" / "1", digits.select_classes([8]).images[:2], "v1")
+    export = tmp_path / "min.json"
+    export.write_text(json.dumps([{"id": 1, "record_id": ids[0], "label": "8"},
+                                  {"id": 2, "record_id": ids[1], "label": "nine"}]))
+    with pytest.raises(ValueError, match=r"label 'nine' is not one of the choices \['0', .*'8', 'new class'"):
+        import_labels(export, queue, repository, tmp_path / "out.npz")
+    export.write_text(json.dumps([{"id": 1, "record_id": ids[0], "label": "8"}]))
+    summary = import_labels(export, queue, repository, tmp_path / "out.npz")
+    assert summary.class_names == [str(c) for c in range(9)] and summary.new_classes == []
+    assert np.load(tmp_path / "out.npz")["labels"].tolist() == [8]
+    queue.close()
