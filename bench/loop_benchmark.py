@@ -303,20 +303,24 @@ def accuracy(version_dir: Path, data: Data, known: list[int]) -> dict:
             "class_names": list(names), "false_flag_band": band}
 
 
+def read_queue(queue_path: Path, read):
+    """``read(queue)`` on the gateway's existing SQLite queue (opened read-write, never created), closed after."""
+    from oodguard.serve.sqlite_queue import SQLiteQueue
+
+    queue = SQLiteQueue(queue_path, create=False)
+    try:
+        return read(queue)
+    finally:
+        queue.close()
+
+
 def flagged_shares(queue_path: Path, model: str, version: int, loadgen_seed: int, report: dict, data: Data,
                    args) -> dict:
     """Flagged share per group for the traffic of this cycle (request ids ``loadgen-<seed>-<n>``)."""
-    from oodguard.serve.queue_factory import open_queue
-    import tempfile
-
     prefix = f"loadgen-{loadgen_seed}-"
-    with tempfile.TemporaryDirectory(prefix="loop-queue-") as spool:
-        queue = open_queue(f"sqlite:///{queue_path}", spool_path=Path(spool) / "spool", create=False)
-        try:
-            records = [r for r in queue.select(state="pending", model=model, version=version, flagged=True)
-                       if r.request_id.startswith(prefix)]
-        finally:
-            queue.close()
+    records = [r for r in read_queue(queue_path, lambda q: q.select(state="pending", model=model, version=version,
+                                                                     flagged=True))
+               if r.request_id.startswith(prefix)]
     known, new = set(args.classes_list), set(data.new_classes)
     draws = loadgen_draws(loadgen_seed, args.requests, args.ood_fraction, args.batch_size, len(data.traffic_labels),
                           data.unknown_count)
@@ -352,19 +356,11 @@ def flagged_shares(queue_path: Path, model: str, version: int, loadgen_seed: int
 # -- the oracle -------------------------------------------------------------------------------------
 def oracle_export(harvest_dir: Path, queue_path: Path, repository: Path, args, data: Data) -> dict:
     """Label Studio JSON-MIN rows for the harvested records, from the true labels in their metadata."""
-    from oodguard.serve.queue_factory import open_queue
-    import tempfile
-
     labels_doc = json.loads((harvest_dir / "labels.json").read_text())
     known_names = set(labels_doc["known_classes"])
     ids = [json.loads(line)["record_id"] for line in (harvest_dir / "manifest.jsonl").read_text().splitlines()
            if line.strip()]
-    with tempfile.TemporaryDirectory(prefix="loop-queue-") as spool:
-        queue = open_queue(f"sqlite:///{queue_path}", spool_path=Path(spool) / "spool", create=False)
-        try:
-            records = queue.get(ids)
-        finally:
-            queue.close()
+    records = read_queue(queue_path, lambda q: q.get(ids))
     # the annotator answers with the harvest's choices (labels.json: the classes of the version harvested for)
     rows, counts = [], {"known": 0, "new_class": 0, "not_relevant": 0}
     by_group = {g: 0 for g in GROUPS}

@@ -35,6 +35,8 @@ from xml.sax.saxutils import quoteattr
 
 import numpy as np
 
+from .strategies.base import softmax
+
 NEW_CLASS = "new class"
 NOT_RELEVANT = "not relevant"
 SPECIAL = (NEW_CLASS, NOT_RELEVANT)
@@ -97,12 +99,6 @@ def image_url(image_path: Path, image_url_prefix: str | None = None, local_files
     return "/data/local-files/?d=" + urllib.parse.quote(relative.as_posix(), safe="/")
 
 
-def softmax(logits) -> np.ndarray:
-    z = np.asarray(logits, np.float64).ravel()
-    z = np.exp(z - z.max())
-    return z / z.sum()
-
-
 def _finite(value) -> float | None:
     """JSON has no NaN/inf (Label Studio rejects them): those become null."""
     try:
@@ -116,7 +112,7 @@ def task(record, class_names: list[str], choices: list[str], image: str, p_value
          data: dict | None = None) -> dict:
     """One Label Studio task for ``record`` (its own version's ``class_names``); the prediction is left out when
     the predicted class is not among the project's ``choices`` (an older version's class)."""
-    probabilities = softmax(record.logits)
+    probabilities = softmax(np.asarray(record.logits)[None])[0]
     predicted = int(np.argmax(probabilities))
     class_name = str(class_names[predicted])
     deciding = (record.decision or {}).get("deciding") or ["sisome"]

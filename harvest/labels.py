@@ -105,19 +105,20 @@ def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, po
     newest = max(records, key=lambda r: r.version)
     harvested_for: dict[str, list[str]] = {}  # model -> class names of its newest version in the repository
 
+    def newest_classes(model: str) -> list[str]:
+        if model not in harvested_for:
+            available = repo.versions(repository, model)
+            harvested_for[model] = list(calibrations.get(model, max(available)).class_names) if available else []
+        return harvested_for[model]
+
     def choices(record) -> list[str]:
         """The classes a record could be labeled with: its own version's, and those of the version the harvest
         was made for (the newest: a re-scored v1 record was offered v2's classes in label_config.xml)."""
-        if record.model not in harvested_for:
-            available = repo.versions(repository, record.model)
-            harvested_for[record.model] = list(calibrations.get(record.model, max(available)).class_names) if available else []
         own = calibrations.get(record.model, record.version).class_names
-        return list(own) + [name for name in harvested_for[record.model] if name not in own]
+        return list(own) + [name for name in newest_classes(record.model) if name not in own]
 
     # the dataset's classes start with those of the version harvested for (else the newest record's), in order
-    choices(newest)
-    class_names = list(harvested_for[newest.model] or calibrations.get(newest.model, newest.version).class_names)
-
+    class_names = list(newest_classes(newest.model) or calibrations.get(newest.model, newest.version).class_names)
     new_classes: list[str] = []
     images, targets, ids = [], [], []
     errors: list[str] = []

@@ -202,16 +202,5 @@ def tensor_input(request: pb.PredictRequest, served: "ServedVersion", limits: In
     return served.preprocessing.apply(array)
 
 
-def to_model_input(request: pb.PredictRequest, served: "ServedVersion", limits: InputLimits = InputLimits()) -> np.ndarray:
-    """The request's input as the model's float32 ``[B, C, H, W]``, in one call (the gateway splits the image
-    path over its decoder pool, :class:`oodguard.serve.service.ImageDecoder`)."""
-    which = request.WhichOneof("input")
-    if which is None:
-        raise InputError("request has no input: set 'tensor' (raw) or 'images' (PNG/JPEG)")
-    if which == "images":
-        return decode_images(open_images(request, served, limits), served)
-    return tensor_input(request, served, limits)
-
-
 __all__ = ["InputError", "InputLimits", "Abandoned", "check_request_fields", "check_batch", "item_count", "is_float_tensor",
-           "open_images", "decode_images", "tensor_input", "to_model_input", "quote", "IMAGE_FORMATS"]
+           "open_images", "decode_images", "tensor_input", "quote", "IMAGE_FORMATS"]

@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from oodguard.serve.inputs import (InputError, InputLimits, check_request_fields, decode_images, item_count,
-                                   open_images, quote, tensor_input, to_model_input)
+                                   open_images, quote, tensor_input)
 from oodguard.serve.v1 import oodguard_pb2 as pb
 
 
@@ -69,7 +69,7 @@ def test_pixels_of_a_request_are_bounded_together():
 def test_only_png_and_jpeg_are_accepted(fmt):
     data = encoded(np.full((8, 8), 7, np.uint8), fmt)
     with pytest.raises(InputError, match="image 0 is not a PNG or JPEG image") as exc:
-        to_model_input(pb.PredictRequest(images=pb.EncodedImages(images=[data])), Served())
+        open_images(pb.PredictRequest(images=pb.EncodedImages(images=[data])), Served(), InputLimits())
     assert exc.value.reason == "image_format"
 
 
@@ -77,7 +77,8 @@ def test_only_png_and_jpeg_are_accepted(fmt):
 def test_png_and_jpeg_decode_like_the_preprocessing(fmt):
     image = np.tile(np.arange(0, 256, 32, dtype=np.uint8), (8, 1))
     served = Served()
-    x = to_model_input(pb.PredictRequest(images=pb.EncodedImages(images=[encoded(image, fmt)] * 2)), served)
+    request = pb.PredictRequest(images=pb.EncodedImages(images=[encoded(image, fmt)] * 2))
+    x = decode_images(open_images(request, served, InputLimits()), served)
     assert x.shape == (2, 1, 8, 8) and x.dtype == np.float32
     expected = served.preprocessing.apply(image[None])
     np.testing.assert_allclose(x[0], expected[0], atol=0.0 if fmt == "PNG" else 0.2)

@@ -161,15 +161,15 @@ def test_finite_check_accepts_the_largest_float32_and_counts_every_non_finite_va
     # the check sums in float64, which cannot overflow on float32 values: only NaN/Inf make it non-finite
     from types import SimpleNamespace
 
-    from oodguard.serve.inputs import InputError, to_model_input
+    from oodguard.serve.inputs import InputError, InputLimits, tensor_input
 
     served = SimpleNamespace(input_shape=(1, 28, 28), max_batch=64, model="digits", version=1)
     huge = np.full((2, 1, 28, 28), np.finfo(np.float32).max, np.float32)
-    assert to_model_input(pb.PredictRequest(tensor=tensor(huge)), served).shape == (2, 1, 28, 28)
+    assert tensor_input(pb.PredictRequest(tensor=tensor(huge)), served, InputLimits()).shape == (2, 1, 28, 28)
     mixed = np.zeros((3, 1, 28, 28), np.float32)
     mixed[1, 0, 0, 0], mixed[2, 0, 5, 5], mixed[2, 0, 6, 6] = np.inf, -np.inf, np.nan
     with pytest.raises(InputError, match=r"holds 3 NaN/Inf value\(s\) \(first in item 1\)"):
-        to_model_input(pb.PredictRequest(tensor=tensor(mixed)), served)
+        tensor_input(pb.PredictRequest(tensor=tensor(mixed)), served, InputLimits())
 
 
 def test_bad_inputs_are_invalid_argument_while_good_traffic_flows(gateway, stub, digits_test_images):
