@@ -295,7 +295,8 @@ def accuracy(version_dir: Path, data: Data, known: list[int]) -> dict:
     new = np.isin(data.eval_labels, data.new_classes)
     per_new = {str(c): float(correct[data.eval_labels == c].mean()) for c in data.new_classes
                if np.any(data.eval_labels == c)}
-    threshold = scorer.calibration.thresholds.get("sisome")
+    thresholds = scorer.calibration.thresholds  # the gateway's default decision: fused, else its fallback sisome
+    threshold = thresholds.get("fused") or thresholds.get("sisome")
     band = None if threshold is None else [1 - threshold.achieved_tpr_ci95[1], 1 - threshold.achieved_tpr_ci95[0]]
     return {"old": float(correct[old].mean()) if old.any() else None,
             "new": float(correct[new].mean()) if new.any() else None,
@@ -577,7 +578,7 @@ def targets(summary: dict, runs: list[dict], cycles: int) -> dict:
                             "met": (final(best, "flagged_unknown") or 0) >= TARGETS["unknown_flagged_min"]},
         "old_false_flag_rate": {"value": final(best, "flagged_old"), "band": band,
                                 "target": "within the calibrated band (1 - Clopper-Pearson 95% interval of the "
-                                          "achieved TPR of sisome; at most its upper end)",
+                                          "achieved TPR of the deciding score, fused or sisome; at most its upper end)",
                                 "met": band is not None and final(best, "flagged_old") is not None
                                 and final(best, "flagged_old") <= band[1]},
     }

@@ -209,10 +209,12 @@ def fused_module(model, images: np.ndarray, labels: np.ndarray, prep: Preproc, s
 
     x = prep(images)
     features, logits = extract(model, x)
-    ood_features, ood_logits = extract(model, validation_ood(x, labels, 1000, seed))
+    ood = validation_ood(x, labels, 1000, seed)
+    ood_features, ood_logits = extract(model, ood.images)
     data = FitData(features=features, logits=logits, labels=labels, bank=np.arange(len(labels)),
                    head_weight=model.head.weight.detach().numpy(), head_bias=model.head.bias.detach().numpy(),
-                   validation_ood_features=ood_features, validation_ood_logits=ood_logits, seed=seed)
+                   validation_ood_features=ood_features, validation_ood_logits=ood_logits, seed=seed,
+                   validation_ood_groups=ood.groups)
     return fused.FusedModel(model, fit_scores(data, {})).eval()
 
 

@@ -228,7 +228,7 @@ def build_traffic(repository: Path, model: str | None, count: int = 256) -> Traf
     digits = load_dataset("digits").select_classes(KNOWN_CLASSES)
     x = prep.apply(digits.images)  # [N, *prep.input_shape]
     outputs = OnnxModel(folder / repo.MODEL_FILE).run(x)
-    score = "sisome"  # the gateway's default deciding score
+    score = "fused" if "fused" in calibration.thresholds else "sisome"  # the gateway's default decision
     threshold = calibration.thresholds[score].threshold
     flagged = calibration.thresholds[score].is_ood(outputs[score])
     # keep a margin below the threshold so batch-size-dependent rounding cannot flip a decision

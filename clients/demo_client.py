@@ -37,7 +37,7 @@ def describe(label: str, response: pb.PredictResponse) -> str:
                          for s in d.deciding_scores)
     queued = f"queued as {item.queue_record_id}" if item.queue_record_id else pb.QueueStatus.Name(item.queue_status)
     return (f"{label}: class {item.class_name} (p={item.probability:.3f}), {'OOD' if d.ood else 'in-distribution'} "
-            f"by {d.mode}({deciding}); crossed: {', '.join(d.crossed) or 'none'}; {queued}; "
+            f"by {d.mode}({deciding}){f', driven by {d.driver}' if d.driver else ''}; crossed: {', '.join(d.crossed) or 'none'}; {queued}; "
             f"model {response.model} v{response.version}")
 
 

@@ -25,7 +25,8 @@ def describe(path: str, p) -> str:
         for s in d.deciding)
     others = [f"{s}={p.scores[s]:.4g} > {d.thresholds[s]:.4g}" for s in d.crossed if s not in d.deciding]
     lines = [f"{path}: class {p.class_name} (index {p.class_index}, p={p.probability:.3f}) {verdict}",
-             f"  decided by {d.mode}({deciding})",
+             f"  decided by {d.mode}({deciding})" + (f"; driven by {d.driver} (p={d.p_values[d.driver]:.3g})"
+                                                     if d.driver else ""),
              f"  other scores crossed: {', '.join(others) or 'none'}",
              f"  model {p.model} v{p.version}" + (f", queued as {p.record_id}" if p.record_id else "")]
     return "\n".join(lines)

@@ -75,7 +75,9 @@ class ClassProbability:
 @dataclass(frozen=True)
 class Decision:
     """The server's verdict: ``ood`` by the ``deciding`` scores (``mode`` any/all); ``crossed``: every score above
-    its calibrated threshold; per score the threshold and the conformal p-value (small = unlike the ID data)."""
+    its calibrated threshold; per score the threshold and the conformal p-value (small = unlike the ID data);
+    ``reasons``: why flagged (threshold, unscorable, input_range); ``driver``: when ``fused`` decides, its
+    component with the smallest p-value."""
 
     ood: bool
     crossed: tuple[str, ...]
@@ -83,6 +85,8 @@ class Decision:
     mode: str
     thresholds: Mapping[str, float]
     p_values: Mapping[str, float]
+    reasons: tuple[str, ...] = ()
+    driver: str = ""
 
     @property
     def deciding_crossed(self) -> tuple[str, ...]:
@@ -121,6 +125,7 @@ class Prediction:
         out["decision"]["p_values"] = dict(self.decision.p_values)
         out["decision"]["crossed"] = list(self.decision.crossed)
         out["decision"]["deciding"] = list(self.decision.deciding)
+        out["decision"]["reasons"] = list(self.decision.reasons)
         out["top_k"] = [asdict(c) for c in self.top_k]
         return out
 
@@ -133,7 +138,8 @@ class Prediction:
             scores={k: float(v) for k, v in sorted(item.scores.items())},
             decision=Decision(ood=d.ood, crossed=tuple(d.crossed), deciding=tuple(d.deciding_scores), mode=d.mode,
                               thresholds={k: float(v) for k, v in sorted(d.thresholds.items())},
-                              p_values={k: float(v) for k, v in sorted(d.p_values.items())}),
+                              p_values={k: float(v) for k, v in sorted(d.p_values.items())},
+                              reasons=tuple(d.reasons), driver=d.driver),
             model=item.model, version=int(item.version), record_id=item.queue_record_id,
             queue_status=pb.QueueStatus.Name(item.queue_status), sampled=item.sampled, request_id=request_id,
         )

@@ -1,13 +1,24 @@
-"""Reduced feature bank (RS): a representative subset per class, chosen by class-wise ProbCover.
+"""Reduced feature bank (RS): a subset of about ``size`` training samples, chosen per class.
 
-ProbCover (Yehuda et al. 2022) greedily picks the point whose delta-ball covers the most points not
-yet covered. Choices (the SISOM paper gives no delta): it runs on L2-normalised penultimate features
-(independent of the sigmoid steepness, so the alpha search can run on the reduced bank); each class
-keeps a share of ``size`` proportional to its frequency (at least 2, which SISOM's leave-one-out
-needs); delta is the median distance from a class's points to their ``ceil(n_c / m_c)``-th nearest
-same-class neighbour, so that one ball covers about ``n_c / m_c`` points; if every point is covered
-before ``m_c`` picks, the rest are drawn at random (seeded) from the unpicked points. Classes with more
-than ``max_class_points`` points are subsampled (seeded) before the greedy search to bound memory.
+Class quotas (:func:`class_quota`) are *water-filled*: every class keeps ``min(n_c, share)`` samples, with
+``share`` the largest value whose total fits ``size``. A small class is kept whole and the large ones
+share the rest equally. (Proportional quotas cut a class of 80 images next to 6,000-image classes to 8
+bank samples: its images then lie far from their nearest bank neighbours, and SISOM / kNN flag the class
+wholesale; that is how a class added by a retrain looks.) Every class keeps at least 2 samples, which
+SISOM's leave-one-out needs.
+
+Two ways to pick a class's quota (``method``):
+
+- ``"probcover"``: ProbCover (Yehuda et al. 2022) greedily picks the point whose delta-ball covers the
+  most points not yet covered. Choices (the SISOM paper gives no delta): it runs on L2-normalised
+  penultimate features (independent of the sigmoid steepness, so the alpha search can run on the reduced
+  bank); delta is the median distance from a class's points to their ``ceil(n_c / m_c)``-th nearest
+  same-class neighbour, so that one ball covers about ``n_c / m_c`` points; if every point is covered
+  before ``m_c`` picks, the rest are drawn at random (seeded). Classes with more than
+  ``max_class_points`` points are subsampled (seeded) before the greedy search to bound memory.
+- ``"random"``: a seeded uniform draw per class (a class-stratified random bank). Coverage picks
+  over-represent a class's sparse outskirts, which moves density-based scores; the export compares both
+  on validation data and keeps ProbCover only where it is not worse (:mod:`oodguard.export.pipeline`).
 """
 
 from __future__ import annotations
@@ -20,12 +31,31 @@ from .scores.base import numpy_squared_distances
 from .scores.knn import normalise
 
 
+METHODS = ("probcover", "random")
+
+
 def class_quota(labels: np.ndarray, size: int) -> dict[int, int]:
+    """Water-filled quotas: ``min(n_c, share)`` per class, ``share`` as large as ``size`` allows (the
+    remainder of an uneven split goes to the largest classes, one each)."""
     classes, counts = np.unique(labels, return_counts=True)
     if size < 2 * len(classes):
         raise ValueError(f"bank size {size} is too small: at least 2 per class ({2 * len(classes)}) are needed")
-    quota = np.maximum(np.floor(counts * size / counts.sum()).astype(int), 2)
-    quota = np.minimum(quota, counts)
+    if size >= counts.sum():
+        return {int(c): int(n) for c, n in zip(classes, counts)}
+    quota = np.zeros(len(counts), dtype=np.int64)
+    left, open_ = size, np.ones(len(counts), bool)
+    while open_.any():
+        share = left // int(open_.sum())
+        full = open_ & (counts <= share)
+        if not full.any():  # every open class is larger than the share: split what is left
+            quota[open_] = share
+            extra = left - share * int(open_.sum())
+            largest = np.flatnonzero(open_)[np.argsort(-counts[open_], kind="stable")[:extra]]
+            quota[largest] += 1
+            break
+        quota[full] = counts[full]
+        left -= int(counts[full].sum())
+        open_ &= ~full
     return {int(c): int(q) for c, q in zip(classes, quota)}
 
 
@@ -55,15 +85,20 @@ def probcover(points: np.ndarray, picks: int, rng: np.random.Generator) -> np.nd
 
 
 def reduce_bank(features: np.ndarray, labels: np.ndarray, size: int, seed: int = 0,
-                max_class_points: int = 8000) -> np.ndarray:
-    """Indices (into ``features``) of a bank of about ``size`` samples, class-wise ProbCover."""
+                max_class_points: int = 8000, method: str = "probcover") -> np.ndarray:
+    """Indices (into ``features``) of a bank of ``size`` samples (at most), chosen per class by ``method``."""
+    if method not in METHODS:
+        raise ValueError(f"bank method must be one of {METHODS}, got {method!r}")
     if size >= len(features):
         return np.arange(len(features))
     rng = np.random.default_rng(seed)
-    unit = normalise(np.asarray(features, np.float64))
+    unit = normalise(np.asarray(features, np.float64)) if method == "probcover" else None
     chosen = []
     for cls, picks in class_quota(labels, size).items():
         members = np.flatnonzero(labels == cls)
+        if method == "random":
+            chosen.append(np.sort(rng.choice(members, size=picks, replace=False)))
+            continue
         if len(members) > max_class_points:
             members = np.sort(rng.choice(members, size=max_class_points, replace=False))
         chosen.append(members[probcover(unit[members], picks, rng)])

@@ -78,8 +78,11 @@ def export_module(module: nn.Module, input_shape: tuple[int, ...], path: str | P
     return path
 
 
-def run_torch(model: FusedModel, images: np.ndarray) -> dict[str, np.ndarray]:
-    """Reference outputs of the PyTorch module, by name (for parity checks)."""
+def run_torch(model: FusedModel, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """Outputs of the PyTorch module by name, in batches (parity checks; the export's choices)."""
+    parts: list[tuple[torch.Tensor, ...]] = []
     with torch.no_grad():
-        outputs = model(torch.as_tensor(images, dtype=torch.float32))
-    return {name: out.numpy() for name, out in zip(output_names(model.score_names), outputs)}
+        for start in range(0, len(images), batch_size):
+            parts.append(model(torch.as_tensor(images[start:start + batch_size], dtype=torch.float32)))
+    return {name: np.concatenate([part[i].numpy() for part in parts])
+            for i, name in enumerate(output_names(model.score_names))}

@@ -1,10 +1,20 @@
 """`oodguard export`: classifier checkpoint → fused-head ONNX + calibration.json + Triton configs.
 
-Steps, each timed and reported: load the checkpoint; extract training features; choose the bank
-(class-wise ProbCover when ``bank_size`` is smaller than the training set); fit every score of the
-registry; export one ONNX graph; run it in ONNX Runtime on the held-out calibration split to fit the
-95%-TPR thresholds; write the version folder atomically (built in a hidden temp folder, then renamed to
-the next free version number) and refresh the model's Triton configs.
+Steps, each timed and reported: load the checkpoint; extract training features and those of the
+validation OOD (synthetic corruptions of training images plus any ``--validation-ood`` sets; never a test
+set); choose the bank (when ``bank_size`` is smaller than the training set: class-wise ProbCover and a
+class-stratified random bank are both fitted, and ProbCover is kept only if it is at least as good on
+validation for every bank-based score); fit every score of the registry; choose and fit the ``fused``
+score on one half of the held-out calibration split (:mod:`oodguard.export.scores.pvalue_fusion`); export
+one ONNX graph; run it in ONNX Runtime on the calibration split to fit the 95%-TPR thresholds (``fused``
+on the other half only); write the version folder atomically (built in a hidden temp folder, then renamed
+to the next free version number) and refresh the model's Triton configs.
+
+The calibration split is halved per class (seeded): *references* (the fused score's reference scores,
+the fused choice and the bank choice) and *held* (the fused threshold). Every other score's threshold uses
+the whole split, as before. A calibration split too small to halve (each half needs
+:func:`~oodguard.export.calibrate.minimum_size` samples) gives a version without ``fused``, and the log
+says so; the gateway then decides with its fallback score.
 """
 
 from __future__ import annotations
@@ -29,11 +39,14 @@ from oodguard.repository import CALIBRATION_FILE, INPUT_NAME, MODEL_FILE, model_
 
 from . import fused
 from .backbones import file_sha256, load_classifier
+from .bank import METHODS as BANK_METHODS
 from .bank import reduce_bank
-from .calibrate import fit_thresholds, minimum_size
+from .calibrate import fit_threshold, fit_thresholds, minimum_size
 from .scores import SCORES, FitData, Score
+from .scores.pvalue_fusion import NAME as FUSED, PValueFusion
 from .synthetic import validation_ood
 from .train import extract
+from .validation import ValidationOOD, key, objective
 from .triton_config import ModelSignature, write_configs
 from .triton_model import write_triton_model
 
@@ -52,9 +65,11 @@ class ExportSpec:
     bank_data: Dataset
     calibration_data: Dataset
     bank_size: int | None = None
+    bank_method: str = "auto"  # with bank_size: "probcover", "random", or "auto" (both fitted, see choose_bank)
     score_params: dict[str, dict] = field(default_factory=dict)
     target_tpr: float = 0.95
     validation_ood_size: int = 1000
+    validation_ood_specs: list[str] = field(default_factory=list)  # --validation-ood: extra validation OOD sets
     max_batch_size: int = 64
     seed: int = 0
     provenance: dict = field(default_factory=dict)
@@ -70,9 +85,9 @@ class ExportResult:
 
 
 def fit_scores(data: FitData, params: dict[str, dict]) -> dict[str, Score]:
-    unknown = set(params) - set(SCORES)
+    unknown = set(params) - set(SCORES) - {FUSED}
     if unknown:
-        raise ValueError(f"parameters given for unknown score(s) {sorted(unknown)}; scores: {list(SCORES)}")
+        raise ValueError(f"parameters given for unknown score(s) {sorted(unknown)}; scores: {[*SCORES, FUSED]}")
     fitted: dict[str, Score] = {}
     for name, cls in SCORES.items():
         fitted[name] = cls.fit(data, fitted, **params.get(name, {}))
@@ -123,18 +138,49 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
     lap("extract training features")
 
     labels = spec.bank_data.labels
-    bank = np.arange(len(labels)) if spec.bank_size is None else reduce_bank(features, labels, spec.bank_size, spec.seed)
-    ood_images = validation_ood(bank_images, labels, spec.validation_ood_size, spec.seed)
-    ood_features, ood_logits = extract(classifier, ood_images)
-    lap(f"bank ({len(bank)} of {len(labels)}) and validation OOD ({len(ood_images)} synthetic)")
+    ood = validation_set(spec, bank_images, labels)
+    ood_features, ood_logits = extract(classifier, ood.images)
+    lap(f"validation OOD ({len(ood)}: {ood.group_sizes})")
 
-    data = FitData(
-        features=features, logits=logits, labels=labels, bank=bank,
-        head_weight=classifier.head.weight.detach().numpy(), head_bias=classifier.head.bias.detach().numpy(),
-        validation_ood_features=ood_features, validation_ood_logits=ood_logits, seed=spec.seed,
-    )
-    scores = fit_scores(data, spec.score_params)
-    lap("fit scores")
+    calibration_images = prep.apply(spec.calibration_data.images)
+    references, held = split_calibration(n_cal, spec.calibration_data.labels, spec.target_tpr, spec.seed)
+    reference_images = calibration_images[references] if references is not None else None
+    params = {name: p for name, p in spec.score_params.items() if name != FUSED}
+    candidates = {}  # bank method -> (bank, fitted scores, torch outputs on the references and the validation OOD)
+    if spec.bank_method not in ("auto", *BANK_METHODS):
+        raise ValueError(f"bank method must be auto, probcover or random, got {spec.bank_method!r}")
+    reduced = spec.bank_size is not None and spec.bank_size < len(labels)
+    for method in ((BANK_METHODS if spec.bank_method == "auto" else (spec.bank_method,)) if reduced else ("full",)):
+        bank = np.arange(len(labels)) if method == "full" else reduce_bank(features, labels, spec.bank_size, spec.seed,
+                                                                              method=method)
+        data = FitData(
+            features=features, logits=logits, labels=labels, bank=bank,
+            head_weight=classifier.head.weight.detach().numpy(), head_bias=classifier.head.bias.detach().numpy(),
+            validation_ood_features=ood_features, validation_ood_logits=ood_logits, seed=spec.seed,
+            validation_ood_groups=ood.groups,
+        )
+        scores = fit_scores(data, params)
+        outputs = None
+        if reference_images is not None:
+            model = fused.FusedModel(classifier, scores).eval()
+            outputs = (fused.run_torch(model, reference_images), fused.run_torch(model, ood.images))
+        candidates[method] = (bank, scores, outputs)
+    bank_method, bank_comparison = choose_bank(candidates, ood.groups)
+    bank, scores, outputs = candidates[bank_method]
+    lap(f"fit scores (bank: {bank_method}, {len(bank)} of {len(labels)})")
+    if bank_comparison:
+        progress(f"  bank comparison (worst-group validation AUROC per bank-based score): {_figures(bank_comparison)}")
+
+    if outputs is not None:
+        fusion = PValueFusion.from_references({n: outputs[0][n] for n in scores}, {n: outputs[1][n] for n in scores},
+                                              ood.groups, **spec.score_params.get(FUSED, {}))
+        scores = {**scores, FUSED: fusion}
+        chosen = fusion.selection.get("chosen", {})
+        lap(f"fused: {fusion.combination}({', '.join(fusion.components)}) on {len(references)} reference samples"
+            + (f", validation AUROC {_figures({k: v for k, v in chosen['auroc'].items()})}" if chosen else ""))
+    else:
+        progress(f"  note: {n_cal} calibration samples are too few to split for the fused score (each half needs "
+                 f"{minimum_size(spec.target_tpr)}): this version has no '{FUSED}' score")
 
     root = model_dir(spec.repository, spec.model_name)
     root.mkdir(parents=True, exist_ok=True)
@@ -145,17 +191,24 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
         fused.export_onnx(model, prep.input_shape, staging / MODEL_FILE)
         lap("export ONNX")
 
-        outputs = OnnxModel(staging / MODEL_FILE).run(prep.apply(spec.calibration_data.images))
-        thresholds = fit_thresholds(outputs, model.score_names, spec.target_tpr)
-        lap(f"calibrate ({len(spec.calibration_data)} held-out in-distribution samples)")
+        outputs = OnnxModel(staging / MODEL_FILE).run(calibration_images)
+        thresholds = fit_thresholds(outputs, [n for n in model.score_names if n != FUSED], spec.target_tpr)
+        if FUSED in scores:  # on the held half only: its references came from the other
+            thresholds[FUSED] = fit_threshold(FUSED, outputs[FUSED][held], spec.target_tpr)
+        lap(f"calibrate ({n_cal} held-out in-distribution samples"
+            + (f"; {FUSED} on {len(held)} of them)" if FUSED in scores else ")"))
 
         write_triton_model(staging)  # model.py for Triton's CPU config (python backend)
         calibration = Calibration(
-            model=_metadata(spec, model, len(bank)),
+            model={**_metadata(spec, model, len(bank)), "bank_method": bank_method,
+                   **({"bank_comparison": bank_comparison} if bank_comparison else {}),
+                   "validation_ood": {"groups": ood.group_sizes, "specs": list(spec.validation_ood_specs)}},
             thresholds=thresholds,
             data={"source": spec.calibration_data.source, "n": len(spec.calibration_data), "target_tpr": spec.target_tpr,
                   **({"per_class": per_class} if per_class else {}),
-                  **({"few_samples": sorted(few)} if few else {})},
+                  **({"few_samples": sorted(few)} if few else {}),
+                  **({"fused_split": {"references": len(references), "threshold": len(held), "seed": spec.seed}}
+                     if FUSED in scores else {})},
         )
         version = _publish(staging, root, calibration)
     except BaseException:
@@ -166,6 +219,59 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
                   preferred_batch_sizes=tuple(b for b in (16, 32, 64) if b <= spec.max_batch_size) or (spec.max_batch_size,))
     progress(f"wrote {root / str(version)} (model.onnx, calibration.json) and the Triton configs")
     return ExportResult(version, root / str(version), calibration, model, seconds)
+
+
+def validation_set(spec: ExportSpec, bank_images: np.ndarray, labels: np.ndarray) -> ValidationOOD:
+    """Synthetic validation OOD from training images (groups near / far) plus each ``--validation-ood`` set
+    (group ``user:<spec>``, at most ``validation_ood_size`` images each, seeded), as model inputs."""
+    from oodguard.evaluation import resolve_dataset
+
+    parts = [validation_ood(bank_images, labels, spec.validation_ood_size, spec.seed)]
+    rng = np.random.default_rng(spec.seed)
+    for text in spec.validation_ood_specs:
+        images = resolve_dataset(text, spec.preprocessing, seed=spec.seed).images
+        if len(images) == 0:
+            raise ValueError(f"--validation-ood {text}: the set is empty")
+        if len(images) > spec.validation_ood_size:
+            images = images[np.sort(rng.choice(len(images), size=spec.validation_ood_size, replace=False))]
+        parts.append(ValidationOOD(spec.preprocessing.apply(images), np.full(len(images), f"user:{text}", dtype=object)))
+    return ValidationOOD.concatenate(parts)
+
+
+def split_calibration(n: int, labels: np.ndarray | None, target_tpr: float, seed: int):
+    """``(references, held)`` index arrays halving the calibration split per class (seeded), or
+    ``(None, None)`` when a half would be too small for a threshold."""
+    if n < 2 * minimum_size(target_tpr):
+        return None, None
+    rng = np.random.default_rng(seed + 7)
+    order = rng.permutation(n)
+    if labels is not None:  # alternate within each class: both halves get every class
+        order = order[np.argsort(np.asarray(labels)[order], kind="stable")]
+    first = int(rng.integers(2))
+    return np.sort(order[first::2]), np.sort(order[1 - first::2])
+
+
+def choose_bank(candidates: dict, groups: np.ndarray) -> tuple[str, dict]:
+    """The bank method to keep and, when there was a choice, each method's worst-group validation AUROC per
+    bank-based score. ProbCover is kept only if it is at least as good as the random bank for every
+    bank-based score (worst group first, then the mean); otherwise the random bank."""
+    if len(candidates) == 1 or any(outputs is None for _, _, outputs in candidates.values()):
+        return next(iter(candidates)), {}
+    comparison = {}
+    for method, (_, scores, (id_out, ood_out)) in candidates.items():
+        comparison[method] = {name: objective(id_out[name], ood_out[name], groups)
+                              for name, score in scores.items() if score.uses_bank}
+    probcover, random = comparison["probcover"], comparison["random"]
+    keep = all(key(probcover[name]) >= key(random[name]) for name in probcover)
+    return ("probcover" if keep else "random"), comparison
+
+
+def _figures(table: dict) -> str:
+    """A compact rendering of nested AUROC figures for the export log."""
+    if all(isinstance(v, float) for v in table.values()):
+        return ", ".join(f"{k} {v:.4f}" for k, v in table.items())
+    return "; ".join(f"{method}: " + ", ".join(f"{name} {r['worst']:.4f}" for name, r in rows.items())
+                     for method, rows in table.items())
 
 
 def _metadata(spec: ExportSpec, model: fused.FusedModel, bank_size: int) -> dict:

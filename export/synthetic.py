@@ -1,15 +1,17 @@
 """Synthetic validation OOD made from in-distribution training images, for tuning (never for testing).
 
 Three corruptions, a third each, applied to model inputs ``[N, C, H, W]``: pixel permutation within an
-image (keeps the intensity histogram, destroys all structure), a 4x4 jigsaw of patches (keeps local
-strokes, destroys the layout), and a 50/50 blend of two images of different classes (near-OOD:
-plausible strokes of two classes at once). None of them is a noise or blob image, so the far-OOD
-test sets of the benchmarks stay unseen.
+image (keeps the intensity histogram, destroys all structure: group ``far``), a 4x4 jigsaw of patches
+(keeps local strokes, destroys the layout: ``near``), and a 50/50 blend of two images of different
+classes (plausible strokes of two classes at once: ``near``). None of them is a noise or blob image, so
+the far-OOD test sets of the benchmarks stay unseen. Groups: :mod:`oodguard.export.validation`.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from .validation import FAR, NEAR, ValidationOOD
 
 
 def pixel_permutation(images: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -44,13 +46,12 @@ def class_blend(images: np.ndarray, labels: np.ndarray, rng: np.random.Generator
     return 0.5 * images + 0.5 * images[partners]
 
 
-def validation_ood(images: np.ndarray, labels: np.ndarray, size: int, seed: int) -> np.ndarray:
-    """``size`` corrupted copies of randomly drawn ``images`` (float32, same shape per item)."""
+def validation_ood(images: np.ndarray, labels: np.ndarray, size: int, seed: int) -> ValidationOOD:
+    """``size`` corrupted copies of randomly drawn ``images`` (float32, same shape per item), grouped."""
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(images), size=min(size, len(images)), replace=False)
     parts = np.array_split(picks, 3)
-    return np.concatenate([
-        pixel_permutation(images[parts[0]], rng),
-        jigsaw(images[parts[1]], rng),
-        class_blend(images[parts[2]], labels[parts[2]], rng),
-    ]).astype(np.float32)
+    corrupted = [pixel_permutation(images[parts[0]], rng), jigsaw(images[parts[1]], rng),
+                 class_blend(images[parts[2]], labels[parts[2]], rng)]
+    groups = np.array([FAR] * len(parts[0]) + [NEAR] * (len(parts[1]) + len(parts[2])), dtype=object)
+    return ValidationOOD(np.concatenate(corrupted).astype(np.float32), groups)

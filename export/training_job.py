@@ -28,6 +28,8 @@ from .training_data import Source, balancing_weights, combine, label_names, merg
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RECORD_FILE = "training.json"
+#: the exported bank-based scores (SISOM's leave-one-out) need this many training images of every class
+MIN_TRAIN_PER_CLASS = 2
 
 
 @dataclass
@@ -141,9 +143,13 @@ def run_training(
     joined, splits = combine(sources, class_names, prep, loaded)
     train_part = joined.take(splits["train"])
     counts = np.bincount(train_part.labels, minlength=len(class_names))
-    empty = [name for name, n in zip(class_names, counts) if n == 0]
-    if empty:
-        progress(f"warning: no training image of class(es) {empty}")
+    thin = {name: int(n) for name, n in zip(class_names, counts) if n < MIN_TRAIN_PER_CLASS}
+    if thin:  # fail before training: the export could not fit its bank-based scores
+        raise ValueError(
+            f"class(es) {thin} have fewer than {MIN_TRAIN_PER_CLASS} training images (of "
+            f"{dict(zip(class_names, np.bincount(joined.labels, minlength=len(class_names)).tolist()))} labeled in "
+            f"all; the train split keeps {fractions[0]:.0%}); the exported OOD scores need {MIN_TRAIN_PER_CLASS} per "
+            "class in the feature bank: label more images of them, or leave them out of the labels file")
     weights = balancing_weights(train_part.labels, balance)
     progress(
         f"training {factory_ref} on {joined.source}: {len(class_names)} classes, {len(splits['train'])} train / "

@@ -70,9 +70,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--input-shape", type=_ints, help="C,H,W (checkpoint without training.json)")
     export.add_argument("--mean", type=_floats, help="per-channel mean after scaling to [0,1]")
     export.add_argument("--std", type=_floats, help="per-channel std after scaling to [0,1]")
-    export.add_argument("--bank-size", type=int, help="reduced bank (class-wise ProbCover) size; default: all training samples")
-    export.add_argument("--alpha", type=float, help="fixed SISOM sigmoid steepness (default: chosen on a log grid)")
-    export.add_argument("--knn-k", type=int, default=50, help="k of the kNN score (clipped to the bank size)")
+    export.add_argument("--bank-size", type=int, help="reduced bank size (class quotas water-filled; class-wise ProbCover "
+                        "or a class-stratified random bank, whichever is not worse on validation); default: all training "
+                        "samples")
+    export.add_argument("--bank-method", choices=["auto", "probcover", "random"], default="auto",
+                        help="how --bank-size picks each class's samples (default auto: both, the better kept)")
+    export.add_argument("--alpha", type=float, help="fixed SISOM sigmoid steepness (default: chosen on a log grid by the "
+                        "worst-group validation AUROC)")
+    export.add_argument("--knn-k", type=int, help="fixed k of the kNN score (default: chosen from 1,2,5,10,20,50 by the "
+                        "worst-group validation AUROC; at most half the smallest class's bank count)")
+    export.add_argument("--validation-ood", action="append", default=[], metavar="SPEC",
+                        help="an OOD set for the export's choices (never a test set; repeatable): a group of its own "
+                        "next to the synthetic near and far corruptions of training images (default: none)")
+    export.add_argument("--fused-components", help="fixed components of the fused score, comma-separated (default: "
+                        "chosen on validation among subsets of up to 3 scores)")
+    export.add_argument("--fused-combination", choices=["fisher", "min-p"],
+                        help="fixed combination of the fused score's p-values (default: chosen with the components)")
     export.add_argument("--tpr", type=float, default=0.95, help="target TPR of the thresholds (default 0.95)")
     export.add_argument("--max-batch-size", type=int, default=64)
     export.add_argument("--seed", type=int, default=0)
@@ -307,7 +320,11 @@ SERVE_FLAGS = [
     ("--triton-inflight-batches", "N", "micro-batches kept in flight to Triton at once (default 1: requests "
      "arriving during a call merge into the next batch; raise it when Triton's execution time dominates)"),
     ("--default-model", "NAME", "model used when a request names none and several are served"),
-    ("--decision-scores", "S1,S2", "scores that decide (default sisome)"),
+    ("--decision-scores", "S1,S2", "scores that decide (default fused: the calibrated p-value fusion the export "
+     "chose on validation data)"),
+    ("--decision-fallback", "S1,S2", "scores that decide a version exporting not every --decision-scores score, "
+     "e.g. one exported before fused existed (default: sisome with the default fused decision, none with any "
+     "other --decision-scores; 'none' refuses such versions)"),
     ("--decision-mode", "MODE", "any (default) or all of the deciding scores must cross their thresholds"),
     ("--max-wait-ms", "MS", "micro-batching: how long an idle backend waits for batch mates (default 0: run at "
      "once; under load, requests that arrive while the backend is busy are merged anyway)"),
@@ -393,8 +410,14 @@ def _run_export(args: argparse.Namespace) -> int:
         return 0
     if not args.checkpoint or not args.model:
         raise ValueError("give --checkpoint and --model (or --demo digits)")
-    overrides = dict(bank_size=args.bank_size, target_tpr=args.tpr, max_batch_size=args.max_batch_size,
-                     score_params={"sisom": {"alpha": args.alpha}, "knn": {"k": args.knn_k}})
+    fusion = {**({"components": tuple(args.fused_components.split(","))} if args.fused_components else {}),
+              **({"combination": args.fused_combination} if args.fused_combination else {})}
+    if "combination" in fusion and "components" not in fusion:
+        raise ValueError("--fused-combination needs --fused-components too")
+    overrides = dict(bank_size=args.bank_size, bank_method=args.bank_method, target_tpr=args.tpr, max_batch_size=args.max_batch_size,
+                     validation_ood_specs=list(args.validation_ood),
+                     score_params={"sisom": {"alpha": args.alpha}, "knn": {"k": args.knn_k},
+                                   **({"fused": fusion} if fusion else {})})
     if args.checkpoint.with_name("training.json").exists():
         spec = pipeline.spec_from_training(args.checkpoint, args.repository, args.model, **overrides)
         if args.calibration_data:

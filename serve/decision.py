@@ -11,6 +11,13 @@ reason ``unscorable``, whatever the policy says (``NaN > threshold`` is false, s
 pass it). The gateway may also mark items whose model input lies outside the model's input range
 (:class:`InputRange`); they are flagged with the reason ``input_range``. A policy flag is the reason
 ``threshold``. An item may carry several reasons.
+
+**The default decision is ``fused``** (the calibrated p-value fusion of complementary scores that the export
+chooses on validation data, :mod:`oodguard.export.scores.pvalue_fusion`). A policy carries a *fallback*:
+a version that does not export every deciding score (e.g. one exported before ``fused`` existed, or with a
+calibration split too small to halve) is decided by the fallback scores instead (default ``sisome``), and
+the registry logs it; without a usable fallback the version is refused. A verdict decided by ``fused`` is
+explained by its *driver*: the component score with the smallest p-value.
 """
 
 from __future__ import annotations
@@ -34,13 +41,18 @@ class PolicyError(ValueError):
     """The decision policy is invalid, or names scores the model does not export."""
 
 
+#: the score whose verdicts name a driver, and where its components are recorded in calibration.json
+FUSED = "fused"
+
+
 @dataclass(frozen=True)
 class DecisionPolicy:
-    scores: tuple[str, ...] = ("sisome",)
+    scores: tuple[str, ...] = (FUSED,)
     mode: str = "any"
+    fallback: tuple[str, ...] = ("sisome",)  # decides a version lacking a deciding score; () = refuse it
 
     def __post_init__(self) -> None:
-        if isinstance(self.scores, str):
+        if isinstance(self.scores, str) or isinstance(self.fallback, str):
             raise PolicyError(f"decision scores must be a sequence of names, got the string {self.scores!r}")
         if not self.scores:
             raise PolicyError("the decision policy names no score; name at least one, e.g. ('sisome',)")
@@ -58,6 +70,21 @@ class DecisionPolicy:
                 f"decision score(s) {missing} not exported by {where}; it exports {available}"
             )
 
+    def for_scores(self, available: Iterable[str], where: str = "the model") -> "DecisionPolicy":
+        """The policy a version exporting ``available`` is decided by: this one, else its fallback (same
+        mode, no further fallback); :class:`PolicyError` when neither fits."""
+        available = list(available)
+        if all(s in available for s in self.scores):
+            return self
+        if self.fallback and all(s in available for s in self.fallback):
+            return DecisionPolicy(tuple(self.fallback), self.mode, ())
+        self.validate(available, where)  # raises, naming the missing scores
+        return self
+
+    def describe(self) -> str:
+        fallback = f", else {self.mode}({', '.join(self.fallback)})" if self.fallback else ""
+        return f"{self.mode}({', '.join(self.scores)}){fallback}"
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -71,11 +98,13 @@ class Verdict:
     thresholds: dict[str, float]
     p_values: dict[str, float]
     reasons: tuple[str, ...] = ()  # why flagged: threshold, unscorable, input_range (empty when not flagged)
+    driver: str = ""  # deciding by fused: its component with the smallest p-value
 
     def to_dict(self) -> dict:
         return {
             "ood": self.ood,
             "reasons": list(self.reasons),
+            **({"driver": self.driver} if self.driver else {}),
             "crossed": list(self.crossed),
             "deciding": list(self.deciding),
             "mode": self.mode,
@@ -87,19 +116,21 @@ class Verdict:
 class Decisions:
     """The verdicts of a batch, column-wise: ``scores`` / ``crossed`` / ``p_values`` are ``[B, S]`` in
     ``names`` order; ``ood`` (the verdict), ``by_policy`` (the policy's thresholds flag it), ``unscorable``
-    (a score is not finite) and ``out_of_range`` (the input is outside the model's range) are ``[B]``. A
+    (a score is not finite) and ``out_of_range`` (the input is outside the model's range) are ``[B]``.
+    ``driver_columns``: the columns of the fused score's components when ``fused`` decides (else empty). A
     sequence of :class:`Verdict` (``len``, ``[i]``, iteration); ``[start:stop]`` is the :class:`Decisions` of
     those rows (views, no copies)."""
 
     __slots__ = ("names", "deciding", "mode", "thresholds", "scores", "crossed", "p_values", "ood", "by_policy",
-                 "unscorable", "out_of_range")
+                 "unscorable", "out_of_range", "driver_columns")
 
     def __init__(self, names: tuple[str, ...], deciding: tuple[str, ...], mode: str, thresholds: np.ndarray,
                  scores: np.ndarray, crossed: np.ndarray, p_values: np.ndarray, by_policy: np.ndarray,
-                 unscorable: np.ndarray, out_of_range: np.ndarray):
+                 unscorable: np.ndarray, out_of_range: np.ndarray, driver_columns: tuple[int, ...] = ()):
         self.names, self.deciding, self.mode, self.thresholds = names, deciding, mode, thresholds
         self.scores, self.crossed, self.p_values = scores, crossed, p_values
         self.by_policy, self.unscorable, self.out_of_range = by_policy, unscorable, out_of_range
+        self.driver_columns = driver_columns
         self.ood = by_policy | unscorable | out_of_range
 
     def __len__(self) -> int:
@@ -109,7 +140,7 @@ class Decisions:
         if isinstance(index, slice):
             return Decisions(self.names, self.deciding, self.mode, self.thresholds, self.scores[index],
                              self.crossed[index], self.p_values[index], self.by_policy[index],
-                             self.unscorable[index], self.out_of_range[index])
+                             self.unscorable[index], self.out_of_range[index], self.driver_columns)
         return self.verdict(index)
 
     def __iter__(self):
@@ -120,6 +151,13 @@ class Decisions:
         return tuple(reason for reason, flagged in ((REASON_THRESHOLD, self.by_policy[i]),
                                                     (REASON_UNSCORABLE, self.unscorable[i]),
                                                     (REASON_INPUT_RANGE, self.out_of_range[i])) if flagged)
+
+    def driver(self, i: int) -> str:
+        """The fused score's component with the smallest p-value for item ``i`` ("" unless fused decides)."""
+        if not self.driver_columns:
+            return ""
+        row = self.p_values[i]
+        return self.names[min(self.driver_columns, key=lambda c: (row[c], c))]
 
     def verdict(self, i: int) -> Verdict:
         names = self.names
@@ -132,18 +170,24 @@ class Decisions:
             thresholds=dict(zip(names, self.thresholds.tolist())),
             p_values=dict(zip(names, self.p_values[i].tolist())),
             reasons=self.reasons(i),
+            driver=self.driver(i),
         )
 
 
 class DecisionRule:
     """A version's calibration and the policy, prepared once (validated, thresholds as arrays) and then
-    applied to each batch of outputs: ``rule(outputs) -> Decisions``. Raises :class:`PolicyError` when
-    the policy names a score the calibration lacks."""
+    applied to each batch of outputs: ``rule(outputs) -> Decisions``. ``policy`` is the one this version is
+    decided by (the gateway's, or its fallback when the version lacks a deciding score: ``fell_back``).
+    Raises :class:`PolicyError` when neither fits the calibration's scores."""
 
-    def __init__(self, calibration: Calibration, policy: DecisionPolicy):
+    def __init__(self, calibration: Calibration, policy: DecisionPolicy, where: str | None = None):
         self.names = tuple(str(n) for n in calibration.model["scores"])
-        policy.validate(self.names, f"model {calibration.model.get('name', '?')!r}")
-        self.policy = policy
+        self.policy = policy.for_scores(self.names, where or f"model {calibration.model.get('name', '?')!r}")
+        self.fell_back = self.policy is not policy
+        components = (calibration.model.get("score_params", {}).get(FUSED, {}).get("components", [])
+                      if FUSED in self.policy.scores else [])
+        self._driver_columns = tuple(self.names.index(c) for c in components if c in self.names)
+        policy = self.policy
         thresholds = [calibration.thresholds[n] for n in self.names]
         self.thresholds = np.array([t.threshold for t in thresholds], dtype=np.float64)
         self._sorted = [np.asarray(t.sorted_scores, dtype=np.float64) for t in thresholds]
@@ -187,7 +231,7 @@ class DecisionRule:
         elif out_of_range.shape != (rows,):
             raise PolicyError(f"out_of_range has shape {out_of_range.shape}, expected ({rows},)")
         return Decisions(self.names, tuple(self.policy.scores), self.policy.mode, self.thresholds, scores, crossed,
-                         p_values, by_policy, unscorable, out_of_range)
+                         p_values, by_policy, unscorable, out_of_range, self._driver_columns)
 
 
 class InputRange:

@@ -149,7 +149,7 @@ class Registry:
                 if before != after and self._refreshed:
                     if after:
                         log.info("model %s: now serving version %d%s; %s", model, after,
-                                 f" (was {before})" if before else "", describe(new[model][after], self.policy))
+                                 f" (was {before})" if before else "", describe(new[model][after]))
                     else:
                         log.warning("model %s: no version served any more (was %d)", model, before)
             self._refreshed = True
@@ -186,7 +186,10 @@ class Registry:
         calibration = Calibration.load(path)
         meta = calibration.model
         scores = tuple(str(s) for s in meta["scores"])
-        self.policy.validate(scores, f"model {model!r} version {version}")
+        rule = DecisionRule(calibration, self.policy, f"model {model!r} version {version}")  # PolicyError when neither the policy nor its fallback fits
+        if rule.fell_back:
+            log.warning("model %s version %d exports no %s score: decided by the fallback %s(%s)", model, version,
+                        "/".join(self.policy.scores), rule.policy.mode, ", ".join(rule.policy.scores))
         preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         shape = tuple(int(d) for d in meta["input"]["shape"])
         if shape != preprocessing.input_shape:
@@ -195,7 +198,7 @@ class Registry:
         max_batch = min(self.max_batch, declared) if self.max_batch else declared
         outputs = tuple(str(o) for o in meta.get("outputs", list(repo.TENSOR_OUTPUTS) + list(scores)))
         return ServedVersion(model, version, calibration, preprocessing, shape, max_batch,
-                             tuple(calibration.class_names), scores, outputs, stamp, DecisionRule(calibration, self.policy),
+                             tuple(calibration.class_names), scores, outputs, stamp, rule,
                              InputRange(preprocessing.mean, preprocessing.std, self.input_range_margin))
 
     async def _warm_up(self, served: ServedVersion) -> None:
@@ -233,8 +236,9 @@ class Registry:
         return served[version]
 
 
-def describe(served: ServedVersion, policy: DecisionPolicy) -> str:
-    """One log line: thresholds (deciding ones marked) and their calibration figures."""
+def describe(served: ServedVersion) -> str:
+    """One log line: the version's decision, thresholds (deciding ones marked) and their calibration figures."""
+    policy = served.rule.policy
     parts = []
     for name in served.scores:
         t = served.calibration.thresholds[name]

@@ -104,7 +104,8 @@ class Gateway:
 
     def __init__(self, settings: Settings, backend: Backend | None = None, queue: QueryQueue | None = None):
         self.settings = settings
-        self.policy = DecisionPolicy(tuple(settings.decision_scores), settings.decision_mode)
+        self.policy = DecisionPolicy(tuple(settings.decision_scores), settings.decision_mode,
+                                     settings.effective_decision_fallback)
         self.backend = backend if backend is not None else build_backend(settings)
         self.queue = queue if queue is not None else build_queue(settings)
         self.registry = Registry(self.backend, settings.repository, self.policy, settings.poll_interval_s,
@@ -246,7 +247,7 @@ class Gateway:
                  self.settings.backend, self.settings.repository, describe_url(self.settings.effective_queue_url))
         for model, versions in sorted(self.registry.snapshot.versions.items()):
             for number in sorted(versions):
-                log.info("model %s version %d: %s", model, number, describe(versions[number], self.policy))
+                log.info("model %s version %d: %s", model, number, describe(versions[number]))
         if not self.registry.snapshot.versions:
             log.warning("no model version ready yet; health NOT_SERVING until one is")
         return self.port

@@ -336,6 +336,8 @@ class OODGuardService:
             d.mode = decisions.mode
             d.thresholds.update(thresholds)
             d.p_values.update(zip(score_names, p_values[i]))
+            if decisions.driver_columns:
+                d.driver = decisions.driver(i)
             if i in queued:
                 item.queue_status = pb.QUEUED
                 item.queue_record_id = RECORD_ID_PLACEHOLDER
@@ -382,7 +384,8 @@ class OODGuardService:
                     info.thresholds.add(score=name, threshold=t.threshold, target_tpr=t.target_tpr, n=t.n,
                                         accepted=t.accepted, achieved_tpr=t.achieved_tpr,
                                         achieved_tpr_ci95_low=t.achieved_tpr_ci95[0],
-                                        achieved_tpr_ci95_high=t.achieved_tpr_ci95[1], deciding=name in gw.policy.scores)
+                                        achieved_tpr_ci95_high=t.achieved_tpr_ci95[1],
+                                        deciding=name in served.rule.policy.scores)
         return response
 
 

@@ -19,6 +19,8 @@ from typing import Any, Mapping
 ENV_PREFIX = "OODGUARD_"
 BACKENDS = ("embedded", "triton")
 DECISION_MODES = ("any", "all")
+DEFAULT_DECISION = ("fused",)
+DEFAULT_FALLBACK = ("sisome",)
 FULL_POLICIES = ("reject", "evict-oldest")
 QUEUE_SCHEMES = ("sqlite", "redis", "rediss")
 
@@ -44,8 +46,13 @@ class Settings:
     triton_inflight_batches: int = 1
     #: model used when a request names none and several models are served ("" = none)
     default_model: str = ""
-    #: scores whose thresholds decide (validated against the scores the model exports)
-    decision_scores: tuple[str, ...] = ("sisome",)
+    #: scores whose thresholds decide (validated against the scores the model exports); "fused" is the
+    #: calibrated p-value fusion the export chooses on validation data
+    decision_scores: tuple[str, ...] = DEFAULT_DECISION
+    #: scores that decide a version exporting not every decision score (e.g. one exported before "fused"
+    #: existed; logged); empty: such a version is refused. Unset: "sisome" while deciding by the default
+    #: "fused", none for any other decision_scores (a misspelt score then refuses the version, loudly)
+    decision_fallback: tuple[str, ...] | None = None
     #: "any": OOD when any deciding score crosses its threshold; "all": when all do
     decision_mode: str = "any"
     #: micro-batching (every backend): how long a free backend slot holds a batch smaller than max_batch
@@ -140,6 +147,9 @@ class Settings:
             raise bad("decision_scores", "name at least one score, e.g. 'sisome' or 'sisome,energy'")
         if len(set(self.decision_scores)) != len(self.decision_scores):
             raise bad("decision_scores", f"repeated score in {list(self.decision_scores)}")
+        fallback = self.effective_decision_fallback
+        if any(not s for s in fallback) or len(set(fallback)) != len(fallback):
+            raise bad("decision_fallback", f"empty or repeated score in {list(fallback)}")
         if self.decision_mode not in DECISION_MODES:
             raise bad("decision_mode", f"expected 'any' or 'all', got {self.decision_mode!r}")
         if not 0 <= self.max_wait_ms <= 10_000:
@@ -223,9 +233,16 @@ class Settings:
         for name in ("repository", "queue_path", "queue_spool_path"):
             if name in values:
                 values[name] = Path(values[name])
-        if "decision_scores" in values:
-            values["decision_scores"] = tuple(values["decision_scores"])
+        for name in ("decision_scores", "decision_fallback"):
+            if values.get(name) is not None:
+                values[name] = tuple(values[name])
         return cls(**values)
+
+    @property
+    def effective_decision_fallback(self) -> tuple[str, ...]:
+        if self.decision_fallback is not None:
+            return tuple(self.decision_fallback)
+        return DEFAULT_FALLBACK if tuple(self.decision_scores) == DEFAULT_DECISION else ()
 
     @property
     def effective_queue_url(self) -> str:
@@ -245,6 +262,8 @@ def _convert(name: str, source: str, raw: str, hint: Any) -> Any:
         if origin is tuple:
             return tuple(part.strip() for part in raw.split(",") if part.strip())
         if origin in (typing.Union, types.UnionType):
+            if typing.get_origin(args[0]) is tuple:  # an optional list: "" or "none" is the empty list
+                return () if raw.strip().lower() in ("", "none") else _convert(name, source, raw, args[0])
             if raw.strip().lower() in ("", "none"):
                 return None
             return _convert(name, source, raw, args[0])

@@ -27,9 +27,9 @@ def test_predict_prints_class_decision_and_scores(start_gateway, repo_copy, imag
     assert main(["predict", str(digit), str(noise), "--target", gateway.target]) == 0
     out = capsys.readouterr().out
     first, second = out.split(f"{noise}:")
-    assert f"{digit}: class {label} " in first and "in-distribution" in first and "decided by any(sisome=" in first
-    assert "<=" in first.split("decided by")[1].splitlines()[0]
-    assert "OOD" in second and "sisome=" in second and " > " in second and "queued as" in second
+    assert f"{digit}: class {label} " in first and "in-distribution" in first and "decided by any(fused=" in first
+    assert "<=" in first.split("decided by")[1].splitlines()[0] and "driven by " in first
+    assert "OOD" in second and "fused=" in second and " > " in second and "queued as" in second
 
 
 def test_predict_json(start_gateway, repo_copy, images, capsys):

@@ -8,16 +8,26 @@ from oodguard.export.backbones import Classifier, resnet18_cifar
 from oodguard.export.fused import OPSET, FusedModel, export_onnx, output_names, run_torch
 from oodguard.export.pipeline import fit_scores
 from oodguard.export.scores import SCORES, FitData
+from oodguard.export.scores.pvalue_fusion import PValueFusion, combine, log_p_values
 from oodguard.export.train import extract
 from oodguard.metrics import auroc
 from oodguard.onnx_runner import OnnxModel
 
-EXPECTED_OUTPUTS = ["logits", "features", "sisom", "sisome", "energy", "msp", "maxlogit", "knn", "cluster", "gradnorm"]
+EXPECTED_OUTPUTS = ["logits", "features", "sisom", "sisome", "energy", "msp", "maxlogit", "knn", "cluster", "gradnorm",
+                    "fused"]
 
 
-def assert_parity(reference: dict, actual: dict, tolerance: float = 1e-4) -> dict[str, float]:
-    """Every output within 1e-4: absolute, or relative to the value where |value| > 1."""
+def assert_parity(reference: dict, actual: dict, tolerance: float = 1e-4, fusion=None) -> dict[str, float]:
+    """Every output within 1e-4: absolute, or relative to the value where |value| > 1. The fused score is a
+    step function of its components (a conformal p-value counts references), so a component a rounding
+    error away from a reference may step: it is checked instead as the documented function of the ONNX
+    graph's own component outputs (``fusion``: the fitted PValueFusion)."""
     errors = {}
+    if fusion is not None:
+        log_p = np.stack([log_p_values(getattr(fusion, f"references_{j}").numpy(), actual[name], fusion.tails[j])
+                          for j, name in enumerate(fusion.components)], axis=1)
+        np.testing.assert_allclose(actual["fused"], combine(log_p, fusion.combination), rtol=1e-5, atol=1e-5)
+        reference = {k: v for k, v in reference.items() if k != "fused"}
     for name, ref in reference.items():
         scale = np.maximum(1.0, np.abs(ref))
         errors[name] = float(np.max(np.abs(actual[name] - ref) / scale))
@@ -58,7 +68,7 @@ def test_parity_with_pytorch_lenet(digits_export, batch):
     reference = run_torch(result.model, images)
     actual = scorer.model.run(images)
     assert list(actual) == EXPECTED_OUTPUTS
-    assert_parity(reference, actual)
+    assert_parity(reference, actual, fusion=result.model.scores["fused"])
 
 
 def test_every_score_ranks_uniform_noise_above_held_out_id(digits_export):
@@ -80,10 +90,17 @@ def test_parity_with_pytorch_resnet18_cifar(tmp_path):
     features, logits = extract(classifier, images)
     data = FitData(features, logits, labels, np.arange(96), classifier.head.weight.detach().numpy(),
                    classifier.head.bias.detach().numpy(), features[:20] * 2, logits[:20] * 2)
-    model = FusedModel(classifier, fit_scores(data, {"knn": {"k": 5}})).eval()
+    scores = fit_scores(data, {"knn": {"k": 5}})
+    components = FusedModel(classifier, scores).eval()
+    references = run_torch(components, rng.normal(size=(40, 3, 32, 32)).astype(np.float32))
+    ood = run_torch(components, rng.normal(size=(20, 3, 32, 32)).astype(np.float32) * 3)
+    groups = np.array(["near", "far"] * 10, dtype=object)
+    fusion = PValueFusion.from_references({n: references[n] for n in scores}, {n: ood[n] for n in scores}, groups,
+                                          components=("sisome", "energy", "knn"))
+    model = FusedModel(classifier, {**scores, "fused": fusion}).eval()
     path = export_onnx(model, (3, 32, 32), tmp_path / "model.onnx")
     session = OnnxModel(path)
     for batch in (1, 7, 64):
         x = rng.normal(size=(batch, 3, 32, 32)).astype(np.float32)
-        assert_parity(run_torch(model, x), session.run(x))
+        assert_parity(run_torch(model, x), session.run(x), fusion=fusion)
     assert output_names(model.score_names) == EXPECTED_OUTPUTS

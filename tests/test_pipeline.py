@@ -7,7 +7,7 @@ from scipy.stats import betabinom
 from oodguard.calibration import Calibration, CalibrationError
 from oodguard.evaluation import VersionScorer
 from oodguard.export.backbones import CheckpointError
-from oodguard.export.pipeline import export_model, spec_from_training
+from oodguard.export.pipeline import export_model, spec_from_training, split_calibration
 from oodguard.export.scores import SCORES
 from oodguard.repository import versions
 from oodguard.validate_repo import validate_repository
@@ -23,16 +23,18 @@ def test_calibration_file_records_thresholds_and_model_metadata(digits_export):
     assert model["class_names"] == [str(c) for c in range(8)]
     assert model["input"] == {"name": "input", "shape": [1, 28, 28], "dtype": "float32"}
     assert model["preprocessing"]["height"] == 28 and len(model["preprocessing"]["mean"]) == 1
-    assert model["scores"] == list(SCORES)
-    assert model["bank_size"] == len(record.splits["train"])
+    assert model["scores"] == [*SCORES, "fused"]
+    assert model["bank_size"] == len(record.splits["train"]) and model["bank_method"] == "full"
     assert model["score_params"]["sisom"]["alpha"] > 0 and model["score_params"]["sisom"]["r_avg"] > 0
     assert {"mu_r", "sd_r", "mu_E", "sd_E", "r_avg"} <= set(model["score_params"]["sisome"])
     assert model["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert model["exported_at"] and model["oodguard_version"] and model["version"] == 1
     assert model["test_accuracy"] == record.test_accuracy and model["test_accuracy"]["overall"] > 0.9
     n_cal = len(record.splits["calibration"])
+    split = result.calibration.data["fused_split"]
+    assert split["references"] + split["threshold"] == n_cal and abs(split["references"] - split["threshold"]) <= 8
     for name, threshold in result.calibration.thresholds.items():
-        assert threshold.n == n_cal and threshold.target_tpr == 0.95
+        assert threshold.n == (split["threshold"] if name == "fused" else n_cal) and threshold.target_tpr == 0.95
         assert threshold.achieved_tpr >= 0.95
         low, high = threshold.achieved_tpr_ci95
         assert low < threshold.achieved_tpr < high
@@ -41,11 +43,62 @@ def test_calibration_file_records_thresholds_and_model_metadata(digits_export):
 def test_thresholds_come_from_the_onnx_model_on_the_calibration_split(digits_export):
     record, result, _, _ = digits_export
     scorer = VersionScorer(result.version_dir)
-    scored = scorer.score("calibration", record.part(record.dataset(), "calibration"))
+    calibration = record.part(record.dataset(), "calibration")
+    scored = scorer.score("calibration", calibration)
+    _, held = split_calibration(len(calibration), calibration.labels, 0.95, record.seed)
     for name, threshold in scorer.calibration.thresholds.items():
-        np.testing.assert_allclose(threshold.sorted_scores, np.sort(scored.scores[name]), rtol=1e-6)
+        values = np.sort(scored.scores[name][held] if name == "fused" else scored.scores[name])
+        np.testing.assert_allclose(threshold.sorted_scores, values, rtol=1e-6)
         k = int(np.ceil(0.95 * (threshold.n + 1)))
-        assert threshold.threshold == pytest.approx(np.sort(scored.scores[name])[k - 1], rel=1e-6)
+        assert threshold.threshold == pytest.approx(values[k - 1], rel=1e-6)
+
+
+def test_fused_references_are_one_half_of_the_calibration_split_and_its_choice_is_recorded(digits_export):
+    """The fused score's p-values are referenced to one half (per class) of the calibration split, its
+    threshold comes from the other half; the choice among component subsets is recorded."""
+    record, result, _, _ = digits_export
+    calibration = record.part(record.dataset(), "calibration")
+    references, held = split_calibration(len(calibration), calibration.labels, 0.95, record.seed)
+    assert not set(references) & set(held) and len(references) + len(held) == len(calibration)
+    for c in np.unique(calibration.labels):  # both halves hold every class
+        assert abs(np.sum(calibration.labels[references] == c) - np.sum(calibration.labels[held] == c)) <= 1
+    fused = result.model.scores["fused"]
+    scorer = VersionScorer(result.version_dir)
+    scored = scorer.score("calibration", calibration)
+    for j, name in enumerate(fused.components):
+        # the references are the PyTorch module's scores (ONNX Runtime parity: 1e-4)
+        np.testing.assert_allclose(getattr(fused, f"references_{j}").numpy(), np.sort(scored.scores[name][references]),
+                                   rtol=1e-4, atol=1e-5)
+    meta = result.calibration.model["score_params"]["fused"]
+    selection = meta["selection"]
+    assert meta["components"] == selection["chosen"]["components"] and meta["references_n"] == len(references)
+    assert selection["validation_groups"] == {"far": 289, "near": 577}
+    best_single = max(r["worst"] for r in selection["single_scores"].values())
+    assert selection["chosen"]["worst"] >= best_single  # a single score is a candidate too
+    assert result.calibration.model["validation_ood"] == {"groups": {"far": 289, "near": 577}, "specs": []}
+
+
+def test_a_calibration_split_too_small_to_halve_gives_a_version_without_fused(digits_export, tmp_path):
+    _, _, _, checkpoint = digits_export
+    spec = spec_from_training(checkpoint, tmp_path, "digits")
+    spec.calibration_data = spec.calibration_data.take(np.arange(30))  # >= 19 for a threshold, < 2 x 19
+    lines: list[str] = []
+    result = export_model(spec, progress=lines.append)
+    assert "fused" not in result.calibration.model["scores"] and "fused_split" not in result.calibration.data
+    assert any("too few to split for the fused score" in line for line in lines)
+    assert all(t.n == 30 for t in result.calibration.thresholds.values())
+
+
+def test_validation_ood_sets_are_a_group_of_their_own_and_fixed_fusions_are_kept(digits_export, tmp_path):
+    _, _, _, checkpoint = digits_export
+    spec = spec_from_training(checkpoint, tmp_path, "digits", validation_ood_specs=["synthetic:blobs:50"],
+                              score_params={"fused": {"components": ("energy", "knn"), "combination": "min-p"}})
+    result = export_model(spec, progress=quiet)
+    model = result.calibration.model
+    assert model["validation_ood"]["groups"] == {"far": 289, "near": 577, "user:synthetic:blobs:50": 50}
+    assert model["score_params"]["fused"]["components"] == ["energy", "knn"]
+    assert model["score_params"]["fused"]["combination"] == "min-p"
+    assert set(model["score_params"]["knn"]["k_search"]["group_auroc"][0]) == {"far", "near", "user:synthetic:blobs:50"}
 
 
 def test_realised_acceptance_on_a_further_disjoint_split_is_inside_the_binomial_interval(digits_export):
@@ -73,7 +126,13 @@ def test_next_export_adds_a_version_and_the_repository_validates(digits_export, 
     second = export_model(spec, progress=quiet)
     assert (first.version, second.version) == (1, 2)
     assert versions(tmp_path, "digits") == [1, 2]
-    assert second.calibration.model["bank_size"] == pytest.approx(200, abs=8)
+    assert second.calibration.model["bank_size"] == 200
+    # ProbCover and a stratified random bank are compared on every bank-based score; the better is kept
+    comparison = second.calibration.model["bank_comparison"]
+    assert set(comparison) == {"probcover", "random"} and set(comparison["random"]) == {"sisom", "sisome", "knn"}
+    probcover_wins = all((comparison["probcover"][s]["worst"], comparison["probcover"][s]["mean"])
+                         >= (comparison["random"][s]["worst"], comparison["random"][s]["mean"]) for s in comparison["random"])
+    assert second.calibration.model["bank_method"] == ("probcover" if probcover_wins else "random")
     assert (tmp_path / "digits" / "config.pbtxt").exists() and (tmp_path / "digits" / "configs" / "cpu.pbtxt").exists()
     assert validate_repository(tmp_path) == []
     assert not [p for p in (tmp_path / "digits").iterdir() if p.name.startswith(".staging")]

@@ -37,5 +37,6 @@ def test_class_blend_mixes_images_of_different_classes():
 def test_validation_ood_size_dtype_and_seed():
     images, labels = _images(30), np.repeat([0, 1, 2], 10)
     out = validation_ood(images, labels, size=12, seed=3)
-    assert out.shape == (12, 1, 8, 8) and out.dtype == np.float32
-    np.testing.assert_array_equal(out, validation_ood(images, labels, size=12, seed=3))
+    assert out.images.shape == (12, 1, 8, 8) and out.images.dtype == np.float32
+    np.testing.assert_array_equal(out.images, validation_ood(images, labels, size=12, seed=3).images)
+    assert list(out.groups) == ["far"] * 4 + ["near"] * 8  # permutations, then jigsaws and blends

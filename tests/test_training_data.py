@@ -121,3 +121,13 @@ def test_bad_input(digits_export, tmp_path):
                      progress=quiet)
     with pytest.raises(ValueError, match="give --data"):
         run_training(out_dir=tmp_path / "v6", progress=quiet)
+
+
+def test_a_new_class_with_a_single_label_is_refused_before_training(digits_export, tmp_path):
+    """One labeled image of a new class cannot give the export's feature bank the 2 samples per class SISOM's
+    leave-one-out needs: train says so at once, naming the class, instead of the export failing later."""
+    base_record, _, _, checkpoint = digits_export
+    npz = relabeled_npz(tmp_path / "one.npz", base_record, load_dataset("digits"), {8: 1, 9: 5})
+    with pytest.raises(ValueError, match=r"class\(es\) \{'8': 1\} have fewer than 2 training images"):
+        run_training(base=checkpoint.parent, data=npz, out_dir=tmp_path / "v2", epochs=1, progress=quiet)
+    assert not (tmp_path / "v2" / "checkpoint.pt").exists()

@@ -22,8 +22,10 @@ class FitData:
 
     ``features``/``logits``/``labels`` are the in-distribution training samples the bank is drawn from;
     ``bank`` indexes the (possibly reduced) bank inside them. ``head_weight``/``head_bias`` are the final
-    linear layer. ``validation_ood_*`` are features/logits of a *validation* OOD set (synthetic, never a
-    test set) that a score may use to tune a hyper-parameter; empty when none is given.
+    linear layer. ``validation_ood_*`` are features/logits of a *validation* OOD set (synthetic, or the
+    user's ``--validation-ood``, never a test set) that a score may use to tune a hyper-parameter, with the
+    group of each item (``near`` / ``far`` / ``user:...``, see :mod:`oodguard.export.validation`); empty when
+    none is given.
     """
 
     features: np.ndarray
@@ -35,6 +37,22 @@ class FitData:
     validation_ood_features: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     validation_ood_logits: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     seed: int = 0
+    validation_ood_groups: np.ndarray | None = None  # None: one group ("ood") for every validation item
+
+    @property
+    def groups(self) -> np.ndarray:
+        """The group of each validation OOD item."""
+        if self.validation_ood_groups is None:
+            return np.full(len(self.validation_ood_features), "ood", dtype=object)
+        return np.asarray(self.validation_ood_groups, dtype=object)
+
+    def search_subset(self, size: int) -> np.ndarray:
+        """At most ``size`` bank indices (seeded; every bank sample when the bank is small enough), the
+        in-distribution side of a leave-one-out hyper-parameter search."""
+        if len(self.bank) <= size:
+            return self.bank
+        rng = np.random.default_rng(self.seed)
+        return np.sort(rng.choice(self.bank, size=size, replace=False))
 
     @property
     def num_classes(self) -> int:
@@ -42,9 +60,11 @@ class FitData:
 
 
 class Score(nn.Module):
-    """Base class: a fitted score is a torch module mapping ``(logits, features)`` to ``[B]``."""
+    """Base class: a fitted score is a torch module mapping ``(logits, features)`` to ``[B]``.
+    ``uses_bank``: the score's state comes from the (possibly reduced) feature bank."""
 
     name: ClassVar[str]
+    uses_bank: ClassVar[bool] = False
 
     @classmethod
     def fit(cls, data: FitData, fitted: Mapping[str, "Score"], **params) -> "Score":

@@ -18,8 +18,10 @@ Choices where the paper is not explicit (method note, sections 2-4):
 - Bank samples scored against the bank (``r_avg``, SISOMe statistics, the alpha search) are leave-one-out
   and use their *predicted* class, as inference does.
 - **Optimal sigmoid steepness (OS)**: alpha is picked on the log grid 1e-3 ... 1e4. With a validation OOD
-  set (synthetic corruptions of training images, never a test set), the procedure ``validation-auroc``
-  maximises the AUROC between the leave-one-out bank ratios and the validation-OOD ratios; without one,
+  set (synthetic corruptions of training images or the user's ``--validation-ood``, never a test set), the
+  procedure ``validation-auroc`` maximises the *worst group's* AUROC between the leave-one-out bank ratios
+  and the validation-OOD ratios of each group (near, far, user sets; ties by the mean:
+  :func:`oodguard.export.validation.objective`), so neither near nor far OOD alone decides; without one,
   ``min-r_avg`` minimises the leave-one-out ``r_avg`` (the method note measured that this picks the
   steepest alpha and loses ~2 near-OOD AUROC points, so it is only the fallback). Ties go to the smaller
   alpha. The search uses a stratified subset of at most ``search_size`` bank samples. A fixed ``alpha``
@@ -30,8 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
+from .. import validation
 from .base import FitData, Score, buffer, numpy_squared_distances, squared_distances
 
 ALPHA_GRID = tuple(10.0**e for e in range(-3, 5))
@@ -79,6 +81,7 @@ def ratios(query_s: np.ndarray, predicted: np.ndarray, bank_s, labels, d_out, ch
 
 class Sisom(Score):
     name = "sisom"
+    uses_bank = True
 
     def __init__(self, head_weight, bank_s, bank_labels, d_out, alpha: float, info: dict):
         super().__init__()
@@ -134,15 +137,12 @@ class Sisom(Score):
 
 def choose_alpha(data: FitData, search_size: int) -> tuple[float, dict]:
     """Optimal sigmoid steepness on :data:`ALPHA_GRID` (see the module docstring). Returns (alpha, record)."""
-    rng = np.random.default_rng(data.seed)
-    idx = data.bank
-    if len(idx) > search_size:
-        idx = np.sort(rng.choice(idx, size=search_size, replace=False))
+    idx = data.search_subset(search_size)
     h, z, labels = data.features[idx], data.logits[idx], data.labels[idx].astype(np.int64)
     predicted = z.argmax(axis=1)
     ood_h, ood_z = data.validation_ood_features, data.validation_ood_logits
     procedure = "validation-auroc" if len(ood_h) else "min-r_avg"
-    objective = []
+    objective, per_group = [], []
     for alpha in ALPHA_GRID:
         bank_s = enriched(h, z, data.head_weight, alpha)
         d_out, loo_r = bank_geometry(bank_s, labels, predicted)
@@ -150,14 +150,19 @@ def choose_alpha(data: FitData, search_size: int) -> tuple[float, dict]:
             objective.append(-float(loo_r.mean()))
         else:
             ood_r = ratios(enriched(ood_h, ood_z, data.head_weight, alpha), ood_z.argmax(axis=1), bank_s, labels, d_out)
-            truth = np.r_[np.zeros(len(loo_r)), np.ones(len(ood_r))]
-            objective.append(float(roc_auc_score(truth, np.r_[loo_r, ood_r])))
-    best = int(np.argmax(objective))  # first maximum: ties go to the smaller alpha
+            result = validation.objective(loo_r, ood_r, data.groups)
+            objective.append(result["worst"])
+            per_group.append(result)
+    if per_group:  # worst group first, then the mean; the first maximum: ties go to the smaller alpha
+        best = max(range(len(per_group)), key=lambda i: (validation.key(per_group[i]), -i))
+    else:
+        best = int(np.argmax(objective))
     record = {
         "procedure": procedure,
         "grid": list(ALPHA_GRID),
         "objective": objective,
-        "objective_name": "validation AUROC" if procedure == "validation-auroc" else "-r_avg (leave-one-out)",
+        "objective_name": "worst validation group's AUROC" if procedure == "validation-auroc" else "-r_avg (leave-one-out)",
+        **({"group_auroc": [r["auroc"] for r in per_group]} if per_group else {}),
         "search_size": int(len(idx)),
         "validation_ood_size": int(len(ood_h)),
     }

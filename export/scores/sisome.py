@@ -15,6 +15,7 @@ from .base import Score
 
 class Sisome(Score):
     name = "sisome"
+    uses_bank = True  # its ratio term is SISOM's
 
     def __init__(self, r_avg: float, mu_r: float, sd_r: float, mu_e: float, sd_e: float):
         super().__init__()

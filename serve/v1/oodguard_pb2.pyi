@@ -68,7 +68,7 @@ class ClassProbability(_message.Message):
     def __init__(self, index: _Optional[int] = ..., name: _Optional[str] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class Decision(_message.Message):
-    __slots__ = ("ood", "crossed", "deciding_scores", "mode", "thresholds", "p_values", "reasons")
+    __slots__ = ("ood", "crossed", "deciding_scores", "mode", "thresholds", "p_values", "reasons", "driver")
     class ThresholdsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,7 @@ class Decision(_message.Message):
     THRESHOLDS_FIELD_NUMBER: _ClassVar[int]
     P_VALUES_FIELD_NUMBER: _ClassVar[int]
     REASONS_FIELD_NUMBER: _ClassVar[int]
+    DRIVER_FIELD_NUMBER: _ClassVar[int]
     ood: bool
     crossed: _containers.RepeatedScalarFieldContainer[str]
     deciding_scores: _containers.RepeatedScalarFieldContainer[str]
@@ -97,7 +98,8 @@ class Decision(_message.Message):
     thresholds: _containers.ScalarMap[str, float]
     p_values: _containers.ScalarMap[str, float]
     reasons: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, ood: _Optional[bool] = ..., crossed: _Optional[_Iterable[str]] = ..., deciding_scores: _Optional[_Iterable[str]] = ..., mode: _Optional[str] = ..., thresholds: _Optional[_Mapping[str, float]] = ..., p_values: _Optional[_Mapping[str, float]] = ..., reasons: _Optional[_Iterable[str]] = ...) -> None: ...
+    driver: str
+    def __init__(self, ood: _Optional[bool] = ..., crossed: _Optional[_Iterable[str]] = ..., deciding_scores: _Optional[_Iterable[str]] = ..., mode: _Optional[str] = ..., thresholds: _Optional[_Mapping[str, float]] = ..., p_values: _Optional[_Mapping[str, float]] = ..., reasons: _Optional[_Iterable[str]] = ..., driver: _Optional[str] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("class_index", "class_name", "probability", "top_k", "scores", "decision", "queue_status", "queue_record_id", "sampled", "model", "version")

@@ -76,17 +76,19 @@ def test_typed_results(client, gateway, digits_test_images):
     assert isinstance(p.decision, Decision) and p.model == "digits" and p.version == 1 and p.request_id == "typed-1"
     assert len(p.top_k) == 4 and p.top_k[0].index == p.class_index and p.top_k[0].probability == pytest.approx(p.probability)
     assert p.class_name == p.top_k[0].name and 0 < p.probability <= 1
-    assert p.decision.deciding == ("sisome",) and p.decision.mode == "any"
-    assert set(p.decision.thresholds) == set(p.scores) == set(p.decision.p_values) and "sisome" in p.scores
+    assert p.decision.deciding == ("fused",) and p.decision.mode == "any"
+    assert set(p.decision.thresholds) == set(p.scores) == set(p.decision.p_values) and "fused" in p.scores
+    components = [c for c in p.scores if c != "fused"]
+    assert p.decision.driver == min(components, key=lambda c: (p.decision.p_values[c], components.index(c)))
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.class_index = 3  # type: ignore[misc]
     flagged = client.predict(noise(8))
     assert sum(f.ood for f in flagged) >= 7
     for f in flagged:
         if f.ood:
-            assert f.record_id and f.queue_status == "QUEUED" and "sisome" in f.decision.crossed
-            assert f.decision.deciding_crossed == ("sisome",)
-            assert f.scores["sisome"] > f.decision.thresholds["sisome"]
+            assert f.record_id and f.queue_status == "QUEUED" and "fused" in f.decision.crossed
+            assert f.decision.deciding_crossed == ("fused",) and f.decision.reasons == ("threshold",)
+            assert f.scores["fused"] > f.decision.thresholds["fused"] and f.decision.driver
         else:
             assert not f.record_id and f.queue_status == "NOT_QUEUED"
     as_dict = flagged[0].to_dict()

@@ -59,7 +59,7 @@ def test_serve_subprocess_demo_client_and_sigterm_drain(digits_export, tmp_path)
         assert demo.returncode == 0, demo.stderr
         digit_line, noise_line = demo.stdout.strip().splitlines()
         assert digit_line.startswith("digit: class 0 ") and "in-distribution" in digit_line
-        assert noise_line.startswith("noise: ") and ", OOD by any(sisome=" in noise_line and "queued as " in noise_line
+        assert noise_line.startswith("noise: ") and ", OOD by any(fused=" in noise_line and ", driven by " in noise_line and "queued as " in noise_line
 
         # an in-flight request completes across SIGTERM; later ones are refused. It is slow on purpose:
         # 64 PNGs of 6000x6000 pixels (tiny once compressed) take well over a second to decode and resize
@@ -98,8 +98,8 @@ def test_serve_subprocess_demo_client_and_sigterm_drain(digits_export, tmp_path)
             process.kill()
             process.wait()
     log = process.stdout.read()
-    assert "model digits version 1: decision any(sisome); thresholds: sisom>" in log
-    assert "sisome*>" in log and "(n=289, TPR 0." in log
+    assert "model digits version 1: decision any(fused); thresholds: sisom>" in log
+    assert "fused*>" in log and "(n=289, TPR 0." in log
     assert "signal received: draining" in log and "oodguard gateway stopped" in log
 
 

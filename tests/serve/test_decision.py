@@ -184,3 +184,30 @@ def test_input_range_follows_the_preprocessing_with_its_margin():
     y[0, 1] = 1.0
     y[1, 1] = 1.01
     assert rgb.outside(y).tolist() == [False, True]
+
+
+def test_the_default_policy_decides_by_fused_and_names_its_driver():
+    """Default: fused decides; the driver is the fused component with the smallest p-value."""
+    cal = calibration(("a", "b", "fused"))
+    cal.model["score_params"] = {"fused": {"components": ["a", "b"], "combination": "fisher"}}
+    values = {"a": np.array([17.0, 3.0, 2.0], np.float32), "b": np.array([12.0, 18.0, 1.0], np.float32),
+              "fused": np.array([11.0, 11.0, 0.0], np.float32)}
+    rule = DecisionRule(cal, DecisionPolicy())
+    assert rule.policy.scores == ("fused",) and not rule.fell_back
+    verdicts = rule(values)
+    assert [v.ood for v in verdicts] == [True, True, False]
+    assert [v.driver for v in verdicts] == ["a", "b", "a"]  # p(a) 3/20 < p(b) 8/20; p(b) 2/20; 18/20 < 19/20
+    assert verdicts[0].to_dict()["driver"] == "a" and verdicts[0].deciding == ("fused",)
+
+
+def test_a_version_without_fused_falls_back_and_names_no_driver():
+    rule = DecisionRule(calibration(("a", "sisome")), DecisionPolicy())
+    assert rule.fell_back and rule.policy == DecisionPolicy(("sisome",), "any", ())
+    verdict = rule({"a": np.array([15.0], np.float32), "sisome": np.array([15.0], np.float32)})[0]
+    assert verdict.ood and verdict.deciding == ("sisome",) and verdict.driver == ""
+    assert "driver" not in verdict.to_dict()
+    with pytest.raises(PolicyError, match=r"\['fused'\] not exported"):
+        DecisionRule(calibration(("a", "sisome")), DecisionPolicy(("fused",), "any", ()))
+    with pytest.raises(PolicyError, match=r"\['fused'\] not exported"):  # the fallback does not fit either
+        DecisionRule(calibration(("a",)), DecisionPolicy())
+    assert DecisionPolicy().describe() == "any(fused), else any(sisome)"

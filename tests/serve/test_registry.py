@@ -89,7 +89,7 @@ def test_in_flight_request_finishes_on_its_version(repo_copy):
 
 def test_policy_naming_a_missing_score_is_refused_with_the_exported_list(repo_copy):
     async def main():
-        backend, registry, states = await setup(repo_copy, DecisionPolicy(("sisome", "mahalanobis")))
+        backend, registry, states = await setup(repo_copy, DecisionPolicy(("sisome", "mahalanobis"), "any", ()))
         try:
             return dict(registry.policy_errors), registry.serving, states[-1]
         finally:
@@ -114,3 +114,26 @@ def test_resolve_errors(repo_copy):
             await backend.close()
 
     assert asyncio.run(main()) == (1, 64)
+
+
+def test_a_version_exported_without_fused_is_served_by_the_fallback_and_says_so(repo_copy, caplog):
+    """Version 2 is what an export before `fused` existed wrote: the default policy (fused) falls back to
+    sisome for it, with a log line, while version 1 keeps deciding by fused."""
+    raw = json.loads((repo_copy / "digits" / "1" / "calibration.json").read_text())
+    raw["model"]["scores"].remove("fused")
+    del raw["scores"]["fused"]
+    add_version(repo_copy, 2, json.dumps(raw))
+
+    async def main():
+        backend, registry, _ = await setup(repo_copy)
+        try:
+            return {v: registry.resolve("digits", v).rule.policy for v in (1, 2)}
+        finally:
+            await registry.close()
+            await backend.close()
+
+    with caplog.at_level("WARNING"):
+        policies = asyncio.run(main())
+    assert policies[1].scores == ("fused",) and policies[2].scores == ("sisome",)
+    assert any("version 2 exports no fused score: decided by the fallback any(sisome)" in r.getMessage()
+               for r in caplog.records)

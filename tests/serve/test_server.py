@@ -74,18 +74,25 @@ def test_predict_in_distribution_digits(gateway, stub, digits_test_images):
     assert np.mean(classes == labels) > 0.9
     flagged = np.array([p.decision.ood for p in predictions])
     assert flagged.mean() < 0.15  # thresholds at 95% TPR
-    sisome = np.array([p.scores["sisome"] for p in predictions])
-    np.testing.assert_allclose(sisome, direct["sisome"], rtol=1e-4, atol=1e-4)
-    np.testing.assert_array_equal(flagged, direct["sisome"] > cal.thresholds["sisome"].threshold)
+    for name in ("sisome", "fused"):
+        np.testing.assert_allclose([p.scores[name] for p in predictions], direct[name], rtol=1e-4, atol=1e-4)
+    # the default decision is fused; each verdict is explained by the component with the smallest p-value
+    np.testing.assert_array_equal(flagged, direct["fused"] > cal.thresholds["fused"].threshold)
+    components = cal.model["score_params"]["fused"]["components"]
+    for p in predictions:
+        assert list(p.decision.deciding_scores) == ["fused"]
+        assert p.decision.driver == min(components, key=lambda c: (p.decision.p_values[c], components.index(c)))
     first = predictions[0]
     assert set(first.scores) == set(cal.model["scores"])
     assert [c.index for c in first.top_k][0] == first.class_index and len(first.top_k) == 5
     probs = [c.probability for c in first.top_k]
     assert probs == sorted(probs, reverse=True) and first.probability == pytest.approx(probs[0])
     assert first.class_name == cal.class_names[first.class_index]
-    assert first.decision.thresholds["sisome"] == pytest.approx(cal.thresholds["sisome"].threshold)
-    assert first.decision.p_values["sisome"] == pytest.approx(float(cal.thresholds["sisome"].p_values(sisome[0])), rel=1e-3)
-    assert list(first.decision.deciding_scores) == ["sisome"] and first.decision.mode == "any"
+    for name in ("sisome", "fused"):
+        assert first.decision.thresholds[name] == pytest.approx(cal.thresholds[name].threshold)
+        assert first.decision.p_values[name] == pytest.approx(
+            float(cal.thresholds[name].p_values(first.scores[name])), rel=1e-3)
+    assert list(first.decision.deciding_scores) == ["fused"] and first.decision.mode == "any"
     assert all(p.queue_status == pb.QUEUED for p in predictions if p.decision.ood)
     assert all(p.queue_status == pb.NOT_QUEUED and not p.queue_record_id for p in predictions if not p.decision.ood)
 
@@ -221,7 +228,7 @@ def test_health_reflection_and_model_info(gateway):
             pb_grpc.OODGuardStub(channel).ModelInfo(pb.ModelInfoRequest(model="mnist"), timeout=5)
         assert err.value.code() == INVALID and "unknown model 'mnist'" in err.value.details()
     cal = calibration_of(gateway.settings.repository)
-    assert info.backend == "embedded" and list(info.policy.scores) == ["sisome"] and info.policy.mode == "any"
+    assert info.backend == "embedded" and list(info.policy.scores) == ["fused"] and info.policy.mode == "any"
     assert [m.name for m in info.models] == ["digits"] and info.models[0].latest_version == 1
     version = info.models[0].versions[0]
     assert version.version == 1 and list(version.class_names) == [str(i) for i in range(8)]
@@ -238,7 +245,7 @@ def test_health_reflection_and_model_info(gateway):
         assert (t.threshold, t.n, t.accepted, t.achieved_tpr, t.target_tpr) == (
             ref.threshold, ref.n, ref.accepted, ref.achieved_tpr, ref.target_tpr)
         assert (t.achieved_tpr_ci95_low, t.achieved_tpr_ci95_high) == ref.achieved_tpr_ci95
-        assert t.deciding == (name == "sisome")
+        assert t.deciding == (name == "fused")
 
 
 class FlakyBackend(Backend):
@@ -369,4 +376,4 @@ def test_concurrent_requests_share_backend_calls_and_get_their_own_answers(start
         for name in cal.model["scores"]:  # each request got its own rows of the merged batch
             assert p.scores[name] == pytest.approx(float(direct[name][i]), rel=1e-4, abs=1e-4)
         assert p.class_index == int(np.argmax(direct["logits"][i]))
-        assert p.decision.ood == bool(direct["sisome"][i] > cal.thresholds["sisome"].threshold)
+        assert p.decision.ood == bool(direct["fused"][i] > cal.thresholds["fused"].threshold)

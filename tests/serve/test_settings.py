@@ -22,6 +22,17 @@ def test_defaults_env_and_flags_layer():
         s.listen = "x"  # frozen
 
 
+def test_the_decision_defaults_to_fused_with_a_sisome_fallback_only_by_default():
+    default = Settings.from_sources({}, {"OODGUARD_REPOSITORY": "r"})
+    assert default.decision_scores == ("fused",) and default.effective_decision_fallback == ("sisome",)
+    chosen = Settings.from_sources({"decision_scores": "sisome,odin"}, {"OODGUARD_REPOSITORY": "r"})
+    assert chosen.effective_decision_fallback == ()  # a misspelt score must refuse, not fall back quietly
+    both = Settings.from_sources({"decision_scores": "energy", "decision_fallback": "msp"}, {"OODGUARD_REPOSITORY": "r"})
+    assert both.effective_decision_fallback == ("msp",)
+    off = Settings.from_sources({}, {"OODGUARD_REPOSITORY": "r", "OODGUARD_DECISION_FALLBACK": "none"})
+    assert off.decision_fallback == () and off.effective_decision_fallback == ()
+
+
 @pytest.mark.parametrize("env, message", [
     ({}, "give --repository"),
     ({"OODGUARD_REPOSITORY": "r", "OODGUARD_BACKEND": "tensorflow"}, "OODGUARD_BACKEND"),

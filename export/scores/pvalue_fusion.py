@@ -1,0 +1,183 @@
+"""``fused``: complementary scores combined through their conformal p-values, chosen on validation data.
+
+No single score wins both near and far OOD (the logit scores win far, the feature distances near), so the
+default decision combines several. Each component score ``s_j`` becomes a conformal p-value against
+*reference* in-distribution scores ``R_j`` (held-out calibration images, never training data):
+``p_j = (1 + #{R_j >= s_j}) / (n + 1)``, computed inside the ONNX graph (the references are constants).
+**Beyond the references** the conformal p-value stops at its floor ``1 / (n + 1)``: every input past the
+largest reference would tie there, and with a small reference set (or several components) so many held-out
+images reach the floor that the threshold lands on it and nothing can cross (seen: 72 references, min-p of
+two components, threshold = the floor, 0 of 240 noise images flagged). So past the largest reference
+``r_max`` the log p-value continues along an exponential tail, ``log p = log(1 / (n + 1)) - (s - r_max) /
+tau``, with ``tau`` the mean excess of the references over their 90th percentile (the exponential tail's
+maximum-likelihood scale; at least 1e-12); a NaN score gets ``log p = -inf``. This is a fixed function of the
+references, so the threshold below keeps its guarantee.
+
+Two combinations (higher = more OOD, like every score):
+
+- ``fisher``: ``-2 * sum_j log p_j`` (Fisher's method: evidence adds up over components);
+- ``min-p``: ``-log min_j p_j`` (the most surprised component decides; robust to one weak component).
+
+The threshold of ``fused`` is fitted, like every other threshold, at 95% TPR, but on calibration images
+that its references were *not* drawn from (the export splits the calibration set in two: references and
+the choice below on one half, the threshold on the other), so the split-conformal guarantee holds for
+``fused`` exactly: the statistic is a fixed function of the first half, exchangeable on the second.
+
+**The choice** (:func:`choose`): every subset of one to :data:`MAX_COMPONENTS` component scores, with each
+combination, is scored on validation data: the reference half's own scores (leave-one-out p-values:
+``#{R_j >= s} / n`` for a reference's own score) against the validation OOD of each group (near, far,
+user sets; :mod:`oodguard.export.validation`), and the candidate with the best *worst-group* AUROC wins
+(ties: the larger mean, then fewer components, then ``fisher``). A single component is a candidate too
+(then ``fused`` is that score's p-value), so the choice can only match or beat the best single score on
+validation. Every candidate's figures are recorded in ``calibration.json`` (the best ones in full).
+
+The gateway explains a fused decision by its *driver*: the component with the smallest p-value.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from .. import validation
+from .base import Score, buffer
+
+NAME = "fused"
+COMBINATIONS = ("fisher", "min-p")
+MAX_COMPONENTS = 3
+RECORDED_CANDIDATES = 12
+
+
+def p_values(references: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Conformal p-values of ``scores`` against ``references`` (any order), float64 (no tail)."""
+    ordered = np.sort(np.asarray(references, np.float64))
+    at_least = len(ordered) - np.searchsorted(ordered, np.asarray(scores, np.float64), side="left")
+    return (1.0 + at_least) / (len(ordered) + 1.0)
+
+
+def tail_scale(references: np.ndarray) -> float:
+    """``tau``: the mean excess of the references over their 90th percentile (at least 1e-12)."""
+    ordered = np.sort(np.asarray(references, np.float64))
+    top = ordered[int(np.floor(0.9 * (len(ordered) - 1))):]
+    return max(float(np.mean(top - top[0])), 1e-12)
+
+
+def log_p_values(references: np.ndarray, scores: np.ndarray, tau: float | None = None) -> np.ndarray:
+    """``log`` of the conformal p-values, continued past the largest reference by the exponential tail (see
+    the module docstring); NaN scores give ``-inf``."""
+    references = np.asarray(references, np.float64)
+    scores = np.asarray(scores, np.float64)
+    tau = tail_scale(references) if tau is None else tau
+    n, top = len(references), float(references.max())
+    with np.errstate(invalid="ignore"):
+        excess = np.where(np.isnan(scores), np.inf, np.maximum(scores - top, 0.0))
+        tail = np.log(1.0 / (n + 1.0)) - excess / tau
+    beyond = (scores > top) | np.isnan(scores)
+    return np.where(beyond, tail, np.log(p_values(references, np.where(np.isnan(scores), top, scores))))
+
+
+def leave_one_out_p_values(references: np.ndarray) -> np.ndarray:
+    """Each reference's p-value against the others: ``#{R >= r} / n`` (its own score counted once)."""
+    ordered = np.sort(np.asarray(references, np.float64))
+    at_least = len(ordered) - np.searchsorted(ordered, np.asarray(references, np.float64), side="left")
+    return at_least / float(len(ordered))
+
+
+def combine(log_p: np.ndarray, combination: str) -> np.ndarray:
+    """The fused statistic of ``log_p`` (``[N, J]`` log p-values)."""
+    if combination == "fisher":
+        return -2.0 * log_p.sum(axis=1)
+    if combination == "min-p":
+        return -log_p.min(axis=1)
+    raise ValueError(f"combination must be one of {COMBINATIONS}, got {combination!r}")
+
+
+def choose(reference_scores: Mapping[str, np.ndarray], ood_scores: Mapping[str, np.ndarray], groups: np.ndarray,
+           max_components: int = MAX_COMPONENTS) -> tuple[tuple[str, ...], str, dict]:
+    """The components and combination with the best worst-group validation AUROC (see the module
+    docstring). Returns ``(components, combination, record)``."""
+    names = [n for n in reference_scores if np.all(np.isfinite(reference_scores[n]))]
+    if not names:
+        raise ValueError("fused: no component score has finite reference scores")
+    id_log_p = {n: np.log(leave_one_out_p_values(reference_scores[n])) for n in names}
+    ood_log_p = {n: log_p_values(reference_scores[n], ood_scores[n]) for n in names}
+    single = {n: validation.objective(-id_log_p[n], -ood_log_p[n], groups) for n in names}
+    candidates = []
+    for size in range(1, min(max_components, len(names)) + 1):
+        for subset in itertools.combinations(names, size):
+            for combination in (COMBINATIONS if size > 1 else COMBINATIONS[:1]):
+                ids = combine(np.stack([id_log_p[n] for n in subset], axis=1), combination)
+                ood = combine(np.stack([ood_log_p[n] for n in subset], axis=1), combination)
+                result = validation.objective(ids, ood, groups)
+                candidates.append({"components": list(subset), "combination": combination, **result})
+    candidates.sort(key=lambda c: (*(-v for v in validation.key(c)), len(c["components"]),
+                                   COMBINATIONS.index(c["combination"])))
+    best = candidates[0]
+    record = {
+        "procedure": "worst-group validation AUROC over component subsets (see oodguard.export.scores.pvalue_fusion)",
+        "candidates_evaluated": len(candidates),
+        "chosen": best,
+        "best_candidates": candidates[:RECORDED_CANDIDATES],
+        "single_scores": single,
+        "validation_groups": {str(g): int(n) for g, n in zip(*np.unique(np.asarray(groups, dtype=str), return_counts=True))},
+        "references_n": int(len(next(iter(reference_scores.values())))),
+    }
+    return tuple(best["components"]), best["combination"], record
+
+
+class PValueFusion(Score):
+    """The fused score: fitted by :meth:`from_references` after the component scores (not in the registry,
+    which fits on training features; its references are held-out calibration scores)."""
+
+    name = NAME
+
+    def __init__(self, components: tuple[str, ...], combination: str, references: Mapping[str, np.ndarray],
+                 selection: dict):
+        super().__init__()
+        if combination not in COMBINATIONS:
+            raise ValueError(f"combination must be one of {COMBINATIONS}, got {combination!r}")
+        if not components:
+            raise ValueError("fused: name at least one component score")
+        self.components = tuple(components)
+        self.combination = combination
+        self.selection = selection
+        for j, name in enumerate(self.components):  # sorted, float32 like the score outputs they meet
+            self.register_buffer(f"references_{j}", buffer(np.sort(np.asarray(references[name], np.float64))))
+        self.n = int(len(references[self.components[0]]))
+        self.tails = [tail_scale(getattr(self, f"references_{j}").numpy()) for j in range(len(self.components))]
+
+    @classmethod
+    def from_references(cls, reference_scores: Mapping[str, np.ndarray], ood_scores: Mapping[str, np.ndarray],
+                        groups: np.ndarray, components: tuple[str, ...] | None = None,
+                        combination: str | None = None) -> "PValueFusion":
+        """Choose (unless ``components``/``combination`` are given) and build the fused score."""
+        if components is None:
+            components, chosen_combination, selection = choose(reference_scores, ood_scores, groups)
+            combination = combination or chosen_combination
+        else:
+            missing = [c for c in components if c not in reference_scores]
+            if missing:
+                raise ValueError(f"fused: unknown component score(s) {missing}; scores: {list(reference_scores)}")
+            selection = {"procedure": "fixed"}
+        return cls(tuple(components), combination or COMBINATIONS[0], reference_scores, selection)
+
+    def forward(self, logits, features, computed):
+        log_p = []
+        for j, name in enumerate(self.components):
+            references = getattr(self, f"references_{j}")
+            score = computed[name].float()
+            at_least = (references.unsqueeze(0) >= score.unsqueeze(1)).sum(dim=1)
+            inside = torch.log((at_least.double() + 1.0) / (self.n + 1.0))
+            excess = torch.nan_to_num(score.double() - references[-1].double(), nan=float("inf")).clamp(min=0.0)
+            tail = torch.log(torch.tensor(1.0 / (self.n + 1.0), dtype=torch.float64)) - excess / self.tails[j]
+            log_p.append(torch.where((score > references[-1]) | torch.isnan(score), tail, inside))
+        stacked = torch.stack(log_p, dim=1)
+        fused = -2.0 * stacked.sum(dim=1) if self.combination == "fisher" else -stacked.amin(dim=1)
+        return fused.float()
+
+    def metadata(self):
+        return {"components": list(self.components), "combination": self.combination, "references_n": self.n,
+                "tail_scales": dict(zip(self.components, self.tails)), "selection": self.selection}

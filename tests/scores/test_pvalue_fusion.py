@@ -1,0 +1,109 @@
+import numpy as np
+import pytest
+import torch
+
+from oodguard.calibration import ScoreThreshold
+from oodguard.export.scores.pvalue_fusion import (PValueFusion, choose, combine, leave_one_out_p_values,
+                                                   log_p_values, p_values, tail_scale)
+
+
+def test_p_values_follow_the_conformal_formula_and_match_the_gateways():
+    references = np.array([3.0, 1.0, 2.0, 2.0, 5.0])
+    scores = np.array([0.0, 2.0, 2.5, 5.0, 9.0, np.nan])
+    expected = [(1 + 5) / 6, (1 + 4) / 6, (1 + 2) / 6, (1 + 1) / 6, 1 / 6, 1 / 6]
+    np.testing.assert_allclose(p_values(references, scores), expected)
+    ordered = np.sort(references)
+    gateway = ScoreThreshold("x", 3.0, 0.95, 5, 4, 0.8, (0.3, 0.99), ordered).p_values(scores[:-1])
+    np.testing.assert_allclose(p_values(references, scores[:-1]), gateway)
+    np.testing.assert_allclose(leave_one_out_p_values(references), [2 / 5, 5 / 5, 4 / 5, 4 / 5, 1 / 5])
+
+
+def test_combinations():
+    log_p = np.log(np.array([[0.5, 0.1], [0.01, 0.9]]))
+    np.testing.assert_allclose(combine(log_p, "fisher"), -2 * log_p.sum(axis=1))
+    np.testing.assert_allclose(combine(log_p, "min-p"), [-np.log(0.1), -np.log(0.01)])
+    with pytest.raises(ValueError, match="combination"):
+        combine(log_p, "stouffer")
+
+
+def _complementary(seed=0, n=400):
+    """Score 'near_expert' separates the near group only, 'far_expert' the far group only, 'noise' neither."""
+    rng = np.random.default_rng(seed)
+    groups = np.array(["near"] * n + ["far"] * n, dtype=object)
+    ref = {name: rng.normal(size=n) for name in ("near_expert", "far_expert", "noise")}
+    ood = {"near_expert": np.r_[rng.normal(3, 1, n), rng.normal(0, 1, n)],
+           "far_expert": np.r_[rng.normal(0, 1, n), rng.normal(3, 1, n)],
+           "noise": rng.normal(size=2 * n)}
+    return ref, ood, groups
+
+
+def test_choice_combines_complementary_scores_and_beats_each_alone_on_the_worst_group():
+    ref, ood, groups = _complementary()
+    components, combination, record = choose(ref, ood, groups)
+    assert set(components) == {"near_expert", "far_expert"}
+    best_single = max(r["worst"] for r in record["single_scores"].values())
+    assert best_single < 0.6 and record["chosen"]["worst"] > 0.9
+    assert record["candidates_evaluated"] == 3 + 2 * (3 + 1)  # singles, pairs and the triple, two combinations
+    assert record["best_candidates"][0] == record["chosen"] and record["references_n"] == 400
+    assert record["validation_groups"] == {"far": 400, "near": 400}
+    worsts = [c["worst"] for c in record["best_candidates"]]
+    assert worsts == sorted(worsts, reverse=True)
+
+
+def test_a_single_dominant_score_is_chosen_alone():
+    rng = np.random.default_rng(1)
+    groups = np.array(["near"] * 300 + ["far"] * 300, dtype=object)
+    ref = {"good": rng.normal(size=300), "bad": rng.normal(size=300)}
+    ood = {"good": rng.normal(6, 1, 600), "bad": rng.normal(size=600)}
+    components, _, record = choose(ref, ood, groups)
+    assert components == ("good",) and record["chosen"]["worst"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_the_torch_module_computes_what_the_numpy_choice_evaluated():
+    ref, ood, groups = _complementary(seed=2)
+    for combination in ("fisher", "min-p"):
+        fusion = PValueFusion.from_references(ref, ood, groups, components=("near_expert", "far_expert"),
+                                              combination=combination)
+        computed = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in ood.items()}
+        out = fusion(None, None, computed).numpy()
+        log_p = np.stack([log_p_values(ref[n].astype(np.float32), ood[n].astype(np.float32))
+                          for n in ("near_expert", "far_expert")], axis=1)
+        np.testing.assert_allclose(out, combine(log_p, combination), rtol=1e-5)
+        meta = fusion.metadata()
+        assert meta["components"] == ["near_expert", "far_expert"] and meta["combination"] == combination
+        assert meta["references_n"] == 400 and meta["selection"] == {"procedure": "fixed"}
+    nan = fusion(None, None, {"near_expert": torch.tensor([np.nan]), "far_expert": torch.tensor([0.0])})
+    assert float(nan[0]) == np.inf  # NaN: log p = -inf, so the fused score is not finite and the gateway flags it
+
+
+def test_past_the_largest_reference_the_p_value_follows_an_exponential_tail():
+    references = np.arange(1.0, 101.0)  # 1 .. 100
+    tau = tail_scale(references)
+    top = references[int(np.floor(0.9 * 99)):]
+    assert tau == pytest.approx(np.mean(top - top[0]))
+    logs = log_p_values(references, np.array([50.0, 100.0, 100.5, 110.0, np.nan]))
+    np.testing.assert_allclose(logs[:2], np.log([(1 + 51) / 101, 2 / 101]))
+    np.testing.assert_allclose(logs[2:4], np.log(1 / 101) - np.array([0.5, 10.0]) / tau)
+    assert logs[4] == -np.inf and np.all(np.diff(logs[:4]) < 0)  # strictly more OOD further out
+
+
+def test_a_small_reference_set_still_leaves_room_above_the_threshold():
+    """72 references, min-p of two components: without the tail the held-out half's 95% quantile sat on the
+    p-value floor and nothing could cross it."""
+    rng = np.random.default_rng(0)
+    ref = {"a": rng.normal(size=72), "b": rng.normal(size=72)}
+    held = {"a": rng.normal(size=72), "b": rng.normal(size=72)}
+    held["a"][:5] = ref["a"].max() + 0.1  # 5 of 72 (> 5%) just past every reference: the floor, without the tail
+    fusion = PValueFusion.from_references(ref, ref, np.array(["x"] * 72), components=("a", "b"), combination="min-p")
+    as_torch = lambda d: {k: torch.as_tensor(v, dtype=torch.float32) for k, v in d.items()}  # noqa: E731
+    fused_held = np.sort(fusion(None, None, as_torch(held)).numpy())
+    threshold = fused_held[int(np.ceil(0.95 * 73)) - 1]
+    far = fusion(None, None, as_torch({"a": np.full(10, 8.0), "b": np.full(10, 8.0)})).numpy()
+    assert np.all(far > threshold) and threshold < far.min()
+
+
+def test_fixed_components_must_exist():
+    ref, ood, groups = _complementary()
+    with pytest.raises(ValueError, match="unknown component"):
+        PValueFusion.from_references(ref, ood, groups, components=("energy",))
+
