@@ -131,6 +131,7 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
     if few:  # thresholds are per score over all classes: enough overall is what they need; say which are thin
         progress(f"  note: few calibration samples for class(es) {few} (under {FEW_CALIBRATION_SAMPLES}); "
                  f"thresholds use all {n_cal}, but the true-positive rate of these classes is estimated poorly")
+    user_sets = user_validation_sets(spec)
     classifier = load_classifier(spec.backbone, spec.checkpoint, num_classes=len(spec.class_names))
     prep = spec.preprocessing
     bank_images = prep.apply(spec.bank_data.images)
@@ -138,7 +139,7 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
     lap("extract training features")
 
     labels = spec.bank_data.labels
-    ood = validation_set(spec, bank_images, labels)
+    ood = validation_set(spec, bank_images, labels, user_sets)
     ood_features, ood_logits = extract(classifier, ood.images)
     lap(f"validation OOD ({len(ood)}: {ood.group_sizes})")
 
@@ -221,21 +222,33 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
     return ExportResult(version, root / str(version), calibration, model, seconds)
 
 
-def validation_set(spec: ExportSpec, bank_images: np.ndarray, labels: np.ndarray) -> ValidationOOD:
-    """Synthetic validation OOD from training images (groups near / far) plus each ``--validation-ood`` set
-    (group ``user:<spec>``, at most ``validation_ood_size`` images each, seeded), as model inputs."""
+def user_validation_sets(spec: ExportSpec) -> list[ValidationOOD]:
+    """Each ``--validation-ood`` set as model inputs (group ``user:<spec>``, at most ``validation_ood_size``
+    images each, seeded). Read before any slow step; a missing, unreadable, empty or wrongly shaped set is a
+    :class:`ValueError` naming it."""
     from oodguard.evaluation import resolve_dataset
 
-    parts = [validation_ood(bank_images, labels, spec.validation_ood_size, spec.seed)]
     rng = np.random.default_rng(spec.seed)
+    parts = []
     for text in spec.validation_ood_specs:
-        images = resolve_dataset(text, spec.preprocessing, seed=spec.seed).images
-        if len(images) == 0:
-            raise ValueError(f"--validation-ood {text}: the set is empty")
-        if len(images) > spec.validation_ood_size:
-            images = images[np.sort(rng.choice(len(images), size=spec.validation_ood_size, replace=False))]
-        parts.append(ValidationOOD(spec.preprocessing.apply(images), np.full(len(images), f"user:{text}", dtype=object)))
-    return ValidationOOD.concatenate(parts)
+        try:
+            images = resolve_dataset(text, spec.preprocessing, seed=spec.seed).images
+            if len(images) == 0:
+                raise ValueError("the set holds no image")
+            if len(images) > spec.validation_ood_size:
+                images = images[np.sort(rng.choice(len(images), size=spec.validation_ood_size, replace=False))]
+            x = spec.preprocessing.apply(images)
+        except (OSError, ValueError, KeyError) as exc:
+            raise ValueError(f"--validation-ood {text}: {exc}") from None
+        parts.append(ValidationOOD(x, np.full(len(x), f"user:{text}", dtype=object)))
+    return parts
+
+
+def validation_set(spec: ExportSpec, bank_images: np.ndarray, labels: np.ndarray,
+                   user_sets: list[ValidationOOD]) -> ValidationOOD:
+    """Synthetic validation OOD from training images (groups near / far) plus the user's sets."""
+    return ValidationOOD.concatenate([validation_ood(bank_images, labels, spec.validation_ood_size, spec.seed),
+                                      *user_sets])
 
 
 def split_calibration(n: int, labels: np.ndarray | None, target_tpr: float, seed: int):

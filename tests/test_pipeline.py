@@ -187,3 +187,17 @@ def test_unknown_score_parameters_are_refused(digits_export, tmp_path):
     spec = spec_from_training(checkpoint, tmp_path, "digits", score_params={"mahalanobis": {}})
     with pytest.raises(ValueError, match="unknown score"):
         export_model(spec, progress=quiet)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: d / "missing.npz", "missing.npz"),
+    (lambda d: (np.savez(d / "flat.npz", images=np.zeros((5, 7), np.uint8)), d / "flat.npz")[1], r"\[N,H,W\]"),
+    (lambda d: (np.savez(d / "empty.npz", images=np.zeros((0, 8, 8), np.uint8)), d / "empty.npz")[1], "no image"),
+])
+def test_bad_validation_ood_sets_are_clear_errors_before_any_work(digits_export, tmp_path, make, message):
+    _, _, _, checkpoint = digits_export
+    path = make(tmp_path)
+    spec = spec_from_training(checkpoint, tmp_path / "repo", "digits", validation_ood_specs=[str(path)])
+    with pytest.raises(ValueError, match=rf"--validation-ood {path}: .*{message}"):
+        export_model(spec, progress=quiet)
+    assert not (tmp_path / "repo" / "digits").exists()

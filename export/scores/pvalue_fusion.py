@@ -27,9 +27,12 @@ the choice below on one half, the threshold on the other), so the split-conforma
 combination, is scored on validation data: the reference half's own scores (leave-one-out p-values:
 ``#{R_j >= s} / n`` for a reference's own score) against the validation OOD of each group (near, far,
 user sets; :mod:`oodguard.export.validation`), and the candidate with the best *worst-group* AUROC wins
-(ties: the larger mean, then fewer components, then ``fisher``). A single component is a candidate too
-(then ``fused`` is that score's p-value), so the choice can only match or beat the best single score on
-validation. Every candidate's figures are recorded in ``calibration.json`` (the best ones in full).
+(ties: the larger mean, then fewer components, then ``fisher``), with a parsimony rule: a candidate with
+more components is taken only when it beats the best one with fewer by at least :data:`MIN_GAIN` worst-group
+AUROC (about the standard error of an AUROC on a thousand validation images: smaller gains are noise, and
+every extra component is one more way for an input to look in-distribution to a Fisher sum). A single
+component is a candidate too (then ``fused`` is that score's p-value), so the choice can only match or beat
+the best single score on validation. Every candidate's figures are recorded in ``calibration.json`` (the best ones in full).
 
 The gateway explains a fused decision by its *driver*: the component with the smallest p-value.
 """
@@ -48,6 +51,7 @@ from .base import Score, buffer
 NAME = "fused"
 COMBINATIONS = ("fisher", "min-p")
 MAX_COMPONENTS = 3
+MIN_GAIN = 0.005
 RECORDED_CANDIDATES = 12
 
 
@@ -115,10 +119,15 @@ def choose(reference_scores: Mapping[str, np.ndarray], ood_scores: Mapping[str, 
                 candidates.append({"components": list(subset), "combination": combination, **result})
     candidates.sort(key=lambda c: (*(-v for v in validation.key(c)), len(c["components"]),
                                    COMBINATIONS.index(c["combination"])))
-    best = candidates[0]
+    best = None
+    for size in range(1, min(max_components, len(names)) + 1):  # parsimony: a larger set must gain MIN_GAIN
+        top = next(c for c in candidates if len(c["components"]) == size)
+        if best is None or top["worst"] >= best["worst"] + MIN_GAIN:
+            best = top
     record = {
         "procedure": "worst-group validation AUROC over component subsets (see oodguard.export.scores.pvalue_fusion)",
         "candidates_evaluated": len(candidates),
+        "min_gain": MIN_GAIN,
         "chosen": best,
         "best_candidates": candidates[:RECORDED_CANDIDATES],
         "single_scores": single,
@@ -171,7 +180,8 @@ class PValueFusion(Score):
             score = computed[name].float()
             at_least = (references.unsqueeze(0) >= score.unsqueeze(1)).sum(dim=1)
             inside = torch.log((at_least.double() + 1.0) / (self.n + 1.0))
-            excess = torch.nan_to_num(score.double() - references[-1].double(), nan=float("inf")).clamp(min=0.0)
+            excess = (score.double() - references[-1].double()).clamp(min=0.0)  # NaN: the tail's -inf below
+            excess = torch.where(torch.isnan(score), torch.full_like(excess, float("inf")), excess)
             tail = torch.log(torch.tensor(1.0 / (self.n + 1.0), dtype=torch.float64)) - excess / self.tails[j]
             log_p.append(torch.where((score > references[-1]) | torch.isnan(score), tail, inside))
         stacked = torch.stack(log_p, dim=1)

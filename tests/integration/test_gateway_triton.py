@@ -135,7 +135,8 @@ def test_embedded_and_triton_backends_give_the_same_answers(start_gateway, trito
         assert (a.class_index, a.class_name) == (b.class_index, b.class_name), i
         assert [c.index for c in a.top_k] == [c.index for c in b.top_k], i
         assert a.queue_status == b.queue_status and bool(a.queue_record_id) == bool(b.queue_record_id), i
-        assert set(a.scores) == set(b.scores) and len(a.scores) == 8, i
+        assert set(a.scores) == set(b.scores) and len(a.scores) == 9, i
+        assert a.decision.driver == b.decision.driver and a.decision.driver, i
         values = [(f"scores[{k}]", a.scores[k], b.scores[k]) for k in a.scores]
         values += [(f"p_values[{k}]", a.decision.p_values[k], b.decision.p_values[k]) for k in a.decision.p_values]
         values += [("probability", a.probability, b.probability)]

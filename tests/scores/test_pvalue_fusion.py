@@ -44,10 +44,20 @@ def test_choice_combines_complementary_scores_and_beats_each_alone_on_the_worst_
     best_single = max(r["worst"] for r in record["single_scores"].values())
     assert best_single < 0.6 and record["chosen"]["worst"] > 0.9
     assert record["candidates_evaluated"] == 3 + 2 * (3 + 1)  # singles, pairs and the triple, two combinations
-    assert record["best_candidates"][0] == record["chosen"] and record["references_n"] == 400
+    assert record["chosen"] in record["best_candidates"] and record["references_n"] == 400
     assert record["validation_groups"] == {"far": 400, "near": 400}
     worsts = [c["worst"] for c in record["best_candidates"]]
     assert worsts == sorted(worsts, reverse=True)
+
+
+def test_a_larger_set_must_gain_min_gain_over_the_best_smaller_one():
+    """Parsimony: noise-level gains from a third component are not taken."""
+    ref, ood, groups = _complementary(seed=3)
+    components, _, record = choose(ref, ood, groups)
+    triple = max((c for c in record["best_candidates"] if len(c["components"]) == 3), key=lambda c: c["worst"],
+                 default=None)
+    assert len(components) == 2 and record["min_gain"] == 0.005
+    assert triple is None or triple["worst"] < record["chosen"]["worst"] + 0.005
 
 
 def test_a_single_dominant_score_is_chosen_alone():
