@@ -149,7 +149,8 @@ def run_training(
             f"class(es) {thin} have fewer than {MIN_TRAIN_PER_CLASS} training images (of "
             f"{dict(zip(class_names, np.bincount(joined.labels, minlength=len(class_names)).tolist()))} labeled in "
             f"all; the train split keeps {fractions[0]:.0%}); the exported OOD scores need {MIN_TRAIN_PER_CLASS} per "
-            "class in the feature bank: label more images of them, or leave them out of the labels file")
+            "class in the feature bank: label more images of them, leave them out of the labels file, or train on the "
+            "previous run's data as well (--base RUN)")
     weights = balancing_weights(train_part.labels, balance)
     progress(
         f"training {factory_ref} on {joined.source}: {len(class_names)} classes, {len(splits['train'])} train / "

@@ -13,12 +13,18 @@ from serve.conftest import digits_test_images, free_port, repo_copy, start_gatew
 
 
 @pytest.fixture
-def images(digits_test_images, tmp_path):
+def images(digits_test_images, repo_copy, tmp_path):
+    """A test digit the served model accepts (5% of held-out digits are flagged by design), and noise."""
+    from oodguard.evaluation import VersionScorer
+
+    scorer = VersionScorer(repo_copy / "digits" / "1")
+    outputs = scorer.model.run(scorer.preprocessing.apply(digits_test_images[0][:20]))
+    first = int(np.flatnonzero(outputs["fused"] <= scorer.calibration.thresholds["fused"].threshold)[0])
     digit = tmp_path / "digit.png"
-    Image.fromarray(digits_test_images[0][0]).save(digit)
+    Image.fromarray(digits_test_images[0][first]).save(digit)
     noise = tmp_path / "noise.jpg"
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(noise)
-    return digit, noise, int(digits_test_images[1][0])
+    return digit, noise, int(digits_test_images[1][first])
 
 
 def test_predict_prints_class_decision_and_scores(start_gateway, repo_copy, images, capsys):
@@ -41,8 +47,9 @@ def test_predict_json(start_gateway, repo_copy, images, capsys):
     assert [r["path"] for r in rows] == [str(digit), str(noise)]
     a, b = rows[0]["prediction"], rows[1]["prediction"]
     assert a["class_index"] == label and not a["decision"]["ood"] and len(a["top_k"]) == 2
-    assert b["decision"]["ood"] and "sisome" in b["decision"]["crossed"] and b["record_id"]
-    assert b["scores"]["sisome"] > b["decision"]["thresholds"]["sisome"] and a["model"] == "digits"
+    assert b["decision"]["ood"] and "fused" in b["decision"]["crossed"] and b["record_id"]
+    assert b["scores"]["fused"] > b["decision"]["thresholds"]["fused"] and a["model"] == "digits"
+    assert b["decision"]["driver"] in b["scores"] and b["decision"]["reasons"] == ["threshold"]
 
 
 def test_predict_errors(start_gateway, repo_copy, images, tmp_path, capsys):

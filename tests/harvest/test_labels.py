@@ -59,7 +59,11 @@ def test_labels_import_command_and_train_accept_the_dataset(digits_export, tmp_p
     assert main(["labels", "import", str(tmp_path / "labels.csv"), "--queue", f"sqlite:///{tmp_path / 'q.sqlite'}",
                  "--repository", str(repository), "--out", str(tmp_path / "data.npz")]) == 0
     assert "60 labeled images" in capsys.readouterr().out
-    assert main(["train", "--data", str(tmp_path / "data.npz"), "--epochs", "1", "--out", str(tmp_path / "retrain")]) == 0
+    # the harvest alone lacks images of some known classes: train refuses it, naming them, and --base helps
+    assert main(["train", "--data", str(tmp_path / "data.npz"), "--epochs", "1", "--out", str(tmp_path / "alone")]) == 2
+    assert "fewer than 2 training images" in capsys.readouterr().err
+    assert main(["train", "--base", str(digits_export[3].parent), "--data", str(tmp_path / "data.npz"), "--epochs", "1",
+                 "--out", str(tmp_path / "retrain")]) == 0
     record = json.loads((tmp_path / "retrain" / "training.json").read_text())
     assert record["class_names"][-3:] == ["known", "unknown", "noise"]
 
