@@ -48,17 +48,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default): on when class counts differ by more than 10x")
     train.add_argument("--classes", type=_classes, help="keep only these labels, e.g. 0-7 (relabelled 0..n-1)")
     train.add_argument("--out", type=Path, required=True, help="output folder")
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--batch-size", type=int, default=128)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--epochs", type=int, default=10, help="training epochs (default %(default)s)")
+    train.add_argument("--batch-size", type=int, default=128, help="images per step (default %(default)s)")
+    train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default %(default)s)")
+    train.add_argument("--seed", type=int, default=0, help="seed of the split, the weights and the batches "
+                       "(default %(default)s)")
     train.add_argument("--holdout", type=float, default=0.2,
                        help="fraction held out of training, halved into calibration and test splits (default 0.2)")
     train.add_argument("--input-shape", type=_ints, help="C,H,W for a backbone without an input_shape attribute")
 
     export = sub.add_parser("export", help="export a checkpoint with the fused OOD head into a model repository",
                             description="Fit the OOD scores, export one ONNX graph (logits, features, scores), calibrate "
-                            "95%%-TPR thresholds on held-out ID data, and add the next version to the Triton model repository.")
+                            "95%-TPR thresholds on held-out ID data, and add the next version to the Triton model repository.")
     export.add_argument("--repository", type=Path, required=True, help="model repository folder")
     export.add_argument("--model", help="model name in the repository (default: 'digits' for --demo)")
     export.add_argument("--demo", choices=["digits"], help="train and export the digits demo, then print its evaluation")
@@ -87,9 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--fused-combination", choices=["fisher", "min-p"],
                         help="fixed combination of the fused score's p-values (default: chosen with the components)")
     export.add_argument("--tpr", type=float, default=0.95, help="target TPR of the thresholds (default 0.95)")
-    export.add_argument("--max-batch-size", type=int, default=64)
-    export.add_argument("--seed", type=int, default=0)
-    export.add_argument("--epochs", type=int, default=30, help="training epochs for --demo")
+    export.add_argument("--max-batch-size", type=int, default=64, help="largest batch the Triton config and the "
+                        "gateway accept (default %(default)s)")
+    export.add_argument("--seed", type=int, default=0, help="seed of the bank, the validation OOD and the calibration "
+                        "halves (default %(default)s)")
+    export.add_argument("--epochs", type=int, default=30, help="training epochs for --demo (default %(default)s)")
 
     validate = sub.add_parser("validate-repo", help="check a model repository against its ONNX files",
                               description="Parse every config into Triton's ModelConfig and check inputs, outputs, "
@@ -100,14 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
                               "(what is served) and print AUROC, FPR@95TPR, AUPR-In, AUPR-Out and the realised TPR/FPR at "
                               "the calibrated thresholds, per score and OOD set, with near/far means. Datasets of another "
                               "shape are converted with the model's recorded preprocessing, and the conversion is reported.")
-    evaluate.add_argument("--repository", type=Path, required=True)
-    evaluate.add_argument("--model", required=True)
+    evaluate.add_argument("--repository", type=Path, required=True, help="model repository folder (required)")
+    evaluate.add_argument("--model", required=True, help="model name in the repository (required)")
     evaluate.add_argument("--version", type=int, help="default: the latest version")
     evaluate.add_argument("--id", required=True, dest="id_spec", help="in-distribution test set (any dataset spec)")
     evaluate.add_argument("--ood", action="append", default=[], metavar="NAME=PATH[:near|far]",
                           help="an OOD set; PATH is a dataset spec or synthetic:uniform|blobs[:COUNT]; repeatable")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
-    evaluate.add_argument("--seed", type=int, default=0, help="seed of synthetic sets")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of synthetic sets (default %(default)s)")
     evaluate.add_argument("--classes", type=_classes, help="the labels of the ID set the model knows, e.g. 0-7: others "
                           "are left out of the ID set and reported (default: all; labels the model lacks are warned about)")
 
@@ -138,7 +141,8 @@ def _add_harvest_commands(sub) -> None:
     harvest.add_argument("--repository", type=Path, default=Path("model_repository"),
                          help="model repository (class names, preprocessing, calibration scores); default model_repository")
     harvest.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                         help="strategy parameter (numbers are parsed), repeatable")
+                         help="strategy parameter (numbers are parsed), repeatable; a KEY the strategy lacks is an error "
+                         "that lists the strategy's parameters with their defaults (--param help lists them)")
     harvest.add_argument("--model", help="the model to harvest (required when the queue holds records of several)")
     harvest.add_argument("--stale", choices=["rescore", "exclude"], default="rescore",
                          help="pending records of older versions of the model: rescore them with the newest version "
@@ -230,9 +234,17 @@ def _run_harvest(args: argparse.Namespace) -> int:
 
     from oodguard.harvest.export import ExportOptions
 
+    from oodguard.harvest.strategies import get_strategy
+
+    strategy = get_strategy(args.strategy)
+    if args.param == ["help"]:
+        print(f"{args.strategy} parameters (--param KEY=VALUE): {strategy.describe_params()}")
+        return 0
+    params = _strategy_params(args.param)
+    strategy.check_params(params)  # before the queue is opened: nothing is claimed for a typo
     with _harvest_queue(args.queue) as queue:
         run_harvest(queue, args.strategy, args.budget, args.out, args.repository, seed=args.seed,
-                    params=_strategy_params(args.param), model=args.model, stale=args.stale, dry_run=args.dry_run,
+                    params=params, model=args.model, stale=args.stale, dry_run=args.dry_run,
                     export=ExportOptions(image_url_prefix=args.image_url_prefix, local_files_root=args.local_files_root))
     return 0
 
@@ -313,7 +325,7 @@ def _run_loadgen(args: argparse.Namespace) -> int:
 
 #: ``oodguard serve`` flags: each maps to the Settings field of the same name (dashes -> underscores).
 SERVE_FLAGS = [
-    ("--repository", "DIR", "model repository folder"),
+    ("--repository", "DIR", "model repository folder (required: flag or OODGUARD_REPOSITORY)"),
     ("--listen", "HOST:PORT", "address to listen on (default 127.0.0.1:50051)"),
     ("--backend", "NAME", "embedded (ONNX Runtime in-process, default) or triton"),
     ("--triton-url", "HOST:PORT", "Triton gRPC address for --backend triton (default 127.0.0.1:8001)"),
@@ -441,8 +453,12 @@ def _run_serve(args: argparse.Namespace) -> int:
     from oodguard.serve.settings import Settings
 
     flags = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in SERVE_FLAGS}
+    settings = Settings.from_sources(flags)
+    if not settings.repository.is_dir():  # both backends read every version's calibration.json from it
+        raise ValueError(f"the model repository {settings.repository} is not a folder (give --repository DIR or "
+                         "OODGUARD_REPOSITORY; `oodguard export --demo digits --repository DIR` makes one)")
     try:
-        return run(Settings.from_sources(flags))
+        return run(settings)
     except OSError as exc:
         raise ValueError(str(exc)) from exc
 
@@ -455,7 +471,9 @@ COMMANDS = {"serve": _run_serve, "train": _run_train, "export": _run_export, "va
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        status = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a reader that went away shows here, not as a traceback at exit
+        return status
     except (ValueError, FileNotFoundError) as exc:
         print(f"oodguard {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -16,6 +16,19 @@ def test_every_subcommand_explains_itself(command):
     assert out.returncode == 0 and "usage: oodguard " + command in out.stdout
 
 
+@pytest.mark.parametrize("command, expected", [
+    ("train", ["--epochs EPOCHS   training epochs (default 10)", "(default 128)", "(default 0.001)", "(default 0)"]),
+    ("export", ["95%-TPR thresholds", "(default 64)", "halves (default 0)", "--validation-ood SPEC",
+                "--fused-components"]),
+    ("evaluate", ["model repository folder (required)", "(default 0)"]),
+])
+def test_help_texts_show_their_defaults(command, expected):
+    out = " ".join(run(command, "--help").stdout.split())  # argparse wraps lines
+    for text in expected:
+        assert " ".join(text.split()) in out, text
+    assert "%%" not in out
+
+
 def test_class_ranges():
     assert _classes("0-3,7") == [0, 1, 2, 3, 7]
 
@@ -59,3 +72,13 @@ def test_validate_repo_fails_on_a_broken_config(digits_export, tmp_path):
     out = run("validate-repo", str(copy))
     assert out.returncode == 1
     assert "logit" in out.stdout and "problem" in out.stdout
+
+
+def test_harvest_lists_a_strategys_parameters_and_refuses_a_typo_before_touching_the_queue(tmp_path):
+    common = ["harvest", "--queue", f"sqlite:///{tmp_path / 'q.sqlite'}", "--strategy", "aloe", "--budget", "5",
+              "--out", str(tmp_path / "out")]
+    listed = run(*common, "--param", "help")
+    assert listed.returncode == 0 and "aloe parameters (--param KEY=VALUE): score (pool score" in listed.stdout
+    typo = run(*common, "--param", "tprr=0.9")
+    assert typo.returncode == 2 and "has no parameter(s) ['tprr']; its parameters: score" in typo.stderr
+    assert not (tmp_path / "q.sqlite").exists() and not (tmp_path / "out").exists()

@@ -62,3 +62,16 @@ def test_predict_errors(start_gateway, repo_copy, images, tmp_path, capsys):
     assert main(["predict", str(images[0]), "--target", f"127.0.0.1:{free_port()}", "--timeout", "1"]) == 2
     assert "cannot reach the gateway" in capsys.readouterr().err
     assert main(["predict", str(images[0]), "--target", gateway.target, "--model", "nope"]) == 1
+
+
+def test_predict_json_into_a_closed_pipe_ends_quietly(start_gateway, repo_copy, images):
+    """`oodguard predict --json ... | head -1`: the reader leaves early; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+
+    gateway = start_gateway(repo_copy)
+    digit = str(images[0])
+    command = f"{sys.executable} -m oodguard.cli predict {' '.join([digit] * 150)} --target {gateway.target} --json | head -1"
+    done = subprocess.run(["bash", "-c", command], capture_output=True, text=True, timeout=120)
+    assert done.stdout.strip() == "["
+    assert "Traceback" not in done.stderr and "BrokenPipeError" not in done.stderr, done.stderr

@@ -25,6 +25,13 @@ import numpy as np
 from .base import Context, Pool, known_logits
 
 
+#: the parameters of the mixture fit (lfosa, jsosal)
+MIXTURE_PARAMS = {"ashman_d": "unimodal guard: Ashman's D below which the fit is refused (default 2)",
+                  "min_weight": "unimodal guard: smallest component weight (default 0.05)",
+                  "max_fit": "MAVs fitted per class at most (default 5000)", "max_iter": "EM iterations (default 200)",
+                  "n_init": "EM restarts (default 1)"}
+
+
 @dataclass
 class MixtureResult:
     p_known: np.ndarray  # [N]

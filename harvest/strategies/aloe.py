@@ -46,6 +46,10 @@ def cluster(x: np.ndarray, clusters: int, seed: int, params: dict) -> np.ndarray
 
 class AloeStrategy(Strategy):
     name = "aloe"
+    params = {"score": "pool score to threshold (default gradnorm)", "tpr": "ID quantile of the threshold (default 0.95)",
+              "pool_quantile": "pool quantile used without ID scores (default 0.5)",
+              "kmeans_max_work": "N*M above which mini-batch k-means is used (default 5e6)",
+              "n_init": "k-means restarts (default 3)"}
 
     def _select(self, pool: Pool, budget: int, seed: int, context: Context) -> Selection:
         params = context.params

@@ -35,6 +35,7 @@ def sq_distances_to(u: np.ndarray, h: np.ndarray, g2: np.ndarray, j: int) -> np.
 
 class BadgeStrategy(Strategy):
     name = "badge"
+    params = {"max_pool": "pool subsample size (default 20000)"}
 
     def _select(self, pool: Pool, budget: int, seed: int, context: Context) -> Selection:
         rng = np.random.default_rng(seed)

@@ -145,6 +145,21 @@ class Strategy(abc.ABC):
     indices (checked)."""
 
     name: ClassVar[str] = ""
+    #: the parameters (``Context.params`` keys) the strategy reads, each with what it does and its default
+    params: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def describe_params(cls) -> str:
+        return ", ".join(f"{k} ({v})" for k, v in cls.params.items()) or "none"
+
+    @classmethod
+    def check_params(cls, params: dict) -> None:
+        """:class:`ValueError` naming every key of ``params`` the strategy does not read (a misspelt parameter
+        would otherwise be ignored silently), with the ones it does."""
+        unknown = sorted(set(params) - set(cls.params))
+        if unknown:
+            raise ValueError(f"strategy {cls.name!r} has no parameter(s) {unknown}; its parameters: "
+                             f"{cls.describe_params()}")
 
     def select(self, pool: Pool, budget: int, seed: int = 0, context: Context | None = None) -> Selection:
         if not isinstance(pool, Pool):
@@ -155,6 +170,7 @@ class Strategy(abc.ABC):
             raise ValueError(f"seed must be an integer, got {seed!r}")
         budget, seed = int(budget), int(seed)
         context = Context() if context is None else context
+        self.check_params(context.params)
         n = len(pool)
         if n == 0:
             return Selection(np.empty(0, dtype=np.int64), [])

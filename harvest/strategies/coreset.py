@@ -28,6 +28,7 @@ def _min_sq_distance(x: np.ndarray, centres: np.ndarray, chunk: int = 4096) -> n
 
 class CoresetStrategy(Strategy):
     name = "coreset"
+    params = {"max_pool": "pool subsample size (default 20000)", "max_labeled": "labeled centres used (default 20000)"}
 
     def _select(self, pool: Pool, budget: int, seed: int, context: Context) -> Selection:
         rng = np.random.default_rng(seed)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._mixture import describe, fit_p_known, rank_by_p_known
+from ._mixture import MIXTURE_PARAMS, describe, fit_p_known, rank_by_p_known
 from .base import Context, Pool, Selection, Strategy, entropy, softmax
 
 
 class JsosalStrategy(Strategy):
     name = "jsosal"
+    params = {"k": "candidates a = k x budget (default 4)", **MIXTURE_PARAMS}
 
     def _select(self, pool: Pool, budget: int, seed: int, context: Context) -> Selection:
         k = float(context.params.get("k", 4))

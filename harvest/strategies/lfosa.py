@@ -7,12 +7,13 @@ None) this is the "MAV-only" variant.
 
 from __future__ import annotations
 
-from ._mixture import describe, fit_p_known, rank_by_p_known
+from ._mixture import MIXTURE_PARAMS, describe, fit_p_known, rank_by_p_known
 from .base import Context, Pool, Selection, Strategy
 
 
 class LfosaStrategy(Strategy):
     name = "lfosa"
+    params = dict(MIXTURE_PARAMS)
 
     def _select(self, pool: Pool, budget: int, seed: int, context: Context) -> Selection:
         result = fit_p_known(pool, seed, context, bayesian=False)

@@ -18,6 +18,7 @@ def sisom_score_name(pool: Pool, context: Context) -> str:
 
 class SisomStrategy(Strategy):
     name = "sisom"
+    params = {"score": "pool score to rank by (default sisome, else sisom)"}
 
     def _select(self, pool: Pool, budget: int, seed: int, context: Context) -> Selection:
         score_name = sisom_score_name(pool, context)

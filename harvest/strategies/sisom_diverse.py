@@ -38,6 +38,9 @@ def pool_spread(x: np.ndarray, rng: np.random.Generator, limit: int = 2000) -> f
 
 class SisomDiverseStrategy(Strategy):
     name = "sisom-diverse"
+    params = {"score": "pool score to rank by (default sisome, else sisom)",
+              "radius": "diversity radius in feature space (default: the pool's median pairwise distance x radius_scale)",
+              "radius_scale": "factor on the computed radius (default 1.0)"}
 
     def _select(self, pool: Pool, budget: int, seed: int, context: Context) -> Selection:
         score_name = sisom_score_name(pool, context)

@@ -1,5 +1,6 @@
 """The registry and the contract every registered strategy keeps."""
 
+import dataclasses
 import subprocess
 import sys
 
@@ -49,3 +50,14 @@ def test_harvest_imports_neither_torch_nor_sklearn():
     code = ("import sys, oodguard.harvest; "
             "assert 'torch' not in sys.modules and 'sklearn' not in sys.modules, sorted(sys.modules)")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_parameter_the_strategy_does_not_read_is_refused_with_the_ones_it_does(mixed_pool):
+    pool, context = mixed_pool
+    aloe = dataclasses.replace(context, params={"tprr": 0.9})
+    with pytest.raises(ValueError, match=r"strategy 'aloe' has no parameter\(s\) \['tprr'\]; its parameters: score"):
+        get_strategy("aloe").select(pool, 5, context=aloe)
+    with pytest.raises(ValueError, match=r"'random' has no parameter\(s\) \['k'\]; its parameters: none"):
+        get_strategy("random").select(pool, 5, context=dataclasses.replace(context, params={"k": 2}))
+    for name, cls in STRATEGIES.items():  # every declared parameter comes with its default
+        assert all("default" in text for text in cls.params.values()), name

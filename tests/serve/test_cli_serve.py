@@ -110,3 +110,12 @@ def test_serve_refuses_a_bad_policy_with_exit_2(digits_export, tmp_path):
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "oodguard serve: error:" in result.stderr and "['odin'] not exported by model 'digits' version 1" in result.stderr
+
+
+def test_serve_refuses_a_repository_that_is_not_there(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "oodguard.cli", "serve", "--repository", str(tmp_path / "nowhere"), "--listen",
+         f"127.0.0.1:{free_port()}", "--queue-path", str(tmp_path / "q.sqlite")],
+        capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and not (tmp_path / "q.sqlite").exists()
+    assert f"the model repository {tmp_path / 'nowhere'} is not a folder" in result.stderr
