@@ -54,11 +54,21 @@ def test_every_alert_has_a_firing_and_a_silent_case():
     assert alerts - silent == set(), "alerts without a case where they stay silent"
 
 
-def test_flagged_rate_alert_uses_the_calibrated_rate_and_a_minimum_count():
+def test_the_ood_rate_alerts_use_two_windows_the_calibrated_rate_and_a_minimum_count():
+    """A page and a ticket, each ANDing a long and a short window, both burning against p0's upper bound, with
+    a minimum count, in the group that records their windows (rules of one group run in order)."""
     rules = yaml.safe_load((DEPLOY / "rules.yml").read_text())
-    rule = next(r for g in rules["groups"] for r in g["rules"] if r.get("alert") == "OODGuardFlaggedRateAboveCalibration")
-    assert "oodguard:calibrated_flag_rate_upper:max" in rule["expr"] and "sqrt(" in rule["expr"]
-    assert ">= 200" in rule["expr"]
+    group = next(g for g in rules["groups"] if g["name"] == "oodguard.ood_rate")
+    by_name = {r.get("alert") or r["record"]: r for r in group["rules"]}
+    page, ticket = by_name["OODGuardFlaggedRateAboveCalibration"], by_name["OODGuardFlaggedRateDrift"]
+    assert page["labels"]["severity"] == "page" and ticket["labels"]["severity"] == "ticket"
+    for rule, windows, minimum in ((page, ("15m", "5m"), ">= 100"), (ticket, ("6h", "1h"), ">= 1000")):
+        for window in windows:
+            assert f"oodguard:flagged_burn:{window}" in rule["expr"] and f"oodguard:flagged_burn:{window}" in by_name
+        assert minimum in rule["expr"] and "oodguard:flagged_excess_z:" in rule["expr"]
+    assert "calibrated_flag_rate_upper" in by_name["oodguard:flagged_burn:15m"]["expr"]
+    order = [r.get("alert") or r["record"] for r in group["rules"]]
+    assert order.index("OODGuardFlaggedRateAboveCalibration") > order.index("oodguard:flagged_excess_z:6h")
 
 
 def test_rules_name_only_metrics_the_gateway_exports():
