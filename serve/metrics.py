@@ -286,7 +286,6 @@ class _StateCollector(Collector):
 
     def collect(self):
         gw = self.gateway
-        policy = gw.policy
         threshold = GaugeMetricFamily("oodguard_threshold", "Calibrated threshold of every score (score > threshold "
                                       "crosses)", labels=["model", "version", "score", "deciding"])
         rate = GaugeMetricFamily("oodguard_calibrated_flag_rate", "p0: share of in-distribution items the decision "
@@ -300,6 +299,7 @@ class _StateCollector(Collector):
             latest = max(versions[model]) if versions[model] else None
             for number in sorted(versions[model]):
                 served = versions[model][number]
+                policy = served.rule.policy  # the gateway's, or its fallback for this version
                 v = str(number)
                 info.add_metric([model, v, str(number == latest).lower(), gw.settings.backend], 1.0)
                 for name in served.scores:

@@ -208,6 +208,32 @@ def test_metrics_after_id_and_noise_traffic(start_gateway, repo_copy, digits_tes
     assert not samples(fam, "oodguard_queue_write_failures_total")
 
 
+def test_a_version_decided_by_the_fallback_reports_its_own_deciding_scores_and_p0(start_gateway, repo_copy):
+    """Version 2 was exported without fused: the default policy decides it by sisome, and /metrics says so (its
+    deciding threshold and p0 are sisome's) while version 1 reports fused's."""
+    import json
+    import shutil
+
+    shutil.copytree(repo_copy / "digits" / "1", repo_copy / "digits" / ".staging-2")
+    path = repo_copy / "digits" / ".staging-2" / "calibration.json"
+    raw = json.loads(path.read_text())
+    raw["model"]["scores"].remove("fused")
+    del raw["scores"]["fused"]
+    path.write_text(json.dumps(raw))
+    (repo_copy / "digits" / ".staging-2").rename(repo_copy / "digits" / "2")
+    port = free_port()
+    start_gateway(repo_copy, metrics_port=port)
+    fam = scrape_until(port, lambda f: len(samples(f, "oodguard_calibrated_flag_rate")) == 2, what="both versions")
+    cal = Calibration.load(repo_copy / "digits" / "1" / "calibration.json")
+    for version, deciding in (("1", "fused"), ("2", "sisome")):
+        t = cal.thresholds[deciding]
+        assert value(fam, "oodguard_threshold", model="digits", version=version, score=deciding, deciding="true") == \
+            pytest.approx(t.threshold, rel=1e-12)
+        assert value(fam, "oodguard_calibrated_flag_rate", model="digits", version=version) == \
+            pytest.approx((t.n + 1 - t.accepted) / (t.n + 1))
+    assert not samples(fam, "oodguard_threshold", version="2", score="fused")
+
+
 def test_backend_errors_and_queue_rejections_are_counted(start_gateway, repo_copy):
     backends = []
 
