@@ -273,3 +273,35 @@ def test_kubernetes_rules_configmap_is_up_to_date():
     assert yaml.safe_load(configmap["data"]["rules.yml"]) == yaml.safe_load(rules.read_text()), \
         "deploy/kubernetes/prometheus-rules.yaml is out of date: run python scripts/render_k8s_rules.py"
     assert render_rules_main(["--check"]) == 0
+
+
+def test_the_grafana_dashboard_queries_only_what_the_gateway_and_the_rules_export():
+    """deploy/grafana/oodguard-dashboard.json: valid JSON with unique panel ids and a Prometheus datasource
+    variable; every metric a query names is exported by serve/metrics.py (with its histogram or counter suffix)
+    or recorded by deploy/prometheus/rules.yml, so a renamed metric cannot leave a panel empty."""
+    import json
+
+    from oodguard.serve import metrics
+
+    dashboard = json.loads((DEPLOY / "grafana" / "oodguard-dashboard.json").read_text())
+    panels = dashboard["panels"]
+    assert len({p["id"] for p in panels}) == len(panels) and dashboard["uid"]
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and {"model", "version", "score"} <= set(variables)
+    queries = [t["expr"] for p in panels for t in p["targets"]]
+    queries += [v["query"]["query"] for v in variables.values() if isinstance(v.get("query"), dict)]
+    exported = set(re.findall(r'"(oodguard_[a-z_]+)"', Path(metrics.__file__).read_text()))
+    rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
+    recorded = {r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r}
+    named = set()
+    for query in queries:
+        named |= set(re.findall(r"\boodguard[_:][a-z0-9_:]+", query))
+    assert named, "no query names a metric"
+    unknown = {n for n in named if n not in recorded and re.sub(r"_(total|bucket|count|sum)$", "", n) not in exported}
+    assert not unknown, f"the dashboard names metrics nobody exports: {sorted(unknown)}"
+    # what the issue asks to see: the flagged share against the calibrated band, scores against thresholds,
+    # queue depth and latency
+    text = " ".join(queries)
+    for needed in ("oodguard:flagged_ratio:rate5m", "oodguard:calibrated_flag_rate_upper:max", "oodguard_score_bucket",
+                   "oodguard_threshold", "oodguard_queue_pending", "oodguard_request_duration_seconds_bucket"):
+        assert needed in text, needed
