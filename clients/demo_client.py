@@ -33,10 +33,10 @@ def tensor(images: np.ndarray) -> pb.Tensor:
 def describe(label: str, response: pb.PredictResponse) -> str:
     item = response.predictions[0]
     d = item.decision
-    deciding = ", ".join(f"{s}={item.scores[s]:.4g} (threshold {d.thresholds[s]:.4g}, p={d.p_values[s]:.3g})"
+    deciding = ", ".join(f"{s}={item.scores[s]:.4g} (threshold {d.thresholds[s]:.4g}, p-value {d.p_values[s]:.3g})"
                          for s in d.deciding_scores)
     queued = f"queued as {item.queue_record_id}" if item.queue_record_id else pb.QueueStatus.Name(item.queue_status)
-    return (f"{label}: class {item.class_name} (p={item.probability:.3f}), {'OOD' if d.ood else 'in-distribution'} "
+    return (f"{label}: class {item.class_name} (probability {item.probability:.3f}), {'OOD' if d.ood else 'in-distribution'} "
             f"by {d.mode}({deciding}){f', driven by {d.driver}' if d.driver else ''}; crossed: {', '.join(d.crossed) or 'none'}; {queued}; "
             f"model {response.model} v{response.version}")
 

@@ -21,11 +21,11 @@ def describe(path: str, p) -> str:
     d = p.decision
     verdict = "OOD" if d.ood else "in-distribution"
     deciding = ", ".join(
-        f"{s}={p.scores[s]:.4g} {'>' if s in d.crossed else '<='} {d.thresholds[s]:.4g} (p={d.p_values[s]:.3g})"
+        f"{s}={p.scores[s]:.4g} {'>' if s in d.crossed else '<='} {d.thresholds[s]:.4g} (p-value {d.p_values[s]:.3g})"
         for s in d.deciding)
     others = [f"{s}={p.scores[s]:.4g} > {d.thresholds[s]:.4g}" for s in d.crossed if s not in d.deciding]
-    lines = [f"{path}: class {p.class_name} (index {p.class_index}, p={p.probability:.3f}) {verdict}",
-             f"  decided by {d.mode}({deciding})" + (f"; driven by {d.driver} (p={d.p_values[d.driver]:.3g})"
+    lines = [f"{path}: class {p.class_name} (index {p.class_index}, probability {p.probability:.3f}) {verdict}",
+             f"  decided by {d.mode}({deciding})" + (f"; driven by {d.driver} (p-value {d.p_values[d.driver]:.3g})"
                                                      if d.driver else ""),
              f"  other scores crossed: {', '.join(others) or 'none'}",
              f"  model {p.model} v{p.version}" + (f", queued as {p.record_id}" if p.record_id else "")]

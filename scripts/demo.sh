@@ -16,7 +16,9 @@ oodguard validate-repo model_repository
 oodguard serve --repository model_repository --listen "$LISTEN" --backend embedded \
     --queue-path runs/demo-queue.sqlite &
 server=$!
-trap 'kill -TERM $server 2>/dev/null; wait $server' INT TERM
+# stop the gateway however this script ends (Ctrl-C, a failing client, set -e): no orphan holds the port
+trap 'kill -TERM $server 2>/dev/null; wait $server 2>/dev/null || true' EXIT
+trap 'exit 130' INT TERM
 for _ in $(seq 1 100); do
     python - "$LISTEN" <<'PY' && break
 import sys, grpc
@@ -30,6 +32,8 @@ except grpc.RpcError:
 PY
     sleep 0.2
 done
-python -m oodguard.clients.demo_client --target "$LISTEN"
-echo "gateway serving on $LISTEN (Ctrl-C to stop)"
+python -m oodguard.clients.demo_client --target "$LISTEN" --model digits
+echo "gateway serving on $LISTEN (Ctrl-C to stop); the OOD input is in the query queue runs/demo-queue.sqlite:"
+echo "  oodguard queue stats --queue sqlite:///runs/demo-queue.sqlite"
+echo "  oodguard harvest --queue sqlite:///runs/demo-queue.sqlite --model digits --strategy sisom-diverse --budget 10 --out runs/demo-harvest"
 wait $server

@@ -38,6 +38,15 @@ class UnknownModel(LookupError):
         return str(self.args[0]) if self.args else ""
 
 
+NOTHING_SERVED = ("no model is being served (the gateway is starting, or its backend is unreachable or holds no "
+                  "valid version: see its health and log)")
+
+
+class NothingServed(UnknownModel):
+    """No model version is served at all (starting, or the backend is unreachable): an outage, not a bad
+    request (gRPC UNAVAILABLE, which clients retry)."""
+
+
 @dataclass(frozen=True, eq=False)  # identity: the micro-batcher keys its lanes by the served object
 class ServedVersion:
     model: str
@@ -222,9 +231,11 @@ class Registry:
             elif len(versions) == 1:
                 model = next(iter(versions))
             elif not versions:
-                raise UnknownModel("no model is being served")
+                raise NothingServed(NOTHING_SERVED)
             else:
                 raise UnknownModel(f"several models are served ({', '.join(sorted(versions))}): name one in 'model'")
+        if not versions:
+            raise NothingServed(NOTHING_SERVED)
         served = versions.get(model)
         if not served:
             known = ", ".join(sorted(versions)) or "none"

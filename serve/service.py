@@ -33,7 +33,7 @@ from .decision import PolicyError
 from .inputs import (Abandoned, InputError, InputLimits, check_batch, check_request_fields, decode_images, is_float_tensor,
                      item_count, open_images, quote, tensor_input)
 from .queue import QueueError
-from .registry import ServedVersion, UnknownModel
+from .registry import NothingServed, ServedVersion, UnknownModel
 from .v1 import oodguard_pb2 as pb
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -220,6 +220,8 @@ class OODGuardService:
             raise self._refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc), exc.reason)
         try:
             served = gw.registry.resolve(request.model, request.version or None)
+        except NothingServed as exc:
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, str(exc))
         except UnknownModel as exc:
             raise Refusal(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if request.version < 0:

@@ -377,3 +377,18 @@ def test_concurrent_requests_share_backend_calls_and_get_their_own_answers(start
             assert p.scores[name] == pytest.approx(float(direct[name][i]), rel=1e-4, abs=1e-4)
         assert p.class_index == int(np.argmax(direct["logits"][i]))
         assert p.decision.ood == bool(direct["fused"][i] > cal.thresholds["fused"].threshold)
+
+
+def test_with_triton_unreachable_at_start_predict_is_unavailable_not_a_bad_request(start_gateway, repo_copy):
+    """An outage is UNAVAILABLE (what the SDK retries), never INVALID_ARGUMENT; a request naming an unknown model
+    while nothing is served is the same outage."""
+    from .conftest import free_port
+
+    gw = start_gateway(repo_copy, backend="triton", triton_url=f"127.0.0.1:{free_port()}")
+    with grpc.insecure_channel(gw.target) as channel:
+        stub = pb_grpc.OODGuardStub(channel)
+        for request in (pb.PredictRequest(tensor=tensor(noise(1))), pb.PredictRequest(tensor=tensor(noise(1)), model="x")):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Predict(request, timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert "no model is being served" in info.value.details() and "backend is unreachable" in info.value.details()
