@@ -27,6 +27,7 @@ import asyncio
 import ipaddress
 import json
 import math
+import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -104,7 +105,7 @@ def percentiles(latencies_s: list[float]) -> dict[str, float | None]:
             "min": float(ms.min()), "max": float(ms.max())}
 
 
-def _model_preprocessing(info, model: str) -> tuple[str, int, SimpleNamespace]:
+def _model_preprocessing(info, model: str) -> tuple[str, int, SimpleNamespace, list[str]]:
     models = {m.name: m for m in info.models}
     if not models:
         raise ValueError("the gateway serves no model yet")
@@ -113,7 +114,17 @@ def _model_preprocessing(info, model: str) -> tuple[str, int, SimpleNamespace]:
     spec = models[model] if model else models[sorted(models)[0]]
     latest = [v for v in spec.versions if v.version == spec.latest_version][0]
     p = latest.input.preprocessing
-    return spec.name, latest.input.max_batch_size, SimpleNamespace(channels=p.channels, height=p.height, width=p.width)
+    return (spec.name, latest.input.max_batch_size, SimpleNamespace(channels=p.channels, height=p.height, width=p.width),
+            list(latest.class_names))
+
+
+def labels_unknown_to(class_names: list[str], labels) -> dict[str, int]:
+    """Counts of the dataset's labels that are none of the model's class names (compared as text)."""
+    if labels is None:
+        return {}
+    values, counts = np.unique(np.asarray(labels), return_counts=True)
+    known = set(class_names)
+    return {str(v): int(n) for v, n in zip(values.tolist(), counts.tolist()) if str(v) not in known}
 
 
 def _load(spec: str, preprocessing: SimpleNamespace, seed: int):
@@ -134,11 +145,17 @@ async def run_loadgen(config: LoadgenConfig) -> dict[str, Any]:
     async with AsyncOODGuardClient(c.target, timeout=max(c.timeout, 10.0), retry=RetryPolicy(max_attempts=5),
                                    token=c.token, root_certificates=c.tls_ca) as probe:
         info = await probe.model_info(c.model)
-    model, max_batch, preprocessing = _model_preprocessing(info, c.model)
+    model, max_batch, preprocessing, class_names = _model_preprocessing(info, c.model)
     if c.batch_size > max_batch > 0:
         raise ValueError(f"batch size {c.batch_size} is above the model's max batch size {max_batch}")
     sources = {"id": await asyncio.to_thread(_load, c.data, preprocessing, c.seed)}
     specs = {"id": c.data}
+    unknown_labels = labels_unknown_to(class_names, sources["id"].labels)
+    if unknown_labels:  # they are sent as in-distribution traffic: a flag rate read as ID would be too high
+        print(f"loadgen: warning: --data {c.data} holds labels model {model!r} does not know "
+              f"({unknown_labels} of {len(sources['id'].images)} images); they are sent and counted as "
+              f"in-distribution ('id') traffic: give a set of the model's classes {class_names} to measure its "
+              "false-flag rate", file=sys.stderr)
     if c.ood_fraction > 0:
         sources["ood"] = await asyncio.to_thread(_load, c.ood_data, preprocessing, c.seed + 1)
         specs["ood"] = c.ood_data
@@ -208,6 +225,7 @@ async def run_loadgen(config: LoadgenConfig) -> dict[str, Any]:
     return {
         "config": {k: v for k, v in asdict(c).items() if k not in ("token",)},
         "model": model,
+        "id_labels_unknown_to_model": unknown_labels,
         "versions": dict(versions),
         "elapsed_s": elapsed,
         "requests": ok + sum(errors.values()),

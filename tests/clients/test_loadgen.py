@@ -151,3 +151,14 @@ def test_bounds_and_loopback():
     LoadgenConfig("10.1.2.3:50051", "digits", allow_remote=True)
     assert main(["loadgen", "--target", "10.1.2.3:50051", "--data", "digits"]) == 2
     assert percentiles([])["p50"] is None and percentiles([0.001, 0.002])["max"] == pytest.approx(2.0)
+
+
+def test_labels_the_model_does_not_know_are_warned_about_and_reported(gateway, id_npz, capsys):
+    """`--data digits` against the digits model (classes 0-7): 8s and 9s would be counted as in-distribution."""
+    report = asyncio.run(run_loadgen(LoadgenConfig(gateway.target, "digits", concurrency=2, duration=20, requests=4)))
+    unknown = report["id_labels_unknown_to_model"]
+    assert set(unknown) == {"8", "9"} and all(n > 150 for n in unknown.values())
+    err = capsys.readouterr().err
+    assert "loadgen: warning: --data digits holds labels model 'digits' does not know" in err and "'8'" in err
+    quiet = asyncio.run(run_loadgen(LoadgenConfig(gateway.target, id_npz, concurrency=2, duration=20, requests=4)))
+    assert quiet["id_labels_unknown_to_model"] == {} and "warning" not in capsys.readouterr().err
