@@ -11,6 +11,8 @@ claimed records are released back to pending, and nothing half-written is left a
 
 from __future__ import annotations
 
+import hashlib
+
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -41,6 +43,23 @@ def context_for(plan: PoolPlan, calibrations: CalibrationCache, params: dict) ->
     return Context(known_classes=len(calibration.class_names), id_scores=id_scores, params=params)
 
 
+def deduplicate(records: list) -> tuple[list, dict[str, list[str]]]:
+    """The records with distinct inputs (the first of each, in queue order) and, per kept record id, the ids of
+    the later records whose stored input is byte-identical (SHA-256 of dtype, shape and bytes): repeated traffic
+    (a camera resending a frame, a load generator) would otherwise spend the label budget on one image."""
+    first: dict[bytes, str] = {}
+    distinct, duplicates = [], {}
+    for record in records:
+        data = np.ascontiguousarray(record.input)
+        key = hashlib.sha256(f"{data.dtype.str}{data.shape}".encode() + data.tobytes()).digest()
+        if key in first:
+            duplicates.setdefault(first[key], []).append(record.id)
+        else:
+            first[key] = record.id
+            distinct.append(record)
+    return distinct, duplicates
+
+
 def run_harvest(queue, strategy: str, budget: int, out_dir: Path, repository: Path, seed: int = 0,
                 params: dict | None = None, progress: Callable[[str], None] = print, model: str | None = None,
                 stale: str = "rescore", dry_run: bool = False, export: ExportOptions = ExportOptions()) -> HarvestResult:
@@ -62,10 +81,15 @@ def run_harvest(queue, strategy: str, budget: int, out_dir: Path, repository: Pa
                          f"({len(plan.excluded)} excluded: {', '.join(sorted(set(plan.excluded.values())))})")
     context = context_for(plan, calibrations, params or {})
     by_id = {r.id: r for r in plan.records}
+    distinct, duplicates = deduplicate(plan.records)
+    if duplicates:
+        progress(f"{sum(map(len, duplicates.values()))} pending record(s) repeat the input of another: selecting among "
+                 f"{len(distinct)} distinct inputs (a selected input takes its repeats along)")
     reasons: dict[str, str] = {}
     claimed: list[str] = []
+    repeats: list[str] = []  # claimed with the input they repeat
     lost = 0
-    pool = Pool.from_records(plan.records)
+    pool = Pool.from_records(distinct)
     try:
         for _ in range(MAX_ROUNDS):
             wanted = budget - len(claimed)
@@ -76,20 +100,28 @@ def run_harvest(queue, strategy: str, budget: int, out_dir: Path, repository: Pa
             progress(f"{strategy}: selected {len(chosen)} of {len(pool)}" + ("" if dry_run else "; claiming"))
             got = chosen if dry_run else queue.claim_ids(chosen)
             claimed.extend(got)
+            along = [d for i in got for d in duplicates.get(i, [])]
+            repeats.extend(along if dry_run else queue.claim_ids(along))
             lost += len(chosen) - len(got)
             taken = set(got)
             reasons.update({i: r for i, r in zip(chosen, selection.reasons) if i in taken})
             keep = ~np.isin(pool.ids, chosen)  # claimed now, or by another harvest
             pool = pool.subset(np.flatnonzero(keep))
         extra = {i: {"queued_version": v, "rescored": True} for i, v in plan.rescored.items() if i in by_id}
+        taken_repeats = set(repeats)
+        for i in claimed:
+            same = [d for d in duplicates.get(i, []) if d in taken_repeats]
+            if same:
+                extra.setdefault(i, {}).update(duplicates=len(same), duplicate_ids=same)
         write_export([by_id[i] for i in claimed], reasons, calibrations, out_dir, strategy, progress, export, extra)
         if not dry_run:
-            queue.mark_sent(claimed)
+            queue.mark_sent(claimed + repeats)
     except BaseException:
         if not dry_run:
-            queue.release(claimed)
+            queue.release(claimed + repeats)
         raise
     progress(f"{'dry run: selected' if dry_run else 'harvested'} {len(claimed)} records into {out_dir}"
+             + (f" (and {len(repeats)} repeat(s) of their inputs, marked with them)" if repeats else "")
              + (f" ({lost} lost to a concurrent harvest)" if lost else "")
              + (" (nothing claimed or marked sent)" if dry_run else ""))
     return HarvestResult(out_dir, claimed, len(plan.records), lost, plan)

@@ -8,7 +8,7 @@ from oodguard.harvest.export import safe_file_name
 from oodguard.harvest.job import run_harvest
 from oodguard.serve.sqlite_queue import SQLiteQueue
 
-from .queue_fixture import filled_queue
+from .queue_fixture import filled_queue, queue_images
 
 
 def quiet(line):
@@ -94,6 +94,30 @@ def test_bad_requests(digits_export, tmp_path):
     empty = SQLiteQueue(tmp_path / "empty.sqlite")
     with pytest.raises(ValueError, match="no pending records"):
         run_harvest(empty, "random", 1, tmp_path / "o2", repository, progress=quiet)
+
+
+def test_repeated_inputs_are_selected_once_and_marked_with_it(digits_export, tmp_path):
+    """Repeated traffic: 20 distinct noise images, each queued 5 times. A budget of 10 picks 10 distinct inputs;
+    each takes its 4 repeats along (listed in the manifest, marked sent), so no label is spent twice."""
+    from oodguard.evaluation import uniform_noise
+
+    _, result, repository, _ = digits_export
+    queue = SQLiteQueue(tmp_path / "q.sqlite")
+    images = uniform_noise(20, (8, 8), seed=9).images
+    ids = queue_images(queue, result.version_dir, np.concatenate([images] * 5), "noise")
+    lines: list[str] = []
+    harvested = run_harvest(queue, "random", 10, tmp_path / "out", repository, progress=lines.append)
+    assert any("80 pending record(s) repeat the input of another: selecting among 20 distinct" in line for line in lines)
+    manifest = [json.loads(line) for line in (tmp_path / "out" / "manifest.jsonl").read_text().splitlines()]
+    assert len(manifest) == 10 and all(m["duplicates"] == 4 for m in manifest)
+    position = {record_id: i for i, record_id in enumerate(ids)}
+    distinct = {position[m["record_id"]] % 20 for m in manifest}
+    assert len(distinct) == 10  # ten different images
+    for m in manifest:  # the repeats are the same image, queued later
+        assert {position[d] % 20 for d in m["duplicate_ids"]} == {position[m["record_id"]] % 20}
+    assert queue.stats().sent == 50 and len(harvested.ids) == 10
+    again = run_harvest(queue, "random", 100, tmp_path / "again", repository, progress=quiet)
+    assert len(again.ids) == 10  # the other ten distinct inputs are left, each once
 
 
 def test_file_names_never_come_from_raw_ids():
