@@ -233,7 +233,8 @@ class Registry:
             elif not versions:
                 raise NothingServed(NOTHING_SERVED)
             else:
-                raise UnknownModel(f"several models are served ({', '.join(sorted(versions))}): name one in 'model'")
+                raise UnknownModel(f"several models are served ({', '.join(sorted(versions))}): name one in 'model' "
+                                   "(clients: --model NAME), or start the gateway with --default-model NAME")
         if not versions:
             raise NothingServed(NOTHING_SERVED)
         served = versions.get(model)

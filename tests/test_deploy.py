@@ -305,3 +305,20 @@ def test_the_grafana_dashboard_queries_only_what_the_gateway_and_the_rules_expor
     for needed in ("oodguard:flagged_ratio:rate5m", "oodguard:calibrated_flag_rate_upper:max", "oodguard_score_bucket",
                    "oodguard_threshold", "oodguard_queue_pending", "oodguard_request_duration_seconds_bucket"):
         assert needed in text, needed
+
+
+def test_the_wheel_builds_without_deprecations_and_carries_the_proto(tmp_path):
+    """pyproject.toml: an SPDX license string (the TOML table is deprecated, removal 2027-02-18) and the .proto
+    as data of a listed package (else setuptools warns that it is absent from the packages configuration)."""
+    import zipfile
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["license"] == "Apache-2.0"
+    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                           str(tmp_path), str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    output = done.stdout + done.stderr
+    assert "absent from the `packages` configuration" not in output and "License" not in output, output
+    [wheel] = tmp_path.glob("oodguard-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "oodguard/serve/proto/oodguard/v1/oodguard.proto" in names and "oodguard/serve/v1/oodguard_pb2.py" in names
