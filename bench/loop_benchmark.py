@@ -47,8 +47,10 @@ from pathlib import Path
 
 import numpy as np
 
+from oodguard.datasets import data_root
+
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = ROOT.parent / "shared" / "data"
+SHARED_DATA = data_root()  # $OODGUARD_DATA, else ../shared/data
 MNIST_TRAIN = SHARED_DATA / "mnist" / "train-images-idx3-ubyte.gz"
 MNIST_TEST = SHARED_DATA / "mnist" / "t10k-images-idx3-ubyte.gz"
 FASHION_TEST = SHARED_DATA / "fashion_mnist" / "t10k-images-idx3-ubyte.gz"

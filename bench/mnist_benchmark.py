@@ -27,6 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cost  # noqa: E402
+from oodguard.datasets import data_root  # noqa: E402
 from oodguard.evaluation import OodSet, ScoredSet, VersionScorer, build_report, parse_ood, resolve_dataset, score_sets  # noqa: E402
 from oodguard.export.pipeline import export_model, spec_from_training  # noqa: E402
 from oodguard.export.training_job import CHECKPOINT_FILE, RECORD_FILE, run_training  # noqa: E402
@@ -43,7 +44,7 @@ def log(message: str) -> None:
 def parse_args(argv=None):
     root = Path(__file__).resolve().parents[1]
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=Path, default=root.parent / "shared" / "data", help="folder with mnist/ and fashion_mnist/")
+    parser.add_argument("--data", type=Path, default=data_root(), help="folder with mnist/ and fashion_mnist/ (default: $OODGUARD_DATA, else ../shared/data)")
     parser.add_argument("--out", type=Path, default=root / "runs" / "bench" / "mnist-report", help="results folder")
     parser.add_argument("--cache", type=Path, default=root / "runs" / "bench" / "cache", help="checkpoint cache")
     parser.add_argument("--epochs", type=int, default=5)

@@ -44,6 +44,8 @@ from pathlib import Path
 
 import numpy as np
 
+from oodguard.datasets import data_root
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 KNOWN_CLASSES = (0, 1, 2, 3, 4, 5)
@@ -82,7 +84,7 @@ def parse_args(argv=None):
     root = Path(__file__).resolve().parents[1]
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                 epilog=__doc__.split("\n", 2)[2])
-    p.add_argument("--data", type=Path, default=root.parent / "shared" / "data", help="folder with mnist/ and fashion_mnist/")
+    p.add_argument("--data", type=Path, default=data_root(), help="folder with mnist/ and fashion_mnist/ (default: $OODGUARD_DATA, else ../shared/data)")
     p.add_argument("--out", type=Path, default=root / "runs" / "bench" / "open-set-report", help="results folder")
     p.add_argument("--strategies", default=",".join(DEFAULT_STRATEGIES), help="comma-separated harvest strategies")
     p.add_argument("--seeds", default="3", help="N (seeds 0..N-1) or a comma-separated list")

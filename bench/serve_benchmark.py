@@ -268,11 +268,10 @@ def model_latency(session, inputs: np.ndarray, batches=LATENCY_BATCHES, runs: in
 
 # -- processes --------------------------------------------------------------------------------------
 def _load_integration_helpers():
-    """tests/triton_process.py: TritonInstall / TritonServer / free_ports (one start logic for tests and bench)."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    import triton_process
+    """oodguard.triton_local: TritonInstall / TritonServer / free_ports (one start logic for tests and bench)."""
+    from oodguard import triton_local
 
-    return triton_process
+    return triton_local
 
 
 def group_cpu_seconds(pgid: int) -> float:

@@ -94,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "halves (default %(default)s)")
     export.add_argument("--epochs", type=int, default=30, help="training epochs for --demo (default %(default)s)")
 
+    triton = sub.add_parser("triton", help="run the local CPU tritonserver (from .venv-triton) on a model repository",
+                            add_help=False, description="oodguard triton --repository DIR [--grpc-port 8001 ...]; "
+                            "`oodguard triton --help` lists the options")
+    triton.add_argument("triton_args", nargs=argparse.REMAINDER)
     validate = sub.add_parser("validate-repo", help="check a model repository against its ONNX files",
                               description="Parse every config into Triton's ModelConfig and check inputs, outputs, "
                               "dtypes and dims against each version's model.onnx and calibration.json. Exit 1 on any problem.")
@@ -469,6 +473,11 @@ COMMANDS = {"serve": _run_serve, "train": _run_train, "export": _run_export, "va
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["triton"]:  # its own parser: every option goes to it, --help included
+        from oodguard.triton_local import main as triton_main
+
+        return triton_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         status = COMMANDS[args.command](args)

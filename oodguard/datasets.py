@@ -14,6 +14,8 @@ Dataset specs accepted by :func:`load_dataset`:
 
 from __future__ import annotations
 
+import os
+
 import gzip
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,6 +70,22 @@ class Dataset:
         return Dataset(self.images[keep], mapping[self.labels[keep]], names, self.source)
 
 
+#: where the MNIST / Fashion-MNIST files are looked for: $OODGUARD_DATA, else ../shared/data beside the checkout
+DATA_ENV = "OODGUARD_DATA"
+#: how to get them: the official file names and the folder layout the benchmarks and tests expect
+DATA_HELP = ("MNIST and Fashion-MNIST are the official IDX files, gzipped as published: "
+             "<DATA>/mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz (from the MNIST site or a mirror) and "
+             "<DATA>/fashion_mnist/ with the same four names (github.com/zalandoresearch/fashion-mnist); <DATA> is "
+             f"${DATA_ENV}, else ../shared/data beside the checkout. Without them, 'digits' (scikit-learn's bundled "
+             "set) works everywhere.")
+
+
+def data_root() -> Path:
+    """The folder holding mnist/ and fashion_mnist/ (see :data:`DATA_HELP`)."""
+    configured = os.environ.get(DATA_ENV)
+    return Path(configured) if configured else Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
 def load_dataset(spec: str | Path) -> Dataset:
     spec = str(spec)
     if spec == "digits":
@@ -77,7 +95,8 @@ def load_dataset(spec: str | Path) -> Dataset:
     if path.is_dir():
         return _load_folder(path)
     if not path.exists():
-        raise DatasetError(f"dataset {spec!r} not found (expected 'digits', an IDX file, a .npz file or a folder)")
+        hint = f" {DATA_HELP}" if "idx" in path.name else ""
+        raise DatasetError(f"dataset {spec!r} not found (expected 'digits', an IDX file, a .npz file or a folder).{hint}")
     if path.suffix == ".npz":
         return _load_npz(path, key or "images")
     if "idx" in path.name:

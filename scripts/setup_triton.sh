@@ -3,7 +3,8 @@
 #   .venv-triton/  python3 -m venv with numpy<2 + onnxruntime (what model.py imports inside the server) and
 #                  nvidia-pytriton (installed --no-deps: only for its tritonserver binary and python backend).
 # The python backend stub for this interpreter's version is copied next to libtriton_python.so.
-# See ../shared/notes/triton_cpu.md for why each piece is needed. Override the location with OODGUARD_TRITON_ENV.
+# Why each piece is needed: oodguard/triton_local.py (and README, "Serving"). Start the server with
+# `bash scripts/triton.sh --repository DIR`. Override the location with OODGUARD_TRITON_ENV.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}

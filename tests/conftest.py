@@ -8,13 +8,15 @@ from pathlib import Path
 import pytest
 from missing import missing
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from oodguard.datasets import DATA_HELP, data_root
+
+SHARED_DATA = data_root()  # $OODGUARD_DATA, else ../shared/data
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     if not (SHARED_DATA / "mnist").is_dir():
-        missing(f"MNIST/Fashion-MNIST not found at {SHARED_DATA}", "OODGUARD_REQUIRE_DATA")
+        missing(f"MNIST/Fashion-MNIST not found at {SHARED_DATA}. {DATA_HELP}", "OODGUARD_REQUIRE_DATA")
     return SHARED_DATA
 
 

@@ -327,3 +327,17 @@ def test_stratified_split_is_seeded():
 def test_stratified_split_rejects_bad_fractions(fractions):
     with pytest.raises(ValueError, match="fractions must be positive"):
         stratified_split(SPLIT_LABELS, fractions, seed=0)
+
+
+def test_a_missing_mnist_file_says_how_to_get_it_and_the_data_root_follows_oodguard_data(tmp_path, monkeypatch):
+    from oodguard.datasets import DATA_ENV, DatasetError, data_root, load_dataset
+
+    with pytest.raises(DatasetError) as info:
+        load_dataset(tmp_path / "mnist" / "train-images-idx3-ubyte.gz")
+    message = str(info.value)
+    assert "not found" in message and "mnist/{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz" in message
+    assert "fashion_mnist/" in message and DATA_ENV in message and "'digits'" in message
+    monkeypatch.setenv(DATA_ENV, str(tmp_path))
+    assert data_root() == tmp_path
+    monkeypatch.delenv(DATA_ENV)
+    assert data_root().parts[-2:] == ("shared", "data")

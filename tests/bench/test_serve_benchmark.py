@@ -162,7 +162,7 @@ def test_grpc_floor_server_answers_every_predict_with_its_response_and_reports_s
     from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
 
     sys.path.insert(0, str(BENCH.parent / "tests"))
-    from triton_process import free_ports
+    from oodguard.triton_local import free_ports
 
     answer = pb.PredictResponse(model="digits", version=3, request_id="captured")
     answer.predictions.add(class_index=2, class_name="2", probability=0.9).scores.update({"sisome": 1.5})

@@ -4,7 +4,7 @@ stops what it started by PID.
 tritonserver comes from ``.venv-triton`` (``bash scripts/setup_triton.sh``; another location with
 ``OODGUARD_TRITON_ENV``). Without it the Triton tests skip with the reason, unless ``OODGUARD_REQUIRE_TRITON=1``
 (set by .ci/run), where its absence is a failure. Why the environment looks the way it does:
-../shared/notes/triton_cpu.md.
+oodguard/triton_local.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from missing import missing
-from triton_process import TritonInstall, TritonServer, triton_env_dir
+from oodguard.triton_local import TritonInstall, TritonServer, triton_env_dir
 
 
 def require_triton() -> "TritonInstall":

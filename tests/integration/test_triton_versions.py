@@ -9,7 +9,7 @@ import grpc
 import numpy as np
 
 from gateway_fixtures import GatewayThread
-from triton_process import TritonServer
+from oodguard.triton_local import TritonServer
 
 from oodguard.serve.settings import Settings
 from oodguard.serve.v1 import oodguard_pb2 as pb

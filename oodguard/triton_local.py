@@ -1,6 +1,19 @@
-"""A real ``tritonserver`` (from the ``nvidia-pytriton`` wheel in ``.venv-triton``) on free loopback ports,
-started with the environment ../shared/notes/triton_cpu.md describes and stopped by PID. Plain code, no
-pytest: the integration fixtures and ``bench/serve_benchmark.py`` share it."""
+"""A local ``tritonserver`` on a CPU machine: the ``nvidia-pytriton==0.7.0`` wheel's Triton 2.51 binary in
+``.venv-triton`` (``bash scripts/setup_triton.sh`` makes it), with its python backend running each version's
+``model.py`` (ONNX Runtime) under the CPU config ``configs/cpu.pbtxt`` (``--model-config-name=cpu``).
+
+What it takes (all done here): the python backend stub built for this Python (copied into ``backends/python``
+by the setup script), ``LD_LIBRARY_PATH`` holding the interpreter's ``LIBDIR`` (the stub loads *that*
+libpython) and the wheel's bundled libraries, ``.venv-triton/bin`` first on ``PATH`` with ``VIRTUAL_ENV`` set
+(the stub runs ``model.py`` with that environment's numpy < 2 and onnxruntime) and no ``PYTHONPATH`` /
+``PYTHONHOME``; the repository in poll mode, so a new export is picked up.
+
+- ``oodguard triton --repository DIR`` (or ``bash scripts/triton.sh --repository DIR``) runs it in the
+  foreground on 127.0.0.1:8001 (gRPC), :8000 (HTTP) and :8002 (metrics); then
+  ``oodguard serve --backend triton --triton-url 127.0.0.1:8001 --repository DIR``.
+- :class:`TritonServer` starts one on free loopback ports and stops it by PID (the integration tests and
+  ``bench/serve_benchmark.py`` use it).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +28,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[1]  # the checkout (editable install), where .venv-triton lives
 PY_TAG = f"{sys.version_info[0]}.{sys.version_info[1]}"
 
 
@@ -89,16 +102,17 @@ class TritonServer:
     poll_secs: int = 1
     ready_timeout_s: float = 60.0
     ports: dict[str, int] = field(default_factory=dict)
+    address: str = "127.0.0.1"
     process: subprocess.Popen | None = None
     started_in_s: float | None = None
 
     @property
     def url(self) -> str:
-        return f"127.0.0.1:{self.ports['grpc']}"
+        return f"{self.address}:{self.ports['grpc']}"
 
     @property
     def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports['http']}"
+        return f"http://{self.address}:{self.ports['http']}"
 
     def command(self) -> list[str]:
         return [
@@ -109,9 +123,9 @@ class TritonServer:
             "--model-control-mode=poll",
             f"--repository-poll-secs={self.poll_secs}",
             "--disable-auto-complete-config",
-            "--grpc-address=127.0.0.1", f"--grpc-port={self.ports['grpc']}",
-            "--http-address=127.0.0.1", f"--http-port={self.ports['http']}",
-            "--metrics-address=127.0.0.1", f"--metrics-port={self.ports['metrics']}",
+            f"--grpc-address={self.address}", f"--grpc-port={self.ports['grpc']}",
+            f"--http-address={self.address}", f"--http-port={self.ports['http']}",
+            f"--metrics-address={self.address}", f"--metrics-port={self.ports['metrics']}",
             "--allow-gpu-metrics=false",
             "--exit-timeout-secs=5",
             "--log-verbose=0",
@@ -190,3 +204,38 @@ class TritonServer:
     def restart(self) -> "TritonServer":
         self.stop()
         return self.start()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``oodguard triton``: run the local CPU tritonserver in the foreground (it replaces this process)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="oodguard triton", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--repository", type=Path, required=True, help="model repository (oodguard export writes it)")
+    parser.add_argument("--address", default="127.0.0.1", help="address of all three endpoints")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (the gateway's --triton-url)")
+    parser.add_argument("--http-port", type=int, default=8000, help="HTTP port (health: /v2/health/ready)")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="Triton's Prometheus metrics port")
+    parser.add_argument("--poll-secs", type=int, default=5, help="how often the repository is polled for versions")
+    parser.add_argument("--env", type=Path, default=triton_env_dir(), help="the Triton environment (OODGUARD_TRITON_ENV)")
+    args = parser.parse_args(argv)
+    install = TritonInstall.find(args.env)
+    if isinstance(install, str):
+        print(f"oodguard triton: {install}; run `bash scripts/setup_triton.sh` first", file=sys.stderr)
+        return 2
+    if not args.repository.is_dir():
+        print(f"oodguard triton: the model repository {args.repository} is not a folder", file=sys.stderr)
+        return 2
+    server = TritonServer(install, args.repository.resolve(), Path(os.devnull), poll_secs=args.poll_secs,
+                          address=args.address,
+                          ports={"grpc": args.grpc_port, "http": args.http_port, "metrics": args.metrics_port})
+    command = server.command()
+    print("oodguard triton: " + " ".join(command), file=sys.stderr, flush=True)
+    os.chdir(server.repository)
+    os.execve(command[0], command, install.environment())
+    return 0  # not reached
+
+
+if __name__ == "__main__":
+    sys.exit(main())
