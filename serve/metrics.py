@@ -311,6 +311,8 @@ class _StateCollector(Collector):
         yield from (threshold, rate, upper, info)
         yield GaugeMetricFamily("oodguard_serving", "1 when the gateway's gRPC health is SERVING",
                                 value=1.0 if getattr(gw, "_serving", False) else 0.0)
+        yield GaugeMetricFamily("oodguard_inflight_requests", "Predict calls admitted and not answered yet (admission "
+                                "control refuses above --max-inflight-requests)", value=float(getattr(gw, "active_requests", 0)))
         yield from self._queue_state()
 
     def _queue_state(self):

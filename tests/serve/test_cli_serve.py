@@ -44,13 +44,47 @@ def _wait_serving(target: str, process: subprocess.Popen, timeout: float = 30.0)
             time.sleep(0.1)
 
 
+def wait_inflight(metrics_port: int, at_least: int, timeout: float = 60.0) -> None:
+    """Until the gateway's oodguard_inflight_requests gauge reaches ``at_least``."""
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=2).read().decode()
+            value = next((float(line.split()[-1]) for line in text.splitlines()
+                          if line.startswith("oodguard_inflight_requests ")), 0.0)
+            if value >= at_least:
+                return
+        except OSError:
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"fewer than {at_least} requests in flight after {timeout} s")
+
+
+def wait_draining(target: str, timeout: float = 30.0) -> None:
+    """Until health says NOT_SERVING (graceful shutdown began) or the server stops answering."""
+    deadline = time.monotonic() + timeout
+    with grpc.insecure_channel(target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            try:
+                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status != health_pb2.HealthCheckResponse.SERVING:
+                    return
+            except grpc.RpcError:
+                return
+            time.sleep(0.02)
+    raise AssertionError("the gateway did not start draining")
+
+
 def test_serve_subprocess_demo_client_and_sigterm_drain(digits_export, tmp_path):
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     target = f"127.0.0.1:{port}"
     env = {**os.environ, "OODGUARD_QUEUE_PATH": str(tmp_path / "queue.sqlite"), "OODGUARD_LISTEN": "127.0.0.1:1"}
     process = subprocess.Popen(
         [sys.executable, "-m", "oodguard.cli", "serve", "--repository", str(digits_export[2]), "--listen", target,
-         "--drain-timeout-s", "30", "--max-image-pixels", "36000000", "--max-request-pixels", "2304000000"],
+         "--drain-timeout-s", "30", "--max-image-pixels", "36000000", "--max-request-pixels", "2304000000",
+         "--metrics-port", str(metrics_port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         _wait_serving(target, process)
@@ -81,9 +115,10 @@ def test_serve_subprocess_demo_client_and_sigterm_drain(digits_export, tmp_path)
 
         thread = threading.Thread(target=in_flight)
         thread.start()
-        time.sleep(0.4)
+        # deterministic under load: the signal goes out once the gateway has admitted the request
+        wait_inflight(metrics_port, at_least=1)
         process.send_signal(signal.SIGTERM)
-        time.sleep(0.2)
+        wait_draining(target)
         with grpc.insecure_channel(target) as channel:
             with pytest.raises(grpc.RpcError) as refused:
                 pb_grpc.OODGuardStub(channel).Predict(pb.PredictRequest(tensor=pb.Tensor(
