@@ -32,6 +32,7 @@ from oodguard.evaluation import OodSet, ScoredSet, VersionScorer, build_report, 
 from oodguard.export.pipeline import export_model, spec_from_training  # noqa: E402
 from oodguard.export.training_job import CHECKPOINT_FILE, RECORD_FILE, run_training  # noqa: E402
 from oodguard.metrics import auroc  # noqa: E402
+from oodguard.plots import score_figure  # noqa: E402
 
 LOGIT_SCORES = ("energy", "msp", "maxlogit")
 FRACTIONS = (1.0, 0.3, 0.1, 0.03)
@@ -175,42 +176,8 @@ def smallest_within(rows: list[dict], score: str, points: float = 0.5) -> dict:
 
 def figure(scorer: VersionScorer, in_dist_set: ScoredSet, ood_sets: list[ScoredSet], path: Path) -> None:
     """Score histograms (ID vs each OOD set, with the calibrated threshold) and ROC curves, per score."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    in_dist = in_dist_set.scores
-    sets = {s.name: s.scores for s in ood_sets}
-    names = scorer.score_names
-    rows = -(-len(names) // 4)  # histogram rows, then as many ROC rows
-    fig, axes = plt.subplots(2 * rows, 4, figsize=(20, 8 * rows), squeeze=False)
-    for i, score in enumerate(names):
-        ax = axes[i // 4, i % 4]
-        values = np.concatenate([in_dist[score], *[s[score] for s in sets.values()]])
-        bins = np.linspace(*np.percentile(values, [0.5, 99.5]), 60)
-        ax.hist(in_dist[score], bins=bins, alpha=0.6, density=True, label="MNIST test (ID)")
-        for name, s in sets.items():
-            ax.hist(s[score], bins=bins, alpha=0.4, density=True, histtype="stepfilled", label=name)
-        ax.axvline(scorer.calibration.thresholds[score].threshold, color="k", ls="--", lw=1, label="95% TPR threshold")
-        ax.set_title(f"{score}: score histogram")
-        ax.legend(fontsize=7)
-        ax = axes[rows + i // 4, i % 4]
-        for name, s in sets.items():
-            fpr, tpr, _ = roc_curve(np.r_[np.zeros(len(in_dist[score])), np.ones(len(s[score]))], np.r_[in_dist[score], s[score]])
-            ax.plot(fpr, tpr, label=f"{name} (AUROC {auroc(in_dist[score], s[score]):.3f})")
-        ax.plot([0, 1], [0, 1], "k:", lw=0.8)
-        ax.set_title(f"{score}: ROC (OOD positive)")
-        ax.set_xlabel("FPR (ID flagged)")
-        ax.set_ylabel("TPR (OOD flagged)")
-        ax.legend(fontsize=7, loc="lower right")
-    for j in range(len(names), 4 * rows):  # empty cells
-        axes[j // 4, j % 4].axis("off")
-        axes[rows + j // 4, j % 4].axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=80)
-    plt.close(fig)
+    score_figure(scorer.score_names, {s: scorer.calibration.thresholds[s].threshold for s in scorer.score_names},
+                 in_dist_set.scores, {s.name: s.scores for s in ood_sets}, path, id_name="MNIST test")
 
 
 def markdown(report: dict) -> str:

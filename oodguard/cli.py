@@ -114,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--ood", action="append", default=[], metavar="NAME=PATH[:near|far]",
                           help="an OOD set; PATH is a dataset spec or synthetic:uniform|blobs[:COUNT]; repeatable")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
+    evaluate.add_argument("--plot", type=Path, metavar="DIR", help="also write DIR/scores.png: per score the histograms "
+                          "(ID against each OOD set) with the calibrated threshold, and the ROC curves")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of synthetic sets (default %(default)s)")
     evaluate.add_argument("--classes", type=_classes, help="the labels of the ID set the model knows, e.g. 0-7: others "
                           "are left out of the ID set and reported (default: all; labels the model lacks are warned about)")
@@ -399,8 +401,15 @@ def _run_evaluate(args: argparse.Namespace) -> int:
         raise ValueError("give at least one --ood NAME=PATH[:near|far]")
     oods = [evaluation.parse_ood(text) for text in args.ood]
     scorer = evaluation.VersionScorer(evaluation.resolve_version(args.repository, args.model, args.version))
-    report = evaluation.evaluate(scorer, args.id_spec, oods, seed=args.seed, classes=args.classes)
+    in_dist, scored, info = evaluation.score_sets(scorer, args.id_spec, oods, args.seed, args.classes)
+    report = evaluation.build_report(scorer, args.id_spec, in_dist, oods, scored, info)
     print(json.dumps(report, indent=1) if args.json else evaluation.format_report(report))
+    if args.plot:
+        from oodguard.plots import score_figure
+
+        path = score_figure(scorer.score_names, {s: scorer.calibration.thresholds[s].threshold for s in scorer.score_names},
+                            in_dist.scores, {s.name: s.scores for s in scored}, args.plot / "scores.png")
+        print(f"wrote {path}", file=sys.stderr)
     return 0
 
 
