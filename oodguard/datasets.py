@@ -14,15 +14,15 @@ Dataset specs accepted by :func:`load_dataset`:
 
 from __future__ import annotations
 
-import os
-
 import gzip
+import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
@@ -181,8 +181,11 @@ def decode_image(data: bytes, source: str = "image") -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             converted = img.convert("L") if img.mode in ("L", "1", "I;16", "I", "F", "LA") else img.convert("RGB")
-    except Exception as exc:  # Pillow raises many types for corrupt input
-        raise DatasetError(f"{source}: cannot decode image ({exc})") from exc
+    except UnidentifiedImageError:
+        raise DatasetError(f"{source}: not a PNG or JPEG image (or a corrupt one)") from None
+    except Exception as exc:  # Pillow raises many types for corrupt input; its messages name the in-memory buffer
+        detail = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the data", str(exc))
+        raise DatasetError(f"{source}: cannot decode image ({type(exc).__name__}: {detail})") from None
     return np.asarray(converted, dtype=np.uint8)
 
 

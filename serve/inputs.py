@@ -151,8 +151,8 @@ def decode_images(images: list[Image.Image], served: "ServedVersion",
                 image.load()
                 mode = "L" if image.mode in ("L", "1", "I;16", "I", "F", "LA") else "RGB"
                 pixels = np.asarray(image.convert(mode), dtype=np.uint8)
-        except Exception as exc:  # Pillow raises many types for corrupt data
-            raise InputError(f"image {i}: cannot decode image ({exc})") from None
+        except Exception as exc:  # Pillow raises many types for corrupt data; never echo its buffer's repr
+            raise InputError(f"image {i}: cannot decode image ({type(exc).__name__})") from None
         converted.append(served.preprocessing.apply(pixels[None]))
     return np.concatenate(converted)
 

@@ -341,3 +341,30 @@ def test_a_missing_mnist_file_says_how_to_get_it_and_the_data_root_follows_oodgu
     assert data_root() == tmp_path
     monkeypatch.delenv(DATA_ENV)
     assert data_root().parts[-2:] == ("shared", "data")
+
+
+def _png_header_only() -> bytes:
+    import io
+
+    from PIL import Image
+
+    import numpy as np
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)).save(buffer, format="PNG")
+    data = buffer.getvalue()
+    return data[: len(data) // 2]  # the header and half the pixel data: truncated
+
+
+PNG_HEADER_ONLY = _png_header_only()
+
+
+def test_an_undecodable_image_names_its_file_not_a_memory_buffer(tmp_path):
+    from oodguard.datasets import DatasetError, decode_image
+
+    with pytest.raises(DatasetError) as info:
+        decode_image(b"not an image at all", source=str(tmp_path / "broken.png"))
+    assert str(info.value) == f"{tmp_path / 'broken.png'}: not a PNG or JPEG image (or a corrupt one)"
+    with pytest.raises(DatasetError) as truncated:
+        decode_image(PNG_HEADER_ONLY, source="cut.png")
+    assert str(truncated.value).startswith("cut.png: ") and "BytesIO" not in str(truncated.value)
