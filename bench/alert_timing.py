@@ -3,9 +3,9 @@
     python bench/alert_timing.py [--repository DIR] [--duration 40] [--concurrency 4] [--rate 0]
                                  [--out runs/bench/alert-report]
 
-The alerts: ``OODGuardFlaggedRateAboveCalibration`` (page: a 15-minute and a 5-minute window both burn at
->= 1.5 x p0 and significantly so) and ``OODGuardFlaggedRateDrift`` (ticket: 6 hours and the last hour at
->= 1.2 x p0). p0 is the calibration's false-flag rate (its upper 95% bound).
+The alerts: ``OODGuardFlaggedRateAboveCalibration`` (page: a 15-minute and a 5-minute window both at
+>= 1.5 x p0, above p0u and significantly so) and ``OODGuardFlaggedRateDrift`` (ticket: 6 hours and the last
+hour at >= 1.2 x p0). p0 is the calibration's false-flag rate, p0u the upper end of its 95% interval.
 
 1. Starts a gateway (embedded backend, ``--metrics-port``) on the digits demo model (``--repository``, default
    ``model_repository/`` when it serves ``digits``, else a fresh ``oodguard export --demo digits``) and runs
@@ -45,10 +45,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 PAGE, TICKET = "OODGuardFlaggedRateAboveCalibration", "OODGuardFlaggedRateDrift"
-#: the page's windows (minutes, burn, z, minimum items) and `for:` (rules.yml)
-PAGE_LONG, PAGE_SHORT, PAGE_FOR = (15, 1.5, 4.0, 100), (5, 1.5, 3.0, 0), 1
+#: the page's windows (minutes, burn over p0, z over n·p0, minimum items, share >= p0u) and `for:` (rules.yml)
+PAGE_LONG, PAGE_SHORT, PAGE_FOR = (15, 1.5, 4.0, 100, True), (5, 1.5, 3.0, 0, True), 0
 #: the ticket's windows and `for:`
-TICKET_LONG, TICKET_SHORT, TICKET_FOR = (360, 1.2, 4.0, 1000), (60, 1.2, None, 0), 15
+TICKET_LONG, TICKET_SHORT, TICKET_FOR = (360, 1.2, 4.0, 1000, False), (60, 1.2, None, 0, False), 15
 REQUEST_RATES = (1, 10, 100)  # requests/s, one image each
 TARGETS = {"page_20pct_min": 5, "page_10pct_min": 15, "false_pages_per_day": 0}
 DRIFT_SHARE = 0.07
@@ -243,53 +243,48 @@ def episodes(minutes: list[int], step: int) -> list[tuple[int, int]]:
 
 
 # ----------------------------------------------------------------------------------------------- analytics
-def window_holds(n: float, flagged: float, p0u: float, window: tuple) -> bool:
-    """Whether a window with ``n`` items and ``flagged`` flagged meets its burn, z and minimum-count conditions."""
-    _, burn, z, minimum = window
+def window_holds(n: float, flagged: float, p0: float, p0u: float, window: tuple) -> bool:
+    """Whether a window with ``n`` items and ``flagged`` flagged meets its burn, z, upper-bound and count conditions."""
+    _, burn, z, minimum, above_upper = window
     if n <= 0 or n < minimum:
         return False
-    sd = math.sqrt(n * p0u * (1 - p0u))
-    return flagged / n >= burn * p0u and (z is None or flagged - n * p0u >= z * sd)
+    share = flagged / n
+    return (share >= burn * p0 and (z is None or flagged - n * p0 >= z * math.sqrt(n * p0 * (1 - p0)))
+            and (not above_upper or share >= p0u))
 
 
-def expected_minutes_to_page(items_per_min: float, share_id: float, share_mix: float, p0u: float) -> int | None:
-    """From the expected counts: minutes after a switch from ``share_id`` to ``share_mix`` until the page fires."""
-    for t in range(0, 241):
-        ok = True
-        for window in (PAGE_LONG, PAGE_SHORT):
-            length = window[0]
-            k = min(t, length)
-            n = items_per_min * length
-            ok &= window_holds(n, items_per_min * (k * share_mix + (length - k) * share_id), p0u, window)
-        if ok:
-            return t + PAGE_FOR
+def _expected_time(items_per_min: float, share_id: float, share_new: float, p0: float, p0u: float, windows,
+                   extra: int, step: int, limit: int) -> int | None:
+    """Minutes after a switch from ``share_id`` to ``share_new`` until every window holds on expected counts."""
+    for t in range(0, limit + 1, step):
+        if all(window_holds(items_per_min * w[0], items_per_min * (min(t, w[0]) * share_new + (w[0] - min(t, w[0])) * share_id),
+                            p0, p0u, w) for w in windows):
+            return t + extra
     return None
 
 
-def expected_hours_to_ticket(items_per_min: float, share_id: float, share_drift: float, p0u: float) -> float | None:
-    for t in range(0, 24 * 60 + 1, 5):
-        ok = True
-        for window in (TICKET_LONG, TICKET_SHORT):
-            length = window[0]
-            k = min(t, length)
-            ok &= window_holds(items_per_min * length, items_per_min * (k * share_drift + (length - k) * share_id),
-                               p0u, window)
-        if ok:
-            return (t + TICKET_FOR) / 60
-    return None
+def expected_minutes_to_page(items_per_min: float, share_id: float, share_mix: float, p0: float, p0u: float) -> int | None:
+    return _expected_time(items_per_min, share_id, share_mix, p0, p0u, (PAGE_LONG, PAGE_SHORT), PAGE_FOR, 1, 240)
 
 
-def false_page_bound(items_per_min: float, share_id: float, p0u: float) -> float:
+def expected_hours_to_ticket(items_per_min: float, share_id: float, share_drift: float, p0: float,
+                             p0u: float) -> float | None:
+    minutes = _expected_time(items_per_min, share_id, share_drift, p0, p0u, (TICKET_LONG, TICKET_SHORT), TICKET_FOR,
+                             5, 24 * 60)
+    return None if minutes is None else minutes / 60
+
+
+def false_page_bound(items_per_min: float, share_id: float, p0: float, p0u: float) -> float:
     """Per evaluation, P(the page's long window meets its conditions) at the true share ``share_id``; times 1440
-    evaluations a day it bounds the expected false pages per day from above (the short window and `for:` only
-    make a page rarer)."""
+    evaluations a day it bounds the expected false pages per day from above (the short window only makes a
+    page rarer)."""
     from scipy import stats
 
-    length, burn, z, minimum = PAGE_LONG
+    length, burn, z, minimum, _ = PAGE_LONG
     n = round(items_per_min * length)
     if n < minimum:
         return 0.0
-    threshold = max(burn * n * p0u, n * p0u + z * math.sqrt(n * p0u * (1 - p0u)))
+    threshold = max(burn * n * p0, n * p0u, n * p0 + z * math.sqrt(n * p0 * (1 - p0)))
     return float(stats.binom.sf(math.ceil(threshold) - 1, n, share_id))
 
 
@@ -311,9 +306,9 @@ def scenario(tmp: Path, rps: float, share_id: float, share_20: float, share_10: 
            "id_24h": {"hours": args.id_hours, "eval_every_min": 5,
                       "false_pages": len(episodes(firing[PAGE], 5)), "false_tickets": len(episodes(firing[TICKET], 5)),
                       "false_pages_per_day": len(episodes(firing[PAGE], 5)) * 24 / args.id_hours, "promtool_s": took},
-           "analytic": {"p_page_window_per_eval": false_page_bound(rate, share_id, p0u),
-                        "false_pages_per_day_bound": 1440 * false_page_bound(rate, share_id, p0u),
-                        "false_pages_per_day_bound_at_p0u": 1440 * false_page_bound(rate, p0u, p0u)}}
+           "analytic": {"p_page_window_per_eval": false_page_bound(rate, share_id, p0, p0u),
+                        "false_pages_per_day_bound": 1440 * false_page_bound(rate, share_id, p0, p0u),
+                        "false_pages_per_day_bound_at_p0u": 1440 * false_page_bound(rate, p0u, p0, p0u)}}
     switch = args.shift_after_min
     for label, share in (("ood_20pct", share_20), ("ood_10pct", share_10)):
         n = switch + args.shift_tail_min
@@ -322,7 +317,7 @@ def scenario(tmp: Path, rps: float, share_id: float, share_20: float, share_10: 
         out[label] = {"mix_flagged_share": share, "switch_at_min": switch,
                       "pages_before_switch": [m for m in firing[PAGE] if m <= switch],
                       "minutes_to_page": first_after(firing[PAGE], switch),
-                      "expected_minutes_to_page": expected_minutes_to_page(rate, share_id, share, p0u),
+                      "expected_minutes_to_page": expected_minutes_to_page(rate, share_id, share, p0, p0u),
                       "promtool_s": took}
     start, n = 6 * 60, 6 * 60 + args.drift_hours * 60
     items, flagged = simulate(np.where(np.arange(n) < start, share_id, DRIFT_SHARE), rate, rng)
@@ -331,7 +326,7 @@ def scenario(tmp: Path, rps: float, share_id: float, share_20: float, share_10: 
     out["drift"] = {"drift_share": DRIFT_SHARE, "starts_at_h": start / 60, "hours": args.drift_hours,
                     "tickets_before": [m for m in firing[TICKET] if m <= start],
                     "hours_to_ticket": None if hours is None else hours / 60,
-                    "expected_hours_to_ticket": expected_hours_to_ticket(rate, share_id, DRIFT_SHARE, p0u),
+                    "expected_hours_to_ticket": expected_hours_to_ticket(rate, share_id, DRIFT_SHARE, p0, p0u),
                     "pages": len(episodes(firing[PAGE], 5)), "promtool_s": took}
     return out
 
@@ -412,9 +407,10 @@ def render(r: dict) -> str:
 
     lines = [
         "# OOD-rate alerts: false pages and time to fire", "",
-        f"Rules: `{r['rules']}`. Page `{PAGE}`: 15 min and 5 min windows both at >= 1.5 x p0u (z >= 4 and >= 100 "
-        f"items over 15 min, z >= 3 over 5 min), `for: 1m`. Ticket `{TICKET}`: 6 h at >= 1.2 x p0u (z >= 4, >= 1000 "
-        f"items) and the last hour at >= 1.2 x p0u, not while the page burns, `for: 15m`. ID data: {r['id_data']}. "
+        f"Rules: `{r['rules']}`. Page `{PAGE}`: 15 min and 5 min windows both at >= 1.5 x p0 and >= p0u (z >= 4 and "
+        f">= 100 items over 15 min, z >= 3 over 5 min), at the first evaluation. Ticket `{TICKET}`: 6 h at >= 1.2 x p0 "
+        f"(z >= 4, >= 1000 items) and the last hour at >= 1.2 x p0, not within an hour of a page, `for: 15m`. "
+        f"ID data: {r['id_data']}. "
         f"Seed {r['seed']}.", "",
         "## Measured (real gateway, embedded backend, counters from /metrics)", "",
         "| run | s | req/s | items/min | flagged / items | flagged share |", "|---|---|---|---|---|---|",
@@ -440,7 +436,7 @@ def render(r: dict) -> str:
             f"{f(d['hours_to_ticket'], '.2f')} ({f(d['expected_hours_to_ticket'], '.2f')}) | {d['pages']} |")
     lines += ["", "Targets: " + ", ".join(f"{k} {'met' if v else '**not met**'}" for k, v in r["checks"].items()) + ".",
               "", "The analytic bound is 1440 x P(the page's 15-minute window meets its conditions) per evaluation at "
-              "the measured ID share; at a true share equal to p0u it is "
+              "the measured ID share; were the true share at p0u (a calibration at the top of its interval) it would be "
               + ", ".join(f"{c['analytic']['false_pages_per_day_bound_at_p0u']:.2g}" for c in r["scenarios"])
               + " per day (by request rate).", "", f"Wall time {r['wall_s']:.0f} s.", ""]
     return "\n".join(lines)

@@ -45,7 +45,8 @@ def test_promtool_firing_matches_the_expected_time_to_page(tmp_path, promtool):
     items = np.full(minutes, rate)
     flagged = np.where(np.arange(minutes) < 120, round(rate * share_id), round(rate * share_mix))
     firing, _ = bench.promtool_firing(tmp_path, "shift", items, flagged, p0, p0u, list(range(1, minutes + 1)))
-    expected = bench.expected_minutes_to_page(rate, round(rate * share_id) / rate, round(rate * share_mix) / rate, p0u)
+    expected = bench.expected_minutes_to_page(rate, round(rate * share_id) / rate, round(rate * share_mix) / rate, p0,
+                                              p0u)
     assert firing[bench.PAGE] and min(firing[bench.PAGE]) > 120
     assert abs(bench.first_after(firing[bench.PAGE], 120) - expected) <= 1 and expected <= 5
     steady = np.full(minutes, round(rate * share_id))
@@ -55,5 +56,5 @@ def test_promtool_firing_matches_the_expected_time_to_page(tmp_path, promtool):
 
 def test_the_false_page_bound_falls_with_the_share_and_vanishes_under_the_minimum_count():
     bench = load_bench()
-    assert bench.false_page_bound(60, 0.05, 0.055) < 1e-5 < 1e-2 < bench.false_page_bound(60, 0.09, 0.055)
-    assert bench.false_page_bound(5, 0.5, 0.055) == 0.0  # 75 items per 15 minutes: under the minimum of 100
+    assert bench.false_page_bound(60, 0.05, 0.05, 0.055) < 1e-4 < 1e-2 < bench.false_page_bound(60, 0.09, 0.05, 0.055)
+    assert bench.false_page_bound(5, 0.5, 0.05, 0.055) == 0.0  # 75 items per 15 minutes: under the minimum of 100

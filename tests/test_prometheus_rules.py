@@ -66,7 +66,8 @@ def test_the_ood_rate_alerts_use_two_windows_the_calibrated_rate_and_a_minimum_c
         for window in windows:
             assert f"oodguard:flagged_burn:{window}" in rule["expr"] and f"oodguard:flagged_burn:{window}" in by_name
         assert minimum in rule["expr"] and "oodguard:flagged_excess_z:" in rule["expr"]
-    assert "calibrated_flag_rate_upper" in by_name["oodguard:flagged_burn:15m"]["expr"]
+    assert "calibrated_flag_rate:max" in by_name["oodguard:flagged_burn:15m"]["expr"]
+    assert page["expr"].count(">= oodguard:calibrated_flag_rate_upper:max") == 2  # both windows above p0u
     order = [r.get("alert") or r["record"] for r in group["rules"]]
     assert order.index("OODGuardFlaggedRateAboveCalibration") > order.index("oodguard:flagged_excess_z:6h")
 
