@@ -4,7 +4,7 @@
                                  [--out runs/bench/alert-report]
 
 The alerts: ``OODGuardFlaggedRateAboveCalibration`` (page: a 15-minute and a 5-minute window both at
->= 1.5 x p0, above p0u and significantly so) and ``OODGuardFlaggedRateDrift`` (ticket: 6 hours and the last
+>= 2 x p0, above p0u and significantly so) and ``OODGuardFlaggedRateDrift`` (ticket: 6 hours and the last
 hour at >= 1.2 x p0). p0 is the calibration's false-flag rate, p0u the upper end of its 95% interval.
 
 1. Starts a gateway (embedded backend, ``--metrics-port``) on the digits demo model (``--repository``, default
@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 PAGE, TICKET = "OODGuardFlaggedRateAboveCalibration", "OODGuardFlaggedRateDrift"
 #: the page's windows (minutes, burn over p0, z over n·p0, minimum items, share >= p0u) and `for:` (rules.yml)
-PAGE_LONG, PAGE_SHORT, PAGE_FOR = (15, 1.5, 4.0, 100, True), (5, 1.5, 3.0, 0, True), 0
+PAGE_LONG, PAGE_SHORT, PAGE_FOR = (15, 2.0, 4.0, 100, True), (5, 2.0, 3.0, 0, True), 0
 #: the ticket's windows and `for:`
 TICKET_LONG, TICKET_SHORT, TICKET_FOR = (360, 1.2, 4.0, 1000, False), (60, 1.2, None, 0, False), 15
 REQUEST_RATES = (1, 10, 100)  # requests/s, one image each
@@ -407,7 +407,7 @@ def render(r: dict) -> str:
 
     lines = [
         "# OOD-rate alerts: false pages and time to fire", "",
-        f"Rules: `{r['rules']}`. Page `{PAGE}`: 15 min and 5 min windows both at >= 1.5 x p0 and >= p0u (z >= 4 and "
+        f"Rules: `{r['rules']}`. Page `{PAGE}`: 15 min and 5 min windows both at >= 2 x p0 and >= p0u (z >= 4 and "
         f">= 100 items over 15 min, z >= 3 over 5 min), at the first evaluation. Ticket `{TICKET}`: 6 h at >= 1.2 x p0 "
         f"(z >= 4, >= 1000 items) and the last hour at >= 1.2 x p0, not within an hour of a page, `for: 15m`. "
         f"ID data: {r['id_data']}. "
