@@ -322,3 +322,15 @@ def test_the_wheel_builds_without_deprecations_and_carries_the_proto(tmp_path):
     [wheel] = tmp_path.glob("oodguard-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert "oodguard/serve/proto/oodguard/v1/oodguard.proto" in names and "oodguard/serve/v1/oodguard_pb2.py" in names
+
+
+def test_setup_skips_when_nothing_changed():
+    """scripts/setup.sh after a successful run: nothing to install, it says so and returns in seconds."""
+    import time
+
+    first = subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh")], capture_output=True, text=True, timeout=1800)
+    assert first.returncode == 0, first.stderr[-2000:]
+    started = time.monotonic()
+    again = subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh")], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "setup: .venv is up to date" in again.stdout
+    assert time.monotonic() - started < 30

@@ -137,3 +137,28 @@ def test_a_version_exported_without_fused_is_served_by_the_fallback_and_says_so(
     assert policies[1].scores == ("fused",) and policies[2].scores == ("sisome",)
     assert any("version 2 exports no fused score: decided by the fallback any(sisome)" in r.getMessage()
                for r in caplog.records)
+
+
+def test_with_two_models_and_no_name_the_error_says_how_to_choose(repo_copy):
+    """A second model in the repository: a request naming none is told to name one (clients: --model) or to give
+    the gateway a default; with --default-model it goes there. Nothing served at all is an outage."""
+    shutil.copytree(repo_copy / "digits", repo_copy / "other")
+
+    async def main(default_model=""):
+        backend = EmbeddedBackend(repo_copy, poll_interval_s=3600)
+        await backend.start()
+        registry = Registry(backend, repo_copy, DecisionPolicy(), poll_interval_s=3600, default_model=default_model)
+        await registry.start()
+        try:
+            if default_model:
+                return registry.resolve(None, None).model
+            with pytest.raises(UnknownModel, match=r"several models are served \(digits, other\): name one in 'model' "
+                                                   r"\(clients: --model NAME\), or start the gateway with --default-model"):
+                registry.resolve(None, None)
+            return None
+        finally:
+            await registry.close()
+            await backend.close()
+
+    assert asyncio.run(main()) is None
+    assert asyncio.run(main("other")) == "other"
