@@ -19,6 +19,7 @@ says so; the gateway then decides with its fallback score.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import os
 import shutil
@@ -131,6 +132,8 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
     if few:  # thresholds are per score over all classes: enough overall is what they need; say which are thin
         progress(f"  note: few calibration samples for class(es) {few} (under {FEW_CALIBRATION_SAMPLES}); "
                  f"thresholds use all {n_cal}, but the true-positive rate of these classes is estimated poorly")
+    if spec.bank_method not in ("auto", *BANK_METHODS):
+        raise ValueError(f"bank method must be auto, probcover or random, got {spec.bank_method!r}")
     user_sets = user_validation_sets(spec)
     classifier = load_classifier(spec.backbone, spec.checkpoint, num_classes=len(spec.class_names))
     prep = spec.preprocessing
@@ -146,26 +149,13 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
     calibration_images = prep.apply(spec.calibration_data.images)
     references, held = split_calibration(n_cal, spec.calibration_data.labels, spec.target_tpr, spec.seed)
     reference_images = calibration_images[references] if references is not None else None
-    params = {name: p for name, p in spec.score_params.items() if name != FUSED}
-    candidates = {}  # bank method -> (bank, fitted scores, torch outputs on the references and the validation OOD)
-    if spec.bank_method not in ("auto", *BANK_METHODS):
-        raise ValueError(f"bank method must be auto, probcover or random, got {spec.bank_method!r}")
-    reduced = spec.bank_size is not None and spec.bank_size < len(labels)
-    for method in ((BANK_METHODS if spec.bank_method == "auto" else (spec.bank_method,)) if reduced else ("full",)):
-        bank = np.arange(len(labels)) if method == "full" else reduce_bank(features, labels, spec.bank_size, spec.seed,
-                                                                              method=method)
-        data = FitData(
-            features=features, logits=logits, labels=labels, bank=bank,
-            head_weight=classifier.head.weight.detach().numpy(), head_bias=classifier.head.bias.detach().numpy(),
-            validation_ood_features=ood_features, validation_ood_logits=ood_logits, seed=spec.seed,
-            validation_ood_groups=ood.groups,
-        )
-        scores = fit_scores(data, params)
-        outputs = None
-        if reference_images is not None:
-            model = fused.FusedModel(classifier, scores).eval()
-            outputs = (fused.run_torch(model, reference_images), fused.run_torch(model, ood.images))
-        candidates[method] = (bank, scores, outputs)
+    data = FitData(
+        features=features, logits=logits, labels=labels, bank=np.arange(len(labels)),
+        head_weight=classifier.head.weight.detach().numpy(), head_bias=classifier.head.bias.detach().numpy(),
+        validation_ood_features=ood_features, validation_ood_logits=ood_logits, seed=spec.seed,
+        validation_ood_groups=ood.groups,
+    )
+    candidates = fit_bank_candidates(spec, classifier, data, ood, reference_images)
     bank_method, bank_comparison = choose_bank(candidates, ood.groups)
     bank, scores, outputs = candidates[bank_method]
     lap(f"fit scores (bank: {bank_method}, {len(bank)} of {len(labels)})")
@@ -262,6 +252,27 @@ def split_calibration(n: int, labels: np.ndarray | None, target_tpr: float, seed
         order = order[np.argsort(np.asarray(labels)[order], kind="stable")]
     first = int(rng.integers(2))
     return np.sort(order[first::2]), np.sort(order[1 - first::2])
+
+
+def fit_bank_candidates(spec: ExportSpec, classifier, data: FitData, ood: ValidationOOD,
+                        reference_images: np.ndarray | None) -> dict:
+    """Per bank method (``full`` without a reduction; else ``probcover`` and/or ``random``): the bank, the
+    registry's scores fitted on it, and their PyTorch outputs on the reference images and the validation OOD
+    (None without references)."""
+    params = {name: p for name, p in spec.score_params.items() if name != FUSED}
+    reduced = spec.bank_size is not None and spec.bank_size < len(data.labels)
+    methods = (BANK_METHODS if spec.bank_method == "auto" else (spec.bank_method,)) if reduced else ("full",)
+    candidates = {}
+    for method in methods:
+        bank = (np.arange(len(data.labels)) if method == "full"
+                else reduce_bank(data.features, data.labels, spec.bank_size, spec.seed, method=method))
+        scores = fit_scores(dataclasses.replace(data, bank=bank), params)
+        outputs = None
+        if reference_images is not None:
+            model = fused.FusedModel(classifier, scores).eval()
+            outputs = (fused.run_torch(model, reference_images), fused.run_torch(model, ood.images))
+        candidates[method] = (bank, scores, outputs)
+    return candidates
 
 
 def choose_bank(candidates: dict, groups: np.ndarray) -> tuple[str, dict]:
