@@ -186,7 +186,7 @@ class PValueFusion(Score):
             log_p.append(torch.where((score > references[-1]) | torch.isnan(score), tail, inside))
         stacked = torch.stack(log_p, dim=1)
         fused = -2.0 * stacked.sum(dim=1) if self.combination == "fisher" else -stacked.amin(dim=1)
-        return fused.float()
+        return fused.abs().float()  # >= 0 by construction; abs turns -0.0 (every p-value 1) into 0
 
     def metadata(self):
         return {"components": list(self.components), "combination": self.combination, "references_n": self.n,
