@@ -42,12 +42,15 @@ class Source:
     def from_dict(cls, raw: dict) -> "Source":
         return cls(str(raw["data"]), raw.get("classes"), {k: list(v) for k, v in raw["splits"].items()})
 
-    def load(self) -> Dataset:
-        """The class-selected dataset the split indices refer to; a clear error when it is gone."""
+    def load(self, of_base_run: bool = True) -> Dataset:
+        """The class-selected dataset the split indices refer to; a clear error when it is gone (naming the
+        base run's record when the source comes from one)."""
         try:
             data = load_dataset(self.data)
         except DatasetError as exc:
-            raise DatasetError(f"training data {self.data!r} of this run cannot be read ({exc}); restore it or "
+            if not of_base_run:
+                raise
+            raise DatasetError(f"training data {self.data!r} of the base run cannot be read ({exc}); restore it or "
                                "train without --base") from None
         if data.labels is None:
             raise DatasetError(f"{data.source}: training needs labels")
@@ -79,7 +82,7 @@ def merge_class_names(existing: Sequence[str], new: Sequence[str]) -> list[str]:
 def new_source(spec: str, classes: list[int] | None, fractions: Sequence[float], seed: int) -> tuple[Source, Dataset]:
     """A source for a dataset given to this run, split by class like every source."""
     source = Source(str(spec), list(classes) if classes is not None else None, {})
-    data = source.load()
+    data = source.load(of_base_run=False)
     if len(data) == 0:
         raise ValueError(f"training data {spec!r} holds no labeled image")
     parts = stratified_split(data.labels, fractions, seed)

@@ -101,7 +101,7 @@ def test_bad_input(digits_export, tmp_path):
     npz = relabeled_npz(tmp_path / "gone.npz", base_record, digits, {8: 10})
     run_training(base=checkpoint.parent, data=npz, out_dir=tmp_path / "v2", epochs=1, progress=quiet)
     (tmp_path / "gone.npz").unlink()
-    with pytest.raises(ValueError, match=r"training data '.*gone.npz' of this run cannot be read"):
+    with pytest.raises(ValueError, match=r"training data '.*gone.npz' of the base run cannot be read"):
         run_training(base=tmp_path / "v2", data=[], out_dir=tmp_path / "v3", epochs=1, progress=quiet)
     # class names colliding with existing ones in another case
     np.savez(tmp_path / "case.npz", images=digits.images[:4], labels=np.zeros(4, int), class_names=np.asarray(["Zero"]))
@@ -131,3 +131,11 @@ def test_a_new_class_with_a_single_label_is_refused_before_training(digits_expor
     with pytest.raises(ValueError, match=r"class\(es\) \{'8': 1\} have fewer than 2 training images"):
         run_training(base=checkpoint.parent, data=npz, out_dir=tmp_path / "v2", epochs=1, progress=quiet)
     assert not (tmp_path / "v2" / "checkpoint.pt").exists()
+
+
+def test_missing_new_data_is_named_plainly_not_as_the_base_runs(tmp_path):
+    with pytest.raises(ValueError) as info:
+        run_training(data=str(tmp_path / "mnist" / "train-images-idx3-ubyte.gz"), out_dir=tmp_path / "run",
+                     epochs=1, progress=quiet)
+    message = str(info.value)
+    assert "not found" in message and "base run" not in message and "mnist/{train,t10k}" in message
