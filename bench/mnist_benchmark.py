@@ -28,11 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import cost  # noqa: E402
 from oodguard.datasets import data_root  # noqa: E402
-from oodguard.evaluation import OodSet, ScoredSet, VersionScorer, build_report, parse_ood, resolve_dataset, score_sets  # noqa: E402
+from oodguard.evaluation import OodSet, VersionScorer, build_report, parse_ood, resolve_dataset, score_sets  # noqa: E402
 from oodguard.export.pipeline import export_model, spec_from_training  # noqa: E402
 from oodguard.export.training_job import CHECKPOINT_FILE, RECORD_FILE, run_training  # noqa: E402
 from oodguard.metrics import auroc  # noqa: E402
-from oodguard.plots import score_figure  # noqa: E402
+from oodguard.plots import version_figure  # noqa: E402
 
 LOGIT_SCORES = ("energy", "msp", "maxlogit")
 FRACTIONS = (1.0, 0.3, 0.1, 0.03)
@@ -174,12 +174,6 @@ def smallest_within(rows: list[dict], score: str, points: float = 0.5) -> dict:
     return min(ok, key=lambda r: r["fraction"])
 
 
-def figure(scorer: VersionScorer, in_dist_set: ScoredSet, ood_sets: list[ScoredSet], path: Path) -> None:
-    """Score histograms (ID vs each OOD set, with the calibrated threshold) and ROC curves, per score."""
-    score_figure(scorer.score_names, {s: scorer.calibration.thresholds[s].threshold for s in scorer.score_names},
-                 in_dist_set.scores, {s.name: s.scores for s in ood_sets}, path, id_name="MNIST test")
-
-
 def markdown(report: dict) -> str:
     ev = report["evaluation"]
     lines = ["# MNIST OOD benchmark (LeNet-5, fused head)", "",
@@ -283,7 +277,7 @@ def main(argv=None) -> int:
     log("evaluating")
     in_dist, scored, id_info = score_sets(scorer, mnist_test, oods, seed=args.seed)
     evaluation = build_report(scorer, mnist_test, in_dist, oods, scored, id_info)
-    figure(scorer, in_dist, scored[:3], args.out / "mnist_scores.png")
+    version_figure(scorer, in_dist, scored[:3], args.out / "mnist_scores.png", id_name="MNIST test")
     seconds["evaluate"] = time.perf_counter() - start - seconds["train"] - seconds["export_full"]
 
     near = evaluation["groups"]["near"]

@@ -118,15 +118,6 @@ def _model_preprocessing(info, model: str) -> tuple[str, int, SimpleNamespace, l
             list(latest.class_names))
 
 
-def labels_unknown_to(class_names: list[str], labels) -> dict[str, int]:
-    """Counts of the dataset's labels that are none of the model's class names (compared as text)."""
-    if labels is None:
-        return {}
-    values, counts = np.unique(np.asarray(labels), return_counts=True)
-    known = set(class_names)
-    return {str(v): int(n) for v, n in zip(values.tolist(), counts.tolist()) if str(v) not in known}
-
-
 def _load(spec: str, preprocessing: SimpleNamespace, seed: int):
     """The dataset (images and, where it has them, labels) that ``spec`` names, at the model's input size."""
     from oodguard.evaluation import resolve_dataset
@@ -150,7 +141,9 @@ async def run_loadgen(config: LoadgenConfig) -> dict[str, Any]:
         raise ValueError(f"batch size {c.batch_size} is above the model's max batch size {max_batch}")
     sources = {"id": await asyncio.to_thread(_load, c.data, preprocessing, c.seed)}
     specs = {"id": c.data}
-    unknown_labels = labels_unknown_to(class_names, sources["id"].labels)
+    from oodguard.evaluation import labels_unknown_to
+
+    unknown_labels = labels_unknown_to(class_names, sources["id"])
     if unknown_labels:  # they are sent as in-distribution traffic: a flag rate read as ID would be too high
         print(f"loadgen: warning: --data {c.data} holds labels model {model!r} does not know "
               f"({unknown_labels} of {len(sources['id'].images)} images); they are sent and counted as "

@@ -22,6 +22,13 @@ class CalibrationError(ValueError):
     """A calibration file is missing, malformed, or inconsistent with its model."""
 
 
+def conformal_p_values(sorted_references: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """``(1 + #{references >= s}) / (n + 1)`` per score, against ascending ``sorted_references`` (float64)."""
+    n = len(sorted_references)
+    at_least = n - np.searchsorted(sorted_references, np.asarray(scores, dtype=np.float64), side="left")
+    return (1.0 + at_least) / (n + 1.0)
+
+
 @dataclass(frozen=True)
 class ScoreThreshold:
     """The 95%-TPR threshold of one score and the calibration sample it came from."""
@@ -40,9 +47,7 @@ class ScoreThreshold:
 
     def p_values(self, scores: np.ndarray) -> np.ndarray:
         """Conformal p-values ``(1 + #{calib >= s}) / (n + 1)``: small means unlike the ID calibration data."""
-        scores = np.asarray(scores, dtype=np.float64)
-        at_least = self.n - np.searchsorted(self.sorted_scores, scores, side="left")
-        return (1.0 + at_least) / (self.n + 1.0)
+        return conformal_p_values(self.sorted_scores, scores)
 
     def to_dict(self) -> dict:
         return {

@@ -94,10 +94,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "halves (default %(default)s)")
     export.add_argument("--epochs", type=int, default=30, help="training epochs for --demo (default %(default)s)")
 
-    triton = sub.add_parser("triton", help="run the local CPU tritonserver (from .venv-triton) on a model repository",
-                            add_help=False, description="oodguard triton --repository DIR [--grpc-port 8001 ...]; "
-                            "`oodguard triton --help` lists the options")
-    triton.add_argument("triton_args", nargs=argparse.REMAINDER)
+    # listed here for `oodguard --help`; main() hands `oodguard triton ...` to oodguard.triton_local's own parser
+    sub.add_parser("triton", help="run the local CPU tritonserver (from .venv-triton) on a model repository")
     validate = sub.add_parser("validate-repo", help="check a model repository against its ONNX files",
                               description="Parse every config into Triton's ModelConfig and check inputs, outputs, "
                               "dtypes and dims against each version's model.onnx and calibration.json. Exit 1 on any problem.")
@@ -405,10 +403,9 @@ def _run_evaluate(args: argparse.Namespace) -> int:
     report = evaluation.build_report(scorer, args.id_spec, in_dist, oods, scored, info)
     print(json.dumps(report, indent=1) if args.json else evaluation.format_report(report))
     if args.plot:
-        from oodguard.plots import score_figure
+        from oodguard.plots import version_figure
 
-        path = score_figure(scorer.score_names, {s: scorer.calibration.thresholds[s].threshold for s in scorer.score_names},
-                            in_dist.scores, {s.name: s.scores for s in scored}, args.plot / "scores.png")
+        path = version_figure(scorer, in_dist, scored, args.plot / "scores.png")
         print(f"wrote {path}", file=sys.stderr)
     return 0
 

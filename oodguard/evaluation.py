@@ -156,10 +156,19 @@ def known_id_set(scorer: VersionScorer, dataset: Dataset, classes: list[int] | N
         left_out = sorted(set(label_names(dataset)[~keep].tolist()))
         info["left_out"] = {"n": int((~keep).sum()), "labels": left_out}
         dataset = dataset.take(np.flatnonzero(keep))
-    unknown = sorted(set(label_names(dataset).tolist()) - set(scorer.calibration.class_names))
+    unknown = labels_unknown_to(scorer.calibration.class_names, dataset)
     if unknown:
-        info["unknown_labels"] = {"n": int(np.isin(label_names(dataset), unknown).sum()), "labels": unknown}
+        info["unknown_labels"] = {"n": sum(unknown.values()), "labels": sorted(unknown)}
     return dataset, info
+
+
+def labels_unknown_to(class_names: list[str], dataset: Dataset) -> dict[str, int]:
+    """Per label name of ``dataset`` that is none of ``class_names``, how many items carry it ({} unlabeled)."""
+    if dataset.labels is None or len(dataset.labels) == 0:
+        return {}
+    names, counts = np.unique(label_names(dataset).astype(str), return_counts=True)
+    known = set(class_names)
+    return {str(n): int(c) for n, c in zip(names, counts) if str(n) not in known}
 
 
 def classification_accuracy(scorer: VersionScorer, dataset: Dataset, scored: ScoredSet) -> dict | None:

@@ -10,6 +10,14 @@ import numpy as np
 from .metrics import auroc
 
 
+def version_figure(scorer, in_dist, ood_sets, path: str | Path, id_name: str = "ID") -> Path:
+    """:func:`score_figure` of a :class:`~oodguard.evaluation.VersionScorer`'s scores and thresholds, for its
+    scored ID set and scored OOD sets (:class:`~oodguard.evaluation.ScoredSet`)."""
+    names = scorer.score_names
+    return score_figure(names, {s: scorer.calibration.thresholds[s].threshold for s in names}, in_dist.scores,
+                        {s.name: s.scores for s in ood_sets}, path, id_name)
+
+
 def score_figure(score_names: list[str], thresholds: dict[str, float], in_dist: dict[str, np.ndarray],
                  ood_sets: dict[str, dict[str, np.ndarray]], path: str | Path, id_name: str = "ID") -> Path:
     """One histogram (ID against each OOD set, the threshold as a dashed line) and one ROC curve (OOD

@@ -43,13 +43,15 @@ class PolicyError(ValueError):
 
 #: the score whose verdicts name a driver, and where its components are recorded in calibration.json
 FUSED = "fused"
+#: the default policy's deciding scores and fallback (the gateway's settings default to them too)
+DEFAULT_SCORES, DEFAULT_FALLBACK = (FUSED,), ("sisome",)
 
 
 @dataclass(frozen=True)
 class DecisionPolicy:
-    scores: tuple[str, ...] = (FUSED,)
+    scores: tuple[str, ...] = DEFAULT_SCORES
     mode: str = "any"
-    fallback: tuple[str, ...] = ("sisome",)  # decides a version lacking a deciding score; () = refuse it
+    fallback: tuple[str, ...] = DEFAULT_FALLBACK  # decides a version lacking a deciding score; () = refuse it
 
     def __post_init__(self) -> None:
         if isinstance(self.scores, str) or isinstance(self.fallback, str):

@@ -243,8 +243,9 @@ class Gateway:
                                                           tls_key=s.metrics_tls_key, auth_file=s.metrics_auth_file)
             log.info("metrics on %s://%s:%d/metrics%s", "https" if s.metrics_tls_cert else "http", metrics_host,
                      self.metrics_port, " (basic auth)" if s.metrics_auth_file else "")
-        log.info("oodguard gateway listening on %s:%d (backend %s, repository %s, queue %s)", host, self.port,
-                 self.settings.backend, self.settings.repository, describe_url(self.settings.effective_queue_url))
+        log.info("oodguard gateway listening on %s:%d (backend %s, repository %s, queue %s, decision %s)", host,
+                 self.port, self.settings.backend, self.settings.repository,
+                 describe_url(self.settings.effective_queue_url), self.policy.describe())
         for model, versions in sorted(self.registry.snapshot.versions.items()):
             for number in sorted(versions):
                 log.info("model %s version %d: %s", model, number, describe(versions[number]))

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from .decision import DEFAULT_FALLBACK, DEFAULT_SCORES
+
 ENV_PREFIX = "OODGUARD_"
 BACKENDS = ("embedded", "triton")
 DECISION_MODES = ("any", "all")
-DEFAULT_DECISION = ("fused",)
-DEFAULT_FALLBACK = ("sisome",)
 FULL_POLICIES = ("reject", "evict-oldest")
 QUEUE_SCHEMES = ("sqlite", "redis", "rediss")
 
@@ -48,7 +48,7 @@ class Settings:
     default_model: str = ""
     #: scores whose thresholds decide (validated against the scores the model exports); "fused" is the
     #: calibrated p-value fusion the export chooses on validation data
-    decision_scores: tuple[str, ...] = DEFAULT_DECISION
+    decision_scores: tuple[str, ...] = DEFAULT_SCORES
     #: scores that decide a version exporting not every decision score (e.g. one exported before "fused"
     #: existed; logged); empty: such a version is refused. Unset: "sisome" while deciding by the default
     #: "fused", none for any other decision_scores (a misspelt score then refuses the version, loudly)
@@ -242,7 +242,7 @@ class Settings:
     def effective_decision_fallback(self) -> tuple[str, ...]:
         if self.decision_fallback is not None:
             return tuple(self.decision_fallback)
-        return DEFAULT_FALLBACK if tuple(self.decision_scores) == DEFAULT_DECISION else ()
+        return DEFAULT_FALLBACK if tuple(self.decision_scores) == DEFAULT_SCORES else ()
 
     @property
     def effective_queue_url(self) -> str:

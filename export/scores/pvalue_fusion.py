@@ -45,6 +45,8 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from oodguard.calibration import conformal_p_values
+
 from .. import validation
 from .base import Score, buffer
 
@@ -56,10 +58,9 @@ RECORDED_CANDIDATES = 12
 
 
 def p_values(references: np.ndarray, scores: np.ndarray) -> np.ndarray:
-    """Conformal p-values of ``scores`` against ``references`` (any order), float64 (no tail)."""
-    ordered = np.sort(np.asarray(references, np.float64))
-    at_least = len(ordered) - np.searchsorted(ordered, np.asarray(scores, np.float64), side="left")
-    return (1.0 + at_least) / (len(ordered) + 1.0)
+    """Conformal p-values of ``scores`` against ``references`` (any order), float64 (no tail): the gateway's
+    formula (:func:`oodguard.calibration.conformal_p_values`)."""
+    return conformal_p_values(np.sort(np.asarray(references, np.float64)), scores)
 
 
 def tail_scale(references: np.ndarray) -> float:
