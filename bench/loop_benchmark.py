@@ -95,6 +95,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--budget", type=int, default=200, help="labels per cycle (default %(default)s)")
     p.add_argument("--epochs", type=int, default=5, help="epochs of the initial model (default %(default)s)")
     p.add_argument("--retrain-epochs", type=int, help="epochs of each retraining (default: --epochs)")
+    p.add_argument("--shift", type=int, help="train --shift (random-shift augmentation, pixels) of every training "
+                   "(default: 0 for the 8x8 'digits', 2 otherwise)")
     p.add_argument("--bank-size", type=int, help="export --bank-size (default: the full bank)")
     p.add_argument("--requests", type=int, default=500, help="loadgen requests per cycle (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=4, help="images per request (default %(default)s)")
@@ -112,6 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.strategy_list = [s.strip() for s in args.strategies.split(",") if s.strip()]
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.retrain_epochs = args.retrain_epochs or args.epochs
+    if args.shift is None:  # 2 px on 28x28 digits; the 8x8 'digits' images are too small to move
+        args.shift = 0 if args.id_data == "digits" else 2
     if args.cycles < 1 or args.budget < 1 or args.requests < 1 or not args.strategy_list or not args.seed_list:
         p.error("--cycles, --budget, --requests must be >= 1; give at least one strategy and seed")
     if args.traffic_data is None:
@@ -404,7 +408,7 @@ def initial_model(args, seed: int, work: Path) -> dict:
         shutil.rmtree(repo)
     log(f"seed {seed}: training the initial model on {args.id_data} classes {args.classes}")
     train_s, _ = oodguard(["train", "--backbone", "lenet5", "--data", args.id_data, "--classes", args.classes,
-                           "--epochs", args.epochs, "--seed", seed, "--out", run_dir], run_dir / "train.log")
+                           "--epochs", args.epochs, "--shift", args.shift, "--seed", seed, "--out", run_dir], run_dir / "train.log")
     log(f"seed {seed}: exporting v1 ({train_s:.1f}s training)")
     export_s, _ = oodguard(["export", "--checkpoint", run_dir / "checkpoint.pt", "--repository", repo, "--model",
                             args.model, "--seed", seed, *(["--bank-size", args.bank_size] if args.bank_size else [])],
@@ -494,7 +498,8 @@ def run_loop(args, strategy: str, seed: int, initial: dict, data: Data, work: Pa
             row["labels_import"] = out.strip()
             next_run = home / f"run{cycle + 1}"
             t, _ = oodguard(["train", "--base", run_dir, "--data", relabeled, "--init-from", run_dir / "checkpoint.pt",
-                             "--epochs", args.retrain_epochs, "--seed", seed, "--out", next_run], cdir / "train.log")
+                             "--epochs", args.retrain_epochs, "--shift", args.shift, "--seed", seed,
+                             "--out", next_run], cdir / "train.log")
             steps["train"] = t
             t, _ = oodguard(["export", "--checkpoint", next_run / "checkpoint.pt", "--repository", repository,
                              "--model", args.model, "--seed", seed,

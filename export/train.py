@@ -70,6 +70,7 @@ def train_classifier(
     report_every_s: float = 10.0,
     validation: tuple[np.ndarray, np.ndarray] | None = None,
     sample_weights: np.ndarray | None = None,
+    shift: int = 0,
 ) -> list[dict]:
     """Train ``model`` in place on ``images`` ``[N, C, H, W]`` float and ``labels`` ``[N]`` int.
 
@@ -79,13 +80,18 @@ def train_classifier(
     ["validation_accuracy",] "seconds"}`` dict per epoch; leaves the model in eval mode. The validation
     accuracy is only reported: nothing is chosen by it. ``sample_weights`` (``[N]``, e.g. the inverse of each
     sample's class count) draws each epoch's N samples with replacement in proportion to them instead of a
-    permutation: class-balanced sampling.
+    permutation: class-balanced sampling. ``shift`` > 0 moves every training image by a random whole number of
+    pixels in ``[-shift, shift]`` along each axis (see :func:`random_shift`), drawn anew each time it is seen.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if shift < 0:
+        raise ValueError(f"shift must be >= 0 pixels, got {shift}")
     images = _check_images(model, images)
+    if shift >= min(images.shape[2:]):
+        raise ValueError(f"shift must be smaller than the image ({images.shape[2]}x{images.shape[3]}), got {shift}")
     labels = _check_labels(model, labels, images.shape[0])
     report = progress or (lambda _line: None)
 
@@ -114,7 +120,10 @@ def train_classifier(
             loss_sum, correct, seen = 0.0, 0, 0
             for batch, first in enumerate(range(0, n, batch_size), start=1):
                 idx = order[first : first + batch_size]
-                x, y = x_all[idx].to(device), y_all[idx].to(device)
+                x, y = x_all[idx], y_all[idx]
+                if shift:
+                    x = random_shift(x, shift, generator)
+                x, y = x.to(device), y.to(device)
                 logits = model(x)
                 loss = loss_fn(logits, y)
                 optimizer.zero_grad(set_to_none=True)
@@ -144,6 +153,17 @@ def train_classifier(
     finally:
         model.eval()
     return history
+
+
+def random_shift(images: torch.Tensor, shift: int, generator: torch.Generator) -> torch.Tensor:
+    """``images`` ``[N, C, H, W]``, each translated by its own random ``(dy, dx)`` in ``[-shift, shift]``
+    pixels; the pixels moved in repeat the border (the background of a centred digit or object)."""
+    n, _, height, width = images.shape
+    dy, dx = torch.randint(-shift, shift + 1, (2, n, 1, 1), generator=generator)
+    rows = (torch.arange(height).view(1, height, 1) - dy).clamp_(0, height - 1)  # [N, H, 1]
+    cols = (torch.arange(width).view(1, 1, width) - dx).clamp_(0, width - 1)  # [N, 1, W]
+    batch = torch.arange(n).view(n, 1, 1)
+    return images.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2).contiguous()
 
 
 @torch.no_grad()

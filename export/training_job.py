@@ -52,6 +52,8 @@ class TrainingRecord:
     base: str | None = None
     init_from: str | None = None
     balanced: bool = False
+    #: augmentation: the largest random shift in pixels (0: none; see oodguard.export.train.random_shift)
+    shift: int = 0
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)) + "\n")
@@ -104,14 +106,17 @@ def run_training(
     base: Path | None = None,
     init_from: Path | None = None,
     balance: str = "auto",
+    shift: int = 0,
     progress: Callable[[str], None] = print,
 ) -> TrainingRecord:
     """Train on ``data`` (one spec or several; ``classes`` selects labels of each), or on the ``base`` run's data
     plus ``data`` (its split, class order and preprocessing kept; new classes appended by name). ``init_from``
     starts from a checkpoint (its head grows for new classes) instead of fresh weights; ``balance`` (auto / on /
-    off) draws classes equally often."""
+    off) draws classes equally often; ``shift`` > 0 moves each training image by up to that many pixels."""
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
+    if shift < 0:
+        raise ValueError(f"--shift must be >= 0 pixels, got {shift}")
     specs = [data] if isinstance(data, str) else list(data or [])
     base_record = TrainingRecord.load(Path(base) / RECORD_FILE) if base is not None else None
     if base_record is None and not specs:
@@ -157,6 +162,7 @@ def run_training(
         f"{len(splits['calibration'])} calibration / {len(splits['test'])} test; input {prep.input_shape}"
         + (f"; built on {base}" if base is not None else "")
         + ("; class-balanced sampling" if weights is not None else "")
+        + (f"; random shifts up to {shift} px" if shift else "")
     )
     torch.manual_seed(seed)
     model = Classifier(net, len(class_names), feature_dim=getattr(net, "feature_dim", None))
@@ -169,6 +175,7 @@ def run_training(
         model, prep.apply(train_part.images), train_part.labels,
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
         validation=(prep.apply(calibration_part.images), calibration_part.labels), sample_weights=weights,
+        shift=shift,
     )
     test_part = joined.take(splits["test"])
     test_accuracy = accuracy(model, prep.apply(test_part.images), test_part.labels, list(class_names))
@@ -190,6 +197,7 @@ def run_training(
         base=str(base) if base is not None else None,
         init_from=str(init_from) if init_from is not None else None,
         balanced=weights is not None,
+        shift=shift,
     )
     record.save(out_dir / RECORD_FILE)
     progress(f"saved {out_dir / CHECKPOINT_FILE} and {out_dir / RECORD_FILE}")

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "for new classes) instead of training from scratch")
     train.add_argument("--balance", choices=["auto", "on", "off"], default="auto", help="class-balanced sampling; auto "
                        "(default): on when class counts differ by more than 10x")
+    train.add_argument("--shift", type=int, default=0, metavar="PIXELS", help="augmentation: move each training image "
+                       "by a random whole number of pixels, up to this many along each axis, every time it is drawn; "
+                       "2 suits 28x28 digits and keeps a small new class from being memorised (default %(default)s: off)")
     train.add_argument("--classes", type=_classes, help="keep only these labels, e.g. 0-7 (relabelled 0..n-1)")
     train.add_argument("--out", type=Path, required=True, help="output folder")
     train.add_argument("--epochs", type=int, default=10, help="training epochs (default %(default)s)")
@@ -415,7 +418,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     run_training(backbone=args.backbone, data=args.data, out_dir=args.out, classes=args.classes, epochs=args.epochs,
                  batch_size=args.batch_size, lr=args.lr, seed=args.seed, holdout=args.holdout, input_shape=args.input_shape,
-                 base=args.base, init_from=args.init_from, balance=args.balance)
+                 base=args.base, init_from=args.init_from, balance=args.balance, shift=args.shift)
     return 0
 
 

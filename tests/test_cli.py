@@ -17,7 +17,8 @@ def test_every_subcommand_explains_itself(command):
 
 
 @pytest.mark.parametrize("command, expected", [
-    ("train", ["--epochs EPOCHS   training epochs (default 10)", "(default 128)", "(default 0.001)", "(default 0)"]),
+    ("train", ["--epochs EPOCHS   training epochs (default 10)", "(default 128)", "(default 0.001)", "(default 0)",
+               "--shift PIXELS", "(default 0: off)"]),
     ("export", ["95%-TPR thresholds", "(default 64)", "halves (default 0)", "--validation-ood SPEC",
                 "--fused-components"]),
     ("evaluate", ["model repository folder (required)", "(default 0)"]),

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from oodguard.export.backbones import Classifier, lenet5
-from oodguard.export.train import accuracy, extract, predict_logits, train_classifier
+from oodguard.export.train import accuracy, extract, predict_logits, random_shift, train_classifier
 
 N_PER_CLASS = 100
 EPOCHS = 4
@@ -149,6 +149,8 @@ def test_progress_none_is_silent(data: tuple[np.ndarray, np.ndarray], capsys: py
     [
         (lambda x, y: (x, y), {"epochs": 0}, "epochs must be >= 1"),
         (lambda x, y: (x, y), {"epochs": 1, "batch_size": 0}, "batch_size must be >= 1"),
+        (lambda x, y: (x, y), {"epochs": 1, "shift": -1}, "shift must be >= 0"),
+        (lambda x, y: (x, y), {"epochs": 1, "shift": 28}, r"smaller than the image \(28x28\), got 28"),
         (lambda x, y: (x[:0], y[:0]), {"epochs": 1}, "empty"),
         (lambda x, y: (x[:, 0], y), {"epochs": 1}, r"\[N, C, H, W\]"),
         (lambda x, y: (x[:, :, :27], y), {"epochs": 1}, r"backbone expects \(1, 28, 28\)"),
@@ -190,3 +192,31 @@ def test_extract_shapes_and_consistency(data: tuple[np.ndarray, np.ndarray]) -> 
 def test_extract_validates_images() -> None:
     with pytest.raises(ValueError, match=r"backbone expects \(1, 28, 28\)"):
         extract(_fresh_model(), np.zeros((2, 3, 32, 32), np.float32))
+
+
+def test_random_shift_moves_each_image_by_its_own_offset_and_repeats_the_border() -> None:
+    rng = np.random.default_rng(0)
+    images = torch.as_tensor(rng.standard_normal((64, 2, 9, 11)), dtype=torch.float32)
+    shifted = random_shift(images, 2, torch.Generator().manual_seed(5))
+    assert shifted.shape == images.shape
+    offsets = set()
+    for original, moved in zip(images, shifted):
+        # find the offset that explains the image: every pixel comes from (row - dy, col - dx), clamped
+        match = [(dy, dx) for dy in range(-2, 3) for dx in range(-2, 3)
+                 if torch.equal(moved, original[:, (torch.arange(9) - dy).clamp(0, 8)][:, :, (torch.arange(11) - dx).clamp(0, 10)])]
+        assert len(match) == 1
+        offsets.add(match[0])
+    assert len(offsets) >= 15  # 25 possible offsets, 64 draws: each image draws its own
+    # seeded: the same generator state gives the same shifts
+    again = random_shift(images, 2, torch.Generator().manual_seed(5))
+    assert torch.equal(shifted, again)
+
+
+def test_shift_augmentation_changes_training_and_stays_deterministic(data: tuple[np.ndarray, np.ndarray]) -> None:
+    images, labels = data
+    plain, shifted, shifted_again = _fresh_model(), _fresh_model(), _fresh_model()
+    train_classifier(plain, images, labels, epochs=1, batch_size=64, seed=3, progress=None)
+    h1 = train_classifier(shifted, images, labels, epochs=1, batch_size=64, seed=3, progress=None, shift=2)
+    h2 = train_classifier(shifted_again, images, labels, epochs=1, batch_size=64, seed=3, progress=None, shift=2)
+    assert not torch.equal(plain.head.weight, shifted.head.weight)
+    assert h1[0]["loss"] == h2[0]["loss"] and torch.equal(shifted.head.weight, shifted_again.head.weight)

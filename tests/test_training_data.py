@@ -70,9 +70,12 @@ def test_a_run_on_a_base_keeps_its_split_and_classes_and_appends_new_ones(digits
     assert any("head grown by 1 class(es)" in line for line in lines)
     assert set(record.test_accuracy["per_class"]) == set(record.class_names)
     # a third run on this one keeps all of it again
+    third_lines: list[str] = []
     third = run_training(base=tmp_path / "v2", data=relabeled_npz(tmp_path / "more.npz", base_record, digits, {9: 20}),
-                         out_dir=tmp_path / "v3", epochs=1, progress=quiet)
+                         out_dir=tmp_path / "v3", epochs=1, shift=2, progress=third_lines.append)
     assert third.class_names == record.class_names + ["9"] and third.sources[:2] == record.sources
+    assert (record.shift, third.shift) == (0, 2) and TrainingRecord.load(tmp_path / "v3" / "training.json").shift == 2
+    assert any("random shifts up to 2 px" in line for line in third_lines)
     # and it exports: the thin new classes are reported, not refused
     out: list[str] = []
     result = export_model(spec_from_training(tmp_path / "v3" / CHECKPOINT_FILE, tmp_path / "repo", "digits",
