@@ -46,7 +46,8 @@ def score_figure(score_names: list[str], thresholds: dict[str, float], in_dist: 
         ax = axes[rows + i // 4, i % 4]
         for name, s in ood_sets.items():
             truth = np.r_[np.zeros(len(in_dist[score])), np.ones(len(s[score]))]
-            fpr, tpr, _ = roc_curve(truth, np.nan_to_num(np.r_[in_dist[score], s[score]], nan=np.inf, posinf=1e300))
+            values = np.r_[in_dist[score], s[score]].astype(np.float64)  # NaN fails closed: most OOD
+            fpr, tpr, _ = roc_curve(truth, np.nan_to_num(values, nan=1e300, posinf=1e300, neginf=-1e300))
             ax.plot(fpr, tpr, label=f"{name} (AUROC {auroc(in_dist[score], s[score]):.3f})")
         ax.plot([0, 1], [0, 1], "k:", lw=0.8)
         ax.set_title(f"{score}: ROC (OOD positive)")

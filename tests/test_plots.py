@@ -23,3 +23,16 @@ def test_evaluate_plot_writes_the_figure(digits_export, tmp_path, capsys):
                  "--ood", "noise=synthetic:uniform:100:far", "--plot", str(tmp_path / "plots")]) == 0
     assert f"wrote {tmp_path / 'plots' / 'scores.png'}" in capsys.readouterr().err
     assert Image.open(tmp_path / "plots" / "scores.png").size[0] == 1600
+
+
+def test_float32_scores_with_infinities_plot_without_overflow_warnings(tmp_path):
+    """The ROC panel maps +inf and NaN (fail closed: most OOD) to the top of the float range, in float64: NaN
+    made sklearn refuse the curve, and casting 1e300 into a float32 array warned once per panel."""
+    import warnings
+
+    rng = np.random.default_rng(1)
+    in_dist = {"s": rng.normal(size=50).astype(np.float32)}
+    ood = {"far": {"s": np.r_[rng.normal(3, 1, size=20), np.inf, np.nan].astype(np.float32)}}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert score_figure(["s"], {"s": 1.0}, in_dist, ood, tmp_path / "scores.png").exists()
