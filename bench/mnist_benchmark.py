@@ -144,6 +144,19 @@ def fused_decision_cost(result, out_dir: Path, budget_s: float, batch: int = 64)
             "total_us_per_item": float(graph_us + decision_us)}
 
 
+MULTILAYER_PAIRS = (("sisom", "sisom_ml"), ("sisome", "sisome_ml"))
+
+
+def multilayer_summary(calibration_model: dict, evaluation: dict) -> dict:
+    """Multi-layer SISOM against the penultimate score: AUROC per OOD set, the layers and steepness chosen, and
+    whether the fused decision took a multi-layer component."""
+    meta = calibration_model["score_params"]["sisom_ml"]
+    return {"layers": meta["layers"], "alpha": meta["alpha"], "relative_alpha": meta["alpha_search"].get("relative_alpha"),
+            "auroc": {name: {s: v["metrics"][name]["auroc"] for s, v in evaluation["sets"].items()}
+                      for pair in MULTILAYER_PAIRS for name in pair},
+            "fused_components": calibration_model["score_params"]["fused"]["components"]}
+
+
 def validation_ranking(calibration_model: dict, evaluation: dict) -> dict:
     """Does the export's validation OOD predict the benchmark? Per score: the worst-group validation AUROC
     (synthetic near/far, recorded by the fused choice) next to the benchmark's near and far AUROC and the worse
@@ -247,6 +260,13 @@ def markdown(report: dict) -> str:
               f"decision (fused with its driver vs sisome) {fc['decision_us_per_item']:+.2f} µs/item; together "
               f"{fc['total_us_per_item']:+.2f} µs/item against the ≤ 20 µs target → "
               + ("**met**" if fc["total_us_per_item"] <= 20 else "**not met**") + "."]
+    ml = report["multilayer"]
+    lines += ["", "## Multi-layer SISOM against the penultimate layer", "",
+              f"Layers {', '.join(ml['layers'])}; steepness (relative to each layer's scale) "
+              + ", ".join(f"{k} {v:g}" for k, v in (ml["relative_alpha"] or {}).items())
+              + f"; fused components: {', '.join(ml['fused_components'])}.", "",
+              "| score | " + " | ".join(ev["sets"]) + " |", "|---" * (len(ev["sets"]) + 1) + "|"]
+    lines += [f"| {name} | " + " | ".join(f"{100 * ml['auroc'][name][s]:.2f}" for s in ev["sets"]) + " |" for name in ml["auroc"]]
     target = next(r for r in report["cost"] if r["model"].startswith("ResNet-18") and r["batch"] == 64)
     lines += ["", f"Target (ResNet-18, batch 64, fused adds ≤ 15%): {target['overhead_pct']:+.1f}% → "
               + ("**met**" if target["overhead_pct"] <= 15 else "**not met**") + ".", "", "![scores](mnist_scores.png)", ""]
@@ -336,6 +356,7 @@ def main(argv=None) -> int:
         "calibration_holds": calibration_holds, "rs": rs,
         "rs_smallest": {s: smallest_within(rs, s)["fraction"] for s in BANK_SCORES if f"auroc_{s}" in rs[0]},
         "fused": fused_summary, "validation_ranking": validation_ranking(full.calibration.model, evaluation),
+        "multilayer": multilayer_summary(full.calibration.model, evaluation),
         "cost": cost_rows, "fused_cost": fused_cost, "seconds": seconds,
     }
     (args.out / "report.json").write_text(json.dumps(report, indent=1))

@@ -9,6 +9,19 @@ Backbones are named by a *factory reference*: a builtin name (``"lenet5"``,
 ``nn.Module``. A checkpoint is the ``state_dict`` of a :class:`Classifier` (keys
 ``backbone.*``, ``head.weight``, ``head.bias``), optionally wrapped as ``{"state_dict": ...}``;
 it is always read with ``weights_only=True``, so loading it never runs pickled code.
+
+.. _sisom_stages:
+
+**Layers for multi-layer SISOM (optional protocol).** A backbone may implement
+``sisom_stages() -> list[tuple[str | None, nn.Module | list[nn.Module]]]``: the backbone as a chain of stages
+(a module, or a list of modules applied in order), whose composition *is* its forward pass. A stage with a name marks its output as a SISOM layer (pooled over space);
+the last stage's output is the penultimate features (name it ``None`` or ``"penultimate"``). Every stage after
+the earliest named one must have a hand-written VJP (:mod:`oodguard.export.vjp`: conv, eval-mode BatchNorm,
+ReLU, non-overlapping max-pool, global average pool, flatten, linear, ``Sequential`` of those, or a module with
+its own ``taped(x)``, like :class:`BasicBlock`); the export checks the VJP against ``torch.autograd`` before
+using it. A backbone without ``sisom_stages`` gets the penultimate-only variant, and the export log says so.
+:class:`LeNet5` names its conv stages and first fc layer; :class:`CifarResNet18` names ``layer1``-``layer3``
+(the stage outputs NAC and the SISOM paper use).
 """
 
 from __future__ import annotations
@@ -20,6 +33,8 @@ from pathlib import Path
 
 import torch
 from torch import nn
+
+from . import vjp
 
 BUILTIN_BACKBONES: dict[str, str] = {
     "lenet5": "oodguard.export.backbones:lenet5",
@@ -54,6 +69,11 @@ class LeNet5(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.conv(x))
 
+    def sisom_stages(self) -> list[tuple[str | None, vjp.Stage]]:
+        """SISOM layers: each conv block's output (after its max-pool) and the first fc layer's."""
+        conv, fc = list(self.conv), list(self.fc)
+        return [("conv1", conv[:3]), ("conv2", conv[3:]), ("fc1", fc[:3]), (None, fc[3:])]
+
 
 class BasicBlock(nn.Module):
     """Two 3x3 conv-BN layers with an identity (or 1x1 conv-BN projection) shortcut."""
@@ -76,6 +96,19 @@ class BasicBlock(nn.Module):
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.bn2(self.conv2(out))
         return self.relu(out + self.shortcut(x))
+
+    def taped(self, x: torch.Tensor) -> tuple[torch.Tensor, vjp.VJP]:
+        """The forward pass and its VJP: the output ReLU's mask, then both the residual branch and the
+        shortcut, summed."""
+        out, back_branch = vjp.chain([self.conv1, self.bn1, self.relu, self.conv2, self.bn2], x)
+        short, back_shortcut = vjp.taped(self.shortcut, x)
+        out, back_relu = vjp.taped(self.relu, out + short)
+
+        def backward(g: torch.Tensor) -> torch.Tensor:
+            g = back_relu(g)
+            return back_branch(g) + back_shortcut(g)
+
+        return out, backward
 
 
 class CifarResNet18(nn.Module):
@@ -112,6 +145,11 @@ class CifarResNet18(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.flatten(self.pool(self.stages(self.stem(x))))
+
+    def sisom_stages(self) -> list[tuple[str | None, vjp.Stage]]:
+        """SISOM layers ``layer1``-``layer3`` (the first three stage outputs); the penultimate is the pool."""
+        return [(None, self.stem), ("layer1", self.stages[0]), ("layer2", self.stages[1]),
+                ("layer3", self.stages[2]), (None, [self.stages[3], self.pool, self.flatten])]
 
 
 def lenet5() -> LeNet5:

@@ -2,7 +2,9 @@
 
 ``FusedModel(input) -> (logits [B,K], features [B,D], <score> [B] for each score in registry order)``,
 all float32; output names are :func:`output_names`. The ONNX file is self-contained (no external
-data), has a dynamic batch axis and passes ``onnx.checker``.
+data), has a dynamic batch axis and passes ``onnx.checker``. When a score reads the backbone's layers
+(multi-layer SISOM), the graph also holds the hand-written backward pass through the backbone's tail
+(:mod:`oodguard.export.layers`); otherwise it is the plain forward pass.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from torch import nn
 
 from oodguard.repository import INPUT_NAME, TENSOR_OUTPUTS
 
+from . import layers
 from .backbones import Classifier
 from .scores import Score
 
@@ -30,17 +33,22 @@ class FusedModel(nn.Module):
         super().__init__()
         self.classifier = classifier
         self.scores = nn.ModuleDict(dict(scores))
+        self.layer_names = tuple(dict.fromkeys(n for s in self.scores.values() if s.uses_layers for n in s.layer_names))
 
     @property
     def score_names(self) -> list[str]:
         return list(self.scores.keys())
 
     def forward(self, input: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        features = self.classifier.backbone(input)
-        logits = self.classifier.head(features)
+        if self.layer_names:
+            features, logits, pooled = layers.pooled(self.classifier, input, self.layer_names)
+        else:
+            features = self.classifier.backbone(input)
+            logits = self.classifier.head(features)
+            pooled = {}
         computed: dict[str, torch.Tensor] = {}
         for name, score in self.scores.items():
-            computed[name] = score(logits, features, computed)
+            computed[name] = score(logits, features, computed, pooled) if score.uses_layers else score(logits, features, computed)
         return (logits, features, *computed.values())
 
 

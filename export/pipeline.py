@@ -38,7 +38,7 @@ from oodguard.onnx_runner import OnnxModel
 from oodguard.preprocess import Preprocessing
 from oodguard.repository import CALIBRATION_FILE, INPUT_NAME, MODEL_FILE, model_dir, next_version
 
-from . import fused
+from . import fused, layers
 from .backbones import file_sha256, load_classifier
 from .bank import METHODS as BANK_METHODS
 from .bank import reduce_bank
@@ -139,11 +139,13 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
     prep = spec.preprocessing
     bank_images = prep.apply(spec.bank_data.images)
     features, logits = extract(classifier, bank_images)
+    layer_data = extract_layers(classifier, bank_images, progress)
     lap("extract training features")
 
     labels = spec.bank_data.labels
     ood = validation_set(spec, bank_images, labels, user_sets)
     ood_features, ood_logits = extract(classifier, ood.images)
+    ood_layer_data = layers.extract(classifier, ood.images) if layer_data is not None and len(ood) else None
     lap(f"validation OOD ({len(ood)}: {ood.group_sizes})")
 
     calibration_images = prep.apply(spec.calibration_data.images)
@@ -153,7 +155,7 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
         features=features, logits=logits, labels=labels, bank=np.arange(len(labels)),
         head_weight=classifier.head.weight.detach().numpy(), head_bias=classifier.head.bias.detach().numpy(),
         validation_ood_features=ood_features, validation_ood_logits=ood_logits, seed=spec.seed,
-        validation_ood_groups=ood.groups,
+        validation_ood_groups=ood.groups, layers=layer_data, validation_ood_layers=ood_layer_data,
     )
     candidates = fit_bank_candidates(spec, classifier, data, ood, reference_images)
     bank_method, bank_comparison = choose_bank(candidates, ood.groups)
@@ -210,6 +212,20 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
                   preferred_batch_sizes=tuple(b for b in (16, 32, 64) if b <= spec.max_batch_size) or (spec.max_batch_size,))
     progress(f"wrote {root / str(version)} (model.onnx, calibration.json) and the Triton configs")
     return ExportResult(version, root / str(version), calibration, model, seconds)
+
+
+def extract_layers(classifier, images: np.ndarray, progress: Callable[[str], None]):
+    """The multi-layer SISOM inputs of the training images (:func:`oodguard.export.layers.extract`), after
+    checking the backbone's hand-written gradients against autograd on a few of them; None (and a note) for a
+    backbone without ``sisom_stages``."""
+    if layers.names(classifier.backbone) == (layers.PENULTIMATE,):
+        progress(f"  note: backbone {type(classifier.backbone).__name__} has no sisom_stages(): "
+                 "sisom_ml and sisome_ml use the penultimate layer only")
+        return None
+    errors = layers.check(classifier, images[:8])
+    progress(f"  multi-layer SISOM: layers {list(errors)}, gradient check against autograd "
+             f"(largest relative error {max(errors.values()):.1e})")
+    return layers.extract(classifier, images)
 
 
 def user_validation_sets(spec: ExportSpec) -> list[ValidationOOD]:

@@ -60,6 +60,20 @@ def test_lenet5_features_shape() -> None:
     assert (out >= 0).all()  # ends in a ReLU
 
 
+@pytest.mark.parametrize("factory", [lenet5, resnet18_cifar])
+def test_sisom_stages_compose_to_the_forward_pass(factory) -> None:
+    """The multi-layer SISOM protocol: the stages, applied in order, are the backbone (same values)."""
+    from oodguard.export import vjp
+
+    net = factory().eval()
+    x = torch.randn(3, *net.input_shape)
+    h = x
+    for _, stage in net.sisom_stages():
+        h = vjp.run(stage, h)
+    with torch.no_grad():
+        torch.testing.assert_close(h, net(x), rtol=0, atol=0)
+
+
 def test_resnet18_cifar_features_shape() -> None:
     net = resnet18_cifar().eval()
     assert isinstance(net, CifarResNet18)

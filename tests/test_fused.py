@@ -13,7 +13,7 @@ from oodguard.export.train import extract
 from oodguard.metrics import auroc
 from oodguard.onnx_runner import OnnxModel
 
-EXPECTED_OUTPUTS = ["logits", "features", "sisom", "sisome", "energy", "msp", "maxlogit", "knn", "cluster", "gradnorm",
+EXPECTED_OUTPUTS = ["logits", "features", "sisom", "sisome", "sisom_ml", "sisome_ml", "energy", "msp", "maxlogit", "knn", "cluster", "gradnorm",
                     "fused"]
 
 
@@ -104,3 +104,35 @@ def test_parity_with_pytorch_resnet18_cifar(tmp_path):
         x = rng.normal(size=(batch, 3, 32, 32)).astype(np.float32)
         assert_parity(run_torch(model, x), session.run(x), fusion=fusion)
     assert output_names(model.score_names) == EXPECTED_OUTPUTS
+
+
+def test_the_backward_pass_is_in_the_graph_only_for_a_backbone_with_layer_stages(digits_export, tmp_path):
+    """LeNet-5 names its layers: the graph differentiates through them (ConvTranspose). A backbone without
+    sisom_stages gets penultimate-only multi-layer scores and a forward-only graph."""
+    _, result, _, _ = digits_export
+    ops = {node.op_type for node in onnx.load(str(result.version_dir / "model.onnx")).graph.node}
+    assert "ConvTranspose" in ops
+    assert result.model.layer_names == ("conv1", "conv2", "fc1", "penultimate")
+
+    class Plain(torch.nn.Module):
+        feature_dim = 4
+
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                            torch.nn.Flatten())
+
+        def forward(self, x):
+            return self.body(x)
+
+    torch.manual_seed(0)
+    classifier = Classifier(Plain(), 3).eval()
+    images = np.random.default_rng(0).normal(size=(30, 1, 8, 8)).astype(np.float32)
+    features, logits = extract(classifier, images)
+    data = FitData(features, logits, np.arange(30) % 3, np.arange(30), classifier.head.weight.detach().numpy(),
+                   classifier.head.bias.detach().numpy())
+    model = FusedModel(classifier, fit_scores(data, {"knn": {"k": 3}})).eval()
+    assert model.layer_names == ("penultimate",)
+    path = export_onnx(model, (1, 8, 8), tmp_path / "plain.onnx")
+    assert "ConvTranspose" not in {node.op_type for node in onnx.load(str(path)).graph.node}
+    assert_parity(run_torch(model, images[:7]), OnnxModel(path).run(images[:7]))

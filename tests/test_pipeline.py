@@ -27,6 +27,10 @@ def test_calibration_file_records_thresholds_and_model_metadata(digits_export):
     assert model["bank_size"] == len(record.splits["train"]) and model["bank_method"] == "full"
     assert model["score_params"]["sisom"]["alpha"] > 0 and model["score_params"]["sisom"]["r_avg"] > 0
     assert {"mu_r", "sd_r", "mu_E", "sd_E", "r_avg"} <= set(model["score_params"]["sisome"])
+    multi = model["score_params"]["sisom_ml"]
+    assert multi["layers"] == ["conv1", "conv2", "fc1", "penultimate"] and set(multi["alpha"]) == set(multi["layers"])
+    assert multi["alpha_search"]["validation_ood_size"] > 0 and multi["r_avg"] > 0
+    assert model["score_params"]["sisom"]["layers"] == ["penultimate"]  # the penultimate-only score, to compare
     assert model["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert model["exported_at"] and model["oodguard_version"] and model["version"] == 1
     assert model["test_accuracy"] == record.test_accuracy and model["test_accuracy"]["overall"] > 0.9
@@ -129,7 +133,7 @@ def test_next_export_adds_a_version_and_the_repository_validates(digits_export, 
     assert second.calibration.model["bank_size"] == 200
     # ProbCover and a stratified random bank are compared on every bank-based score; the better is kept
     comparison = second.calibration.model["bank_comparison"]
-    assert set(comparison) == {"probcover", "random"} and set(comparison["random"]) == {"sisom", "sisome", "knn"}
+    assert set(comparison) == {"probcover", "random"} and set(comparison["random"]) == {"sisom", "sisome", "sisom_ml", "sisome_ml", "knn"}
     probcover_wins = all((comparison["probcover"][s]["worst"], comparison["probcover"][s]["mean"])
                          >= (comparison["random"][s]["worst"], comparison["random"][s]["mean"]) for s in comparison["random"])
     assert second.calibration.model["bank_method"] == ("probcover" if probcover_wins else "random")
@@ -201,3 +205,25 @@ def test_bad_validation_ood_sets_are_clear_errors_before_any_work(digits_export,
     with pytest.raises(ValueError, match=rf"--validation-ood {path}: .*{message}"):
         export_model(spec, progress=quiet)
     assert not (tmp_path / "repo" / "digits").exists()
+
+
+def test_a_backbone_without_layer_stages_is_noted_and_gets_no_layer_data():
+    from torch import nn
+
+    from oodguard.export.backbones import Classifier
+    from oodguard.export.pipeline import extract_layers
+
+    class Plain(nn.Module):
+        feature_dim = 4
+
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+        def forward(self, x):
+            return self.body(x)
+
+    lines = []
+    images = np.random.default_rng(0).normal(size=(6, 1, 8, 8)).astype(np.float32)
+    assert extract_layers(Classifier(Plain(), 3).eval(), images, lines.append) is None
+    assert lines == ["  note: backbone Plain has no sisom_stages(): sisom_ml and sisome_ml use the penultimate layer only"]

@@ -12,10 +12,12 @@ from .knn import Knn
 from .maxlogit import MaxLogit
 from .msp import Msp
 from .sisom import Sisom
+from .sisom_ml import SisomMl
 from .sisome import Sisome
+from .sisome_ml import SisomeMl
 
 SCORES: dict[str, type[Score]] = {
-    cls.name: cls for cls in (Sisom, Sisome, Energy, Msp, MaxLogit, Knn, Cluster, GradNorm)
+    cls.name: cls for cls in (Sisom, Sisome, SisomMl, SisomeMl, Energy, Msp, MaxLogit, Knn, Cluster, GradNorm)
 }
 
 __all__ = ["SCORES", "FitData", "Score"]

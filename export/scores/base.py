@@ -4,6 +4,10 @@ A score has an offline part, :meth:`Score.fit`, that builds its state (a feature
 statistics) from the classifier's training features with NumPy, and an exported part, ``forward``, a
 torch computation from ``(logits, features)`` to a ``[B]`` tensor that becomes one output of the ONNX
 graph. Convention: **higher = more OOD** for every score.
+
+A score with ``uses_layers = True`` also reads the backbone's per-layer pooled activations and loss
+gradients (:mod:`oodguard.export.layers`): it names them in ``layer_names`` and its ``forward`` gets a fourth
+argument, ``{layer: (a [B, C], g [B, C])}``, which the fused head computes once for all such scores.
 """
 
 from __future__ import annotations
@@ -25,7 +29,9 @@ class FitData:
     linear layer. ``validation_ood_*`` are features/logits of a *validation* OOD set (synthetic, or the
     user's ``--validation-ood``, never a test set) that a score may use to tune a hyper-parameter, with the
     group of each item (``near`` / ``far`` / ``user:...``, see :mod:`oodguard.export.validation`); empty when
-    none is given.
+    none is given. ``layers`` / ``validation_ood_layers`` hold, per backbone layer, the pooled activations and
+    loss gradients ``(a [N, C], g [N, C])`` of the same rows (:func:`oodguard.export.layers.extract`); None
+    when the backbone names no layers.
     """
 
     features: np.ndarray
@@ -38,6 +44,8 @@ class FitData:
     validation_ood_logits: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), np.float32))
     seed: int = 0
     validation_ood_groups: np.ndarray | None = None  # None: one group ("ood") for every validation item
+    layers: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None
+    validation_ood_layers: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None
 
     @property
     def groups(self) -> np.ndarray:
@@ -61,10 +69,13 @@ class FitData:
 
 class Score(nn.Module):
     """Base class: a fitted score is a torch module mapping ``(logits, features)`` to ``[B]``.
-    ``uses_bank``: the score's state comes from the (possibly reduced) feature bank."""
+    ``uses_bank``: the score's state comes from the (possibly reduced) feature bank. ``uses_layers``: the
+    score reads the backbone's layers (see the module docstring)."""
 
     name: ClassVar[str]
     uses_bank: ClassVar[bool] = False
+    uses_layers: ClassVar[bool] = False
+    layer_names: tuple[str, ...] = ()
 
     @classmethod
     def fit(cls, data: FitData, fitted: Mapping[str, "Score"], **params) -> "Score":

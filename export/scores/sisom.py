@@ -1,6 +1,7 @@
 """SISOM (Schmidt et al., TMLR 2025): feature-space distance ratio of gradient-weighted features.
 
-Enriched features, penultimate layer only, in closed form (no backward pass, so it exports to ONNX):
+Enriched features, penultimate layer only (the paper's several layers are ``sisom_ml``:
+:mod:`oodguard.export.scores.sisom_ml`), in closed form (no backward pass, so it exports to ONNX):
 the loss is cross-entropy to the uniform target, whose gradient w.r.t. the penultimate features ``h`` of
 a linear head ``z = W h + b`` is ``g = W^T (softmax(z) - 1/K)``, and ``s = sigmoid(alpha * h * g)``.
 Distances are taken on ``s - 0.5 = tanh(alpha * h * g / 2) / 2`` (identical distances, no cancellation
@@ -79,23 +80,39 @@ def ratios(query_s: np.ndarray, predicted: np.ndarray, bank_s, labels, d_out, ch
     return out
 
 
-class Sisom(Score):
-    name = "sisom"
+class BankRatio(Score):
+    """The exported distance ratio of enriched features ``s - 0.5`` against a bank (shared by
+    :class:`Sisom` and the multi-layer :class:`~oodguard.export.scores.sisom_ml.SisomMl`)."""
+
     uses_bank = True
 
-    def __init__(self, head_weight, bank_s, bank_labels, d_out, alpha: float, info: dict):
-        super().__init__()
-        self.alpha = float(alpha)
-        self.info = info
+    def register_bank(self, bank_s: np.ndarray, bank_labels: np.ndarray, d_out: np.ndarray) -> None:
         centre = bank_s.mean(axis=0)
         centred = bank_s - centre
-        self.register_buffer("head_weight", buffer(head_weight))
         self.register_buffer("centre", buffer(centre))
         # Banks are stored transposed ([D, N]) so that the ONNX initialiser keeps its name (no folded transpose).
         self.register_buffer("bank_t", buffer(centred.T, torch.float64))
         self.register_buffer("bank_sq_norms", buffer((centred * centred).sum(axis=1), torch.float64))
         self.register_buffer("bank_labels", buffer(bank_labels, torch.int64))
         self.register_buffer("d_out", buffer(d_out, torch.float64))
+
+    def ratio(self, s: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``r`` of enriched features ``s - 0.5`` (``[B, D]``) for the predicted classes of ``logits``."""
+        d2 = squared_distances((s - self.centre).double(), self.bank_t, self.bank_sq_norms)
+        same_class = self.bank_labels.unsqueeze(0) == logits.argmax(dim=1, keepdim=True)
+        d2_in, anchor = torch.where(same_class, d2, torch.full_like(d2, float("inf"))).min(dim=1)
+        return (torch.sqrt(d2_in) / self.d_out[anchor]).float()
+
+
+class Sisom(BankRatio):
+    name = "sisom"
+
+    def __init__(self, head_weight, bank_s, bank_labels, d_out, alpha: float, info: dict):
+        super().__init__()
+        self.alpha = float(alpha)
+        self.info = info
+        self.register_buffer("head_weight", buffer(head_weight))
+        self.register_bank(bank_s, bank_labels, d_out)
 
     @classmethod
     def fit(cls, data: FitData, fitted, alpha: float | None = None, search_size: int = 5000):
@@ -118,11 +135,7 @@ class Sisom(Score):
     def forward(self, logits, features, computed):
         p = torch.softmax(logits, dim=1)
         grad = (p - 1.0 / logits.shape[1]) @ self.head_weight
-        s = torch.tanh(self.alpha * features * grad / 2.0) / 2.0 - self.centre
-        d2 = squared_distances(s.double(), self.bank_t, self.bank_sq_norms)
-        same_class = self.bank_labels.unsqueeze(0) == logits.argmax(dim=1, keepdim=True)
-        d2_in, anchor = torch.where(same_class, d2, torch.full_like(d2, float("inf"))).min(dim=1)
-        return (torch.sqrt(d2_in) / self.d_out[anchor]).float()
+        return self.ratio(torch.tanh(self.alpha * features * grad / 2.0) / 2.0, logits)
 
     def metadata(self):
         loo_r = self.info["loo_r"]

@@ -16,6 +16,7 @@ from .base import Score
 class Sisome(Score):
     name = "sisome"
     uses_bank = True  # its ratio term is SISOM's
+    ratio_score = "sisom"  # the score whose ratio it balances
 
     def __init__(self, r_avg: float, mu_r: float, sd_r: float, mu_e: float, sd_e: float):
         super().__init__()
@@ -25,9 +26,9 @@ class Sisome(Score):
 
     @classmethod
     def fit(cls, data, fitted):
-        if "sisom" not in fitted:
-            raise ValueError("sisome needs the sisom score fitted first")
-        loo_r = fitted["sisom"].info["loo_r"]
+        if cls.ratio_score not in fitted:
+            raise ValueError(f"{cls.name} needs the {cls.ratio_score} score fitted first")
+        loo_r = fitted[cls.ratio_score].info["loo_r"]
         z = data.logits[data.bank].astype(np.float64)
         top = z.max(axis=1)
         energy = -(top + np.log(np.exp(z - top[:, None]).sum(axis=1)))
@@ -37,7 +38,7 @@ class Sisome(Score):
     def forward(self, logits, features, computed):
         # float64: a small sd_E magnifies float32 rounding of the energy (1e-4 seen with sd_E = 0.002).
         energy = -torch.logsumexp(logits.double(), dim=1)
-        ratio = computed["sisom"].double()
+        ratio = computed[self.ratio_score].double()
         combined = self.weight_energy * (energy - self.stats["mu_E"]) + self.weight_ratio * (ratio - self.stats["mu_r"])
         return combined.float()
 
