@@ -100,8 +100,8 @@ def test_onnx_runtime_gradients_equal_autograd(model, tmp_path):
     spatial mean of signed gradients cancels, ResNet-18 layer1 entries ~1e-7 against a mean ~1e-8). A float32
     forward pass (PyTorch's or ONNX Runtime's) puts a few ReLU inputs within rounding of 0 on the other side
     than float64 does (2 of ~10^7 on a batch of 64 ResNet inputs), which moves the gradients it reaches by up
-    to ~1/(h*w) of that size in every channel of that input, float32 autograd alike; so 95% of the inputs must
-    be within 1e-4 in every entry, and every entry within 3e-3 (a wrong VJP is off by O(1) almost everywhere)."""
+    to ~1/(h*w) of that size in every channel of that input, float32 autograd alike; so all inputs but one (or 5%)
+    must be within 1e-4 in every entry, and every entry within 3e-3 (a wrong VJP is off by O(1) almost everywhere)."""
     classifier, shape = model
     truth_model = copy.deepcopy(classifier).double()
     wrapper = PooledLayers(classifier).eval()
@@ -116,8 +116,8 @@ def test_onnx_runtime_gradients_equal_autograd(model, tmp_path):
         for name, (a, g, size) in truth.items():
             assert _relative_error(actual[f"a_{name}"], a) < 1e-4, (name, batch)
             errors = np.abs(actual[f"g_{name}"] - g.numpy()) / float(size.max())
-            exact_inputs = np.mean(errors.max(axis=1) < 1e-4)
-            assert exact_inputs >= 0.95 and errors.max() < 3e-3, (name, batch, exact_inputs, errors.max())
+            flipped = int(np.sum(errors.max(axis=1) >= 1e-4))  # the thread count decides which inputs flip
+            assert flipped <= max(1, batch // 20) and errors.max() < 3e-3, (name, batch, flipped, errors.max())
 
 
 def test_check_accepts_the_builtin_backbones_and_refuses_a_wrong_vjp(model, monkeypatch):
