@@ -12,6 +12,20 @@ answer before the next) at concurrency 1, 8 and 64 for --duration seconds per ce
 * ``gateway-embedded``  ``oodguard serve`` (embedded ORT, micro-batching at its defaults), ``grpc.aio``
 * ``gateway-triton``    ``oodguard serve --backend triton`` in front of that tritonserver, ``grpc.aio``
 * ``gateway-embedded-nobatch``  as gateway-embedded with ``--max-batch 1`` (micro-batching off)
+* ``gateway-embedded-flagged``  as gateway-embedded, sent only inputs the model flags (uniform noise), so every
+  item is written to the query queue (a temp SQLite file) before its answer: what flagged traffic costs
+* ``gateway-embedded-workers``  as gateway-embedded with ``--workers N`` (``--workers``, default 2): pre-forked
+  workers sharing the port
+* ``gateway-baseline``  as gateway-embedded, run from another copy of the source (``--baseline-src``: a folder
+  holding an ``oodguard`` package, e.g. the last commit's tree), so a change is measured against the code before
+  it in the same run; skipped without ``--baseline-src``
+
+CPU per request: every server's process group (the gateway's supervisor and its workers; tritonserver) is read
+from ``/proc/<pid>/stat`` before and after each cell, and the CPU seconds it used over the warm-up and the
+measured window together are divided by the requests it answered in that time (the CPU of the load generator is
+reported apart, as its share of one core). Unlike throughput, this figure barely moves when other jobs share the
+machine, so the gateway's cost is compared with the floor's (``grpc-floor``: the same request and answer sizes,
+no work) as CPU per request.
 
 Servers are separate processes (the gateways are ``oodguard serve`` subprocesses), so the load generator
 never shares their GIL; everything is on loopback. Cells are interleaved: for each concurrency every target
@@ -60,7 +74,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCIES = (1, 8, 64)
-TARGETS = ("ort-direct", "grpc-floor", "triton-direct", "gateway-embedded", "gateway-triton", "gateway-embedded-nobatch")
+TARGETS = ("ort-direct", "grpc-floor", "triton-direct", "gateway-embedded", "gateway-triton", "gateway-embedded-nobatch",
+           "gateway-embedded-flagged", "gateway-embedded-workers", "gateway-baseline")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BACKBONES = ("lenet5", "resnet18_cifar")
 #: model name of the resnet18_cifar repository (the lenet5 one is the demo's "digits")
@@ -95,6 +110,14 @@ def parse_args(argv=None):
     parser.add_argument("--cache", type=Path, default=ROOT / "runs" / "bench" / "serve-cache")
     parser.add_argument("--max-wait-ms", type=float, default=None, help="gateway-embedded micro-batching window "
                         "(default: the gateway's default)")
+    parser.add_argument("--channels", type=int, default=8, help="gRPC channels (connections) per gateway target, "
+                        "each with its own connection; concurrent callers take them in turn (default 8): one "
+                        "connection reaches one worker of a --workers gateway")
+    parser.add_argument("--workers", type=int, default=2, help="--workers of the gateway-embedded-workers target "
+                        "(default 2)")
+    parser.add_argument("--baseline-src", type=Path, default=None, help="folder holding an `oodguard` package (e.g. "
+                        "the last commit's source laid out as installed): the gateway-baseline target runs `oodguard "
+                        "serve` from it with gateway-embedded's flags (default: none, target skipped)")
     parser.add_argument("--hold", type=float, default=0.0, help=argparse.SUPPRESS)  # seconds to keep servers up at the end (profiling)
     args = parser.parse_args(argv)
     if args.out is None:
@@ -190,18 +213,22 @@ class Traffic:
     decision_score: str
     max_batch: int
     backbone: str = ""  # as recorded in calibration.json (a factory reference)
+    #: [M,C,H,W] float32 inputs the model flags (uniform noise, preprocessed): the all-flagged traffic
+    flagged_inputs: np.ndarray | None = None
 
     @property
     def request_shape(self) -> list[int]:
         """Shape of one batch-1 request: ``[1, C, H, W]``."""
         return [1, *self.inputs.shape[1:]]
 
-    def request(self, i: int):
-        """The gateway's ``PredictRequest`` of input ``i``: a float32 batch-1 tensor, request id ``bench-<i>``."""
+    def request(self, i: int, flagged: bool = False):
+        """The gateway's ``PredictRequest`` of input ``i`` (of the flagged inputs with ``flagged``): a float32
+        batch-1 tensor, request id ``bench-<i>``."""
         from oodguard.serve.v1 import oodguard_pb2 as pb
 
+        x = (self.flagged_inputs if flagged else self.inputs)[i]
         return pb.PredictRequest(model=self.model, request_id=f"bench-{i}", tensor=pb.Tensor(
-            dtype="float32", shape=self.request_shape, data=self.inputs[i].astype("<f4").tobytes()))
+            dtype="float32", shape=self.request_shape, data=x.astype("<f4").tobytes()))
 
     @property
     def backbone_name(self) -> str:
@@ -236,8 +263,15 @@ def build_traffic(repository: Path, model: str | None, count: int = 256) -> Traf
     keep = np.flatnonzero(~flagged & ~near)[:count]
     if not len(keep):
         raise RuntimeError(f"{model} v{version} flags (or nearly flags) every candidate digit: no traffic to send")
+    # all-flagged traffic: uniform noise images, kept where the model flags them with the same margin
+    noise = prep.apply(np.random.default_rng(0).integers(0, 256, size=(4 * count, *digits.images.shape[1:]),
+                                                         dtype=np.uint8))
+    noise_scores = OnnxModel(folder / repo.MODEL_FILE).run(noise)[score]
+    sure = calibration.thresholds[score].is_ood(noise_scores) & (noise_scores > threshold + 0.02 * abs(threshold) + 1e-6)
+    flagged_inputs = np.ascontiguousarray(noise[np.flatnonzero(sure)[:count]]) if sure.any() else None
     return Traffic(model, version, np.ascontiguousarray(x[keep]), float(flagged.mean()), score,
-                   int(calibration.model.get("max_batch_size", 64)), str(calibration.model.get("backbone", "")))
+                   int(calibration.model.get("max_batch_size", 64)), str(calibration.model.get("backbone", "")),
+                   flagged_inputs)
 
 
 def model_latency(session, inputs: np.ndarray, batches=LATENCY_BATCHES, runs: int = 5,
@@ -313,13 +347,18 @@ class Gateway:
                 pass
 
 
-def start_gateway(name: str, repository: Path, work: Path, port: int, extra: list[str]) -> Gateway:
+def start_gateway(name: str, repository: Path, work: Path, port: int, extra: list[str],
+                  source: Path | None = None) -> Gateway:
+    """``oodguard serve`` as a subprocess in a new session (its process group is the gateway and its workers);
+    ``source``: a folder holding another ``oodguard`` package to run instead of this checkout's."""
     log_path = work / f"{name}.log"
     command = [sys.executable, "-m", "oodguard.cli", "serve", "--repository", str(repository),
                "--listen", f"127.0.0.1:{port}", "--queue-path", str(work / f"{name}-queue.sqlite"),
                "--drain-timeout-s", "1", "--log-level", "WARNING", *extra]
     # only the flags above: OODGUARD_* settings of the calling shell would make runs incomparable
     env = {k: v for k, v in os.environ.items() if not k.startswith("OODGUARD_")}
+    if source is not None:  # found before the editable install of this checkout
+        env["PYTHONPATH"] = str(source.resolve())
     with open(log_path, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=work,
                                    env=env)
@@ -383,6 +422,9 @@ class Cell:
     client_cpu_pct: float  # % of one core, this process (load generator; ORT itself for ort-direct)
     queued: int = 0
     first_error: str = ""
+    #: server CPU milliseconds per answered request (warm-up and measured window together; None: not measured)
+    cpu_ms_per_request: float | None = None
+    loadavg: float | None = None  # 1-minute load average when the cell ended
 
 
 @dataclass
@@ -393,8 +435,11 @@ class Window:
     errors: int = 0
     queued: int = 0
     first_error: str = ""
+    answered: int = 0  # requests answered over warm-up and measured window (what the server CPU is divided by)
 
     def record(self, t0: float, t1: float, error: BaseException | None = None) -> None:
+        if error is None:
+            self.answered += 1
         if self.warm_end <= t1 <= self.end:
             if error is None:
                 self.latencies.append(t1 - t0)
@@ -404,13 +449,16 @@ class Window:
 
 
 def summarise(target: str, concurrency: int, rnd: int, w: Window, duration: float, server_cpu: float | None,
-              client_cpu: float) -> Cell:
+              client_cpu: float, server_cpu_total: float | None = None) -> Cell:
+    """``server_cpu`` / ``client_cpu``: CPU seconds scaled to the measured window; ``server_cpu_total``: the server's
+    CPU seconds over warm-up and measured window, divided by every request answered in that span."""
     lat = np.asarray(w.latencies) * 1000.0
     pct = (lambda q: float(np.percentile(lat, q))) if len(lat) else (lambda q: float("nan"))
+    per_request = None if server_cpu_total is None or not w.answered else 1000.0 * server_cpu_total / w.answered
     return Cell(target, concurrency, rnd, len(lat), w.errors, len(lat) / duration, pct(50), pct(90), pct(99),
                 float(lat.mean()) if len(lat) else float("nan"),
                 None if server_cpu is None else 100.0 * server_cpu / duration, 100.0 * client_cpu / duration,
-                w.queued, w.first_error)
+                w.queued, w.first_error, per_request, os.getloadavg()[0])
 
 
 async def drive_async(call, concurrency: int, warmup: float, duration: float, n_inputs: int) -> Window:
@@ -467,10 +515,11 @@ def drive_threads(call, concurrency: int, warmup: float, duration: float, n_inpu
 class Drivers:
     """One client per target, built once and reused by every cell."""
 
-    def __init__(self, traffic: Traffic, repository: Path):
+    def __init__(self, traffic: Traffic, repository: Path, channels: int = 1):
         self.traffic = traffic
+        self.n_channels = channels
         self.repository = repository
-        self.gateway_requests = None
+        self.gateway_requests = {}
         self.channels = {}
         self.triton_client = None
         self.ort = None
@@ -487,21 +536,25 @@ class Drivers:
         return lambda i: session.run(None, {repo.INPUT_NAME: rows[i]})
 
     # gateways
-    def gateway_call(self, target: str):
+    def gateway_call(self, target: str, flagged: bool = False):
+        """Predict calls to ``target`` with the unflagged traffic (``flagged``: the all-flagged traffic)."""
         import grpc
 
         from oodguard.serve.v1 import oodguard_pb2 as pb
         from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
 
-        if self.gateway_requests is None:
-            self.gateway_requests = [self.traffic.request(i) for i in range(len(self.traffic.inputs))]
-        if target not in self.channels:
-            self.channels[target] = grpc.aio.insecure_channel(target)
-        stub = pb_grpc.OODGuardStub(self.channels[target])
-        requests, queued = self.gateway_requests, pb.QUEUED
+        if flagged not in self.gateway_requests:
+            n = len(self.traffic.flagged_inputs if flagged else self.traffic.inputs)
+            self.gateway_requests[flagged] = [self.traffic.request(i, flagged) for i in range(n)]
+        if target not in self.channels:  # local subchannel pools: equal channels would share one connection
+            self.channels[target] = [grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+                                     for _ in range(self.n_channels)]
+        stubs = [pb_grpc.OODGuardStub(channel) for channel in self.channels[target]]
+        requests, queued = self.gateway_requests[flagged], pb.QUEUED
 
         async def call(i: int, w: Window) -> None:
-            response = await stub.Predict(requests[i], timeout=30)
+            # by input index: at c=64 caller k always gets channel k % channels; at c=1 the calls rotate over them
+            response = await stubs[i % len(stubs)].Predict(requests[i], timeout=30)
             if response.predictions[0].queue_status == queued:
                 w.queued += 1
         return call
@@ -530,8 +583,9 @@ class Drivers:
         return call
 
     async def aclose(self) -> None:
-        for channel in self.channels.values():
-            await channel.close()
+        for channels in self.channels.values():
+            for channel in channels:
+                await channel.close()
         if self.triton_client is not None:
             await self.triton_client.close()
 
@@ -544,15 +598,33 @@ def aggregate(cells: list[Cell]) -> dict[tuple[str, int], dict]:
         group = [c for c in cells if (c.target, c.concurrency) == key]
         med = lambda name: float(np.median([getattr(c, name) for c in group]))  # noqa: E731
         server = [c.server_cpu_pct for c in group if c.server_cpu_pct is not None]
+        per_request = [c.cpu_ms_per_request for c in group if c.cpu_ms_per_request is not None]
         out[key] = {"target": key[0], "concurrency": key[1], "rounds": len(group), "requests": sum(c.requests for c in group),
                     "errors": sum(c.errors for c in group), "queued": sum(c.queued for c in group),
                     "throughput_rps": med("throughput_rps"), "p50_ms": med("p50_ms"), "p90_ms": med("p90_ms"),
                     "p99_ms": med("p99_ms"), "mean_ms": med("mean_ms"),
-                    "server_cpu_pct": float(np.median(server)) if server else None, "client_cpu_pct": med("client_cpu_pct")}
+                    "server_cpu_pct": float(np.median(server)) if server else None, "client_cpu_pct": med("client_cpu_pct"),
+                    "cpu_ms_per_request": float(np.median(per_request)) if per_request else None}
     return out
 
 
-def ratios(cells: list[Cell]) -> list[dict]:
+def model_cpu_ms(path: Path, x: np.ndarray, calls: int = 2000) -> float:
+    """CPU milliseconds of one batch-1 run of the model on a 1-thread, non-spinning session: what the gateway's
+    embedded backend runs for a model as small as the digits LeNet (on its event loop), so the part of the
+    gateway's CPU per request that is the model itself."""
+    from oodguard import repository as repo
+    from oodguard.onnx_runner import OnnxModel
+
+    session = OnnxModel(path, intra_op_threads=1, spin=False).session
+    feed = {repo.INPUT_NAME: np.ascontiguousarray(x[:1])}
+    session.run(None, feed)
+    began = time.process_time()
+    for _ in range(calls):
+        session.run(None, feed)
+    return (time.process_time() - began) / calls * 1000.0
+
+
+def ratios(cells: list[Cell], model_cpu: float | None = None) -> list[dict]:
     """Every ratio (or difference) is computed per round from that round's two cells, which ran back to back
     and so saw the same state of a shared, noisy machine, and reported as the median over the rounds that have
     both (``per_round`` lists them). A missing, failed or zero-throughput cell gives no value for its round."""
@@ -576,8 +648,8 @@ def ratios(cells: list[Cell]) -> list[dict]:
     def diff(a, b):  # p50 of target a - p50 of target b at concurrency 1
         return paired([a, b], 1, "p50_ms", lambda x, y: x - y)
 
-    def ratio(a, b):  # throughput of a / throughput of b at concurrency 64
-        return paired([a, b], 64, "throughput_rps", lambda x, y: None if y == 0 else x / y)
+    def ratio(a, b, c=64, name="throughput_rps"):  # (default) throughput of a / throughput of b at concurrency 64
+        return paired([a, b], c, name, lambda x, y: None if y == 0 else x / y)
 
     def entry(name, per_round, unit, target, ok, how):
         """``ok=None``: an informative row (no target)."""
@@ -609,6 +681,32 @@ def ratios(cells: list[Cell]) -> list[dict]:
         entry("throughput grpc-floor / triton-direct @c=64",
               ratio("grpc-floor", "triton-direct"),
               "x", "(info)", None, "requests/s ratio: the most a single-process Python gRPC front reaches here"),
+        *(entry(f"CPU per request gateway-embedded / grpc-floor @c={c}",
+                ratio("gateway-embedded", "grpc-floor", c, "cpu_ms_per_request"), "x", "<= 1.5",
+                lambda v: v <= 1.5, "server CPU ms per answered request, gateway process tree over the floor's")
+          for c in (1, 64)),
+        entry("CPU per request gateway-embedded less the model / grpc-floor @c=1",
+              [] if model_cpu is None else paired(["gateway-embedded", "grpc-floor"], 1, "cpu_ms_per_request",
+                                                  lambda g, f: (g - model_cpu) / f),
+              "x", "<= 1.5", lambda v: v <= 1.5, "(gateway CPU ms per request - the model's own CPU ms per batch-1 "
+              "run, 1 thread) / the floor's: the gateway's transport and work, the model left out"),
+        entry("throughput all-flagged / unflagged @c=64", ratio("gateway-embedded-flagged", "gateway-embedded"),
+              "x", ">= 0.70", lambda v: v >= 0.7, "requests/s of gateway-embedded-flagged (every item queued in "
+              "SQLite before its answer) over gateway-embedded (nothing queued)"),
+        entry("CPU per request all-flagged / unflagged @c=64",
+              ratio("gateway-embedded-flagged", "gateway-embedded", 64, "cpu_ms_per_request"), "x", "(info)", None,
+              "what the queue writes cost in gateway CPU"),
+        entry("throughput --workers N / --workers 1 @c=64", ratio("gateway-embedded-workers", "gateway-embedded"),
+              "x", ">= 1.3 (2 cores)", lambda v: v >= 1.3, "requests/s of gateway-embedded-workers over "
+              "gateway-embedded, the load generator on the same cores"),
+        entry("load generator CPU @c=64 (gateway-embedded-workers cells)",
+              paired(["gateway-embedded-workers"], 64, "client_cpu_pct", lambda x: x), "%", "(info)", None,
+              "this process's CPU in % of one core while it drove the workers"),
+        entry("p50 gateway-embedded / gateway-baseline @c=1", ratio("gateway-embedded", "gateway-baseline", 1, "p50_ms"),
+              "x", "<= 1.05", lambda v: v <= 1.05, "no latency regression against the --baseline-src code"),
+        *(entry(f"CPU per request gateway-embedded / gateway-baseline @c={c}",
+                ratio("gateway-embedded", "gateway-baseline", c, "cpu_ms_per_request"), "x", "(info)", None,
+                "server CPU ms per request against the --baseline-src code") for c in (1, 64)),
     ]
 
 
@@ -618,15 +716,17 @@ def fmt(v, spec=".2f"):
 
 def write_report(out: Path, meta: dict, cells: list[Cell], agg: dict, rat: list[dict]) -> str:
     out.mkdir(parents=True, exist_ok=True)
-    table = ["| target | conc | req/s | p50 ms | p90 ms | p99 ms | errors | queued | server CPU % | client CPU % |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    table = ["| target | conc | req/s | p50 ms | p90 ms | p99 ms | errors | queued | server CPU % | server CPU ms/req "
+             "| client CPU % |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for row in agg.values():
         table.append(f"| {row['target']} | {row['concurrency']} | {fmt(row['throughput_rps'], '.0f')} | {fmt(row['p50_ms'])} | "
                      f"{fmt(row['p90_ms'])} | {fmt(row['p99_ms'])} | {row['errors']} | {row['queued']} | "
-                     f"{fmt(row['server_cpu_pct'], '.0f')} | {fmt(row['client_cpu_pct'], '.0f')} |")
+                     f"{fmt(row['server_cpu_pct'], '.0f')} | {fmt(row.get('cpu_ms_per_request'), '.3f')} | "
+                     f"{fmt(row['client_cpu_pct'], '.0f')} |")
     lines = ["| ratio | value | per round | target | met |", "|---|---:|---|---|---|"]
+    suffix = {"ms": " ms", "%": "%"}
     for r in rat:
-        value = fmt(r["value"], ".2f") + ("" if r["value"] is None else " ms" if r["unit"] == "ms" else "x")
+        value = fmt(r["value"], ".2f") + ("" if r["value"] is None else suffix.get(r["unit"], "x"))
         per_round = ", ".join(fmt(v, ".2f") for v in r.get("per_round", [])) or "n/a"
         lines.append(f"| {r['name']} ({r['how']}) | {value} | {per_round} | {r['target']} | "
                      f"{'n/a' if r['met'] is None else 'yes' if r['met'] else 'NO'} |")
@@ -635,7 +735,8 @@ def write_report(out: Path, meta: dict, cells: list[Cell], agg: dict, rat: list[
         "# Serving benchmark", "",
         f"{meta['started']} on {meta['machine']}; run time {meta['run_time_s']:.0f} s. Model {meta['model']} v{meta['version']} "
         f"(backbone `{meta['backbone']}`, input {shape}) from `{meta['repository']}`.", "",
-        model_cost_paragraph(meta), "",
+        model_cost_paragraph(meta) + (f" Its CPU per batch-1 run on a 1-thread session (the gateway's for a model this "
+                                      f"small): {meta['model_cpu_ms']:.3f} ms." if meta.get("model_cpu_ms") else ""), "",
         f"Closed loop, batch 1 per request, {meta['duration_s']:.1f} s measured per cell after {meta['warmup_s']:.1f} s warm-up, "
         f"{meta['rounds']} round(s), cells interleaved (every target in turn per concurrency). Loopback only; gateways "
         "are `oodguard serve` subprocesses; the load generator (asyncio `grpc.aio` / `tritonclient.grpc.aio`; a thread "
@@ -645,7 +746,15 @@ def write_report(out: Path, meta: dict, cells: list[Cell], agg: dict, rat: list[
         f"to the gateways as preprocessed float32 {shape} tensors, so the SQLite query queue (a temp file) is not "
         "written: the `queued` column counts responses that were queued anyway. Server CPU % is the server process "
         "group's CPU over the measured window in % of one core (gateway-triton: gateway + tritonserver); client CPU % is "
-        "this process (for ort-direct it includes the inference itself).", "",
+        "this process (for ort-direct it includes the inference itself). Server CPU ms/req is the server process "
+        "group's CPU over warm-up and measured window divided by the requests answered in that span (read from "
+        "/proc: it holds on a busy machine, where throughput does not).", "",
+        f"gateway-embedded-flagged: {meta.get('flagged_inputs', 0)} uniform-noise inputs the model flags, so every "
+        f"request writes its record to the SQLite queue before it is answered; gateway-embedded-workers: "
+        f"`--workers {meta.get('workers', 2)}`; gateway-baseline: the code in `{meta.get('baseline_src')}` with "
+        "gateway-embedded's flags. 1-minute load average at start / end: "
+        + " / ".join(", ".join(f"{v:.2f}" for v in meta[k]) if meta.get(k) else "n/a"
+                     for k in ("loadavg_start", "loadavg_end")) + " (per cell: report.json).", "",
         f"Gateway-embedded: micro-batching at {meta['embedded_batching']}; gateway-embedded-nobatch: `--max-batch 1` "
         "(each request runs alone; the wait window never applies). Triton: `--model-config-name=cpu` (python backend "
         "running the same model.onnx with ONNX Runtime, 1 intra-op thread, dynamic batching up to 64, 500 us queue delay). "
@@ -697,6 +806,7 @@ def _interrupt(signum, frame):
 def main(argv=None) -> int:
     args = parse_args(argv)
     began, started = time.monotonic(), time.strftime("%Y-%m-%d %H:%M:%S")
+    loadavg_start = os.getloadavg()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     targets = [t for t in args.targets.split(",") if t]
     unknown = set(targets) - set(TARGETS)
@@ -726,12 +836,15 @@ def main(argv=None) -> int:
         from oodguard import repository as repo
         from oodguard.onnx_runner import OnnxModel
 
-        drivers = Drivers(traffic, repository)
+        drivers = Drivers(traffic, repository, args.channels)
         # one session for the start-up latency and for ort-direct (the model is loaded once)
         drivers.ort = OnnxModel(repo.version_dir(repository, traffic.model, traffic.version) / repo.MODEL_FILE)
         latency_runs = 5
         latency = model_latency(drivers.ort.session, traffic.inputs, runs=latency_runs)
         latency_loadavg = os.getloadavg()[0]
+        model_cpu = model_cpu_ms(repo.version_dir(repository, traffic.model, traffic.version) / repo.MODEL_FILE,
+                                 traffic.inputs)
+        log(f"model CPU per batch-1 run (1 thread, no spinning): {model_cpu:.3f} ms")
         log("model latency (ORT, one session, median of interleaved runs): " + ", ".join(
             f"batch {b} {v['ms']:.2f} ms ({v['per_sample_ms']:.3f} ms/sample, best run {v['min_ms']:.2f} ms)"
             for b, v in latency.items()) + f"; load average {latency_loadavg:.2f}")
@@ -753,15 +866,25 @@ def main(argv=None) -> int:
 
         gateways: dict[str, Gateway] = {}
         extra_embedded = [] if args.max_wait_ms is None else ["--max-wait-ms", str(args.max_wait_ms)]
+        if "gateway-baseline" in targets and args.baseline_src is None:
+            targets = [t for t in targets if t != "gateway-baseline"]
+        if "gateway-embedded-flagged" in targets and traffic.flagged_inputs is None:
+            notes.append("gateway-embedded-flagged skipped: the model flags none of the noise inputs")
+            log(notes[-1])
+            targets = [t for t in targets if t != "gateway-embedded-flagged"]
         specs = {"gateway-embedded": extra_embedded,
                  "gateway-embedded-nobatch": ["--max-batch", "1"],
-                 "gateway-triton": ["--backend", "triton", "--triton-url", triton.url] if triton else None}
+                 "gateway-triton": ["--backend", "triton", "--triton-url", triton.url] if triton else None,
+                 "gateway-embedded-flagged": extra_embedded,
+                 "gateway-embedded-workers": [*extra_embedded, "--workers", str(args.workers)],
+                 "gateway-baseline": extra_embedded}
         ports = iter(helpers.free_ports(len(specs) + 1))
         for name, extra in specs.items():
             port = next(ports)
             if name not in targets:
                 continue
-            gw = start_gateway(name, repository, work, port, extra)
+            gw = start_gateway(name, repository, work, port, extra,
+                               source=args.baseline_src if name == "gateway-baseline" else None)
             stack.callback(gw.stop)
             gateways[name] = gw
         for gw in gateways.values():
@@ -809,23 +932,28 @@ def main(argv=None) -> int:
                     pgids = server_pgids(target)
                     cpu0 = [group_cpu_seconds(p) for p in pgids]
                     client0 = time.process_time()
+                    flagged = target == "gateway-embedded-flagged"
+                    n_inputs = len(traffic.flagged_inputs if flagged else traffic.inputs)
                     if target == "ort-direct":
-                        w = drive_threads(drivers.ort_call(), c, args.warmup, args.duration, len(traffic.inputs))
+                        w = drive_threads(drivers.ort_call(), c, args.warmup, args.duration, n_inputs)
                     else:
                         call = drivers.triton_call(triton.url) if target == "triton-direct" else \
-                            drivers.gateway_call(gateways[target].target)
-                        w = loop.run_until_complete(drive_async(call, c, args.warmup, args.duration, len(traffic.inputs)))
+                            drivers.gateway_call(gateways[target].target, flagged)
+                        w = loop.run_until_complete(drive_async(call, c, args.warmup, args.duration, n_inputs))
                     # CPU over warm-up + measured window, scaled to the measured window's share
                     span = args.warmup + args.duration
                     scale = args.duration / span
-                    server_cpu = sum(group_cpu_seconds(p) - a for p, a in zip(pgids, cpu0)) * scale if pgids else None
-                    cell = summarise(target, c, rnd, w, args.duration, server_cpu, (time.process_time() - client0) * scale)
+                    server_total = sum(group_cpu_seconds(p) - a for p, a in zip(pgids, cpu0)) if pgids else None
+                    server_cpu = None if server_total is None else server_total * scale
+                    cell = summarise(target, c, rnd, w, args.duration, server_cpu, (time.process_time() - client0) * scale,
+                                     server_total)
                     cells.append(cell)
                     log(f"[{len(cells)}/{total}] {target:<25} c={c:<3} {cell.throughput_rps:8.0f} req/s  "
                         f"p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  errors {cell.errors}"
                         + (f" ({cell.first_error})" if cell.errors else "")
-                        + (f"  server CPU {cell.server_cpu_pct:.0f}%" if cell.server_cpu_pct is not None else "")
-                        + f"  client CPU {cell.client_cpu_pct:.0f}%")
+                        + (f"  server CPU {cell.server_cpu_pct:.0f}% ({cell.cpu_ms_per_request:.3f} ms/req)"
+                           if cell.server_cpu_pct is not None and cell.cpu_ms_per_request is not None else "")
+                        + f"  client CPU {cell.client_cpu_pct:.0f}%  load {cell.loadavg:.2f}")
         if args.hold:
             log(f"holding servers for {args.hold:.0f}s: " + ", ".join(f"{g.name} PID {g.process.pid}" for g in gateways.values()))
             time.sleep(args.hold)
@@ -834,7 +962,7 @@ def main(argv=None) -> int:
             if gw.process.poll() is not None:
                 notes.append(f"{gw.name} exited during the run with {gw.process.returncode}")
         agg = aggregate(cells)
-        rat = ratios(cells)
+        rat = ratios(cells, model_cpu)
         if any(c.errors for c in cells):
             notes.append("some cells had errors; see report.json (first_error)")
         notes.append(f"{os.cpu_count()} CPU cores shared by the load generator, the gateway and Triton: at concurrency 64 "
@@ -845,11 +973,14 @@ def main(argv=None) -> int:
                 "version": traffic.version, "backbone": traffic.backbone_name, "backbone_ref": traffic.backbone,
                 "request_shape": traffic.request_shape,
                 "model_latency_ms": {str(b): v for b, v in latency.items()}, "model_latency_runs": latency_runs,
-                "model_latency_loadavg": latency_loadavg, "cpus": os.cpu_count(),
+                "model_latency_loadavg": latency_loadavg, "cpus": os.cpu_count(), "model_cpu_ms": model_cpu,
                 "build": build, "duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
                 "concurrencies": concurrencies, "targets": targets, "traffic_inputs": len(traffic.inputs),
                 "flagged_share": traffic.flagged_share, "decision_score": traffic.decision_score,
-                "embedded_batching": embedded_batching, "notes": notes,
+                "embedded_batching": embedded_batching, "notes": notes, "workers": args.workers,
+                "baseline_src": None if args.baseline_src is None else str(args.baseline_src),
+                "flagged_inputs": 0 if traffic.flagged_inputs is None else len(traffic.flagged_inputs),
+                "loadavg_start": loadavg_start, "loadavg_end": os.getloadavg(),
                 "triton_started_in_s": None if triton is None else triton.started_in_s}
         meta["run_time_s"] = time.monotonic() - began
         md = write_report(args.out, meta, cells, agg, rat)

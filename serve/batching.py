@@ -6,7 +6,10 @@ and at most ``max_inflight`` batches running at once (the backend's capacity: on
 
 * a submission that finds a slot free and nothing pending leads the next batch: it yields once, so the
   submissions already runnable in this event-loop turn join it, and runs the batch; alone, it runs in
-  its caller's own task, so at low load a request pays no hand-off (``max_wait_s = 0``, the default);
+  its caller's own task, so at low load a request pays no hand-off (``max_wait_s = 0``, the default).
+  The yield stays even when no other caller is in progress: under load a burst of requests arrives in one
+  event-loop turn before any of them is counted, and a leader that skipped the yield ran each burst's first
+  request alone (measured: 1.6x the CPU per request at concurrency 64);
 * otherwise a free slot takes everything pending for a lane (whole submissions, up to the lane's row
   limit) on the next event-loop turn, so requests that arrived together go together;
 * while every slot is busy, submissions pile up and the next free slot takes them as one batch, so

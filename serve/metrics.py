@@ -3,10 +3,22 @@ HTTPS (``metrics_tls_cert`` / ``metrics_tls_key``), optionally behind HTTP basic
 on ``metrics_host`` (default: the host of ``--listen``); see :func:`start_metrics_server`.
 
 Every metric lives in the gateway's own :class:`prometheus_client.CollectorRegistry` (several gateways in
-one process, as in the tests, do not collide). Labels are bounded: ``model`` / ``version`` only take
-values of served versions (a request naming an unknown model is counted as ``model="unknown"``), ``code``
-is a gRPC status name, ``score`` a score the model exports; request ids and client metadata never become
-labels.
+one process, as in the tests, do not collide).
+
+With ``oodguard serve --workers N`` (:mod:`oodguard.serve.workers`) every worker runs in prometheus_client's
+multiprocess mode (``GatewayMetrics(multiprocess=True)``): the request-path counters and histograms land in
+memory-mapped files of one directory per serve start (``PROMETHEUS_MULTIPROC_DIR``), and worker 0 serves one
+``/metrics`` that merges every worker's files (:class:`_WorkerFiles`, counters of dead workers included) with
+its own view of the state (thresholds, model info, queue statistics: the same repository and store for all).
+What differs per worker is written to the files too, once a second by :meth:`GatewayMetrics.sync`:
+``oodguard_serving`` (the minimum over live workers: 1 only while every worker serves),
+``oodguard_inflight_requests`` and ``oodguard_queue_spool_backlog`` (sums over live workers),
+``oodguard_queue_reachable`` (minimum), and the score histograms (their bucket counts, as hidden gauges that
+:class:`_WorkerFiles` turns back into ``oodguard_score``). Names, labels and types are those of one process.
+
+Labels are bounded: ``model`` / ``version`` only take values of served versions (a request naming an unknown
+model is counted as ``model="unknown"``), ``code`` is a gRPC status name, ``score`` a score the model exports;
+request ids and client metadata never become labels.
 
 Traffic (updated on the request path):
 
@@ -66,6 +78,7 @@ import base64
 import hashlib
 import hmac
 import logging
+import os
 import socket
 import ssl
 import threading
@@ -77,7 +90,7 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer
 
 import grpc
 import numpy as np
-from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
@@ -115,6 +128,16 @@ BAD_REQUEST_REASONS = ("undecodable", "request_id_too_long", "metadata_too_large
                        "reply_too_large", "other")
 #: the metrics endpoint: seconds a connection gets for its TLS handshake and for each read or write
 HTTP_TIMEOUT_S = 10.0
+SCORE_HELP = ("OOD score values; buckets from the version's calibration (calibration quantiles, the threshold, steps "
+              "above the largest calibration score)")
+SERVING_HELP = "1 when the gateway's gRPC health is SERVING"
+INFLIGHT_HELP = "Predict calls admitted and not answered yet (admission control refuses above --max-inflight-requests)"
+SPOOL_HELP = "Records waiting in the local spool for the queue store"
+REACHABLE_HELP = "1 unless the query queue's store is known to be unreachable (its last call failed)"
+#: multiprocess mode: the hidden gauge holding score bucket counts (label ``le``; ``le="sum"``: the sum)
+SCORE_PARTS = "oodguard_score_parts"
+#: multiprocess mode: how often each worker writes its per-worker state and folded scores to the files, seconds
+SYNC_INTERVAL_S = 1.0
 
 
 def score_buckets(threshold: "ScoreThreshold") -> tuple[float, ...]:
@@ -157,7 +180,10 @@ class _ScoreHistograms(Collector):
 
     FOLD_ROWS = 4096
 
-    def __init__(self) -> None:
+    def __init__(self, parts: Gauge | None = None) -> None:
+        #: multiprocess mode: every fold also adds its bucket counts to this gauge (labels model, version,
+        #: score, le), which the metrics worker reads from the files
+        self._parts = None if parts is None else _Children(parts)
         self._lock = threading.Lock()  # guards the buffer and the series' counts
         self._fold_lock = threading.Lock()  # one fold at a time (request path and scrape thread)
         #: (model, version, score) → (upper bounds, cumulative-free bucket counts, sum)
@@ -202,11 +228,14 @@ class _ScoreHistograms(Collector):
                 with self._lock:
                     series[1] += counts
                     series[2] += float(values.sum())
+                if self._parts is not None:
+                    for bound, count in zip(series[0], counts):
+                        if count:
+                            self._parts(*key, floatToGoString(bound)).inc(int(count))
+                    self._parts(*key, "sum").inc(float(values.sum()))
 
     def collect(self) -> Iterable[HistogramMetricFamily]:
-        family = HistogramMetricFamily("oodguard_score", "OOD score values; buckets from the version's calibration "
-                                       "(calibration quantiles, the threshold, steps above the largest calibration score)",
-                                       labels=["model", "version", "score"])
+        family = HistogramMetricFamily("oodguard_score", SCORE_HELP, labels=["model", "version", "score"])
         self._fold()
         with self._lock:
             items = [(key, s[0], s[1].copy(), s[2]) for key, s in sorted(self._series.items())]
@@ -283,6 +312,9 @@ class _StateCollector(Collector):
     def __init__(self, gateway: Any, stats_interval_s: float) -> None:
         self.gateway = gateway
         self.stats = _QueueStatsPoller(gateway.queue, stats_interval_s)
+        #: False in multiprocess mode: serving, in-flight requests and the queue's local state come from every
+        #: worker's files instead of this process
+        self.per_process = True
 
     def collect(self):
         gw = self.gateway
@@ -309,22 +341,26 @@ class _StateCollector(Collector):
                 rate.add_metric([model, v], p0)
                 upper.add_metric([model, v], p0_upper)
         yield from (threshold, rate, upper, info)
-        yield GaugeMetricFamily("oodguard_serving", "1 when the gateway's gRPC health is SERVING",
-                                value=1.0 if getattr(gw, "_serving", False) else 0.0)
-        yield GaugeMetricFamily("oodguard_inflight_requests", "Predict calls admitted and not answered yet (admission "
-                                "control refuses above --max-inflight-requests)", value=float(getattr(gw, "active_requests", 0)))
+        if self.per_process:
+            yield GaugeMetricFamily("oodguard_serving", SERVING_HELP, value=1.0 if getattr(gw, "_serving", False) else 0.0)
+            yield GaugeMetricFamily("oodguard_inflight_requests", INFLIGHT_HELP,
+                                    value=float(getattr(gw, "active_requests", 0)))
         yield from self._queue_state()
 
     def _queue_state(self):
+        if not self.per_process:
+            yield from self._queue_stats()
+            return
         try:
             local = self.gateway.queue.local_state()
         except Exception:  # noqa: BLE001 (a queue bug must not fail the whole scrape)
             log.exception("metrics: cannot read the queue's local state")
         else:
-            yield GaugeMetricFamily("oodguard_queue_spool_backlog", "Records waiting in the local spool for the "
-                                    "queue store", value=float(local.spool_backlog))
-            yield GaugeMetricFamily("oodguard_queue_reachable", "1 unless the query queue's store is known to be "
-                                    "unreachable (its last call failed)", value=1.0 if local.reachable else 0.0)
+            yield GaugeMetricFamily("oodguard_queue_spool_backlog", SPOOL_HELP, value=float(local.spool_backlog))
+            yield GaugeMetricFamily("oodguard_queue_reachable", REACHABLE_HELP, value=1.0 if local.reachable else 0.0)
+        yield from self._queue_stats()
+
+    def _queue_stats(self):
         stats = self.stats.current()
         yield GaugeMetricFamily("oodguard_queue_stats_up", "1 when the query queue's statistics can be read (the "
                                 "last read worked and none is stuck)", value=0.0 if stats is None else 1.0)
@@ -343,6 +379,35 @@ class _StateCollector(Collector):
                 ("oodguard_queue_evicted", "Pending records evicted by the full query queue (policy evict-oldest)",
                  stats.evicted)):
             yield CounterMetricFamily(name, text, value=float(value))
+
+
+class _WorkerFiles(Collector):
+    """Multiprocess mode: what every worker wrote to ``path`` (prometheus_client's :class:`MultiProcessCollector`:
+    counters and histograms summed over all workers, dead ones included; gauges by their ``multiprocess_mode``),
+    with the hidden score bucket gauges turned back into the ``oodguard_score`` histograms."""
+
+    def __init__(self, path: str) -> None:
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        self._files = MultiProcessCollector(None, path)
+
+    def collect(self):
+        parts: dict[tuple[str, str, str], dict[str, float]] = {}
+        for family in self._files.collect():
+            if family.name != SCORE_PARTS:
+                yield family
+                continue
+            for sample in family.samples:
+                labels = sample.labels
+                parts.setdefault((labels["model"], labels["version"], labels["score"]), {})[labels["le"]] = sample.value
+        scores = HistogramMetricFamily("oodguard_score", SCORE_HELP, labels=["model", "version", "score"])
+        for key in sorted(parts):
+            counts = parts[key]
+            total = counts.pop("sum", 0.0)
+            bounds = sorted(counts, key=float)
+            cumulative = np.cumsum([counts[b] for b in bounds])
+            scores.add_metric(list(key), [(b, float(c)) for b, c in zip(bounds, cumulative)], total)
+        yield scores
 
 
 class _Children:
@@ -378,8 +443,9 @@ class GatewayMetrics:
     """Every metric object of one gateway, and the hooks the server calls."""
 
     def __init__(self, registry: CollectorRegistry | None = None,
-                 queue_stats_interval_s: float = QUEUE_STATS_MIN_INTERVAL_S):
+                 queue_stats_interval_s: float = QUEUE_STATS_MIN_INTERVAL_S, multiprocess: bool = False):
         self.registry = registry if registry is not None else CollectorRegistry()
+        self.multiprocess = multiprocess
         self.queue_stats_interval_s = queue_stats_interval_s
         r = self.registry
         self.requests = Counter("oodguard_requests", "Predict calls by model, version and gRPC status",
@@ -413,7 +479,15 @@ class GatewayMetrics:
         # every reason exported from the start (at 0), so rate() and increase() see the first one
         self._refused = {reason: refused.labels(reason) for reason in REFUSED_REASONS}
         self._bad_requests = {reason: bad.labels(reason) for reason in BAD_REQUEST_REASONS}
-        self.scores = _ScoreHistograms()
+        self._live: dict[str, Gauge] = {}
+        if multiprocess:  # per-worker state, written by sync(); the files hold them, no registry needs them
+            self._live = {name: Gauge(name, text, multiprocess_mode=mode, registry=None) for name, text, mode in (
+                ("oodguard_serving", SERVING_HELP, "livemin"), ("oodguard_inflight_requests", INFLIGHT_HELP, "livesum"),
+                ("oodguard_queue_spool_backlog", SPOOL_HELP, "livesum"),
+                ("oodguard_queue_reachable", REACHABLE_HELP, "livemin"))}
+        parts = Gauge(SCORE_PARTS, "score bucket counts of one worker", ["model", "version", "score", "le"],
+                      multiprocess_mode="sum", registry=None) if multiprocess else None
+        self.scores = _ScoreHistograms(parts)
         r.register(self.scores)
         # children of the request-path metrics, by label values
         self._requests, self._request_seconds = _Children(self.requests), _Children(self.request_seconds)
@@ -431,6 +505,35 @@ class GatewayMetrics:
         self._gateway = gateway
         self._state = _StateCollector(gateway, self.queue_stats_interval_s)
         self.registry.register(self._state)
+
+    def sync(self) -> None:
+        """Multiprocess mode: write this worker's state (serving, in-flight requests, the queue's local state)
+        and its buffered score values to the files; the gateway calls it every :data:`SYNC_INTERVAL_S`."""
+        if not self.multiprocess or self._gateway is None:
+            return
+        gw = self._gateway
+        self.scores._fold()
+        self._live["oodguard_serving"].set(1.0 if getattr(gw, "_serving", False) else 0.0)
+        self._live["oodguard_inflight_requests"].set(float(getattr(gw, "active_requests", 0)))
+        try:
+            local = gw.queue.local_state()
+        except Exception:  # noqa: BLE001 (a queue bug must not stop the sync)
+            log.exception("metrics: cannot read the queue's local state")
+            return
+        self._live["oodguard_queue_spool_backlog"].set(float(local.spool_backlog))
+        self._live["oodguard_queue_reachable"].set(1.0 if local.reachable else 0.0)
+
+    def endpoint_registry(self) -> CollectorRegistry:
+        """What ``/metrics`` serves: this gateway's registry, or in multiprocess mode every worker's files with
+        this worker's state collector."""
+        if not self.multiprocess:
+            return self.registry
+        registry = CollectorRegistry()
+        registry.register(_WorkerFiles(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
+        if self._state is not None:
+            self._state.per_process = False
+            registry.register(self._state)
+        return registry
 
     # -- hooks ----------------------------------------------------------------------------------
     def _labels_of_request(self, request: Any) -> tuple[str, str]:
@@ -529,7 +632,8 @@ class GatewayMetrics:
                      tls_key: str | Path | None = None, auth_file: str | Path | None = None) -> int:
         """Serve ``/metrics`` on ``host:port`` (see :func:`start_metrics_server`) and start reading the queue
         statistics; returns the port."""
-        self._server, self._thread = start_metrics_server(port, host, self.registry, tls_cert, tls_key, auth_file)
+        self._server, self._thread = start_metrics_server(port, host, self.endpoint_registry(), tls_cert, tls_key,
+                                                          auth_file)
         if self._state is not None:
             self._state.stats.start()
         return int(self._server.server_port)

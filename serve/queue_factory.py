@@ -7,7 +7,9 @@
 - ``redis://[[user]:password@]host[:port][/db]`` (or ``rediss://`` for TLS): the Redis Streams queue, with
   its spool file at ``spool_path``. Extra query parameters of the queue (removed before the URL goes to
   redis-py, which takes the rest, e.g. ``socket_timeout``): ``key_prefix`` (default ``oodguard:queue``),
-  ``inline_max_bytes`` (default 262144), ``spool`` (overrides ``spool_path``).
+  ``inline_max_bytes`` (default 262144), ``spool`` (overrides ``spool_path``). Gateway worker ``i`` of
+  ``oodguard serve --workers N`` spools to its own file (:func:`~oodguard.serve.redis_queue.worker_spool_path`);
+  worker 0 first takes over the spools of worker indexes ``>= N``.
 """
 
 from __future__ import annotations
@@ -60,11 +62,11 @@ def split_redis_url(url: str) -> tuple[str, dict[str, str]]:
 
 def open_queue(url: str, *, max_size: int = 100_000, full_policy: str = "reject",
                spool_path: str | Path | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
-               create: bool = True) -> QueryQueue:
+               create: bool = True, worker: int = 0, workers: int = 1) -> QueryQueue:
     """The queue that ``url`` names (see the module docstring), bounded to ``max_size`` unharvested records
     and ``max_bytes`` of them. ``create=False`` (every command but ``serve``): a SQLite file that does not
     exist is a :class:`FileNotFoundError` naming its absolute path, and nothing is created (a Redis queue
-    needs no file)."""
+    needs no file). ``worker`` / ``workers``: this gateway worker's index and how many run (the Redis spool file)."""
     scheme = url_scheme(url)
     if scheme == "sqlite":
         from .sqlite_queue import SQLiteQueue
@@ -78,7 +80,7 @@ def open_queue(url: str, *, max_size: int = 100_000, full_policy: str = "reject"
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    from .redis_queue import DEFAULT_INLINE_MAX_BYTES, DEFAULT_PREFIX, RedisQueue
+    from .redis_queue import DEFAULT_INLINE_MAX_BYTES, DEFAULT_PREFIX, RedisQueue, adopt_orphan_spools, worker_spool_path
 
     client_url, params = split_redis_url(url)
     spool = params.get("spool") or spool_path
@@ -88,6 +90,9 @@ def open_queue(url: str, *, max_size: int = 100_000, full_policy: str = "reject"
         inline = int(params.get("inline_max_bytes", DEFAULT_INLINE_MAX_BYTES))
     except ValueError:
         raise ValueError(f"queue URL {url!r}: inline_max_bytes must be an integer") from None
+    if worker == 0:
+        adopt_orphan_spools(spool, workers)
+    spool = worker_spool_path(spool, worker)
     client = redis.Redis.from_url(client_url, socket_connect_timeout=2.0, socket_timeout=5.0,
                                   retry=Retry(NoBackoff(), 0), retry_on_error=[])
     return RedisQueue(client, Path(spool), max_size=max_size, full_policy=full_policy, max_bytes=max_bytes,

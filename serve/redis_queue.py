@@ -58,7 +58,10 @@ Redis accepted them; a crash in between replays them again, which dedup makes ha
 request reference). A torn last frame (a crash during an append, never acknowledged) is dropped when the
 spool is opened. Replayed records are always admitted: under ``evict-oldest`` older pending records are
 evicted for them as usual, under ``reject`` the queue may exceed ``max_size`` / ``max_bytes`` by at most the
-spool backlog (those records were already acknowledged). One spool file belongs to one process. For
+spool backlog (those records were already acknowledged). One spool file belongs to one process: with
+``oodguard serve --workers N`` worker ``i`` has its own, :func:`worker_spool_path` (worker 0 the plain path, a
+restarted worker takes over its predecessor's file), and worker 0 absorbs the spools of worker indexes that no
+longer run (a restart with fewer workers, or a single process after workers): :func:`adopt_orphan_spools`. For
 ``connect_retry_s`` after a failure, puts go to the spool without trying Redis (the replay thread probes it);
 :meth:`RedisQueue.local_state` reports the store unreachable from then until a call works again.
 """
@@ -436,11 +439,58 @@ class Spool:
                 self._open()
             self.backlog = max(0, self.backlog - records)
 
+    def absorb(self, other: Path) -> int:
+        """Append the valid frames of the spool file ``other`` (whose process is gone) and delete it; returns
+        the records taken over. A crash between the append and the delete leaves those frames in both files:
+        both are replayed, and dedup by id makes the second harmless."""
+        data = Path(other).read_bytes()
+        end, frames = _read_frames(data)
+        with self._lock:
+            if self._fd is None:
+                raise QueueError(f"spool {self.path} is closed")
+            view = memoryview(data)[:end]
+            while view:
+                view = view[os.write(self._fd, view):]
+            os.fsync(self._fd)
+            taken = sum(len(records) for _, records, _ in frames)
+            self.backlog += taken
+        os.unlink(other)
+        _fsync_dir(self.path.parent)
+        return taken
+
     def close(self) -> None:
         with self._lock:
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None
+
+
+def worker_spool_path(path: str | Path, worker: int) -> Path:
+    """The spool file of gateway worker ``worker``: the plain path for worker 0 (and a single process),
+    ``<path>.w<worker>`` for the others."""
+    path = Path(path)
+    return path if worker == 0 else path.with_name(f"{path.name}.w{worker}")
+
+
+def adopt_orphan_spools(path: str | Path, workers: int) -> int:
+    """Move the records of worker spools ``<path>.w<i>`` with ``i >= workers`` (no worker of this start owns
+    them) into the spool at ``path`` (worker 0's); returns the records moved. Call before the queue opens it."""
+    path = Path(path)
+    orphans = []
+    for other in path.parent.glob(f"{path.name}.w*"):
+        index = other.name[len(path.name) + 2:]
+        if index.isdigit() and int(index) >= max(workers, 1):
+            orphans.append(other)
+    if not orphans:
+        return 0
+    spool = Spool(path)
+    try:
+        taken = sum(spool.absorb(other) for other in sorted(orphans))
+    finally:
+        spool.close()
+    log.info("spool %s: took over %d record(s) from %d spool(s) of workers that no longer run", path, taken,
+             len(orphans))
+    return taken
 
 
 def _fsync_dir(path: Path) -> None:
@@ -611,15 +661,23 @@ class RedisQueue(QueryQueue):
         return [int(x) for x in out[:len(items)]]
 
     def put(self, records: Sequence[NewRecord]) -> list[str | None]:
-        self._check_open()
-        if not records:
-            return []
+        return self.put_prepared(self.prepare(records))
+
+    def prepare(self, records: Sequence[NewRecord]) -> tuple[list[str], list[SpoolRecord], list[SpoolRequest], list[str]]:
+        """(ids, the script's items, request payloads, each record's request id)."""
         ids = [uuid.uuid4().hex for _ in records]
         items, requests = self._encode(records, ids, time.time())
+        return ids, items, requests, [r.request_id for r in records]
+
+    def put_prepared(self, prepared: tuple[list[str], list[SpoolRecord], list[SpoolRequest], list[str]]) -> list[str | None]:
+        self._check_open()
+        ids, items, requests, request_ids = prepared
+        if not ids:
+            return []
         if time.monotonic() >= self._down_until:
             try:
                 result = self._run_put(items, requests, admit=False)
-                self._drops.note("refused", [r.request_id for r, status in zip(records, result) if not status])
+                self._drops.note("refused", [rid for rid, status in zip(request_ids, result) if not status])
                 return [rid if status else None for rid, status in zip(ids, result)]
             except UNREACHABLE as exc:
                 self._reachable = False
@@ -846,4 +904,5 @@ class RedisQueue(QueryQueue):
         self.redis.close()
 
 
-__all__ = ["RedisQueue", "Spool", "UNREACHABLE", "DEFAULT_PREFIX", "DEFAULT_INLINE_MAX_BYTES"]
+__all__ = ["RedisQueue", "Spool", "UNREACHABLE", "DEFAULT_PREFIX", "DEFAULT_INLINE_MAX_BYTES", "worker_spool_path",
+           "adopt_orphan_spools"]

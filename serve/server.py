@@ -5,7 +5,8 @@ The service's handlers live in :mod:`oodguard.serve.service`, input parsing and 
 :mod:`oodguard.serve.inputs`. The gateway runs each micro-batch (one backend call for concurrent requests
 of one version, :mod:`oodguard.serve.batching`), decides it with the version's thresholds (failing closed
 on unscorable items and inputs outside the model's range, :mod:`oodguard.serve.decision`), counts it once,
-and writes a request's flagged (and sampled) items to the query queue in a worker thread. Never imports torch.
+and writes the flagged (and sampled) items of the requests of a micro-batch to the query queue in one write
+(:mod:`oodguard.serve.queue_writer`) before answering them. Never imports torch.
 """
 
 from __future__ import annotations
@@ -29,10 +30,12 @@ from .memory import MemoryTrimmer
 from .metrics import GatewayMetrics
 from .queue import NewRecord, QueryQueue, QueueError
 from .queue_factory import describe_url
+from .queue_writer import QueueWriter
 from .registry import Registry, ServedVersion, describe
 from .service import SERVICE_NAME, ImageDecoder, OODGuardService
 from .settings import Settings
 from .v1 import oodguard_pb2 as pb
+from .workers import WorkerSlot
 
 log = logging.getLogger("oodguard.serve")
 
@@ -83,31 +86,39 @@ def build_backend(settings: Settings) -> Backend:
     raise ValueError(f"unknown backend {settings.backend!r}")
 
 
-def build_queue(settings: Settings) -> QueryQueue:
-    """The queue named by ``settings.queue_url`` (else the SQLite file ``settings.queue_path``)."""
+def build_queue(settings: Settings, worker: WorkerSlot | None = None) -> QueryQueue:
+    """The queue named by ``settings.queue_url`` (else the SQLite file ``settings.queue_path``); a worker's own
+    spool file for a Redis queue."""
     from .queue_factory import open_queue
 
+    slot = worker or WorkerSlot(0, 1)
     return open_queue(settings.effective_queue_url, max_size=settings.queue_max_size,
                       max_bytes=settings.queue_max_bytes, full_policy=settings.queue_full_policy,
-                      spool_path=settings.queue_spool_path)
+                      spool_path=settings.queue_spool_path, worker=slot.index, workers=slot.count)
 
 
-def server_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """gRPC server options of the gateway: the message size limit both ways; a port is never shared."""
+def server_options(max_message_bytes: int, share_port: bool = False) -> list[tuple[str, int]]:
+    """gRPC server options of the gateway: the message size limit both ways; the port is shared
+    (``SO_REUSEPORT``) only by the workers of one ``--workers`` gateway, never by accident."""
     return [("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.so_reuseport", 0)]
+            ("grpc.so_reuseport", 1 if share_port else 0)]
 
 
 class Gateway:
-    """Owns the gRPC server, the backend, the registry and the queue. ``start`` → ``port``; ``stop`` drains."""
+    """Owns the gRPC server, the backend, the registry and the queue. ``start`` → ``port``; ``stop`` drains.
+    ``worker``: this gateway is one of the workers of ``--workers N`` (shared port, multiprocess metrics, the
+    metrics endpoint in worker 0 only)."""
 
-    def __init__(self, settings: Settings, backend: Backend | None = None, queue: QueryQueue | None = None):
+    def __init__(self, settings: Settings, backend: Backend | None = None, queue: QueryQueue | None = None,
+                 worker: WorkerSlot | None = None):
         self.settings = settings
+        self.worker = worker
         self.policy = DecisionPolicy(tuple(settings.decision_scores), settings.decision_mode,
                                      settings.effective_decision_fallback)
         self.backend = backend if backend is not None else build_backend(settings)
-        self.queue = queue if queue is not None else build_queue(settings)
+        self.queue = queue if queue is not None else build_queue(settings, worker)
+        self.queue_writer = QueueWriter(self.queue)  # one put per micro-batch
         self.registry = Registry(self.backend, settings.repository, self.policy, settings.poll_interval_s,
                                  settings.max_batch, settings.default_model, on_state=self._on_registry_state,
                                  input_range_margin=settings.input_range_margin)
@@ -120,8 +131,9 @@ class Gateway:
         self.server: grpc.aio.Server | None = None
         self._rng = random.Random(settings.sample_seed)
         self._serving: bool | None = None
-        self.metrics = GatewayMetrics()
+        self.metrics = GatewayMetrics(multiprocess=worker is not None)
         self.metrics.bind(self)
+        self._sync: asyncio.Task | None = None
         #: Predict calls in progress; the embedded backend runs small single rows inline only when alone
         self.active_requests = 0
         self.backend.inline_allowed = lambda: self.active_requests <= 1
@@ -135,6 +147,7 @@ class Gateway:
         if serving == self._serving:
             return
         self._serving = serving
+        self.metrics.sync()
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
@@ -182,7 +195,7 @@ class Gateway:
                                      decision={**verdict.to_dict(), "item": i},
                                      flagged=verdict.ood, request_id=request.request_id, metadata=metadata))
         try:
-            return await self.metrics.time_queue_write(served.model, asyncio.to_thread(self.queue.put, records))
+            return await self.metrics.time_queue_write(served.model, self.queue_writer.put(records))
         except QueueError as exc:
             log.error("query queue write failed: %s", exc)
             raise
@@ -223,7 +236,7 @@ class Gateway:
         if fatal:
             raise PolicyError("; ".join(fatal.values()))
         limit = self.settings.max_message_bytes
-        self.server = grpc.aio.server(interceptors=interceptors, options=server_options(limit))
+        self.server = grpc.aio.server(interceptors=interceptors, options=server_options(limit, self.worker is not None))
         self.server.add_generic_rpc_handlers((OODGuardService(self).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
@@ -237,14 +250,16 @@ class Gateway:
         await self.server.start()
         s = self.settings
         host = s.listen.rpartition(":")[0]
-        if s.metrics_port:
+        if self.worker is not None:
+            self._sync = asyncio.create_task(self._sync_metrics(), name="oodguard-metrics-sync")
+        if s.metrics_port and (self.worker is None or self.worker.index == 0):
             metrics_host = s.metrics_host or host
             self.metrics_port = self.metrics.start_server(s.metrics_port, metrics_host, tls_cert=s.metrics_tls_cert,
                                                           tls_key=s.metrics_tls_key, auth_file=s.metrics_auth_file)
             log.info("metrics on %s://%s:%d/metrics%s", "https" if s.metrics_tls_cert else "http", metrics_host,
                      self.metrics_port, " (basic auth)" if s.metrics_auth_file else "")
-        log.info("oodguard gateway listening on %s:%d (backend %s, repository %s, queue %s, decision %s)", host,
-                 self.port, self.settings.backend, self.settings.repository,
+        log.info("oodguard gateway%s listening on %s:%d (backend %s, repository %s, queue %s, decision %s)",
+                 self._worker_name(), host, self.port, self.settings.backend, self.settings.repository,
                  describe_url(self.settings.effective_queue_url), self.policy.describe())
         for model, versions in sorted(self.registry.snapshot.versions.items()):
             for number in sorted(versions):
@@ -253,6 +268,17 @@ class Gateway:
             log.warning("no model version ready yet; health NOT_SERVING until one is")
         return self.port
 
+    def _worker_name(self) -> str:
+        return "" if self.worker is None else f" worker {self.worker.index}/{self.worker.count}"
+
+    async def _sync_metrics(self) -> None:
+        """Multiprocess mode: this worker's state into the metrics files, once per SYNC_INTERVAL_S."""
+        from .metrics import SYNC_INTERVAL_S
+
+        while True:
+            await asyncio.sleep(SYNC_INTERVAL_S)
+            self.metrics.sync()
+
     async def stop(self, grace: float | None = None) -> None:
         """Drain: refuse new requests, let in-flight ones finish (up to ``grace`` s), then close everything."""
         grace = self.settings.drain_timeout_s if grace is None else grace
@@ -260,6 +286,9 @@ class Gateway:
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
+        if self._sync is not None:
+            self._sync.cancel()
+        self.metrics.sync()  # the last counts of this worker reach the files
         self.metrics.stop_server()
         self.decoder.close()
         self.trimmer.close()
@@ -271,9 +300,10 @@ class Gateway:
         log.info("oodguard gateway stopped")
 
 
-async def serve(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT, then drain and return 0."""
-    gateway = Gateway(settings)
+async def serve(settings: Settings, worker: WorkerSlot | None = None, ready=None) -> int:
+    """Run until SIGTERM/SIGINT, then drain and return 0. ``worker``: one worker of ``--workers N``;
+    ``ready()`` is called once the gateway listens."""
+    gateway = Gateway(settings, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -283,16 +313,12 @@ async def serve(settings: Settings) -> int:
     except BaseException:
         await gateway.stop(0)
         raise
+    if ready is not None:
+        ready()
     await stop.wait()
     log.info("signal received: draining (up to %.0fs)", settings.drain_timeout_s)
     await gateway.stop()
     return 0
 
 
-def run(settings: Settings) -> int:
-    logging.basicConfig(level=getattr(logging, settings.log_level.upper(), logging.INFO),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return asyncio.run(serve(settings))
-
-
-__all__ = ["Gateway", "BatchOutcome", "build_backend", "build_queue", "server_options", "serve", "run"]
+__all__ = ["Gateway", "BatchOutcome", "build_backend", "build_queue", "server_options", "serve"]

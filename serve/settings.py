@@ -23,6 +23,8 @@ BACKENDS = ("embedded", "triton")
 DECISION_MODES = ("any", "all")
 FULL_POLICIES = ("reject", "evict-oldest")
 QUEUE_SCHEMES = ("sqlite", "redis", "rediss")
+#: integer settings that also take "auto" (stored as 0)
+AUTO_FIELDS = ("workers",)
 
 
 class SettingsError(ValueError):
@@ -35,6 +37,10 @@ class Settings:
     repository: Path
     #: address to listen on, HOST:PORT (port 0 picks a free port)
     listen: str = "127.0.0.1:50051"
+    #: gateway processes sharing the port (``SO_REUSEPORT``), pre-forked by a supervisor
+    #: (:mod:`oodguard.serve.workers`); 0 (flag and environment: ``auto``) = one per CPU core; 1 = one process, no
+    #: supervisor
+    workers: int = 1
     #: "embedded" (ONNX Runtime in-process) or "triton"
     backend: str = "embedded"
     #: Triton's gRPC address, used when backend == "triton"
@@ -137,6 +143,8 @@ class Settings:
         host, sep, port = self.listen.rpartition(":")
         if not sep or not host or not port.isdigit() or int(port) > 65535:
             raise bad("listen", f"expected HOST:PORT, got {self.listen!r}")
+        if not 0 <= self.workers <= 256:
+            raise bad("workers", f"must be within 0..256 (0 or 'auto': one per core), got {self.workers}")
         if self.backend not in BACKENDS:
             raise bad("backend", f"expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.backend == "triton" and not self.triton_url:
@@ -239,6 +247,11 @@ class Settings:
         return cls(**values)
 
     @property
+    def effective_workers(self) -> int:
+        """``workers``, with 0 (auto) resolved to the CPU cores this process may run on."""
+        return self.workers or len(os.sched_getaffinity(0))
+
+    @property
     def effective_decision_fallback(self) -> tuple[str, ...]:
         if self.decision_fallback is not None:
             return tuple(self.decision_fallback)
@@ -268,6 +281,8 @@ def _convert(name: str, source: str, raw: str, hint: Any) -> Any:
                 return None
             return _convert(name, source, raw, args[0])
         if hint is int:
+            if name in AUTO_FIELDS and raw.strip().lower() == "auto":
+                return 0
             return int(raw)
         if hint is float:
             return float(raw)

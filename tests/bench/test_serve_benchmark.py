@@ -24,8 +24,9 @@ def sb():
 
 
 def cell(sb, target, concurrency, rnd=0, *, rps=100.0, p50=1.0, p90=2.0, p99=3.0, mean=1.5, server=None, client=50.0,
-         requests=100, errors=0, queued=0):
-    return sb.Cell(target, concurrency, rnd, requests, errors, rps, p50, p90, p99, mean, server, client, queued)
+         requests=100, errors=0, queued=0, cpu_ms=None):
+    return sb.Cell(target, concurrency, rnd, requests, errors, rps, p50, p90, p99, mean, server, client, queued,
+                   cpu_ms_per_request=cpu_ms)
 
 
 # -- flags --------------------------------------------------------------------------------------------
@@ -84,7 +85,7 @@ def test_ratios_compute_overheads_throughput_ratios_and_met_flags(sb):
         cell(sb, "grpc-floor", 64, rps=1200.0),
     ]
     rat = {r["name"]: r for r in sb.ratios(cells)}
-    assert len(rat) == 8
+    assert len(rat) == 18
     assert rat["gateway-triton p50 overhead @c=1"]["value"] == 1.5
     assert rat["gateway-triton p50 overhead @c=1"]["met"] is False
     assert rat["gateway-embedded p50 overhead @c=1"]["value"] == 0.75
@@ -95,13 +96,49 @@ def test_ratios_compute_overheads_throughput_ratios_and_met_flags(sb):
     assert rat["throughput gateway-triton / triton-direct @c=64"]["met"] is True
     assert rat["throughput gateway-embedded micro-batching on / off @c=64"]["value"] == 1.5
     assert rat["throughput gateway-embedded micro-batching on / off @c=64"]["met"] is False
-    assert {r["unit"] for r in rat.values()} == {"ms", "x"}
+    assert {r["unit"] for r in rat.values()} == {"ms", "x", "%"}
     # informative rows: the overhead split into transport and the gateway's own work, and the floor's ceiling
     assert rat["gRPC round trip alone @c=1"]["value"] == pytest.approx(0.6)
     assert rat["gateway-embedded own work @c=1"]["value"] == pytest.approx(1.0 - 0.6 - 0.25)
     assert rat["throughput grpc-floor / triton-direct @c=64"]["value"] == pytest.approx(1.2)
     assert all(rat[n]["met"] is None and rat[n]["target"] == "(info)" for n in (
         "gRPC round trip alone @c=1", "gateway-embedded own work @c=1", "throughput grpc-floor / triton-direct @c=64"))
+
+
+def test_cpu_per_request_flagged_workers_and_baseline_ratios(sb):
+    cells = [
+        cell(sb, "grpc-floor", 1, cpu_ms=0.3), cell(sb, "gateway-embedded", 1, p50=1.0, cpu_ms=0.42),
+        cell(sb, "grpc-floor", 64, rps=4000.0, cpu_ms=0.2), cell(sb, "gateway-embedded", 64, rps=1000.0, cpu_ms=0.4),
+        cell(sb, "gateway-embedded-flagged", 64, rps=750.0, cpu_ms=0.6),
+        cell(sb, "gateway-embedded-workers", 64, rps=1200.0, client=90.0),
+        cell(sb, "gateway-baseline", 1, p50=0.98, cpu_ms=1.0),
+    ]
+    rat = {r["name"]: r for r in sb.ratios(cells, model_cpu=0.12)}
+    assert rat["CPU per request gateway-embedded less the model / grpc-floor @c=1"]["value"] == pytest.approx(1.0)
+    c1, c64 = rat["CPU per request gateway-embedded / grpc-floor @c=1"], rat["CPU per request gateway-embedded / grpc-floor @c=64"]
+    assert c1["value"] == pytest.approx(1.4) and c1["met"] is True
+    assert c64["value"] == pytest.approx(2.0) and c64["met"] is False
+    assert rat["throughput all-flagged / unflagged @c=64"]["value"] == 0.75
+    assert rat["throughput all-flagged / unflagged @c=64"]["met"] is True
+    assert rat["CPU per request all-flagged / unflagged @c=64"]["value"] == pytest.approx(1.5)
+    assert rat["throughput --workers N / --workers 1 @c=64"]["value"] == pytest.approx(1.2)
+    assert rat["throughput --workers N / --workers 1 @c=64"]["met"] is False
+    assert rat["load generator CPU @c=64 (gateway-embedded-workers cells)"]["value"] == 90.0
+    assert rat["p50 gateway-embedded / gateway-baseline @c=1"]["value"] == pytest.approx(1.0 / 0.98)
+    assert rat["p50 gateway-embedded / gateway-baseline @c=1"]["met"] is True
+    assert rat["CPU per request gateway-embedded / gateway-baseline @c=1"]["value"] == pytest.approx(0.42)
+
+
+def test_cpu_per_request_divides_server_cpu_by_every_answered_request(sb):
+    w = sb.Window(warm_end=1.0, end=2.0)
+    for t1 in (0.5, 1.5, 1.6):  # one answer in the warm-up, two measured
+        w.record(0.0, t1)
+    w.record(0.0, 1.7, RuntimeError("x"))  # failures are not answers
+    c = sb.summarise("gateway-embedded", 1, 0, w, 1.0, server_cpu=0.2, client_cpu=0.1, server_cpu_total=0.006)
+    assert c.requests == 2 and c.errors == 1 and w.answered == 3
+    assert c.cpu_ms_per_request == pytest.approx(2.0) and c.server_cpu_pct == pytest.approx(20.0)
+    assert c.loadavg is not None
+    assert sb.summarise("ort-direct", 1, 0, w, 1.0, None, 0.1).cpu_ms_per_request is None
 
 
 def test_ratios_pair_cells_of_the_same_round_and_take_the_median_over_rounds(sb):
@@ -152,6 +189,7 @@ def test_report_names_the_backbone_and_its_latency(sb, tmp_path):
     assert "1-minute load average 0.50 on 2 cores" in md
     assert "float32 [1,3,32,32] tensors" in md and "28,28" not in md
     assert "| n/a | n/a | <= 1 ms | n/a |" in md  # a missing overhead is "n/a", not "n/a ms"
+    assert "server CPU ms/req" in md
 
 
 def test_grpc_floor_server_answers_every_predict_with_its_response_and_reports_serving(sb, tmp_path):
@@ -195,6 +233,13 @@ def test_build_traffic_matches_the_model_input(sb, digits_export):
     assert 0 < len(traffic.inputs) <= 32
     assert traffic.inputs.shape[1:] == model.input_shape == (1, 28, 28)
     assert traffic.request_shape == [1, 1, 28, 28]
+    # the all-flagged traffic: noise the model flags with a margin (every request of it is queued)
+    assert traffic.flagged_inputs is not None and traffic.flagged_inputs.shape[1:] == (1, 28, 28)
+    scores = model.run(traffic.flagged_inputs)[traffic.decision_score]
+    from oodguard.calibration import Calibration
+    calibration = Calibration.load(repo.version_dir(repository, traffic.model, traffic.version) / repo.CALIBRATION_FILE)
+    assert calibration.thresholds[traffic.decision_score].is_ood(scores).all()
+    assert traffic.request(0, flagged=True).tensor.data == traffic.flagged_inputs[0].astype("<f4").tobytes()
     request = traffic.request(3)  # what the gateway targets are sent
     assert (request.model, request.request_id, request.tensor.dtype) == ("digits", "bench-3", "float32")
     assert list(request.tensor.shape) == [1, 1, 28, 28]

@@ -1,7 +1,9 @@
 """Nothing acknowledged is lost: `oodguard serve` (embedded backend, digits repository) under sustained
 concurrent load of uniform noise (flagged, so queued) while redis-server is stopped and restarted, and while
-the gateway itself is SIGKILLed and restarted (SQLite and Redis queues). Every record id that Predict
-returned must end up in the queue exactly once. Every process is stopped by PID."""
+the gateway itself is SIGKILLed and restarted (SQLite and Redis queues), with one gateway process and with
+``--workers 2`` (two processes writing the same SQLite file, each with its own Redis spool; the SIGKILL takes the
+supervisor and every worker at once). Every record id that Predict returned must end up in the queue exactly once.
+Every process is stopped by PID."""
 
 from __future__ import annotations
 
@@ -34,15 +36,16 @@ def free_port() -> int:
 
 
 class GatewayProcess:
-    """``python -m oodguard.cli serve`` on a free loopback port; ``kill()`` is SIGKILL, ``stop()`` SIGTERM."""
+    """``python -m oodguard.cli serve`` on a free loopback port; ``kill()`` is SIGKILL of its whole process group
+    (the supervisor and its workers), ``stop()`` SIGTERM."""
 
-    def __init__(self, repository: Path, queue_url: str, workdir: Path, name: str):
+    def __init__(self, repository: Path, queue_url: str, workdir: Path, name: str, workers: int = 1):
         self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = workdir / f"{name}.log"
         command = [sys.executable, "-m", "oodguard.cli", "serve", "--repository", str(repository),
                    "--listen", self.target, "--queue-url", queue_url, "--queue-spool-path", str(workdir / "spool"),
-                   "--max-wait-ms", "2", "--intra-op-threads", "1", "--drain-timeout-s", "5"]
+                   "--max-wait-ms", "2", "--intra-op-threads", "1", "--drain-timeout-s", "5", "--workers", str(workers)]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
                                             start_new_session=True)
@@ -69,8 +72,10 @@ class GatewayProcess:
                 time.sleep(0.1)
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         self.process.wait(10)
 
     def stop(self) -> int:
@@ -99,7 +104,8 @@ class Load:
 
     def _run(self, n: int) -> None:
         rng = np.random.default_rng(n)
-        with grpc.insecure_channel(self.target) as channel:
+        # a connection per thread (equal channels share one): with several workers the kernel spreads them
+        with grpc.insecure_channel(self.target, options=[("grpc.use_local_subchannel_pool", 1)]) as channel:
             stub = pb_grpc.OODGuardStub(channel)
             while not self._stop.is_set():
                 images = rng.integers(0, 256, size=(self.batch, 28, 28), dtype=np.uint8)
@@ -161,11 +167,12 @@ def workdir(tmp_path) -> Path:
     return path
 
 
-def test_redis_stopped_and_restarted_under_load_every_record_lands_once(redis_server, digits_export, workdir):
-    gateway = GatewayProcess(digits_export[2], redis_server.url, workdir, "gateway")
+@pytest.mark.parametrize("workers", [1, 2])
+def test_redis_stopped_and_restarted_under_load_every_record_lands_once(workers, redis_server, digits_export, workdir):
+    gateway = GatewayProcess(digits_export[2], redis_server.url, workdir, "gateway", workers)
     load = None
     try:
-        load = Load(gateway.target)
+        load = Load(gateway.target, threads=4)
         load.wait_more(40)
         redis_server.stop()
         load.wait_more(40)  # answered while Redis is down: spooled
@@ -183,21 +190,24 @@ def test_redis_stopped_and_restarted_under_load_every_record_lands_once(redis_se
         assert gateway.stop() == 0
         log = gateway.log()
         assert "spooling to" in log and "replayed" in log, log[-3000:]
-        assert (workdir / "spool").stat().st_size == 0
+        spools = sorted(workdir.glob("spool*"))
+        assert [p.name for p in spools] == ["spool", "spool.w1"][:workers]  # one spool per worker
+        assert all(p.stat().st_size == 0 for p in spools)
     finally:
         if load is not None:
             load.stop()
         gateway.kill()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
 @pytest.mark.parametrize("backend", ["sqlite", "redis"])
-def test_gateway_sigkill_under_load_loses_no_acknowledged_record(backend, redis_server, digits_export, workdir):
+def test_gateway_sigkill_under_load_loses_no_acknowledged_record(backend, workers, redis_server, digits_export, workdir):
     # the SQLite URL is relative: the gateway runs in workdir, where the file must land (not at the root)
     url = "sqlite:///queue.sqlite" if backend == "sqlite" else redis_server.url
-    gateway = GatewayProcess(digits_export[2], url, workdir, "gateway")
+    gateway = GatewayProcess(digits_export[2], url, workdir, "gateway", workers)
     load = restarted = None
     try:
-        load = Load(gateway.target)
+        load = Load(gateway.target, threads=4)
         load.wait_more(40)
         if backend == "redis":  # the kill comes while records sit in the spool only
             redis_server.stop()
@@ -206,8 +216,9 @@ def test_gateway_sigkill_under_load_loses_no_acknowledged_record(backend, redis_
         ids = load.stop()
         assert ids and len(set(ids)) == len(ids)
         if backend == "redis":
-            assert (workdir / "spool").stat().st_size > 0
+            assert sum(p.stat().st_size for p in workdir.glob("spool*")) > 0
             redis_server.start()
+        # restarted with one process: worker 0 takes over the spool of worker 1 too
         restarted = GatewayProcess(digits_export[2], url, workdir, "restarted")
         if backend == "sqlite":
             queue = SQLiteQueue(workdir / "queue.sqlite", create=False)  # where the relative URL points

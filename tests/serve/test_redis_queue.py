@@ -564,3 +564,68 @@ def test_records_of_the_previous_version_are_counted_filtered_and_deleted(redis_
     assert q.stats().bytes == own_bytes(record(3)) + request_bytes(record(3))  # old records counted 0 bytes
     client.close()
     q.close()
+
+
+def test_each_worker_spools_to_its_own_file_and_worker_0_adopts_those_of_gone_workers(redis_server, tmp_path):
+    from oodguard.serve.redis_queue import worker_spool_path
+
+    assert worker_spool_path(tmp_path / "spool", 0) == tmp_path / "spool"
+    assert worker_spool_path(tmp_path / "spool", 3) == tmp_path / "spool.w3"
+    redis_server.stop()
+    spooled = []
+    for worker in range(3):  # three workers spool while Redis is down, then all stop
+        q = open_queue(redis_server.url, spool_path=tmp_path / "spool", worker=worker, workers=3)
+        assert q.spool.path == worker_spool_path(tmp_path / "spool", worker)
+        spooled += q.put([record(10 * worker + j) for j in range(4)])
+        q._stop.set()  # no replay at close: Redis is down anyway
+        q.close()
+    with open(tmp_path / "spool.w2", "ab") as f:  # a torn tail in an orphan: never acknowledged, dropped
+        f.write(b"OGSP\xff\x00\x00\x00\x01")
+    (tmp_path / "spool.wx").write_bytes(b"not a worker spool")  # not ours: left alone
+    redis_server.start()
+    # restarted with two workers: worker 0 takes over spool.w2 (index 2 no longer runs), worker 1 keeps its own
+    q0 = open_queue(redis_server.url, spool_path=tmp_path / "spool", worker=0, workers=2)
+    q1 = open_queue(redis_server.url, spool_path=tmp_path / "spool", worker=1, workers=2)
+    try:
+        assert not (tmp_path / "spool.w2").exists() and (tmp_path / "spool.wx").exists()
+        wait_for(lambda: q0.spool.backlog == 0 and q1.spool.backlog == 0, what="both spools to drain")
+        counts = stream_ids(redis_server)
+        assert sorted(counts) == sorted(spooled) and set(counts.values()) == {1}
+    finally:
+        q0.close()
+        q1.close()
+
+
+def test_absorbing_a_spool_twice_lands_its_records_once(redis_server, tmp_path):
+    from oodguard.serve.redis_queue import Spool
+
+    redis_server.stop()
+    q = make_queue(redis_server, tmp_path, spool="spool.w1")
+    ids = q.put([record(i) for i in range(3)])
+    q._stop.set()
+    q.close()
+    copy = tmp_path / "copy"
+    copy.write_bytes((tmp_path / "spool.w1").read_bytes())
+    spool = Spool(tmp_path / "spool")
+    assert spool.absorb(tmp_path / "spool.w1") == 3 and spool.absorb(copy) == 3  # a crash before the delete
+    assert spool.backlog == 6
+    spool.close()
+    redis_server.start()
+    q = make_queue(redis_server, tmp_path)
+    try:
+        wait_for(lambda: q.spool.backlog == 0, what="the replay")
+        assert stream_ids(redis_server) == collections.Counter(ids)
+        assert q.replay_duplicates == 3
+    finally:
+        q.close()
+
+
+def test_prepare_then_put_prepared_stores_as_put(redis_server, tmp_path):
+    q = make_queue(redis_server, tmp_path)
+    try:
+        prepared = q.prepare([record(1), record(2, flagged=False)])
+        ids = q.put_prepared(prepared)
+        assert ids == prepared[0] and [r.id for r in q.get(ids)] == ids
+        assert q.put_prepared(q.prepare([])) == []
+    finally:
+        q.close()

@@ -406,7 +406,7 @@ def test_a_failed_group_commit_fails_every_caller_and_stores_nothing(tmp_path, m
     from oodguard.serve.sqlite_queue import SQLiteQueue
 
     queue = SQLiteQueue(tmp_path / "q.sqlite")
-    monkeypatch.setattr(queue, "_insert", lambda db, rows: db.execute("INSERT INTO nowhere VALUES (1)"))
+    monkeypatch.setattr(queue, "_insert", lambda db, *rest: db.execute("INSERT INTO nowhere VALUES (1)"))
     with pytest.raises(QueueError, match="nowhere"):
         queue.put([record(1)])
     assert queue.stats().size == 0 and queue._pending == []
@@ -549,7 +549,7 @@ def test_local_state_tells_whether_the_last_operation_failed(tmp_path, monkeypat
     q = SQLiteQueue(tmp_path / "q.sqlite")
     assert q.local_state() == LocalQueueState(spool_backlog=0, reachable=True)
     with monkeypatch.context() as m:
-        m.setattr(q, "_insert", lambda db, batch: db.execute("INSERT INTO nowhere VALUES (1)"))
+        m.setattr(q, "_insert", lambda db, *rest: db.execute("INSERT INTO nowhere VALUES (1)"))
         with pytest.raises(QueueError):
             q.put([record(1)])
     assert q.local_state() == LocalQueueState(spool_backlog=0, reachable=False)

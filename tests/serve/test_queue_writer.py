@@ -1,0 +1,106 @@
+"""QueueWriter: the records of callers of one event-loop turn go in one put (a real SQLite queue), every caller gets
+its own ids only once they are committed, a failure reaches every caller of that put, and writes arriving while
+one runs go together in the next."""
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+
+from oodguard.serve.queue import NewRecord, QueueError
+from oodguard.serve.queue_writer import QueueWriter
+from oodguard.serve.sqlite_queue import SQLiteQueue
+
+
+def record(i: int, request_id: str = "") -> NewRecord:
+    return NewRecord(model="digits", version=1, input=np.full((1, 4, 4), i, np.float32), logits=np.zeros(3, np.float32),
+                     features=np.zeros(2, np.float32), scores={"sisome": float(i)}, decision={"ood": True},
+                     flagged=True, request_id=request_id)
+
+
+class CountingQueue(SQLiteQueue):
+    """A real SQLite queue that records every store write's size (and can be made to block or fail)."""
+
+    def __init__(self, path):
+        super().__init__(path)
+        self.puts: list[int] = []
+        self.gate: threading.Event | None = None
+        self.fail = False
+
+    def put_prepared(self, prepared):  # what the writer calls (in its thread), after prepare() on the loop
+        self.puts.append(len(prepared.rows))
+        if self.gate is not None:
+            self.gate.wait(10)
+        if self.fail:
+            raise QueueError("disk full")
+        return super().put_prepared(prepared)
+
+
+@pytest.fixture
+def queue(tmp_path):
+    q = CountingQueue(tmp_path / "q.sqlite")
+    yield q
+    q.close()
+
+
+def test_callers_of_one_loop_turn_share_one_put_and_get_their_own_committed_ids(queue):
+    async def main():
+        writer = QueueWriter(queue)
+        asks = [[record(3 * r + k, f"req-{r}") for k in range(r + 1)] for r in range(5)]
+        ids = await asyncio.gather(*(writer.put(a) for a in asks))
+        return writer, asks, ids
+
+    writer, asks, ids = asyncio.run(main())
+    assert queue.puts == [15] and writer.writes == 1 and writer.records == 15
+    for ask, got in zip(asks, ids):
+        assert len(got) == len(ask)
+        stored = queue.get(got)  # committed before the caller got them
+        assert [r.request_id for r in stored] == [a.request_id for a in ask]
+        assert [r.scores for r in stored] == [a.scores for a in ask]
+
+
+def test_writes_arriving_while_one_runs_go_together_in_the_next(queue):
+    queue.gate = threading.Event()
+
+    async def main():
+        writer = QueueWriter(queue)
+        first = asyncio.ensure_future(writer.put([record(0)]))
+        while not queue.puts:
+            await asyncio.sleep(0.001)  # the first put is running (blocked in its thread)
+        later = [asyncio.ensure_future(writer.put([record(i)])) for i in range(1, 4)]
+        await asyncio.sleep(0.05)
+        assert queue.puts == [1]  # nothing else started while it runs
+        queue.gate.set()
+        return await first, await asyncio.gather(*later)
+
+    first, later = asyncio.run(main())
+    assert queue.puts == [1, 3]
+    assert queue.stats().size == 4 and len({*first, *(i for ids in later for i in ids)}) == 4
+
+
+def test_a_failed_put_fails_every_caller_of_it_and_the_writer_recovers(queue):
+    async def main():
+        writer = QueueWriter(queue)
+        queue.fail = True
+        results = await asyncio.gather(writer.put([record(0)]), writer.put([record(1)]), return_exceptions=True)
+        queue.fail = False
+        return results, await writer.put([record(2)])
+
+    results, after = asyncio.run(main())
+    assert all(isinstance(r, QueueError) for r in results)
+    assert len(after) == 1 and queue.stats().size == 1
+
+
+def test_a_full_queue_refuses_per_record_and_each_caller_sees_its_own_refusals(tmp_path):
+    q = SQLiteQueue(tmp_path / "q.sqlite", max_size=3)
+
+    async def main():
+        writer = QueueWriter(q)
+        return await asyncio.gather(writer.put([record(0), record(1)]), writer.put([record(2), record(3)]))
+
+    try:
+        a, b = asyncio.run(main())
+        assert None not in a and b[0] is not None and b[1] is None
+    finally:
+        q.close()
