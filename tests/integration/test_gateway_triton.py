@@ -24,6 +24,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway_fixtures import GatewayThread
 
+from oodguard.export.scores import SCORES
 from oodguard.serve.settings import Settings
 from oodguard.serve.v1 import oodguard_pb2 as pb
 from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
@@ -135,7 +136,7 @@ def test_embedded_and_triton_backends_give_the_same_answers(start_gateway, trito
         assert (a.class_index, a.class_name) == (b.class_index, b.class_name), i
         assert [c.index for c in a.top_k] == [c.index for c in b.top_k], i
         assert a.queue_status == b.queue_status and bool(a.queue_record_id) == bool(b.queue_record_id), i
-        assert set(a.scores) == set(b.scores) and len(a.scores) == 9, i
+        assert set(a.scores) == set(b.scores) == {*SCORES, "fused"}, i  # every registry score, and fused
         assert a.decision.driver == b.decision.driver and a.decision.driver, i
         values = [(f"scores[{k}]", a.scores[k], b.scores[k]) for k in a.scores]
         values += [(f"p_values[{k}]", a.decision.p_values[k], b.decision.p_values[k]) for k in a.decision.p_values]
