@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 PANELS = (("accuracy", "known-class test accuracy", 100.0), ("precision", "query precision (known share of batch)", 1.0),
-          ("recall", "recall (known labeled / known in pool)", 1.0), ("discovered", "unknown classes discovered (of 14)", 1.0))
+          ("recall", "recall (known labeled / known in pool)", 1.0), ("discovered", "unknown classes discovered", 1.0))
 
 
 def curves(report: dict, strategy: str, key: str, scale: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -38,6 +38,8 @@ def plot(report: dict, path: Path) -> None:
             labels, mean, std = curves(report, strategy, key, scale)
             ax.plot(labels, mean, marker="o", ms=3, color=colours(n % 10), label=strategy)
             ax.fill_between(labels, mean - std, mean + std, color=colours(n % 10), alpha=0.15, linewidth=0)
+        if key == "discovered":
+            title = f"{title} (of {len(report['protocol']['unknown_classes'])})"
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("labels spent")
         ax.grid(alpha=0.3)

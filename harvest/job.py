@@ -2,7 +2,8 @@
 
 Steps: choose the model (``--model``, required when several are queued); read its pending records and build
 the pool at its newest version (features, logits, scores as queued; records of older versions re-scored or
-excluded, :mod:`oodguard.harvest.versions`); run the strategy; claim the chosen ids atomically (a concurrent harvest that claimed some first makes this one
+excluded, :mod:`oodguard.harvest.versions`); with label exports of earlier harvests (``--labels``), the
+features of the records labeled so far, known and unknown (:mod:`oodguard.harvest.labeled`); run the strategy; claim the chosen ids atomically (a concurrent harvest that claimed some first makes this one
 re-select among what is left, so two harvests never send the same record); write
 ``<out>/images/<id>.png``, ``<out>/manifest.jsonl`` and ``<out>/tasks.json`` (Label Studio import
 format) into a temporary folder renamed into place; then mark the records as sent. On any failure the
@@ -15,11 +16,12 @@ import hashlib
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
 from .export import ExportOptions, write_export
+from .labeled import LabeledSet, labeled_set
 from .strategies import Context, Pool, get_strategy
 from .versions import CalibrationCache, PoolPlan, choose_model, plan_pool
 
@@ -35,12 +37,17 @@ class HarvestResult:
     plan: PoolPlan
 
 
-def context_for(plan: PoolPlan, calibrations: CalibrationCache, params: dict) -> Context:
-    """Known classes of the pool's version; held-out ID scores (ALOE's threshold) from its calibration file:
-    the sorted calibration scores *are* held-out labeled ID scores."""
+def context_for(plan: PoolPlan, calibrations: CalibrationCache, params: dict, labeled: LabeledSet | None = None) -> Context:
+    """Known classes of the pool's version; held-out ID scores (ALOE's threshold, open-quota's gate) from its
+    calibration file: the sorted calibration scores *are* held-out labeled ID scores; the labeled known and
+    unknown records' features (:mod:`oodguard.harvest.labeled`) when label files were given."""
     calibration = calibrations.get(plan.model, plan.version)
     id_scores = {name: t.sorted_scores for name, t in calibration.thresholds.items()}
-    return Context(known_classes=len(calibration.class_names), id_scores=id_scores, params=params)
+    context = Context(known_classes=len(calibration.class_names), id_scores=id_scores, params=params)
+    if labeled is not None:
+        context.labeled_features, context.labeled_labels = labeled.features, labeled.labels
+        context.unknown_features = labeled.unknown_features
+    return context
 
 
 def deduplicate(records: list) -> tuple[list, dict[str, list[str]]]:
@@ -62,10 +69,13 @@ def deduplicate(records: list) -> tuple[list, dict[str, list[str]]]:
 
 def run_harvest(queue, strategy: str, budget: int, out_dir: Path, repository: Path, seed: int = 0,
                 params: dict | None = None, progress: Callable[[str], None] = print, model: str | None = None,
-                stale: str = "rescore", dry_run: bool = False, export: ExportOptions = ExportOptions()) -> HarvestResult:
+                stale: str = "rescore", dry_run: bool = False, export: ExportOptions = ExportOptions(),
+                labels: Sequence[Path] = ()) -> HarvestResult:
     """Harvest ``budget`` records of one model (``model``, or the only one queued) at its newest version in
     ``repository`` (stale records re-scored or excluded, :func:`plan_pool`). ``dry_run`` selects and writes
-    the output folder but claims and marks nothing (two strategies can be compared on one pool)."""
+    the output folder but claims and marks nothing (two strategies can be compared on one pool). ``labels``:
+    label exports of earlier harvests; their records (still in the queue) give the strategies the labeled
+    known and unknown features (:mod:`oodguard.harvest.labeled`)."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise ValueError(f"{out_dir} exists and is not empty; give a new --out folder")
@@ -79,7 +89,12 @@ def run_harvest(queue, strategy: str, budget: int, out_dir: Path, repository: Pa
     if not plan.records:
         raise ValueError(f"no pending record of model {model!r} is left to harvest at version {plan.version} "
                          f"({len(plan.excluded)} excluded: {', '.join(sorted(set(plan.excluded.values())))})")
-    context = context_for(plan, calibrations, params or {})
+    labeled = None
+    if labels:
+        class_names = calibrations.get(model, plan.version).class_names
+        labeled = labeled_set(queue, labels, model, repository, calibrations, class_names, stale)
+        progress(labeled.describe())
+    context = context_for(plan, calibrations, params or {}, labeled)
     by_id = {r.id: r for r in plan.records}
     distinct, duplicates = deduplicate(plan.records)
     if duplicates:

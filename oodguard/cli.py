@@ -151,6 +151,10 @@ def _add_harvest_commands(sub) -> None:
                          help="strategy parameter (numbers are parsed), repeatable; a KEY the strategy lacks is an error "
                          "that lists the strategy's parameters with their defaults (--param help lists them)")
     harvest.add_argument("--model", help="the model to harvest (required when the queue holds records of several)")
+    harvest.add_argument("--labels", action="append", type=Path, default=[], metavar="FILE",
+                         help="label export of an earlier harvest (what `labels import` reads), repeatable: the labeled "
+                              "records' features, known and unknown ('not relevant', new classes), go to the strategy "
+                              "(the (K+1)-way detector of lfosa, jsosal and open-quota)")
     harvest.add_argument("--stale", choices=["rescore", "exclude"], default="rescore",
                          help="pending records of older versions of the model: rescore them with the newest version "
                               "in the pool (default; their stored input runs through that version's ONNX model) or "
@@ -251,7 +255,7 @@ def _run_harvest(args: argparse.Namespace) -> int:
     strategy.check_params(params)  # before the queue is opened: nothing is claimed for a typo
     with _harvest_queue(args.queue) as queue:
         run_harvest(queue, args.strategy, args.budget, args.out, args.repository, seed=args.seed,
-                    params=params, model=args.model, stale=args.stale, dry_run=args.dry_run,
+                    params=params, model=args.model, stale=args.stale, dry_run=args.dry_run, labels=args.labels,
                     export=ExportOptions(image_url_prefix=args.image_url_prefix, local_files_root=args.local_files_root))
     return 0
 
@@ -334,6 +338,8 @@ def _run_loadgen(args: argparse.Namespace) -> int:
 SERVE_FLAGS = [
     ("--repository", "DIR", "model repository folder (required: flag or OODGUARD_REPOSITORY)"),
     ("--listen", "HOST:PORT", "address to listen on (default 127.0.0.1:50051)"),
+    ("--workers", "N", "gateway processes sharing the port, pre-forked (default 1; auto: one per CPU core); each "
+     "has its own backend, micro-batcher and registry, a dead one is restarted, /metrics aggregates them all"),
     ("--backend", "NAME", "embedded (ONNX Runtime in-process, default) or triton"),
     ("--triton-url", "HOST:PORT", "Triton gRPC address for --backend triton (default 127.0.0.1:8001)"),
     ("--triton-inflight-batches", "N", "micro-batches kept in flight to Triton at once (default 1: requests "
@@ -462,7 +468,7 @@ def _run_validate(args: argparse.Namespace) -> int:
 
 
 def _run_serve(args: argparse.Namespace) -> int:
-    from oodguard.serve.server import run
+    from oodguard.serve.workers import run
     from oodguard.serve.settings import Settings
 
     flags = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in SERVE_FLAGS}

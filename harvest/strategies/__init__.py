@@ -16,6 +16,7 @@ from .jsosal import JsosalStrategy
 from .least_confidence import LeastConfidenceStrategy
 from .lfosa import LfosaStrategy
 from .margin import MarginStrategy
+from .open_quota import OpenQuotaStrategy
 from .random_sampling import RandomStrategy
 from .sisom import SisomStrategy
 from .sisom_diverse import SisomDiverseStrategy
@@ -32,6 +33,7 @@ STRATEGIES: dict[str, type[Strategy]] = {cls.name: cls for cls in (
     AloeStrategy,
     LfosaStrategy,
     JsosalStrategy,
+    OpenQuotaStrategy,
 )}
 
 

@@ -1,7 +1,8 @@
 """aloe: ALOE (Xie, Zhang, Bai, Nowak, "Deep Active Learning in the Open World", TMLR 2025).
 
-1. OOD score o(x) = pool score params ``score`` (default ``"gradnorm"``; oodguard stores every score as
-   higher = more OOD). Threshold λ = the params ``tpr`` (default 0.95) quantile of
+1. OOD score o(x) = pool score params ``score``: ``"gradnorm"`` (default; the published paper's) or
+   ``"energy"`` (the score of the paper's early version, −logsumexp of the logits), or any other pool
+   score (oodguard stores every score as higher = more OOD). Threshold λ = the params ``tpr`` (default 0.95) quantile of
    ``context.id_scores[score]`` (held-out labeled ID data: 95% TPR). Without ID scores λ falls back to the
    params ``pool_quantile`` (default 0.5) quantile of the pool's own scores — a weaker, relative
    threshold; every reason then says so. flag(x) = o(x) > λ.
@@ -46,7 +47,7 @@ def cluster(x: np.ndarray, clusters: int, seed: int, params: dict) -> np.ndarray
 
 class AloeStrategy(Strategy):
     name = "aloe"
-    params = {"score": "pool score to threshold (default gradnorm)", "tpr": "ID quantile of the threshold (default 0.95)",
+    params = {"score": "pool score to threshold: gradnorm or energy, or any pool score (default gradnorm)", "tpr": "ID quantile of the threshold (default 0.95)",
               "pool_quantile": "pool quantile used without ID scores (default 0.5)",
               "kmeans_max_work": "N*M above which mini-batch k-means is used (default 5e6)",
               "n_init": "k-means restarts (default 3)"}

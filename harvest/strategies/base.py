@@ -102,8 +102,11 @@ class Pool:
 class Context:
     """What a strategy may know besides the pool.
 
-    labeled_features / labeled_labels: ``[M, D]`` / ``[M]`` — the already-labeled set (coreset uses its
-        features as initial centres).
+    labeled_features / labeled_labels: ``[M, D]`` / ``[M]`` — the already-labeled known-class set, features
+        at the pool's version and known-class indices (coreset uses its features as initial centres; the
+        (K+1)-way detector of lfosa, jsosal and open-quota trains on them).
+    unknown_features: ``[U, D]`` — features of the labeled records the annotators marked unknown ("not
+        relevant", or a new class the model does not have): the detector's (K+1)-th class.
     known_classes: K, the number of known classes; None = infer from the logits (their width, minus one
         when ``unknown_label`` is set).
     unknown_label: index of the "unknown" output among the K+1 logits when the model has one, else None.
@@ -113,6 +116,7 @@ class Context:
 
     labeled_features: np.ndarray | None = None
     labeled_labels: np.ndarray | None = None
+    unknown_features: np.ndarray | None = None
     known_classes: int | None = None
     unknown_label: int | None = None
     id_scores: Mapping[str, np.ndarray] | None = None

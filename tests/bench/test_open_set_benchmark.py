@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
@@ -48,3 +50,39 @@ def test_one_round_on_a_tiny_pool_writes_a_consistent_report(shared_data, tmp_pa
     assert len(json.loads((harvest / "tasks.json").read_text())) == 20
     assert len(list((harvest / "images").glob("*.png"))) == 20
     assert "| random |" in (out / "report.md").read_text()
+
+
+def test_production_options_unknown_data_flagged_queue_and_strategy_parameters(shared_data, tmp_path):
+    bench = load_benchmark()
+    rng = np.random.default_rng(0)
+    blobs = np.zeros((400, 28, 28), np.uint8)  # two unknown classes: bright squares and noise
+    blobs[:200, 6:22, 6:22] = 255
+    blobs[200:] = rng.integers(0, 256, (200, 28, 28), dtype=np.uint8)
+    np.savez(tmp_path / "unknowns.npz", images=blobs, labels=np.repeat([0, 1], 200), class_names=np.array(["square", "noise"]))
+    out = tmp_path / "report"
+    report = bench.main([
+        "--data", str(shared_data), "--out", str(out), "--strategies", "open-quota,aloe:score=energy", "--seeds", "1",
+        "--rounds", "2", "--budget", "20", "--pool-known", "300", "--pool-mnist-unknown", "150", "--pool-fashion", "150",
+        "--unknown-data", str(tmp_path / "unknowns.npz"), "--queue", "flagged", "--sample-fraction", "0.5",
+        "--calibration-per-class", "10", "--calibration-in-budget", "--min-epochs", "20", "--test-size", "500",
+        "--workers", "1",
+    ])
+    assert report["protocol"]["unknown_classes"] == ["square", "noise"]
+    assert report["protocol"]["strategies"] == ["open-quota", "aloe:score=energy"]
+    for run in report["runs"]:
+        assert [r["labels"] for r in run["rounds"]] == [120, 140, 160]  # 60 calibration + 60 seed + 2 x 20
+        assert all(r["discovered"] <= 2 for r in run["rounds"]) and run["unknown_classes"] == 2
+        # the flagged queue holds fewer than the 599-600 unlabeled pool items (the unflagged half is sampled)
+        assert 20 < run["rounds"][0]["queued"] < 600 and 20 < run["rounds"][1]["queued"] < 580
+    [quota] = [r for r in report["runs"] if r["strategy"] == "open-quota"]
+    work = out / "work" / "seed0"
+    why = [json.loads(line)["why"] for line in (work / "open-quota" / "harvest-round1" / "manifest.jsonl").read_text().splitlines()]
+    unknowns = quota["rounds"][1]["unknown_picked"]
+    assert unknowns > 0  # a flagged queue is mostly unknowns
+    # round 2 trains the (K+1)-way head on round 1's labeled unknowns (given to the harvest as a labels CSV)
+    assert all(f"{unknowns} labeled unknown" in w for w in why)
+    aloe_why = (work / "aloe:score=energy" / "harvest-round0" / "manifest.jsonl").read_text()
+    assert "mean energy" in aloe_why
+    row = report["summary"][0]
+    assert len(row["accuracy_per_seed"]) == 1 and row["gain_over_random_per_seed"] is None
+    assert "of 2)" in (out / "report.md").read_text()

@@ -47,3 +47,17 @@ def test_large_pool_takes_the_minibatch_path():
     context = Context(known_classes=3, id_scores={"gradnorm": rng.normal(0, 1, 500)}, params={"kmeans_max_work": 0})
     selection = get_strategy("aloe").select(pool, 3, seed=0, context=context)
     assert sorted(group[selection.indices].tolist()) == [3, 4, 5]
+
+
+def test_energy_is_a_parameter_and_flags_by_its_own_threshold():
+    # gradnorm points at the novel clusters 3-5, energy at clusters 0-2: score=energy follows energy
+    rng = np.random.default_rng(3)
+    pool, group, gradnorm = _pool(rng)
+    energy = rng.normal(0, 1, len(group)) + 5.0 * (group < 3)
+    pool = Pool(pool.ids, pool.features, pool.logits, {"gradnorm": gradnorm, "energy": energy})
+    id_scores = {"gradnorm": rng.normal(0, 1, 500), "energy": rng.normal(0, 1, 500)}
+    by_energy = get_strategy("aloe").select(pool, 3, context=Context(known_classes=3, id_scores=id_scores,
+                                                                     params={"score": "energy"}))
+    by_gradnorm = get_strategy("aloe").select(pool, 3, context=Context(known_classes=3, id_scores=id_scores))
+    assert set(group[by_energy.indices]) <= {0, 1, 2} and sorted(group[by_gradnorm.indices]) == [3, 4, 5]
+    assert "mean energy" in by_energy.reasons[0]

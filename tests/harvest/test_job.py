@@ -165,3 +165,19 @@ def test_harvest_command_on_a_queue_url(digits_export, tmp_path, capsys):
     assert main(["harvest", "--queue", f"sqlite:///{tmp_path / 'q.sqlite'}", "--strategy", "best", "--budget", "1",
                  "--out", str(tmp_path / "o2"), "--repository", str(repository)]) == 2
     assert "unknown strategy 'best'" in capsys.readouterr().err
+
+
+def test_label_files_give_the_strategy_the_labeled_unknowns(digits_export, tmp_path):
+    queue, truth, repository = filled_queue(digits_export, tmp_path / "q.sqlite", per_kind=20)
+    first = run_harvest(queue, "random", 20, tmp_path / "round1", repository, seed=0, progress=quiet)
+    labels = tmp_path / "labels.csv"  # the oracle: known digits by their predicted class, the rest unknown
+    rows = {r.id: r for r in queue.get(first.ids)}
+    labels.write_text("record_id,label\n" + "".join(
+        f"{i},{int(np.argmax(rows[i].logits)) if truth[i] == 'known' else 'unknown'}\n" for i in first.ids))
+    lines = []
+    second = run_harvest(queue, "lfosa", 10, tmp_path / "round2", repository, seed=0, progress=lines.append,
+                         labels=[labels])
+    n_known = sum(truth[i] == "known" for i in first.ids)
+    assert f"labels: {n_known} known and {20 - n_known} unknown labeled records from 1 file(s)" in lines
+    why = [json.loads(line)["why"] for line in (tmp_path / "round2" / "manifest.jsonl").read_text().splitlines()]
+    assert len(second.ids) == 10 and all(f"(K+1)-way head on {n_known} labeled known" in w for w in why)

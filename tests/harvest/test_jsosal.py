@@ -1,9 +1,12 @@
+import dataclasses
+
 import numpy as np
 
 from oodguard.harvest import Context, get_strategy
 from oodguard.harvest.strategies._mixture import fit_p_known, rank_by_p_known
 from oodguard.harvest.strategies.base import entropy, softmax
 
+from .conftest import high_logit_unknowns
 from .test_lfosa import open_set_pool
 
 
@@ -36,3 +39,12 @@ def test_guard_keeps_a_unimodal_class():
     assert 2 in result.guarded and (result.p_known[pure] == 1.0).all()
     assert "unimodal guard" in result.notes[2] and "BayesianGaussianMixture" in result.notes[0]
     assert 0 not in result.guarded and 1 not in result.guarded
+
+
+def test_class_weighted_k_plus_one_head_learns_from_labeled_unknowns_where_mav_only_fails():
+    pool, known, context = high_logit_unknowns(np.random.default_rng(5))
+    mav_only = get_strategy("jsosal").select(pool, 30, seed=0, context=dataclasses.replace(context, params={"head": "mav"}))
+    with_head = get_strategy("jsosal").select(pool, 30, seed=0, context=context)  # a = 120 of 360
+    assert known[mav_only.indices].mean() < 0.2
+    assert known[with_head.indices].mean() == 1.0
+    assert "class-weighted" in with_head.reasons[0]

@@ -1,9 +1,11 @@
+import dataclasses
+
 import numpy as np
 
 from oodguard.harvest import Context, Pool, get_strategy
 from oodguard.harvest.strategies._mixture import fit_p_known
 
-from .conftest import ids
+from .conftest import high_logit_unknowns, ids
 
 
 def open_set_pool(rng, pure_class=False):
@@ -69,3 +71,17 @@ def test_k_way_model_is_the_mav_only_variant():
     k_way = Pool(pool.ids[:-30], pool.features[:-30], pool.logits[:-30, :3])
     selection = get_strategy("lfosa").select(k_way, 60, context=Context(known_classes=3))
     assert known[:-30][selection.indices].mean() == 1.0
+
+
+def test_k_plus_one_head_learns_from_labeled_unknowns_where_mav_only_fails():
+    # unknowns with higher top logits than the knowns: MAV-only takes them, the (K+1)-way head does not
+    pool, known, context = high_logit_unknowns(np.random.default_rng(4))
+    mav_only = get_strategy("lfosa").select(pool, 60, seed=0, context=dataclasses.replace(context, params={"head": "mav"}))
+    with_head = get_strategy("lfosa").select(pool, 60, seed=0, context=context)
+    assert known[mav_only.indices].mean() < 0.1
+    assert known[with_head.indices].mean() == 1.0
+    assert "(K+1)-way head on 15 labeled known + 6 labeled unknown" in with_head.reasons[0]
+    assert "MAV-only" in mav_only.reasons[0]
+    # without labeled unknowns in the context there is nothing to learn from: MAV-only again
+    no_unknowns = get_strategy("lfosa").select(pool, 60, seed=0, context=dataclasses.replace(context, unknown_features=None))
+    assert no_unknowns.indices.tolist() == mav_only.indices.tolist()

@@ -14,7 +14,7 @@ ALL = sorted(STRATEGIES)
 
 def test_registry_lists_every_strategy():
     assert set(STRATEGIES) == {"random", "entropy", "margin", "least-confidence", "coreset", "badge", "sisom",
-                               "sisom-diverse", "aloe", "lfosa", "jsosal"}
+                               "sisom-diverse", "aloe", "lfosa", "jsosal", "open-quota"}
     for name, cls in STRATEGIES.items():
         assert issubclass(cls, Strategy) and cls.name == name
         assert isinstance(get_strategy(name), cls)
