@@ -518,7 +518,8 @@ def run_strategy(strategy: str, seed: int, split: Split, zero: RoundZero, work: 
             labels_path(queue_path).unlink()
         t_harvest = time.perf_counter() - t0
         manifest = [json.loads(line) for line in (folder / f"harvest-round{r}" / "manifest.jsonl").read_text().splitlines()]
-        if [m["record_id"] for m in manifest] != result.ids or sent != len(result.ids):
+        repeats = sum(len(m.get("duplicate_ids", [])) for m in manifest)  # byte-identical inputs, sent with their pick
+        if [m["record_id"] for m in manifest] != result.ids or sent != len(result.ids) + repeats:
             raise RuntimeError(f"{strategy} seed {seed} round {r}: manifest / sent records disagree with the harvest")
         # the oracle: ground truth of the picked pool items
         picks = np.array([mapping[i] for i in result.ids], dtype=np.int64)
