@@ -181,6 +181,21 @@ class _Batch:
         self.error: BaseException | None = None
 
 
+def _enable_wal(db: sqlite3.Connection, timeout_s: float = 30.0) -> None:
+    """``PRAGMA journal_mode=WAL``, retried until ``timeout_s``: switching a fresh file's journal mode needs a lock
+    that SQLite does not wait for (its busy handler is not called), so two processes opening the same new queue at
+    once (``oodguard serve --workers N``) got "database is locked" in one of them."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.02)
+
+
 class SQLiteQueue(QueryQueue):
     def __init__(self, path: str | Path, max_size: int = 100_000, full_policy: str = "reject",
                  max_bytes: int = DEFAULT_MAX_BYTES, create: bool = True):
@@ -208,7 +223,7 @@ class SQLiteQueue(QueryQueue):
         self._db: sqlite3.Connection | None = None
         try:
             self._db = sqlite3.connect(target, check_same_thread=False, isolation_level=None, timeout=30.0, uri=uri)
-            self._db.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(self._db)
             self._db.execute("PRAGMA synchronous=FULL")
         except sqlite3.Error as exc:
             if self._db is not None:

@@ -633,3 +633,32 @@ def test_create_false_opens_only_an_existing_file(tmp_path):
     q = SQLiteQueue(tmp_path / "q.sqlite", create=False)
     assert q.put([record(0)])[0] and q.stats().size == 1
     q.close()
+
+
+def _open_at_once(path, barrier, results):
+    from oodguard.serve.sqlite_queue import SQLiteQueue
+
+    barrier.wait()
+    try:
+        SQLiteQueue(path).close()
+        results.put("ok")
+    except Exception as exc:  # reported to the parent, which asserts on it
+        results.put(repr(exc))
+
+
+def test_processes_opening_one_fresh_queue_at_once_all_succeed(tmp_path):
+    """The workers of `serve --workers N` open the same new file at the same moment: switching it to WAL must wait
+    for the others instead of failing one of them with 'database is locked'."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for attempt in range(20):
+        path = tmp_path / f"q{attempt}.sqlite"
+        barrier, results = context.Barrier(12), context.Queue()
+        procs = [context.Process(target=_open_at_once, args=(path, barrier, results)) for _ in range(12)]
+        for proc in procs:
+            proc.start()
+        outcomes = [results.get(timeout=60) for _ in procs]
+        for proc in procs:
+            proc.join(timeout=60)
+        assert outcomes == ["ok"] * 12, outcomes
