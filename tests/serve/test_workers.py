@@ -215,6 +215,10 @@ def test_a_killed_worker_is_restarted_while_the_others_answer(served, digits_exp
     finally:
         for c in chans:
             c.close()
+    # the supervisor logs "serving again" when it next polls the new worker's ready pipe, after the worker's own line
+    deadline = time.monotonic() + 10
+    while "serving again" not in s.log() and time.monotonic() < deadline:
+        time.sleep(0.1)
     log = s.log()
     assert f"(PID {victim}) died (exit code -9); restarting it" in log and "serving again" in log
     assert s.stop() == 0
