@@ -8,6 +8,9 @@ answer before the next) at concurrency 1, 8 and 64 for --duration seconds per ce
 * ``grpc-floor``        ``bench/grpc_floor_server.py``: a ``grpc.aio`` OODGuard server answering every Predict with
   one prebuilt response (captured from a gateway), no work at all: the transport's share of the gateway's
   overhead (client, loopback, Python gRPC server), measured in the same run; ``grpc.aio``
+* ``grpc-floor-model``  the same server with ``--model``: it runs each request's tensor through the model (inline,
+  a one-thread session, as the gateway's embedded backend does for a model this small) before answering: transport
+  plus the model as served, the gateway's work left out (batch 1 per request: it never batches)
 * ``triton-direct``     a real tritonserver (``--model-config-name=cpu``), ``tritonclient.grpc.aio``
 * ``gateway-embedded``  ``oodguard serve`` (embedded ORT, micro-batching at its defaults), ``grpc.aio``
 * ``gateway-triton``    ``oodguard serve --backend triton`` in front of that tritonserver, ``grpc.aio``
@@ -74,7 +77,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCIES = (1, 8, 64)
-TARGETS = ("ort-direct", "grpc-floor", "triton-direct", "gateway-embedded", "gateway-triton", "gateway-embedded-nobatch",
+TARGETS = ("ort-direct", "grpc-floor", "grpc-floor-model", "triton-direct", "gateway-embedded", "gateway-triton", "gateway-embedded-nobatch",
            "gateway-embedded-flagged", "gateway-embedded-workers", "gateway-baseline")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BACKBONES = ("lenet5", "resnet18_cifar")
@@ -365,14 +368,16 @@ def start_gateway(name: str, repository: Path, work: Path, port: int, extra: lis
     return Gateway(name, process, port, log_path)
 
 
-def start_floor_server(port: int, response: Path, work: Path) -> Gateway:
-    """``bench/grpc_floor_server.py`` answering ``response`` (a serialized PredictResponse) on ``port``."""
-    log_path = work / "grpc-floor.log"
+def start_floor_server(port: int, response: Path, work: Path, model: Path | None = None) -> Gateway:
+    """``bench/grpc_floor_server.py`` answering ``response`` (a serialized PredictResponse) on ``port``; with
+    ``model``, after running each request's tensor through it (the ``grpc-floor-model`` target)."""
+    name = "grpc-floor" if model is None else "grpc-floor-model"
+    log_path = work / f"{name}.log"
     command = [sys.executable, str(ROOT / "bench" / "grpc_floor_server.py"), "--listen", f"127.0.0.1:{port}",
-               "--response", str(response)]
+               "--response", str(response), *([] if model is None else ["--model", str(model)])]
     with open(log_path, "wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=work)
-    return Gateway("grpc-floor", process, port, log_path)
+    return Gateway(name, process, port, log_path)
 
 
 def capture_response(gw: Gateway, traffic: Traffic, path: Path) -> Path:
@@ -685,6 +690,15 @@ def ratios(cells: list[Cell], model_cpu: float | None = None) -> list[dict]:
                 ratio("gateway-embedded", "grpc-floor", c, "cpu_ms_per_request"), "x", "<= 1.5",
                 lambda v: v <= 1.5, "server CPU ms per answered request, gateway process tree over the floor's")
           for c in (1, 64)),
+        entry("CPU per request grpc-floor-model / grpc-floor @c=1",
+              ratio("grpc-floor-model", "grpc-floor", 1, "cpu_ms_per_request"), "x", "(info)", None,
+              "the floor plus one inline batch-1 model run per request over the floor: what the model costs in a "
+              "serving loop (its runs come between idle gaps, colder than back to back), the gateway's work left out"),
+        *(entry(f"CPU per request gateway-embedded / grpc-floor-model @c={c}",
+                ratio("gateway-embedded", "grpc-floor-model", c, "cpu_ms_per_request"), "x", "(info)", None,
+                "gateway CPU ms per request over the floor-with-model's: what the gateway's own work (validation, "
+                "batching, decision, metrics, reply) adds to transport and model")
+          for c in (1, 64)),
         entry("CPU per request gateway-embedded less the model / grpc-floor @c=1",
               [] if model_cpu is None else paired(["gateway-embedded", "grpc-floor"], 1, "cpu_ms_per_request",
                                                   lambda g, f: (g - model_cpu) / f),
@@ -760,7 +774,9 @@ def write_report(out: Path, meta: dict, cells: list[Cell], agg: dict, rat: list[
         "running the same model.onnx with ONNX Runtime, 1 intra-op thread, dynamic batching up to 64, 500 us queue delay). "
         "grpc-floor: `bench/grpc_floor_server.py`, a `grpc.aio` server answering every Predict with one response captured "
         "from a gateway, no work: the Python gRPC round trip alone, so the embedded overhead splits into transport "
-        "(grpc-floor) and the gateway's own work (gateway-embedded - grpc-floor - ort-direct).",
+        "(grpc-floor) and the gateway's own work (gateway-embedded - grpc-floor - ort-direct). grpc-floor-model: the "
+        "same server running each request's tensor through the model first (inline, one-thread session, as the "
+        "gateway's embedded backend for a small model): transport plus the model as served.",
         "", "## Results", "", *table, "",
         "## Ratios (this run)", "",
         "Each ratio is computed per round from the two cells of that round (run back to back, so they saw the same "
@@ -890,20 +906,23 @@ def main(argv=None) -> int:
         for gw in gateways.values():
             wait_serving(gw)
             log(f"{gw.name} SERVING on {gw.target} (PID {gw.process.pid})")
-        floor_port = next(ports)
-        if "grpc-floor" in targets:
-            if not gateways:
-                notes.append("grpc-floor skipped: it answers with a response captured from a gateway, and no gateway "
-                             "target was chosen")
-                log(notes[-1])
-                targets = [t for t in targets if t != "grpc-floor"]
-            else:
-                answer = capture_response(next(iter(gateways.values())), traffic, work / "floor-response.bin")
-                floor = start_floor_server(floor_port, answer, work)
+        floor_ports = {"grpc-floor": next(ports), "grpc-floor-model": helpers.free_ports(1)[0]}
+        floors = [t for t in ("grpc-floor", "grpc-floor-model") if t in targets]
+        if floors and not gateways:
+            notes.append(f"{', '.join(floors)} skipped: they answer with a response captured from a gateway, and no "
+                         "gateway target was chosen")
+            log(notes[-1])
+            targets = [t for t in targets if t not in floors]
+        elif floors:
+            answer = capture_response(next(iter(gateways.values())), traffic, work / "floor-response.bin")
+            model_file = repo.version_dir(repository, traffic.model, traffic.version) / repo.MODEL_FILE
+            for name in floors:
+                floor = start_floor_server(floor_ports[name], answer, work,
+                                           model_file if name == "grpc-floor-model" else None)
                 stack.callback(floor.stop)
-                gateways["grpc-floor"] = floor
+                gateways[name] = floor
                 wait_serving(floor)
-                log(f"grpc-floor SERVING on {floor.target} (PID {floor.process.pid}), answering "
+                log(f"{name} SERVING on {floor.target} (PID {floor.process.pid}), answering "
                     f"{answer.stat().st_size} bytes")
 
         from oodguard.serve.settings import Settings

@@ -5,6 +5,14 @@ checked, and every problem found is reported, not just the first. Serving side: 
 read with ONNX Runtime, configs with tritonclient's ``ModelConfig`` proto; neither torch nor onnx
 is imported.
 
+Versions against configs: each version a config serves (its ``version_policy``; Triton's default is the
+newest one) is checked against that config. An output the config declares that the version lacks (in its
+``model.onnx`` or, for a score, its ``calibration.json``) is an error naming version and output: Triton would
+refuse to load that version. A score the version has but the config does not declare is fine: versions of
+one model may have different score sets, and the config declares the ones they share (see
+:mod:`oodguard.export.triton_config`); the gateway does not score it for that version. A version no config
+serves is checked on its own only (model, calibration, class count).
+
 Usage: ``python -m oodguard.validate_repo REPOSITORY`` (exit status 0 when no problem is found).
 """
 
@@ -120,8 +128,21 @@ def _check_model(root: Path, name: str) -> list[Problem]:
     if not version_numbers:
         problems.append(Problem(str(folder), "no version folder (1/, 2/, ...)"))
     for version in version_numbers:
-        problems += _check_version(version_dir(root, name, version), configs)
+        serving = {label: c for label, c in configs.items() if version in served_versions(c, version_numbers)}
+        problems += _check_version(version_dir(root, name, version), serving)
     return problems
+
+
+def served_versions(config: mc.ModelConfig, available: Sequence[int]) -> list[int]:
+    """The versions among ``available`` (ascending) that Triton serves under ``config``'s version policy."""
+    policy = config.version_policy
+    kind = policy.WhichOneof("policy_choice")
+    if kind == "all":
+        return list(available)
+    if kind == "specific":
+        return [v for v in available if v in set(policy.specific.versions)]
+    count = policy.latest.num_versions if kind == "latest" else 1  # no policy: Triton serves the newest one
+    return list(available[-count:]) if count > 0 else []
 
 
 def _config_problems(config: mc.ModelConfig, folder_name: str) -> list[str]:
@@ -139,7 +160,7 @@ def _config_problems(config: mc.ModelConfig, folder_name: str) -> list[str]:
 
 
 def _check_version(folder: Path, configs: dict[str, mc.ModelConfig]) -> list[Problem]:
-    """Problems of one version folder, against each config that parsed."""
+    """Problems of one version folder, against each config (that parsed) serving it."""
     problems: list[Problem] = []
     onnx_path, calibration_path = folder / MODEL_FILE, folder / CALIBRATION_FILE
 
@@ -165,12 +186,16 @@ def _check_version(folder: Path, configs: dict[str, mc.ModelConfig]) -> list[Pro
 
     if session is not None and calibration is not None:
         problems += [Problem(str(calibration_path), m) for m in _class_count_problems(session, calibration)]
+        graph_outputs = {o.name for o in session.get_outputs()}
+        problems += [Problem(str(calibration_path), f"calibration score {name!r} is not an output of {MODEL_FILE}")
+                     for name in calibration.model["scores"] if name not in graph_outputs]
     for label, config in configs.items():
         if session is not None:
             problems += [Problem(str(onnx_path), f"{label}: {m}") for m in _io_problems(config, session)]
         if calibration is not None:
             problems += [
-                Problem(str(calibration_path), f"{label}: {m}") for m in _calibration_problems(config, calibration)
+                Problem(str(calibration_path), f"{label}: {m}")
+                for m in _calibration_problems(config, calibration, folder.name)
             ]
     return problems
 
@@ -187,7 +212,8 @@ def _class_count_problems(session: ort.InferenceSession, calibration: Calibratio
 
 
 def _io_problems(config: mc.ModelConfig, session: ort.InferenceSession) -> list[str]:
-    """Differences between the config's inputs/outputs and the model's: names, dtypes, shapes."""
+    """Differences between the config's inputs/outputs and the model's: names, dtypes, shapes. A model output
+    the config does not declare is fine (Triton does not serve it); an undeclared model input is not."""
     batched = config.max_batch_size > 0
     problems = []
     for kind, declared, actual in (
@@ -209,7 +235,7 @@ def _io_problems(config: mc.ModelConfig, session: ort.InferenceSession) -> list[
         problems += [
             f"model {kind} {arg.name!r} is not declared in the config"
             for arg in actual
-            if arg.name not in declared_names
+            if arg.name not in declared_names and kind == "input"
         ]
     return problems
 
@@ -237,17 +263,13 @@ def _shape_problems(tensor: mc.ModelInput | mc.ModelOutput, shape: OnnxShape, ba
     return problems
 
 
-def _calibration_problems(config: mc.ModelConfig, calibration: Calibration) -> list[str]:
-    """Differences between a version's calibration.json and the config: scores, input shape, class count."""
+def _calibration_problems(config: mc.ModelConfig, calibration: Calibration, version: str) -> list[str]:
+    """Differences between a version's calibration.json and the config: scores the config declares that the
+    version lacks (a score of the version's that the config leaves out is fine), input shape, class count."""
     outputs = {tensor.name: tensor for tensor in config.output}
     inputs = {tensor.name: tensor for tensor in config.input}
     problems = [
-        f"calibration score {name!r} is not an output of the config"
-        for name in calibration.model["scores"]
-        if name not in outputs
-    ]
-    problems += [
-        f"config output {name!r} has no threshold in {CALIBRATION_FILE}"
+        f"config output {name!r} is not a score of version {version}: no threshold in its {CALIBRATION_FILE}"
         for name in outputs
         if name not in TENSOR_OUTPUTS and name not in calibration.thresholds
     ]

@@ -69,3 +69,10 @@ class Backend(abc.ABC):
     async def ready_versions(self) -> dict[str, list[int]]:
         """Model name → versions ready to serve now, ascending. Empty when nothing is ready.
         Raises :class:`BackendUnavailable` when the backend itself cannot be reached."""
+
+    async def served_outputs(self, model: str, version: int) -> frozenset[str] | None:
+        """The output names this backend returns for a ready version, as it serves them now; None (the default)
+        means every output of the version's model. The registry asks at each poll: a version's scores are
+        those of its calibration that the backend serves (a Triton config declares only the outputs common to
+        the versions it serves). Raises as :meth:`infer`."""
+        return None

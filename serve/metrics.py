@@ -604,10 +604,11 @@ class GatewayMetrics:
         if not len(decisions):
             return
         model, version = served.model, str(served.version)
+        # count_nonzero: a plain C count, not a ufunc reduction (several per batch, a few rows each)
         self._items(model, version).inc(len(decisions))
-        self._unscorable(model, version).inc(int(decisions.unscorable.sum()))
-        self._out_of_range(model, version).inc(int(decisions.out_of_range.sum()))
-        flagged = int(decisions.ood.sum())
+        self._unscorable(model, version).inc(int(np.count_nonzero(decisions.unscorable)))
+        self._out_of_range(model, version).inc(int(np.count_nonzero(decisions.out_of_range)))
+        flagged = int(np.count_nonzero(decisions.ood))
         if flagged:
             self._flagged_items(model, version).inc(flagged)
             for name in decisions.deciding:

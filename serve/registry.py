@@ -1,8 +1,11 @@
 """Which model versions the gateway serves, with their calibration; hot reload.
 
 The registry polls ``backend.ready_versions()``. A version that becomes ready is admitted only after
-its ``calibration.json`` loads and validates, the decision policy's scores are among those it exports,
-and one warm-up inference returns every output the calibration names. Admission swaps one immutable
+its ``calibration.json`` loads and validates, the decision policy's scores (or its fallback) are among those
+it serves, and one warm-up inference returns every output it serves. A version serves the scores of its
+calibration that the backend returns for it (``backend.served_outputs``: a Triton config declares only the
+outputs common to the versions it serves; the embedded backend serves them all); a version is re-admitted
+when that set or its calibration file changes. Admission swaps one immutable
 snapshot, so a request that resolved its version keeps it until it finishes, and the next request sees
 the new latest version. A version that fails admission is refused with a log line, the older one stays
 served, and it is retried when its calibration file changes.
@@ -167,14 +170,19 @@ class Registry:
     async def _admit(self, model: str, version: int, current: ServedVersion | None) -> ServedVersion | None:
         folder = repo.version_dir(self.repository, model, version)
         path = folder / repo.CALIBRATION_FILE
-        stamp = _stamp(path)
+        try:
+            available = await self.backend.served_outputs(model, version)
+        except (BackendUnavailable, DeadlineExceeded, ModelNotFound) as exc:
+            log.warning("model %s version %d: its outputs cannot be read (%s); will retry", model, version, exc)
+            return current
+        stamp = (_stamp(path), available)
         if current is not None and current.stamp == stamp:
             return current
         key = (model, version)
         if key in self.refused and self.refused[key][0] == stamp:
             return current
         try:
-            served = await asyncio.to_thread(self._load, model, version, path, stamp)
+            served = await asyncio.to_thread(self._load, model, version, path, stamp, available)
             await self._warm_up(served)
         except (BackendUnavailable, DeadlineExceeded, ModelNotFound) as exc:
             log.warning("model %s version %d: warm-up failed (%s); will retry", model, version, exc)
@@ -191,13 +199,19 @@ class Registry:
         self.policy_errors.pop(key, None)
         return served
 
-    def _load(self, model: str, version: int, path: Path, stamp: object) -> ServedVersion:
+    def _load(self, model: str, version: int, path: Path, stamp: object,
+              available: frozenset[str] | None = None) -> ServedVersion:
         calibration = Calibration.load(path)
         meta = calibration.model
-        scores = tuple(str(s) for s in meta["scores"])
-        rule = DecisionRule(calibration, self.policy, f"model {model!r} version {version}")  # PolicyError when neither the policy nor its fallback fits
+        exported = tuple(str(s) for s in meta["scores"])
+        scores = tuple(s for s in exported if available is None or s in available)
+        if scores != exported:
+            log.info("model %s version %d: score(s) %s are not served by the backend's config: not scored", model,
+                     version, [s for s in exported if s not in scores])
+        rule = DecisionRule(calibration, self.policy, f"model {model!r} version {version}", scores)  # PolicyError when neither the policy nor its fallback fits
         if rule.fell_back:
-            log.warning("model %s version %d exports no %s score: decided by the fallback %s(%s)", model, version,
+            how = "exports" if any(s not in exported for s in self.policy.scores) else "is served (by the backend's config) with"
+            log.warning("model %s version %d %s no %s score: decided by the fallback %s(%s)", model, version, how,
                         "/".join(self.policy.scores), rule.policy.mode, ", ".join(rule.policy.scores))
         preprocessing = Preprocessing.from_dict(meta["preprocessing"])
         shape = tuple(int(d) for d in meta["input"]["shape"])
@@ -205,7 +219,8 @@ class Registry:
             raise CalibrationError(f"input shape {list(shape)} disagrees with the preprocessing's {list(preprocessing.input_shape)}")
         declared = int(meta.get("max_batch_size") or 0) or 64
         max_batch = min(self.max_batch, declared) if self.max_batch else declared
-        outputs = tuple(str(o) for o in meta.get("outputs", list(repo.TENSOR_OUTPUTS) + list(scores)))
+        outputs = tuple(str(o) for o in meta.get("outputs", list(repo.TENSOR_OUTPUTS) + list(exported))
+                        if o not in exported or o in scores)
         return ServedVersion(model, version, calibration, preprocessing, shape, max_batch,
                              tuple(calibration.class_names), scores, outputs, stamp, rule,
                              InputRange(preprocessing.mean, preprocessing.std, self.input_range_margin))

@@ -174,6 +174,8 @@ class Gateway:
         ones), and the sampled flags of all items."""
         fraction = self.settings.unflagged_sample_fraction
         ood = decisions.ood.tolist()
+        if not fraction > 0:  # nothing sampled (the default): no random draw, as below
+            return [i for i, flagged in enumerate(ood) if flagged], [False] * len(ood)
         sampled = [not flagged and fraction > 0 and self._rng.random() < fraction for flagged in ood]
         return [i for i, flagged in enumerate(ood) if flagged or sampled[i]], sampled
 

@@ -48,6 +48,8 @@ DEFAULT_TOP_K = 3
 RECORD_ID_PLACEHOLDER = "0" * 32
 #: at most one log line per this many seconds for bad requests (the rest are counted in the metrics)
 BAD_REQUEST_LOG_INTERVAL_S = 1.0
+#: Decision templates kept (one per served version's decision rule; cleared when full)
+TEMPLATE_CACHE_SIZE = 64
 
 
 class Overloaded(Exception):
@@ -137,6 +139,8 @@ class OODGuardService:
         self.inflight_items = 0
         self.inflight_bytes = 0
         self._bad_log = RateLimitedLog(log, BAD_REQUEST_LOG_INTERVAL_S)
+        #: id(thresholds array of a version's decision rule) -> (that array, its Decision template)
+        self._templates: dict[int, tuple[np.ndarray, pb.Decision]] = {}
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's gRPC handler; request bodies arrive as bytes (:meth:`Predict` and :meth:`ModelInfo`
@@ -265,7 +269,8 @@ class OODGuardService:
         except PolicyError as exc:
             raise Refusal(grpc.StatusCode.INTERNAL, f"model outputs do not match its calibration: {exc}")
         outcome, rows = part.result, slice(part.start, part.stop)
-        decisions = outcome.decisions[rows]
+        # a request alone in its batch (always at low load) has every row: no slices to make
+        decisions = outcome.decisions if part.stop - part.start == part.batch_rows else outcome.decisions[rows]
         chosen, sampled = gw.choose_for_queue(decisions)
         response = self._response(outcome, rows, decisions, request, chosen, sampled)
         size, limit = response.ByteSize(), gw.settings.max_message_bytes
@@ -303,8 +308,7 @@ class OODGuardService:
             return tensor_input(request, served, limits)
         return await asyncio.to_thread(tensor_input, request, served, limits)
 
-    @staticmethod
-    def _response(outcome: "BatchOutcome", rows: slice, decisions: "Decisions", request: pb.PredictRequest,
+    def _response(self, outcome: "BatchOutcome", rows: slice, decisions: "Decisions", request: pb.PredictRequest,
                   chosen: list[int], sampled: list[bool]) -> pb.PredictResponse:
         """The reply, with every item that will be queued marked QUEUED under a placeholder id of the real
         ids' length (so its size is final; the ids are filled in once the queue has them)."""
@@ -315,35 +319,57 @@ class OODGuardService:
         probs = probs.tolist()
         names = served.class_names
         score_names = decisions.names
-        thresholds = dict(zip(score_names, decisions.thresholds.tolist()))
+        template = self._decision_template(decisions)
         crossed, scores, p_values = decisions.crossed.tolist(), decisions.scores.tolist(), decisions.p_values.tolist()
         ood = decisions.ood.tolist()
+        driver_columns = decisions.driver_columns
         queued = set(chosen)
-        response = pb.PredictResponse(model=served.model, version=served.version, request_id=request.request_id)
-        for i in range(len(decisions)):
-            best = ranked[i][0]
-            item = response.predictions.add(
-                class_index=best, class_name=names[best], probability=probs[i][best],
-                model=served.model, version=served.version, sampled=sampled[i],
-            )
+        model, version = served.model, served.version
+        response = pb.PredictResponse(model=model, version=version, request_id=request.request_id)
+        add = response.predictions.add
+        for i in range(len(ood)):
+            row, best = probs[i], ranked[i][0]
+            item = add(class_index=best, class_name=names[best], probability=row[best], model=model, version=version,
+                       sampled=sampled[i])
+            add_top = item.top_k.add
             for c in ranked[i]:
-                item.top_k.add(index=c, name=names[c], probability=probs[i][c])
-            item.scores.update(zip(score_names, scores[i]))
+                add_top(index=c, name=names[c], probability=row[c])
+            item_scores = item.scores
+            for name, value in zip(score_names, scores[i]):
+                item_scores[name] = value
             d = item.decision
-            d.ood = ood[i]
+            d.MergeFrom(template)  # deciding scores, mode, thresholds: the same for every item of the version
             if ood[i]:
+                d.ood = True
                 d.reasons.extend(decisions.reasons(i))
-            d.crossed.extend(n for n, c in zip(score_names, crossed[i]) if c)
-            d.deciding_scores.extend(decisions.deciding)
-            d.mode = decisions.mode
-            d.thresholds.update(thresholds)
-            d.p_values.update(zip(score_names, p_values[i]))
-            if decisions.driver_columns:
-                d.driver = decisions.driver(i)
+            if any(crossed[i]):
+                d.crossed.extend([n for n, c in zip(score_names, crossed[i]) if c])
+            item_p = d.p_values
+            for name, value in zip(score_names, p_values[i]):
+                item_p[name] = value
+            if driver_columns:
+                d.driver = decisions.driver(i, p_values[i])
             if i in queued:
                 item.queue_status = pb.QUEUED
                 item.queue_record_id = RECORD_ID_PLACEHOLDER
         return response
+
+    def _decision_template(self, decisions: "Decisions") -> pb.Decision:
+        """The part of every item's ``Decision`` that is the same for all items of a version (deciding scores,
+        mode, thresholds), built once per version's thresholds array and merged into each item."""
+        key = id(decisions.thresholds)
+        cached = self._templates.get(key)
+        if cached is not None and cached[0] is decisions.thresholds:
+            return cached[1]
+        template = pb.Decision(deciding_scores=decisions.deciding, mode=decisions.mode)
+        thresholds = template.thresholds
+        for name, value in zip(decisions.names, decisions.thresholds.tolist()):
+            thresholds[name] = value
+        if len(self._templates) >= TEMPLATE_CACHE_SIZE:  # versions come and go: drop the old ones now and then
+            self._templates.clear()
+        # the array is kept with its template: its id cannot be reused while the entry lives
+        self._templates[key] = (decisions.thresholds, template)
+        return template
 
     # -- ModelInfo --------------------------------------------------------------------------------
     async def ModelInfo(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:

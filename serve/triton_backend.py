@@ -1,9 +1,19 @@
 """The Triton backend: the fused-head model served by a Triton Inference Server, reached over gRPC.
 
 The server and the gateway read the same model repository (see :mod:`oodguard.repository`): the server
-loads ``model.onnx``; this class reads each version's ``calibration.json`` to know which outputs to ask for
-and which of them are scores. Triton returns a ``[B]`` score as ``[B, 1]`` (the config declares
+loads ``model.onnx``; this class reads each version's ``calibration.json`` to know which outputs are the
+version's and which of them are scores. Triton returns a ``[B]`` score as ``[B, 1]`` (the config declares
 ``dims: [1] reshape: { shape: [ ] }``); :meth:`TritonBackend.infer` squeezes it back to ``[B]``.
+
+Which outputs: one config serves every version of a model, and it declares only the outputs common to the
+versions it serves (:mod:`oodguard.export.triton_config`), so a version may have scores the config leaves
+out. A call asks for no output by name: Triton answers with every output of the config it has loaded (never
+one the answering version lacks), and :meth:`TritonBackend.infer` keeps those the answering version's
+calibration names; a score the config does not carry is not scored for that version.
+:meth:`TritonBackend.served_outputs` reports the config's outputs per version from Triton's model metadata
+(the registry asks at each poll and re-admits a version whose set changed). A response that lacks an output
+reported there means Triton reloaded the model with a smaller config since (a new export): it is
+:class:`BackendUnavailable` until the registry's next poll adopts the new set.
 
 How Triton's failures reach the gateway (every tritonclient error is an ``InferenceServerException``
 whose ``status()`` is a string such as ``'StatusCode.UNAVAILABLE'``):
@@ -75,6 +85,7 @@ class TritonBackend(Backend):
         self.control_timeout_s = control_timeout_s
         self._client: grpcclient.InferenceServerClient | None = None
         self._metadata: dict[tuple[str, int], tuple[str, tuple[str, ...], frozenset[str]]] = {}
+        self._served: dict[tuple[str, int], frozenset[str]] = {}  # last served_outputs() answer per version
 
     # -- lifecycle ---------------------------------------------------------------------------------
 
@@ -125,39 +136,57 @@ class TritonBackend(Backend):
             self._metadata[key] = (input_name, outputs, frozenset(info["scores"]))
         return self._metadata[key]
 
-    def _request_metadata(self, model: str, version: int | None) -> tuple[str, tuple[str, ...], frozenset[str]]:
+    def _input_name(self, model: str, version: int | None) -> str:
         if version is not None:
-            return self._version_metadata(model, version)
-        # The latest version: every version of a model shares one config, so the newest version's
-        # outputs are the ones whichever version answers will have.
+            return self._version_metadata(model, version)[0]
+        # The latest version: every version of a model shares one config, so its input is the newest one's.
         found = versions(self.repository, model)
         if not found:
             raise ModelNotFound(f"model {model!r} has no version in {self.repository}")
-        return self._version_metadata(model, found[-1])
+        return self._version_metadata(model, found[-1])[0]
+
+    async def served_outputs(self, model: str, version: int) -> frozenset[str]:
+        """The outputs of the config Triton has loaded for ``version`` (its model metadata), remembered for
+        :meth:`infer`'s check that the config did not shrink since."""
+        try:
+            metadata = await self._connection().get_model_metadata(model, str(version),
+                                                                   client_timeout=self.control_timeout_s)
+        except InferenceServerException as exc:
+            raise await self._translate(exc, model, version) from exc
+        names = frozenset(output.name for output in metadata.outputs)
+        self._served[(model, version)] = names
+        return names
 
     # -- calls ---------------------------------------------------------------------------------------
 
     async def infer(self, model: str, version: int | None, inputs: np.ndarray, timeout_s: float | None) -> InferenceResult:
-        input_name, output_names, score_names = self._request_metadata(model, version)
         batch = np.ascontiguousarray(inputs, dtype=np.float32)
-        tensor = grpcclient.InferInput(input_name, list(batch.shape), "FP32")
+        tensor = grpcclient.InferInput(self._input_name(model, version), list(batch.shape), "FP32")
         tensor.set_data_from_numpy(batch)
-        requested = [grpcclient.InferRequestedOutput(name) for name in output_names]
-        try:
+        try:  # no output named: every output of the loaded config (the ones the answering version surely has)
             result = await self._connection().infer(
-                model, [tensor], model_version="" if version is None else str(version),
-                outputs=requested, client_timeout=timeout_s,
+                model, [tensor], model_version="" if version is None else str(version), client_timeout=timeout_s,
             )
         except InferenceServerException as exc:
             raise await self._translate(exc, model, version) from exc
 
         response = result.get_response()
         answered = int(response.model_version) if response.model_version else version
+        _, output_names, score_names = self._version_metadata(model, answered)
+        returned = {output.name for output in response.outputs}
+        dropped = self._served.get((model, answered), frozenset()) - returned
+        if dropped:
+            raise BackendUnavailable(f"model {model!r} version {answered}: Triton no longer serves output(s) "
+                                     f"{sorted(dropped)} (it reloaded the model with a new config); the gateway "
+                                     "adopts the new output set at its next poll")
+        lacking = [name for name in TENSOR_OUTPUTS if name not in returned]
+        if lacking:
+            raise BackendError(f"model {model!r} version {answered}: no output(s) {lacking} in the response")
         outputs: dict[str, np.ndarray] = {}
         for name in output_names:
+            if name not in returned:
+                continue  # a score the served config does not carry: not scored for this version
             array = result.as_numpy(name)
-            if array is None:
-                raise BackendError(f"model {model!r} version {answered}: no output {name!r} in the response")
             if name in score_names and array.ndim == 2 and array.shape[1] == 1:
                 array = array[:, 0]
             if array.shape[:1] != batch.shape[:1]:

@@ -1,15 +1,18 @@
-"""Triton configs generated from a ModelSignature: they parse back and say what the repository contract needs."""
+"""Triton configs generated from a ModelSignature: they parse back and say what the repository contract needs;
+across versions they declare the outputs every served version has."""
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 from google.protobuf import text_format
 from tritonclient.grpc import model_config_pb2 as mc
 
+from oodguard.calibration import Calibration, ScoreThreshold
 from oodguard.export.triton_config import ModelSignature, cpu_config, production_config, write_configs
-from oodguard.repository import CONFIG_FILE, CPU_CONFIG_FILE
+from oodguard.repository import CALIBRATION_FILE, CONFIG_FILE, CPU_CONFIG_FILE
 
 SIG = ModelSignature(name="cifar_resnet", input_dims=(3, 32, 32), num_classes=10, feature_dim=512,
                      scores=("sisom", "energy", "msp"))
@@ -112,3 +115,63 @@ def test_bad_cpu_and_write_arguments_raise(tmp_path):
     with pytest.raises(ValueError):
         write_configs(tmp_path / "cifar_resnet", SIG, max_batch_size=8)
     assert not (tmp_path / "cifar_resnet" / CONFIG_FILE).exists()  # nothing written when the arguments are bad
+
+
+def add_version(folder, version: int, scores: tuple[str, ...], outputs: tuple[str, ...] | None = None) -> None:
+    """A version folder holding only the calibration.json that lists its outputs (all the config writer reads)."""
+    sample = np.array([0.0, 1.0])
+    thresholds = {s: ScoreThreshold(s, 1.0, 0.95, 2, 2, 1.0, (0.2, 1.0), sample) for s in scores}
+    model = {"class_names": ["a", "b"], "input": {"name": "input", "shape": [3, 32, 32]}, "preprocessing": {},
+             "scores": list(scores), "outputs": list(outputs or ("logits", "features", *scores))}
+    (folder / str(version)).mkdir(parents=True)
+    Calibration(model=model, thresholds=thresholds, data={}).save(folder / str(version) / CALIBRATION_FILE)
+
+
+def declared(path) -> list[str]:
+    return [t.name for t in parse(path.read_text()).output]
+
+
+def test_configs_declare_the_outputs_common_to_the_served_versions(tmp_path):
+    """v1 (an older export) lacks sisom, v2 has it and knn: both configs declare the common scores, in the
+    newest version's order; once v1 leaves the served window (v3), the config follows the served versions."""
+    folder = tmp_path / "cifar_resnet"
+    add_version(folder, 1, ("msp", "energy"))
+    add_version(folder, 2, ("sisom", "energy", "knn", "msp"))
+    sig = dataclasses.replace(SIG, scores=("sisom", "energy", "knn", "msp"))
+    production, cpu = write_configs(folder, sig)
+    assert declared(production) == declared(cpu) == ["logits", "features", "energy", "msp"]
+    config = parse(production.read_text())
+    assert all(list(t.dims) == [1] and t.HasField("reshape") for t in config.output[2:])
+
+    add_version(folder, 3, ("sisom", "energy", "knn", "msp"))
+    write_configs(folder, sig)
+    assert declared(production) == declared(cpu) == ["logits", "features", "sisom", "energy", "knn", "msp"]
+
+
+def test_a_single_version_gets_its_own_outputs(tmp_path):
+    folder = tmp_path / "cifar_resnet"
+    add_version(folder, 1, SIG.scores)
+    production, cpu = write_configs(folder, SIG)
+    assert declared(production) == declared(cpu) == ["logits", "features", *SIG.scores]
+    check_common(parse(production.read_text()))
+
+
+def test_served_versions_that_cannot_share_a_config_are_an_error_naming_them(tmp_path):
+    folder = tmp_path / "cifar_resnet"
+    add_version(folder, 1, ("knn",))
+    add_version(folder, 2, SIG.scores)
+    with pytest.raises(ValueError, match=r"versions \[1, 2\] have no score in common.*version 1: \['knn'\]"):
+        write_configs(folder, SIG)
+    assert not (folder / CONFIG_FILE).exists()
+
+    other = tmp_path / "other" / "cifar_resnet"
+    add_version(other, 1, SIG.scores, outputs=("logits", *SIG.scores))
+    add_version(other, 2, SIG.scores)
+    with pytest.raises(ValueError, match=r"version 1 has no output\(s\) \['features'\].*versions \[1, 2\]"):
+        write_configs(other, SIG)
+
+    broken = tmp_path / "broken" / "cifar_resnet"
+    add_version(broken, 1, SIG.scores)
+    (broken / "1" / CALIBRATION_FILE).write_text("{")
+    with pytest.raises(ValueError, match="version 1: .*not valid JSON"):
+        write_configs(broken, SIG)

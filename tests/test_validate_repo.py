@@ -142,8 +142,8 @@ BREAKAGES: dict[str, tuple[Breaker, str, list[str]]] = {
         in_config(lambda c: set_fields(output(c, "msp"), name="mps")),
         MODEL_FILE, ["config.pbtxt", "output 'mps'", "not in the model"],
     ),
-    "model output not in config": (
-        in_config(lambda c: c.output.pop()), MODEL_FILE, ["model output 'maxlogit' is not declared"],
+    "model input not in config": (
+        in_config(lambda c: c.input.pop()), MODEL_FILE, ["model input 'input' is not declared"],
     ),
     "wrong logits dims": (
         in_config(lambda c: output(c, "logits").dims.__setitem__(0, 4)),
@@ -181,13 +181,13 @@ BREAKAGES: dict[str, tuple[Breaker, str, list[str]]] = {
     "invalid calibration": (
         lambda m: (m / version_file(CALIBRATION_FILE)).write_text("{"), CALIBRATION_FILE, ["not valid JSON"],
     ),
-    "calibration score not in config": (
+    "calibration score not in the model": (
         lambda m: tiny_calibration(m / version_file(CALIBRATION_FILE), scores=(*SCORES, "knn")),
-        CALIBRATION_FILE, ["calibration score 'knn'", "not an output"],
+        CALIBRATION_FILE, ["calibration score 'knn'", "not an output of model.onnx"],
     ),
     "config score without threshold": (
         lambda m: tiny_calibration(m / version_file(CALIBRATION_FILE), scores=("energy",)),
-        CALIBRATION_FILE, ["'msp'", "no threshold"],
+        CALIBRATION_FILE, ["config output 'msp'", "version 1", "no threshold"],
     ),
     "calibration input shape": (
         lambda m: tiny_calibration(m / version_file(CALIBRATION_FILE), input_shape=(3, 4, 4)),
@@ -210,6 +210,60 @@ def test_breakage_is_caught(repo, breakage):
     assert any(
         p.path.endswith(path_suffix) and all(f in p.message for f in fragments) for p in problems
     ), f"no problem at *{path_suffix} with {fragments} in {problems}"
+
+
+def add_version(folder: Path, version: int, scores: tuple[str, ...]) -> None:
+    (folder / str(version)).mkdir(parents=True)
+    tiny_model(folder / str(version) / MODEL_FILE, scores=scores)
+    tiny_calibration(folder / str(version) / CALIBRATION_FILE, scores=scores)
+
+
+def declared_scores(path: Path) -> list[str]:
+    config = text_format.Parse(path.read_text(), mc.ModelConfig())
+    return [t.name for t in config.output][2:]
+
+
+def test_versions_of_different_score_sets_validate(tmp_path):
+    """v1 lacks maxlogit (an older export), v2 has it: the configs written after v2 declare the common scores,
+    and both served versions validate; v2's undeclared maxlogit is no problem."""
+    folder = tmp_path / NAME
+    add_version(folder, 1, ("energy", "msp"))
+    add_version(folder, 2, SCORES)
+    write_configs(folder, SIG, max_batch_size=8, preferred_batch_sizes=(4, 8))
+    assert declared_scores(folder / CONFIG_FILE) == declared_scores(folder / CPU_CONFIG_FILE) == ["energy", "msp"]
+    assert validate_repository(tmp_path) == []
+
+
+def test_config_output_a_served_version_lacks_is_reported(tmp_path):
+    folder = tmp_path / NAME
+    add_version(folder, 1, ("energy", "msp"))
+    add_version(folder, 2, SCORES)
+    write_configs(folder, SIG, max_batch_size=8, preferred_batch_sizes=(4, 8))
+
+    def declare_maxlogit(config: mc.ModelConfig) -> None:
+        config.output.add(name="maxlogit", data_type=mc.TYPE_FP32, dims=[1]).reshape.SetInParent()
+
+    edit_config(folder / CONFIG_FILE, declare_maxlogit)  # as a config written for version 2 alone would
+    found = [(Path(p.path).relative_to(tmp_path).as_posix(), p.message) for p in validate_repository(tmp_path)]
+    assert found == [
+        ("tiny/1/model.onnx", "config.pbtxt: output 'maxlogit' is in the config but not in the model"),
+        ("tiny/1/calibration.json",
+         "config.pbtxt: config output 'maxlogit' is not a score of version 1: no threshold in its calibration.json"),
+    ]
+
+
+def test_a_version_no_config_serves_is_not_checked_against_the_configs(tmp_path):
+    """Three versions, the newest two served: version 1 lacking maxlogit is out of the window, so the configs
+    written after version 3 declare maxlogit again, and the repository validates."""
+    folder = tmp_path / NAME
+    add_version(folder, 1, ("energy", "msp"))
+    add_version(folder, 2, SCORES)
+    add_version(folder, 3, SCORES)
+    write_configs(folder, SIG, max_batch_size=8, preferred_batch_sizes=(4, 8))
+    assert declared_scores(folder / CONFIG_FILE) == list(SCORES)
+    assert validate_repository(tmp_path) == []
+    tiny_calibration(folder / "1" / CALIBRATION_FILE, scores=("energy", "knn"))  # its own problems still count
+    assert [p.message for p in validate_repository(tmp_path)] == ["calibration score 'knn' is not an output of model.onnx"]
 
 
 def test_all_problems_are_reported(repo):

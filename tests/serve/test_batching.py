@@ -75,6 +75,43 @@ def test_a_lone_leader_runs_in_its_own_task():
     assert inflight == 0 and lanes == {}
 
 
+def test_a_lone_submission_with_nothing_else_due_runs_at_once_without_an_event_loop_turn():
+    """Low load: a submission alone in its loop turn cannot gain a batch mate by yielding, so it runs at once.
+    Driven by hand: the first step of the coroutine already ends with the answer (no yield to the loop)."""
+    async def run(key, rows, timeout_s):  # a backend that answers without suspending (as the inline ORT run)
+        return {"rows": rows.tolist()}
+
+    async def main():
+        batcher = MicroBatcher(run)
+        loop = asyncio.get_running_loop()
+        assert not loop._ready  # nothing else due in this turn
+        coroutine = batcher.submit("m", rows(3), 64)
+        with pytest.raises(StopIteration) as done:
+            coroutine.send(None)
+        return done.value.value, batcher
+
+    part, batcher = asyncio.run(main())
+    assert part.result == {"rows": [[3.0]]} and (part.start, part.stop, part.batch_rows) == (0, 1, 1)
+    assert batcher.batches == 1 and list(batcher.batch_rows) == [1] and batcher._inflight == 0 and not batcher._lanes
+
+
+def test_a_leader_yields_when_other_callbacks_are_due_and_their_submissions_join_it():
+    """A request that arrives with others (their callbacks due in the same loop turn) waits one turn for them."""
+    run = Recorder()
+
+    async def main():
+        batcher = MicroBatcher(run)
+        # due in this turn, before the leader's submission goes on: the next request of a burst
+        later = asyncio.ensure_future(batcher.submit("m", rows(2), 64))
+        assert asyncio.get_running_loop()._ready
+        first = await batcher.submit("m", rows(1), 64)
+        return first, await later
+
+    first, second = asyncio.run(main())
+    assert run.batches == [("m", [1.0, 2.0])]  # one batch for both
+    assert (first.start, first.stop, second.start, second.stop, first.batch_rows) == (0, 1, 1, 2, 2)
+
+
 def test_while_the_slot_is_busy_requests_pile_up_into_the_next_batch():
     run = Recorder()
 

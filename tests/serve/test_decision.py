@@ -211,3 +211,48 @@ def test_a_version_without_fused_falls_back_and_names_no_driver():
     with pytest.raises(PolicyError, match=r"\['fused'\] not exported"):  # the fallback does not fit either
         DecisionRule(calibration(("a",)), DecisionPolicy())
     assert DecisionPolicy().describe() == "any(fused), else any(sisome)"
+
+
+@pytest.mark.parametrize("policy", [DecisionPolicy(("a",)), DecisionPolicy(("a", "c"), "any"),
+                                    DecisionPolicy(("a", "b", "c"), "all")])
+def test_a_single_row_is_decided_as_within_any_batch(policy):
+    # one row takes a Python path of its own: every array, verdict, reason and driver must be that row's in a
+    # batch of a few rows (bisect) and in a large one (NumPy's searchsorted), non-finite scores and ties included
+    from oodguard.serve.decision import BISECT_MAX_ROWS
+
+    rule = DecisionRule(calibration(), policy)
+    rng = np.random.default_rng(0)
+    values = np.array([-1.0, 0.0, 3.0, 9.5, 10.0, 10.5, 18.0, 25.0, np.nan, np.inf, -np.inf], np.float32)
+    for _ in range(100):
+        rows = BISECT_MAX_ROWS + 3
+        outputs = {n: rng.choice(values, size=rows) for n in NAMES}
+        out_of_range = rng.random(rows) < 0.3
+        with np.errstate(invalid="ignore"):
+            large = rule(outputs, out_of_range)
+            few = rule({n: v[:3] for n, v in outputs.items()}, out_of_range[:3])
+        for i in range(3):
+            row = {n: v[i:i + 1] for n, v in outputs.items()}
+            one = rule(row, out_of_range[i:i + 1])
+            for batch in (large, few):
+                for field in ("scores", "crossed", "p_values", "by_policy", "unscorable", "out_of_range", "ood"):
+                    a, b = getattr(one, field), getattr(batch, field)[i:i + 1]
+                    assert a.dtype == b.dtype and a.shape == b.shape and np.array_equal(a, b, equal_nan=True), field
+                assert one[0].to_dict() == batch[i].to_dict()
+            alone = rule(row)  # no input-range flags given: none
+            assert alone.out_of_range.tolist() == [False] and alone.ood.tolist() == [bool(one.by_policy[0] or one.unscorable[0])]
+
+
+def test_the_input_range_fast_path_flags_exactly_what_the_per_channel_check_does():
+    from oodguard.serve.decision import InputRange
+
+    rng = np.random.default_rng(1)
+    # one channel; three channels with ranges that overlap; two channels whose ranges do not overlap at all
+    for mean, std in (((0.1307,), (0.3081,)), ((0.5, 0.4, 0.3), (0.2, 0.3, 0.25)), ((0.0, 5.0), (0.1, 0.1))):
+        check = InputRange(mean, std, margin=0.5)
+        for _ in range(50):
+            x = rng.uniform(check.low.min() - 1, check.high.max() + 1, size=(3, len(mean), 4, 4)).astype(np.float32)
+            if rng.random() < 0.5:  # most traffic: every item well inside its channels' ranges
+                x = np.clip(x, check.low[None, :, None, None], check.high[None, :, None, None])
+            flat = x.reshape(len(x), len(mean), -1)
+            expected = (flat.min(axis=2) < check.low).any(axis=1) | (flat.max(axis=2) > check.high).any(axis=1)
+            assert check.outside(x).tolist() == expected.tolist()

@@ -5,6 +5,7 @@ import shutil
 import numpy as np
 import pytest
 
+from oodguard.serve.backend import InferenceResult
 from oodguard.serve.decision import DecisionPolicy
 from oodguard.serve.embedded import EmbeddedBackend
 from oodguard.serve.registry import Registry, UnknownModel
@@ -137,6 +138,55 @@ def test_a_version_exported_without_fused_is_served_by_the_fallback_and_says_so(
     assert policies[1].scores == ("fused",) and policies[2].scores == ("sisome",)
     assert any("version 2 exports no fused score: decided by the fallback any(sisome)" in r.getMessage()
                for r in caplog.records)
+
+
+class ConfigLimitedBackend(EmbeddedBackend):
+    """The embedded backend returning only the outputs in ``served``, as Triton does under a config that declares
+    only the outputs common to the versions it serves."""
+
+    served: frozenset[str] = frozenset()
+
+    async def served_outputs(self, model, version):
+        return self.served
+
+    async def infer(self, model, version, inputs, timeout_s):
+        result = await super().infer(model, version, inputs, timeout_s)
+        return InferenceResult(result.model, result.version, {k: v for k, v in result.outputs.items() if k in self.served})
+
+
+def test_a_version_is_scored_with_the_outputs_its_backend_serves_and_follows_them(repo_copy, caplog):
+    """A config without fused and gradnorm: the version is admitted with the other scores, decided by the
+    fallback (the log says why); when the served set grows back, the version is re-admitted with every score."""
+    exported = json.loads((repo_copy / "digits" / "1" / "calibration.json").read_text())["model"]["outputs"]
+    backend = ConfigLimitedBackend(repo_copy, poll_interval_s=3600)
+    backend.served = frozenset(exported) - {"fused", "gradnorm"}
+
+    async def main():
+        await backend.start()
+        registry = Registry(backend, repo_copy, DecisionPolicy(), poll_interval_s=3600)
+        await registry.start()
+        try:
+            limited = registry.resolve("digits", 1)
+            x = np.zeros((2, *limited.input_shape), np.float32)
+            decisions = limited.rule((await backend.infer("digits", 1, x, 10)).outputs)
+            backend.served = frozenset(exported)
+            await registry.refresh()
+            full = registry.resolve("digits", 1)
+            return limited, decisions, full
+        finally:
+            await registry.close()
+            await backend.close()
+
+    with caplog.at_level("INFO"):
+        limited, decisions, full = asyncio.run(main())
+    scores = [s for s in exported[2:] if s not in ("fused", "gradnorm")]
+    assert list(limited.scores) == list(decisions.names) == scores
+    assert limited.outputs == ("logits", "features", *scores)
+    assert limited.rule.policy.scores == ("sisome",) and decisions.deciding == ("sisome",)
+    assert any("version 1 is served (by the backend's config) with no fused score: decided by the fallback any(sisome)"
+               in r.getMessage() for r in caplog.records)
+    assert any("score(s) ['gradnorm', 'fused'] are not served" in r.getMessage() for r in caplog.records)
+    assert full is not limited and list(full.scores) == exported[2:] and full.rule.policy.scores == ("fused",)
 
 
 def test_with_two_models_and_no_name_the_error_says_how_to_choose(repo_copy):

@@ -336,3 +336,27 @@ def test_refused_calls_leave_no_reference_cycle_holding_their_request(gateway, s
         gc.garbage.clear()
     assert codes == [grpc.StatusCode.INVALID_ARGUMENT] * 6
     assert held == []
+
+
+def test_the_decision_template_is_built_once_per_rule_and_holds_its_thresholds():
+    # every item's Decision starts from its version's template (deciding scores, mode, thresholds): one per rule,
+    # reused for its batches and slices, never shared by two rules with other thresholds
+    import dataclasses
+
+    from oodguard.serve.decision import DecisionPolicy, DecisionRule
+    from oodguard.serve.service import OODGuardService
+
+    from .test_decision import NAMES, calibration, outputs_for
+
+    service = OODGuardService(gateway=None)
+    first = DecisionRule(calibration(), DecisionPolicy(("a", "b"), "all"))
+    other_cal = calibration()
+    other_cal.thresholds["b"] = dataclasses.replace(other_cal.thresholds["b"], threshold=12.5)
+    other = DecisionRule(other_cal, DecisionPolicy(("a", "b"), "all"))
+    outputs = outputs_for([(True, False, True), (False, False, False)])
+    a, b = first(outputs), other(outputs)
+    template = service._decision_template(a)
+    assert service._decision_template(a[1:]) is template and service._decision_template(first(outputs)) is template
+    assert dict(template.thresholds) == dict.fromkeys(NAMES, 10.0)
+    assert list(template.deciding_scores) == ["a", "b"] and template.mode == "all" and not template.p_values
+    assert dict(service._decision_template(b).thresholds) == {"a": 10.0, "b": 12.5, "c": 10.0}

@@ -662,3 +662,42 @@ def test_processes_opening_one_fresh_queue_at_once_all_succeed(tmp_path):
         for proc in procs:
             proc.join(timeout=60)
         assert outcomes == ["ok"] * 12, outcomes
+
+
+def test_consecutive_puts_count_the_queue_once_and_recount_after_any_other_write(tmp_path):
+    # the unharvested count (a scan of the state index, growing with the queue) is read once, then carried from
+    # put to put while no other connection committed (PRAGMA data_version) and this one wrote nothing else
+    from oodguard.serve.sqlite_queue import SQLiteQueue
+
+    path = tmp_path / "q.sqlite"
+    mine, other = SQLiteQueue(path, max_size=6), SQLiteQueue(path, max_size=6)
+    counts = []
+    mine._db.set_trace_callback(lambda sql: counts.append(sql) if "COUNT(*)" in sql else None)
+    first = mine.put([record(0), record(1)])
+    assert len(counts) == 1
+    assert all(mine.put([record(i)]) for i in (2, 3)) and len(counts) == 1  # carried: 4 unharvested
+    taken = other.put([record(4), record(5)])  # another connection (worker, process) fills the queue to 6
+    assert mine.put([record(6)]) == [None] and len(counts) == 2  # counted again: full, refused
+    other.mark_sent(taken)  # and frees 2
+    third = mine.put([record(7), record(8), record(9)])
+    assert len(counts) == 3 and third[2] is None and all(third[:2])  # 4 + 2 = 6: the bound holds exactly
+    mine.mark_sent(first)  # this connection's own other writes do not change data_version: counted again too
+    assert all(mine.put([record(10), record(11)])) and len(counts) == 4
+    assert mine.put([record(12)]) == [None] and len(counts) == 4
+    assert mine.stats().size == other.stats().size == 6
+
+
+def test_a_failed_put_leaves_no_carried_count(tmp_path, monkeypatch):
+    from oodguard.serve.queue import QueueError
+    from oodguard.serve.sqlite_queue import SQLiteQueue
+    import pytest
+
+    queue = SQLiteQueue(tmp_path / "q.sqlite", max_size=2)
+    assert all(queue.put([record(0)]))
+    real = queue._insert
+    monkeypatch.setattr(queue, "_insert", lambda db, batch, size: (real(db, batch, size), db.execute("SELECT nothing"))[0])
+    with pytest.raises(QueueError):
+        queue.put([record(1)])  # inserted, then rolled back: the count must not include it
+    assert queue._size_seen is None
+    monkeypatch.undo()
+    assert all(queue.put([record(2)])) and queue.put([record(3)]) == [None] and queue.stats().size == 2
