@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from oodguard.calibration import ScoreThreshold
-from oodguard.export.scores.pvalue_fusion import (PValueFusion, choose, combine, leave_one_out_p_values,
-                                                   log_p_values, p_values, tail_scale)
+from oodguard.export.scores.pvalue_fusion import (MAX_ERROR_RATIO, PValueFusion, choose, combine,
+                                                   leave_one_out_p_values, log_p_values, p_values, tail_error,
+                                                   tail_scale)
 
 
 def test_p_values_follow_the_conformal_formula_and_match_the_gateways():
@@ -67,6 +68,60 @@ def test_a_single_dominant_score_is_chosen_alone():
     ood = {"good": rng.normal(6, 1, 600), "bad": rng.normal(size=600)}
     components, _, record = choose(ref, ood, groups)
     assert components == ("good",) and record["chosen"]["worst"] == pytest.approx(1.0, abs=1e-3)
+
+
+def test_tail_error_is_the_pairwise_error_inside_and_the_exponential_tail_beyond():
+    ids = np.arange(1.0, 101.0)
+    inside = np.array([0.5, 50.0, 50.0, 100.0])
+    pairs = np.mean(ids[:, None] >= inside[None, :])  # independent: every pair, ties counted as errors
+    assert tail_error(ids, inside) == pytest.approx(pairs)
+    tau = tail_scale(ids)
+    beyond = np.array([101.0, 110.0, np.nan])
+    assert tail_error(ids, beyond) == pytest.approx(np.mean([np.exp(-1 / tau) / 100, np.exp(-10 / tau) / 100, 0.0]))
+    assert 0 < tail_error(ids, np.array([200.0])) < tail_error(ids, np.array([150.0]))  # never saturates at 0
+
+
+def _dilution(seed):
+    """'dist' separates near OOD but is weak (below ID) on far OOD; 'grad' separates far OOD perfectly. Their
+    Fisher sum wins the near group but dilutes far: ID outliers of 'dist' outrank far OOD."""
+    rng = np.random.default_rng(seed)
+    n, m = 1000, 500
+    groups = np.array(["near"] * m + ["far"] * m, dtype=object)
+    ref = {"dist": rng.normal(size=n), "grad": rng.normal(size=n)}
+    ood = {"dist": np.r_[rng.normal(2.5, 1, m), rng.normal(-1.0, 1, m)],
+           "grad": np.r_[rng.normal(1.5, 1, m), rng.normal(5.5, 1, m)]}
+    return ref, ood, groups  # independent components: min-p costs up to ~2x grad's far errors (Bonferroni)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_a_candidate_that_trades_far_ood_away_is_not_admissible(seed):
+    """Known answer: min-p(dist, grad). The Fisher sum has the best worst-group AUROC (near) but several
+    times grad's far errors, so it is rejected; min-p keeps far at grad's level and still wins near."""
+    ref, ood, groups = _dilution(seed)
+    components, combination, record = choose(ref, ood, groups)
+    assert (set(components), combination) == ({"dist", "grad"}, "min-p")
+    fisher = next(c for c in record["best_candidates"] if c["combination"] == "fisher" and len(c["components"]) == 2)
+    assert fisher["worst"] > record["chosen"]["worst"]  # what worst-group AUROC alone would have taken
+    assert fisher["error_ratio"] > 4 and fisher["error_ratio"] > 2 * record["chosen"]["error_ratio"]
+    assert record["chosen"]["error_ratio"] == min(c["error_ratio"] for c in record["best_candidates"])
+    assert record["chosen"]["worst"] > record["single_scores"]["grad"]["worst"] + 0.05
+    if record["chosen"]["error_ratio"] <= MAX_ERROR_RATIO:  # admissible (seeds 0, 2, 3), else the least-trading
+        assert record["admissible"] >= 1 and "note" not in record
+    else:
+        assert record["admissible"] == 0 and "smallest error ratio" in record["note"]
+
+
+def test_without_an_admissible_candidate_the_least_trading_one_is_taken_and_the_record_says_so():
+    """Single scores only, each the expert of one group and hopeless on the other: none is admissible; 'a' is
+    far less behind 'b' on far OOD (shifted by 3 of b's 4) than 'b' is behind 'a' on near (not shifted)."""
+    rng = np.random.default_rng(5)
+    groups = np.array(["near"] * 300 + ["far"] * 300, dtype=object)
+    ref = {"a": rng.normal(size=300), "b": rng.normal(size=300)}
+    ood = {"a": np.r_[rng.normal(4, 1, 300), rng.normal(3, 1, 300)], "b": np.r_[rng.normal(0, 1, 300), rng.normal(4, 1, 300)]}
+    components, _, record = choose(ref, ood, groups, max_components=1)
+    assert record["admissible"] == 0 and "smallest error ratio" in record["note"]
+    assert components == ("a",) and record["chosen"]["error_ratio"] > MAX_ERROR_RATIO
+    assert record["chosen"]["error_ratio"] == min(c["error_ratio"] for c in record["best_candidates"])
 
 
 def test_the_torch_module_computes_what_the_numpy_choice_evaluated():
