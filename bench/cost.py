@@ -74,20 +74,48 @@ def compare_latency(fused_path: Path, logits_path: Path, input_shape, batches=(1
     return timings
 
 
-def resnet18_models(out_dir: Path, bank_size: int = 5000, num_classes: int = 10, seed: int = 0) -> tuple[Path, Path]:
-    """Fused and logits-only ONNX of a CIFAR ResNet-18 with a ``bank_size`` bank. Weights and bank are
-    random (non-negative features, like a ReLU output): cost depends on shapes (bank size, feature
-    dimension, classes), not on what was learned, and this avoids 5,000 ResNet forward passes."""
+def random_fit_data(classifier: Classifier, input_shape, bank_size: int, num_classes: int, seed: int = 0,
+                    multi_layer: bool = True) -> FitData:
+    """A bank of ``bank_size`` random samples with the classifier's shapes: non-negative activations (like a
+    ReLU output) and signed small gradients for every SISOM layer of the backbone (``multi_layer``; else the
+    penultimate features alone, as a default export extracts them). Cost depends on shapes (bank size, widths,
+    classes), not on what was learned, and this avoids thousands of forward and backward passes."""
+    from oodguard.export import layers
+
+    rng = np.random.default_rng(seed)
+    names = layers.names(classifier.backbone) if multi_layer else (layers.PENULTIMATE,)
+    with torch.no_grad():
+        _, _, pooled = layers.pooled(classifier, torch.zeros(1, *input_shape), names)
+    layer_data = {name: (np.abs(rng.normal(size=(bank_size, a.shape[1]))).astype(np.float32),
+                         rng.normal(scale=1e-3, size=(bank_size, a.shape[1])).astype(np.float32))
+                  for name, (a, _) in pooled.items()}
+    features = layer_data[layers.PENULTIMATE][0]
+    weight, bias = classifier.head.weight.detach().numpy(), classifier.head.bias.detach().numpy()
+    labels = np.arange(bank_size) % num_classes
+    return FitData(features, features @ weight.T + bias, labels, np.arange(bank_size), weight, bias, seed=seed,
+                   layers=layer_data if multi_layer and names != (layers.PENULTIMATE,) else None)
+
+
+#: fixed hyper-parameters of the cost models (no search: cost does not depend on them)
+FIXED_PARAMS = {"sisom": {"alpha": 1.0}, "knn": {"k": 10}}
+FIXED_MULTI_LAYER_PARAMS = {**FIXED_PARAMS, "sisom_ml": {"relative_alpha": 1.0}}
+
+
+def resnet18_models(out_dir: Path, bank_size: int = 5000, num_classes: int = 10, seed: int = 0,
+                    multi_layer: bool = False) -> tuple[Path, Path]:
+    """Fused and logits-only ONNX of a CIFAR ResNet-18 with a ``bank_size`` bank (random weights and bank:
+    :func:`random_fit_data`), every score a default export fits, or with ``multi_layer`` every score an
+    ``oodguard export --multi-layer`` fits (the multi-layer scores on their own bank of at most
+    ``MULTI_LAYER_BANK_SIZE``, as the export draws it, and the backward pass through layer1-layer4)."""
+    from oodguard.export.pipeline import MULTI_LAYER_BANK_SIZE
+
     torch.manual_seed(seed)
     classifier = Classifier(resnet18_cifar(), num_classes).eval()
-    rng = np.random.default_rng(seed)
-    features = np.abs(rng.normal(size=(bank_size, classifier.feature_dim))).astype(np.float32)
-    weight = classifier.head.weight.detach().numpy()
-    bias = classifier.head.bias.detach().numpy()
-    logits = features @ weight.T + bias
-    labels = np.arange(bank_size) % num_classes
-    data = FitData(features, logits, labels, np.arange(bank_size), weight, bias, seed=seed)
-    model = FusedModel(classifier, fit_scores(data, {"sisom": {"alpha": 1.0}})).eval()
+    data = random_fit_data(classifier, (3, 32, 32), bank_size, num_classes, seed, multi_layer)
+    scores = (fit_scores(data, FIXED_MULTI_LAYER_PARAMS, True, MULTI_LAYER_BANK_SIZE) if multi_layer
+              else fit_scores(data, FIXED_PARAMS))
+    model = FusedModel(classifier, scores).eval()
     out_dir.mkdir(parents=True, exist_ok=True)
-    return (export_onnx(model, (3, 32, 32), out_dir / "resnet18_fused.onnx"),
+    name = "resnet18_fused_multilayer.onnx" if multi_layer else "resnet18_fused.onnx"
+    return (export_onnx(model, (3, 32, 32), out_dir / name),
             export_logits_only(classifier, (3, 32, 32), out_dir / "resnet18_logits.onnx"))

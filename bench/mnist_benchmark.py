@@ -290,8 +290,8 @@ def main(argv=None) -> int:
 
     checkpoint = train_cached(args)
     seconds["train"] = time.perf_counter() - start
-    log("exporting with the full bank")
-    full = export_model(spec_from_training(checkpoint, repository, "mnist"), progress=log)
+    log("exporting with the full bank (--multi-layer: the multi-layer scores are compared below)")
+    full = export_model(spec_from_training(checkpoint, repository, "mnist", multi_layer=True), progress=log)
     seconds["export_full"] = sum(full.seconds.values())
     scorer = VersionScorer(full.version_dir)
     log("evaluating")
@@ -334,11 +334,15 @@ def main(argv=None) -> int:
 
     record = TrainingRecord.load(checkpoint.with_name(RECORD_FILE))
     lenet_logits = cost.export_logits_only(load_classifier(record.backbone, checkpoint), (1, 28, 28), args.out / "lenet_logits.onnx")
-    cost_rows = [t.row(f"LeNet-5 (MNIST bank {full.calibration.model['bank_size']})")
+    ml_bank = full.calibration.model["multi_layer_bank"]["size"]
+    cost_rows = [t.row(f"LeNet-5 (MNIST bank {full.calibration.model['bank_size']}, --multi-layer: their bank {ml_bank})")
                  for t in cost.compare_latency(full.version_dir / "model.onnx", lenet_logits, (1, 28, 28), budget_s=args.cost_seconds)]
     resnet_fused, resnet_logits = cost.resnet18_models(args.out / "resnet18")
     cost_rows += [t.row("ResNet-18 32x32 (bank 5000)")
                   for t in cost.compare_latency(resnet_fused, resnet_logits, (3, 32, 32), budget_s=args.cost_seconds)]
+    resnet_ml, _ = cost.resnet18_models(args.out / "resnet18", multi_layer=True)
+    cost_rows += [t.row("ResNet-18 32x32 (bank 5000, --multi-layer)")
+                  for t in cost.compare_latency(resnet_ml, resnet_logits, (3, 32, 32), budget_s=args.cost_seconds)]
     for row in cost_rows:
         log(f"cost {row['model']} batch {row['batch']}: fused {row['fused_ms']:.2f} ms vs logits {row['logits_ms']:.2f} ms "
             f"({row['overhead_pct']:+.1f}%)")

@@ -48,7 +48,9 @@ def pooled(classifier: Classifier, x: torch.Tensor, layers: tuple[str, ...]):
         x = vjp.run(stage, x)
     activations, backs = {labels[earliest]: x}, []
     for label, (_, stage) in zip(labels[earliest + 1 :], stages[earliest + 1 :]):
-        x, back = vjp.taped(stage, x)
+        # into the earliest layer only its pooled gradient is needed: the summed VJP (vjp.taped_sum) skips
+        # the spatial routing where the stage allows it
+        x, back = (vjp.taped_sum if not backs and x.ndim == 4 else vjp.taped)(stage, x)
         activations[label] = x
         backs.append(back)
     features = x
@@ -58,8 +60,13 @@ def pooled(classifier: Classifier, x: torch.Tensor, layers: tuple[str, ...]):
     for i in range(len(stages) - 1, earliest, -1):  # the gradient w.r.t. stage i's input: stage i-1's output
         grad = backs[i - earliest - 1](grad)
         gradients[labels[i - 1]] = grad
-    return features, logits, {name: (_spatial_mean(activations[name]), _spatial_mean(gradients[name]))
-                              for name in layers}
+    out = {name: (_spatial_mean(activations[name]), _spatial_mean(gradients[name])) for name in layers
+           if name != labels[earliest]}
+    first = activations[labels[earliest]]
+    summed = first.ndim == 4
+    out[labels[earliest]] = (_spatial_mean(first), gradients[labels[earliest]] / (first.shape[2] * first.shape[3])
+                             if summed else gradients[labels[earliest]])
+    return features, logits, {name: out[name] for name in layers}
 
 
 def feature_gradient(head: nn.Linear, logits: torch.Tensor) -> torch.Tensor:

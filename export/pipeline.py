@@ -4,7 +4,8 @@ Steps, each timed and reported: load the checkpoint; extract training features a
 validation OOD (synthetic corruptions of training images plus any ``--validation-ood`` sets; never a test
 set); choose the bank (when ``bank_size`` is smaller than the training set: class-wise ProbCover and a
 class-stratified random bank are both fitted, and ProbCover is kept only if it is at least as good on
-validation for every bank-based score); fit every score of the registry; choose and fit the ``fused``
+validation for every bank-based score); fit every score of the registry (the multi-layer scores only with
+``multi_layer``: see below); choose and fit the ``fused``
 score on one half of the held-out calibration split (:mod:`oodguard.export.scores.pvalue_fusion`); export
 one ONNX graph; run it in ONNX Runtime on the calibration split to fit the 95%-TPR thresholds (``fused``
 on the other half only); write the version folder atomically (built in a hidden temp folder, then renamed
@@ -15,6 +16,17 @@ the fused choice and the bank choice) and *held* (the fused threshold). Every ot
 the whole split, as before. A calibration split too small to halve (each half needs
 :func:`~oodguard.export.calibrate.minimum_size` samples) gives a version without ``fused``, and the log
 says so; the gateway then decides with its fallback score.
+
+**Multi-layer SISOM is opt-in** (``multi_layer``, ``oodguard export --multi-layer``; default off). Without it
+the export extracts no per-layer data and the graph has no ``sisom_ml`` / ``sisome_ml`` outputs, no backward
+pass and no second bank: the default export costs what it did before multi-layer SISOM existed. With it, the
+per-layer data of the bank images is extracted (after the gradient check against autograd) and the two scores
+get a bank of their own: the export's bank (full, or as ``bank_size`` chose it) cut to at most
+``multi_layer_bank_size`` samples by a class-stratified random draw (water-filled quotas, seeded;
+:func:`multi_layer_bank`). Their distances run on a wider feature (LeNet-5: 226 against 84 dimensions): with
+the full MNIST bank (54,000) they were the largest part of the graph, in time and in size (~98 MB of the
+155 MB model.onnx). calibration.json records ``multi_layer`` (and ``multi_layer_bank``: size, limit, how it
+was drawn).
 """
 
 from __future__ import annotations
@@ -43,13 +55,17 @@ from .backbones import file_sha256, load_classifier
 from .bank import METHODS as BANK_METHODS
 from .bank import reduce_bank
 from .calibrate import fit_threshold, fit_thresholds, minimum_size
-from .scores import SCORES, FitData, Score
+from .scores import MULTI_LAYER, SCORES, FitData, Score, registry
 from .scores.pvalue_fusion import NAME as FUSED, PValueFusion
 from .synthetic import validation_ood
 from .train import extract
 from .validation import ValidationOOD, key, objective
 from .triton_config import ModelSignature, write_configs
 from .triton_model import write_triton_model
+
+
+#: the default limit of the multi-layer scores' own bank (``--multi-layer-bank-size``)
+MULTI_LAYER_BANK_SIZE = 5000
 
 
 @dataclass
@@ -74,6 +90,8 @@ class ExportSpec:
     max_batch_size: int = 64
     seed: int = 0
     provenance: dict = field(default_factory=dict)
+    multi_layer: bool = False  # --multi-layer: also fit sisom_ml / sisome_ml (backward pass + their own bank)
+    multi_layer_bank_size: int | None = MULTI_LAYER_BANK_SIZE  # their bank's limit (None: the export's bank)
 
 
 @dataclass
@@ -85,14 +103,32 @@ class ExportResult:
     seconds: dict[str, float]
 
 
-def fit_scores(data: FitData, params: dict[str, dict]) -> dict[str, Score]:
+def fit_scores(data: FitData, params: dict[str, dict], multi_layer: bool = False,
+               multi_layer_bank_size: int | None = None) -> dict[str, Score]:
+    """Every score of :func:`~oodguard.export.scores.registry` fitted on ``data`` (registry order); the
+    multi-layer scores (``multi_layer`` only) on :func:`multi_layer_bank` of ``data.bank``."""
     unknown = set(params) - set(SCORES) - {FUSED}
     if unknown:
         raise ValueError(f"parameters given for unknown score(s) {sorted(unknown)}; scores: {[*SCORES, FUSED]}")
+    if not multi_layer and set(params) & set(MULTI_LAYER):
+        raise ValueError(f"parameters given for {sorted(set(params) & set(MULTI_LAYER))}, which only an export "
+                         "with multi_layer (--multi-layer) has")
+    ml_data = None
+    if multi_layer:
+        ml_data = dataclasses.replace(data, bank=multi_layer_bank(data, multi_layer_bank_size))
     fitted: dict[str, Score] = {}
-    for name, cls in SCORES.items():
-        fitted[name] = cls.fit(data, fitted, **params.get(name, {}))
+    for name, cls in registry(multi_layer).items():
+        fitted[name] = cls.fit(ml_data if name in MULTI_LAYER else data, fitted, **params.get(name, {}))
     return fitted
+
+
+def multi_layer_bank(data: FitData, size: int | None) -> np.ndarray:
+    """The multi-layer scores' bank: ``data.bank`` when it holds at most ``size`` samples (or ``size`` is
+    None), else a class-stratified random draw of ``size`` of them (water-filled quotas, seeded)."""
+    if size is None or len(data.bank) <= size:
+        return data.bank
+    pick = reduce_bank(data.features[data.bank], data.labels[data.bank], size, data.seed + 11, method="random")
+    return data.bank[pick]
 
 
 #: a class with fewer calibration samples than this is reported (the thresholds need enough samples overall)
@@ -134,13 +170,16 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
                  f"thresholds use all {n_cal}, but the true-positive rate of these classes is estimated poorly")
     if spec.bank_method not in ("auto", *BANK_METHODS):
         raise ValueError(f"bank method must be auto, probcover or random, got {spec.bank_method!r}")
+    if spec.multi_layer and spec.multi_layer_bank_size is not None and spec.multi_layer_bank_size < 2 * len(spec.class_names):
+        raise ValueError(f"multi-layer bank size {spec.multi_layer_bank_size} is too small: at least 2 per class "
+                         f"({2 * len(spec.class_names)}) are needed")
     user_sets = user_validation_sets(spec)
     classifier = load_classifier(spec.backbone, spec.checkpoint, num_classes=len(spec.class_names))
     prep = spec.preprocessing
     bank_images = prep.apply(spec.bank_data.images)
     features, logits = extract(classifier, bank_images)
-    layer_data = extract_layers(classifier, bank_images, progress)
-    lap("extract training features")
+    layer_data = extract_layers(classifier, bank_images, progress) if spec.multi_layer else None
+    lap("extract training features" + (" and layers" if layer_data is not None else ""))
 
     labels = spec.bank_data.labels
     ood = validation_set(spec, bank_images, labels, user_sets)
@@ -194,6 +233,7 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
         write_triton_model(staging)  # model.py for Triton's CPU config (python backend)
         calibration = Calibration(
             model={**_metadata(spec, model, len(bank)), "bank_method": bank_method,
+                   **_multi_layer_metadata(spec, scores, len(bank)),
                    **({"bank_comparison": bank_comparison} if bank_comparison else {}),
                    "validation_ood": {"groups": ood.group_sizes, "specs": list(spec.validation_ood_specs)}},
             thresholds=thresholds,
@@ -282,7 +322,7 @@ def fit_bank_candidates(spec: ExportSpec, classifier, data: FitData, ood: Valida
     for method in methods:
         bank = (np.arange(len(data.labels)) if method == "full"
                 else reduce_bank(data.features, data.labels, spec.bank_size, spec.seed, method=method))
-        scores = fit_scores(dataclasses.replace(data, bank=bank), params)
+        scores = fit_scores(dataclasses.replace(data, bank=bank), params, spec.multi_layer, spec.multi_layer_bank_size)
         outputs = None
         if reference_images is not None:
             model = fused.FusedModel(classifier, scores).eval()
@@ -312,6 +352,17 @@ def _figures(table: dict) -> str:
         return ", ".join(f"{k} {v:.4f}" for k, v in table.items())
     return "; ".join(f"{method}: " + ", ".join(f"{name} {r['worst']:.4f}" for name, r in rows.items())
                      for method, rows in table.items())
+
+
+def _multi_layer_metadata(spec: ExportSpec, scores: dict, export_bank_size: int) -> dict:
+    """``multi_layer`` (whether the export fitted the multi-layer scores) and, when it did, their bank."""
+    if not spec.multi_layer:
+        return {"multi_layer": False}
+    bank_size = scores[MULTI_LAYER[0]].metadata()["bank_size"]
+    return {"multi_layer": True,
+            "multi_layer_bank": {"size": bank_size, "limit": spec.multi_layer_bank_size,
+                                 "method": "export bank" if bank_size == export_bank_size
+                                 else "class-stratified random draw from the export bank"}}
 
 
 def _metadata(spec: ExportSpec, model: fused.FusedModel, bank_size: int) -> dict:

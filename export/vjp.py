@@ -20,6 +20,16 @@ output to the gradient w.r.t. its input. Eval mode throughout (BatchNorm uses it
   :class:`oodguard.export.backbones.BasicBlock`).
 
 Anything else raises :class:`TypeError` naming the module.
+
+:func:`taped_sum` is the VJP summed over the input's spatial positions (``[B, C]``), which is all multi-layer
+SISOM needs of its earliest layer. Summing lets the spatial routing go: a max-pool's VJP only moves each
+window's gradient within the window, so it keeps the sum; a zero-padded conv's transpose spreads every
+output gradient over a whole kernel inside the input, so ``sum dL/dx = (sum dL/dy) @ sum_k W``; an eval
+BatchNorm scales each channel. A ReLU needs the positions, except right before a max-pool: the gradient then
+reaches only each window's first maximum, whose ReLU passes it exactly when the pooled output is positive, so
+the pair's summed VJP is ``sum (dL/dy * (y > 0))``. A stage that starts with such modules (LeNet-5's ``conv2``:
+conv, ReLU, max-pool) needs no ConvTranspose and no un-pooling for its input's pooled gradient; any other
+stage takes the full VJP and sums it.
 """
 
 from __future__ import annotations
@@ -69,6 +79,60 @@ def taped(module: Stage, x: torch.Tensor) -> tuple[torch.Tensor, VJP]:
     if isinstance(module, nn.MaxPool2d) and _simple_pool(module):
         return y, lambda g: _max_pool_vjp(_pair(module.kernel_size), x, g)
     raise TypeError(f"no hand-written VJP for {type(module).__name__} ({module}); implement taped(x) on it")
+
+
+def taped_sum(module: Stage, x: torch.Tensor) -> tuple[torch.Tensor, VJP]:
+    """``(module(x), vjp_sum)`` with ``vjp_sum(dL/d output) = dL/dx`` summed over the spatial axes of ``x``
+    (``[B, C]``; see the module docstring). ``x`` must be ``[B, C, H, W]``."""
+    modules = list(module) if isinstance(module, (Sequence, nn.Sequential)) else [module]
+    split = _summable_prefix(modules)
+    if split == 0:
+        y, back = taped(module, x)
+        return y, lambda g: back(g).sum(dim=(2, 3))
+    h, summed = x, []
+    for m in modules[:split]:
+        h = m(h)
+        summed.append((m, h))
+    y, back_rest = chain(modules[split:], h)
+
+    def vjp_sum(g: torch.Tensor) -> torch.Tensor:
+        g = back_rest(g)  # the full gradient at the output of the summed prefix
+        total, i = None, len(summed) - 1
+        if isinstance(summed[i][0], nn.MaxPool2d) and i > 0 and isinstance(summed[i - 1][0], nn.ReLU):
+            total, i = (g * (summed[i][1] > 0).to(g.dtype)).sum(dim=(2, 3)), i - 2  # the ReLU-max-pool pair
+        else:
+            total = g.sum(dim=(2, 3))
+        for m, _ in reversed(summed[: i + 1]):
+            if isinstance(m, (nn.MaxPool2d, nn.Identity)):
+                continue
+            if isinstance(m, nn.BatchNorm2d):
+                total = total * (m.weight / torch.sqrt(m.running_var + m.eps))
+            else:  # zero-padded Conv2d, groups 1
+                total = total @ m.weight.sum(dim=(2, 3))
+        return total
+
+    return y, vjp_sum
+
+
+def _summable_prefix(modules: list[nn.Module]) -> int:
+    """How many leading modules :func:`taped_sum` can sum through: zero-padded convs (groups 1), eval
+    BatchNorms, identities and simple max-pools, ending at the latest at a ReLU directly followed by a simple
+    max-pool (the pair needs the full gradient at its output)."""
+    count = 0
+    while count < len(modules):
+        m = modules[count]
+        if (isinstance(m, nn.ReLU) and count + 1 < len(modules) and isinstance(modules[count + 1], nn.MaxPool2d)
+                and _simple_pool(modules[count + 1])):
+            return count + 2
+        if isinstance(m, nn.Conv2d) and m.padding_mode == "zeros" and _pair(m.padding) == (0, 0) and m.groups == 1:
+            count += 1
+        elif isinstance(m, nn.BatchNorm2d) and not m.training and m.track_running_stats:
+            count += 1
+        elif isinstance(m, nn.Identity) or (isinstance(m, nn.MaxPool2d) and _simple_pool(m)):
+            count += 1
+        else:
+            break
+    return count
 
 
 def chain(modules: Sequence[nn.Module], x: torch.Tensor) -> tuple[torch.Tensor, VJP]:

@@ -79,6 +79,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "samples")
     export.add_argument("--bank-method", choices=["auto", "probcover", "random"], default="auto",
                         help="how --bank-size picks each class's samples (default auto: both, the better kept)")
+    export.add_argument("--multi-layer", action="store_true",
+                        help="also export multi-layer SISOM and SISOMe (sisom_ml, sisome_ml: gradient-weighted "
+                        "activations of the backbone's named layers, e.g. LeNet-5 conv1, conv2, fc1 and the "
+                        "penultimate). Default off: without it the graph has no such outputs, no backward pass and no "
+                        "second bank. Cost: a backward pass through the backbone's tail in every call (ResNet-18 "
+                        "32x32: about 2x the logits-only latency at batch 64) and distances to a bank of their own "
+                        "(--multi-layer-bank-size); measured AUROC gain over the penultimate sisome on MNIST: within "
+                        "noise, so use it where validation shows a gain (bench/multilayer_cost.py measures the cost)")
+    export.add_argument("--multi-layer-bank-size", type=int, default=5000, metavar="N",
+                        help="with --multi-layer: at most N samples in the multi-layer scores' own bank, a "
+                        "class-stratified random draw from the export's bank (default %(default)s)")
     export.add_argument("--alpha", type=float, help="fixed SISOM sigmoid steepness (default: chosen on a log grid by the "
                         "worst-group validation AUROC)")
     export.add_argument("--knn-k", type=int, help="fixed k of the kNN score (default: chosen from 1,2,5,10,20,50 by the "
@@ -434,6 +445,9 @@ def _run_export(args: argparse.Namespace) -> int:
     if args.demo:
         from oodguard.export.demo import format_table, run_demo
 
+        if args.multi_layer:
+            raise ValueError("--multi-layer is for --checkpoint exports; the digits demo exports the default scores")
+
         result = run_demo(args.repository, model_name=args.model or "digits", epochs=args.epochs, seed=args.seed)
         print("\nDigits demo (ID: test split of digits 0-7; AUROC and FPR@95TPR in %, higher score = more OOD):")
         print(format_table(result.table))
@@ -445,7 +459,10 @@ def _run_export(args: argparse.Namespace) -> int:
               **({"combination": args.fused_combination} if args.fused_combination else {})}
     if "combination" in fusion and "components" not in fusion:
         raise ValueError("--fused-combination needs --fused-components too")
+    if args.multi_layer_bank_size < 1:
+        raise ValueError(f"--multi-layer-bank-size must be positive, got {args.multi_layer_bank_size}")
     overrides = dict(bank_size=args.bank_size, bank_method=args.bank_method, target_tpr=args.tpr, max_batch_size=args.max_batch_size,
+                     multi_layer=args.multi_layer, multi_layer_bank_size=args.multi_layer_bank_size,
                      validation_ood_specs=list(args.validation_ood),
                      score_params={"sisom": {"alpha": args.alpha}, "knn": {"k": args.knn_k},
                                    **({"fused": fusion} if fusion else {})})

@@ -37,6 +37,18 @@ def digits_export(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def digits_export_ml(digits_export, tmp_path_factory):
+    """The same digits model exported with the multi-layer scores (``oodguard export --multi-layer``) into a
+    repository of its own. Returns (training record, export result, repository path, checkpoint path)."""
+    from oodguard.export.pipeline import export_model, spec_from_training
+
+    record, _, _, checkpoint = digits_export
+    repository = tmp_path_factory.mktemp("repo-ml")
+    result = export_model(spec_from_training(checkpoint, repository, "digits", multi_layer=True), progress=lambda line: None)
+    return record, result, repository, checkpoint
+
+
+@pytest.fixture(scope="session")
 def digits_two_versions(digits_export, tmp_path_factory):
     """A repository holding the digits demo model twice: version 1 (digits 0-7, as ``digits_export``) and
     version 2, retrained on digits 0-8 (an added class, '8', at index 8). Returns (repository, v2 training

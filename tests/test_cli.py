@@ -20,7 +20,8 @@ def test_every_subcommand_explains_itself(command):
     ("train", ["--epochs EPOCHS   training epochs (default 10)", "(default 128)", "(default 0.001)", "(default 0)",
                "--shift PIXELS", "(default 0: off)"]),
     ("export", ["95%-TPR thresholds", "(default 64)", "halves (default 0)", "--validation-ood SPEC",
-                "--fused-components"]),
+                "--fused-components", "--multi-layer", "Default off", "no backward pass", "Cost:",
+                "--multi-layer-bank-size N", "(default 5000)"]),
     ("evaluate", ["model repository folder (required)", "(default 0)"]),
 ])
 def test_help_texts_show_their_defaults(command, expected):
@@ -44,6 +45,38 @@ def test_train_then_export_a_user_checkpoint(tmp_path, capsys):
     assert (tmp_path / "repo" / "three" / "1" / "model.onnx").exists()
     assert main(["validate-repo", str(tmp_path / "repo")]) == 0
     assert "1 models, 1 versions checked: OK" in capsys.readouterr().out
+
+
+def test_multi_layer_bank_default_is_the_export_default():
+    from oodguard.cli import build_parser
+    from oodguard.export.pipeline import MULTI_LAYER_BANK_SIZE, ExportSpec
+
+    args = build_parser().parse_args(["export", "--repository", "r", "--checkpoint", "c.pt", "--model", "m"])
+    assert args.multi_layer is False and args.multi_layer_bank_size == MULTI_LAYER_BANK_SIZE
+    assert ExportSpec.__dataclass_fields__["multi_layer"].default is False
+
+
+def test_export_multi_layer_flag_on_and_off(tmp_path):
+    """Without --multi-layer the version has no multi-layer outputs and says so in calibration.json; with it,
+    both scores are outputs of the graph and scored by calibration."""
+    import json
+
+    import onnx
+
+    assert main(["train", "--data", "digits", "--classes", "0-2", "--epochs", "2", "--out", str(tmp_path / "w")]) == 0
+    common = ["export", "--checkpoint", str(tmp_path / "w" / "checkpoint.pt"), "--repository", str(tmp_path / "repo"),
+              "--bank-size", "90", "--alpha", "1", "--knn-k", "2"]
+    assert main([*common, "--model", "plain"]) == 0
+    assert main([*common, "--model", "layered", "--multi-layer", "--multi-layer-bank-size", "60"]) == 0
+    for name, multi in (("plain", False), ("layered", True)):
+        folder = tmp_path / "repo" / name / "1"
+        model = json.loads((folder / "calibration.json").read_text())["model"]
+        outputs = [o.name for o in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.output]
+        assert model["multi_layer"] is multi
+        assert ({"sisom_ml", "sisome_ml"} <= set(outputs)) is multi and ("sisom_ml" in model["scores"]) is multi
+        assert outputs == model["outputs"]
+    assert model["multi_layer_bank"]["size"] == 60 and model["score_params"]["sisom_ml"]["bank_size"] == 60
+    assert main(["validate-repo", str(tmp_path / "repo")]) == 0
 
 
 def test_export_without_training_record_names_the_missing_flags(tmp_path):

@@ -7,14 +7,16 @@ from oodguard.evaluation import VersionScorer, uniform_noise
 from oodguard.export.backbones import Classifier, resnet18_cifar
 from oodguard.export.fused import OPSET, FusedModel, export_onnx, output_names, run_torch
 from oodguard.export.pipeline import fit_scores
-from oodguard.export.scores import SCORES, FitData
+from oodguard.export.scores import MULTI_LAYER, SCORES, FitData, registry
 from oodguard.export.scores.pvalue_fusion import PValueFusion, combine, log_p_values
 from oodguard.export.train import extract
 from oodguard.metrics import auroc
 from oodguard.onnx_runner import OnnxModel
 
-EXPECTED_OUTPUTS = ["logits", "features", "sisom", "sisome", "sisom_ml", "sisome_ml", "energy", "msp", "maxlogit", "knn", "cluster", "gradnorm",
-                    "fused"]
+EXPECTED_OUTPUTS = ["logits", "features", "sisom", "sisome", "energy", "msp", "maxlogit", "knn", "cluster", "gradnorm", "fused"]
+#: with ``oodguard export --multi-layer``
+EXPECTED_OUTPUTS_ML = ["logits", "features", "sisom", "sisome", "sisom_ml", "sisome_ml", "energy", "msp", "maxlogit", "knn",
+                       "cluster", "gradnorm", "fused"]
 
 
 def assert_parity(reference: dict, actual: dict, tolerance: float = 1e-4, fusion=None) -> dict[str, float]:
@@ -56,18 +58,19 @@ def test_onnx_outputs_names_shapes_and_single_file(digits_export):
     assert all(o.type == "tensor(float)" for o in session.get_outputs())
     shapes = {o.name: o.shape for o in session.get_outputs()}
     assert shapes["logits"][1:] == [8] and shapes["features"][1:] == [84]
-    assert all(len(shapes[name]) == 1 for name in SCORES)
+    assert all(len(shapes[name]) == 1 for name in registry())
 
 
+@pytest.mark.parametrize("multi_layer", [False, True], ids=["default", "multi-layer"])
 @pytest.mark.parametrize("batch", [1, 7, 64])
-def test_parity_with_pytorch_lenet(digits_export, batch):
-    record, result, _, _ = digits_export
+def test_parity_with_pytorch_lenet(request, batch, multi_layer):
+    record, result, _, _ = request.getfixturevalue("digits_export_ml" if multi_layer else "digits_export")
     scorer = VersionScorer(result.version_dir)
     images = _batches(scorer.preprocessing, record)[batch]
     assert len(images) == batch
     reference = run_torch(result.model, images)
     actual = scorer.model.run(images)
-    assert list(actual) == EXPECTED_OUTPUTS
+    assert list(actual) == (EXPECTED_OUTPUTS_ML if multi_layer else EXPECTED_OUTPUTS)
     assert_parity(reference, actual, fusion=result.model.scores["fused"])
 
 
@@ -76,7 +79,7 @@ def test_every_score_ranks_uniform_noise_above_held_out_id(digits_export):
     scorer = VersionScorer(result.version_dir)
     in_dist = scorer.score("id", record.part(record.dataset(), "test"))
     noise = scorer.score("noise", uniform_noise(300, (8, 8), seed=3))
-    for name in SCORES:
+    for name in registry():
         assert np.median(noise.scores[name]) > np.median(in_dist.scores[name]), name
         assert auroc(in_dist.scores[name], noise.scores[name]) > 0.7, name
 
@@ -106,13 +109,21 @@ def test_parity_with_pytorch_resnet18_cifar(tmp_path):
     assert output_names(model.score_names) == EXPECTED_OUTPUTS
 
 
-def test_the_backward_pass_is_in_the_graph_only_for_a_backbone_with_layer_stages(digits_export, tmp_path):
-    """LeNet-5 names its layers: the graph differentiates through them (ConvTranspose). A backbone without
-    sisom_stages gets penultimate-only multi-layer scores and a forward-only graph."""
-    _, result, _, _ = digits_export
-    ops = {node.op_type for node in onnx.load(str(result.version_dir / "model.onnx")).graph.node}
-    assert "ConvTranspose" in ops
+def test_the_backward_pass_is_in_the_graph_only_for_a_multi_layer_export_of_a_backbone_with_layer_stages(
+        digits_export, digits_export_ml, tmp_path):
+    """The default export is the forward pass alone (no layer scores). With --multi-layer, LeNet-5 names its
+    layers and the graph differentiates through them (ReLU masks: Greater; into conv1 the summed VJP, so no
+    ConvTranspose). A backbone without sisom_stages gets penultimate-only multi-layer scores and a forward-only
+    graph."""
+    def ops(result):
+        return [node.op_type for node in onnx.load(str(result.version_dir / "model.onnx")).graph.node]
+
+    _, default, _, _ = digits_export
+    assert default.model.layer_names == () and not set(MULTI_LAYER) & set(default.model.score_names)
+    _, result, _, _ = digits_export_ml
     assert result.model.layer_names == ("conv1", "conv2", "fc1", "penultimate")
+    # the backward pass: a ReLU mask (Greater) for each of the three ReLUs it goes back through
+    assert ops(result).count("Greater") == ops(default).count("Greater") + 3
 
     class Plain(torch.nn.Module):
         feature_dim = 4
@@ -131,7 +142,7 @@ def test_the_backward_pass_is_in_the_graph_only_for_a_backbone_with_layer_stages
     features, logits = extract(classifier, images)
     data = FitData(features, logits, np.arange(30) % 3, np.arange(30), classifier.head.weight.detach().numpy(),
                    classifier.head.bias.detach().numpy())
-    model = FusedModel(classifier, fit_scores(data, {"knn": {"k": 3}})).eval()
+    model = FusedModel(classifier, fit_scores(data, {"knn": {"k": 3}}, multi_layer=True)).eval()
     assert model.layer_names == ("penultimate",)
     path = export_onnx(model, (1, 8, 8), tmp_path / "plain.onnx")
     assert "ConvTranspose" not in {node.op_type for node in onnx.load(str(path)).graph.node}

@@ -107,7 +107,11 @@ def test_onnx_runtime_gradients_equal_autograd(model, tmp_path):
     wrapper = PooledLayers(classifier).eval()
     outputs = [f"{kind}_{name}" for name in wrapper.names for kind in ("a", "g")]
     path = export_module(wrapper, shape, tmp_path / "layers.onnx", outputs)
-    assert "ConvTranspose" in {node.op_type for node in onnx.load(str(path)).graph.node}  # the backward pass is in the graph
+    ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+    if shape[0] == 3:  # the backward pass is in the graph
+        assert "ConvTranspose" in ops
+    else:  # LeNet-5: into conv1 only the summed VJP of conv2's stage (vjp.taped_sum): ReLU masks, no ConvTranspose
+        assert "Greater" in ops and "ConvTranspose" not in ops
     session = OnnxModel(path)
     for batch in BATCHES:
         x = _images(shape, batch, seed=10 + batch)

@@ -8,7 +8,7 @@ from oodguard.calibration import Calibration, CalibrationError
 from oodguard.evaluation import VersionScorer
 from oodguard.export.backbones import CheckpointError
 from oodguard.export.pipeline import export_model, spec_from_training, split_calibration
-from oodguard.export.scores import SCORES
+from oodguard.export.scores import MULTI_LAYER, SCORES, registry
 from oodguard.repository import versions
 from oodguard.validate_repo import validate_repository
 
@@ -23,14 +23,14 @@ def test_calibration_file_records_thresholds_and_model_metadata(digits_export):
     assert model["class_names"] == [str(c) for c in range(8)]
     assert model["input"] == {"name": "input", "shape": [1, 28, 28], "dtype": "float32"}
     assert model["preprocessing"]["height"] == 28 and len(model["preprocessing"]["mean"]) == 1
-    assert model["scores"] == [*SCORES, "fused"]
+    # the default export: every score but the opt-in multi-layer ones
+    assert model["scores"] == [*registry(), "fused"] and not set(MULTI_LAYER) & set(model["scores"])
+    assert model["multi_layer"] is False and "multi_layer_bank" not in model
+    assert model["outputs"] == ["logits", "features", *model["scores"]]
     assert model["bank_size"] == len(record.splits["train"]) and model["bank_method"] == "full"
     assert model["score_params"]["sisom"]["alpha"] > 0 and model["score_params"]["sisom"]["r_avg"] > 0
     assert {"mu_r", "sd_r", "mu_E", "sd_E", "r_avg"} <= set(model["score_params"]["sisome"])
-    multi = model["score_params"]["sisom_ml"]
-    assert multi["layers"] == ["conv1", "conv2", "fc1", "penultimate"] and set(multi["alpha"]) == set(multi["layers"])
-    assert multi["alpha_search"]["validation_ood_size"] > 0 and multi["r_avg"] > 0
-    assert model["score_params"]["sisom"]["layers"] == ["penultimate"]  # the penultimate-only score, to compare
+    assert model["score_params"]["sisom"]["layers"] == ["penultimate"]
     assert model["checkpoint_sha256"] == hashlib.sha256(checkpoint.read_bytes()).hexdigest()
     assert model["exported_at"] and model["oodguard_version"] and model["version"] == 1
     assert model["test_accuracy"] == record.test_accuracy and model["test_accuracy"]["overall"] > 0.9
@@ -42,6 +42,42 @@ def test_calibration_file_records_thresholds_and_model_metadata(digits_export):
         assert threshold.achieved_tpr >= 0.95
         low, high = threshold.achieved_tpr_ci95
         assert low < threshold.achieved_tpr < high
+
+
+def test_multi_layer_export_adds_the_multi_layer_scores_and_records_it(digits_export_ml):
+    record, result, repository, _ = digits_export_ml
+    model = result.calibration.model
+    assert model["scores"] == [*SCORES, "fused"] and model["multi_layer"] is True
+    assert model["outputs"] == ["logits", "features", *model["scores"]]
+    multi = model["score_params"]["sisom_ml"]
+    assert multi["layers"] == ["conv1", "conv2", "fc1", "penultimate"] and set(multi["alpha"]) == set(multi["layers"])
+    assert multi["alpha_search"]["validation_ood_size"] > 0 and multi["r_avg"] > 0
+    # the training split is under the default limit: the multi-layer scores use the export's bank
+    assert model["multi_layer_bank"] == {"size": len(record.splits["train"]), "limit": 5000, "method": "export bank"}
+    assert multi["bank_size"] == model["bank_size"]
+    assert set(result.calibration.thresholds) == set(model["scores"])
+    assert validate_repository(repository) == []
+
+
+def test_the_multi_layer_scores_get_a_bank_of_their_own_within_the_limit(digits_export, tmp_path):
+    record, _, _, checkpoint = digits_export
+    result = export_model(spec_from_training(checkpoint, tmp_path, "digits", multi_layer=True, multi_layer_bank_size=120,
+                                             bank_size=300), progress=quiet)
+    model = result.calibration.model
+    assert model["bank_size"] == 300 and model["score_params"]["sisom"]["bank_size"] == 300
+    assert model["score_params"]["sisom_ml"]["bank_size"] == 120
+    assert model["multi_layer_bank"] == {"size": 120, "limit": 120,
+                                         "method": "class-stratified random draw from the export bank"}
+    assert set(model["bank_comparison"]["random"]) == {"sisom", "sisome", "sisom_ml", "sisome_ml", "knn"}
+    labels = result.model.scores["sisom_ml"].bank_labels.numpy()
+    assert np.bincount(labels).tolist() == [15] * 8  # water-filled class quotas
+
+
+def test_multi_layer_parameters_without_multi_layer_are_refused(digits_export, tmp_path):
+    _, _, _, checkpoint = digits_export
+    spec = spec_from_training(checkpoint, tmp_path, "digits", score_params={"sisom_ml": {"relative_alpha": 1.0}})
+    with pytest.raises(ValueError, match="only an export with multi_layer"):
+        export_model(spec, progress=quiet)
 
 
 def test_thresholds_come_from_the_onnx_model_on_the_calibration_split(digits_export):
@@ -133,7 +169,7 @@ def test_next_export_adds_a_version_and_the_repository_validates(digits_export, 
     assert second.calibration.model["bank_size"] == 200
     # ProbCover and a stratified random bank are compared on every bank-based score; the better is kept
     comparison = second.calibration.model["bank_comparison"]
-    assert set(comparison) == {"probcover", "random"} and set(comparison["random"]) == {"sisom", "sisome", "sisom_ml", "sisome_ml", "knn"}
+    assert set(comparison) == {"probcover", "random"} and set(comparison["random"]) == {"sisom", "sisome", "knn"}
     probcover_wins = all((comparison["probcover"][s]["worst"], comparison["probcover"][s]["mean"])
                          >= (comparison["random"][s]["worst"], comparison["random"][s]["mean"]) for s in comparison["random"])
     assert second.calibration.model["bank_method"] == ("probcover" if probcover_wins else "random")

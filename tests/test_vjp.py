@@ -83,3 +83,39 @@ def test_residual_block(in_channels, out_channels, stride):
 def test_a_layer_without_a_vjp_is_refused_by_name(module):
     with pytest.raises(TypeError, match=type(module).__name__):
         vjp.taped(module, torch.randn(1, 2, 6, 6) if not isinstance(module, nn.Conv2d) else torch.randn(1, 1, 6, 6))
+
+
+def _assert_summed_vjp(stage, x, summed: bool):
+    """``vjp.taped_sum`` against autograd summed over the input's positions; ``summed``: whether the stage
+    takes the summed path (no full input gradient) or the full VJP's sum."""
+    modules = list(stage)
+    for m in modules:
+        m.eval()
+    assert (vjp._summable_prefix(modules) > 0) == summed
+    torch.manual_seed(1)
+    with torch.no_grad():
+        y, back = vjp.taped_sum(modules, x)
+        torch.testing.assert_close(y, vjp.run(modules, x), rtol=0, atol=0)
+    g = torch.randn_like(y)
+    expected = _autograd(nn.Sequential(*modules), x, g).sum(dim=(2, 3))
+    with torch.no_grad():
+        actual = back(g)
+        again = back(g)  # a second call gives the same (the closure keeps no state)
+    assert actual.shape == expected.shape
+    torch.testing.assert_close(again, actual, rtol=0, atol=0)
+    assert float((actual - expected).abs().max() / expected.abs().max()) < 1e-5
+
+
+@pytest.mark.parametrize("stage, size, summed", [
+    ([nn.Conv2d(3, 5, 5), nn.ReLU(), nn.MaxPool2d(2)], 14, True),  # LeNet-5's conv2 stage
+    ([nn.Conv2d(3, 5, 3, stride=2), _bn(5), nn.ReLU(), nn.MaxPool2d(2)], 13, True),  # stride drops a row; floor mode
+    ([nn.Conv2d(3, 5, 3, dilation=2), nn.MaxPool2d(2), nn.ReLU(), nn.Conv2d(5, 4, 1)], 12, True),  # ReLU after the pool
+    ([nn.Conv2d(3, 5, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)], 8, False),  # padding: the full VJP, summed
+    ([nn.ReLU(), nn.Conv2d(3, 4, 3)], 8, False),
+    ([nn.Conv2d(4, 6, 3, groups=2), nn.ReLU()], 8, False),
+])
+def test_summed_vjp_equals_autograd_summed(stage, size, summed):
+    torch.manual_seed(0)
+    x = torch.randn(3, stage[0].in_channels if hasattr(stage[0], "in_channels") else 3, size, size)
+    x[0, :, :4, :4] = 0.5  # tied windows
+    _assert_summed_vjp(stage, x, summed)

@@ -5,8 +5,9 @@ For each layer ``j`` the backbone names (:func:`oodguard.export.layers.names`: L
 activation ``a_j`` and pooled loss gradient ``g_j`` computed inside the graph by the hand-written backward
 pass of :mod:`oodguard.export.layers`: ``s_j - 0.5 = tanh(alpha_j * a_j * g_j / 2) / 2``. The layers are
 concatenated and scored by SISOM's distance ratio (nearest same-class anchor, ``d_out`` from the anchor,
-float64 distances on ``s - 0.5``: :class:`~oodguard.export.scores.sisom.BankRatio`). The penultimate-only
-score stays ``sisom``, so the two can be compared.
+on ``s - 0.5``), computed in the graph by :class:`BlockedBankRatio` (below). The penultimate-only score stays
+``sisom``, so the two can be compared. Opt-in: only ``oodguard export --multi-layer`` fits it, on a bank of its
+own (at most ``--multi-layer-bank-size`` samples, :func:`oodguard.export.pipeline.multi_layer_bank`).
 
 Choices (the paper and NAC tune per-layer steepness on validation data, without a procedure to copy):
 
@@ -24,6 +25,16 @@ Choices (the paper and NAC tune per-layer steepness on validation data, without 
   over layers, so a candidate recomputes one layer's distances. Every candidate's figure is recorded.
 - A backbone without ``sisom_stages`` (no per-layer data): the penultimate layer alone, with this grid; the
   export log says so and ``layers`` in calibration.json is ``["penultimate"]``.
+- **Distances in the graph** (:class:`BlockedBankRatio`): SISOM's float64 distance matrix was what the
+  multi-layer head spent its time on (LeNet-5, batch 64, 5,000 x 226 bank: a float64 matrix product and five
+  float64 passes over ``[B, N]``, 6.8x the logits-only latency). Float64 was there for the nearest-anchor
+  search: squared distances from ``|a|^2 + |b|^2 - 2ab`` cancel, and in float32 a near tie can pick another
+  anchor (another ``d_out``). Here a float32 product *finds* the candidates and float64 *decides*: the bank is
+  stored in float32, in class blocks (``[K * n, D]``, ``n`` the largest class count, padding with infinite
+  norm), so the predicted class's block of the product is one gather, the per-row constant ``|a|^2`` is left
+  out, and its :data:`CANDIDATES` nearest (float32 order) are re-measured directly, ``sum (a - b)^2`` in float64
+  (no cancellation), the smallest of those being the anchor. The float64 anchor can only be missed when more
+  than :data:`CANDIDATES` bank samples tie with it to float32 precision, and then any of them is as near.
 """
 
 from __future__ import annotations
@@ -35,10 +46,12 @@ import torch
 
 from .. import validation
 from ..layers import penultimate
-from .base import FitData, numpy_squared_distances
-from .sisom import MIN_D_OUT, BankRatio, bank_geometry
+from .base import FitData, Score, buffer, numpy_squared_distances
+from .sisom import MIN_D_OUT, bank_geometry
 
 RELATIVE_GRID = tuple(10.0**e for e in range(-2, 4))
+#: float32 nearest candidates per query re-measured in float64 (at most the smallest class's bank count)
+CANDIDATES = 4
 log = logging.getLogger(__name__)
 
 
@@ -53,7 +66,57 @@ def enriched(u: dict[str, np.ndarray], alphas: dict[str, float]) -> np.ndarray:
     return np.concatenate([np.tanh(alphas[name] * u[name] / 2.0) / 2.0 for name in alphas], axis=1)
 
 
-class SisomMl(BankRatio):
+class BlockedBankRatio(Score):
+    """SISOM's distance ratio of ``s - 0.5`` against a bank held in class blocks: float32 product to find
+    :data:`CANDIDATES` nearest same-class samples, float64 direct distances to choose among them (module
+    docstring). Same values as :class:`~oodguard.export.scores.sisom.BankRatio` up to float32 rounding of the
+    stored bank (~1e-7 relative)."""
+
+    uses_bank = True
+
+    def register_bank(self, bank_s: np.ndarray, bank_labels: np.ndarray, d_out: np.ndarray) -> None:
+        bank_s = np.asarray(bank_s, np.float64)
+        labels = np.asarray(bank_labels, np.int64)
+        counts = np.bincount(labels)
+        k, n = len(counts), int(counts.max())
+        centre = bank_s.mean(axis=0)
+        centred = (bank_s - centre).astype(np.float32)
+        order = np.argsort(labels, kind="stable")
+        slots = labels[order] * n + (np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts))
+        blocks = np.zeros((k * n, bank_s.shape[1]), np.float32)
+        blocks[slots] = centred[order]
+        sq_norms = np.full(k * n, np.inf, np.float32)
+        sq_norms[slots] = (centred[order].astype(np.float64) ** 2).sum(axis=1)
+        d_out_blocks = np.ones(k * n, np.float64)
+        d_out_blocks[slots] = d_out[order]
+        self.block = n
+        self.candidates = int(min(CANDIDATES, counts.min()))
+        self.register_buffer("centre", buffer(centre))
+        # row-major ([K * n, D]): the product is a Gemm with transB (no transposed copy), and the candidates'
+        # rows are contiguous (a gather of columns from [D, N] cost LeNet-5 0.6 ms at batch 64)
+        self.register_buffer("bank", buffer(blocks))
+        self.register_buffer("bank_sq_norms", buffer(sq_norms.reshape(k, n)))
+        self.register_buffer("bank_labels", buffer(labels, torch.int64))  # in fit order (not used by the graph)
+        self.register_buffer("d_out", buffer(d_out_blocks, torch.float64))
+
+    def ratio(self, s: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """``r`` of enriched features ``s - 0.5`` (``[B, D]``) for the predicted classes of ``logits``."""
+        query = s - self.centre
+        batch, n = query.shape[0], self.block
+        predicted = logits.argmax(dim=1)
+        products = torch.nn.functional.linear(query, self.bank).reshape(batch, -1, n)  # [B, K, n]
+        own = torch.gather(products, 1, predicted.reshape(batch, 1, 1).expand(batch, 1, n)).squeeze(1)  # [B, n]
+        approx = self.bank_sq_norms[predicted] - 2.0 * own  # |q - b|^2 - |q|^2, float32
+        candidates = torch.topk(approx, self.candidates, dim=1, largest=False).indices  # [B, c]
+        slots = predicted.unsqueeze(1) * n + candidates
+        rows = self.bank.index_select(0, slots.reshape(-1))  # [B * c, D]
+        diff = query.double().unsqueeze(1) - rows.double().reshape(batch, self.candidates, -1)
+        d2_in, nearest = (diff * diff).sum(dim=2).min(dim=1)
+        anchor = torch.gather(slots, 1, nearest.unsqueeze(1)).squeeze(1)
+        return (torch.sqrt(d2_in) / self.d_out[anchor]).float()
+
+
+class SisomMl(BlockedBankRatio):
     name = "sisom_ml"
     uses_layers = True
 

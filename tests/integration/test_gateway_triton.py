@@ -24,7 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from gateway_fixtures import GatewayThread
 
-from oodguard.export.scores import SCORES
+from oodguard.calibration import Calibration
+from oodguard.repository import CALIBRATION_FILE
 from oodguard.serve.settings import Settings
 from oodguard.serve.v1 import oodguard_pb2 as pb
 from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
@@ -110,7 +111,38 @@ def close(a: float, b: float, tol: float = 1e-5) -> bool:
 
 # -- 1. same answers through both backends -----------------------------------------------------------
 def test_embedded_and_triton_backends_give_the_same_answers(start_gateway, triton_server, held_out_digits):
+    compare_backends(start_gateway, triton_server, held_out_digits)
+
+
+def test_a_multi_layer_export_is_served_alike_by_both_backends(start_gateway, triton_install, digits_export_ml,
+                                                                 held_out_digits, tmp_path):
+    """A version exported with --multi-layer (sisom_ml / sisome_ml outputs, the backward pass in the graph) on a
+    tritonserver of its own: the same answers as the embedded backend, every declared score included."""
+    import shutil
+
+    from oodguard.triton_local import TritonServer
+
+    repository = tmp_path / "repository"
+    shutil.copytree(digits_export_ml[2], repository)
+    assert {"sisom_ml", "sisome_ml"} <= set(declared_scores(repository))
+    server = TritonServer(triton_install, repository, tmp_path / "tritonserver.log")
+    try:
+        server.start()
+        compare_backends(start_gateway, server, held_out_digits)
+    finally:
+        server.stop()
+
+
+def declared_scores(repository: Path, version: int = 1) -> list[str]:
+    """The scores the version's calibration.json declares (fused included when it has one)."""
+    return list(Calibration.load(repository / MODEL / str(version) / CALIBRATION_FILE).model["scores"])
+
+
+def compare_backends(start_gateway, triton_server, held_out_digits) -> None:
+    """Embedded and Triton gateways on ``triton_server``'s repository answer 40 items alike."""
     repository = triton_server.repository
+    scores = declared_scores(repository)
+    assert "fused" in scores
     embedded = start_gateway("embedded", repository, backend="embedded")
     triton = start_gateway("triton", repository, backend="triton", triton_url=triton_server.url)
     batch = np.concatenate([held_out_digits[:20], noise(20, seed=11)])
@@ -136,7 +168,7 @@ def test_embedded_and_triton_backends_give_the_same_answers(start_gateway, trito
         assert (a.class_index, a.class_name) == (b.class_index, b.class_name), i
         assert [c.index for c in a.top_k] == [c.index for c in b.top_k], i
         assert a.queue_status == b.queue_status and bool(a.queue_record_id) == bool(b.queue_record_id), i
-        assert set(a.scores) == set(b.scores) == {*SCORES, "fused"}, i  # every registry score, and fused
+        assert set(a.scores) == set(b.scores) == set(scores), i  # every score the version declares (fused too)
         assert a.decision.driver == b.decision.driver and a.decision.driver, i
         values = [(f"scores[{k}]", a.scores[k], b.scores[k]) for k in a.scores]
         values += [(f"p_values[{k}]", a.decision.p_values[k], b.decision.p_values[k]) for k in a.decision.p_values]

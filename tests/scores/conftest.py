@@ -22,6 +22,19 @@ def scored(digits_export):
 
 
 @pytest.fixture(scope="session")
+def scored_ml(digits_export_ml):
+    """As ``scored``, for the export with the multi-layer scores (``--multi-layer``)."""
+    record, result, repository, checkpoint = digits_export_ml
+    scorer = VersionScorer(result.version_dir)
+    test_part = record.part(record.dataset(), "test")
+    images = np.concatenate([
+        scorer.preprocessing.apply(test_part.images),
+        scorer.preprocessing.apply(uniform_noise(64, (8, 8), seed=1).images),
+    ])
+    return scorer.model.run(images), len(test_part)
+
+
+@pytest.fixture(scope="session")
 def head(digits_export):
     record, result, repository, checkpoint = digits_export
     classifier = load_classifier(record.backbone, checkpoint)

@@ -38,9 +38,9 @@ def _autograd_layers(classifier, images):
     return {name: tuple(np.concatenate([p[name][k].numpy() for p in parts]) for k in range(2)) for name in parts[0]}
 
 
-def test_sisom_ml_matches_an_independent_computation_with_autograd_gradients(digits_export, scored):
-    record, result, _, checkpoint = digits_export
-    outputs, _ = scored
+def test_sisom_ml_matches_an_independent_computation_with_autograd_gradients(digits_export_ml, scored_ml):
+    record, result, _, checkpoint = digits_export_ml
+    outputs, _ = scored_ml
     meta = result.calibration.model["score_params"]["sisom_ml"]
     assert meta["layers"] == ["conv1", "conv2", "fc1", "penultimate"]
     assert meta["dims"] == {"conv1": 6, "conv2": 16, "fc1": 120, "penultimate": 84}
@@ -162,3 +162,27 @@ def test_bank_needs_two_samples_per_class():
                      data.head_bias, layers=data.layers)
     with pytest.raises(ValueError, match="at least 2 samples of every class"):
         SisomMl.fit(lonely, {}, relative_alpha=1.0)
+
+
+def test_blocked_bank_ratio_equals_the_float64_reference_with_unequal_classes_and_near_ties():
+    """The class-blocked float32 search with float64 re-measurement (BlockedBankRatio) gives SISOM's float64
+    ratios: classes of 2, 9 and 30 samples (padded blocks), duplicated bank rows (exact ties) and queries at
+    a bank row (distance 0) or a hair away from one."""
+    from oodguard.export.scores.sisom_ml import BlockedBankRatio
+
+    rng = np.random.default_rng(4)
+    labels = np.repeat([0, 1, 2], [2, 9, 30])
+    bank = np.tanh(rng.normal(size=(41, 12)) + labels[:, None]) / 2.0
+    bank[5] = bank[6]  # an exact tie inside class 1
+    d_out, _ = bank_geometry(bank, labels, labels)
+    score = BlockedBankRatio()
+    score.register_bank(bank, labels, d_out)
+    query = np.concatenate([np.tanh(rng.normal(size=(20, 12)) + rng.integers(0, 3, size=(20, 1))) / 2.0,
+                            bank[[0, 6, 40]], bank[[3, 20]] + 1e-6])
+    predicted = np.concatenate([rng.integers(0, 3, size=20), labels[[0, 6, 40]], labels[[3, 20]]])
+    logits = np.eye(3)[predicted] * 5.0
+    with torch.no_grad():
+        out = score.ratio(torch.as_tensor(query, dtype=torch.float32), torch.as_tensor(logits, dtype=torch.float32)).numpy()
+    expected = ratios(query.astype(np.float32).astype(np.float64), predicted, bank, labels, d_out)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+    assert score.candidates == 2 and score.bank.shape == (3 * 30, 12)  # at most the smallest class's count

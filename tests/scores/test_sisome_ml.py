@@ -5,9 +5,9 @@ from scipy.special import logsumexp
 from oodguard.export.scores.sisome_ml import SisomeMl
 
 
-def test_sisome_ml_balances_energy_with_the_multi_layer_ratio(digits_export, scored):
-    _, result, _, _ = digits_export
-    outputs, _ = scored
+def test_sisome_ml_balances_energy_with_the_multi_layer_ratio(digits_export_ml, scored_ml):
+    _, result, _, _ = digits_export_ml
+    outputs, _ = scored_ml
     params = result.calibration.model["score_params"]
     stats = params["sisome_ml"]
     assert stats["r_avg"] == pytest.approx(params["sisom_ml"]["r_avg"])
