@@ -1,27 +1,20 @@
 """bench/alert_timing.py's promtool part (no gateway): a deterministic traffic shift against the real rules.yml
 pages when the expected counts say it should, and steady in-distribution traffic never pages."""
 
-import importlib.util
 import shutil
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
+from bench_scripts import load_bench
 
 
-def load_bench():
-    spec = importlib.util.spec_from_file_location("alert_timing", BENCH / "alert_timing.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["alert_timing"] = module
-    spec.loader.exec_module(module)
-    return module
+def alert_timing():
+    return load_bench("alert_timing")
 
 
 def test_parse_duration_and_episodes():
-    bench = load_bench()
+    bench = alert_timing()
     assert bench.parse_duration("1h5m") == 65
     assert bench.parse_duration("2h0m0s") == 120
     assert bench.parse_duration("45m") == 45
@@ -39,7 +32,7 @@ def promtool():
 def test_promtool_firing_matches_the_expected_time_to_page(tmp_path, promtool):
     """Deterministic counts (60 items/min, 1 request/s): the page fires when the expected counts say it should,
     within the 5-minute target at 20% OOD; steady in-distribution traffic never pages nor tickets."""
-    bench = load_bench()
+    bench = alert_timing()
     rate, p0, p0u, share_id, share_mix = 60, 0.05, 0.055, 0.05, 0.24
     minutes = 160
     items = np.full(minutes, rate)
@@ -55,6 +48,6 @@ def test_promtool_firing_matches_the_expected_time_to_page(tmp_path, promtool):
 
 
 def test_the_false_page_bound_falls_with_the_share_and_vanishes_under_the_minimum_count():
-    bench = load_bench()
+    bench = alert_timing()
     assert bench.false_page_bound(60, 0.05, 0.05, 0.055) < 1e-4 < 1e-2 < bench.false_page_bound(60, 0.09, 0.05, 0.055)
     assert bench.false_page_bound(5, 0.5, 0.05, 0.055) == 0.0  # 75 items per 15 minutes: under the minimum of 100

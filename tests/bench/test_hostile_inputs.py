@@ -1,27 +1,19 @@
 """bench/hostile_inputs.py: its hand-built inputs, and one end-to-end run (small burst) against real gateway
 subprocesses serving the digits demo repository."""
 
-import importlib.util
 import io
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from bench_scripts import load_bench
+
 FAILING_CLOSED = ("input_range", "unscorable")
 
 
 @pytest.fixture(scope="module")
 def hi():
-    if "hostile_inputs" in sys.modules:
-        return sys.modules["hostile_inputs"]
-    spec = importlib.util.spec_from_file_location("hostile_inputs", BENCH / "hostile_inputs.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["hostile_inputs"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("hostile_inputs")
 
 
 # -- the hand-built inputs (no server) -----------------------------------------------------------

@@ -2,23 +2,15 @@
 loadgen` traffic, `harvest`, the JSON-MIN oracle, `labels import`, `train --base --init-from`, `export` and the
 hot reload, twice (the digits demo data as ID, uniform noise as unknowns; about a minute on 2 cores)."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from bench_scripts import load_bench
+
 KNOWN = [str(c) for c in range(8)]
 
 
 def load_benchmark():
-    if "loop_benchmark" in sys.modules:
-        return sys.modules["loop_benchmark"]
-    spec = importlib.util.spec_from_file_location("loop_benchmark", BENCH / "loop_benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["loop_benchmark"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("loop_benchmark")
 
 
 def test_hold_back_keeps_a_new_class_with_too_few_labels_for_later():

@@ -1,19 +1,12 @@
 """bench/multilayer_cost.py and bench/cost.py: the cost graphs are what the exports ship (smoke run, LeNet-5)."""
 
-import sys
-from pathlib import Path
-
 import onnx
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from bench_scripts import load_bench
 
 
 def test_one_interleaved_run_reports_every_head_and_the_load(tmp_path, capsys):
-    sys.path.insert(0, str(BENCH))
-    try:
-        import multilayer_cost
-    finally:
-        sys.path.remove(str(BENCH))
+    multilayer_cost = load_bench("multilayer_cost")
     code = multilayer_cost.main(["--backbones", "LeNet-5", "--bank-size", "200", "--multi-layer-bank-size", "100",
                                  "--batches", "1,4", "--seconds", "0", "--min-rounds", "2", "--out", str(tmp_path)])
     out = capsys.readouterr().out

@@ -1,23 +1,15 @@
 """Smoke test of bench/open_set_benchmark.py: one round of the closed loop (train → fused scores → SQLite
 queue → run_harvest → oracle → retrain) on a tiny pool of real MNIST / Fashion-MNIST images."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from bench_scripts import load_bench
 
 
 def load_benchmark():
-    sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location("open_set_benchmark", BENCH / "open_set_benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["open_set_benchmark"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("open_set_benchmark")
 
 
 def test_one_round_on_a_tiny_pool_writes_a_consistent_report(shared_data, tmp_path):

@@ -1,7 +1,6 @@
 """bench/serve_benchmark.py without servers: flags, the aggregation and ratio arithmetic on hand-made cells,
 and the traffic built from a real (digits demo) repository."""
 
-import importlib.util
 import math
 import sys
 from pathlib import Path
@@ -9,18 +8,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bench_scripts import load_bench
+
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
 @pytest.fixture(scope="module")
 def sb():
-    if "serve_benchmark" in sys.modules:
-        return sys.modules["serve_benchmark"]
-    spec = importlib.util.spec_from_file_location("serve_benchmark", BENCH / "serve_benchmark.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["serve_benchmark"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("serve_benchmark")
 
 
 def cell(sb, target, concurrency, rnd=0, *, rps=100.0, p50=1.0, p90=2.0, p99=3.0, mean=1.5, server=None, client=50.0,
@@ -85,7 +80,7 @@ def test_ratios_compute_overheads_throughput_ratios_and_met_flags(sb):
         cell(sb, "grpc-floor", 64, rps=1200.0),
     ]
     rat = {r["name"]: r for r in sb.ratios(cells)}
-    assert len(rat) == 18
+    assert len(rat) == 21
     assert rat["gateway-triton p50 overhead @c=1"]["value"] == 1.5
     assert rat["gateway-triton p50 overhead @c=1"]["met"] is False
     assert rat["gateway-embedded p50 overhead @c=1"]["value"] == 0.75
@@ -112,8 +107,13 @@ def test_cpu_per_request_flagged_workers_and_baseline_ratios(sb):
         cell(sb, "gateway-embedded-flagged", 64, rps=750.0, cpu_ms=0.6),
         cell(sb, "gateway-embedded-workers", 64, rps=1200.0, client=90.0),
         cell(sb, "gateway-baseline", 1, p50=0.98, cpu_ms=1.0),
+        cell(sb, "grpc-floor-model", 1, cpu_ms=0.75), cell(sb, "grpc-floor-model", 64, rps=1500.0, cpu_ms=0.5),
     ]
     rat = {r["name"]: r for r in sb.ratios(cells, model_cpu=0.12)}
+    assert rat["CPU per request grpc-floor-model / grpc-floor @c=1"]["value"] == pytest.approx(2.5)
+    assert rat["CPU per request gateway-embedded / grpc-floor-model @c=1"]["value"] == pytest.approx(0.42 / 0.75)
+    assert rat["CPU per request gateway-embedded / grpc-floor-model @c=64"]["value"] == pytest.approx(0.8)
+    assert rat["CPU per request gateway-embedded / grpc-floor-model @c=64"]["met"] is None
     assert rat["CPU per request gateway-embedded less the model / grpc-floor @c=1"]["value"] == pytest.approx(1.0)
     c1, c64 = rat["CPU per request gateway-embedded / grpc-floor @c=1"], rat["CPU per request gateway-embedded / grpc-floor @c=64"]
     assert c1["value"] == pytest.approx(1.4) and c1["met"] is True

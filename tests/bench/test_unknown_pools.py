@@ -1,20 +1,12 @@
 """bench/unknown_pools.py: the second unknown pool of the open-set benchmark (bold test digits + drawn shapes)."""
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 
-BENCH = Path(__file__).resolve().parents[2] / "bench"
+from bench_scripts import load_bench
 
 
 def load():
-    spec = importlib.util.spec_from_file_location("unknown_pools", BENCH / "unknown_pools.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["unknown_pools"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_bench("unknown_pools")
 
 
 def test_fourteen_classes_deterministic_with_thicker_digits_and_drawn_shapes():
