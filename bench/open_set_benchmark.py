@@ -694,6 +694,7 @@ def run_all(args, strategies: list[str], seeds: list[int]) -> tuple[list[Run], i
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    _STATE.clear()  # loaded for this run's arguments: a second run in one process (tests, a notebook) reloads
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     seeds = parse_seeds(args.seeds)
     from oodguard.harvest import STRATEGIES

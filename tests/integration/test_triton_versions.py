@@ -31,18 +31,24 @@ from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
 from oodguard.validate_repo import validate_repository
 
 
-def test_triton_serves_versions_of_different_class_counts(triton_install, digits_two_versions, tmp_path, request):
-    source, _, _ = digits_two_versions
-    repository = tmp_path / "repository"
-    shutil.copytree(source, repository)
-    assert validate_repository(repository) == []
+def serve_through_triton(triton_install, repository, tmp_path, request):
+    """A real tritonserver on ``repository`` and the gateway in front of it (both stopped at the test's end), and
+    a request tensor of four 8x8 noise images."""
     triton = TritonServer(triton_install, repository, tmp_path / "tritonserver.log").start()
     request.addfinalizer(triton.stop)
     gateway = GatewayThread(Settings(repository=repository, listen="127.0.0.1:0", backend="triton",
                                      triton_url=triton.url, queue_path=tmp_path / "queue.sqlite", poll_interval_s=0.5))
     request.addfinalizer(lambda: gateway.stop(1.0))
     images = np.random.default_rng(0).integers(0, 256, (4, 8, 8), dtype=np.uint8)
-    tensor = pb.Tensor(dtype="uint8", shape=[4, 8, 8], data=images.tobytes())
+    return gateway, pb.Tensor(dtype="uint8", shape=[4, 8, 8], data=images.tobytes())
+
+
+def test_triton_serves_versions_of_different_class_counts(triton_install, digits_two_versions, tmp_path, request):
+    source, _, _ = digits_two_versions
+    repository = tmp_path / "repository"
+    shutil.copytree(source, repository)
+    assert validate_repository(repository) == []
+    gateway, tensor = serve_through_triton(triton_install, repository, tmp_path, request)
     with grpc.insecure_channel(gateway.target) as channel:
         stub = pb_grpc.OODGuardStub(channel)
         info = stub.ModelInfo(pb.ModelInfoRequest(model="digits"), timeout=30)
@@ -112,13 +118,7 @@ def test_triton_serves_versions_of_different_score_sets(triton_install, digits_e
         assert declared_outputs(folder, file) == ["logits", "features", *common]
     assert validate_repository(repository) == []
 
-    triton = TritonServer(triton_install, repository, tmp_path / "tritonserver.log").start()
-    request.addfinalizer(triton.stop)
-    gateway = GatewayThread(Settings(repository=repository, listen="127.0.0.1:0", backend="triton",
-                                     triton_url=triton.url, queue_path=tmp_path / "queue.sqlite", poll_interval_s=0.5))
-    request.addfinalizer(lambda: gateway.stop(1.0))
-    images = np.random.default_rng(0).integers(0, 256, (4, 8, 8), dtype=np.uint8)
-    tensor = pb.Tensor(dtype="uint8", shape=[4, 8, 8], data=images.tobytes())
+    gateway, tensor = serve_through_triton(triton_install, repository, tmp_path, request)
     with grpc.insecure_channel(gateway.target) as channel:
         stub = pb_grpc.OODGuardStub(channel)
         info = stub.ModelInfo(pb.ModelInfoRequest(model="digits"), timeout=30)

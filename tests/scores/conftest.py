@@ -8,23 +8,9 @@ from oodguard.evaluation import VersionScorer, uniform_noise
 from oodguard.export.backbones import load_classifier
 
 
-@pytest.fixture(scope="session")
-def scored(digits_export):
-    record, result, repository, checkpoint = digits_export
-    scorer = VersionScorer(result.version_dir)
-    test_part = record.part(record.dataset(), "test")
-    images = np.concatenate([
-        scorer.preprocessing.apply(test_part.images),
-        scorer.preprocessing.apply(uniform_noise(64, (8, 8), seed=1).images),
-    ])
-    outputs = scorer.model.run(images)
-    return outputs, len(test_part)
-
-
-@pytest.fixture(scope="session")
-def scored_ml(digits_export_ml):
-    """As ``scored``, for the export with the multi-layer scores (``--multi-layer``)."""
-    record, result, repository, checkpoint = digits_export_ml
+def _score(export):
+    """The export's ONNX outputs on its test split followed by 64 noise images, and the test split's size."""
+    record, result, repository, checkpoint = export
     scorer = VersionScorer(result.version_dir)
     test_part = record.part(record.dataset(), "test")
     images = np.concatenate([
@@ -32,6 +18,17 @@ def scored_ml(digits_export_ml):
         scorer.preprocessing.apply(uniform_noise(64, (8, 8), seed=1).images),
     ])
     return scorer.model.run(images), len(test_part)
+
+
+@pytest.fixture(scope="session")
+def scored(digits_export):
+    return _score(digits_export)
+
+
+@pytest.fixture(scope="session")
+def scored_ml(digits_export_ml):
+    """As ``scored``, for the export with the multi-layer scores (``--multi-layer``)."""
+    return _score(digits_export_ml)
 
 
 @pytest.fixture(scope="session")
