@@ -53,6 +53,9 @@ def parse_args(argv=None):
     parser.add_argument("--ood", action="append", default=[], metavar="NAME=PATH[:near|far]", help="further OOD sets")
     parser.add_argument("--fractions", default=",".join(map(str, FRACTIONS)), help="bank fractions for the RS trade-off")
     parser.add_argument("--cost-seconds", type=float, default=12.0, help="timing budget per model and batch size")
+    parser.add_argument("--multi-layer-bank-size", type=int, default=None, metavar="N",
+                        help="bank of the multi-layer scores in the full export (default: the full bank, as the "
+                        "penultimate SISOM uses, so that the two compare on the same bank; export's own default: 5000)")
     return parser.parse_args(argv)
 
 
@@ -291,7 +294,8 @@ def main(argv=None) -> int:
     checkpoint = train_cached(args)
     seconds["train"] = time.perf_counter() - start
     log("exporting with the full bank (--multi-layer: the multi-layer scores are compared below)")
-    full = export_model(spec_from_training(checkpoint, repository, "mnist", multi_layer=True), progress=log)
+    full = export_model(spec_from_training(checkpoint, repository, "mnist", multi_layer=True,
+                                           multi_layer_bank_size=args.multi_layer_bank_size), progress=log)
     seconds["export_full"] = sum(full.seconds.values())
     scorer = VersionScorer(full.version_dir)
     log("evaluating")
