@@ -60,7 +60,7 @@ from .scores.pvalue_fusion import NAME as FUSED, PValueFusion
 from .synthetic import validation_ood
 from .train import extract
 from .validation import ValidationOOD, key, objective
-from .triton_config import ModelSignature, write_configs
+from .triton_config import ModelSignature, common_scores, served_versions, write_configs
 from .triton_model import write_triton_model
 
 
@@ -248,6 +248,11 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
         shutil.rmtree(staging, ignore_errors=True)
         raise
     signature = ModelSignature(spec.model_name, prep.input_shape, len(spec.class_names), classifier.feature_dim, tuple(model.score_names))
+    left_out = [name for name in signature.scores if name not in common_scores(root, signature.scores)]
+    if left_out:
+        progress(f"  note: the Triton configs declare only the outputs every served version has (versions "
+                 f"{served_versions(root)}): {left_out} are served by Triton once no served version lacks them "
+                 "(the embedded backend serves them now)")
     write_configs(root, signature, max_batch_size=spec.max_batch_size,
                   preferred_batch_sizes=tuple(b for b in (16, 32, 64) if b <= spec.max_batch_size) or (spec.max_batch_size,))
     progress(f"wrote {root / str(version)} (model.onnx, calibration.json) and the Triton configs")

@@ -109,8 +109,11 @@ def test_triton_serves_versions_of_different_score_sets(triton_install, digits_e
     shutil.copytree(source, repository)
     folder = repository / "digits"
     strip_scores(folder / "1", OLDER_LACKS)  # v1: exported by an older oodguard
-    exported = export_model(spec_from_training(checkpoint, repository, "digits"), progress=lambda line: None)
+    lines = []
+    exported = export_model(spec_from_training(checkpoint, repository, "digits"), progress=lines.append)
     assert exported.version == 2
+    note = [line for line in lines if "the Triton configs declare only the outputs every served version has" in line]
+    assert len(note) == 1 and all(repr(name) in note[0] for name in OLDER_LACKS)
     full = list(exported.calibration.model["scores"])
     assert all(name in full for name in OLDER_LACKS)
     common = [name for name in full if name not in OLDER_LACKS]
