@@ -27,9 +27,17 @@ into the surprising region grows with the evidence about unknowns that the label
    by SISOMe + kNN held 85% known among their 100 most surprising, against 60% for SISOMe alone. The slice
    widens with the labeled unknowns U the head learns from: k_eff = params ``k`` (default 30) ×
    (1 + U / params ``widen``, default 40). Early, the slice keeps the batch known-like; later, the head does.
-4. **Ranking.** Within the slice, the score percentile (1 = the most surprising candidate) with sisome-diverse's
-   greedy distance discount (:mod:`._diversity`). ρ = the candidates' median pairwise distance × params
-   ``radius_scale``, or params ``radius``.
+4. **Ranking.** Within the slice, by params ``rank`` (default ``margin``): the known-class *margin* (top-1
+   minus top-2 softmax probability over the known classes; the smallest, i.e. the image the classifier
+   confuses most between two known classes, first) or ``score`` (the score's percentile: the most
+   surprising first), with sisome-diverse's greedy distance discount (:mod:`._diversity`). ρ = the
+   candidates' median pairwise distance × params ``radius_scale``, or params ``radius``. Why margin: the
+   filter and the slice already answer "is it known?"; among items judged known, the ones that teach the
+   classifier most are those it confuses, and a confusion between two *known* classes is not evidence of an
+   unknown, so the ranking does not pull the batch back towards the unknowns. Measured (open-set benchmark,
+   3 seeds, 660 labels; gain over random per seed, mean precision): default pool margin +1.2/+2.6/+2.2 at
+   81% against score +1.1/+1.9/+1.7 at 83%; the second pool (bold shapes) margin +1.7/+1.7/+1.1 at 79%
+   against score +1.5/+1.4/+0.1 at 78%.
 5. When fewer items pass than the budget, the rest are the other items most likely known (π · head p_known,
    descending; ties by index), and each of their reasons says "filler".
 
@@ -101,7 +109,9 @@ class OpenQuotaStrategy(Strategy):
               "widen": "labeled unknowns per extra k of the slice (default 40)",
               "slice_score": "pool score whose rank is added to the score's to order the slice, or none (default knn)",
               "radius": "diversity radius in feature space (default: the candidates' median pairwise distance x radius_scale)",
-              "radius_scale": "factor on the computed radius (default 1.0)", **HEAD_PARAMS}
+              "radius_scale": "factor on the computed radius (default 1.0)",
+              "rank": "what ranks the slice: score (its percentile) or margin (known-class top-2 probability margin, "
+                      "smallest first) (default margin)", **HEAD_PARAMS}
 
     def _select(self, pool: Pool, budget: int, seed: int, context: Context) -> Selection:
         params = context.params
@@ -120,13 +130,21 @@ class OpenQuotaStrategy(Strategy):
         k_eff = float(params.get("k", 30)) * (1.0 + n_unknown / float(params.get("widen", 40)))
         second = str(params.get("slice_score", "knn"))
         likeness = rank01(score) + (rank01(require_score(pool, second, self.name)) if second != "none" else 0.0)
+        rank_by = str(params.get("rank", "margin"))
+        if rank_by == "margin":  # known-class confusion: a small top-2 probability margin ranks first
+            top2 = np.sort(softmax(known), axis=1)[:, -2:] if k > 1 else np.ones((len(pool), 2))
+            rank_value = -(top2[:, 1] - top2[:, 0])
+        elif rank_by == "score":
+            rank_value = score
+        else:
+            raise ValueError(f"open-quota: rank must be score or margin, got {rank_by!r}")
         groups = np.full(len(pool), -1, dtype=np.int64)
         value = np.zeros(len(pool))
         for c in np.flatnonzero(quotas):
             members = np.flatnonzero(found.passed & (predicted == c))
             kept = members[np.argsort(likeness[members], kind="stable")[:max(int(quotas[c]), int(np.ceil(k_eff * quotas[c])))]]
             groups[kept] = c
-            value[kept] = percentile(score[kept])
+            value[kept] = percentile(rank_value[kept])
 
         x = l2_normalise(pool.features)
         rows = np.flatnonzero(groups >= 0)
@@ -135,7 +153,7 @@ class OpenQuotaStrategy(Strategy):
         size = np.bincount(groups[rows], minlength=k)
         chosen = picks.indices.tolist()
         reasons = [f"open-quota: class {predicted[i]} (quota {quotas[predicted[i]]}, {counts[predicted[i]]} labeled), "
-                   f"{score_name} {score[i]:.4g}, percentile {value[i]:.3f} among the class's {size[predicted[i]]} "
+                   f"{score_name} {score[i]:.4g}, {rank_by} percentile {value[i]:.3f} among the class's {size[predicted[i]]} "
                    f"candidates (k_eff {k_eff:.1f}; {int(found.passed.sum())} items passed), p-value "
                    f"{found.p_value[i]:.3f} {found.gate}, head p_known {found.p_head[i]:.3f}; "
                    f"{describe_pick(picks, j, radius)}; {found.view.note}" for j, i in enumerate(chosen)]

@@ -1,6 +1,7 @@
 import dataclasses
 
 import numpy as np
+import pytest
 
 from oodguard.harvest import Context, Pool, get_strategy
 from oodguard.harvest.strategies.open_quota import conformal_p, rank01
@@ -30,7 +31,9 @@ def test_both_filters_together_keep_every_kind_of_unknown_out():
     assert (kind[selection.indices] == 0).all()
     # without the head the labeled-like unknowns (their scores look known) get in; without the gate, the new ones
     no_head = get_strategy("open-quota").select(pool, 60, seed=0, context=dataclasses.replace(context, params={"head": "mav"}))
-    no_gate = get_strategy("open-quota").select(pool, 60, seed=0, context=dataclasses.replace(context, id_scores=None))
+    # (ranked by score: the new unknowns' confident logits keep them out of a margin ranking, gate or not)
+    no_gate = get_strategy("open-quota").select(pool, 60, seed=0, context=dataclasses.replace(
+        context, id_scores=None, params={"rank": "score"}))
     assert (kind[no_head.indices] == 1).mean() > 0.3
     assert (kind[no_gate.indices] == 2).mean() > 0.3
     assert "no score gate" in no_gate.reasons[0] and "MAV-only" in no_head.reasons[0]
@@ -49,7 +52,7 @@ def test_quotas_give_the_batch_to_the_class_with_fewest_labels():
 
 def test_the_slice_is_the_most_known_like_and_the_pick_its_most_surprising_item():
     pool, kind, context = two_kinds_of_unknowns(2)
-    plain = dataclasses.replace(context, unknown_features=None, params={"k": 2, "radius": 0})
+    plain = dataclasses.replace(context, unknown_features=None, params={"k": 2, "radius": 0, "rank": "score"})
     selection = get_strategy("open-quota").select(pool, 6, seed=0, context=plain)  # quotas 2 per class, slice of 4
     score, likeness = pool.scores["sisome"], rank01(pool.scores["sisome"]) + rank01(pool.scores["knn"])
     passed = conformal_p(score, context.id_scores["sisome"]) > 0.05
@@ -62,6 +65,29 @@ def test_the_slice_is_the_most_known_like_and_the_pick_its_most_surprising_item(
     assert all("k_eff 2.0" in r and "among the class's 4 candidates" in r for r in selection.reasons)
 
 
+def test_by_default_the_slice_is_ranked_by_the_known_class_margin():
+    """Same slices as above; within each, the items with the smallest top-2 known-class probability margin."""
+    pool, kind, context = two_kinds_of_unknowns(2)
+    plain = dataclasses.replace(context, unknown_features=None, params={"k": 2, "radius": 0})
+    selection = get_strategy("open-quota").select(pool, 6, seed=0, context=plain)
+    score, likeness = pool.scores["sisome"], rank01(pool.scores["sisome"]) + rank01(pool.scores["knn"])
+    passed = conformal_p(score, context.id_scores["sisome"]) > 0.05
+    predicted = pool.logits.argmax(axis=1)
+    z = pool.logits - pool.logits.max(axis=1, keepdims=True)
+    p = np.sort(np.exp(z) / np.exp(z).sum(axis=1, keepdims=True), axis=1)
+    margin = p[:, -1] - p[:, -2]
+    for c in range(3):
+        members = np.flatnonzero(passed & (predicted == c))
+        slice_ = members[np.argsort(likeness[members], kind="stable")[:4]]
+        expected = slice_[np.argsort(margin[slice_], kind="stable")[:2]]
+        assert sorted(selection.indices[predicted[selection.indices] == c].tolist()) == sorted(expected.tolist())
+    assert all("margin percentile" in r for r in selection.reasons)
+    by_score = get_strategy("open-quota").select(pool, 6, seed=0, context=dataclasses.replace(plain, params={**plain.params, "rank": "score"}))
+    assert set(by_score.indices.tolist()) != set(selection.indices.tolist())  # the two rankings differ on this pool
+    with pytest.raises(ValueError, match="rank must be score or margin"):
+        get_strategy("open-quota").select(pool, 6, seed=0, context=dataclasses.replace(plain, params={"rank": "entropy"}))
+
+
 def test_the_slice_widens_with_the_labeled_unknowns():
     pool, kind, context = two_kinds_of_unknowns(3)  # 6 labeled unknowns
     selection = get_strategy("open-quota").select(pool, 6, seed=0, context=dataclasses.replace(context, params={"k": 2, "widen": 3}))
@@ -71,7 +97,8 @@ def test_the_slice_widens_with_the_labeled_unknowns():
 def test_the_second_score_changes_the_slice():
     # one class; sisome ranks 0..5, knn disagrees on item 0: sisome + knn puts items 1 and 2 in a slice of 2
     pool = Pool(ids(6), np.eye(6), np.zeros((6, 1)), {"sisome": np.arange(6.0), "knn": np.array([5.0, 0, 1, 2, 3, 4])})
-    pick = {second: get_strategy("open-quota").select(pool, 1, context=Context(params={"k": 2, "slice_score": second})).indices[0]
+    pick = {second: get_strategy("open-quota").select(pool, 1, context=Context(params={"k": 2, "slice_score": second,
+                                                                                       "rank": "score"})).indices[0]
             for second in ("knn", "none")}
     assert pick == {"knn": 2, "none": 1}
 
