@@ -62,6 +62,7 @@ from pathlib import Path
 import numpy as np
 
 from oodguard.datasets import data_root
+from oodguard.harvest.strategies.base import param_value
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -452,10 +453,7 @@ def parse_entry(entry: str) -> tuple[str, dict]:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise SystemExit(f"strategy entry {entry!r}: expected NAME:KEY=VALUE+KEY=VALUE")
-        try:
-            params[key] = int(value) if value.lstrip("-").isdigit() else float(value)
-        except ValueError:
-            params[key] = value
+        params[key] = param_value(value)
     return name, params
 
 

@@ -221,15 +221,14 @@ def _add_harvest_commands(sub) -> None:
 
 
 def _strategy_params(pairs: list[str]) -> dict:
+    from oodguard.harvest.strategies.base import param_value
+
     params = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"--param {pair!r}: expected KEY=VALUE")
-        try:
-            params[key] = int(value) if value.lstrip("-").isdigit() else float(value)
-        except ValueError:
-            params[key] = value
+        params[key] = param_value(value)
     return params
 
 

@@ -209,6 +209,24 @@ def softmax(logits: np.ndarray) -> np.ndarray:
     return z
 
 
+def param_value(text: str) -> int | float | str:
+    """A strategy parameter given as text (``--param KEY=VALUE``, a benchmark's ``name:KEY=VALUE``): an int, a
+    float, or else the text itself."""
+    try:
+        return int(text) if text.lstrip("-").isdigit() else float(text)
+    except ValueError:
+        return text
+
+
+def top2_margin(logits: np.ndarray) -> np.ndarray:
+    """Top-1 minus top-2 softmax probability per row (``[N]``); 1 for a single output (no second class)."""
+    p = softmax(logits)
+    if p.shape[1] < 2:
+        return np.ones(len(p))
+    two = np.partition(p, p.shape[1] - 2, axis=1)[:, -2:]
+    return two[:, 1] - two[:, 0]
+
+
 def entropy(probs: np.ndarray) -> np.ndarray:
     """Shannon entropy in nats, row-wise (0·log 0 = 0)."""
     with np.errstate(divide="ignore", invalid="ignore"):

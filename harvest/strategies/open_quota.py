@@ -54,7 +54,8 @@ import numpy as np
 from ._diversity import greedy_diverse
 from ._open_head import HEAD_PARAMS, Detector, detector
 from ._quotas import water_fill
-from .base import Context, Pool, Selection, Strategy, known_logits, l2_normalise, require_score, softmax
+from .base import (Context, Pool, Selection, Strategy, known_logits, l2_normalise, require_score, softmax,
+                   top2_margin)
 from .sisom import sisom_score_name
 from .sisom_diverse import describe_pick, percentile, radius_for
 
@@ -132,8 +133,7 @@ class OpenQuotaStrategy(Strategy):
         likeness = rank01(score) + (rank01(require_score(pool, second, self.name)) if second != "none" else 0.0)
         rank_by = str(params.get("rank", "margin"))
         if rank_by == "margin":  # known-class confusion: a small top-2 probability margin ranks first
-            top2 = np.sort(softmax(known), axis=1)[:, -2:] if k > 1 else np.ones((len(pool), 2))
-            rank_value = -(top2[:, 1] - top2[:, 0])
+            rank_value = -top2_margin(known)
         elif rank_by == "score":
             rank_value = score
         else:
