@@ -29,6 +29,11 @@ Options closer to production (defaults: the protocol above):
   what is not queued stays unlabeled and may be queued in a later round;
 - ``--calibration-in-budget``: the held-out calibration images count as labels spent in every "labels" figure;
 - ``--min-epochs E``: training steps grow with the labeled set, ``max(--steps, ceil(E · n / batch))``;
+- ``--final-trainings R`` (default 5): the accuracy after the last round is the mean over R trainings from
+  scratch of the final labeled set (seeds (seed, round) then R−1 others). One training's accuracy varies by about
+  ±0.5 points with its initialisation and batch order alone, as large as the differences between strategies
+  the per-seed targets ask about; the labeled set is what a strategy chose, so its accuracy is estimated over
+  trainings. The first training's figure is kept as ``accuracy_first`` (``--final-trainings 1``: as before);
 - a strategy entry may carry parameters: ``aloe:score=energy``, ``jsosal:k=3+head=mav`` (``+`` between pairs);
   the entry is the run's name in the report.
 
@@ -123,6 +128,9 @@ def parse_args(argv=None):
                    help="count the held-out calibration images as labels spent")
     p.add_argument("--min-epochs", type=float, default=0.0,
                    help="training steps = max(--steps, ceil(E x labeled / batch)) (0: fixed --steps)")
+    p.add_argument("--final-trainings", type=int, default=5,
+                   help="trainings from scratch of the final labeled set whose mean accuracy is reported (default 5; "
+                        "1: one training, as the other rounds)")
     p.add_argument("--calibration-per-class", type=int, default=50, help="held-out labeled known images per class (thresholds)")
     p.add_argument("--test-size", type=int, default=0, help="known-class test images used (0 = all MNIST test digits 0-5)")
     p.add_argument("--steps", type=int, default=300, help="Adam steps per training (any labeled-set size)")
@@ -134,7 +142,10 @@ def parse_args(argv=None):
                    help="torch threads per process (1: LeNet-5 at these batch sizes gains nothing from more, and "
                         "loses a lot on a loaded machine)")
     p.add_argument("--keep-queues", action="store_true", help="keep each round's SQLite queue under --out/work")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.final_trainings < 1:
+        p.error(f"--final-trainings must be at least 1, got {args.final_trainings}")
+    return args
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -353,7 +364,9 @@ def model_round(split: Split, labeled_x: np.ndarray, labeled_y: np.ndarray, unkn
     t_train = time.perf_counter() - t0
     acc = accuracy(model, *test)
     if not fill:
-        return acc, None, None, {"train": t_train}
+        accs = [acc] + [accuracy(train_model(labeled_x, labeled_y, prep, seed * 1000 + round_no + 100_000 * j, args), *test)
+                        for j in range(1, args.final_trainings)]
+        return float(np.mean(accs)), None, None, {"train": t_train, "accuracies": accs}
     t1 = time.perf_counter()
     module = fused_module(model, labeled_x, labeled_y, prep, seed * 1000 + round_no)
     version = round_no + 1
@@ -535,6 +548,7 @@ def run_strategy(strategy: str, seed: int, split: Split, zero: RoundZero, work: 
         acc, queue_path, new_mapping, t = model_round(split, labeled_x, labeled_y, unknown_x, np.flatnonzero(unlabeled),
                                                       seed, r + 1, folder, repository, prep, test, args, fill=fill)
         row = {"round": r + 1, "labels": spent_before + len(labeled_y) + len(unknown_x), "accuracy": acc,
+               **({"accuracy_first": t["accuracies"][0], "accuracies": t.pop("accuracies")} if not fill else {}),
                "precision": float(is_known.mean()), "recall": known_picked / n_known_pool, "discovered": len(discovered),
                "known_picked": int(is_known.sum()), "unknown_picked": int((~is_known).sum()),
                "queued": len(new_mapping) if fill else None, "seconds": {"harvest": t_harvest, **t}}
@@ -565,6 +579,8 @@ def summarise(runs: list[Run], strategies: list[str]) -> list[dict]:
     accuracy gain over random on the same seed."""
     rows = []
     random_acc = {r.seed: r.rounds[-1]["accuracy"] * 100 for r in runs if r.strategy == "random"}
+    random_first = {r.seed: r.rounds[-1].get("accuracy_first", r.rounds[-1]["accuracy"]) * 100
+                    for r in runs if r.strategy == "random"}
     for s in strategies:
         mine = [r for r in runs if r.strategy == s]
         if not mine:
@@ -573,11 +589,15 @@ def summarise(runs: list[Run], strategies: list[str]) -> list[dict]:
         acc = np.array([f["accuracy"] for f in final]) * 100
         precision = [np.mean([x["precision"] for x in r.rounds[1:]]) for r in mine]
         per_class_min = [min(r.known_per_class) for r in mine]
-        gain = [a - random_acc[r.seed] for a, r in zip(acc, mine)] if all(r.seed in random_acc for r in mine) else None
+        first = np.array([f.get("accuracy_first", f["accuracy"]) for f in final]) * 100
+        with_random = all(r.seed in random_acc for r in mine)
+        gain = [a - random_acc[r.seed] for a, r in zip(acc, mine)] if with_random else None
+        gain_first = [a - random_first[r.seed] for a, r in zip(first, mine)] if with_random else None
         rows.append({
             "seeds_list": [r.seed for r in mine], "accuracy_per_seed": acc.tolist(),
             "precision_per_seed": [float(x) for x in precision], "min_known_per_seed": per_class_min,
-            "gain_over_random_per_seed": gain, "discovery_round_per_seed": [discovery_round(r) for r in mine],
+            "gain_over_random_per_seed": gain, "accuracy_first_per_seed": first.tolist(),
+            "gain_first_over_random_per_seed": gain_first, "discovery_round_per_seed": [discovery_round(r) for r in mine],
             "unknown_classes": mine[0].unknown_classes,
             "strategy": s, "seeds": len(mine), "labels": final[0]["labels"],
             "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std(ddof=1)) if len(acc) > 1 else 0.0,
@@ -600,23 +620,29 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         "| strategy | known-class accuracy after {} labels (%) | per seed (gain over random) | mean query precision "
         "(per seed) | recall (known labeled / known in pool) | unknown classes discovered (of {}) | round all were "
-        "discovered, per seed | fewest labeled images of a known class (per seed) | reference accuracy / precision |".format(
+        "discovered, per seed | fewest labeled images of a known class (per seed) | reference accuracy / precision | "
+        "first training only: per seed (gain) |".format(
             rows[0]["labels"] if rows else "?", rows[0]["unknown_classes"] if rows else "?"),
-        "|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ref = r["reference"]
         ref_text = f"{ref[0]:.1f} ± {ref[1]:.1f} / {ref[2]:.0%}" if ref else "—"
         gains = r["gain_over_random_per_seed"] or [None] * len(r["accuracy_per_seed"])
         per_seed = ", ".join(f"{a:.1f}" + (f" ({g:+.1f})" if g is not None else "") for a, g in zip(r["accuracy_per_seed"], gains))
+        gains_first = r.get("gain_first_over_random_per_seed") or [None] * len(r["accuracy_per_seed"])
+        first = ", ".join(f"{a:.1f}" + (f" ({g:+.1f})" if g is not None else "")
+                          for a, g in zip(r.get("accuracy_first_per_seed", r["accuracy_per_seed"]), gains_first))
         lines.append(f"| {r['strategy']} | {r['accuracy_mean']:.1f} ± {r['accuracy_std']:.1f} | {per_seed} | "
                      f"{r['precision_mean']:.0%} ({', '.join(f'{p:.2f}' for p in r['precision_per_seed'])}) | "
                      f"{r['recall_mean']:.3f} | {r['discovered_mean']:.1f} ({r['discovered_min']}–{r['discovered_max']}) | "
                      f"{', '.join('—' if d is None else str(d) for d in r['discovery_round_per_seed'])} | "
-                     f"{r['min_known_per_class']} ({', '.join(map(str, r['min_known_per_seed']))}) | {ref_text} |")
+                     f"{r['min_known_per_class']} ({', '.join(map(str, r['min_known_per_seed']))}) | {ref_text} | {first} |")
     lines += [
         "",
-        "Accuracy: mean ± sample std over seeds, on MNIST test digits 0-5. Precision: known share of each batch, averaged "
+        "Accuracy: mean ± sample std over seeds, on MNIST test digits 0-5; each seed's figure is the mean over "
+        f"{meta.get('final_trainings', 1)} trainings from scratch of its final labeled set (the first training alone: "
+        "the last column). Precision: known share of each batch, averaged "
         "over rounds and seeds. Recall and discovery: after the last round, mean over seeds (discovery range in brackets). "
         "Fewest labeled images of a known class: minimum over classes and seeds of the final labeled set (seed set included). "
         "Reference: the note's reference run (" + "; ".join(f"{k}: {v}" for k, v in REFERENCE_NOTES.items()) + ").",
@@ -745,7 +771,7 @@ def main(argv=None) -> dict:
             "seed_labels": args.seed_per_class * len(KNOWN_CLASSES), "budget": args.budget, "rounds": args.rounds,
             "seeds": seeds, "steps": args.steps, "batch_size": args.batch_size, "total_seconds": total, "choices": choices,
             "queue": queue, "unknown_data": args.unknown_data, "calibration_in_budget": args.calibration_in_budget,
-            "min_epochs": args.min_epochs}
+            "min_epochs": args.min_epochs, "final_trainings": args.final_trainings}
     rows = summarise(runs, strategies)
     report = {
         "protocol": {**meta, "known_classes": list(KNOWN_CLASSES), "unknown_classes": unknown_names,

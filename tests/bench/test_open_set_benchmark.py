@@ -19,6 +19,7 @@ def test_one_round_on_a_tiny_pool_writes_a_consistent_report(shared_data, tmp_pa
         "--data", str(shared_data), "--out", str(out), "--strategies", "random", "--seeds", "1", "--rounds", "1",
         "--budget", "20", "--pool-known", "300", "--pool-mnist-unknown", "150", "--pool-fashion", "150",
         "--calibration-per-class", "10", "--test-size", "1000", "--steps", "150", "--workers", "1",
+        "--final-trainings", "2",
     ])
     assert {p.name for p in out.iterdir()} >= {"report.md", "report.json", "open_set.png", "work"}
     assert json.loads((out / "report.json").read_text()) == json.loads(json.dumps(report))
@@ -33,7 +34,12 @@ def test_one_round_on_a_tiny_pool_writes_a_consistent_report(shared_data, tmp_pa
     assert 0 <= last["discovered"] <= 14 and len(run["discovered"]) == last["discovered"]
     assert sum(run["known_per_class"]) == 60 + last["known_picked"]
     assert all(r["accuracy"] > 0.5 for r in run["rounds"])
+    # the final accuracy is the mean of two trainings of the final labeled set; the first one is kept
+    assert len(last["accuracies"]) == 2 and last["accuracy"] == np.mean(last["accuracies"])
+    assert last["accuracy_first"] == last["accuracies"][0] and "accuracies" not in run["rounds"][0]
     [row] = report["summary"]
+    assert row["accuracy_first_per_seed"] == [100 * last["accuracy_first"]]
+    assert row["gain_first_over_random_per_seed"] == [0.0]
     assert row["strategy"] == "random" and row["accuracy_mean"] > 50.0
     assert 0.0 <= row["precision_mean"] <= 1.0 and 0.0 <= row["recall_mean"] <= 1.0
     # the harvest went through the real queue and exported what a labeling tool imports
@@ -78,3 +84,14 @@ def test_production_options_unknown_data_flagged_queue_and_strategy_parameters(s
     row = report["summary"][0]
     assert len(row["accuracy_per_seed"]) == 1 and row["gain_over_random_per_seed"] is None
     assert "of 2)" in (out / "report.md").read_text()
+
+
+def test_final_trainings_must_be_positive(capsys):
+    bench = load_benchmark()
+    try:
+        bench.parse_args(["--final-trainings", "0"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    else:
+        raise AssertionError("--final-trainings 0 was accepted")
+    assert "--final-trainings must be at least 1, got 0" in capsys.readouterr().err
