@@ -6,8 +6,13 @@ Protocol (the method note ``../shared/methods/open_set_al.md``, "reference run")
 - known classes: MNIST digits 0-5 (K = 6); seed set: 10 labeled images per known class (60 labels);
 - pool of 20,000: 8,000 known-class MNIST train images + 6,000 MNIST train digits 6-9 + 6,000 Fashion-MNIST
   train images (14 unknown classes: digits 6-9 and the 10 Fashion-MNIST classes);
-- each round LeNet-5 is retrained from scratch on the labeled known-class images; its fused head (every
-  registered OOD score) is fitted on them; the unlabeled pool goes into a fresh SQLite query queue with the
+- each round LeNet-5 is retrained from scratch on the labeled images: the known classes, and (from the round
+  after the first unknown was labeled) a (K+1)-th "unknown" class made of every image labeled unknown so far,
+  as LfOSA's detector is trained; the served model keeps the K known outputs (the unknown output's row of the
+  head is dropped), so the gateway, the scores and every strategy see a K-class model whose features have
+  learned what the labeled unknowns look like. ``--no-train-unknown`` trains on the known images only (the
+  protocol before: the harvested "unknown" labels then reach only the harvest's own (K+1)-way head). Its
+  fused head (every registered OOD score) is fitted on the labeled known-class images; the unlabeled pool goes into a fresh SQLite query queue with the
   model's logits, features and scores; a model-repository version holds the round's calibration.json;
   ``oodguard.harvest.job.run_harvest`` picks B = 100 (claims, exports PNG/manifest/tasks.json, marks sent);
 - an oracle labels the picks from ground truth: known-class picks join the labeled (training) set, unknown
@@ -131,6 +136,9 @@ def parse_args(argv=None):
     p.add_argument("--final-trainings", type=int, default=5,
                    help="trainings from scratch of the final labeled set whose mean accuracy is reported (default 5; "
                         "1: one training, as the other rounds)")
+    p.add_argument("--train-unknown", action=argparse.BooleanOptionalAction, default=True,
+                   help="train the CNN with a (K+1)-th 'unknown' class on the images labeled unknown so far, then "
+                        "serve its K known outputs (default on; --no-train-unknown: known images only)")
     p.add_argument("--calibration-per-class", type=int, default=50, help="held-out labeled known images per class (thresholds)")
     p.add_argument("--test-size", type=int, default=0, help="known-class test images used (0 = all MNIST test digits 0-5)")
     p.add_argument("--steps", type=int, default=300, help="Adam steps per training (any labeled-set size)")
@@ -253,19 +261,30 @@ class Preproc:
         return Preprocessing(1, 28, 28, (self.mean,), (self.std,))
 
 
-def train_model(images: np.ndarray, labels: np.ndarray, prep: Preproc, seed: int, args):
+def train_model(images: np.ndarray, labels: np.ndarray, prep: Preproc, seed: int, args, unknown_x=None):
     import torch
 
     from oodguard.export.backbones import Classifier, LeNet5
     from oodguard.export.train import train_classifier
 
     torch.manual_seed(seed)
-    model = Classifier(LeNet5(), len(KNOWN_CLASSES))
+    k = len(KNOWN_CLASSES)
+    with_unknown = bool(args.train_unknown and unknown_x is not None and len(unknown_x))
+    model = Classifier(LeNet5(), k + 1 if with_unknown else k)  # round 0 (nothing labeled unknown): as before
+    if with_unknown:
+        images = np.concatenate([images, unknown_x])
+        labels = np.concatenate([labels, np.full(len(unknown_x), k, dtype=labels.dtype)])
     n = len(labels)
     steps = max(args.steps, math.ceil(args.min_epochs * n / args.batch_size))
     epochs = max(1, math.ceil(steps * args.batch_size / n))
     train_classifier(model, prep(images), labels, epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
                      progress=None)
+    if with_unknown:  # serve the K known outputs: the backbone learned from the unknowns too
+        known = Classifier(model.backbone, k)
+        with torch.no_grad():
+            known.head.weight.copy_(model.head.weight[:k])
+            known.head.bias.copy_(model.head.bias[:k])
+        model = known.eval()
     return model
 
 
@@ -298,7 +317,7 @@ def run_fused(module, x: np.ndarray, batch: int) -> dict[str, np.ndarray]:
 def accuracy(model, x_test: np.ndarray, y_test: np.ndarray) -> float:
     from oodguard.export.train import predict_logits
 
-    return float((predict_logits(model, x_test, batch_size=2048).argmax(axis=1) == y_test).mean())
+    return float((predict_logits(model, x_test, batch_size=2048)[:, :len(KNOWN_CLASSES)].argmax(axis=1) == y_test).mean())
 
 
 def write_calibration(module, calib_x: np.ndarray, prep: Preproc, repository: Path, version: int, n_bank: int) -> Path:
@@ -360,11 +379,11 @@ def model_round(split: Split, labeled_x: np.ndarray, labeled_y: np.ndarray, unkn
     """Train round ``round_no``'s model on the labeled knowns; accuracy; then (``fill``) calibration version and
     the filled queue (with the labeled records, knowns and ``unknown_x``, as sent, and their labels file)."""
     t0 = time.perf_counter()
-    model = train_model(labeled_x, labeled_y, prep, seed * 1000 + round_no, args)
+    model = train_model(labeled_x, labeled_y, prep, seed * 1000 + round_no, args, unknown_x)
     t_train = time.perf_counter() - t0
     acc = accuracy(model, *test)
     if not fill:
-        accs = [acc] + [accuracy(train_model(labeled_x, labeled_y, prep, seed * 1000 + round_no + 100_000 * j, args), *test)
+        accs = [acc] + [accuracy(train_model(labeled_x, labeled_y, prep, seed * 1000 + round_no + 100_000 * j, args, unknown_x), *test)
                         for j in range(1, args.final_trainings)]
         return float(np.mean(accs)), None, None, {"train": t_train, "accuracies": accs}
     t1 = time.perf_counter()
@@ -616,7 +635,9 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         f"Known digits 0-5; pool {meta['pool_size']} ({meta['pool']}; queue: {meta['queue']}); seed set {meta['seed_labels']} labels; "
         f"B = {meta['budget']}, {meta['rounds']} rounds, seeds {meta['seeds']}; LeNet-5 retrained from scratch each round "
-        f"({meta['steps']} Adam steps of batch {meta['batch_size']}). Total run time {meta['total_seconds'] / 60:.1f} min.",
+        f"({meta['steps']} Adam steps of batch {meta['batch_size']}"
+        + ("; the images labeled unknown so far trained as a 7th class, K known outputs served" if meta.get("train_unknown") else "")
+        + f"). Total run time {meta['total_seconds'] / 60:.1f} min.",
         "",
         "| strategy | known-class accuracy after {} labels (%) | per seed (gain over random) | mean query precision "
         "(per seed) | recall (known labeled / known in pool) | unknown classes discovered (of {}) | round all were "
@@ -763,7 +784,9 @@ def main(argv=None) -> dict:
         "Queue: " + queue + "; re-filled (re-scored by the round's model) every round; the labeled records (seed set "
         "included) are in it as sent, and their labels (known class or 'unknown') go to the harvest as a CSV label "
         "export: LfOSA/JSOSAL/open-quota train their (K+1)-way head on them from round 2 (round 1: MAV-only, no "
-        "labeled unknown yet); the CNN trains on the known labels only. JSOSAL a = 4B; ALOE's λ from the calibration "
+        "labeled unknown yet); " + ("the CNN trains on the known labels plus a (K+1)-th class of the images labeled "
+        "unknown so far, and serves its K known outputs" if args.train_unknown else "the CNN trains on the known "
+        "labels only (--no-train-unknown)") + ". JSOSAL a = 4B; ALOE's λ from the calibration "
         "file's held-out scores (score gradnorm unless the entry says score=energy).",
         "Recall = known images picked / known images in the pool (seed set excluded).",
     ]
@@ -771,7 +794,7 @@ def main(argv=None) -> dict:
             "seed_labels": args.seed_per_class * len(KNOWN_CLASSES), "budget": args.budget, "rounds": args.rounds,
             "seeds": seeds, "steps": args.steps, "batch_size": args.batch_size, "total_seconds": total, "choices": choices,
             "queue": queue, "unknown_data": args.unknown_data, "calibration_in_budget": args.calibration_in_budget,
-            "min_epochs": args.min_epochs, "final_trainings": args.final_trainings}
+            "min_epochs": args.min_epochs, "final_trainings": args.final_trainings, "train_unknown": args.train_unknown}
     rows = summarise(runs, strategies)
     report = {
         "protocol": {**meta, "known_classes": list(KNOWN_CLASSES), "unknown_classes": unknown_names,

@@ -65,7 +65,7 @@ def test_production_options_unknown_data_flagged_queue_and_strategy_parameters(s
         "--calibration-per-class", "10", "--calibration-in-budget", "--min-epochs", "20", "--test-size", "500",
         "--workers", "1",
     ])
-    assert report["protocol"]["unknown_classes"] == ["square", "noise"]
+    assert report["protocol"]["unknown_classes"] == ["square", "noise"] and report["protocol"]["train_unknown"] is True
     assert report["protocol"]["strategies"] == ["open-quota", "aloe:score=energy"]
     for run in report["runs"]:
         assert [r["labels"] for r in run["rounds"]] == [120, 140, 160]  # 60 calibration + 60 seed + 2 x 20
@@ -95,3 +95,40 @@ def test_final_trainings_must_be_positive(capsys):
     else:
         raise AssertionError("--final-trainings 0 was accepted")
     assert "--final-trainings must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_train_unknown_teaches_the_backbone_the_labeled_unknowns_and_serves_the_known_outputs(shared_data):
+    """With the default ``--train-unknown`` the images labeled unknown are a (K+1)-th training class and the
+    served model keeps the K known outputs: held-out unknowns (other digits 6-9) get lower known-class logits than
+    known digits, by a clearly larger margin than when the unknowns are left out (``--no-train-unknown``, which
+    ignores them: the same weights as training without them)."""
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from oodguard.datasets import load_dataset
+
+    bench = load_benchmark()
+    ds = load_dataset(shared_data / "mnist" / "t10k-images-idx3-ubyte.gz")
+    images, labels = ds.images, ds.labels.astype(np.int64)
+    rng = np.random.default_rng(0)
+    known = np.concatenate([rng.choice(np.flatnonzero(labels == c), 20, replace=False) for c in range(6)])
+    unknown = rng.permutation(np.flatnonzero(labels >= 6))
+    test_known = np.setdiff1d(np.flatnonzero(labels < 6), known)[:500]
+    prep = bench.Preproc(0.13, 0.31)
+
+    def served(flags, unknown_x):
+        args = bench.parse_args(["--steps", "150", *flags])
+        return bench.train_model(images[known], labels[known], prep, 0, args, unknown_x)
+
+    def auroc(model):  # known (0) vs held-out unknown (1) by max known logit, lower = more unknown
+        with torch.no_grad():
+            k = model(torch.from_numpy(prep(images[test_known]))).numpy().max(axis=1)
+            u = model(torch.from_numpy(prep(images[unknown[120:620]]))).numpy().max(axis=1)
+        return roc_auc_score(np.r_[np.zeros(len(k)), np.ones(len(u))], -np.r_[k, u])
+
+    with_unknowns = served([], images[unknown[:120]])
+    without = served(["--no-train-unknown"], images[unknown[:120]])
+    assert with_unknowns.head.out_features == without.head.out_features == 6
+    plain = served(["--no-train-unknown"], None)
+    assert all(torch.equal(a, b) for a, b in zip(without.state_dict().values(), plain.state_dict().values()))
+    assert auroc(with_unknowns) > auroc(without) + 0.03
