@@ -10,7 +10,8 @@ Protocol (the method note ``../shared/methods/open_set_al.md``, "reference run")
   after the first unknown was labeled) a (K+1)-th "unknown" class made of every image labeled unknown so far,
   as LfOSA's detector is trained; the served model keeps the K known outputs (the unknown output's row of the
   head is dropped), so the gateway, the scores and every strategy see a K-class model whose features have
-  learned what the labeled unknowns look like. ``--no-train-unknown`` trains on the known images only (the
+  learned what the labeled unknowns look like (what ``oodguard train --outlier-data`` does with the records
+  labeled "not relevant"). ``--no-train-unknown`` trains on the known images only (the
   protocol before: the harvested "unknown" labels then reach only the harvest's own (K+1)-way head). Its
   fused head (every registered OOD score) is fitted on the labeled known-class images; the unlabeled pool goes into a fresh SQLite query queue with the
   model's logits, features and scores; a model-repository version holds the round's calibration.json;

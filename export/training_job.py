@@ -7,6 +7,15 @@ history (loss, training and validation accuracy per epoch; validation = the cali
 only) and the test split's accuracy, overall and per class (export carries it into calibration.json).
 Export draws the feature bank from ``train`` and calibrates on ``calibration``; ``test`` stays unseen
 for evaluation.
+
+**Outliers** (``--outlier-data SPEC``, repeatable): images that belong to none of the classes, e.g. the harvest's
+records labeled "not relevant" (``oodguard labels import --not-relevant-out``). They are trained as one extra
+class, whose row of the head is then dropped: the saved checkpoint has the run's classes only, so export,
+serving and the harvest see the usual K-class model, but its features have learned where such inputs lie (the
+open-set benchmark: open-quota's gain over random rises from +1.5/+2.2/+2.0 to +2.3/+3.2/+2.4 points when the
+retrain does this). Their labels, if any, are ignored; all of them are training images (the calibration and
+test splits stay in-distribution). A run built on a base run (``--base``) keeps the base run's outlier specs and
+adds its own.
 """
 
 from __future__ import annotations
@@ -19,7 +28,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from oodguard.datasets import Dataset
+from oodguard.datasets import Dataset, DatasetError, load_dataset
 from oodguard.preprocess import Preprocessing
 
 from .backbones import BUILTIN_BACKBONES, Classifier, resolve_factory, save_checkpoint
@@ -54,6 +63,9 @@ class TrainingRecord:
     balanced: bool = False
     #: augmentation: the largest random shift in pixels (0: none; see oodguard.export.train.random_shift)
     shift: int = 0
+    #: --outlier-data specs trained as an extra class that the saved head does not keep, and their image count
+    outliers: list[str] = field(default_factory=list)
+    outlier_images: int = 0
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self)) + "\n")
@@ -91,6 +103,29 @@ def preprocessing_for(input_shape: tuple[int, int, int], images: Dataset) -> Pre
     return Preprocessing(channels, height, width, mean, std)
 
 
+def load_outliers(specs: list[str], prep: Preprocessing) -> np.ndarray | None:
+    """The model inputs of every outlier spec's images (any size: ``prep`` converts them; labels ignored), or
+    None when there are none (no specs, or only empty ones)."""
+    parts = []
+    for spec in specs:
+        try:
+            data = load_dataset(spec)
+        except DatasetError as exc:
+            raise DatasetError(f"--outlier-data {spec!r}: {exc}") from None
+        if len(data):  # an empty one (no record was labeled "not relevant") adds nothing; the progress line says so
+            parts.append(prep.apply(data.images))
+    return np.concatenate(parts) if parts else None
+
+
+def without_outlier_output(model: Classifier, classes: int) -> Classifier:
+    """``model`` with the head's first ``classes`` rows only (the same backbone module)."""
+    kept = Classifier(model.backbone, classes, feature_dim=model.head.in_features)
+    with torch.no_grad():
+        kept.head.weight.copy_(model.head.weight[:classes])
+        kept.head.bias.copy_(model.head.bias[:classes])
+    return kept.eval()
+
+
 def run_training(
     *,
     backbone: str | None = None,
@@ -107,12 +142,14 @@ def run_training(
     init_from: Path | None = None,
     balance: str = "auto",
     shift: int = 0,
+    outliers: list[str] | None = None,
     progress: Callable[[str], None] = print,
 ) -> TrainingRecord:
     """Train on ``data`` (one spec or several; ``classes`` selects labels of each), or on the ``base`` run's data
     plus ``data`` (its split, class order and preprocessing kept; new classes appended by name). ``init_from``
     starts from a checkpoint (its head grows for new classes) instead of fresh weights; ``balance`` (auto / on /
-    off) draws classes equally often; ``shift`` > 0 moves each training image by up to that many pixels."""
+    off) draws classes equally often; ``shift`` > 0 moves each training image by up to that many pixels;
+    ``outliers``: dataset specs trained as an extra class that the saved head drops (see the module docstring)."""
     if not 0.0 < holdout < 1.0:
         raise ValueError(f"holdout must be in (0, 1), got {holdout}")
     if shift < 0:
@@ -156,27 +193,40 @@ def run_training(
             f"all; the train split keeps {fractions[0]:.0%}); the exported OOD scores need {MIN_TRAIN_PER_CLASS} per "
             "class in the feature bank: label more images of them, leave them out of the labels file, or train on the "
             "previous run's data as well (--base RUN)")
-    weights = balancing_weights(train_part.labels, balance)
+    outlier_specs = list(dict.fromkeys((base_record.outliers if base_record is not None else []) + list(outliers or [])))
+    outlier_x = load_outliers(outlier_specs, prep)
+    k = len(class_names)
+    train_x, train_y = prep.apply(train_part.images), train_part.labels
+    if outlier_x is not None:
+        train_x = np.concatenate([train_x, outlier_x])
+        train_y = np.concatenate([train_y, np.full(len(outlier_x), k, dtype=train_y.dtype)])
+    weights = balancing_weights(train_y, balance)
     progress(
         f"training {factory_ref} on {joined.source}: {len(class_names)} classes, {len(splits['train'])} train / "
         f"{len(splits['calibration'])} calibration / {len(splits['test'])} test; input {prep.input_shape}"
         + (f"; built on {base}" if base is not None else "")
         + ("; class-balanced sampling" if weights is not None else "")
         + (f"; random shifts up to {shift} px" if shift else "")
+        + (f"; {len(outlier_x)} outlier images ({', '.join(outlier_specs)}) trained as an extra class that the saved "
+           "head drops" if outlier_x is not None else "")
+        + (f"; --outlier-data {', '.join(outlier_specs)}: no images, no extra class" if outlier_specs and outlier_x is None
+           else "")
     )
     torch.manual_seed(seed)
-    model = Classifier(net, len(class_names), feature_dim=getattr(net, "feature_dim", None))
+    model = Classifier(net, k + (outlier_x is not None), feature_dim=getattr(net, "feature_dim", None))
     if init_from is not None:
-        grown = init_weights(model, Path(init_from))
+        grown = init_weights(model, Path(init_from)) - (outlier_x is not None)  # the outlier row is no class
         progress(f"initialised from {init_from}" + (f" (head grown by {grown} class(es))" if grown else ""))
     calibration_part = joined.take(splits["calibration"])
     # the calibration split doubles as the validation set: its accuracy per epoch is reported, never used
     history = train_classifier(
-        model, prep.apply(train_part.images), train_part.labels,
+        model, train_x, train_y,
         epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
         validation=(prep.apply(calibration_part.images), calibration_part.labels), sample_weights=weights,
         shift=shift,
     )
+    if outlier_x is not None:
+        model = without_outlier_output(model, k)
     test_part = joined.take(splits["test"])
     test_accuracy = accuracy(model, prep.apply(test_part.images), test_part.labels, list(class_names))
     progress(f"test accuracy {test_accuracy['overall']:.4f} on {test_accuracy['n']} images; per class: "
@@ -198,6 +248,8 @@ def run_training(
         init_from=str(init_from) if init_from is not None else None,
         balanced=weights is not None,
         shift=shift,
+        outliers=outlier_specs,
+        outlier_images=len(outlier_x) if outlier_x is not None else 0,
     )
     record.save(out_dir / RECORD_FILE)
     progress(f"saved {out_dir / CHECKPOINT_FILE} and {out_dir / RECORD_FILE}")

@@ -12,7 +12,8 @@ Reads every shape Label Studio exports, and a plain CSV (the format is detected 
 A Label Studio export comes from a project configured with the harvest's ``label_config.xml``, so each label
 must be one of its choices: a known class of the record's model version; ``new class``, whose name is the
 ``new_class`` text (an error naming the record when it is empty); or ``not relevant``, left out of the dataset
-(and counted). Anything else is an error naming the label and the allowed choices. A plain CSV has no
+(and counted; with ``not_relevant_out`` their images go to a second ``.npz``, ``images`` and ``record_ids``,
+which ``oodguard train --outlier-data`` trains as an extra class that the saved model drops). Anything else is an error naming the label and the allowed choices. A plain CSV has no
 configured choices: labels that are not classes of the model are new classes, as ``new class`` names are.
 
 ``policy`` says what new classes become: each its own class, appended in order of first appearance
@@ -56,6 +57,7 @@ class ImportSummary:
     unlabeled: int = 0  # tasks / rows without a (non-cancelled) label
     rows: int = 0  # tasks / rows in the export
     new_class_counts: dict[str, int] = field(default_factory=dict)
+    not_relevant_path: Path | None = None  # where their images were written (None: not asked)
 
     def describe(self) -> str:
         """The summary line `oodguard labels import` prints."""
@@ -63,7 +65,10 @@ class ImportSummary:
                  f"wrote {self.out_path}: {self.n} labeled images, classes {self.class_names}"]
         if self.new_classes:
             parts.append(f"new classes: {self.new_classes}")
-        if self.not_relevant:
+        if self.not_relevant_path is not None:
+            parts.append(f"{self.not_relevant} 'not relevant' images written to {self.not_relevant_path} "
+                         "(for `oodguard train --outlier-data`)")
+        elif self.not_relevant:
             parts.append(f"{self.not_relevant} 'not relevant' left out")
         if self.unlabeled:
             parts.append(f"{self.unlabeled} without a label skipped")
@@ -85,8 +90,22 @@ def _preview(values: list[str]) -> str:
     return ", ".join(values[:SHOWN]) + (f", ... ({len(values)} in all)" if len(values) > SHOWN else "")
 
 
+def save_npz(path: Path, **arrays: np.ndarray) -> None:
+    """``np.savez_compressed`` to a temporary file in ``path``'s folder, then renamed: never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
+    os.close(fd)
+    try:
+        np.savez_compressed(tmp, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, policy: str = "new-classes",
-                  strict: bool = False) -> ImportSummary:
+                  strict: bool = False, not_relevant_out: Path | None = None) -> ImportSummary:
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
     export = read_export(labels_path)
@@ -123,6 +142,12 @@ def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, po
     images, targets, ids = [], [], []
     errors: list[str] = []
     not_relevant = 0
+    outlier_images, outlier_ids = [], []
+
+    def image_of(record) -> np.ndarray:
+        preprocessing = Preprocessing.from_dict(calibrations.get(record.model, record.version).model["preprocessing"])
+        return preprocessing.invert(record.input)
+
     for record in records:
         entry = entries[record.id]
         known = choices(record)
@@ -130,6 +155,9 @@ def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, po
         if export.configured:
             if label == NOT_RELEVANT:
                 not_relevant += 1
+                if not_relevant_out is not None:
+                    outlier_images.append(image_of(record))
+                    outlier_ids.append(record.id)
                 continue
             if label == NEW_CLASS:
                 if not entry.new_class:
@@ -146,8 +174,7 @@ def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, po
         if label not in class_names:
             class_names.append(label)
             new_classes.append(label)
-        preprocessing = Preprocessing.from_dict(calibrations.get(record.model, record.version).model["preprocessing"])
-        images.append(preprocessing.invert(record.input))
+        images.append(image_of(record))
         targets.append(class_names.index(label))
         ids.append(record.id)
     if errors:
@@ -157,16 +184,13 @@ def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, po
         raise ValueError(f"{labels_path} ({export.format}): no record is left to import "
                          f"({not_relevant} 'not relevant', {len(missing)} not in the queue)")
     out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=out_path.parent)
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, images=np.stack(images), labels=np.asarray(targets, np.int64),
-                            class_names=np.asarray(class_names), record_ids=np.asarray(ids))
-        os.replace(tmp, out_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    save_npz(out_path, images=np.stack(images), labels=np.asarray(targets, np.int64),
+             class_names=np.asarray(class_names), record_ids=np.asarray(ids))
+    if not_relevant_out is not None:  # written even when empty: a scripted `train --outlier-data` finds it
+        blank = np.zeros((0, *images[0].shape), np.uint8)
+        save_npz(Path(not_relevant_out), images=np.stack(outlier_images) if outlier_images else blank,
+                 record_ids=np.asarray(outlier_ids, dtype=str))
     counts = {name: int(np.sum(np.asarray(targets) == class_names.index(name))) for name in new_classes}
     return ImportSummary(out_path, len(images), class_names, new_classes, missing, export.format, not_relevant,
-                         export.unlabeled, export.rows, counts)
+                         export.unlabeled, export.rows, counts,
+                         Path(not_relevant_out) if not_relevant_out is not None else None)

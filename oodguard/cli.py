@@ -49,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--shift", type=int, default=0, metavar="PIXELS", help="augmentation: move each training image "
                        "by a random whole number of pixels, up to this many along each axis, every time it is drawn; "
                        "2 suits 28x28 digits and keeps a small new class from being memorised (default %(default)s: off)")
+    train.add_argument("--outlier-data", action="append", default=[], metavar="SPEC",
+                       help="images of none of the classes (e.g. what `labels import --not-relevant-out` wrote; any "
+                       "dataset spec, labels ignored), trained as one extra class whose output the saved model drops: "
+                       "its features learn where such inputs lie (open-set benchmark: a larger gain for open-quota "
+                       "harvests); repeatable; with --base the base run's are kept (default: none)")
     train.add_argument("--classes", type=_classes, help="keep only these labels, e.g. 0-7 (relabelled 0..n-1)")
     train.add_argument("--out", type=Path, required=True, help="output folder")
     train.add_argument("--epochs", type=int, default=10, help="training epochs (default %(default)s)")
@@ -195,6 +200,10 @@ def _add_harvest_commands(sub) -> None:
     imp.add_argument("--out", type=Path, required=True, help="dataset .npz to write")
     imp.add_argument("--unknown-policy", choices=["new-classes", "unknown"], default="new-classes",
                      help="new classes: each a class of its own (default) or one 'unknown' class")
+    imp.add_argument("--not-relevant-out", type=Path, metavar="NPZ",
+                     help="also write the images labeled 'not relevant' to this .npz (images, record_ids), for "
+                          "`oodguard train --outlier-data` (default: they are left out; written, empty, when there "
+                          "are none, and train then adds no extra class)")
     imp.add_argument("--strict", action="store_true",
                      help="fail when the export names record ids that are not in the queue (default: report and skip)")
     for name, text in (("push", "create a Label Studio project from a harvest folder (its label_config.xml) and import "
@@ -276,7 +285,8 @@ def _run_labels(args: argparse.Namespace) -> int:
     from oodguard.harvest.labels import import_labels
 
     with _harvest_queue(args.queue) as queue:
-        summary = import_labels(args.file, queue, args.repository, args.out, args.unknown_policy, strict=args.strict)
+        summary = import_labels(args.file, queue, args.repository, args.out, args.unknown_policy, strict=args.strict,
+                                not_relevant_out=args.not_relevant_out)
     print(summary.describe())
     return 0
 
@@ -434,7 +444,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
     run_training(backbone=args.backbone, data=args.data, out_dir=args.out, classes=args.classes, epochs=args.epochs,
                  batch_size=args.batch_size, lr=args.lr, seed=args.seed, holdout=args.holdout, input_shape=args.input_shape,
-                 base=args.base, init_from=args.init_from, balance=args.balance, shift=args.shift)
+                 base=args.base, init_from=args.init_from, balance=args.balance, shift=args.shift,
+                 outliers=args.outlier_data)
     return 0
 
 

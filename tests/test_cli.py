@@ -18,7 +18,8 @@ def test_every_subcommand_explains_itself(command):
 
 @pytest.mark.parametrize("command, expected", [
     ("train", ["--epochs EPOCHS   training epochs (default 10)", "(default 128)", "(default 0.001)", "(default 0)",
-               "--shift PIXELS", "(default 0: off)"]),
+               "--shift PIXELS", "(default 0: off)", "--outlier-data SPEC", "whose output the saved model drops",
+               "(default: none)"]),
     ("export", ["95%-TPR thresholds", "(default 64)", "halves (default 0)", "--validation-ood SPEC",
                 "--fused-components", "--multi-layer", "Default off", "no backward pass", "Cost:",
                 "--multi-layer-bank-size N", "(default 5000)"]),
@@ -45,6 +46,24 @@ def test_train_then_export_a_user_checkpoint(tmp_path, capsys):
     assert (tmp_path / "repo" / "three" / "1" / "model.onnx").exists()
     assert main(["validate-repo", str(tmp_path / "repo")]) == 0
     assert "1 models, 1 versions checked: OK" in capsys.readouterr().out
+
+
+def test_train_with_outlier_data_records_it_and_saves_the_classes_only(tmp_path, capsys):
+    import json
+
+    import numpy as np
+    import torch
+
+    from oodguard.datasets import load_dataset
+
+    digits = load_dataset("digits")
+    np.savez(tmp_path / "out.npz", images=digits.images[digits.labels == 9][:40])
+    assert main(["train", "--data", "digits", "--classes", "0-2", "--epochs", "2", "--out", str(tmp_path / "w"),
+                 "--outlier-data", str(tmp_path / "out.npz")]) == 0
+    assert "40 outlier images" in capsys.readouterr().out
+    record = json.loads((tmp_path / "w" / "training.json").read_text())
+    assert record["outliers"] == [str(tmp_path / "out.npz")] and record["outlier_images"] == 40
+    assert torch.load(tmp_path / "w" / "checkpoint.pt", weights_only=True)["head.weight"].shape[0] == 3
 
 
 def test_multi_layer_bank_default_is_the_export_default():

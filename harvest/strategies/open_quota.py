@@ -47,7 +47,8 @@ whose output is then dropped (the open-set benchmark's default protocol, as LfOS
 backbone's features learn where the unknowns lie, and the same defaults gain +2.3/+3.2/+2.4 points over random
 at 84% precision on the default pool and +3.6/+3.1/+2.4 at 83% on the bold-shapes pool (3 seeds, 5 trainings
 per figure) — against +1.5/+2.2/+2.0 at 81% and +1.8/+1.7/+0.7 at 79% when the unknowns are left out of
-training. See the closing note of issue 17.
+training. ``oodguard train --outlier-data`` (with ``labels import --not-relevant-out``) is that retrain. See the
+closing note of issue 17.
 
 Defaults were chosen on the default benchmark pool only (seed 0-2; see the closing note of issue 17); the
 second pool (``bench/unknown_pools.py``) was not used for tuning.

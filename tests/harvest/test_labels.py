@@ -230,3 +230,31 @@ def test_a_stale_record_may_take_a_class_of_the_version_it_was_harvested_for(dig
     assert summary.class_names == [str(c) for c in range(9)] and summary.new_classes == []
     assert np.load(tmp_path / "out.npz")["labels"].tolist() == [8]
     queue.close()
+
+
+def test_not_relevant_images_go_to_their_own_npz_for_outlier_training(small_queue, tmp_path):
+    """``--not-relevant-out``: the images labeled 'not relevant' (as queued, turned back into uint8 images like the
+    labeled ones) with their record ids; none of them in the dataset; an empty file when there are none."""
+    queue, ids, repository = small_queue
+    rows = [{"record_id": ids[0], "label": "3"}, {"record_id": ids[1], "label": "not relevant"},
+            {"record_id": ids[2], "label": "not relevant"}, {"record_id": ids[3], "label": "5"}]
+    (tmp_path / "export.json").write_text(json.dumps(rows))
+    summary = import_labels(tmp_path / "export.json", queue, repository, tmp_path / "data.npz",
+                            not_relevant_out=tmp_path / "outliers.npz")
+    assert summary.n == 2 and summary.not_relevant == 2 and summary.not_relevant_path == tmp_path / "outliers.npz"
+    assert f"2 'not relevant' images written to {tmp_path / 'outliers.npz'}" in summary.describe()
+    outliers, data = np.load(tmp_path / "outliers.npz"), np.load(tmp_path / "data.npz")
+    assert list(outliers["record_ids"]) == [ids[1], ids[2]] and set(data["record_ids"]) == {ids[0], ids[3]}
+    assert outliers["images"].dtype == np.uint8 and outliers["images"].shape[1:] == data["images"].shape[1:]
+    assert "labels" not in outliers.files
+    # the same image as a labeled import of that record would write
+    (tmp_path / "one.csv").write_text(f"{ids[1]},3\n")
+    assert np.array_equal(np.load(import_labels(tmp_path / "one.csv", queue, repository, tmp_path / "one.npz")
+                                  .out_path)["images"][0], outliers["images"][0])
+    rows[1]["label"] = rows[2]["label"] = "4"
+    (tmp_path / "export2.json").write_text(json.dumps(rows))
+    summary = import_labels(tmp_path / "export2.json", queue, repository, tmp_path / "data2.npz",
+                            not_relevant_out=tmp_path / "none.npz")
+    assert summary.not_relevant == 0 and summary.not_relevant_path == tmp_path / "none.npz"
+    empty = np.load(tmp_path / "none.npz")  # written all the same: a scripted retrain finds it (and adds nothing)
+    assert empty["images"].shape == (0, *data["images"].shape[1:]) and len(empty["record_ids"]) == 0

@@ -146,8 +146,12 @@ def test_the_loop_twice_through_the_real_gateway(queue_kind, digits_export, digi
         assert {r.model for r in queue.get(h1.ids)} == {"digits"}
         export_path, sent = relabel_in_label_studio(label_studio, root / "h1", queue, known_v1, "JSON", tmp_path,
                                                     monkeypatch, via_cli=True)
-        summary = import_labels(export_path, queue, repo, tmp_path / "relabeled-1.npz")
+        summary = import_labels(export_path, queue, repo, tmp_path / "relabeled-1.npz",
+                                not_relevant_out=tmp_path / "outliers-1.npz")
         assert imported(summary.out_path) == expected_dataset(sent)
+        # the 'not relevant' records (9s and noise) come back as images for `oodguard train --outlier-data`
+        not_relevant = sorted(rid for rid, a in sent.items() if a["label"] == NOT_RELEVANT)
+        assert not_relevant and sorted(np.load(tmp_path / "outliers-1.npz")["record_ids"]) == not_relevant
 
         # -- v2 (digits 0-8: class '8' added) exported into the same repository, hot-reloaded --------------
         from oodguard.export.pipeline import export_model, spec_from_training
