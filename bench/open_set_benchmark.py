@@ -267,6 +267,7 @@ def train_model(images: np.ndarray, labels: np.ndarray, prep: Preproc, seed: int
 
     from oodguard.export.backbones import Classifier, LeNet5
     from oodguard.export.train import train_classifier
+    from oodguard.export.training_job import without_outlier_output
 
     torch.manual_seed(seed)
     k = len(KNOWN_CLASSES)
@@ -280,13 +281,8 @@ def train_model(images: np.ndarray, labels: np.ndarray, prep: Preproc, seed: int
     epochs = max(1, math.ceil(steps * args.batch_size / n))
     train_classifier(model, prep(images), labels, epochs=epochs, batch_size=args.batch_size, lr=args.lr, seed=seed,
                      progress=None)
-    if with_unknown:  # serve the K known outputs: the backbone learned from the unknowns too
-        known = Classifier(model.backbone, k)
-        with torch.no_grad():
-            known.head.weight.copy_(model.head.weight[:k])
-            known.head.bias.copy_(model.head.bias[:k])
-        model = known.eval()
-    return model
+    # serve the K known outputs (as `oodguard train --outlier-data`): the backbone learned from the unknowns too
+    return without_outlier_output(model, k) if with_unknown else model
 
 
 def fused_module(model, images: np.ndarray, labels: np.ndarray, prep: Preproc, seed: int):
@@ -318,7 +314,7 @@ def run_fused(module, x: np.ndarray, batch: int) -> dict[str, np.ndarray]:
 def accuracy(model, x_test: np.ndarray, y_test: np.ndarray) -> float:
     from oodguard.export.train import predict_logits
 
-    return float((predict_logits(model, x_test, batch_size=2048)[:, :len(KNOWN_CLASSES)].argmax(axis=1) == y_test).mean())
+    return float((predict_logits(model, x_test, batch_size=2048).argmax(axis=1) == y_test).mean())
 
 
 def write_calibration(module, calib_x: np.ndarray, prep: Preproc, repository: Path, version: int, n_bank: int) -> Path:
@@ -377,16 +373,17 @@ class Run:
 
 def model_round(split: Split, labeled_x: np.ndarray, labeled_y: np.ndarray, unknown_x: np.ndarray, unlabeled: np.ndarray,
                 seed: int, round_no: int, work: Path, repository: Path, prep: Preproc, test, args, fill: bool = True):
-    """Train round ``round_no``'s model on the labeled knowns; accuracy; then (``fill``) calibration version and
+    """Train round ``round_no``'s model on the labeled knowns; its test accuracies (one; on the last round, where
+    ``fill`` is off, one per --final-trainings training of the same set); then (``fill``) calibration version and
     the filled queue (with the labeled records, knowns and ``unknown_x``, as sent, and their labels file)."""
     t0 = time.perf_counter()
     model = train_model(labeled_x, labeled_y, prep, seed * 1000 + round_no, args, unknown_x)
     t_train = time.perf_counter() - t0
-    acc = accuracy(model, *test)
-    if not fill:
-        accs = [acc] + [accuracy(train_model(labeled_x, labeled_y, prep, seed * 1000 + round_no + 100_000 * j, args, unknown_x), *test)
-                        for j in range(1, args.final_trainings)]
-        return float(np.mean(accs)), None, None, {"train": t_train, "accuracies": accs}
+    accuracies = [accuracy(model, *test)]
+    if not fill:  # the last round: its labeled set's accuracy over --final-trainings trainings
+        accuracies += [accuracy(train_model(labeled_x, labeled_y, prep, seed * 1000 + round_no + 100_000 * j, args,
+                                            unknown_x), *test) for j in range(1, args.final_trainings)]
+        return accuracies, None, None, {"train": t_train}
     t1 = time.perf_counter()
     module = fused_module(model, labeled_x, labeled_y, prep, seed * 1000 + round_no)
     version = round_no + 1
@@ -402,7 +399,7 @@ def model_round(split: Split, labeled_x: np.ndarray, labeled_y: np.ndarray, unkn
     mapping = fill_queue(queue_path, version, pool_x, unlabeled, outputs, module.score_names, cal_path, done,
                          args.queue, args.sample_fraction, rng)
     t3 = time.perf_counter()
-    return acc, queue_path, mapping, {"train": t_train, "scores": t2 - t1, "queue": t3 - t2}
+    return accuracies, queue_path, mapping, {"train": t_train, "scores": t2 - t1, "queue": t3 - t2}
 
 
 UNKNOWN_LABEL = "unknown"
@@ -497,8 +494,8 @@ def round_zero(split: Split, seed: int, work: Path, prep: Preproc, test, args) -
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
     unlabeled = np.arange(len(split.pool_class))
-    acc, queue_path, mapping, t = model_round(split, split.seed_images, split.seed_labels, no_images(), unlabeled, seed, 0,
-                                              folder, folder / "repo", prep, test, args)
+    [acc], queue_path, mapping, t = model_round(split, split.seed_images, split.seed_labels, no_images(), unlabeled,
+                                                seed, 0, folder, folder / "repo", prep, test, args)
     seconds = time.perf_counter() - start
     log(f"seed {seed} round 0: {len(split.seed_labels)} labels, accuracy {acc:.4f}; queue of {len(mapping)} "
         f"(train {t['train']:.1f}s, scores {t['scores']:.1f}s, queue {t['queue']:.1f}s)")
@@ -565,10 +562,12 @@ def run_strategy(strategy: str, seed: int, split: Split, zero: RoundZero, work: 
         unknown_x = np.concatenate([unknown_x, split.pool_images[picks[~is_known]]])
 
         fill = r + 1 < args.rounds
-        acc, queue_path, new_mapping, t = model_round(split, labeled_x, labeled_y, unknown_x, np.flatnonzero(unlabeled),
-                                                      seed, r + 1, folder, repository, prep, test, args, fill=fill)
+        accuracies, queue_path, new_mapping, t = model_round(split, labeled_x, labeled_y, unknown_x,
+                                                             np.flatnonzero(unlabeled), seed, r + 1, folder, repository,
+                                                             prep, test, args, fill=fill)
+        acc = float(np.mean(accuracies))
         row = {"round": r + 1, "labels": spent_before + len(labeled_y) + len(unknown_x), "accuracy": acc,
-               **({"accuracy_first": t["accuracies"][0], "accuracies": t.pop("accuracies")} if not fill else {}),
+               **({"accuracy_first": accuracies[0], "accuracies": accuracies} if not fill else {}),
                "precision": float(is_known.mean()), "recall": known_picked / n_known_pool, "discovered": len(discovered),
                "known_picked": int(is_known.sum()), "unknown_picked": int((~is_known).sum()),
                "queued": len(new_mapping) if fill else None, "seconds": {"harvest": t_harvest, **t}}

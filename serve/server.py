@@ -176,7 +176,7 @@ class Gateway:
         ood = decisions.ood.tolist()
         if not fraction > 0:  # nothing sampled (the default): no random draw, as below
             return [i for i, flagged in enumerate(ood) if flagged], [False] * len(ood)
-        sampled = [not flagged and fraction > 0 and self._rng.random() < fraction for flagged in ood]
+        sampled = [not flagged and self._rng.random() < fraction for flagged in ood]
         return [i for i, flagged in enumerate(ood) if flagged or sampled[i]], sampled
 
     async def enqueue(self, x: np.ndarray, outcome: "BatchOutcome", rows: slice, decisions: Decisions,

@@ -135,40 +135,35 @@ def test_triton_serves_versions_of_different_score_sets(triton_install, digits_e
 
         # v3 (the full score set again) pushes v1 out of the served window: the config grows back, Triton reloads
         # it, and the gateway re-admits v2 with every score, decided by fused again
-        shutil.copytree(folder / "2", folder / ".staging-3")
-        (folder / ".staging-3").rename(folder / "3")
         config = text_format.Parse((folder / CONFIG_FILE).read_text(), mc.ModelConfig())
         batching = dict(max_batch_size=config.max_batch_size,
                         preferred_batch_sizes=tuple(config.dynamic_batching.preferred_batch_size))
 
-        def signature(scores):  # what an export of a new version passes to write_configs
-            return ModelSignature("digits", tuple(config.input[0].dims), len(exported.calibration.class_names),
-                                  int(config.output[1].dims[0]), tuple(scores))
+        def publish(version, like, scores):
+            """Version ``version`` as a copy of ``like``, and the configs an export of it (``scores``) writes."""
+            shutil.copytree(folder / str(like), folder / f".staging-{version}")
+            (folder / f".staging-{version}").rename(folder / str(version))
+            write_configs(folder, ModelSignature("digits", tuple(config.input[0].dims),
+                                                 len(exported.calibration.class_names), int(config.output[1].dims[0]),
+                                                 tuple(scores)), **batching)
+            assert declared_outputs(folder) == ["logits", "features", *scores]
+            assert validate_repository(repository) == []
 
-        write_configs(folder, signature(full), **batching)
-        assert declared_outputs(folder) == ["logits", "features", *full]
-        assert validate_repository(repository) == []
+        def scored_with(version, scores, what):
+            """The first answer of ``version`` scored with exactly ``scores`` (once the gateway saw Triton reload)."""
+            def check():
+                answer = stub.Predict(pb.PredictRequest(tensor=tensor, version=version), timeout=30)
+                return answer if sorted(answer.predictions[0].scores) == sorted(scores) else None
+            return wait_for(check, what)
 
-        def v2_scored_in_full():
-            answer = stub.Predict(pb.PredictRequest(tensor=tensor, version=2), timeout=30)
-            return answer if sorted(answer.predictions[0].scores) == sorted(full) else None
-
-        answer = wait_for(v2_scored_in_full, "version 2 served with every score")
+        publish(3, 2, full)
+        answer = scored_with(2, full, "version 2 served with every score")
         assert all(list(item.decision.deciding_scores) == ["fused"] and item.decision.driver for item in answer.predictions)
         wait_for(lambda: stub.Predict(pb.PredictRequest(tensor=tensor), timeout=30).version == 3, "version 3 served")
 
         # v4 (an export without gradnorm and fused again) shrinks the config under the served v3: v3 answers
         # with the common scores once the gateway has seen Triton reload (in between: UNAVAILABLE, not an error)
-        shutil.copytree(folder / "1", folder / ".staging-4")
-        (folder / ".staging-4").rename(folder / "4")
-        write_configs(folder, signature(common), **batching)
-        assert declared_outputs(folder) == ["logits", "features", *common]
-        assert validate_repository(repository) == []
-
-        def v3_scored_in_common():
-            answer = stub.Predict(pb.PredictRequest(tensor=tensor, version=3), timeout=30)
-            return answer if sorted(answer.predictions[0].scores) == sorted(common) else None
-
-        answer = wait_for(v3_scored_in_common, "version 3 served with the common scores")
+        publish(4, 1, common)
+        answer = scored_with(3, common, "version 3 served with the common scores")
         assert all(list(item.decision.deciding_scores) == ["sisome"] for item in answer.predictions)
         assert stub.Predict(pb.PredictRequest(tensor=tensor, version=4), timeout=30).version == 4
