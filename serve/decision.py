@@ -98,7 +98,7 @@ class Verdict:
     deciding: tuple[str, ...]
     mode: str
     scores: dict[str, float]
-    thresholds: dict[str, float]
+    thresholds: dict[str, float]  # the rule's one dict, shared by every verdict: read-only
     p_values: dict[str, float]
     reasons: tuple[str, ...] = ()  # why flagged: threshold, unscorable, input_range (empty when not flagged)
     driver: str = ""  # deciding by fused: its component with the smallest p-value
@@ -120,17 +120,21 @@ class Decisions:
     """The verdicts of a batch, column-wise: ``scores`` / ``crossed`` / ``p_values`` are ``[B, S]`` in
     ``names`` order; ``ood`` (the verdict), ``by_policy`` (the policy's thresholds flag it), ``unscorable``
     (a score is not finite) and ``out_of_range`` (the input is outside the model's range) are ``[B]``.
-    ``driver_columns``: the columns of the fused score's components when ``fused`` decides (else empty). A
+    ``driver_columns``: the columns of the fused score's components when ``fused`` decides (else empty).
+    ``threshold_map``: ``thresholds`` as a name -> value dict, one object that every verdict of the rule shares
+    (read-only: the query queue encodes it once per write, see :func:`oodguard.serve.queue.decisions_json`). A
     sequence of :class:`Verdict` (``len``, ``[i]``, iteration); ``[start:stop]`` is the :class:`Decisions` of
     those rows (views, no copies)."""
 
     __slots__ = ("names", "deciding", "mode", "thresholds", "scores", "crossed", "p_values", "ood", "by_policy",
-                 "unscorable", "out_of_range", "driver_columns")
+                 "unscorable", "out_of_range", "driver_columns", "threshold_map")
 
     def __init__(self, names: tuple[str, ...], deciding: tuple[str, ...], mode: str, thresholds: np.ndarray,
                  scores: np.ndarray, crossed: np.ndarray, p_values: np.ndarray, by_policy: np.ndarray,
-                 unscorable: np.ndarray, out_of_range: np.ndarray, driver_columns: tuple[int, ...] = ()):
+                 unscorable: np.ndarray, out_of_range: np.ndarray, driver_columns: tuple[int, ...] = (),
+                 threshold_map: dict[str, float] | None = None):
         self.names, self.deciding, self.mode, self.thresholds = names, deciding, mode, thresholds
+        self.threshold_map = dict(zip(names, thresholds.tolist())) if threshold_map is None else threshold_map
         self.scores, self.crossed, self.p_values = scores, crossed, p_values
         self.by_policy, self.unscorable, self.out_of_range = by_policy, unscorable, out_of_range
         self.driver_columns = driver_columns
@@ -143,7 +147,7 @@ class Decisions:
         if isinstance(index, slice):
             return Decisions(self.names, self.deciding, self.mode, self.thresholds, self.scores[index],
                              self.crossed[index], self.p_values[index], self.by_policy[index],
-                             self.unscorable[index], self.out_of_range[index], self.driver_columns)
+                             self.unscorable[index], self.out_of_range[index], self.driver_columns, self.threshold_map)
         return self.verdict(index)
 
     def __iter__(self):
@@ -171,7 +175,7 @@ class Decisions:
             deciding=self.deciding,
             mode=self.mode,
             scores=dict(zip(names, self.scores[i].tolist())),
-            thresholds=dict(zip(names, self.thresholds.tolist())),
+            thresholds=self.threshold_map,
             p_values=dict(zip(names, self.p_values[i].tolist())),
             reasons=self.reasons(i),
             driver=self.driver(i),
@@ -201,6 +205,7 @@ class DecisionRule:
         self._n_plus_1 = np.array([t.n + 1.0 for t in thresholds], dtype=np.float64)
         self._threshold_list, self._n_plus_1_list = self.thresholds.tolist(), self._n_plus_1.tolist()
         self._deciding = [self.names.index(n) for n in policy.scores]
+        self._threshold_map = dict(zip(self.names, self._threshold_list))  # shared by every verdict (read-only)
 
     def __call__(self, outputs: Mapping[str, np.ndarray], out_of_range: np.ndarray | None = None) -> Decisions:
         """One verdict per batch item. ``outputs`` holds one ``[B]`` array per score of the calibration
@@ -240,7 +245,7 @@ class DecisionRule:
         if out_of_range is None:
             out_of_range = np.zeros(rows, dtype=bool)
         return Decisions(self.names, tuple(self.policy.scores), self.policy.mode, self.thresholds, scores, crossed,
-                         p_values, by_policy, unscorable, out_of_range, self._driver_columns)
+                         p_values, by_policy, unscorable, out_of_range, self._driver_columns, self._threshold_map)
 
     def _one_row(self, scores: np.ndarray, out_of_range: np.ndarray | None) -> Decisions:
         """:meth:`__call__` for one row (``scores`` ``[1, S]`` float64), on Python floats: the same verdict,
@@ -257,7 +262,8 @@ class DecisionRule:
         return Decisions(self.names, tuple(self.policy.scores), self.policy.mode, self.thresholds, scores,
                          np.array([crossed], dtype=bool), np.array([p_values], dtype=np.float64),
                          np.array([by_policy]), np.array([unscorable]),
-                         np.zeros(1, dtype=bool) if out_of_range is None else out_of_range, self._driver_columns)
+                         np.zeros(1, dtype=bool) if out_of_range is None else out_of_range, self._driver_columns,
+                         self._threshold_map)
 
 
 class InputRange:

@@ -74,7 +74,6 @@ import os
 import struct
 import threading
 import time
-import uuid
 import zlib
 from pathlib import Path
 from typing import Sequence
@@ -85,7 +84,8 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .queue import (CLAIMED, DEFAULT_MAX_BYTES, PENDING, SENT, STATES, DropLog, LocalQueueState, NewRecord, QueryQueue,
-                    QueueError, QueueRecord, QueueStats, SummaryRow)
+                    QueueError, QueueRecord, QueueStats, SummaryRow, decisions_json,
+                    new_record_ids)
 from .sqlite_queue import FULL_POLICIES, group_requests, pack_array, unpack_array
 
 log = logging.getLogger("oodguard.serve.redis_queue")
@@ -580,19 +580,20 @@ class RedisQueue(QueryQueue):
         for rid, ref in zip(ids, refs):
             if ref is not None:
                 keys.setdefault(ref, rid)
-        items = [self._encode_record(r, rid, now, keys.get(ref)) for r, rid, ref in zip(records, ids, refs)]
+        items = [self._encode_record(r, rid, now, keys.get(ref), decision)
+                 for r, rid, ref, decision in zip(records, ids, refs, decisions_json([r.decision for r in records]))]
         payloads = [[keys[j].encode(), request_id.encode(), metadata.encode()]
                     for j, (request_id, metadata) in enumerate(requests)]
         return items, payloads
 
-    def _encode_record(self, r: NewRecord, rid: str, now: float, request_key: str | None) -> SpoolRecord:
+    def _encode_record(self, r: NewRecord, rid: str, now: float, request_key: str | None, decision: str) -> SpoolRecord:
         flag = b"1" if r.flagged else b"0"
         packed = pack_array(r.input)
         blob = b""
         fields = {
             "id": rid, "time": repr(now if r.time is None else float(r.time)), "model": r.model,
             "version": str(int(r.version)), "flagged": flag,
-            "scores": json.dumps({k: float(v) for k, v in r.scores.items()}), "decision": json.dumps(r.decision),
+            "scores": json.dumps({k: float(v) for k, v in r.scores.items()}), "decision": decision,
             "logits": pack_array(r.logits), "features": pack_array(r.features),
         }
         if request_key is not None:
@@ -665,8 +666,9 @@ class RedisQueue(QueryQueue):
 
     def prepare(self, records: Sequence[NewRecord]) -> tuple[list[str], list[SpoolRecord], list[SpoolRequest], list[str]]:
         """(ids, the script's items, request payloads, each record's request id)."""
-        ids = [uuid.uuid4().hex for _ in records]
-        items, requests = self._encode(records, ids, time.time())
+        now = time.time()
+        ids = new_record_ids(len(records), now)
+        items, requests = self._encode(records, ids, now)
         return ids, items, requests, [r.request_id for r in records]
 
     def put_prepared(self, prepared: tuple[list[str], list[SpoolRecord], list[SpoolRequest], list[str]]) -> list[str | None]:

@@ -4,7 +4,7 @@ Layout:
 
 - ``records``: one row per item, ``seq`` (insertion order), ``id``, ``state``, ``flagged``, model, version,
   time; the arrays (model input, logits, features) packed by :func:`pack_array` (zlib framing, stored
-  uncompressed: :data:`PACK_LEVEL`); scores and decision as JSON text; ``bytes``: what the record counts towards ``max_bytes`` (see below); ``request_ref``: the
+  uncompressed: :func:`stored_zlib`); scores and decision as JSON text; ``bytes``: what the record counts towards ``max_bytes`` (see below); ``request_ref``: the
   ``requests`` row holding its request id and metadata. Columns ``request_id`` / ``metadata`` hold them
   inline only in rows written before request rows existed (``request_ref`` NULL); newer rows write ``''`` /
   ``'{}'`` there (also for a record with neither, which gets no request row).
@@ -38,7 +38,6 @@ import sqlite3
 import threading
 import time
 import struct
-import uuid
 import zlib
 from pathlib import Path
 from typing import Sequence
@@ -47,7 +46,8 @@ from urllib.parse import quote
 import numpy as np
 
 from .queue import (CLAIMED, DEFAULT_MAX_BYTES, PENDING, SENT, STATES, DropLog, LocalQueueState, NewRecord, QueryQueue,
-                    QueueError, QueueRecord, QueueStats, SummaryRow)
+                    QueueError, QueueRecord, QueueStats, SummaryRow, decisions_json,
+                    new_record_ids)
 
 log = logging.getLogger("oodguard.serve.sqlite_queue")
 
@@ -100,22 +100,41 @@ REF = 14  # index of request_ref in a row of COLUMNS
 
 
 ARRAY_DTYPES = ("<f4", "<f8", "|u1", "<i8")
-#: zlib level of packed arrays. 0 (stored blocks, no compression): they are packed on the request path, before
-#: a flagged item's answer, and deflating a 28x28 float32 input took 53 us (levels 1 and 6 alike) for 2.2x on
-#: digits and 1.1x on noise inputs: the largest CPU cost of a queue write. Rows packed at another level (older
-#: files used 6) read back the same.
-PACK_LEVEL = 0
+#: Packed arrays are zlib streams of *stored* (uncompressed) deflate blocks, the bytes ``zlib.compress(data, 0)``
+#: writes. Not compressed: they are packed on the request path, before a flagged item's answer, and deflating a
+#: 28x28 float32 input took 53 us (levels 1 and 6 alike) for 2.2x on digits and 1.1x on noise inputs. Rows packed
+#: at another level (older files used 6) read back the same, and any zlib reader (an older oodguard) reads these.
+STORED_BLOCK = 65535  # the most bytes one stored deflate block holds (RFC 1951, 3.2.4)
+_ZLIB_HEADER = b"\x78\x01"  # deflate, 32K window, no preset dictionary, "fastest" level (RFC 1950)
+
+
+def stored_zlib(data: bytes) -> bytes:
+    """``data`` as a zlib stream of stored deflate blocks: what ``zlib.compress(data, 0)`` returns (byte for byte
+    up to 65,531 bytes with zlib 1.2.13; above, zlib cuts its blocks elsewhere, the stream is as valid), without setting up a deflate
+    state. That set-up (a 256 KiB window allocated and freed per call) was a fixed 1.4 us, 60% of a 3 KB input's
+    ``compress`` and three times per queued record; the framing is 5 bytes per block and an Adler-32 that zlib
+    computes."""
+    size = len(data)
+    parts = [_ZLIB_HEADER]
+    for start in range(0, size, STORED_BLOCK) if size else (0,):
+        chunk = data[start:start + STORED_BLOCK]
+        parts += (struct.pack("<BHH", start + STORED_BLOCK >= size, len(chunk), len(chunk) ^ 0xFFFF), chunk)
+    parts.append(struct.pack(">I", zlib.adler32(data)))
+    return b"".join(parts)
 
 
 def pack_array(array: np.ndarray) -> bytes:
-    """zlib of ``[dtype code, ndim, dims as u32 ...] + little-endian data``: a tiny fixed header instead of
-    ``np.save``'s text header, whose parsing (``ast.literal_eval``) dominated reading large pools."""
+    """``[dtype code, ndim, dims as u32 ...] + little-endian data`` in a zlib stream (:func:`stored_zlib`): a tiny
+    fixed header instead of ``np.save``'s text header, whose parsing (``ast.literal_eval``) dominated reading
+    large pools."""
     array = np.asarray(array)
-    code = array.dtype.newbyteorder("<").str if array.dtype.byteorder != "|" else array.dtype.str
-    if code not in ARRAY_DTYPES:
-        raise QueueError(f"cannot store arrays of dtype {array.dtype} (supported: {ARRAY_DTYPES})")
+    code = array.dtype.str
+    if code not in ARRAY_DTYPES:  # a big-endian array is stored little-endian
+        code = array.dtype.newbyteorder("<").str if array.dtype.byteorder != "|" else code
+        if code not in ARRAY_DTYPES:
+            raise QueueError(f"cannot store arrays of dtype {array.dtype} (supported: {ARRAY_DTYPES})")
     header = struct.pack(f"<BB{array.ndim}I", ARRAY_DTYPES.index(code), array.ndim, *array.shape)
-    return zlib.compress(header + array.astype(code, copy=False).tobytes(), PACK_LEVEL)
+    return stored_zlib(header + array.astype(code, copy=False).tobytes())
 
 
 def unpack_array(blob: bytes) -> np.ndarray:
@@ -338,10 +357,11 @@ class SQLiteQueue(QueryQueue):
         now = time.time()
         requests, refs = group_requests(records)
         rows, sizes = [], []
-        for r in records:
+        decisions = decisions_json([r.decision for r in records])
+        for r, rid, decision in zip(records, new_record_ids(len(records), now), decisions):
             arrays = (pack_array(r.input), pack_array(r.logits), pack_array(r.features))
-            scores, decision = json.dumps({k: float(v) for k, v in r.scores.items()}), json.dumps(r.decision)
-            rows.append((uuid.uuid4().hex, now if r.time is None else float(r.time), r.model, int(r.version),
+            scores = json.dumps({k: float(v) for k, v in r.scores.items()})
+            rows.append((rid, now if r.time is None else float(r.time), r.model, int(r.version),
                          int(bool(r.flagged)), *arrays, scores, decision))
             sizes.append(sum(map(len, arrays)) + len(scores.encode()) + len(decision.encode()))
         return _Batch(rows, sizes, refs, requests)

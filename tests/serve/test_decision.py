@@ -240,6 +240,11 @@ def test_a_single_row_is_decided_as_within_any_batch(policy):
                 assert one[0].to_dict() == batch[i].to_dict()
             alone = rule(row)  # no input-range flags given: none
             assert alone.out_of_range.tolist() == [False] and alone.ood.tolist() == [bool(one.by_policy[0] or one.unscorable[0])]
+    # every verdict of the rule (one row, a few, many, a slice) holds the rule's one thresholds dict: the query
+    # queue encodes it once per write
+    verdicts = [one[0], few[1], large[2], large[1:3][0]]
+    assert all(v.thresholds is verdicts[0].thresholds for v in verdicts)
+    assert verdicts[0].thresholds == dict(zip(rule.names, rule.thresholds.tolist()))
 
 
 def test_the_input_range_fast_path_flags_exactly_what_the_per_channel_check_does():
