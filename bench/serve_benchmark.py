@@ -22,6 +22,8 @@ answer before the next) at concurrency 1, 8 and 64 for --duration seconds per ce
 * ``gateway-baseline``  as gateway-embedded, run from another copy of the source (``--baseline-src``: a folder
   holding an ``oodguard`` package, e.g. the last commit's tree), so a change is measured against the code before
   it in the same run; skipped without ``--baseline-src``
+* ``gateway-baseline-flagged``  as gateway-baseline, sent the all-flagged traffic of gateway-embedded-flagged: what a
+  change did to flagged traffic, in the same run
 
 CPU per request: every server's process group (the gateway's supervisor and its workers; tritonserver) is read
 from ``/proc/<pid>/stat`` before and after each cell, and the CPU seconds it used over the warm-up and the
@@ -78,7 +80,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCIES = (1, 8, 64)
 TARGETS = ("ort-direct", "grpc-floor", "grpc-floor-model", "triton-direct", "gateway-embedded", "gateway-triton", "gateway-embedded-nobatch",
-           "gateway-embedded-flagged", "gateway-embedded-workers", "gateway-baseline")
+           "gateway-embedded-flagged", "gateway-embedded-workers", "gateway-baseline", "gateway-baseline-flagged")
+#: the targets sent the all-flagged traffic (every item queued before its answer)
+FLAGGED_TARGETS = ("gateway-embedded-flagged", "gateway-baseline-flagged")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 BACKBONES = ("lenet5", "resnet18_cifar")
 #: model name of the resnet18_cifar repository (the lenet5 one is the demo's "digits")
@@ -721,6 +725,12 @@ def ratios(cells: list[Cell], model_cpu: float | None = None) -> list[dict]:
         *(entry(f"CPU per request gateway-embedded / gateway-baseline @c={c}",
                 ratio("gateway-embedded", "gateway-baseline", c, "cpu_ms_per_request"), "x", "(info)", None,
                 "server CPU ms per request against the --baseline-src code") for c in (1, 64)),
+        entry("throughput all-flagged gateway-embedded-flagged / gateway-baseline-flagged @c=64",
+              ratio("gateway-embedded-flagged", "gateway-baseline-flagged"), "x", "(info)", None,
+              "requests/s on the all-flagged traffic against the --baseline-src code"),
+        entry("CPU per request all-flagged gateway-embedded-flagged / gateway-baseline-flagged @c=64",
+              ratio("gateway-embedded-flagged", "gateway-baseline-flagged", 64, "cpu_ms_per_request"), "x", "(info)",
+              None, "server CPU ms per all-flagged request against the --baseline-src code"),
     ]
 
 
@@ -766,7 +776,7 @@ def write_report(out: Path, meta: dict, cells: list[Cell], agg: dict, rat: list[
         f"gateway-embedded-flagged: {meta.get('flagged_inputs', 0)} uniform-noise inputs the model flags, so every "
         f"request writes its record to the SQLite queue before it is answered; gateway-embedded-workers: "
         f"`--workers {meta.get('workers', 2)}`; gateway-baseline: the code in `{meta.get('baseline_src')}` with "
-        "gateway-embedded's flags. 1-minute load average at start / end: "
+        "gateway-embedded's flags (gateway-baseline-flagged: the same, sent the all-flagged traffic). 1-minute load average at start / end: "
         + " / ".join(", ".join(f"{v:.2f}" for v in meta[k]) if meta.get(k) else "n/a"
                      for k in ("loadavg_start", "loadavg_end")) + " (per cell: report.json).", "",
         f"Gateway-embedded: micro-batching at {meta['embedded_batching']}; gateway-embedded-nobatch: `--max-batch 1` "
@@ -882,25 +892,27 @@ def main(argv=None) -> int:
 
         gateways: dict[str, Gateway] = {}
         extra_embedded = [] if args.max_wait_ms is None else ["--max-wait-ms", str(args.max_wait_ms)]
-        if "gateway-baseline" in targets and args.baseline_src is None:
-            targets = [t for t in targets if t != "gateway-baseline"]
-        if "gateway-embedded-flagged" in targets and traffic.flagged_inputs is None:
-            notes.append("gateway-embedded-flagged skipped: the model flags none of the noise inputs")
+        if args.baseline_src is None:
+            targets = [t for t in targets if not t.startswith("gateway-baseline")]
+        if set(FLAGGED_TARGETS) & set(targets) and traffic.flagged_inputs is None:
+            notes.append(f"{', '.join(t for t in FLAGGED_TARGETS if t in targets)} skipped: the model flags none of "
+                         "the noise inputs")
             log(notes[-1])
-            targets = [t for t in targets if t != "gateway-embedded-flagged"]
+            targets = [t for t in targets if t not in FLAGGED_TARGETS]
         specs = {"gateway-embedded": extra_embedded,
                  "gateway-embedded-nobatch": ["--max-batch", "1"],
                  "gateway-triton": ["--backend", "triton", "--triton-url", triton.url] if triton else None,
                  "gateway-embedded-flagged": extra_embedded,
                  "gateway-embedded-workers": [*extra_embedded, "--workers", str(args.workers)],
-                 "gateway-baseline": extra_embedded}
+                 "gateway-baseline": extra_embedded,
+                 "gateway-baseline-flagged": extra_embedded}
         ports = iter(helpers.free_ports(len(specs) + 1))
         for name, extra in specs.items():
             port = next(ports)
             if name not in targets:
                 continue
             gw = start_gateway(name, repository, work, port, extra,
-                               source=args.baseline_src if name == "gateway-baseline" else None)
+                               source=args.baseline_src if name.startswith("gateway-baseline") else None)
             stack.callback(gw.stop)
             gateways[name] = gw
         for gw in gateways.values():
@@ -951,7 +963,7 @@ def main(argv=None) -> int:
                     pgids = server_pgids(target)
                     cpu0 = [group_cpu_seconds(p) for p in pgids]
                     client0 = time.process_time()
-                    flagged = target == "gateway-embedded-flagged"
+                    flagged = target in FLAGGED_TARGETS
                     n_inputs = len(traffic.flagged_inputs if flagged else traffic.inputs)
                     if target == "ort-direct":
                         w = drive_threads(drivers.ort_call(), c, args.warmup, args.duration, n_inputs)

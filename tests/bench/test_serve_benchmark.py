@@ -80,7 +80,7 @@ def test_ratios_compute_overheads_throughput_ratios_and_met_flags(sb):
         cell(sb, "grpc-floor", 64, rps=1200.0),
     ]
     rat = {r["name"]: r for r in sb.ratios(cells)}
-    assert len(rat) == 21
+    assert len(rat) == 23
     assert rat["gateway-triton p50 overhead @c=1"]["value"] == 1.5
     assert rat["gateway-triton p50 overhead @c=1"]["met"] is False
     assert rat["gateway-embedded p50 overhead @c=1"]["value"] == 0.75
@@ -107,6 +107,7 @@ def test_cpu_per_request_flagged_workers_and_baseline_ratios(sb):
         cell(sb, "gateway-embedded-flagged", 64, rps=750.0, cpu_ms=0.6),
         cell(sb, "gateway-embedded-workers", 64, rps=1200.0, client=90.0),
         cell(sb, "gateway-baseline", 1, p50=0.98, cpu_ms=1.0),
+        cell(sb, "gateway-baseline-flagged", 64, rps=600.0, cpu_ms=0.8),
         cell(sb, "grpc-floor-model", 1, cpu_ms=0.75), cell(sb, "grpc-floor-model", 64, rps=1500.0, cpu_ms=0.5),
     ]
     rat = {r["name"]: r for r in sb.ratios(cells, model_cpu=0.12)}
@@ -127,6 +128,10 @@ def test_cpu_per_request_flagged_workers_and_baseline_ratios(sb):
     assert rat["p50 gateway-embedded / gateway-baseline @c=1"]["value"] == pytest.approx(1.0 / 0.98)
     assert rat["p50 gateway-embedded / gateway-baseline @c=1"]["met"] is True
     assert rat["CPU per request gateway-embedded / gateway-baseline @c=1"]["value"] == pytest.approx(0.42)
+    flagged_vs_before = rat["throughput all-flagged gateway-embedded-flagged / gateway-baseline-flagged @c=64"]
+    assert flagged_vs_before["value"] == pytest.approx(1.25) and flagged_vs_before["met"] is None
+    assert rat["CPU per request all-flagged gateway-embedded-flagged / gateway-baseline-flagged @c=64"]["value"] == \
+        pytest.approx(0.75)
 
 
 def test_cpu_per_request_divides_server_cpu_by_every_answered_request(sb):
