@@ -89,6 +89,7 @@ class MicroBatcher(Generic[T]):
         self._scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._tasks: set[asyncio.Task] = set()
+        self._after_batch: list[Callable[[], None]] = []  # see after_batch
         #: batches run and their row counts (bounded history; tests and the benchmark read them)
         self.batches = 0
         self.batch_rows: collections.deque[int] = collections.deque(maxlen=10_000)
@@ -145,15 +146,30 @@ class MicroBatcher(Generic[T]):
             if timer is not None:
                 timer.cancel()
 
+    def after_batch(self, callback: Callable[[], None]) -> bool:
+        """Call ``callback`` on the event-loop turn after the next batch to finish has handed out its results (so
+        the requests it answered have taken their next step by then); False, and no call, when no batch runs."""
+        if self._inflight == 0:
+            return False
+        self._after_batch.append(callback)
+        return True
+
+    def _batch_done(self, loop: asyncio.AbstractEventLoop) -> None:
+        callbacks, self._after_batch = self._after_batch, []
+        for callback in callbacks:
+            loop.call_soon(callback)
+
     async def _run_alone(self, key: Hashable, rows: np.ndarray, timeout_s: float | None) -> Part[T]:
         """A leader that found no batch mate runs in its caller's task (its slot is held already);
         submissions arriving meanwhile pile up for the next batch. The backend honours the deadline."""
         self.batches += 1
         self.batch_rows.append(len(rows))
+        loop = asyncio.get_running_loop()
         try:
             result = await self.run_batch(key, rows, timeout_s)
         finally:
-            self._release(asyncio.get_running_loop())
+            self._release(loop)
+            self._batch_done(loop)  # after this task's next step: it continues with its result right away
         return Part(result, 0, len(rows), len(rows))
 
     def _release(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -254,6 +270,8 @@ class MicroBatcher(Generic[T]):
                     p.future.set_result(Part(result, start, stop, len(merged)))
                 start = stop
         finally:
-            self._release(asyncio.get_running_loop())
+            loop = asyncio.get_running_loop()
+            self._release(loop)
+            self._batch_done(loop)  # queued after the wake-ups of the futures set above
 
 __all__ = ["MicroBatcher", "Part", "BatchDeadlineExceeded"]

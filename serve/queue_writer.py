@@ -7,6 +7,13 @@ flush on the next loop turn, after every request of the turn has added its recor
 While a write runs, new records wait and go together in the next one: at most one write per gateway is in
 flight, so under load writes grow instead of queueing up (continuous batching, as in the micro-batcher).
 
+``after_batch`` (the gateway passes :meth:`MicroBatcher.after_batch`) lets a flush wait for the model batch
+running when it comes due, at most that one: under load the next micro-batch is on the model while this one's
+records are ready, and its flagged records then share this write's transaction and fsync instead of paying for
+their own. A flag's answer waits at most one model batch longer; with no batch running (every request at low
+load) the flush goes at once. Measured at concurrency 64, all-flagged: 26 records per write against 20, and
+0.526 against 0.543-0.553 ms of gateway CPU per request.
+
 Durability is unchanged: every caller gets its record ids only after the ``put`` holding them returned, that is
 after they are committed (or spooled and fsync'd); a failed ``put`` raises its error in every caller of it.
 Before this, each request ran its own ``put`` in a worker thread: at 64 concurrent flagged requests that was 64
@@ -16,14 +23,15 @@ thread hand-offs, 64 record counts and 64 transactions that the SQLite group com
 from __future__ import annotations
 
 import asyncio
-from typing import Sequence
+from typing import Callable, Sequence
 
 from .queue import NewRecord, QueryQueue
 
 
 class QueueWriter:
-    def __init__(self, queue: QueryQueue):
+    def __init__(self, queue: QueryQueue, after_batch: Callable[[Callable[[], None]], bool] | None = None):
         self.queue = queue
+        self.after_batch = after_batch
         self._waiting: list[tuple[Sequence[NewRecord], asyncio.Future]] = []
         self._busy = False  # a flush is scheduled or running
         #: puts issued and records written (tests and the benchmark read them)
@@ -40,7 +48,9 @@ class QueueWriter:
             loop.call_soon(self._flush)
         return await future
 
-    def _flush(self) -> None:
+    def _flush(self, deferred: bool = False) -> None:
+        if not deferred and self.after_batch is not None and self.after_batch(lambda: self._flush(True)):
+            return  # a model batch is running: its records join this write
         batch, self._waiting = self._waiting, []
         asyncio.get_running_loop().create_task(self._write(batch))
 

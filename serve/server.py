@@ -118,7 +118,6 @@ class Gateway:
                                      settings.effective_decision_fallback)
         self.backend = backend if backend is not None else build_backend(settings)
         self.queue = queue if queue is not None else build_queue(settings, worker)
-        self.queue_writer = QueueWriter(self.queue)  # one put per micro-batch
         self.registry = Registry(self.backend, settings.repository, self.policy, settings.poll_interval_s,
                                  settings.max_batch, settings.default_model, on_state=self._on_registry_state,
                                  input_range_margin=settings.input_range_margin)
@@ -140,6 +139,7 @@ class Gateway:
         self.batcher: MicroBatcher[BatchOutcome] = MicroBatcher(self.run_batch,
                                                                 max_inflight=self.backend.max_inflight_batches,
                                                                 max_wait_s=settings.max_wait_ms / 1000.0)
+        self.queue_writer = QueueWriter(self.queue, self.batcher.after_batch)  # one put per micro-batch
         self.metrics_port: int | None = None
 
     # -- health ---------------------------------------------------------------------------------

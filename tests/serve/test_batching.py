@@ -255,3 +255,40 @@ def test_invalid_submissions_are_refused(values, limit, message):
 def test_invalid_settings_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         MicroBatcher(Recorder(), **kwargs)
+
+
+def test_after_batch_calls_back_once_after_the_running_batch_answered_and_its_callers_stepped():
+    import asyncio
+
+    import numpy as np
+
+    from oodguard.serve.batching import MicroBatcher
+
+    events = []
+
+    async def main():
+        gate = asyncio.get_running_loop().create_future()
+
+        async def run_batch(key, rows, timeout_s):
+            await gate
+            return len(rows)
+
+        batcher = MicroBatcher(run_batch)
+        assert batcher.after_batch(lambda: events.append("idle")) is False  # nothing running: no call
+
+        async def caller(i):
+            await batcher.submit("m", np.zeros((1, 1)), 8)
+            events.append(f"caller {i}")
+
+        tasks = [asyncio.create_task(caller(i)) for i in range(3)]
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+        assert batcher.after_batch(lambda: events.append("after")) is True
+        gate.set_result(None)
+        await asyncio.gather(*tasks)
+        for _ in range(3):
+            await asyncio.sleep(0)
+
+    asyncio.run(main())
+    assert events.count("after") == 1 and "idle" not in events
+    assert events.index("after") > max(events.index(f"caller {i}") for i in range(3))

@@ -104,3 +104,57 @@ def test_a_full_queue_refuses_per_record_and_each_caller_sees_its_own_refusals(t
         assert None not in a and b[0] is not None and b[1] is None
     finally:
         q.close()
+
+
+def test_a_flush_waits_for_the_model_batch_running_and_its_records_join_the_write(queue):
+    """With a real MicroBatcher: the records of batch 1 come due while batch 2 is on the model; the write waits
+    for batch 2 (and no longer: batch 3 is not waited for) and stores both batches' records in one put."""
+    from oodguard.serve.batching import MicroBatcher
+
+    release = {}
+
+    async def run_batch(key, rows, timeout_s):
+        release[key] = asyncio.get_running_loop().create_future()
+        await release[key]
+        return len(rows)
+
+    async def main():
+        batcher = MicroBatcher(run_batch)
+        writer = QueueWriter(queue, batcher.after_batch)
+
+        async def request(key):
+            await batcher.submit(key, np.zeros((1, 1)), 8)
+            return await writer.put([record(key, f"req-{key}")])
+
+        first = asyncio.create_task(request(1))
+        await asyncio.sleep(0)
+        second = asyncio.create_task(request(2))  # waits for batch 1 to free the model
+        await asyncio.sleep(0)
+        release[1].set_result(None)  # batch 1 answers; batch 2 starts; batch 1's record comes due
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert writer.writes == 0 and writer._waiting and not first.done()  # its write waits for batch 2
+        third = asyncio.create_task(request(3))
+        await asyncio.sleep(0)
+        release[2].set_result(None)  # batch 2 answers: the write goes with both records, batch 3 runs
+        ids = await asyncio.gather(first, second)
+        assert queue.puts == [2] and writer.writes == 1
+        release[3].set_result(None)
+        await third
+        assert queue.puts == [2, 1]  # batch 3's record: nothing was running when it came due
+        return ids
+
+    ids = asyncio.run(main())
+    assert [r.request_id for r in queue.get([i for got in ids for i in got])] == ["req-1", "req-2"]
+
+
+def test_without_a_batch_running_a_flush_goes_at_once(queue):
+    from oodguard.serve.batching import MicroBatcher
+
+    async def main():
+        batcher = MicroBatcher(lambda key, rows, timeout_s: asyncio.sleep(0, len(rows)))
+        writer = QueueWriter(queue, batcher.after_batch)
+        await batcher.submit("m", np.zeros((1, 1)), 8)
+        return await writer.put([record(1)])
+
+    assert len(asyncio.run(main())) == 1 and queue.puts == [1]

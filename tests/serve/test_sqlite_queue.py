@@ -421,6 +421,40 @@ def test_concurrent_puts_share_one_durable_transaction(tmp_path, monkeypatch):
     assert queue.stats().rejected == 3
 
 
+def test_a_group_commit_evicts_batch_by_batch_as_alone_and_counts_once(tmp_path, monkeypatch):
+    """Three puts in one transaction on a queue of at most 4 (evict-oldest): each batch evicts what it would
+    alone, the records of the batches before it in the same transaction included; the counters add up."""
+    import threading
+    import time as clock
+
+    from oodguard.serve.sqlite_queue import SQLiteQueue
+
+    queue = SQLiteQueue(tmp_path / "q.sqlite", max_size=4, full_policy="evict-oldest")
+    queue.put([record(0)])
+    transactions = []
+    original = queue._transaction
+    monkeypatch.setattr(queue, "_transaction", lambda fn: transactions.append(1) or original(fn))
+    results = {}
+    queue._lock.acquire()
+    threads = []
+    for i in range(1, 4):  # started one by one: the batches queue in this order
+        threads.append(threading.Thread(target=lambda i=i: results.__setitem__(i, queue.put(
+            [record(10 * i + j) for j in range(3)]))))
+        threads[-1].start()
+        deadline = clock.monotonic() + 10
+        while len(queue._pending) < i and clock.monotonic() < deadline:
+            clock.sleep(0.005)
+    queue._lock.release()
+    for t in threads:
+        t.join(10)
+    assert len(transactions) == 1 and all(None not in results[i] for i in (1, 2, 3))
+    kept = [int(r.metadata["i"]) for r in queue.select()]
+    assert kept == [22, 30, 31, 32]  # the newest four: batch 3 evicted batch 2's first two, batch 2 all of batch 1
+    stats = queue.stats()
+    assert (stats.size, stats.accepted, stats.evicted, stats.rejected) == (4, 10, 6, 0)
+    assert stats.bytes == queue._conn().execute("SELECT SUM(bytes) FROM records").fetchone()[0] > 0
+
+
 def test_a_failed_group_commit_fails_every_caller_and_stores_nothing(tmp_path, monkeypatch):
     import pytest
 
