@@ -434,6 +434,8 @@ class Cell:
     #: server CPU milliseconds per answered request (warm-up and measured window together; None: not measured)
     cpu_ms_per_request: float | None = None
     loadavg: float | None = None  # 1-minute load average when the cell ended
+    #: as cpu_ms_per_request, the gateway's own process group alone (gateway-triton: tritonserver left out)
+    gateway_cpu_ms_per_request: float | None = None
 
 
 @dataclass
@@ -645,14 +647,17 @@ def ratios(cells: list[Cell], model_cpu: float | None = None) -> list[dict]:
         value = None if cell is None else getattr(cell, name)
         return None if value is None or np.isnan(value) else value
 
-    def paired(targets, c, name, combine):
+    def measured(pairs, c, combine):  # pairs: (target, metric name) each; one value per round that has them all
         values = []
         for r in rounds:
-            found = [metric(t, c, name, r) for t in targets]
+            found = [metric(t, c, name, r) for t, name in pairs]
             value = None if None in found else combine(*found)
             if value is not None:
                 values.append(value)
         return values
+
+    def paired(targets, c, name, combine):
+        return measured([(t, name) for t in targets], c, combine)
 
     def diff(a, b):  # p50 of target a - p50 of target b at concurrency 1
         return paired([a, b], 1, "p50_ms", lambda x, y: x - y)
@@ -711,6 +716,11 @@ def ratios(cells: list[Cell], model_cpu: float | None = None) -> list[dict]:
         entry("throughput all-flagged / unflagged @c=64", ratio("gateway-embedded-flagged", "gateway-embedded"),
               "x", ">= 0.70", lambda v: v >= 0.7, "requests/s of gateway-embedded-flagged (every item queued in "
               "SQLite before its answer) over gateway-embedded (nothing queued)"),
+        *(entry(f"CPU per request gateway-triton's gateway alone / grpc-floor @c={c}",
+                measured([("gateway-triton", "gateway_cpu_ms_per_request"), ("grpc-floor", "cpu_ms_per_request")], c,
+                         lambda g, f: None if f == 0 else g / f), "x", "<= 1.5", lambda v: v <= 1.5,
+                "CPU ms per request of the gateway's process group in front of Triton (the model runs in "
+                "tritonserver, left out) over the floor's") for c in (1, 64)),
         entry("CPU per request all-flagged / unflagged @c=64",
               ratio("gateway-embedded-flagged", "gateway-embedded", 64, "cpu_ms_per_request"), "x", "(info)", None,
               "what the queue writes cost in gateway CPU"),
@@ -978,6 +988,8 @@ def main(argv=None) -> int:
                     server_cpu = None if server_total is None else server_total * scale
                     cell = summarise(target, c, rnd, w, args.duration, server_cpu, (time.process_time() - client0) * scale,
                                      server_total)
+                    if target.startswith("gateway-") and w.answered:  # its first process group is the gateway's
+                        cell.gateway_cpu_ms_per_request = 1000.0 * (group_cpu_seconds(pgids[0]) - cpu0[0]) / w.answered
                     cells.append(cell)
                     log(f"[{len(cells)}/{total}] {target:<25} c={c:<3} {cell.throughput_rps:8.0f} req/s  "
                         f"p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  errors {cell.errors}"

@@ -19,9 +19,9 @@ def sb():
 
 
 def cell(sb, target, concurrency, rnd=0, *, rps=100.0, p50=1.0, p90=2.0, p99=3.0, mean=1.5, server=None, client=50.0,
-         requests=100, errors=0, queued=0, cpu_ms=None):
+         requests=100, errors=0, queued=0, cpu_ms=None, gateway_cpu_ms=None):
     return sb.Cell(target, concurrency, rnd, requests, errors, rps, p50, p90, p99, mean, server, client, queued,
-                   cpu_ms_per_request=cpu_ms)
+                   cpu_ms_per_request=cpu_ms, gateway_cpu_ms_per_request=gateway_cpu_ms)
 
 
 # -- flags --------------------------------------------------------------------------------------------
@@ -80,7 +80,7 @@ def test_ratios_compute_overheads_throughput_ratios_and_met_flags(sb):
         cell(sb, "grpc-floor", 64, rps=1200.0),
     ]
     rat = {r["name"]: r for r in sb.ratios(cells)}
-    assert len(rat) == 23
+    assert len(rat) == 25
     assert rat["gateway-triton p50 overhead @c=1"]["value"] == 1.5
     assert rat["gateway-triton p50 overhead @c=1"]["met"] is False
     assert rat["gateway-embedded p50 overhead @c=1"]["value"] == 0.75
@@ -108,6 +108,7 @@ def test_cpu_per_request_flagged_workers_and_baseline_ratios(sb):
         cell(sb, "gateway-embedded-workers", 64, rps=1200.0, client=90.0),
         cell(sb, "gateway-baseline", 1, p50=0.98, cpu_ms=1.0),
         cell(sb, "gateway-baseline-flagged", 64, rps=600.0, cpu_ms=0.8),
+        cell(sb, "gateway-triton", 1, cpu_ms=0.9, gateway_cpu_ms=0.45),
         cell(sb, "grpc-floor-model", 1, cpu_ms=0.75), cell(sb, "grpc-floor-model", 64, rps=1500.0, cpu_ms=0.5),
     ]
     rat = {r["name"]: r for r in sb.ratios(cells, model_cpu=0.12)}
@@ -128,6 +129,9 @@ def test_cpu_per_request_flagged_workers_and_baseline_ratios(sb):
     assert rat["p50 gateway-embedded / gateway-baseline @c=1"]["value"] == pytest.approx(1.0 / 0.98)
     assert rat["p50 gateway-embedded / gateway-baseline @c=1"]["met"] is True
     assert rat["CPU per request gateway-embedded / gateway-baseline @c=1"]["value"] == pytest.approx(0.42)
+    alone = rat["CPU per request gateway-triton's gateway alone / grpc-floor @c=1"]
+    assert alone["value"] == pytest.approx(1.5) and alone["met"] is True  # 0.45 / 0.3: tritonserver's CPU left out
+    assert rat["CPU per request gateway-triton's gateway alone / grpc-floor @c=64"]["value"] is None  # no such cell
     flagged_vs_before = rat["throughput all-flagged gateway-embedded-flagged / gateway-baseline-flagged @c=64"]
     assert flagged_vs_before["value"] == pytest.approx(1.25) and flagged_vs_before["met"] is None
     assert rat["CPU per request all-flagged gateway-embedded-flagged / gateway-baseline-flagged @c=64"]["value"] == \
