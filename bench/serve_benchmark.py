@@ -786,7 +786,8 @@ def write_report(out: Path, meta: dict, cells: list[Cell], agg: dict, rat: list[
         f"gateway-embedded-flagged: {meta.get('flagged_inputs', 0)} uniform-noise inputs the model flags, so every "
         f"request writes its record to the SQLite queue before it is answered; gateway-embedded-workers: "
         f"`--workers {meta.get('workers', 2)}`; gateway-baseline: the code in `{meta.get('baseline_src')}` with "
-        "gateway-embedded's flags (gateway-baseline-flagged: the same, sent the all-flagged traffic). 1-minute load average at start / end: "
+        "gateway-embedded's flags (gateway-baseline-flagged: the same, sent the all-flagged traffic). "
+        "1-minute load average at start / end: "
         + " / ".join(", ".join(f"{v:.2f}" for v in meta[k]) if meta.get(k) else "n/a"
                      for k in ("loadavg_start", "loadavg_end")) + " (per cell: report.json).", "",
         f"Gateway-embedded: micro-batching at {meta['embedded_batching']}; gateway-embedded-nobatch: `--max-batch 1` "
@@ -984,12 +985,13 @@ def main(argv=None) -> int:
                     # CPU over warm-up + measured window, scaled to the measured window's share
                     span = args.warmup + args.duration
                     scale = args.duration / span
-                    server_total = sum(group_cpu_seconds(p) - a for p, a in zip(pgids, cpu0)) if pgids else None
+                    used = [group_cpu_seconds(p) - a for p, a in zip(pgids, cpu0)]  # per process group
+                    server_total = sum(used) if pgids else None
                     server_cpu = None if server_total is None else server_total * scale
                     cell = summarise(target, c, rnd, w, args.duration, server_cpu, (time.process_time() - client0) * scale,
                                      server_total)
                     if target.startswith("gateway-") and w.answered:  # its first process group is the gateway's
-                        cell.gateway_cpu_ms_per_request = 1000.0 * (group_cpu_seconds(pgids[0]) - cpu0[0]) / w.answered
+                        cell.gateway_cpu_ms_per_request = 1000.0 * used[0] / w.answered
                     cells.append(cell)
                     log(f"[{len(cells)}/{total}] {target:<25} c={c:<3} {cell.throughput_rps:8.0f} req/s  "
                         f"p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  errors {cell.errors}"

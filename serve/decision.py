@@ -131,10 +131,10 @@ class Decisions:
 
     def __init__(self, names: tuple[str, ...], deciding: tuple[str, ...], mode: str, thresholds: np.ndarray,
                  scores: np.ndarray, crossed: np.ndarray, p_values: np.ndarray, by_policy: np.ndarray,
-                 unscorable: np.ndarray, out_of_range: np.ndarray, driver_columns: tuple[int, ...] = (),
-                 threshold_map: dict[str, float] | None = None):
+                 unscorable: np.ndarray, out_of_range: np.ndarray, driver_columns: tuple[int, ...],
+                 threshold_map: dict[str, float]):
         self.names, self.deciding, self.mode, self.thresholds = names, deciding, mode, thresholds
-        self.threshold_map = dict(zip(names, thresholds.tolist())) if threshold_map is None else threshold_map
+        self.threshold_map = threshold_map
         self.scores, self.crossed, self.p_values = scores, crossed, p_values
         self.by_policy, self.unscorable, self.out_of_range = by_policy, unscorable, out_of_range
         self.driver_columns = driver_columns

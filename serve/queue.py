@@ -59,7 +59,6 @@ class QueueError(RuntimeError):
     """The queue cannot store or read records (closed, disk error)."""
 
 
-
 def decisions_json(decisions: Sequence[dict]) -> list[str]:
     """``json.dumps`` of each record's decision, a ``thresholds`` dict that several of them share encoded once.
 
@@ -81,6 +80,7 @@ def decisions_json(decisions: Sequence[dict]) -> list[str]:
         rest = json.dumps({k: v for k, v in d.items() if k != "thresholds"})
         out.append(f'{rest[:-1]}, "thresholds": {text}}}' if rest != "{}" else f'{{"thresholds": {text}}}')
     return out
+
 
 @dataclass
 class NewRecord:

@@ -44,7 +44,8 @@ log = logging.getLogger("oodguard.serve")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OODGuard"].full_name  # "oodguard.v1.OODGuard"
 DEFAULT_TOP_K = 3
-#: a queue record id (32 hex digits, see queue.new_record_ids) as long as the real ones: the reply's size is measured with it in place
+#: a queue record id (32 hex digits, :func:`oodguard.serve.queue.new_record_ids`) as long as the real ones: the
+#: reply's size is measured with it in place
 RECORD_ID_PLACEHOLDER = "0" * 32
 #: at most one log line per this many seconds for bad requests (the rest are counted in the metrics)
 BAD_REQUEST_LOG_INTERVAL_S = 1.0

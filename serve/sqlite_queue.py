@@ -4,10 +4,11 @@ Layout:
 
 - ``records``: one row per item, ``seq`` (insertion order), ``id``, ``state``, ``flagged``, model, version,
   time; the arrays (model input, logits, features) packed by :func:`pack_array` (zlib framing, stored
-  uncompressed: :func:`stored_zlib`); scores and decision as JSON text; ``bytes``: what the record counts towards ``max_bytes`` (see below); ``request_ref``: the
-  ``requests`` row holding its request id and metadata. Columns ``request_id`` / ``metadata`` hold them
-  inline only in rows written before request rows existed (``request_ref`` NULL); newer rows write ``''`` /
-  ``'{}'`` there (also for a record with neither, which gets no request row).
+  uncompressed: :func:`stored_zlib`); scores and decision as JSON text; ``bytes``: what the record counts
+  towards ``max_bytes`` (see below); ``request_ref``: the ``requests`` row holding its request id and
+  metadata. Columns ``request_id`` / ``metadata`` hold them inline only in rows written before request rows
+  existed (``request_ref`` NULL); newer rows write ``''`` / ``'{}'`` there (also for a record with neither,
+  which gets no request row).
 - ``requests``: ``ref``, ``request_id``, ``metadata`` (JSON): one row per request of a ``put``, shared by its
   records, deleted with the last record that references it.
 - ``counters``: accepted, rejected, evicted (events, they survive restarts) and ``bytes``: the running sum of
@@ -111,10 +112,10 @@ _ZLIB_HEADER = b"\x78\x01"  # deflate, 32K window, no preset dictionary, "fastes
 
 def stored_zlib(data: bytes) -> bytes:
     """``data`` as a zlib stream of stored deflate blocks: what ``zlib.compress(data, 0)`` returns (byte for byte
-    up to 65,531 bytes with zlib 1.2.13; above, zlib cuts its blocks elsewhere, the stream is as valid), without setting up a deflate
-    state. That set-up (a 256 KiB window allocated and freed per call) was a fixed 1.4 us, 60% of a 3 KB input's
-    ``compress`` and three times per queued record; the framing is 5 bytes per block and an Adler-32 that zlib
-    computes."""
+    up to 65,531 bytes with zlib 1.2.13; above, zlib cuts its blocks elsewhere, the stream is as valid), without
+    setting up a deflate state. That set-up (a 256 KiB window allocated and freed per call) was a fixed 1.4 us,
+    60% of a 3 KB input's ``compress`` and three times per queued record; the framing is 5 bytes per block and
+    an Adler-32 that zlib computes."""
     size = len(data)
     parts = [_ZLIB_HEADER]
     for start in range(0, size, STORED_BLOCK) if size else (0,):
@@ -443,7 +444,7 @@ class SQLiteQueue(QueryQueue):
                        (added["accepted"], added["rejected"], added["evicted"], added["bytes"]))
         return results, (version, state.size)
 
-    def _insert(self, db: sqlite3.Connection, batch: _Batch, state: "_InsertState") -> list[str | None]:
+    def _insert(self, db: sqlite3.Connection, batch: _Batch, state: _InsertState) -> list[str | None]:
         """Insert one ``put`` call's rows within both bounds (applying the full-queue policy), ``state`` holding
         the unharvested records and bytes before it (updated here); their ids. The rows are decided one by one,
         then inserted by multi-row statements (:func:`_insert_many`; request rows get their refs here, above the
