@@ -5,24 +5,25 @@
 #   docker build -t oodguard-gateway:gpu --build-arg ORT_PACKAGE=onnxruntime-gpu .
 #   docker run -p 50051:50051 -v "$PWD/model_repository:/models:ro" oodguard-gateway
 #
-# The runtime stage installs the wheel's dependencies with onnxruntime replaced by ORT_PACKAGE (never both),
-# then the wheel itself without dependencies. HEALTHCHECK asks the gRPC health service.
+# Every package comes from a lock with its hashes checked (scripts/lock.sh regenerates them): the build stage's
+# setuptools from locks/build.txt; the runtime stage's dependencies from locks/gateway-${ORT_PACKAGE}.txt (the base
+# dependencies with onnxruntime replaced by ORT_PACKAGE, never both), then the wheel itself without dependencies.
+# HEALTHCHECK asks the gRPC health service.
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
-# -- build: the oodguard wheel and the runtime requirements --------------------------------------
+# -- build: the oodguard wheel ---------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS build
-ARG ORT_PACKAGE=onnxruntime
 WORKDIR /src
+COPY locks/build.txt ./locks/
+RUN pip install --no-cache-dir --require-hashes -r locks/build.txt
 COPY pyproject.toml README.md ./
 COPY oodguard ./oodguard
 COPY export ./export
 COPY serve ./serve
 COPY clients ./clients
 COPY harvest ./harvest
-COPY scripts/docker_requirements.py ./scripts/
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
- && python scripts/docker_requirements.py pyproject.toml "${ORT_PACKAGE}" > /wheels/requirements.txt
+RUN pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /wheels .
 
 # -- runtime ------------------------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -39,8 +40,9 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     OODGUARD_QUEUE_PATH=/var/lib/oodguard/queue.sqlite \
     OODGUARD_QUEUE_SPOOL_PATH=/var/lib/oodguard/queue.spool \
     OODGUARD_METRICS_PORT=9464
+COPY locks/gateway-${ORT_PACKAGE}.txt /wheels/requirements.txt
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir -r /wheels/requirements.txt \
+RUN pip install --no-cache-dir --require-hashes --no-deps -r /wheels/requirements.txt \
  && pip install --no-cache-dir --no-deps /wheels/oodguard-*.whl \
  && rm -rf /wheels \
  && python -c "import importlib.metadata as m, importlib.util as u; ort = {d.metadata['Name'].lower() for d in m.distributions()} & {'onnxruntime', 'onnxruntime-gpu'}; assert len(ort) == 1, ort; assert u.find_spec('torch') is None; import oodguard.serve.server, oodguard.clients.healthcheck" \

@@ -1,20 +1,25 @@
 #!/usr/bin/env bash
-# Creates .venv with everything oodguard needs (CPU): torch for export, the serving stack, test tools.
+# Creates .venv with everything oodguard needs (CPU): torch for export, the serving stack, test tools, exactly
+# as locks/dev.txt pins them (every transitive dependency, hashes checked; scripts/lock.sh regenerates it), then
+# oodguard itself in editable mode. uv installs (scripts/uv.sh puts the locked release in .tools/).
+# TORCH_FIND_LINKS (default /opt/wheels): a folder or page holding the torch==2.13.0+cpu wheel the lock names.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-. .venv/bin/activate
-# Nothing to do when this script and pyproject.toml are what the last successful run installed from
+TORCH_FIND_LINKS=${TORCH_FIND_LINKS:-/opt/wheels}
+# Nothing to do when this script, pyproject.toml and the lock are what the last successful run installed from
 # (FORCE=1 reinstalls anyway).
 stamp=.venv/.oodguard-setup
-want=$(cat scripts/setup.sh pyproject.toml | sha256sum | cut -d' ' -f1)
-if [ "${FORCE:-0}" != 1 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && python -c "import oodguard, torch" 2>/dev/null; then
+want=$(cat scripts/setup.sh pyproject.toml locks/dev.txt | sha256sum | cut -d' ' -f1)
+if [ "${FORCE:-0}" != 1 ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && .venv/bin/python -c "import oodguard, torch" 2>/dev/null; then
     echo "setup: .venv is up to date (FORCE=1 bash scripts/setup.sh reinstalls)"
     exit 0
 fi
-python -m pip install -q --upgrade pip
-# Pin the CPU wheel first: an unpinned torch would pull several GB of CUDA packages.
-python -m pip install -q "torch==2.13.0"
-python -m pip install -q -e ".[export,dev,bench]"
+UV=$(bash scripts/uv.sh)
+[ -x .venv/bin/python ] || "$UV" venv --quiet --python "$PYTHON" .venv
+# sync: the environment becomes exactly the lock (anything else installed there is removed)
+"$UV" pip sync --quiet --python .venv/bin/python --require-hashes --find-links "$TORCH_FIND_LINKS" locks/dev.txt
+# oodguard itself, built with the locked setuptools already in .venv (no unpinned build environment)
+"$UV" pip install --quiet --python .venv/bin/python --no-deps --no-build-isolation -e .
 echo "$want" > "$stamp"
+echo "setup: .venv installed from locks/dev.txt"

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Sets up (idempotent) the environment the integration tests use to run a real tritonserver on a CPU:
-#   .venv-triton/  python3 -m venv with numpy<2 + onnxruntime (what model.py imports inside the server) and
-#                  nvidia-pytriton (installed --no-deps: only for its tritonserver binary and python backend).
+#   .venv-triton/  numpy<2 + onnxruntime (what model.py imports inside the server), exactly as locks/triton.txt
+#                  pins them, and nvidia-pytriton (locks/triton-no-deps.txt, without its dependencies: only for
+#                  its tritonserver binary and python backend; never imported).
 # The python backend stub for this interpreter's version is copied next to libtriton_python.so.
 # Why each piece is needed: oodguard/triton_local.py (and README, "Serving"). Start the server with
 # `bash scripts/triton.sh --repository DIR`. Override the location with OODGUARD_TRITON_ENV.
@@ -9,20 +10,18 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
 ENV_DIR=${OODGUARD_TRITON_ENV:-$PWD/.venv-triton}
-PYTRITON_VERSION=0.7.0
-
-[ -x "$ENV_DIR/bin/python" ] || "$PYTHON" -m venv "$ENV_DIR"
 PY="$ENV_DIR/bin/python"
-# numpy 2 makes every python-backend response come back empty; onnxruntime 1.20.1 has cp311 wheels built
-# for numpy 1.x and 2.x.
+# numpy 2 makes every python-backend response come back empty (locks/triton.in says why the pins are what they are).
 # (pytriton is located with find_spec, never imported: its own dependencies are deliberately not installed.)
 READY='import importlib.util as u, sys, numpy, onnxruntime; sys.exit(int(numpy.__version__.split(".")[0]) >= 2 or u.find_spec("pytriton") is None)'
-quiet() { "$@" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2); }
-if ! "$PY" -c "$READY" 2>/dev/null; then
-    quiet "$PY" -m pip install -q "numpy<2" "onnxruntime==1.20.1"
-    # Its dependencies pin old versions of packages this environment does not need.
-    quiet "$PY" -m pip install -q --no-deps "nvidia-pytriton==$PYTRITON_VERSION"
+stamp="$ENV_DIR/.oodguard-setup"
+want=$(cat scripts/setup_triton.sh locks/triton.txt locks/triton-no-deps.txt | sha256sum | cut -d' ' -f1)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c "$READY" 2>/dev/null; then
+    UV=$(bash scripts/uv.sh)
+    [ -x "$PY" ] || "$UV" venv --quiet --python "$PYTHON" "$ENV_DIR"
+    "$UV" pip sync --quiet --python "$PY" --require-hashes locks/triton.txt locks/triton-no-deps.txt
     "$PY" -c "$READY"
+    echo "$want" > "$stamp"
 fi
 
 PY_VERSION=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
