@@ -27,6 +27,8 @@ import math
 
 import numpy as np
 
+from oodguard import progress
+
 from .scores.base import numpy_squared_distances
 from .scores.knn import normalise
 
@@ -94,7 +96,10 @@ def reduce_bank(features: np.ndarray, labels: np.ndarray, size: int, seed: int =
     rng = np.random.default_rng(seed)
     unit = normalise(np.asarray(features, np.float64)) if method == "probcover" else None
     chosen = []
-    for cls, picks in class_quota(labels, size).items():
+    quotas = class_quota(labels, size).items()
+    if method == "probcover":  # the greedy search is the slow part: one step per class (a random draw is instant)
+        quotas = progress.track(quotas, desc=f"ProbCover bank of {size}", unit="class")
+    for cls, picks in quotas:
         members = np.flatnonzero(labels == cls)
         if method == "random":
             chosen.append(np.sort(rng.choice(members, size=picks, replace=False)))

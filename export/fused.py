@@ -9,6 +9,7 @@ data), has a dynamic batch axis and passes ``onnx.checker``. When a score reads 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from pathlib import Path
@@ -19,6 +20,7 @@ import onnx
 import torch
 from torch import nn
 
+from oodguard import progress
 from oodguard.repository import INPUT_NAME, TENSOR_OUTPUTS
 
 from . import layers
@@ -86,11 +88,17 @@ def export_module(module: nn.Module, input_shape: tuple[int, ...], path: str | P
     return path
 
 
-def run_torch(model: FusedModel, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
-    """Outputs of the PyTorch module by name, in batches (parity checks; the export's choices)."""
+def run_torch(model: FusedModel, images: np.ndarray, batch_size: int = 256,
+              desc: str | None = None) -> dict[str, np.ndarray]:
+    """Outputs of the PyTorch module by name, in batches (parity checks; the export's choices); with ``desc``, a
+    progress bar of that name counts the images (:mod:`oodguard.progress`: on a terminal only)."""
     parts: list[tuple[torch.Tensor, ...]] = []
-    with torch.no_grad():
+    counted = progress.bar(len(images), desc, "img") if desc is not None else contextlib.nullcontext()
+    with torch.no_grad(), counted:
         for start in range(0, len(images), batch_size):
-            parts.append(model(torch.as_tensor(images[start:start + batch_size], dtype=torch.float32)))
+            batch = images[start:start + batch_size]
+            parts.append(model(torch.as_tensor(batch, dtype=torch.float32)))
+            if desc is not None:
+                counted.update(len(batch))
     return {name: np.concatenate([part[i].numpy() for part in parts])
             for i, name in enumerate(output_names(model.score_names))}

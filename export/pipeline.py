@@ -44,6 +44,7 @@ from typing import Callable
 import numpy as np
 
 import oodguard
+from oodguard import progress as bars
 from oodguard.calibration import Calibration, CalibrationError
 from oodguard.datasets import Dataset
 from oodguard.onnx_runner import OnnxModel
@@ -104,9 +105,10 @@ class ExportResult:
 
 
 def fit_scores(data: FitData, params: dict[str, dict], multi_layer: bool = False,
-               multi_layer_bank_size: int | None = None) -> dict[str, Score]:
+               multi_layer_bank_size: int | None = None, desc: str = "fit scores") -> dict[str, Score]:
     """Every score of :func:`~oodguard.export.scores.registry` fitted on ``data`` (registry order); the
-    multi-layer scores (``multi_layer`` only) on :func:`multi_layer_bank` of ``data.bank``."""
+    multi-layer scores (``multi_layer`` only) on :func:`multi_layer_bank` of ``data.bank``. ``desc`` names the
+    progress bar over the scores (:mod:`oodguard.progress`: on a terminal only)."""
     unknown = set(params) - set(SCORES) - {FUSED}
     if unknown:
         raise ValueError(f"parameters given for unknown score(s) {sorted(unknown)}; scores: {[*SCORES, FUSED]}")
@@ -117,8 +119,12 @@ def fit_scores(data: FitData, params: dict[str, dict], multi_layer: bool = False
     if multi_layer:
         ml_data = dataclasses.replace(data, bank=multi_layer_bank(data, multi_layer_bank_size))
     fitted: dict[str, Score] = {}
-    for name, cls in registry(multi_layer).items():
-        fitted[name] = cls.fit(ml_data if name in MULTI_LAYER else data, fitted, **params.get(name, {}))
+    scores = registry(multi_layer)
+    with bars.bar(len(scores), desc, "score") as fitting:
+        for name, cls in scores.items():
+            fitting.set_description_str(f"{desc}: {name}")  # the parameter searches (sisom, knn, ...) take a while
+            fitted[name] = cls.fit(ml_data if name in MULTI_LAYER else data, fitted, **params.get(name, {}))
+            fitting.update(1)
     return fitted
 
 
@@ -177,14 +183,16 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
     classifier = load_classifier(spec.backbone, spec.checkpoint, num_classes=len(spec.class_names))
     prep = spec.preprocessing
     bank_images = prep.apply(spec.bank_data.images)
-    features, logits = extract(classifier, bank_images)
+    with bars.phase(f"extract training features ({len(bank_images)} images)"):
+        features, logits = extract(classifier, bank_images)
     layer_data = extract_layers(classifier, bank_images, progress) if spec.multi_layer else None
     lap("extract training features" + (" and layers" if layer_data is not None else ""))
 
     labels = spec.bank_data.labels
-    ood = validation_set(spec, bank_images, labels, user_sets)
-    ood_features, ood_logits = extract(classifier, ood.images)
-    ood_layer_data = layers.extract(classifier, ood.images) if layer_data is not None and len(ood) else None
+    with bars.phase("validation OOD: build it and extract its features"):
+        ood = validation_set(spec, bank_images, labels, user_sets)
+        ood_features, ood_logits = extract(classifier, ood.images)
+        ood_layer_data = layers.extract(classifier, ood.images) if layer_data is not None and len(ood) else None
     lap(f"validation OOD ({len(ood)}: {ood.group_sizes})")
 
     calibration_images = prep.apply(spec.calibration_data.images)
@@ -204,8 +212,10 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
         progress(f"  bank comparison (worst-group validation AUROC per bank-based score): {_figures(bank_comparison)}")
 
     if outputs is not None:
-        fusion = PValueFusion.from_references({n: outputs[0][n] for n in scores}, {n: outputs[1][n] for n in scores},
-                                              ood.groups, **spec.score_params.get(FUSED, {}))
+        with bars.phase(f"choose the {FUSED} score"):
+            fusion = PValueFusion.from_references({n: outputs[0][n] for n in scores},
+                                                  {n: outputs[1][n] for n in scores},
+                                                  ood.groups, **spec.score_params.get(FUSED, {}))
         scores = {**scores, FUSED: fusion}
         chosen = fusion.selection.get("chosen", {})
         lap(f"fused: {fusion.combination}({', '.join(fusion.components)}) on {len(references)} reference samples"
@@ -219,11 +229,12 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     staging.chmod(0o755)  # mkdtemp makes it private; Triton may run as another user
     try:
-        model = fused.FusedModel(classifier, scores).eval()
-        fused.export_onnx(model, prep.input_shape, staging / MODEL_FILE)
+        with bars.phase("export ONNX"):
+            model = fused.FusedModel(classifier, scores).eval()
+            fused.export_onnx(model, prep.input_shape, staging / MODEL_FILE)
         lap("export ONNX")
 
-        outputs = OnnxModel(staging / MODEL_FILE).run(calibration_images)
+        outputs = OnnxModel(staging / MODEL_FILE).run(calibration_images, desc="calibrate: ONNX Runtime")
         thresholds = fit_thresholds(outputs, [n for n in model.score_names if n != FUSED], spec.target_tpr)
         if FUSED in scores:  # on the held half only: its references came from the other
             thresholds[FUSED] = fit_threshold(FUSED, outputs[FUSED][held], spec.target_tpr)
@@ -270,7 +281,8 @@ def extract_layers(classifier, images: np.ndarray, progress: Callable[[str], Non
     errors = layers.check(classifier, images[:8])
     progress(f"  multi-layer SISOM: layers {list(errors)}, gradient check against autograd "
              f"(largest relative error {max(errors.values()):.1e})")
-    return layers.extract(classifier, images)
+    with bars.phase(f"extract training layers ({len(images)} images)"):
+        return layers.extract(classifier, images)
 
 
 def user_validation_sets(spec: ExportSpec) -> list[ValidationOOD]:
@@ -327,11 +339,13 @@ def fit_bank_candidates(spec: ExportSpec, classifier, data: FitData, ood: Valida
     for method in methods:
         bank = (np.arange(len(data.labels)) if method == "full"
                 else reduce_bank(data.features, data.labels, spec.bank_size, spec.seed, method=method))
-        scores = fit_scores(dataclasses.replace(data, bank=bank), params, spec.multi_layer, spec.multi_layer_bank_size)
+        scores = fit_scores(dataclasses.replace(data, bank=bank), params, spec.multi_layer, spec.multi_layer_bank_size,
+                            desc=f"fit scores ({method} bank)")
         outputs = None
         if reference_images is not None:
             model = fused.FusedModel(classifier, scores).eval()
-            outputs = (fused.run_torch(model, reference_images), fused.run_torch(model, ood.images))
+            outputs = (fused.run_torch(model, reference_images, desc=f"score the references ({method} bank)"),
+                       fused.run_torch(model, ood.images, desc=f"score the validation OOD ({method} bank)"))
         candidates[method] = (bank, scores, outputs)
     return candidates
 

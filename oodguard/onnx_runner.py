@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from . import progress
 from .repository import INPUT_NAME
 
 
@@ -28,12 +30,17 @@ class OnnxModel:
             raise ValueError(f"{path}: expected one input named {INPUT_NAME!r}, got {[i.name for i in inputs]}")
         self.input_shape = tuple(inputs[0].shape[1:])
 
-    def run(self, images: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
+    def run(self, images: np.ndarray, batch_size: int = 256, desc: str | None = None) -> dict[str, np.ndarray]:
+        """Every output by name over ``images``, ``batch_size`` at a time; with ``desc``, a progress bar of that
+        name counts the images (:mod:`oodguard.progress`: on a terminal only)."""
         images = np.ascontiguousarray(images, dtype=np.float32)
-        chunks = [
-            self.session.run(None, {INPUT_NAME: images[start : start + batch_size]})
-            for start in range(0, len(images), batch_size)
-        ]
+        chunks = []
+        with progress.bar(len(images), desc, "img") if desc is not None else contextlib.nullcontext() as counted:
+            for start in range(0, len(images), batch_size):
+                batch = images[start : start + batch_size]
+                chunks.append(self.session.run(None, {INPUT_NAME: batch}))
+                if counted is not None:
+                    counted.update(len(batch))
         if not chunks:
             raise ValueError("no images to run")
         return {name: np.concatenate([c[i] for c in chunks]) for i, name in enumerate(self.output_names)}
