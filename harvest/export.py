@@ -31,6 +31,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
+from oodguard import progress as bars
 from oodguard.preprocess import Preprocessing
 
 from . import label_studio
@@ -97,28 +98,32 @@ def write_export(records, reasons: dict[str, str], calibrations: CalibrationCach
     try:
         (staging / "images").mkdir()
         tasks, lines = [], []
-        for n, record in enumerate(records, 1):
-            calibration = calibrations.get(record.model, record.version)
-            preprocessing = Preprocessing.from_dict(calibration.model["preprocessing"])
-            file_name = f"{safe_file_name(record.id)}.png"
-            image_name = f"images/{file_name}"
-            to_image(record.input, preprocessing).save(staging / image_name)
-            predicted = int(np.argmax(record.logits))
-            class_name = calibration.class_names[predicted]
-            deciding = record.decision.get("deciding") or ["sisome"]
-            lines.append(json.dumps({
-                "record_id": record.id, "image": image_name, "model": record.model, "version": record.version,
-                "predicted_class": predicted, "predicted_name": class_name, "flagged": record.flagged,
-                "scores": record.scores, "strategy": strategy, "why": reasons.get(record.id, ""),
-                "request_id": record.request_id, "metadata": record.metadata, **(extra or {}).get(record.id, {}),
-            }))
-            url = label_studio.image_url(final_images / file_name, options.image_url_prefix, options.local_files_root)
-            more = (extra or {}).get(record.id, {})
-            tasks.append(label_studio.task(record, calibration.class_names, choices, url,
-                                           p_value(record, calibration, str(deciding[0]), bool(more.get("rescored"))),
-                                           {"why": reasons.get(record.id, ""), **more}))
-            if n % 1000 == 0:
-                progress(f"exported {n}/{len(records)}")
+        with bars.bar(len(records), "write images and tasks", "img") as written:
+            for n, record in enumerate(records, 1):
+                calibration = calibrations.get(record.model, record.version)
+                preprocessing = Preprocessing.from_dict(calibration.model["preprocessing"])
+                file_name = f"{safe_file_name(record.id)}.png"
+                image_name = f"images/{file_name}"
+                to_image(record.input, preprocessing).save(staging / image_name)
+                predicted = int(np.argmax(record.logits))
+                class_name = calibration.class_names[predicted]
+                deciding = record.decision.get("deciding") or ["sisome"]
+                lines.append(json.dumps({
+                    "record_id": record.id, "image": image_name, "model": record.model, "version": record.version,
+                    "predicted_class": predicted, "predicted_name": class_name, "flagged": record.flagged,
+                    "scores": record.scores, "strategy": strategy, "why": reasons.get(record.id, ""),
+                    "request_id": record.request_id, "metadata": record.metadata, **(extra or {}).get(record.id, {}),
+                }))
+                url = label_studio.image_url(final_images / file_name, options.image_url_prefix,
+                                             options.local_files_root)
+                more = (extra or {}).get(record.id, {})
+                p = p_value(record, calibration, str(deciding[0]), bool(more.get("rescored")))
+                tasks.append(label_studio.task(record, calibration.class_names, choices, url, p,
+                                               {"why": reasons.get(record.id, ""), **more}))
+                written.update(1)
+                if n % 1000 == 0:
+                    with written.external_write_mode():  # the line goes to stdout: clear the bar, then redraw it
+                        progress(f"exported {n}/{len(records)}")
         (staging / "manifest.jsonl").write_text("".join(line + "\n" for line in lines))
         (staging / "tasks.json").write_text(json.dumps(tasks, indent=1, allow_nan=False))
         (staging / "label_config.xml").write_text(label_studio.label_config(known))

@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from oodguard import progress as bars
+
 from .export import ExportOptions, write_export
 from .labeled import LabeledSet, labeled_set
 from .strategies import Context, Pool, get_strategy
@@ -56,7 +58,7 @@ def deduplicate(records: list) -> tuple[list, dict[str, list[str]]]:
     (a camera resending a frame, a load generator) would otherwise spend the label budget on one image."""
     first: dict[bytes, str] = {}
     distinct, duplicates = [], {}
-    for record in records:
+    for record in bars.track(records, desc="find repeated inputs", unit="rec"):
         data = np.ascontiguousarray(record.input)
         key = hashlib.sha256(f"{data.dtype.str}{data.shape}".encode() + data.tobytes()).digest()
         if key in first:
@@ -84,7 +86,10 @@ def run_harvest(queue, strategy: str, budget: int, out_dir: Path, repository: Pa
     chooser = get_strategy(strategy)
     model = choose_model(queue.summary(), model)
     calibrations = CalibrationCache(repository)
-    plan = plan_pool(queue.select(state="pending", model=model), model, repository, calibrations, stale)
+    with bars.phase(f"read the pending records of {model} from the queue"):
+        pending = queue.select(state="pending", model=model)
+    with bars.phase(f"build the pool of {len(pending)} records (stale ones re-scored at the newest version)"):
+        plan = plan_pool(pending, model, repository, calibrations, stale)
     progress(plan.describe())
     if not plan.records:
         raise ValueError(f"no pending record of model {model!r} is left to harvest at version {plan.version} "
@@ -92,7 +97,8 @@ def run_harvest(queue, strategy: str, budget: int, out_dir: Path, repository: Pa
     labeled = None
     if labels:
         class_names = calibrations.get(model, plan.version).class_names
-        labeled = labeled_set(queue, labels, model, repository, calibrations, class_names, stale)
+        with bars.phase(f"read the labeled records of {len(labels)} label file(s)"):
+            labeled = labeled_set(queue, labels, model, repository, calibrations, class_names, stale)
         progress(labeled.describe())
     context = context_for(plan, calibrations, params or {}, labeled)
     by_id = {r.id: r for r in plan.records}
@@ -110,7 +116,8 @@ def run_harvest(queue, strategy: str, budget: int, out_dir: Path, repository: Pa
             wanted = budget - len(claimed)
             if wanted <= 0 or len(pool) == 0:
                 break
-            selection = chooser.select(pool, wanted, seed, context)
+            with bars.phase(f"{strategy}: select {wanted} of {len(pool)}"):
+                selection = chooser.select(pool, wanted, seed, context)
             chosen = [str(i) for i in selection.ids(pool)]
             progress(f"{strategy}: selected {len(chosen)} of {len(pool)}" + ("" if dry_run else "; claiming"))
             got = chosen if dry_run else queue.claim_ids(chosen)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import progress
 from .calibration import Calibration
 from .datasets import Dataset
 from .datasets import load_dataset
@@ -45,8 +46,9 @@ class VersionScorer:
     def score_names(self) -> list[str]:
         return list(self.calibration.model["scores"])
 
-    def score(self, name: str, dataset: Dataset) -> ScoredSet:
-        outputs = self.model.run(self.preprocessing.apply(dataset.images))
+    def score(self, name: str, dataset: Dataset, desc: str | None = None) -> ScoredSet:
+        """``dataset`` through the model; ``desc`` names a progress bar over its batches (on a terminal only)."""
+        outputs = self.model.run(self.preprocessing.apply(dataset.images), desc=desc)
         conversion = self.preprocessing.conversion_steps(dataset.images.shape[1:])
         return ScoredSet(name, {s: outputs[s] for s in self.score_names}, conversion, outputs["logits"])
 
@@ -190,12 +192,18 @@ def score_sets(scorer: VersionScorer, id_spec: str, oods: list[OodSet], seed: in
                classes: list[int] | None = None) -> tuple[ScoredSet, list[ScoredSet], dict]:
     """Score the ID set (restricted to ``classes``) and every OOD set with the exported model; the third
     value says what the ID set held: labels left out, labels unknown to the model, classification accuracy."""
-    dataset, info = known_id_set(scorer, resolve_dataset(id_spec, scorer.preprocessing, seed), classes)
-    in_dist = scorer.score("id", dataset)
+    with progress.phase(f"load ID set {id_spec}"):
+        dataset, info = known_id_set(scorer, resolve_dataset(id_spec, scorer.preprocessing, seed), classes)
+    in_dist = scorer.score("id", dataset, desc="score ID set")
     accuracy = classification_accuracy(scorer, dataset, in_dist)
     if accuracy is not None:
         info["accuracy"] = accuracy
-    return in_dist, [scorer.score(o.name, resolve_dataset(o.spec, scorer.preprocessing, seed)) for o in oods], info
+    scored = []
+    for number, ood in enumerate(oods, 1):
+        with progress.phase(f"load OOD set {ood.name} ({number}/{len(oods)})"):
+            dataset = resolve_dataset(ood.spec, scorer.preprocessing, seed)
+        scored.append(scorer.score(ood.name, dataset, desc=f"score OOD set {ood.name} ({number}/{len(oods)})"))
+    return in_dist, scored, info
 
 
 def build_report(scorer: VersionScorer, id_spec: str, in_dist: ScoredSet, oods: list[OodSet], scored: list[ScoredSet],

@@ -121,3 +121,20 @@ def test_evaluate_reports_accuracy_and_the_labels_the_model_does_not_know(digits
                  "--classes", "0-7", "--ood", "noise=synthetic:uniform:100:far"]) == 0
     out = capsys.readouterr().out
     assert "classification accuracy" in out and "left out of the ID set (outside --classes): " in out
+
+
+def test_evaluate_shows_a_bar_per_scored_set_on_stderr_only_when_bars_are_on(digits_export, capsys, monkeypatch):
+    _, _, repository, _ = digits_export
+    command = ["evaluate", "--repository", str(repository), "--model", "digits", "--id", "digits", "--classes", "0-7",
+               "--ood", "noise=synthetic:uniform:300:far", "--ood", "blobs=synthetic:blobs:300:far"]
+    monkeypatch.delenv("OODGUARD_PROGRESS", raising=False)  # not a terminal: no bar
+    assert main(command) == 0
+    plain = capsys.readouterr()
+    assert plain.err == ""
+    monkeypatch.setenv("OODGUARD_PROGRESS", "1")
+    assert main(command) == 0
+    shown = capsys.readouterr()
+    assert shown.out == plain.out  # the report is the same, byte for byte
+    for name in ("score ID set", "score OOD set noise (1/2)", "score OOD set blobs (2/2)"):
+        assert name in shown.err
+    assert "0/300" in shown.err and "img" in shown.err  # a bar counts the images of its set (from 0/total)

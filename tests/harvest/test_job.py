@@ -181,3 +181,29 @@ def test_label_files_give_the_strategy_the_labeled_unknowns(digits_export, tmp_p
     assert f"labels: {n_known} known and {20 - n_known} unknown labeled records from 1 file(s)" in lines
     why = [json.loads(line)["why"] for line in (tmp_path / "round2" / "manifest.jsonl").read_text().splitlines()]
     assert len(second.ids) == 10 and all(f"(K+1)-way head on {n_known} labeled known" in w for w in why)
+
+
+def test_harvest_shows_its_phases_on_stderr_only_when_bars_are_on(digits_export, tmp_path, capsys, monkeypatch):
+    from oodguard.cli import main
+
+    queue, _, repository = filled_queue(digits_export, tmp_path / "q.sqlite", per_kind=5)
+    queue.close()
+
+    def harvest(out):  # a dry run: the second harvest sees the same pool
+        assert main(["harvest", "--queue", f"sqlite:///{tmp_path / 'q.sqlite'}", "--strategy", "entropy", "--budget",
+                     "4", "--out", str(tmp_path / out), "--repository", str(repository), "--dry-run"]) == 0
+        captured = capsys.readouterr()
+        return captured.out.replace(str(tmp_path / out), "OUT"), captured.err
+
+    monkeypatch.delenv("OODGUARD_PROGRESS", raising=False)  # not a terminal: no bar
+    plain_out, plain_err = harvest("plain")
+    assert plain_err == "" and "dry run: selected 4 records into OUT" in plain_out
+    monkeypatch.setenv("OODGUARD_PROGRESS", "1")
+    out, err = harvest("bars")
+    assert out == plain_out  # stdout is the same, line for line
+    for phase in ("read the pending records of digits from the queue", "build the pool of 15 records",
+                  "find repeated inputs", "entropy: select 4 of 15", "write images and tasks"):
+        assert phase in err
+    assert "0/4" in err and "img" in err  # the images are counted (a bar starts at 0/total)
+    manifests = [(tmp_path / out / "manifest.jsonl").read_text() for out in ("plain", "bars")]
+    assert manifests[0] == manifests[1]
