@@ -26,6 +26,7 @@ from .backend import Backend, BackendUnavailable
 from .batching import MicroBatcher
 from .decision import Decisions, DecisionPolicy, PolicyError
 from .inputs import InputLimits
+from .listen import ensure_port_free, port_in_use_message
 from .memory import MemoryTrimmer
 from .metrics import GatewayMetrics
 from .queue import NewRecord, QueryQueue, QueueError
@@ -230,25 +231,23 @@ class Gateway:
         return credentials, interceptors
 
     async def start(self) -> int:
+        if self.worker is None:  # workers share the port the supervisor checked and reserved
+            ensure_port_free(self.settings.listen)  # before anything loads: a busy port is refused at once
         await self._set_serving(False, "starting")
         credentials, interceptors = self._security()  # TLS files and token are read before anything starts
+        # the port is bound first: a busy port refuses the start before any model loads or health says SERVING
+        limit = self.settings.max_message_bytes
+        self.server = grpc.aio.server(interceptors=interceptors, options=server_options(limit, self.worker is not None))
+        self.port = self._bind(credentials)
         await self.backend.start()
         await self.registry.start()
         fatal = {k: v for k, v in self.registry.policy_errors.items() if not self.registry.snapshot.versions.get(k[0])}
         if fatal:
             raise PolicyError("; ".join(fatal.values()))
-        limit = self.settings.max_message_bytes
-        self.server = grpc.aio.server(interceptors=interceptors, options=server_options(limit, self.worker is not None))
         self.server.add_generic_rpc_handlers((OODGuardService(self).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server)
-        if credentials is not None:
-            self.port = self.server.add_secure_port(self.settings.listen, credentials)
-        else:
-            self.port = self.server.add_insecure_port(self.settings.listen)
-        if not self.port:
-            raise OSError(f"cannot listen on {self.settings.listen}")
         await self.server.start()
         s = self.settings
         host = s.listen.rpartition(":")[0]
@@ -269,6 +268,21 @@ class Gateway:
         if not self.registry.snapshot.versions:
             log.warning("no model version ready yet; health NOT_SERVING until one is")
         return self.port
+
+    def _bind(self, credentials) -> int:
+        """Bind the gRPC server to ``settings.listen``; the bound port. A port another process holds (or an address
+        this host lacks) is an OSError naming it, not grpc's RuntimeError."""
+        listen = self.settings.listen
+        try:
+            if credentials is not None:
+                port = self.server.add_secure_port(listen, credentials)
+            else:
+                port = self.server.add_insecure_port(listen)
+        except RuntimeError:
+            port = 0
+        if not port:
+            raise OSError(port_in_use_message(listen))
+        return port
 
     def _worker_name(self) -> str:
         return "" if self.worker is None else f" worker {self.worker.index}/{self.worker.count}"

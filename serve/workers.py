@@ -44,6 +44,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
+from .listen import ensure_port_free
 from .settings import Settings
 
 log = logging.getLogger("oodguard.serve.workers")
@@ -95,6 +96,7 @@ def reserve_port(listen: str) -> tuple[socket.socket, str]:
     bare = host.strip("[]")
     family, kind, proto, _, address = socket.getaddrinfo(bare, int(port), type=socket.SOCK_STREAM,
                                                          flags=socket.AI_PASSIVE)[0]
+    ensure_port_free(listen)  # even one another gateway's workers share with SO_REUSEPORT
     sock = socket.socket(family, kind, proto)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:

@@ -154,3 +154,27 @@ def test_serve_refuses_a_repository_that_is_not_there(tmp_path):
         capture_output=True, text=True, timeout=60)
     assert result.returncode == 2 and not (tmp_path / "q.sqlite").exists()
     assert f"the model repository {tmp_path / 'nowhere'} is not a folder" in result.stderr
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_refuses_a_busy_port_in_one_line(digits_export, tmp_path, workers):
+    """A port another process holds (here with SO_REUSEPORT, as another gateway's workers hold theirs) is refused
+    before any model loads: exit 2, one error line naming the port, no traceback, health never said SERVING."""
+    import socket
+
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        listen = f"127.0.0.1:{holder.getsockname()[1]}"
+        result = subprocess.run(
+            [sys.executable, "-m", "oodguard.cli", "serve", "--repository", str(digits_export[2]), "--listen", listen,
+             "--workers", workers, "--queue-path", str(tmp_path / "q.sqlite")],
+            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error:" in line]
+    assert errors == [f"oodguard serve: error: cannot listen on {listen}: the port is in use (another gateway?) or the "
+                      "address is not this host's (Address already in use); stop the other process or give --listen "
+                      "HOST:PORT"], result.stderr
+    assert "Traceback" not in result.stderr and "health: SERVING" not in result.stderr
+    assert "version 1" not in result.stderr  # no model was loaded
