@@ -1,4 +1,5 @@
 import hashlib
+import re
 
 import numpy as np
 import pytest
@@ -159,12 +160,29 @@ def test_realised_acceptance_on_a_further_disjoint_split_is_inside_the_binomial_
         assert low <= accepted <= high, f"{name}: {accepted}/{n} accepted, interval [{low}, {high}]"
 
 
-def test_next_export_adds_a_version_and_the_repository_validates(digits_export, tmp_path):
+def test_next_export_adds_a_version_and_the_repository_validates(digits_export, tmp_path, capfd, monkeypatch):
+    """Also (the same two exports, to spare two more): the second shows its phases as bars on stderr
+    (OODGUARD_PROGRESS=1) and prints the same lines on stdout as the first, whose stderr has no bar."""
     record, result, repository, checkpoint = digits_export
     spec = spec_from_training(checkpoint, tmp_path, "digits", bank_size=200)
-    first = export_model(spec, progress=quiet)
-    second = export_model(spec, progress=quiet)
+    monkeypatch.delenv("OODGUARD_PROGRESS", raising=False)  # not a terminal: no bar
+    first = export_model(spec)
+    plain = capfd.readouterr()
+    monkeypatch.setenv("OODGUARD_PROGRESS", "1")
+    second = export_model(spec)
+    shown = capfd.readouterr()
     assert (first.version, second.version) == (1, 2)
+    bars = ("extract training features (866 images)", "validation OOD: build it and extract its features",
+            "ProbCover bank of 200", "fit scores (probcover bank): sisom", "fit scores (random bank): knn",
+            "score the references (random bank)", "score the validation OOD (probcover bank)",
+            "choose the fused score", "export ONNX", "calibrate: ONNX Runtime")
+    assert all(bar in shown.err for bar in bars) and not any(bar in plain.err for bar in bars)
+    assert "0/866" in shown.err and "0/289" in shown.err  # batch loops count images (a bar starts at 0/total)
+
+    def timeless(out: str, version: int) -> str:
+        return re.sub(r"\d+\.\ds$", "Ts", out.replace(f"digits/{version} ", "digits/V "), flags=re.M)
+
+    assert "  export ONNX: " in plain.out and timeless(shown.out, 2) == timeless(plain.out, 1)
     assert versions(tmp_path, "digits") == [1, 2]
     assert second.calibration.model["bank_size"] == 200
     # ProbCover and a stratified random bank are compared on every bank-based score; the better is kept
