@@ -4,17 +4,16 @@
 ``<version>/model.py``, which runs ``<version>/model.onnx`` with ONNX Runtime (source:
 ``export/triton_python_model.py``). The production config (ONNX Runtime backend) ignores the file.
 
-The file is written precompiled: when Triton's python backend imports a ``model.py`` without bytecode it
-writes ``<version>/__pycache__``, which the server's repository poll sees as a change and answers with one
-more reload of the version. The bytecode is hash-checked (not timestamp-checked), so it stays valid when
-the folder is copied and the source's modification time changes. It is compiled by the exporting
-interpreter, so it matches the server's only when both run the same Python minor version (3.11 here);
-otherwise the server writes its own once, and the version reloads once more.
+A version folder holds only ``model.onnx``, ``model.py`` and ``calibration.json``: no bytecode. When Triton's
+python backend imports ``model.py`` it would write ``<version>/__pycache__``, which litters the repository and
+which the server's repository poll sees as a change, answered with one more reload of the version. The local
+server (``oodguard triton``, :mod:`oodguard.triton_local`) therefore runs with ``PYTHONPYCACHEPREFIX`` set to a
+folder of the Triton environment, so bytecode goes there; a tritonserver of your own that runs the CPU config
+should set it (or ``PYTHONDONTWRITEBYTECODE=1``) too.
 """
 
 from __future__ import annotations
 
-import py_compile
 from importlib import resources
 from pathlib import Path
 
@@ -29,10 +28,9 @@ def model_source() -> str:
 
 
 def write_triton_model(version_dir: str | Path) -> Path:
-    """Write ``model.py`` into ``version_dir`` and its bytecode into ``version_dir/__pycache__``; return its path.
+    """Write ``model.py`` (world-readable: Triton may run as another user) into ``version_dir``; return its path.
 
-    Files are world-readable (Triton may run as another user). Call it on the staging folder, before the
-    version is published, so the server never sees a half-written folder.
+    Call it on the staging folder, before the version is published, so the server never sees a half-written folder.
     """
     version_dir = Path(version_dir)
     if not version_dir.is_dir():
@@ -40,10 +38,6 @@ def write_triton_model(version_dir: str | Path) -> Path:
     path = version_dir / MODEL_PY
     path.write_text(model_source())
     path.chmod(0o644)
-    compiled = Path(py_compile.compile(str(path), doraise=True,
-                                       invalidation_mode=py_compile.PycInvalidationMode.CHECKED_HASH))
-    compiled.chmod(0o644)
-    compiled.parent.chmod(0o755)
     return path
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 from collections.abc import Iterable, Iterator
 from typing import TypeVar
 
@@ -43,8 +44,23 @@ def track(items: Iterable[T], desc: str = "", total: int | None = None, unit: st
 
 
 @contextlib.contextmanager
-def phase(desc: str) -> Iterator[None]:
-    """A step with no count of its own: a spinner-style bar naming it while it runs (nothing off a terminal)."""
+def phase(desc: str, refresh_s: float = 0.5) -> Iterator[None]:
+    """A step with no count of its own: its name and a running clock while it runs (nothing off a terminal).
+    tqdm redraws only on an update, so a daemon thread redraws the clock every ``refresh_s`` seconds."""
     with bar(total=None, desc=desc, unit="phase", bar_format="{desc}: {elapsed}") as progress:
-        yield
-        progress.update(0)
+        if progress.disable:
+            yield
+            return
+        done = threading.Event()
+
+        def tick() -> None:
+            while not done.wait(refresh_s):
+                progress.refresh()
+
+        ticker = threading.Thread(target=tick, name=f"progress {desc}", daemon=True)
+        ticker.start()
+        try:
+            yield
+        finally:
+            done.set()
+            ticker.join()

@@ -71,6 +71,9 @@ class TritonInstall:
         env["VIRTUAL_ENV"] = str(self.env_dir)
         for name in ("PYTHONPATH", "PYTHONHOME", "PYTHONDONTWRITEBYTECODE"):
             env.pop(name, None)
+        # model.py's bytecode goes here, not into <version>/__pycache__ (which would litter the repository and
+        # make the repository poll reload the version once more)
+        env["PYTHONPYCACHEPREFIX"] = str(self.env_dir / "pycache")
         return env
 
 
@@ -206,19 +209,29 @@ class TritonServer:
         return self.start()
 
 
-def main(argv: list[str] | None = None) -> int:
-    """``oodguard triton``: run the local CPU tritonserver in the foreground (it replaces this process)."""
+def build_parser():
+    """The parser of ``oodguard triton``: abbreviated flags refused, every default named in its help."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="oodguard triton", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(prog="oodguard triton", description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--repository", type=Path, required=True, help="model repository (oodguard export writes it)")
-    parser.add_argument("--address", default="127.0.0.1", help="address of all three endpoints")
-    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port (the gateway's --triton-url)")
-    parser.add_argument("--http-port", type=int, default=8000, help="HTTP port (health: /v2/health/ready)")
-    parser.add_argument("--metrics-port", type=int, default=8002, help="Triton's Prometheus metrics port")
-    parser.add_argument("--poll-secs", type=int, default=5, help="how often the repository is polled for versions")
-    parser.add_argument("--env", type=Path, default=triton_env_dir(), help="the Triton environment (OODGUARD_TRITON_ENV)")
+    parser.add_argument("--address", default="127.0.0.1", help="address of all three endpoints (default %(default)s)")
+    parser.add_argument("--grpc-port", type=int, default=8001, help="gRPC port, the gateway's --triton-url "
+                        "(default %(default)s)")
+    parser.add_argument("--http-port", type=int, default=8000, help="HTTP port, health at /v2/health/ready "
+                        "(default %(default)s)")
+    parser.add_argument("--metrics-port", type=int, default=8002, help="Triton's Prometheus metrics port "
+                        "(default %(default)s)")
+    parser.add_argument("--poll-secs", type=int, default=5, help="how often the repository is polled for versions, "
+                        "seconds (default %(default)s)")
+    parser.add_argument("--env", type=Path, default=triton_env_dir(), help="the Triton environment: "
+                        "$OODGUARD_TRITON_ENV, else .venv-triton in the checkout (default %(default)s)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``oodguard triton``: run the local CPU tritonserver in the foreground (it replaces this process)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
     install = TritonInstall.find(args.env)
     if isinstance(install, str):

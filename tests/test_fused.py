@@ -53,7 +53,7 @@ def test_onnx_outputs_names_shapes_and_single_file(digits_export):
     assert [i.name for i in model.graph.input] == ["input"]
     assert model.opset_import[0].version == OPSET
     assert not any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
-    assert sorted(p.name for p in result.version_dir.iterdir()) == ["__pycache__", "calibration.json", "model.onnx", "model.py"]
+    assert sorted(p.name for p in result.version_dir.iterdir()) == ["calibration.json", "model.onnx", "model.py"]
     session = OnnxModel(path).session
     assert all(o.type == "tensor(float)" for o in session.get_outputs())
     shapes = {o.name: o.shape for o in session.get_outputs()}

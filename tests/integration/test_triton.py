@@ -58,6 +58,9 @@ def test_tritonclient_returns_batch_by_1_scores_equal_to_onnx_runtime(triton_ser
             got = got[:, 0]
         assert got.shape == array.shape and got.dtype == np.float32, name
         np.testing.assert_allclose(got, array, rtol=1e-5, atol=1e-5, err_msg=name)
+    # the python backend imported model.py: its bytecode went outside the repository
+    served = sorted(p.name for p in version_dir(triton_server.repository, MODEL, 1).iterdir())
+    assert served == ["calibration.json", "model.onnx", "model.py"]
 
 
 def test_backend_infer_squeezes_scores_and_reports_the_version(triton_server):
@@ -203,7 +206,7 @@ def test_hot_reload_serves_a_version_moved_in_atomically(triton_server):
     ready_after, latest = asyncio.run(run())
     assert latest.version == 2 and latest.outputs["sisom"].shape == (3,)
     loads = triton_server.log_tail(10**7).count('"loading: digits:')
-    time.sleep(2.5)  # two more polls: the precompiled model.py must not trigger another reload
+    time.sleep(2.5)  # two more polls: model.py's bytecode (written outside the repository) triggers no reload
     assert triton_server.log_tail(10**7).count('"loading: digits:') == loads
     assert triton_server.log_tail(10**7).count('"loading: digits:3"') == 1
     print(f"version 2 ready {ready_after:.2f} s after the rename")
