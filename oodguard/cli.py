@@ -28,8 +28,56 @@ def _ints(text: str) -> tuple[int, ...]:
     return tuple(int(v) for v in text.split(","))
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser that takes no abbreviated flags: ``--epoch 3`` is refused instead of read as ``--epochs 3``
+    (an abbreviation is a guess, and one that a later flag makes ambiguous would change meaning unnoticed).
+    ``add_subparsers`` makes its subparsers of the parent's class, so every subcommand, nested ones included,
+    is a :class:`Parser` too."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
+def subcommand_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub)parser that ``args`` was parsed by last: ``oodguard queue list ...`` → the ``queue list`` parser."""
+    while True:
+        chooser = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+        name = getattr(args, chooser.dest, None) if chooser is not None else None
+        if name not in (chooser.choices if chooser is not None else {}):
+            return parser
+        parser = chooser.choices[name]
+
+
+def _unrecognized(parser: argparse.ArgumentParser, extras: list[str]) -> str:
+    """argparse's "unrecognized arguments" message, with the flags each unknown ``--flag`` may have meant."""
+    import difflib
+
+    known = [o for o in parser._option_string_actions if o.startswith("--")]
+    hints = []
+    for extra in extras:
+        flag = extra.split("=", 1)[0]
+        if not flag.startswith("--"):
+            continue
+        meant = [o for o in known if o.startswith(flag)] or difflib.get_close_matches(flag, known, n=3, cutoff=0.75)
+        if meant:
+            hints.append(f"{flag}: did you mean {' or '.join(meant)}?")
+    return f"unrecognized arguments: {' '.join(extras)}" + (f" ({'; '.join(hints)})" if hints else "")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, but arguments no parser knows are reported by the subcommand that was chosen,
+    with its usage line (argparse's own parse_args reports them with the top level's usage, which does not show
+    the subcommand's flags); exit 2 as argparse does."""
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        chosen = subcommand_parser(parser, args)
+        chosen.error(_unrecognized(chosen, extras))
+    return args
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="oodguard", description="Out-of-distribution guard for image classifiers.")
+    parser = Parser(prog="oodguard", description="Out-of-distribution guard for image classifiers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = sub.add_parser("train", help="train a backbone + linear head on a dataset",
@@ -38,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--backbone", help="lenet5 (default), resnet18_cifar, or package.module:factory; with --base: "
                        "the base run's")
     train.add_argument("--data", action="append", default=[], help="'digits', an IDX images file, a .npz (PATH.npz[#KEY], "
-                       "e.g. what `labels import` writes) or a folder; repeatable")
+                       "e.g. what `labels import` writes) or a folder; repeatable (default: none; with --base the "
+                       "base run's data)")
     train.add_argument("--base", type=Path, metavar="RUN", help="build on this run (a folder with training.json): its "
                        "data (by reference) and split are kept, its classes keep their indices, new classes are "
                        "appended by name, its preprocessing is kept")
@@ -62,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0, help="seed of the split, the weights and the batches "
                        "(default %(default)s)")
     train.add_argument("--holdout", type=float, default=0.2,
-                       help="fraction held out of training, halved into calibration and test splits (default 0.2)")
+                       help="fraction held out of training, halved into calibration and test splits "
+                       "(default %(default)s)")
     train.add_argument("--input-shape", type=_ints, help="C,H,W for a backbone without an input_shape attribute")
 
     export = sub.add_parser("export", help="export a checkpoint with the fused OOD head into a model repository",
@@ -83,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "or a class-stratified random bank, whichever is not worse on validation); default: all training "
                         "samples")
     export.add_argument("--bank-method", choices=["auto", "probcover", "random"], default="auto",
-                        help="how --bank-size picks each class's samples (default auto: both, the better kept)")
+                        help="how --bank-size picks each class's samples (default %(default)s: both, the better kept)")
     export.add_argument("--multi-layer", action="store_true",
                         help="also export multi-layer SISOM and SISOMe (sisom_ml, sisome_ml: gradient-weighted "
                         "activations of the backbone's named layers, e.g. LeNet-5 conv1, conv2, fc1 and the "
@@ -106,7 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "chosen on validation among subsets of up to 3 scores)")
     export.add_argument("--fused-combination", choices=["fisher", "min-p"],
                         help="fixed combination of the fused score's p-values (default: chosen with the components)")
-    export.add_argument("--tpr", type=float, default=0.95, help="target TPR of the thresholds (default 0.95)")
+    export.add_argument("--tpr", type=float, default=0.95, help="target TPR of the thresholds (default %(default)s)")
     export.add_argument("--max-batch-size", type=int, default=64, help="largest batch the Triton config and the "
                         "gateway accept (default %(default)s)")
     export.add_argument("--seed", type=int, default=0, help="seed of the bank, the validation OOD and the calibration "
@@ -129,7 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--version", type=int, help="default: the latest version")
     evaluate.add_argument("--id", required=True, dest="id_spec", help="in-distribution test set (any dataset spec)")
     evaluate.add_argument("--ood", action="append", default=[], metavar="NAME=PATH[:near|far]",
-                          help="an OOD set; PATH is a dataset spec or synthetic:uniform|blobs[:COUNT]; repeatable")
+                          help="an OOD set; PATH is a dataset spec or synthetic:uniform|blobs[:COUNT]; repeatable, "
+                          "at least one (default: none)")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
     evaluate.add_argument("--plot", type=Path, metavar="DIR", help="also write DIR/scores.png: per score the histograms "
                           "(ID against each OOD set) with the calibrated threshold, and the ROC curves")
@@ -149,6 +200,33 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class StrategyName(argparse.Action):
+    """``harvest --strategy NAME``: its help lists the names of the strategy registry
+    (:data:`oodguard.harvest.strategies.STRATEGIES`), so a new strategy shows in ``--help`` without a hand-kept
+    list. The registry is read only when the help is shown, because importing it imports numpy, which building
+    the parser for ``serve`` or ``queue`` must not pay for. An unknown NAME is refused by ``get_strategy`` when
+    the command runs (exit 2, naming the registered ones), before the queue is opened."""
+
+    @property
+    def help(self) -> str:
+        return (f"selection strategy, one of: {', '.join(strategy_names())} (`--param help` lists a strategy's "
+                "parameters)")
+
+    @help.setter
+    def help(self, value) -> None:  # argparse.Action.__init__ assigns help=None: the property above answers instead
+        pass
+
+    def __call__(self, parser, namespace, values, option_string=None) -> None:
+        setattr(namespace, self.dest, values)
+
+
+def strategy_names() -> list[str]:
+    """The registered harvest strategies' names, in registry order."""
+    from oodguard.harvest.strategies import STRATEGIES
+
+    return list(STRATEGIES)
+
+
 def _add_harvest_commands(sub) -> None:
     harvest = sub.add_parser("harvest", help="select a label budget from the query queue and export it for relabeling",
                              description="Pick --budget pending records with an open-set active-learning strategy (from the "
@@ -156,13 +234,13 @@ def _add_harvest_commands(sub) -> None:
                              "OUT/manifest.jsonl and OUT/tasks.json (Label Studio import), and mark them sent so no later or "
                              "concurrent harvest selects them again.")
     harvest.add_argument("--queue", required=True, help="queue URL: sqlite:///PATH or redis://HOST:PORT/DB")
-    harvest.add_argument("--strategy", required=True, help="random, entropy, margin, least-confidence, coreset, badge, "
-                         "sisom, sisom-diverse, aloe, lfosa, jsosal")
+    harvest.add_argument("--strategy", required=True, metavar="NAME", action=StrategyName)
     harvest.add_argument("--budget", type=int, required=True, help="how many records to select")
-    harvest.add_argument("--seed", type=int, default=0)
+    harvest.add_argument("--seed", type=int, default=0, help="seed of the strategy's random choices "
+                         "(default %(default)s)")
     harvest.add_argument("--out", type=Path, required=True, help="new (or empty) output folder")
     harvest.add_argument("--repository", type=Path, default=Path("model_repository"),
-                         help="model repository (class names, preprocessing, calibration scores); default model_repository")
+                         help="model repository (class names, preprocessing, calibration scores) (default %(default)s)")
     harvest.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
                          help="strategy parameter (numbers are parsed), repeatable; a KEY the strategy lacks is an error "
                          "that lists the strategy's parameters with their defaults (--param help lists them)")
@@ -170,7 +248,7 @@ def _add_harvest_commands(sub) -> None:
     harvest.add_argument("--labels", action="append", type=Path, default=[], metavar="FILE",
                          help="label export of an earlier harvest (what `labels import` reads), repeatable: the labeled "
                               "records' features, known and unknown ('not relevant', new classes), go to the strategy "
-                              "(the (K+1)-way detector of lfosa, jsosal and open-quota)")
+                              "(the (K+1)-way detector of lfosa, jsosal and open-quota) (default: none)")
     harvest.add_argument("--stale", choices=["rescore", "exclude"], default="rescore",
                          help="pending records of older versions of the model: rescore them with the newest version "
                               "in the pool (default; their stored input runs through that version's ONNX model) or "
@@ -196,10 +274,12 @@ def _add_harvest_commands(sub) -> None:
                                 "own (default) or one 'unknown' class.")
     imp.add_argument("file", type=Path, help="Label Studio export (JSON, JSON-MIN or CSV) or CSV record_id,label")
     imp.add_argument("--queue", required=True, help="queue URL the records were harvested from")
-    imp.add_argument("--repository", type=Path, default=Path("model_repository"))
+    imp.add_argument("--repository", type=Path, default=Path("model_repository"),
+                     help="model repository holding the records' versions (class names) (default %(default)s)")
     imp.add_argument("--out", type=Path, required=True, help="dataset .npz to write")
     imp.add_argument("--unknown-policy", choices=["new-classes", "unknown"], default="new-classes",
-                     help="new classes: each a class of its own (default) or one 'unknown' class")
+                     help="new classes: each a class of its own (new-classes) or one 'unknown' class "
+                     "(default %(default)s)")
     imp.add_argument("--not-relevant-out", type=Path, metavar="NPZ",
                      help="also write the images labeled 'not relevant' to this .npz (images, record_ids), for "
                           "`oodguard train --outlier-data` (default: they are left out; written, empty, when there "
@@ -215,7 +295,7 @@ def _add_harvest_commands(sub) -> None:
         command.add_argument("--label-studio", required=True, metavar="URL", help="Label Studio's address, e.g. "
                              "http://127.0.0.1:8080")
         command.add_argument("--token-env", default="LABEL_STUDIO_API_KEY",
-                             help="environment variable holding the API token (default LABEL_STUDIO_API_KEY)")
+                             help="environment variable holding the API token (default %(default)s)")
         if name == "push":
             command.add_argument("harvest", type=Path, help="a harvest output folder")
             command.add_argument("--local-files-root", type=Path, default=Path("/"),
@@ -225,7 +305,7 @@ def _add_harvest_commands(sub) -> None:
         else:
             command.add_argument("--project", type=int, required=True, help="project id (printed by push)")
             command.add_argument("--format", choices=["JSON", "JSON_MIN", "CSV"], default="JSON",
-                                 help="export format (default JSON)")
+                                 help="export format (default %(default)s)")
             command.add_argument("--out", type=Path, required=True, help="file to write")
 
 
@@ -324,22 +404,27 @@ def _add_client_commands(sub) -> None:
                              "duration; report throughput, latency percentiles, errors by status and the flagged share. "
                              "Bearer token from OODGUARD_TOKEN.")
     loadgen.add_argument("--data", required=True, help="dataset spec ('digits', IDX, .npz, folder) or synthetic:uniform|blobs[:N]")
-    loadgen.add_argument("--concurrency", type=int, default=4, help="requests in flight (default 4)")
-    loadgen.add_argument("--rate", type=float, default=0.0, help="requests per second in all (default 0: unlimited)")
-    loadgen.add_argument("--duration", type=float, default=10.0, help="seconds (default 10, at most 3600)")
-    loadgen.add_argument("--requests", type=int, default=0, help="stop after N requests (default 0: the duration decides)")
-    loadgen.add_argument("--ood-fraction", type=float, default=0.0, help="share of requests drawn from --ood-data")
-    loadgen.add_argument("--ood-data", default="synthetic:uniform", help="OOD dataset spec (default synthetic:uniform)")
-    loadgen.add_argument("--batch-size", type=int, default=1, help="images per request (default 1)")
-    loadgen.add_argument("--seed", type=int, default=0)
+    loadgen.add_argument("--concurrency", type=int, default=4, help="requests in flight (default %(default)s)")
+    loadgen.add_argument("--rate", type=float, default=0.0,
+                         help="requests per second in all (default %(default)s: unlimited)")
+    loadgen.add_argument("--duration", type=float, default=10.0, help="seconds, at most 3600 (default %(default)s)")
+    loadgen.add_argument("--requests", type=int, default=0,
+                         help="stop after N requests (default %(default)s: the duration decides)")
+    loadgen.add_argument("--ood-fraction", type=float, default=0.0,
+                         help="share of requests drawn from --ood-data (default %(default)s)")
+    loadgen.add_argument("--ood-data", default="synthetic:uniform", help="OOD dataset spec (default %(default)s)")
+    loadgen.add_argument("--batch-size", type=int, default=1, help="images per request (default %(default)s)")
+    loadgen.add_argument("--seed", type=int, default=0, help="seed of the images drawn and of which requests are OOD "
+                         "(default %(default)s)")
     loadgen.add_argument("--allow-remote", action="store_true", help="allow a target that is not a loopback address")
     for command in (predict, loadgen):
         command.add_argument("--target", default="127.0.0.1:50051", help="gateway HOST:PORT (default %(default)s)")
         command.add_argument("--model", default="", help="model name (default: the server's)")
-        command.add_argument("--timeout", type=float, default=10.0 if command is predict else 5.0, help="deadline per call, s")
+        command.add_argument("--timeout", type=float, default=10.0 if command is predict else 5.0,
+                             help="deadline per call, s (default %(default)s)")
         command.add_argument("--tls-ca", metavar="FILE", help="root certificate (PEM) when the gateway serves TLS")
         command.add_argument("--json", action="store_true", help="print JSON")
-    predict.add_argument("--top-k", type=int, default=3, help="top classes per image (default 3)")
+    predict.add_argument("--top-k", type=int, default=3, help="top classes per image (default %(default)s)")
 
 
 def _run_predict(args: argparse.Namespace) -> int:
@@ -514,14 +599,73 @@ COMMANDS = {"serve": _run_serve, "train": _run_train, "export": _run_export, "va
             "queue": run_queue}
 
 
+def watched_output(args: argparse.Namespace) -> tuple[Path, bool] | None:
+    """(folder, recursive) that the command writes into, looked at before and after an interrupt so that the
+    message says truthfully what was left: train writes two files into --out, export a version folder and the
+    configs under --repository. None for the other commands."""
+    if args.command == "train":
+        return args.out, False
+    if args.command == "export":
+        return args.repository, True
+    return None
+
+
+def folder_state(folder: Path, recursive: bool) -> dict[str, tuple]:
+    """What an interrupt is compared against: relative path → ("dir",) or ("file", size, mtime_ns) of the
+    folder itself and what it holds (its direct entries, or everything below it when ``recursive``); an empty
+    dict when it does not exist. Folders count by presence only: a temporary entry made and removed again
+    changes a folder's mtime but leaves nothing behind."""
+    state: dict[str, tuple] = {}
+    if not folder.is_dir():
+        return state
+    for path in [folder, *(folder.rglob("*") if recursive else folder.iterdir())]:
+        try:
+            st = path.lstat()
+        except OSError:  # removed meanwhile
+            continue
+        name = path.relative_to(folder).as_posix()
+        state[name] = ("dir",) if path.is_dir() and not path.is_symlink() else ("file", st.st_size, st.st_mtime_ns)
+    return state
+
+
+def interrupted_message(args: argparse.Namespace, before: dict[str, tuple] | None) -> str:
+    """The one line an interrupted command prints: for train and export, whether the output folder is as it
+    was (compared with ``before``, its :func:`folder_state` when the command began; None: interrupted before
+    the command began) or what changed in it, which may be partial."""
+    head = f"oodguard {args.command}: interrupted"
+    watched = watched_output(args)
+    if watched is None:
+        return head
+    folder, recursive = watched
+    after = folder_state(folder, recursive)
+    before = after if before is None else before
+    added = sorted(set(after) - set(before))
+    removed = sorted(set(before) - set(after))
+    changed = sorted(name for name in set(before) & set(after) if before[name] != after[name])
+    if not (added or removed or changed):
+        return f"{head}; nothing was written ({folder} {'is unchanged' if after else 'was not created'})"
+
+    def names(paths: list[str]) -> str:
+        shown = [str(folder / p) if p != "." else str(folder) for p in paths[:4]]
+        return ", ".join(shown) + (f" and {len(paths) - 4} more" if len(paths) > 4 else "")
+
+    parts = [f"{label} {names(paths)}" for label, paths in (("new:", added), ("changed:", changed),
+                                                            ("removed:", removed)) if paths]
+    return f"{head} while writing its output, which may be partial; {'; '.join(parts)}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["triton"]:  # its own parser: every option goes to it, --help included
         from oodguard.triton_local import main as triton_main
 
         return triton_main(argv[1:])
-    args = build_parser().parse_args(argv)
+    args = parse_args(build_parser(), argv)
+    before = None
     try:
+        watched = watched_output(args)
+        if watched is not None:
+            before = folder_state(*watched)
         status = COMMANDS[args.command](args)
         sys.stdout.flush()  # a reader that went away shows here, not as a traceback at exit
         return status
@@ -531,6 +675,9 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (`oodguard queue list | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what was left, not a traceback; 128 + SIGINT as shells do
+        print(interrupted_message(args, before), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@
 - ``list`` / ``show``: records matching the filters, oldest first (one line each / everything but the arrays).
 - ``sheet``: a PNG contact sheet of a random sample of the matching records: each tile is the record's model
   input turned back into pixels with its version's preprocessing (from the model repository's
-  calibration.json), captioned with a short id and the deciding score. It shows what was queued, nothing more.
+  calibration.json), captioned with the end of its id (what tells the sheet's records apart; the ids'
+  starts are their queueing time) and the deciding score. It shows what was queued, nothing more.
 - ``release``: claimed records back to pending (what a killed harvest left claimed).
 - ``purge``: delete records (any state); refuses without ``--yes`` and says how many it would delete.
 
@@ -116,8 +117,9 @@ def add_queue_command(sub) -> None:
         "sheet", help="a PNG contact sheet of a sample of matching records",
         description="Draw a random sample of the matching records as a PNG contact sheet: each tile is the "
         "record's model input turned back into pixels with its version's preprocessing (from calibration.json in "
-        "the model repository; normalisation undone, resizing not), captioned with the first 8 characters of its id "
-        "and its deciding score. Prints the tiles' full ids in reading order.")
+        "the model repository; normalisation undone, resizing not), captioned with the end of its id (the last 8 "
+        "characters, more where 8 do not tell the sheet's records apart) and its deciding score. Writes the tiles' "
+        "full ids, in reading order, to FILE.png.json.")
     _add_queue_url(sheet)
     sheet.add_argument("--out", type=Path, required=True, metavar="FILE.png", help="the PNG file to write")
     _add_filters(sheet, limit=64, limit_help="tiles: a random sample of this many matching records (all if fewer)")
@@ -177,7 +179,9 @@ def _add_filters(parser, *, limit: int | None, limit_help: str = "", state: bool
                         help=f"only records queued before TIME: {TIME_HELP} (default: no upper bound)")
     parser.add_argument("--score", metavar="NAME",
                         help="only records flagged by this score: NAME is one of the decision's deciding scores and, "
-                             "where the decision lists the crossed scores, crossed its threshold (default: any record)")
+                             "where the decision lists the crossed scores, crossed its threshold; a NAME that none of "
+                             "the records matching the other filters has is an error listing theirs (default: any "
+                             "record)")
     if limit is not None:
         parser.add_argument("--limit", type=_positive_int, default=limit, metavar="N",
                             help=f"{limit_help} (default %(default)s)")
@@ -233,9 +237,15 @@ def _has_filter(args) -> bool:
     return any(getattr(args, name, None) is not None for name in ("model", "version", "since", "until", "score"))
 
 
+def score_names(record) -> set[str]:
+    """The score names a record knows: those it stores a value of and its decision's deciding ones."""
+    return set(record.scores) | {str(s) for s in (record.decision or {}).get("deciding") or []}
+
+
 def _select(queue, args, state: str, limit: int | None) -> tuple[list, bool]:
     """The records in ``state`` matching the filters of ``args``, oldest first: at most ``limit`` (None: all),
-    and whether more match."""
+    and whether more match. A ``--score`` that none of the records the other filters match knows (see
+    :func:`score_names`) is a ValueError listing the names they do know: a typo must not read as "no record"."""
     query = dict(state=state, model=args.model, version=args.version, since=args.since, until=args.until)
     if not args.score:
         records = queue.select(limit=None if limit is None else limit + 1, **query)
@@ -247,6 +257,11 @@ def _select(queue, args, state: str, limit: int | None) -> tuple[list, bool]:
             if page is None or len(batch) < page or len(records) > limit:
                 break
             page *= 4
+        if not records:  # then every record the other filters match was read: `batch` holds them all
+            known = set().union(*map(score_names, batch))
+            if batch and args.score not in known:
+                raise ValueError(f"--score {args.score!r}: no score of that name in the {len(batch)} matching "
+                                 f"{state} record(s); their scores: {', '.join(sorted(known))}")
     if limit is None:
         return records, False
     return records[:limit], len(records) > limit
@@ -370,6 +385,19 @@ def tile_shape(tile_size: int) -> tuple[int, int]:
     return tile_size + 2 * TILE_PAD, tile_size + 2 * TILE_PAD + CAPTION_HEIGHT
 
 
+def short_ids(ids: list[str], least: int = 8) -> list[str]:
+    """Captions for these record ids: the shortest common length of their ends, at least ``least`` characters,
+    that tells all of them apart. Ends, not starts: ids are UUIDv7 (:func:`oodguard.serve.queue.new_record_ids`),
+    whose first 12 hex digits are the millisecond they were queued and the next 4 its fraction, so the records of
+    one request share their first 16 digits; the last 15 digits are random (and uuid4 ids, random throughout,
+    differ at their ends too)."""
+    longest = max((len(i) for i in ids), default=0)
+    length = min(least, longest)
+    while len({i[-length:] for i in ids}) < len(set(ids)) and length < longest:
+        length += 1
+    return [i[-length:] for i in ids]
+
+
 def _tile(pixels, caption: list[str], tile_size: int, font):
     from PIL import Image, ImageDraw
 
@@ -408,7 +436,8 @@ def _sheet(queue, args) -> int:
     preprocessing = {}
     font = ImageFont.load_default()
     tiles = []
-    for r in records:
+    captions = short_ids([r.id for r in records])
+    for r, caption in zip(records, captions):
         key = (r.model, r.version)
         if key not in preprocessing:
             preprocessing[key] = Preprocessing.from_dict(calibrations.get(*key).model["preprocessing"])
@@ -417,7 +446,7 @@ def _sheet(queue, args) -> int:
         except ValueError as exc:
             raise ValueError(f"record {r.id}: its input {tuple(np.shape(r.input))} does not fit the preprocessing "
                              f"of {r.model} version {r.version}: {exc}") from exc
-        tiles.append(_tile(pixels, [r.id[:8], _score_text(r, args.score)], args.tile_size, font))
+        tiles.append(_tile(pixels, [caption, _score_text(r, args.score)], args.tile_size, font))
     columns = min(args.columns, len(tiles))
     rows = math.ceil(len(tiles) / columns)
     width, height = tile_shape(args.tile_size)
@@ -426,9 +455,10 @@ def _sheet(queue, args) -> int:
         sheet.paste(tile, ((n % columns) * width, (n // columns) * height))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     sheet.save(args.out, format="PNG")
-    legend = args.out.with_name(args.out.name + ".json")  # captions show 8 characters of an id: the full ones
-    legend.write_text(json.dumps([{"tile": n, "id": r.id, "model": r.model, "version": r.version,
-                                   "score": _score_text(r, args.score)} for n, r in enumerate(records, 1)], indent=1))
+    legend = args.out.with_name(args.out.name + ".json")  # captions show the ends of the ids: the full ones
+    legend.write_text(json.dumps([{"tile": n, "id": r.id, "caption": caption, "model": r.model, "version": r.version,
+                                   "score": _score_text(r, args.score)}
+                                  for n, (r, caption) in enumerate(zip(records, captions), 1)], indent=1))
     print(f"wrote {args.out}: {len(tiles)} tile(s), {columns} x {rows} ({sheet.width}x{sheet.height} px), "
           f"a sample of {total} matching {args.state} record(s) (seed {args.seed}); tile ids in {legend}")
     return 0

@@ -16,9 +16,9 @@ from PIL import Image
 
 from oodguard.cli import build_parser, main
 from oodguard.preprocess import Preprocessing
-from oodguard.queue_cli import STATES, TILE_PAD, parse_time, tile_shape
+from oodguard.queue_cli import STATES, TILE_PAD, parse_time, short_ids, tile_shape
 from oodguard.serve.queue import STATES as QUEUE_STATES
-from oodguard.serve.queue import NewRecord
+from oodguard.serve.queue import NewRecord, new_record_ids
 
 DAY = 86400.0
 
@@ -190,6 +190,56 @@ def test_sheet_draws_the_inputs_undone_with_captions(filled, capsys, tmp_path):
                        str(tmp_path / "all.png"), "--repository", str(repository))
     width, height = tile_shape(28)
     assert Image.open(tmp_path / "all.png").size == (8 * width, 2 * height) and "15 tile(s), 8 x 2" in out
+
+
+def test_sheet_captions_tell_the_records_of_one_put_apart(filled, capsys, tmp_path):
+    """The digits records were queued five per put: their UUIDv7 ids share the first 16 hex digits (the time), so
+    captions are the ids' ends, pairwise distinct and short."""
+    url, queue, ids, repository, v = filled
+    assert len({i[:16] for i in ids["digits"]}) == 3  # three puts
+    code, _, _ = run(capsys, "sheet", "--queue", url, "--model", "digits", "--out", str(tmp_path / "s.png"),
+                     "--repository", str(repository))
+    legend = json.loads((tmp_path / "s.png.json").read_text())
+    captions = [t["caption"] for t in legend]
+    assert code == 0 and len(legend) == 15
+    assert len(set(captions)) == 15 and all(8 <= len(c) <= 12 for c in captions)
+    assert all(t["id"].endswith(t["caption"]) for t in legend)
+
+
+def test_short_ids_are_the_shortest_distinct_ends():
+    ids = new_record_ids(64, time.time())
+    assert len({i[:16] for i in ids}) == 1  # one put: the first 16 hex digits alike, the old captions all equal
+    captions = short_ids(ids)
+    assert len(set(captions)) == 64 and all(i.endswith(c) for i, c in zip(ids, captions))
+    assert all(8 <= len(c) <= 12 for c in captions) and len({len(c) for c in captions}) == 1
+    # ends alike in their last 8 and 9 characters: 10 tell them apart
+    assert short_ids(["0" * 22 + "1a2b3c4d5e", "0" * 22 + "2a2b3c4d5e", "f" * 32]) == [
+        "1a2b3c4d5e", "2a2b3c4d5e", "f" * 10]
+    assert short_ids(["abc", "xyz"]) == ["abc", "xyz"] and short_ids([]) == []
+
+
+def test_an_unknown_score_is_an_error_listing_the_records_scores(filled, capsys, tmp_path):
+    url, queue, ids, repository, v = filled
+    code, out, err = run(capsys, "list", "--queue", url, "--model", "other", "--score", "bogus")
+    assert code == 2 and out == ""
+    assert err == ("oodguard queue: error: --score 'bogus': no score of that name in the 3 matching pending "
+                   "record(s); their scores: energy, sisome\n")
+    digits_scores = sorted(queue.get(ids["digits"][:1])[0].scores)
+    assert "fused" in digits_scores and len(digits_scores) >= 8
+    code, _, err = run(capsys, "list", "--queue", url, "--model", "digits", "--score", "sisom_typo", "--json")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert err.endswith(f"their scores: {', '.join(digits_scores)}\n")
+    for action in (["sheet", "--out", str(tmp_path / "s.png"), "--repository", str(repository)], ["release"]):
+        if action == ["release"]:
+            queue.claim_ids(ids["digits"][:2])
+        code, _, err = run(capsys, *action, "--queue", url, "--model", "digits", "--score", "bogus")
+        assert code == 2 and "--score 'bogus': no score of that name" in err
+    assert not (tmp_path / "s.png").exists() and queue.stats().claimed == 2
+    # a score the records have that flagged none of them is no error: no record matches
+    code, out, _ = run(capsys, "list", "--queue", url, "--model", "other", "--version", "4", "--score", "energy")
+    assert code == 0 and out == "no pending record matches\n"
+    code, out, _ = run(capsys, "list", "--queue", url, "--model", "nope", "--score", "bogus")
+    assert code == 0 and out == "no pending record matches\n"
 
 
 def digits_export_calibration(repository, version):
