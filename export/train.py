@@ -14,6 +14,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from oodguard.progress import bar
+
 from .backbones import Classifier
 
 
@@ -76,12 +78,14 @@ def train_classifier(
 
     Reports one line per epoch to ``progress`` (epoch, mean loss, training accuracy, validation accuracy
     when ``validation`` = (images, labels) is given, seconds), plus an intermediate line whenever
-    ``report_every_s`` seconds pass within an epoch. Returns one ``{"epoch", "loss", "accuracy",
-    ["validation_accuracy",] "seconds"}`` dict per epoch; leaves the model in eval mode. The validation
-    accuracy is only reported: nothing is chosen by it. ``sample_weights`` (``[N]``, e.g. the inverse of each
-    sample's class count) draws each epoch's N samples with replacement in proportion to them instead of a
-    permutation: class-balanced sampling. ``shift`` > 0 moves every training image by a random whole number of
-    pixels in ``[-shift, shift]`` along each axis (see :func:`random_shift`), drawn anew each time it is seen.
+    ``report_every_s`` seconds pass within an epoch; on a terminal a bar over all ``epochs`` x batches shows
+    the epoch, the batches done and the running loss (:func:`oodguard.progress.bar`; nothing elsewhere).
+    Returns one ``{"epoch", "loss", "accuracy", ["validation_accuracy",] "seconds"}`` dict per epoch; leaves
+    the model in eval mode. The validation accuracy is only reported: nothing is chosen by it.
+    ``sample_weights`` (``[N]``, e.g. the inverse of each sample's class count) draws each epoch's N samples
+    with replacement in proportion to them instead of a permutation: class-balanced sampling. ``shift`` > 0
+    moves every training image by a random whole number of pixels in ``[-shift, shift]`` along each axis (see
+    :func:`random_shift`), drawn anew each time it is seen.
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
@@ -112,46 +116,57 @@ def train_classifier(
 
     history: list[dict] = []
     model.train()
-    try:
-        for epoch in range(1, epochs + 1):
-            start = last_report = time.monotonic()
-            order = (torch.randperm(n, generator=generator) if weights is None
-                     else torch.multinomial(weights, n, replacement=True, generator=generator))
-            loss_sum, correct, seen = 0.0, 0, 0
-            for batch, first in enumerate(range(0, n, batch_size), start=1):
-                idx = order[first : first + batch_size]
-                x, y = x_all[idx], y_all[idx]
-                if shift:
-                    x = random_shift(x, shift, generator)
-                x, y = x.to(device), y.to(device)
-                logits = model(x)
-                loss = loss_fn(logits, y)
-                optimizer.zero_grad(set_to_none=True)
-                (loss / len(idx)).backward()
-                optimizer.step()
-                loss_sum += loss.item()
-                correct += int((logits.argmax(dim=1) == y).sum())
-                seen += len(idx)
-                now = time.monotonic()
-                if now - last_report >= report_every_s and batch < n_batches:
-                    report(
-                        f"epoch {epoch}/{epochs}  batch {batch}/{n_batches}  loss {loss_sum / seen:.4f}  "
-                        f"acc {correct / seen:.4f}  {now - start:.1f}s"
-                    )
-                    last_report = now
-            record = {"epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen}
-            if validation is not None:
-                record["validation_accuracy"] = accuracy(model, *validation)["overall"]
-                model.train()
-            record["seconds"] = time.monotonic() - start
-            history.append(record)
-            report(
-                f"epoch {epoch}/{epochs}  loss {record['loss']:.4f}  acc {record['accuracy']:.4f}  "
-                + (f"val acc {record['validation_accuracy']:.4f}  " if validation is not None else "")
-                + f"{record['seconds']:.1f}s"
-            )
-    finally:
-        model.eval()
+    # one bar over every batch of every epoch (on a terminal only, see oodguard.progress); the lines reported
+    # while it shows are written around it, so they stay whole
+    with bar(total=epochs * n_batches, desc="train", unit="batch") as steps:
+
+        def say(line: str) -> None:
+            with steps.external_write_mode():
+                report(line)
+
+        try:
+            for epoch in range(1, epochs + 1):
+                steps.set_description(f"epoch {epoch}/{epochs}")  # refreshes: each epoch shows at least once
+                start = last_report = time.monotonic()
+                order = (torch.randperm(n, generator=generator) if weights is None
+                         else torch.multinomial(weights, n, replacement=True, generator=generator))
+                loss_sum, correct, seen = 0.0, 0, 0
+                for batch, first in enumerate(range(0, n, batch_size), start=1):
+                    idx = order[first : first + batch_size]
+                    x, y = x_all[idx], y_all[idx]
+                    if shift:
+                        x = random_shift(x, shift, generator)
+                    x, y = x.to(device), y.to(device)
+                    logits = model(x)
+                    loss = loss_fn(logits, y)
+                    optimizer.zero_grad(set_to_none=True)
+                    (loss / len(idx)).backward()
+                    optimizer.step()
+                    loss_sum += loss.item()
+                    correct += int((logits.argmax(dim=1) == y).sum())
+                    seen += len(idx)
+                    steps.set_postfix_str(f"loss {loss_sum / seen:.4f} acc {correct / seen:.4f}", refresh=False)
+                    steps.update(1)
+                    now = time.monotonic()
+                    if now - last_report >= report_every_s and batch < n_batches:
+                        say(
+                            f"epoch {epoch}/{epochs}  batch {batch}/{n_batches}  loss {loss_sum / seen:.4f}  "
+                            f"acc {correct / seen:.4f}  {now - start:.1f}s"
+                        )
+                        last_report = now
+                record = {"epoch": epoch, "loss": loss_sum / seen, "accuracy": correct / seen}
+                if validation is not None:
+                    record["validation_accuracy"] = accuracy(model, *validation)["overall"]
+                    model.train()
+                record["seconds"] = time.monotonic() - start
+                history.append(record)
+                say(
+                    f"epoch {epoch}/{epochs}  loss {record['loss']:.4f}  acc {record['accuracy']:.4f}  "
+                    + (f"val acc {record['validation_accuracy']:.4f}  " if validation is not None else "")
+                    + f"{record['seconds']:.1f}s"
+                )
+        finally:
+            model.eval()
     return history
 
 
@@ -196,11 +211,14 @@ def predict_logits(model: Classifier, images: np.ndarray, batch_size: int = 256)
 
 def accuracy(model: Classifier, images: np.ndarray, labels: np.ndarray,
              class_names: list[str] | None = None) -> dict:
-    """Top-1 accuracy of ``model`` on ``images`` / ``labels``: ``{"overall", "n", "per_class": {name: acc}}``
-    (a class without samples is left out of ``per_class``)."""
+    """Top-1 accuracy of ``model`` on ``images`` / ``labels``: ``{"overall", "n", "per_class": {name: acc},
+    "per_class_n": {name: images}}``. ``per_class_n`` is the number of images behind each class's accuracy, so a
+    reader can tell 1.000 from 5 images from 1.000 from 500; a class without samples is left out of both."""
     labels = np.asarray(labels, dtype=np.int64)
     predicted = predict_logits(model, images).argmax(axis=1)
     names = class_names or [str(c) for c in range(model.head.out_features)]
-    per_class = {names[c]: float(np.mean(predicted[labels == c] == c)) for c in range(len(names)) if np.any(labels == c)}
+    present = [c for c in range(len(names)) if np.any(labels == c)]
+    per_class = {names[c]: float(np.mean(predicted[labels == c] == c)) for c in present}
+    per_class_n = {names[c]: int(np.sum(labels == c)) for c in present}
     return {"overall": float(np.mean(predicted == labels)) if len(labels) else float("nan"), "n": int(len(labels)),
-            "per_class": per_class}
+            "per_class": per_class, "per_class_n": per_class_n}

@@ -7,7 +7,9 @@ built on this one (``oodguard train --base RUN``) re-reads the same specs and ke
 calibration and test images never enter its training set.
 
 Classes are matched **by name** across sources: a run's class list starts with the base run's classes in their
-order (their indices never change) and appends the names a new source brings, in order of first appearance. A
+order (their indices never change; without a base run, the first source's classes in its own order) and appends
+the names the other sources bring in sorted order (natural: digits by number, so '8' gets the lower index than
+'9' whichever a labels file happened to list first; see :func:`oodguard.datasets.natural_key`). A
 name that differs from an existing one only in letter case is an error (``"Cat"`` next to ``"cat"`` is almost
 always a labeling slip). A source without class names (IDX files) names its labels by their number.
 
@@ -23,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from oodguard.datasets import Dataset, DatasetError, load_dataset, stratified_split
+from oodguard.datasets import Dataset, DatasetError, load_dataset, natural_key, stratified_split
 from oodguard.preprocess import Preprocessing
 
 SPLITS = ("train", "calibration", "test")
@@ -65,18 +67,33 @@ def label_names(data: Dataset) -> list[str]:
 
 
 def merge_class_names(existing: Sequence[str], new: Sequence[str]) -> list[str]:
-    """``existing`` in order, then the names of ``new`` not among them, in order; case collisions are errors."""
+    """``existing`` in order, then the names of ``new`` not among them, in natural sort order
+    (:func:`~oodguard.datasets.natural_key`: ``'8'`` before ``'9'`` before ``'10'``), so a class's index does not
+    depend on which label came first. With ``existing`` empty, ``new`` is the first source's class list and keeps
+    its order (its label numbering, a ``--classes`` order). A name that differs from another only in letter case
+    is an error."""
     merged = list(existing)
     folded = {name.casefold(): name for name in merged}
+    added: list[str] = []
     for name in new:
-        if name in merged:
+        if name in merged or name in added:
             continue
         if name.casefold() in folded:
             raise ValueError(f"class {name!r} differs from the existing class {folded[name.casefold()]!r} only in "
                              "letter case; rename it in the labels (or keep the existing name)")
-        merged.append(name)
+        added.append(name)
         folded[name.casefold()] = name
-    return merged
+    return merged + (sorted(added, key=natural_key) if merged else added)
+
+
+def describe_appended(class_names: Sequence[str], first_new: int) -> str:
+    """The line that says which classes were appended to a run's list and at which index, e.g.
+    ``new classes, appended in sorted order: 8 → index 8, 9 → index 9`` ("" when none were)."""
+    appended = list(class_names)[first_new:]
+    if not appended:
+        return ""
+    return "new classes, appended in sorted order: " + ", ".join(
+        f"{name} → index {first_new + i}" for i, name in enumerate(appended))
 
 
 def new_source(spec: str, classes: list[int] | None, fractions: Sequence[float], seed: int) -> tuple[Source, Dataset]:
@@ -132,4 +149,5 @@ def balancing_weights(labels: np.ndarray, mode: str) -> np.ndarray | None:
     return (1.0 / counts[labels]).astype(np.float64)
 
 
-__all__ = ["Source", "SPLITS", "label_names", "merge_class_names", "new_source", "combine", "balancing_weights"]
+__all__ = ["Source", "SPLITS", "label_names", "merge_class_names", "describe_appended", "new_source", "combine",
+           "balancing_weights"]

@@ -4,7 +4,9 @@ Writes ``<out>/checkpoint.pt`` (the classifier's state dict) and ``<out>/trainin
 factory, class names, the preprocessing (recorded explicitly), the dataset spec and class selection,
 the seed, the disjoint split (train / calibration / test indices into the class-selected dataset), the
 history (loss, training and validation accuracy per epoch; validation = the calibration split, reported
-only) and the test split's accuracy, overall and per class (export carries it into calibration.json).
+only) and the test split's accuracy, overall and per class with the number of test images behind each (export
+carries it into calibration.json; a class with fewer than 30 test images is warned about: its accuracy is uncertain).
+New classes (from ``--base`` plus new data, or a second ``--data``) are appended in sorted order, and said so.
 Export draws the feature bank from ``train`` and calibrates on ``calibration``; ``test`` stays unseen
 for evaluation.
 
@@ -33,12 +35,16 @@ from oodguard.preprocess import Preprocessing
 
 from .backbones import BUILTIN_BACKBONES, Classifier, resolve_factory, save_checkpoint
 from .train import accuracy, train_classifier
-from .training_data import Source, balancing_weights, combine, label_names, merge_class_names, new_source
+from .training_data import (Source, balancing_weights, combine, describe_appended, label_names, merge_class_names,
+                            new_source)
 
 CHECKPOINT_FILE = "checkpoint.pt"
 RECORD_FILE = "training.json"
 #: the exported bank-based scores (SISOM's leave-one-out) need this many training images of every class
 MIN_TRAIN_PER_CLASS = 2
+#: a class with fewer test images than this gets a warning: its accuracy is uncertain (5 of 5 right is 1.000,
+#: yet its 95% Clopper-Pearson interval reaches down to 0.48; at 30 of 30 it still reaches 0.88)
+FEW_TEST_PER_CLASS = 30
 
 
 @dataclass
@@ -52,7 +58,8 @@ class TrainingRecord:
     splits: dict[str, list[int]]  # indices into :meth:`dataset` (every source joined)
     checkpoint_sha256: str = ""
     history: list[dict] = field(default_factory=list)
-    #: top-1 accuracy of the trained classifier on the test split: {"overall", "n", "per_class": {name: acc}}
+    #: top-1 accuracy of the trained classifier on the test split: {"overall", "n", "per_class": {name: acc},
+    #: "per_class_n": {name: test images}} (records written before the counts were kept lack "per_class_n")
     test_accuracy: dict = field(default_factory=dict)
     #: every dataset the run trained on, by reference, with its own split (see export/training_data.py);
     #: empty in records written before runs could have several: then ``data`` / ``classes`` / ``splits``
@@ -170,13 +177,18 @@ def run_training(
 
     fractions = [1 - holdout, holdout / 2, holdout / 2]
     sources = base_record.all_sources() if base_record is not None else []
-    class_names = list(base_record.class_names) if base_record is not None else []
-    loaded = {}
+    loaded, new_names = {}, []
     for spec in specs:
         source, dataset = new_source(spec, classes, fractions, seed)
-        class_names = merge_class_names(class_names, label_names(dataset))
+        new_names.append(label_names(dataset))
         loaded[len(sources)] = dataset
         sources.append(source)
+    # the base run's classes (else the first source's, in its order) keep their indices; the rest are appended,
+    # all of them together in sorted order, whichever source or label brought them first
+    class_names = (list(base_record.class_names) if base_record is not None
+                   else merge_class_names([], new_names.pop(0) if new_names else []))
+    first_new = len(class_names)
+    class_names = merge_class_names(class_names, [name for names in new_names for name in names])
     prep = Preprocessing.from_dict(base_record.preprocessing) if base_record is not None else None
     if prep is None:
         # the first source's size decides until the preprocessing exists; it is fitted on the joined train part
@@ -212,6 +224,8 @@ def run_training(
         + (f"; --outlier-data {', '.join(outlier_specs)}: no images, no extra class" if outlier_specs and outlier_x is None
            else "")
     )
+    if appended := describe_appended(class_names, first_new):
+        progress(appended)
     torch.manual_seed(seed)
     model = Classifier(net, k + (outlier_x is not None), feature_dim=getattr(net, "feature_dim", None))
     if init_from is not None:
@@ -229,8 +243,8 @@ def run_training(
         model = without_outlier_output(model, k)
     test_part = joined.take(splits["test"])
     test_accuracy = accuracy(model, prep.apply(test_part.images), test_part.labels, list(class_names))
-    progress(f"test accuracy {test_accuracy['overall']:.4f} on {test_accuracy['n']} images; per class: "
-             + ", ".join(f"{name} {acc:.3f}" for name, acc in test_accuracy["per_class"].items()))
+    for line in describe_accuracy(test_accuracy, list(class_names)):
+        progress(line)
     out_dir.mkdir(parents=True, exist_ok=True)
     record = TrainingRecord(
         backbone=factory_ref,
@@ -254,6 +268,26 @@ def run_training(
     record.save(out_dir / RECORD_FILE)
     progress(f"saved {out_dir / CHECKPOINT_FILE} and {out_dir / RECORD_FILE}")
     return record
+
+
+def describe_accuracy(test_accuracy: dict, class_names: list[str] | None = None,
+                      few: int = FEW_TEST_PER_CLASS) -> list[str]:
+    """The lines `oodguard train` prints about the test accuracy: overall, then each class's accuracy with the
+    number of test images behind it (``0 0.982 (n=57)``), then one warning naming the classes with fewer than
+    ``few`` test images, whose accuracy is uncertain (a class new to the run often has a handful: ``1.000 (n=5)``;
+    a class of ``class_names`` without any test image is named with n=0). A dict without ``per_class_n`` (an
+    older record) gives the accuracies without counts and no warning."""
+    counts = test_accuracy.get("per_class_n", {})
+    lines = [f"test accuracy {test_accuracy['overall']:.4f} on {test_accuracy['n']} images; per class: "
+             + ", ".join(f"{name} {acc:.3f}" + (f" (n={counts[name]})" if name in counts else "")
+                         for name, acc in test_accuracy["per_class"].items())]
+    if not counts:
+        return lines
+    thin = {name: counts.get(name, 0) for name in (class_names or list(counts)) if counts.get(name, 0) < few}
+    if thin:
+        lines.append(f"warning: class(es) {', '.join(f'{name} (n={n})' for name, n in thin.items())} have fewer than "
+                     f"{few} test images: their accuracy is uncertain (label more images of them to measure it)")
+    return lines
 
 
 def init_weights(model: Classifier, checkpoint: Path) -> int:

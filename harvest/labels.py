@@ -16,8 +16,10 @@ must be one of its choices: a known class of the record's model version; ``new c
 which ``oodguard train --outlier-data`` trains as an extra class that the saved model drops). Anything else is an error naming the label and the allowed choices. A plain CSV has no
 configured choices: labels that are not classes of the model are new classes, as ``new class`` names are.
 
-``policy`` says what new classes become: each its own class, appended in order of first appearance
-(``new-classes``), or one explicit ``unknown`` class (``unknown``).
+``policy`` says what new classes become: each its own class (``new-classes``), or one explicit ``unknown`` class
+(``unknown``). New classes are appended after the model's in sorted order (natural: ``8`` before ``9`` before
+``10``, see :func:`oodguard.datasets.natural_key`), not in the order the export happened to list them, so the same
+labels give the same class indices; the summary says which index each got.
 
 Rows naming record ids that are not in the queue are reported in the summary (count and first ids), or are an
 error with ``strict``. Each labeled record's queued model input is turned back into a uint8 image with its
@@ -38,6 +40,7 @@ from . import label_studio
 from .label_studio import NEW_CLASS, NOT_RELEVANT, read_export
 from .versions import CalibrationCache
 from oodguard import repository as repo
+from oodguard.datasets import natural_key
 from oodguard.preprocess import Preprocessing
 
 POLICIES = ("new-classes", "unknown")
@@ -64,7 +67,11 @@ class ImportSummary:
         parts = [f"read {self.format}: {self.rows} task(s)/row(s)",
                  f"wrote {self.out_path}: {self.n} labeled images, classes {self.class_names}"]
         if self.new_classes:
-            parts.append(f"new classes: {self.new_classes}")
+            first = len(self.class_names) - len(self.new_classes)
+            parts.append("new classes, appended in sorted order: " + ", ".join(
+                f"{name} → index {first + i}" + (f" ({_images(self.new_class_counts[name])})"
+                                                 if name in self.new_class_counts else "")
+                for i, name in enumerate(self.new_classes)))
         if self.not_relevant_path is not None:
             parts.append(f"{self.not_relevant} 'not relevant' images written to {self.not_relevant_path} "
                          "(for `oodguard train --outlier-data`)")
@@ -76,6 +83,10 @@ class ImportSummary:
             parts.append(f"{len(self.missing_ids)} labeled id(s) not in the queue were skipped "
                          f"(first: {', '.join(self.missing_ids[:SHOWN])})")
         return "; ".join(parts)
+
+
+def _images(n: int) -> str:
+    return f"{n} image" + ("" if n == 1 else "s")
 
 
 def read_labels(path: Path) -> dict[str, str]:
@@ -138,8 +149,7 @@ def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, po
 
     # the dataset's classes start with those of the version harvested for (else the newest record's), in order
     class_names = list(newest_classes(newest.model) or calibrations.get(newest.model, newest.version).class_names)
-    new_classes: list[str] = []
-    images, targets, ids = [], [], []
+    images, names, ids = [], [], []  # names: each image's class name (indices are given once all are known)
     errors: list[str] = []
     not_relevant = 0
     outlier_images, outlier_ids = [], []
@@ -171,11 +181,8 @@ def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, po
         # a class of neither the newest version nor the record's own one is new: the policy decides its name
         if label not in class_names and label not in known:
             label = label if policy == "new-classes" else UNKNOWN
-        if label not in class_names:
-            class_names.append(label)
-            new_classes.append(label)
         images.append(image_of(record))
-        targets.append(class_names.index(label))
+        names.append(label)
         ids.append(record.id)
     if errors:
         raise ValueError(f"{labels_path} ({export.format}): {len(errors)} bad label(s): " + "; ".join(errors[:SHOWN])
@@ -183,6 +190,11 @@ def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, po
     if not images:
         raise ValueError(f"{labels_path} ({export.format}): no record is left to import "
                          f"({not_relevant} 'not relevant', {len(missing)} not in the queue)")
+    # the model's classes keep their indices; the new ones follow in sorted order, whatever order the export had
+    new_classes = sorted({name for name in names if name not in class_names}, key=natural_key)
+    class_names += new_classes
+    index = {name: i for i, name in enumerate(class_names)}
+    targets = [index[name] for name in names]
     out_path = Path(out_path)
     save_npz(out_path, images=np.stack(images), labels=np.asarray(targets, np.int64),
              class_names=np.asarray(class_names), record_ids=np.asarray(ids))

@@ -8,7 +8,10 @@ Dataset specs accepted by :func:`load_dataset`:
 
 - ``digits``: scikit-learn's bundled 8x8 digits (values 0..16 scaled to 0..255).
 - ``PATH-images-idx3-ubyte[.gz]``: IDX images; labels are read from the sibling ``*-labels-idx1-ubyte[.gz]``.
-- ``PATH.npz`` or ``PATH.npz#KEY``: the ``images`` array (or ``KEY``), optional ``labels``.
+- ``PATH.npz`` or ``PATH.npz#KEY``: the ``images`` array (or ``KEY``), optional ``labels`` (integer indices, or
+  class-name strings) and optional ``class_names`` (what ``oodguard labels import`` writes: integer labels
+  indexing ``class_names``). String labels are names: with ``class_names`` each must be one of them, without it
+  the classes are the distinct names in natural order (see :func:`natural_key`).
 - ``DIR``: PNG/JPEG files; one subfolder per class gives labels and class names.
 """
 
@@ -25,6 +28,12 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+#: the layout of an ``.npz`` dataset, for the errors about one
+NPZ_LAYOUT = ("an .npz dataset holds 'images' (uint8 [N,H,W] or [N,H,W,3], or float in [0,1]) and optionally 'labels' "
+              "(integer class indices, or class-name strings) and 'class_names' (strings; integer labels index them)")
+#: the layout of a folder dataset, for the error when a folder holds no image
+FOLDER_LAYOUT = ("a folder dataset holds one subfolder per class of PNG/JPEG images (the subfolder names are the class "
+                 "names), or PNG/JPEG images directly (unlabeled)")
 _IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
 
@@ -78,6 +87,14 @@ DATA_HELP = ("MNIST and Fashion-MNIST are the official IDX files, gzipped as pub
              "<DATA>/fashion_mnist/ with the same four names (github.com/zalandoresearch/fashion-mnist); <DATA> is "
              f"${DATA_ENV}, else ../shared/data beside the checkout. Without them, 'digits' (scikit-learn's bundled "
              "set) works everywhere.")
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key of a class name that orders its digit runs by number, the rest case-insensitively: ``'8'`` before
+    ``'9'`` before ``'10'``, ``'class2'`` before ``'class10'``. New classes are appended in this order (a stable
+    order that does not depend on which label was seen first); the name itself breaks ties."""
+    parts = re.split(r"(\d+)", str(name))  # text, number, text, ...: the same kind at each position
+    return tuple(int(part) if i % 2 else part.casefold() for i, part in enumerate(parts)), str(name)
 
 
 def data_root() -> Path:
@@ -138,20 +155,59 @@ def _load_idx_pair(path: Path) -> Dataset:
 
 
 def _load_npz(path: Path, key: str) -> Dataset:
-    with np.load(path, allow_pickle=False) as archive:
-        if key not in archive.files:
-            raise DatasetError(f"{path}: no array {key!r} (arrays: {archive.files}); use PATH.npz#KEY")
-        images = archive[key]
-        labels = archive["labels"].astype(np.int64) if "labels" in archive.files else None
-        class_names = [str(n) for n in archive["class_names"]] if "class_names" in archive.files else None
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            if key not in archive.files:
+                raise DatasetError(f"{path}: no array {key!r} (arrays: {archive.files}); use PATH.npz#KEY")
+            images = archive[key]
+            raw_labels = archive["labels"] if "labels" in archive.files else None
+            class_names = [str(n) for n in archive["class_names"]] if "class_names" in archive.files else None
+    except ValueError as exc:
+        if isinstance(exc, DatasetError):
+            raise
+        # np.load refuses object arrays (a list of Python strings saved without dtype=str), which need pickle
+        raise DatasetError(f"{path}: cannot read ({exc}); save strings as np.asarray(names, dtype=str). "
+                           f"{NPZ_LAYOUT}") from None
     if images.dtype != np.uint8:
         if np.issubdtype(images.dtype, np.floating) and images.size and 0.0 <= images.min() and images.max() <= 1.0:
             images = np.round(images * 255.0).astype(np.uint8)
         else:
             raise DatasetError(f"{path}: images must be uint8 (or float in [0,1]), got {images.dtype}")
-    if labels is not None and len(labels) != len(images):
-        labels = None  # e.g. a labels array that belongs to another key
+    labels = None
+    if raw_labels is not None and len(raw_labels) == len(images):  # else e.g. a labels array of another key
+        labels, class_names = _npz_labels(path, raw_labels, class_names)
     return Dataset(images, labels, class_names, f"{path}#{key}")
+
+
+def _npz_labels(path: Path, raw: np.ndarray, class_names: list[str] | None) -> tuple[np.ndarray, list[str] | None]:
+    """An .npz's ``labels`` as int64 class indices, and the class names they index.
+
+    Integer labels (or whole-number floats) are indices, into ``class_names`` when present. String labels are
+    class names (a labels array written by hand or by another tool): mapped into ``class_names`` when present,
+    else the classes are their distinct values in :func:`natural_key` order. Anything else is an error that
+    states the layout."""
+    if raw.ndim != 1:
+        raise DatasetError(f"{path}: 'labels' must be 1-D (one per image), got shape {raw.shape}; {NPZ_LAYOUT}")
+    if raw.dtype.kind in "US":
+        names = raw.astype(str)
+        if class_names is None:
+            class_names = sorted(set(names.tolist()), key=natural_key)
+        index = {name: i for i, name in enumerate(class_names)}
+        unknown = sorted(set(names.tolist()) - set(index), key=natural_key)
+        if unknown:
+            raise DatasetError(f"{path}: label(s) {unknown[:5]} are not in its class_names {class_names}; string "
+                               "labels must be among them (or drop 'class_names': the distinct labels become the "
+                               "classes)")
+        return np.asarray([index[n] for n in names.tolist()], dtype=np.int64), class_names
+    if raw.dtype.kind in "iub" or (raw.dtype.kind == "f" and np.all(np.isfinite(raw)) and np.all(raw == np.round(raw))):
+        labels = raw.astype(np.int64)
+    else:
+        raise DatasetError(f"{path}: 'labels' of dtype {raw.dtype} are neither class indices nor class names; "
+                           f"{NPZ_LAYOUT}")
+    if class_names is not None and len(labels) and labels.max() >= len(class_names):
+        raise DatasetError(f"{path}: label {int(labels.max())} has no name: class_names holds {len(class_names)} "
+                           f"({class_names}); integer labels index class_names")
+    return labels, class_names
 
 
 def _load_folder(path: Path) -> Dataset:
@@ -164,13 +220,28 @@ def _load_folder(path: Path) -> Dataset:
         class_names = None
     files = [(label, f) for label, fs in groups for f in fs]
     if not files:
-        raise DatasetError(f"{path}: no PNG/JPEG images found")
+        raise DatasetError(f"{path}: no PNG/JPEG images found; {FOLDER_LAYOUT}" + _other_datasets_hint(path))
     images = [decode_image(f.read_bytes(), source=str(f)) for _, f in files]
     shapes = {im.shape for im in images}
     if len(shapes) != 1:
         raise DatasetError(f"{path}: images have different shapes {sorted(shapes)[:4]}; resize them first")
     labels = np.array([label for label, _ in files], dtype=np.int64) if class_names else None
     return Dataset(np.stack(images), labels, class_names, str(path))
+
+
+def _other_datasets_hint(path: Path) -> str:
+    """For a folder without images: the dataset files it (or a subfolder) holds that are read by their own path,
+    IDX images and .npz, named so the user can pass one instead; "" when there are none."""
+    candidates = sorted(f for f in [*path.glob("*"), *path.glob("*/*")] if f.is_file() and (
+        re.search(r"-idx3-ubyte(\.gz)?$", f.name) or f.suffix == ".npz"))
+    if not candidates:
+        return ""
+    shown = ", ".join(str(f) for f in candidates[:3])
+    if len(candidates) > 3:
+        shown += f" (and {len(candidates) - 3} more)"
+    kinds = " and ".join(k for k, present in (("IDX", any(f.suffix != ".npz" for f in candidates)),
+                                               (".npz", any(f.suffix == ".npz" for f in candidates))) if present)
+    return f". This folder holds {kinds} file(s); give that file's path as the dataset instead: {shown}"
 
 
 def decode_image(data: bytes, source: str = "image") -> np.ndarray:

@@ -400,6 +400,9 @@ class OODGuardService:
                     info.test_accuracy.overall = float(accuracy["overall"])
                     info.test_accuracy.n = int(accuracy["n"])
                     info.test_accuracy.per_class.update({str(k): float(v) for k, v in accuracy["per_class"].items()})
+                    # absent from calibration.json files written before the counts were recorded: left empty
+                    info.test_accuracy.per_class_n.update(
+                        {str(k): int(v) for k, v in accuracy.get("per_class_n", {}).items()})
                 info.input.name = str(meta["input"].get("name", "input"))
                 info.input.dtype = str(meta["input"].get("dtype", "float32"))
                 info.input.shape.extend(served.input_shape)

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oodguard.datasets import Dataset, DatasetError, decode_image, load_dataset, read_idx, stratified_split
+from oodguard.datasets import (Dataset, DatasetError, decode_image, load_dataset, natural_key, read_idx,
+                               stratified_split)
 
 IDX_TYPE_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int8): 0x09, np.dtype(">i2"): 0x0B, np.dtype(">f4"): 0x0D}
 
@@ -168,6 +169,59 @@ def test_npz_wrong_dtype_is_an_error(tmp_path, images):
         load_dataset(path)
 
 
+def test_npz_string_labels_are_class_names_in_natural_order(tmp_path):
+    """A labels array of class-name strings (not indices) is read by name: the classes are the distinct names,
+    digits by number ('9' before '10'), and each label is its name's index."""
+    path = tmp_path / "named.npz"
+    np.savez(path, images=sample_images(5), labels=np.array(["cat", "10", "9", "cat", "9"]))
+    data = load_dataset(path)
+    assert data.class_names == ["9", "10", "cat"]
+    assert data.labels.tolist() == [2, 1, 0, 2, 0] and data.labels.dtype == np.int64
+
+
+def test_npz_string_labels_index_its_class_names(tmp_path):
+    path = tmp_path / "named.npz"
+    np.savez(path, images=sample_images(3), labels=np.array(["dog", "ant", "dog"]),
+             class_names=np.array(["dog", "cat", "ant"]))
+    data = load_dataset(path)
+    assert data.class_names == ["dog", "cat", "ant"] and data.labels.tolist() == [0, 2, 0]
+    np.savez(path, images=sample_images(3), labels=np.array(["dog", "emu", "dog"]), class_names=np.array(["dog"]))
+    with pytest.raises(DatasetError, match=r"label\(s\) \['emu'\] are not in its class_names \['dog'\]"):
+        load_dataset(path)
+
+
+@pytest.mark.parametrize("labels, message", [
+    (np.array([0.0, 1.5, 1.0]), "neither class indices nor class names; an .npz dataset holds 'images'"),
+    (np.array([[0], [1], [1]]), r"'labels' must be 1-D .* got shape \(3, 1\)"),
+    (np.array([0, 2, 1]), r"label 2 has no name: class_names holds 2 \(\['a', 'b'\]\)"),
+], ids=["fractional", "2-d", "beyond-class-names"])
+def test_npz_labels_that_are_neither_indices_nor_names_are_explained(tmp_path, labels, message):
+    path = tmp_path / "bad.npz"
+    np.savez(path, images=sample_images(3), labels=labels, class_names=np.array(["a", "b"]))
+    with pytest.raises(DatasetError, match=message):
+        load_dataset(path)
+
+
+def test_npz_whole_number_float_labels_are_indices(tmp_path):
+    path = tmp_path / "floats.npz"
+    np.savez(path, images=sample_images(3), labels=np.array([2.0, 0.0, 1.0]))
+    assert load_dataset(path).labels.tolist() == [2, 0, 1]
+
+
+def test_npz_object_labels_say_how_to_save_them(tmp_path):
+    """Python strings saved as an object array need pickle, which datasets never load: the error says to save
+    them with dtype=str (and the layout), not numpy's bare 'Object arrays cannot be loaded'."""
+    path = tmp_path / "objects.npz"
+    np.savez(path, images=sample_images(2), labels=np.array(["a", 1], dtype=object))
+    with pytest.raises(DatasetError, match=r"save strings as np.asarray\(names, dtype=str\)\. an .npz dataset holds"):
+        load_dataset(path)
+
+
+def test_natural_key_orders_digit_runs_by_number():
+    names = ["9", "class10", "8", "10", "Cat", "class2", "ant"]
+    assert sorted(names, key=natural_key) == ["8", "9", "10", "ant", "Cat", "class2", "class10"]
+
+
 def test_npz_missing_key_lists_the_arrays(tmp_path):
     path = tmp_path / "set.npz"
     np.savez(path, x_test=sample_images(2), y_test=np.arange(2))
@@ -207,9 +261,32 @@ def test_flat_folder_has_no_labels_and_keeps_rgb(tmp_path):
     assert abs(int(data.images[1, 3, 3, 0]) - 255) <= 3 and data.images[1, 3, 3, 1] <= 3  # JPEG nearly so
 
 
-def test_empty_folder_is_an_error(tmp_path):
+def test_empty_folder_is_an_error_that_states_the_layout(tmp_path):
     (tmp_path / "readme.txt").write_text("no images")
-    with pytest.raises(DatasetError, match="no PNG/JPEG"):
+    with pytest.raises(DatasetError) as info:
+        load_dataset(tmp_path)
+    message = str(info.value)
+    assert message.startswith(f"{tmp_path}: no PNG/JPEG images found; a folder dataset holds one subfolder per class "
+                              "of PNG/JPEG images") and "give that file's path" not in message and "\n" not in message
+
+
+def test_a_folder_of_idx_or_npz_files_names_the_file_to_give_instead(tmp_path):
+    """The MNIST folder itself given as a dataset: the error names its IDX images files (not the labels files),
+    which are datasets by their own path; an .npz in a subfolder is named too."""
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", sample_images(2))
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(2, dtype=np.uint8))
+    write_idx(tmp_path / "t10k-images-idx3-ubyte", sample_images(2))
+    with pytest.raises(DatasetError) as info:
+        load_dataset(tmp_path)
+    assert str(info.value) == (
+        f"{tmp_path}: no PNG/JPEG images found; a folder dataset holds one subfolder per class of PNG/JPEG images "
+        "(the subfolder names are the class names), or PNG/JPEG images directly (unlabeled). This folder holds IDX "
+        f"file(s); give that file's path as the dataset instead: {tmp_path / 't10k-images-idx3-ubyte'}, "
+        f"{tmp_path / 'train-images-idx3-ubyte.gz'}")
+    assert len(load_dataset(tmp_path / "train-images-idx3-ubyte.gz")) == 2  # the file named does load
+    (tmp_path / "harvest").mkdir()
+    np.savez(tmp_path / "harvest" / "data.npz", images=sample_images(2))
+    with pytest.raises(DatasetError, match=rf"holds IDX and .npz file\(s\); .*: {tmp_path / 'harvest' / 'data.npz'}, "):
         load_dataset(tmp_path)
 
 

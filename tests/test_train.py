@@ -69,8 +69,13 @@ def test_validation_accuracy_per_epoch_and_accuracy_per_class(data: tuple[np.nda
     for c, name in enumerate(["h", "v", "square"]):
         mask = labels[1::2] == c
         assert report["per_class"][name] == pytest.approx(float(np.mean(predicted[mask] == c)))
-    # a class without samples is left out
-    assert set(accuracy(model, images[labels == 0], labels[labels == 0])["per_class"]) == {"0"}
+    # the number of images behind each class's accuracy: 50 of each of the 3 classes among the 150
+    assert report["per_class_n"] == {"h": 50, "v": 50, "square": 50}
+    uneven = accuracy(model, images[[0, 1, 2, 100, 200, 201]], labels[[0, 1, 2, 100, 200, 201]])
+    assert uneven["per_class_n"] == {"0": 3, "1": 1, "2": 2} and uneven["n"] == 6
+    # a class without samples is left out of both
+    only_zero = accuracy(model, images[labels == 0], labels[labels == 0])
+    assert set(only_zero["per_class"]) == {"0"} and only_zero["per_class_n"] == {"0": N_PER_CLASS}
 
 
 def test_sample_weights_change_what_is_drawn(data: tuple[np.ndarray, np.ndarray]) -> None:
@@ -136,6 +141,65 @@ def test_progress_intermediate_lines_for_long_epochs(data: tuple[np.ndarray, np.
         ["epoch 2/2", "batch 2/3"],
     ]
     assert len(lines) == 6
+
+
+class RecordingBar:
+    """Stands in for oodguard.progress.bar: records the total, the updates and the descriptions it was given."""
+
+    made: list["RecordingBar"] = []
+
+    def __init__(self, total=None, desc="", unit="it", **options):
+        self.total, self.unit, self.descriptions, self.updates, self.closed = total, unit, [desc], [], False
+        RecordingBar.made.append(self)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.closed = True
+
+    def set_description(self, desc, refresh=True):
+        self.descriptions.append(desc)
+
+    def set_postfix_str(self, text, refresh=True):
+        self.postfix = text
+
+    def update(self, n=1):
+        self.updates.append(n)
+
+    def external_write_mode(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+
+def test_a_bar_counts_every_batch_of_every_epoch_and_the_epoch_lines_stay(data, monkeypatch) -> None:
+    """`oodguard train`'s bar: one over epochs x batches (300 images in batches of 100: 3 per epoch), named by
+    the epoch it is in; the per-epoch lines still reach ``progress``."""
+    import oodguard.export.train as train_module
+
+    RecordingBar.made = []
+    monkeypatch.setattr(train_module, "bar", RecordingBar)
+    images, labels = data
+    lines: list[str] = []
+    train_classifier(_fresh_model(), images, labels, epochs=2, batch_size=100, progress=lines.append)
+    (steps,) = RecordingBar.made
+    assert (steps.total, steps.unit, steps.updates, steps.closed) == (6, "batch", [1] * 6, True)
+    assert steps.descriptions == ["train", "epoch 1/2", "epoch 2/2"]
+    assert re.fullmatch(r"loss \d+\.\d{4} acc \d\.\d{4}", steps.postfix)
+    assert [line.split("  ")[0] for line in lines] == ["epoch 1/2", "epoch 2/2"]
+
+
+@pytest.mark.parametrize("forced, shown", [("1", True), ("0", False)])
+def test_the_bar_shows_on_stderr_only_when_enabled(data, capsys, monkeypatch, forced, shown) -> None:
+    """With OODGUARD_PROGRESS=1 the real tqdm bar draws on stderr (the epoch and the batch count); with 0 (or
+    off a terminal) stderr stays empty. The epoch lines go to ``progress`` (stdout here) either way."""
+    monkeypatch.setenv("OODGUARD_PROGRESS", forced)
+    images, labels = data
+    train_classifier(_fresh_model(), images[:40], labels[:40], epochs=2, batch_size=20, progress=print)
+    captured = capsys.readouterr()
+    assert ("epoch 2/2" in captured.err and "/4 " in captured.err) == shown and (captured.err == "") != shown
+    assert [line.split("  ")[0] for line in captured.out.splitlines()] == ["epoch 1/2", "epoch 2/2"]
 
 
 def test_progress_none_is_silent(data: tuple[np.ndarray, np.ndarray], capsys: pytest.CaptureFixture[str]) -> None:

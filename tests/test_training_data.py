@@ -9,7 +9,7 @@ import torch
 
 from oodguard.datasets import load_dataset
 from oodguard.export.pipeline import export_model, spec_from_training
-from oodguard.export.training_data import balancing_weights, merge_class_names
+from oodguard.export.training_data import balancing_weights, describe_appended, merge_class_names
 from oodguard.export.training_job import CHECKPOINT_FILE, TrainingRecord, init_weights, run_training
 from oodguard.preprocess import Preprocessing
 
@@ -28,8 +28,14 @@ def relabeled_npz(path, record, digits, per_class: dict[int, int]):
     return str(path)
 
 
-def test_merge_class_names_appends_new_names_and_refuses_case_collisions():
+def test_merge_class_names_appends_new_names_sorted_and_refuses_case_collisions():
     assert merge_class_names(["0", "1"], ["1", "8", "0", "9"]) == ["0", "1", "8", "9"]
+    # appended in natural sort order, whichever came first: '9' before '10', not '10' before '8'
+    assert merge_class_names(["0", "1"], ["10", "9", "1", "8", "cat"]) == ["0", "1", "8", "9", "10", "cat"]
+    # the first list (a run's first source) keeps its own order: its labels' numbering
+    assert merge_class_names([], ["3", "1", "2"]) == ["3", "1", "2"]
+    assert describe_appended(["0", "1", "8", "9"], 2) == "new classes, appended in sorted order: 8 → index 2, 9 → index 3"
+    assert describe_appended(["0", "1"], 2) == ""
     with pytest.raises(ValueError, match="class 'Cat' differs from the existing class 'cat' only in letter case"):
         merge_class_names(["cat", "dog"], ["Cat"])
 
@@ -82,6 +88,32 @@ def test_a_run_on_a_base_keeps_its_split_and_classes_and_appends_new_ones(digits
                                              bank_size=200), progress=out.append)
     assert result.calibration.class_names == third.class_names
     assert "8" in result.calibration.data["few_samples"] and any("few calibration samples" in line for line in out)
+    # the test images behind each class's accuracy travel into calibration.json with it (what ModelInfo shows)
+    carried = result.calibration.model["test_accuracy"]
+    assert carried["per_class_n"] == third.test_accuracy["per_class_n"] and carried["per_class_n"]["8"] < 30
+
+
+def test_new_classes_of_a_base_run_are_appended_in_sorted_order(digits_export, tmp_path):
+    """A labels file that lists '9' before '8' (first-seen order) still gives '8' index 8 and '9' index 9; the
+    train output says so, and warns that the new classes' handful of test images makes their accuracy
+    uncertain."""
+    base_record, _, _, checkpoint = digits_export
+    npz = relabeled_npz(tmp_path / "new.npz", base_record, load_dataset("digits"), {9: 12, 8: 10})
+    assert list(np.load(npz)["class_names"]) == ["9", "8"]
+    lines: list[str] = []
+    record = run_training(base=checkpoint.parent, data=npz, out_dir=tmp_path / "v2", epochs=1, progress=lines.append)
+    assert record.class_names == [str(c) for c in range(10)]
+    assert "new classes, appended in sorted order: 8 → index 8, 9 → index 9" in lines
+    data = record.dataset()
+    n_old = len(base_record.dataset())
+    assert np.bincount(data.labels[n_old:]).tolist() == [0] * 8 + [10, 12]  # by name, not by the file's indices
+    assert record.test_accuracy["per_class_n"]["8"] == 1 and record.test_accuracy["per_class_n"]["9"] == 1
+    (warning,) = [line for line in lines if line.startswith("warning:")]
+    assert "8 (n=1), 9 (n=1)" in warning and "accuracy is uncertain" in warning
+    # nothing new: no such line
+    again: list[str] = []
+    run_training(base=tmp_path / "v2", data=[], out_dir=tmp_path / "v3", epochs=1, progress=again.append)
+    assert not any("new classes" in line for line in again)
 
 
 def test_init_from_grows_the_head_and_keeps_the_old_rows(digits_export):

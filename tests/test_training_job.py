@@ -3,7 +3,8 @@ import json
 import numpy as np
 import pytest
 
-from oodguard.export.training_job import RECORD_FILE, TrainingRecord, preprocessing_for
+from oodguard.cli import main
+from oodguard.export.training_job import RECORD_FILE, TrainingRecord, describe_accuracy, preprocessing_for
 from oodguard.datasets import Dataset, load_dataset
 
 
@@ -22,9 +23,12 @@ def test_record_has_disjoint_stratified_splits_and_preprocessing(digits_export):
     # the overall accuracy is the per-class ones weighted by the test split's class counts
     counts = np.bincount(data.labels[record.splits["test"]], minlength=8)
     assert acc["overall"] == pytest.approx(sum(counts[c] * acc["per_class"][str(c)] for c in range(8)) / counts.sum())
+    # and the number of test images behind each class's accuracy is the test split's class count
+    assert acc["per_class_n"] == {str(c): int(counts[c]) for c in range(8)} and sum(acc["per_class_n"].values()) == acc["n"]
     loaded = TrainingRecord.load(checkpoint.with_name(RECORD_FILE))
     assert loaded.splits == record.splits and loaded.checkpoint_sha256 == record.checkpoint_sha256
     assert loaded.test_accuracy == record.test_accuracy
+    assert json.loads(checkpoint.with_name(RECORD_FILE).read_text())["test_accuracy"]["per_class_n"]["0"] == counts[0]
     labels = data.labels
     for cls in range(8):  # calibration holds ~20% of every class
         share = np.mean(labels[record.splits["calibration"]] == cls) / np.mean(labels == cls)
@@ -48,3 +52,50 @@ def test_load_rejects_other_files(tmp_path):
         TrainingRecord.load(path)
     with pytest.raises(ValueError, match="no training record"):
         TrainingRecord.load(tmp_path / "missing.json")
+
+
+def test_accuracy_lines_show_each_class_count_and_warn_about_thin_ones():
+    """Each class's accuracy is printed with its test images; one line warns about the classes with fewer than
+    30 (and a class with none), whose accuracy is uncertain: 1.000 from 5 images is no 1.000 from 500."""
+    acc = {"overall": 0.99, "n": 225, "per_class": {"0": 0.99, "8": 1.0, "9": 0.8},
+           "per_class_n": {"0": 200, "8": 5, "9": 20}}
+    assert describe_accuracy(acc, ["0", "8", "9", "10"]) == [
+        "test accuracy 0.9900 on 225 images; per class: 0 0.990 (n=200), 8 1.000 (n=5), 9 0.800 (n=20)",
+        "warning: class(es) 8 (n=5), 9 (n=20), 10 (n=0) have fewer than 30 test images: their accuracy is uncertain "
+        "(label more images of them to measure it)"]
+    assert len(describe_accuracy({**acc, "per_class_n": {"0": 200, "8": 30, "9": 31}})) == 1  # 30 is enough
+    # a record written before the counts were kept: the accuracies alone, no warning (nothing to judge it by)
+    old = {"overall": 0.99, "n": 225, "per_class": {"0": 0.99, "8": 1.0}}
+    assert describe_accuracy(old, ["0", "8"]) == ["test accuracy 0.9900 on 225 images; per class: 0 0.990, 8 1.000"]
+
+
+def test_an_older_record_without_counts_still_loads(digits_export, tmp_path):
+    record, _, _, checkpoint = digits_export
+    raw = json.loads(checkpoint.with_name(RECORD_FILE).read_text())
+    del raw["test_accuracy"]["per_class_n"]
+    (tmp_path / RECORD_FILE).write_text(json.dumps(raw))
+    loaded = TrainingRecord.load(tmp_path / RECORD_FILE)
+    assert loaded.test_accuracy["per_class"] == record.test_accuracy["per_class"]
+    assert "per_class_n" not in loaded.test_accuracy
+
+
+def test_train_reads_an_npz_whose_labels_are_class_name_strings(tmp_path, capsys):
+    """An .npz whose 'labels' are names ("zero", "one", "two"; no class_names array) trains: the classes are the
+    names in sorted order. Digits 0-2 give ~18 test images per class (10%), so the output shows them and warns that
+    those accuracies are uncertain."""
+    digits = load_dataset("digits")
+    keep = digits.labels < 3
+    names = np.array(["zero", "one", "two"])[digits.labels[keep]]
+    np.savez(tmp_path / "named.npz", images=digits.images[keep], labels=names)
+    assert main(["train", "--data", str(tmp_path / "named.npz"), "--epochs", "2", "--out", str(tmp_path / "run")]) == 0
+    out = capsys.readouterr().out
+    record = TrainingRecord.load(tmp_path / "run" / RECORD_FILE)
+    assert record.class_names == ["one", "two", "zero"]
+    data = record.dataset()
+    assert np.bincount(data.labels).tolist() == [int(np.sum(names == n)) for n in ("one", "two", "zero")]
+    counts = record.test_accuracy["per_class_n"]
+    assert set(counts) == {"one", "two", "zero"} and all(15 <= n < 30 for n in counts.values())
+    assert sum(counts.values()) == record.test_accuracy["n"] == len(record.splits["test"])
+    assert f"one {record.test_accuracy['per_class']['one']:.3f} (n={counts['one']})" in out
+    assert (f"warning: class(es) one (n={counts['one']}), two (n={counts['two']}), zero (n={counts['zero']}) have "
+            "fewer than 30 test images: their accuracy is uncertain") in out

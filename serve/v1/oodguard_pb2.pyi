@@ -205,7 +205,7 @@ class ThresholdInfo(_message.Message):
     def __init__(self, score: _Optional[str] = ..., threshold: _Optional[float] = ..., target_tpr: _Optional[float] = ..., n: _Optional[int] = ..., accepted: _Optional[int] = ..., achieved_tpr: _Optional[float] = ..., achieved_tpr_ci95_low: _Optional[float] = ..., achieved_tpr_ci95_high: _Optional[float] = ..., deciding: _Optional[bool] = ...) -> None: ...
 
 class Accuracy(_message.Message):
-    __slots__ = ("overall", "n", "per_class")
+    __slots__ = ("overall", "n", "per_class", "per_class_n")
     class PerClassEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -213,13 +213,22 @@ class Accuracy(_message.Message):
         key: str
         value: float
         def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    class PerClassNEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     OVERALL_FIELD_NUMBER: _ClassVar[int]
     N_FIELD_NUMBER: _ClassVar[int]
     PER_CLASS_FIELD_NUMBER: _ClassVar[int]
+    PER_CLASS_N_FIELD_NUMBER: _ClassVar[int]
     overall: float
     n: int
     per_class: _containers.ScalarMap[str, float]
-    def __init__(self, overall: _Optional[float] = ..., n: _Optional[int] = ..., per_class: _Optional[_Mapping[str, float]] = ...) -> None: ...
+    per_class_n: _containers.ScalarMap[str, int]
+    def __init__(self, overall: _Optional[float] = ..., n: _Optional[int] = ..., per_class: _Optional[_Mapping[str, float]] = ..., per_class_n: _Optional[_Mapping[str, int]] = ...) -> None: ...
 
 class VersionInfo(_message.Message):
     __slots__ = ("version", "input", "class_names", "thresholds", "outputs", "test_accuracy")

@@ -44,7 +44,11 @@ def test_import_joins_the_queue_and_extends_the_classes(digits_export, tmp_path,
     (tmp_path / "labels.csv").write_text("\n".join(lines) + "\n")
     summary = import_labels(tmp_path / "labels.csv", queue, repository, tmp_path / "data.npz", policy)
     assert summary.n == 30 and summary.missing_ids == ["not-in-queue"]
-    assert sorted(summary.new_classes) == sorted(expected_new)
+    assert summary.new_classes == expected_new  # in sorted order, not the CSV's order of first appearance
+    assert "new classes, appended in sorted order: " + ", ".join(
+        f"{name} → index {8 + i} ({n} image{'' if n == 1 else 's'})"
+        for i, (name, n) in enumerate((name, summary.new_class_counts[name]) for name in expected_new)
+    ) in summary.describe()
     data = load_dataset(str(tmp_path / "data.npz"))
     assert data.images.shape == (30, 28, 28) and data.images.dtype == np.uint8
     assert data.class_names == [str(c) for c in range(8)] + summary.new_classes
@@ -65,7 +69,7 @@ def test_labels_import_command_and_train_accept_the_dataset(digits_export, tmp_p
     assert main(["train", "--base", str(digits_export[3].parent), "--data", str(tmp_path / "data.npz"), "--epochs", "1",
                  "--out", str(tmp_path / "retrain")]) == 0
     record = json.loads((tmp_path / "retrain" / "training.json").read_text())
-    assert record["class_names"][-3:] == ["known", "unknown", "noise"]
+    assert record["class_names"][-3:] == ["known", "noise", "unknown"]  # appended in sorted order
 
 
 # --- every export shape, and what is wrong with an export -------------------------------------------------
@@ -180,8 +184,10 @@ def test_new_classes_not_relevant_and_the_unknown_policy(small_queue, tmp_path):
     (tmp_path / "export.json").write_text(json.dumps(rows))
     summary = import_labels(tmp_path / "export.json", queue, repository, tmp_path / "data.npz")
     assert (summary.format, summary.n, summary.not_relevant, summary.new_classes) == (
-        "Label Studio JSON-MIN", 4, 1, ["shoe", "hat"])
+        "Label Studio JSON-MIN", 4, 1, ["hat", "shoe"])  # sorted: 'shoe' came first in the export
+    assert summary.class_names == [str(c) for c in range(8)] + ["hat", "shoe"]
     assert "1 'not relevant' left out" in summary.describe()
+    assert "new classes, appended in sorted order: hat → index 8 (1 image), shoe → index 9 (1 image)" in summary.describe()
     data = np.load(tmp_path / "data.npz")
     names = list(data["class_names"])
     assert dict(zip(data["record_ids"], (names[i] for i in data["labels"]))) == {

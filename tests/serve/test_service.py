@@ -4,6 +4,7 @@ log line)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import threading
@@ -18,6 +19,7 @@ import pytest
 from oodguard.serve.v1 import oodguard_pb2 as pb
 from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
 
+from .conftest import copy_repository
 from .test_inputs import bomb_png, encoded
 from .test_server import noise, tensor
 
@@ -360,3 +362,25 @@ def test_the_decision_template_is_built_once_per_rule_and_holds_its_thresholds()
     assert dict(template.thresholds) == dict.fromkeys(NAMES, 10.0)
     assert list(template.deciding_scores) == ["a", "b"] and template.mode == "all" and not template.p_values
     assert dict(service._decision_template(b).thresholds) == {"a": 10.0, "b": 12.5, "c": 10.0}
+
+
+def test_model_info_gives_the_test_images_behind_each_class_accuracy(start_gateway, repo_copy, tmp_path):
+    """ModelInfo's test accuracy carries, per class, the number of test images behind it (as `oodguard train`
+    counted them and export recorded them in calibration.json); a calibration.json from before the counts were
+    recorded still serves, with the accuracies and an empty count map."""
+    from oodguard.calibration import Calibration
+
+    accuracy = Calibration.load(repo_copy / "digits" / "1" / "calibration.json").model["test_accuracy"]
+    assert set(accuracy["per_class_n"]) == set(accuracy["per_class"]) and sum(accuracy["per_class_n"].values()) == accuracy["n"]
+    older = copy_repository(repo_copy, tmp_path / "older")
+    path = older / "digits" / "1" / "calibration.json"
+    raw = json.loads(path.read_text())
+    del raw["model"]["test_accuracy"]["per_class_n"]
+    path.write_text(json.dumps(raw))
+    for repository, counts in ((repo_copy, accuracy["per_class_n"]), (older, {})):
+        gw = start_gateway(repository)
+        with grpc.insecure_channel(gw.target) as channel:
+            info = pb_grpc.OODGuardStub(channel).ModelInfo(pb.ModelInfoRequest(), timeout=10)
+        served = info.models[0].versions[0].test_accuracy
+        assert dict(served.per_class_n) == counts and served.n == accuracy["n"]
+        assert dict(served.per_class) == pytest.approx(accuracy["per_class"])
