@@ -9,6 +9,7 @@ oodguard/triton_local.py.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -55,3 +56,27 @@ def triton_server(triton_install, triton_repository, tmp_path_factory):
         yield server
     finally:
         server.stop()
+
+
+#: Where a failed test's tritonserver log is copied (kept after pytest's temporary folders are gone).
+FAILED_LOG_DIR = Path(os.environ.get("OODGUARD_TEST_LOG_DIR") or Path(__file__).resolve().parents[2] / "runs" / "test-logs")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A test that fails while a tritonserver of the ``triton_server`` fixture runs keeps that server's log: its
+    tail goes into the failure report (a section "tritonserver log") and the whole log is copied to
+    runs/test-logs/ (OODGUARD_TEST_LOG_DIR), so a cause like refused connections mid-module can be found."""
+    outcome = yield
+    report = outcome.get_result()
+    server = getattr(item, "funcargs", {}).get("triton_server")
+    if not report.failed or server is None:
+        return
+    FAILED_LOG_DIR.mkdir(parents=True, exist_ok=True)
+    kept = FAILED_LOG_DIR / f"{item.nodeid.replace('/', '_').replace('::', '-')}-{report.when}-tritonserver.log"
+    try:
+        shutil.copyfile(server.log_path, kept)
+        where = f"whole log: {kept}"
+    except OSError as exc:
+        where = f"the log could not be kept: {exc}"
+    report.sections.append(("tritonserver log", f"{where}\n{server.log_tail(6000)}"))
