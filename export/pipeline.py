@@ -47,6 +47,7 @@ import oodguard
 from oodguard import progress as bars
 from oodguard.calibration import Calibration, CalibrationError
 from oodguard.datasets import Dataset
+from oodguard.files import interrupts_deferred
 from oodguard.onnx_runner import OnnxModel
 from oodguard.preprocess import Preprocessing
 from oodguard.repository import CALIBRATION_FILE, INPUT_NAME, MODEL_FILE, model_dir, next_version
@@ -225,6 +226,7 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
                  f"{minimum_size(spec.target_tpr)}): this version has no '{FUSED}' score")
 
     root = model_dir(spec.repository, spec.model_name)
+    new_model = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     staging.chmod(0o755)  # mkdtemp makes it private; Triton may run as another user
@@ -254,18 +256,24 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
                   **({"fused_split": {"references": len(references), "threshold": len(held), "seed": spec.seed}}
                      if FUSED in scores else {})},
         )
-        version = _publish(staging, root, calibration)
+        signature = ModelSignature(spec.model_name, prep.input_shape, len(spec.class_names), classifier.feature_dim,
+                                   tuple(model.score_names))
+        # the version and the configs that serve it go in together: Ctrl-C waits until both are written
+        with interrupts_deferred():
+            version = _publish(staging, root, calibration)
+            left_out = [name for name in signature.scores if name not in common_scores(root, signature.scores)]
+            write_configs(root, signature, max_batch_size=spec.max_batch_size,
+                          preferred_batch_sizes=tuple(b for b in (16, 32, 64) if b <= spec.max_batch_size)
+                          or (spec.max_batch_size,))
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if new_model and root.is_dir() and not any(root.iterdir()):
+            root.rmdir()  # a model folder this export created holds nothing: the repository is as it was
         raise
-    signature = ModelSignature(spec.model_name, prep.input_shape, len(spec.class_names), classifier.feature_dim, tuple(model.score_names))
-    left_out = [name for name in signature.scores if name not in common_scores(root, signature.scores)]
     if left_out:
         progress(f"  note: the Triton configs declare only the outputs every served version has (versions "
                  f"{served_versions(root)}): {left_out} are served by Triton once no served version lacks them "
                  "(the embedded backend serves them now)")
-    write_configs(root, signature, max_batch_size=spec.max_batch_size,
-                  preferred_batch_sizes=tuple(b for b in (16, 32, 64) if b <= spec.max_batch_size) or (spec.max_batch_size,))
     progress(f"wrote {root / str(version)} (model.onnx, calibration.json) and the Triton configs")
     return ExportResult(version, root / str(version), calibration, model, seconds)
 

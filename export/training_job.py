@@ -31,9 +31,10 @@ import numpy as np
 import torch
 
 from oodguard.datasets import Dataset, DatasetError, load_dataset
+from oodguard.files import replace_together, staged_file
 from oodguard.preprocess import Preprocessing
 
-from .backbones import BUILTIN_BACKBONES, Classifier, resolve_factory, save_checkpoint
+from .backbones import BUILTIN_BACKBONES, Classifier, file_sha256, resolve_factory, save_checkpoint
 from .train import accuracy, train_classifier
 from .training_data import (Source, balancing_weights, combine, describe_appended, label_names, merge_class_names,
                             new_source)
@@ -245,28 +246,53 @@ def run_training(
     test_accuracy = accuracy(model, prep.apply(test_part.images), test_part.labels, list(class_names))
     for line in describe_accuracy(test_accuracy, list(class_names)):
         progress(line)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    record = TrainingRecord(
-        backbone=factory_ref,
-        class_names=list(class_names),
-        preprocessing=prep.to_dict(),
-        data=sources[0].data,
-        classes=sources[0].classes,
-        seed=seed,
-        splits={name: part.tolist() for name, part in splits.items()},
-        checkpoint_sha256=save_checkpoint(model, out_dir / CHECKPOINT_FILE),
-        history=history,
-        test_accuracy=test_accuracy,
-        sources=[source.to_dict() for source in sources],
-        base=str(base) if base is not None else None,
-        init_from=str(init_from) if init_from is not None else None,
-        balanced=weights is not None,
-        shift=shift,
-        outliers=outlier_specs,
-        outlier_images=len(outlier_x) if outlier_x is not None else 0,
-    )
-    record.save(out_dir / RECORD_FILE)
+    def make_record(checkpoint_sha256: str) -> TrainingRecord:
+        return TrainingRecord(
+            backbone=factory_ref,
+            class_names=list(class_names),
+            preprocessing=prep.to_dict(),
+            data=sources[0].data,
+            classes=sources[0].classes,
+            seed=seed,
+            splits={name: part.tolist() for name, part in splits.items()},
+            checkpoint_sha256=checkpoint_sha256,
+            history=history,
+            test_accuracy=test_accuracy,
+            sources=[source.to_dict() for source in sources],
+            base=str(base) if base is not None else None,
+            init_from=str(init_from) if init_from is not None else None,
+            balanced=weights is not None,
+            shift=shift,
+            outliers=outlier_specs,
+            outlier_images=len(outlier_x) if outlier_x is not None else 0,
+        )
+
+    record = save_run(out_dir, model, make_record)
     progress(f"saved {out_dir / CHECKPOINT_FILE} and {out_dir / RECORD_FILE}")
+    return record
+
+
+def save_run(out_dir: Path, model: Classifier, make_record: Callable[[str], TrainingRecord]) -> TrainingRecord:
+    """Write ``checkpoint.pt`` and ``training.json`` (``make_record(checkpoint's sha256)``) into ``out_dir``.
+
+    Both are written beside their final names, then renamed in together with Ctrl-C held back: an interrupt or
+    a crash leaves the run folder as it was (never a half-written checkpoint, nor a new checkpoint beside an
+    older run's training.json), and a folder this call created is removed again."""
+    created = not out_dir.exists()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[Path, Path]] = []
+    try:
+        checkpoint = staged_file(out_dir / CHECKPOINT_FILE, lambda tmp: save_checkpoint(model, tmp))
+        staged.append((checkpoint, out_dir / CHECKPOINT_FILE))
+        record = make_record(file_sha256(checkpoint))
+        staged.append((staged_file(out_dir / RECORD_FILE, record.save), out_dir / RECORD_FILE))
+        replace_together(staged)
+    except BaseException:
+        for tmp, _ in staged:
+            tmp.unlink(missing_ok=True)
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     return record
 
 

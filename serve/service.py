@@ -268,7 +268,10 @@ class OODGuardService:
         except BackendUnavailable as exc:
             raise Refusal(grpc.StatusCode.UNAVAILABLE, f"backend unavailable: {exc}")
         except PolicyError as exc:
-            raise Refusal(grpc.StatusCode.INTERNAL, f"model outputs do not match its calibration: {exc}")
+            # the served outputs lack a score the calibration decides with: seen while Triton reloads a model whose
+            # config just changed (the gateway read the new config first), so a retry succeeds: UNAVAILABLE
+            raise Refusal(grpc.StatusCode.UNAVAILABLE, f"model outputs do not match its calibration: {exc}; the "
+                          "backend may be reloading the model: retry")
         outcome, rows = part.result, slice(part.start, part.stop)
         # a request alone in its batch (always at low load) has every row: no slices to make
         decisions = outcome.decisions if part.stop - part.start == part.batch_rows else outcome.decisions[rows]

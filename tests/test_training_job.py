@@ -99,3 +99,30 @@ def test_train_reads_an_npz_whose_labels_are_class_name_strings(tmp_path, capsys
     assert f"one {record.test_accuracy['per_class']['one']:.3f} (n={counts['one']})" in out
     assert (f"warning: class(es) one (n={counts['one']}), two (n={counts['two']}), zero (n={counts['zero']}) have "
             "fewer than 30 test images: their accuracy is uncertain") in out
+
+
+def test_an_interrupted_save_leaves_the_run_folder_as_it_was(digits_export, tmp_path):
+    """Ctrl-C while a retrain writes over an older run: the older checkpoint and training.json stay, matching,
+    with no temporary file beside them; a run folder the save created is removed again."""
+    import shutil
+
+    from oodguard.export.backbones import load_classifier
+    from oodguard.export.training_job import CHECKPOINT_FILE, save_run
+
+    record, _, _, checkpoint = digits_export
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(checkpoint, run / CHECKPOINT_FILE)
+    shutil.copy(checkpoint.with_name(RECORD_FILE), run / RECORD_FILE)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    model = load_classifier(record.backbone, checkpoint)
+
+    def interrupted(sha256):
+        raise KeyboardInterrupt  # after the new checkpoint is written, before training.json
+
+    with pytest.raises(KeyboardInterrupt):
+        save_run(run, model, interrupted)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    with pytest.raises(KeyboardInterrupt):
+        save_run(tmp_path / "new-run", model, interrupted)
+    assert not (tmp_path / "new-run").exists()

@@ -392,3 +392,36 @@ def test_with_triton_unreachable_at_start_predict_is_unavailable_not_a_bad_reque
                 stub.Predict(request, timeout=10)
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "no model is being served" in info.value.details() and "backend is unreachable" in info.value.details()
+
+
+class ReloadingBackend(FlakyBackend):
+    """The embedded backend answering without the ``fused`` output while ``reloading``: what Triton returns for a
+    moment after the model's config grew and before it reloaded."""
+
+    reloading = False
+
+    async def infer(self, model, version, inputs, timeout_s):
+        result = await self.inner.infer(model, version, inputs, timeout_s)
+        if self.reloading:
+            result.outputs.pop("fused", None)
+        return result
+
+
+def test_outputs_lacking_a_deciding_score_are_unavailable_then_served(start_gateway, repo_copy):
+    backends = []
+
+    def factory(settings):
+        backends.append(ReloadingBackend(EmbeddedBackend(settings.repository)))
+        return backends[0]
+
+    gw = start_gateway(repo_copy, backend_factory=factory)
+    request = pb.PredictRequest(tensor=tensor(noise(1)))
+    with grpc.insecure_channel(gw.target) as channel:
+        stub = pb_grpc.OODGuardStub(channel)
+        backends[0].reloading = True
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Predict(request, timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE  # a retry succeeds: clients retry UNAVAILABLE
+        assert "lack score(s) ['fused']" in info.value.details() and "retry" in info.value.details()
+        backends[0].reloading = False
+        assert list(stub.Predict(request, timeout=5).predictions[0].decision.deciding_scores) == ["fused"]
