@@ -1,5 +1,6 @@
 """Print the runtime requirements of the gateway image: pyproject's base dependencies with ``onnxruntime``
-replaced by the chosen ONNX Runtime package (``onnxruntime`` or ``onnxruntime-gpu``; never both).
+replaced by the chosen ONNX Runtime package (``onnxruntime`` or ``onnxruntime-gpu``; never both). scripts/lock.sh
+locks them into locks/gateway-<package>.txt, which the Dockerfile installs.
 
     python scripts/docker_requirements.py [pyproject.toml] [onnxruntime|onnxruntime-gpu]
 
