@@ -17,13 +17,19 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 UV=$(bash scripts/uv.sh)
 TORCH_FIND_LINKS=${TORCH_FIND_LINKS:-/opt/wheels}
+upgrade=()
+case "${1:-}" in
+    "") ;;
+    --upgrade) upgrade=(--upgrade) ;;
+    *) echo "usage: bash scripts/lock.sh [--upgrade]" >&2; exit 2 ;;
+esac
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 
 compile() {  # compile OUTPUT INPUT... [uv options]
     local out=$1; shift
     echo "lock: $out" >&2
-    "$UV" pip compile --quiet --generate-hashes --python-version 3.11 \
+    "$UV" pip compile --quiet --generate-hashes --python-version 3.11 ${upgrade[@]+"${upgrade[@]}"} \
         --custom-compile-command "bash scripts/lock.sh" -o "$out" "$@"
 }
 
