@@ -39,6 +39,7 @@ import numpy as np
 from . import label_studio
 from .label_studio import NEW_CLASS, NOT_RELEVANT, read_export
 from .versions import CalibrationCache
+from oodguard import progress as bars
 from oodguard import repository as repo
 from oodguard.datasets import natural_key
 from oodguard.preprocess import Preprocessing
@@ -46,6 +47,8 @@ from oodguard.preprocess import Preprocessing
 POLICIES = ("new-classes", "unknown")
 UNKNOWN = "unknown"
 SHOWN = 5
+#: labeled record ids read from the queue per query
+READ_CHUNK = 500
 
 
 @dataclass
@@ -124,7 +127,13 @@ def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, po
         raise ValueError(f"{labels_path} ({export.format}): no labels found: {export.rows} task(s)/row(s), none "
                          "with a label" + (f" ({export.cancelled} only cancelled)" if export.cancelled else ""))
     entries = export.entries
-    records = queue.get(list(entries))
+    records = []
+    ids = list(entries)
+    with bars.bar(total=len(ids), desc="labels import: read records", unit="record") as progress:
+        for start in range(0, len(ids), READ_CHUNK):  # chunks: a bounded statement per read, and a moving bar
+            chunk = ids[start:start + READ_CHUNK]
+            records.extend(queue.get(chunk))
+            progress.update(len(chunk))
     found = {r.id for r in records}
     missing = [i for i in entries if i not in found]
     if missing and strict:
@@ -158,7 +167,7 @@ def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, po
         preprocessing = Preprocessing.from_dict(calibrations.get(record.model, record.version).model["preprocessing"])
         return preprocessing.invert(record.input)
 
-    for record in records:
+    for record in bars.track(records, desc="labels import: join labels", unit="record"):
         entry = entries[record.id]
         known = choices(record)
         label = entry.label

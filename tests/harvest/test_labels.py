@@ -264,3 +264,28 @@ def test_not_relevant_images_go_to_their_own_npz_for_outlier_training(small_queu
     assert summary.not_relevant == 0 and summary.not_relevant_path == tmp_path / "none.npz"
     empty = np.load(tmp_path / "none.npz")  # written all the same: a scripted retrain finds it (and adds nothing)
     assert empty["images"].shape == (0, *data["images"].shape[1:]) and len(empty["record_ids"]) == 0
+
+
+def test_labels_import_reads_in_chunks_and_shows_progress_only_when_asked(digits_export, tmp_path, capsys,
+                                                                          monkeypatch):
+    """More labeled ids than one read takes (READ_CHUNK): every one is joined; with OODGUARD_PROGRESS=1 the
+    phases show as bars on stderr, without it stderr stays empty; stdout is the same either way."""
+    from oodguard.harvest import labels
+
+    queue, truth, repository = filled_queue(digits_export, tmp_path / "q.sqlite", per_kind=10)
+    harvested = run_harvest(queue, "random", 30, tmp_path / "out", repository, progress=lambda line: None)
+    (tmp_path / "labels.csv").write_text("".join(f"{i},{truth[i]}\n" for i in harvested.ids))
+    queue.close()
+    monkeypatch.setattr(labels, "READ_CHUNK", 7)  # 30 ids: five reads
+    argv = ["labels", "import", str(tmp_path / "labels.csv"), "--queue", f"sqlite:///{tmp_path / 'q.sqlite'}",
+            "--repository", str(repository), "--out"]
+    outputs = []
+    for progress in ("0", "1"):
+        monkeypatch.setenv("OODGUARD_PROGRESS", progress)
+        assert main(argv + [str(tmp_path / f"data-{progress}.npz")]) == 0
+        outputs.append(capsys.readouterr())
+    assert "30 labeled images" in outputs[0].out
+    assert outputs[0].out.replace("data-0", "data-1") == outputs[1].out
+    assert outputs[0].err == "" and "labels import: read records" in outputs[1].err
+    assert "labels import: join labels" in outputs[1].err
+    assert len(load_dataset(str(tmp_path / "data-1.npz")).labels) == 30
