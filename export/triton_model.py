@@ -6,10 +6,10 @@
 
 A version folder holds only ``model.onnx``, ``model.py`` and ``calibration.json``: no bytecode. When Triton's
 python backend imports ``model.py`` it would write ``<version>/__pycache__``, which litters the repository and
-which the server's repository poll sees as a change, answered with one more reload of the version. The local
-server (``oodguard triton``, :mod:`oodguard.triton_local`) therefore runs with ``PYTHONPYCACHEPREFIX`` set to a
-folder of the Triton environment, so bytecode goes there; a tritonserver of your own that runs the CPU config
-should set it (or ``PYTHONDONTWRITEBYTECODE=1``) too.
+which the server's repository poll sees as a change, answered with one more reload of the version. The stub
+runs an isolated interpreter (``PYTHON*`` variables are ignored), so ``scripts/setup_triton.sh`` puts a ``.pth``
+file into the Triton environment that sets ``sys.pycache_prefix`` to its ``pycache/`` folder: bytecode goes
+there. A Triton environment of your own that runs the CPU config wants the same line.
 """
 
 from __future__ import annotations

@@ -71,9 +71,6 @@ class TritonInstall:
         env["VIRTUAL_ENV"] = str(self.env_dir)
         for name in ("PYTHONPATH", "PYTHONHOME", "PYTHONDONTWRITEBYTECODE"):
             env.pop(name, None)
-        # model.py's bytecode goes here, not into <version>/__pycache__ (which would litter the repository and
-        # make the repository poll reload the version once more)
-        env["PYTHONPYCACHEPREFIX"] = str(self.env_dir / "pycache")
         return env
 
 

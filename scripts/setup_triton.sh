@@ -24,6 +24,12 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c "$READY" 
     echo "$want" > "$stamp"
 fi
 
+# model.py's bytecode goes to $ENV_DIR/pycache, not into <version>/__pycache__ (which would litter the model
+# repository and make Triton's repository poll reload the version once more). The python backend stub runs an
+# isolated interpreter that ignores PYTHON* variables, but it reads this environment's .pth files at start.
+SITE=$("$PY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+echo "import sys; sys.pycache_prefix = sys.pycache_prefix or '$ENV_DIR/pycache'" > "$SITE/oodguard_pycache.pth"
+
 PY_VERSION=$("$PY" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
 TRITON_DIR=$("$PY" -c 'import importlib.util as u; print(u.find_spec("pytriton").submodule_search_locations[0] + "/tritonserver")')
 STUB="$TRITON_DIR/python_backend_stubs/$PY_VERSION/triton_python_backend_stub"

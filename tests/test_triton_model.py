@@ -231,22 +231,28 @@ def test_write_triton_model_writes_the_source_alone(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == [MODEL_PY]  # no __pycache__ in a version folder
 
 
-def test_the_local_triton_environment_keeps_bytecode_out_of_the_repository(tmp_path):
-    """What the python backend stub does with oodguard triton's environment: importing model.py writes its
-    bytecode under PYTHONPYCACHEPREFIX, and the version folder is unchanged."""
-    from oodguard.triton_local import TritonInstall
+def _pycache_line() -> str:
+    """The .pth line setup_triton.sh writes into the Triton environment."""
+    import re
 
+    line = re.search(r'^echo "(import sys; sys\.pycache_prefix = .*)" > "\$SITE/oodguard_pycache\.pth"$',
+                     (Path(__file__).resolve().parents[1] / "scripts" / "setup_triton.sh").read_text(), re.M)
+    assert line, "setup_triton.sh writes the .pth line"
+    return line.group(1)
+
+
+def test_a_pycache_prefix_keeps_bytecode_out_of_the_version_folder(tmp_path):
+    """setup_triton.sh's .pth line, run as the stub's interpreter runs it at start (isolated, -I: no PYTHON*
+    variables): importing a version's model.py writes its bytecode under the prefix, and the folder stays as
+    it was (the real tritonserver: tests/integration/test_triton.py)."""
+    prefix_line = _pycache_line().replace("$ENV_DIR", str(tmp_path / "env"))
     version = tmp_path / "1"
     version.mkdir()
     write_triton_model(version)
-    env = TritonInstall(tmp_path / "env", tmp_path / "server", "/usr/lib").environment()
-    assert env["PYTHONPYCACHEPREFIX"] == str(tmp_path / "env" / "pycache")
-    # the stub puts the version folder on sys.path and imports model (its imports of triton_python_backend_utils
-    # and onnxruntime happen inside; a stand-in source that only imports is enough to see where bytecode goes)
-    (version / MODEL_PY).write_text("VALUE = 1\n")
-    subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); import model; "
-                    "assert model.VALUE == 1", str(version)], env=env, check=True, timeout=60)
-    assert sorted(p.name for p in (tmp_path / "1").iterdir()) == [MODEL_PY]
+    (version / MODEL_PY).write_text("VALUE = 1\n")  # a stand-in that only imports: where does its bytecode go?
+    subprocess.run([sys.executable, "-I", "-c", f"{prefix_line}; sys.path.insert(0, {str(version)!r}); import model; "
+                    "assert model.VALUE == 1"], check=True, timeout=60)
+    assert sorted(p.name for p in version.iterdir()) == [MODEL_PY]
     assert list((tmp_path / "env" / "pycache").rglob("model*.pyc")), "the bytecode went under the prefix"
 
 
