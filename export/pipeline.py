@@ -52,7 +52,7 @@ from oodguard.onnx_runner import OnnxModel
 from oodguard.preprocess import Preprocessing
 from oodguard.repository import CALIBRATION_FILE, INPUT_NAME, MODEL_FILE, model_dir, next_version
 
-from . import fused, layers
+from . import fused, layers, new_classes
 from .backbones import file_sha256, load_classifier
 from .bank import METHODS as BANK_METHODS
 from .bank import reduce_bank
@@ -94,6 +94,10 @@ class ExportSpec:
     provenance: dict = field(default_factory=dict)
     multi_layer: bool = False  # --multi-layer: also fit sisom_ml / sisome_ml (backward pass + their own bank)
     multi_layer_bank_size: int | None = MULTI_LAYER_BANK_SIZE  # their bank's limit (None: the export's bank)
+    # the fused choice's "new" validation group (oodguard.export.new_classes): this many classes held out in turn,
+    # each by a classifier trained without it for new_class_epochs (None: no training recipe known, no group)
+    new_class_holdouts: int = new_classes.DEFAULT_HOLDOUTS
+    new_class_epochs: int | None = None
 
 
 @dataclass
@@ -127,6 +131,21 @@ def fit_scores(data: FitData, params: dict[str, dict], multi_layer: bool = False
             fitted[name] = cls.fit(ml_data if name in MULTI_LAYER else data, fitted, **params.get(name, {}))
             fitting.update(1)
     return fitted
+
+
+def new_class_worlds(spec: ExportSpec, feature_dim: int, bank_images: np.ndarray, scores: dict[str, Score],
+                     reference_images: np.ndarray, reference_labels: np.ndarray) -> list:
+    """The leave-one-class-out worlds of the fused choice's ``new`` group (:mod:`oodguard.export.new_classes`):
+    for each of ``spec.new_class_holdouts`` classes, a classifier trained without it (``spec.new_class_epochs``),
+    every score fitted on its features with the parameters chosen here."""
+    held = new_classes.held_out_classes(reference_labels, len(spec.class_names), spec.seed, spec.new_class_holdouts)
+    out = []
+    for c in bars.track(held, desc="new-class validation: train without a class", unit="class"):
+        out.append(new_classes.retrained_world(
+            c, spec.backbone, feature_dim, bank_images, np.asarray(spec.bank_data.labels, np.int64), reference_images,
+            reference_labels, scores, lambda data, params: fit_scores(data, params, desc="fit scores without a class"),
+            spec.new_class_epochs, spec.seed))
+    return out
 
 
 def multi_layer_bank(data: FitData, size: int | None) -> np.ndarray:
@@ -213,10 +232,22 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
         progress(f"  bank comparison (worst-group validation AUROC per bank-based score): {_figures(bank_comparison)}")
 
     if outputs is not None:
+        held_out_worlds = []
+        if spec.new_class_holdouts and not spec.new_class_epochs:
+            progress("  note: no new-class validation: it retrains the classifier with the run's recipe, and this "
+                     "checkpoint has no training.json beside it")
+        if (spec.new_class_holdouts and spec.new_class_epochs and FUSED not in spec.score_params
+                and spec.calibration_data.labels is not None):
+            held_out_worlds = new_class_worlds(spec, classifier.feature_dim, bank_images, scores, reference_images,
+                                               spec.calibration_data.labels[references])
+            if held_out_worlds:
+                lap(f"new-class validation: {len(held_out_worlds)} classes held out in turn "
+                    f"({sum(len(next(iter(w.new.values()))) for w in held_out_worlds)} reference images)")
         with bars.phase(f"choose the {FUSED} score"):
             fusion = PValueFusion.from_references({n: outputs[0][n] for n in scores},
                                                   {n: outputs[1][n] for n in scores},
-                                                  ood.groups, **spec.score_params.get(FUSED, {}))
+                                                  ood.groups, worlds=held_out_worlds,
+                                                  **spec.score_params.get(FUSED, {}))
         scores = {**scores, FUSED: fusion}
         chosen = fusion.selection.get("chosen", {})
         lap(f"fused: {fusion.combination}({', '.join(fusion.components)}) on {len(references)} reference samples"
@@ -446,6 +477,7 @@ def spec_from_training(checkpoint: Path, repository: Path, model_name: str, **ov
         seed=record.seed,
         provenance={"training_data": record.data, "training_classes": record.classes,
                     **({"test_accuracy": record.test_accuracy} if record.test_accuracy else {})},
+        new_class_epochs=len(record.history) or None,
         **overrides,
     )
 

@@ -152,6 +152,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--validation-ood", action="append", default=[], metavar="SPEC",
                         help="an OOD set for the export's choices (never a test set; repeatable): a group of its own "
                         "next to the synthetic near and far corruptions of training images (default: none)")
+    export.add_argument("--new-class-holdouts", type=int, default=0, metavar="N",
+                        help="add a 'new' validation group to the fused choice: N classes held out in turn, each by "
+                        "a classifier trained without it (the run's recipe from training.json; costs N trainings); "
+                        "opt-in while the signal is measured (bench/new_class_signal.py) (default %(default)s: off)")
     export.add_argument("--fused-components", help="fixed components of the fused score, comma-separated (default: "
                         "chosen on validation among subsets of up to 3 scores)")
     export.add_argument("--fused-combination", choices=["fisher", "min-p"],
@@ -554,11 +558,13 @@ def _run_export(args: argparse.Namespace) -> int:
               **({"combination": args.fused_combination} if args.fused_combination else {})}
     if "combination" in fusion and "components" not in fusion:
         raise ValueError("--fused-combination needs --fused-components too")
+    if args.new_class_holdouts < 0:
+        raise ValueError(f"--new-class-holdouts must be >= 0, got {args.new_class_holdouts}")
     if args.multi_layer_bank_size < 1:
         raise ValueError(f"--multi-layer-bank-size must be positive, got {args.multi_layer_bank_size}")
     overrides = dict(bank_size=args.bank_size, bank_method=args.bank_method, target_tpr=args.tpr, max_batch_size=args.max_batch_size,
                      multi_layer=args.multi_layer, multi_layer_bank_size=args.multi_layer_bank_size,
-                     validation_ood_specs=list(args.validation_ood),
+                     validation_ood_specs=list(args.validation_ood), new_class_holdouts=args.new_class_holdouts,
                      score_params={"sisom": {"alpha": args.alpha}, "knn": {"k": args.knn_k},
                                    **({"fused": fusion} if fusion else {})})
     if args.checkpoint.with_name("training.json").exists():

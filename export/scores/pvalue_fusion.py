@@ -57,7 +57,7 @@ The gateway explains a fused decision by its *driver*: the component with the sm
 from __future__ import annotations
 
 import itertools
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -73,6 +73,8 @@ MAX_COMPONENTS = 3
 MIN_GAIN = 0.005
 MAX_ERROR_RATIO = 1.5
 RECORDED_CANDIDATES = 12
+#: the validation group of the leave-one-class-out worlds (oodguard.export.new_classes.NEW)
+NEW_GROUP = "new"
 
 
 def p_values(references: np.ndarray, scores: np.ndarray) -> np.ndarray:
@@ -133,26 +135,48 @@ def tail_error(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:
     return float(np.mean(np.where(ood > top, beyond, inside)))
 
 
+def _merge(main: dict, extra: dict) -> dict:
+    """One :func:`~oodguard.export.validation.objective` result from two over disjoint groups."""
+    auroc = {**main["auroc"], **extra["auroc"]}
+    values = list(auroc.values())
+    return {"auroc": auroc, "worst": min(values), "mean": float(np.mean(values))}
+
+
 def choose(reference_scores: Mapping[str, np.ndarray], ood_scores: Mapping[str, np.ndarray], groups: np.ndarray,
-           max_components: int = MAX_COMPONENTS) -> tuple[tuple[str, ...], str, dict]:
+           max_components: int = MAX_COMPONENTS, worlds: Sequence = ()) -> tuple[tuple[str, ...], str, dict]:
     """The admissible components and combination with the best worst-group validation AUROC (see the module
-    docstring). Returns ``(components, combination, record)``."""
+    docstring). ``worlds``: leave-one-class-out worlds (:class:`oodguard.export.new_classes.World`), pooled into
+    the validation group ``new`` (each world's scores as p-values against its own references); only scores
+    every world has are candidates then. Returns ``(components, combination, record)``."""
     names = [n for n in reference_scores if np.all(np.isfinite(reference_scores[n]))]
+    names = [n for n in names if all(n in w.references and np.all(np.isfinite(w.references[n])) for w in worlds)]
     if not names:
         raise ValueError("fused: no component score has finite reference scores")
     groups = np.asarray(groups)
-    group_names = sorted(set(groups.tolist()))
+    group_names = sorted(set(groups.tolist())) + ([NEW_GROUP] if worlds else [])
     id_log_p = {n: np.log(leave_one_out_p_values(reference_scores[n])) for n in names}
     ood_log_p = {n: log_p_values(reference_scores[n], ood_scores[n]) for n in names}
-    single = {n: validation.objective(-id_log_p[n], -ood_log_p[n], groups) for n in names}
+    new_id_log_p = {n: [np.log(leave_one_out_p_values(w.references[n])) for w in worlds] for n in names}
+    new_log_p = {n: [log_p_values(w.references[n], w.new[n]) for w in worlds] for n in names}
+
+    def evaluate(subset: tuple[str, ...], combination: str) -> tuple[dict, dict]:
+        ids = combine(np.stack([id_log_p[n] for n in subset], axis=1), combination)
+        ood = combine(np.stack([ood_log_p[n] for n in subset], axis=1), combination)
+        result = validation.objective(ids, ood, groups)
+        errors = {g: tail_error(ids, ood[groups == g]) for g in group_names if g != NEW_GROUP}
+        if worlds:
+            pooled = [np.concatenate([combine(np.stack([side[n][w] for n in subset], axis=1), combination)
+                                      for w in range(len(worlds))]) for side in (new_id_log_p, new_log_p)]
+            result = _merge(result, validation.objective(*pooled, np.full(len(pooled[1]), NEW_GROUP)))
+            errors[NEW_GROUP] = tail_error(*pooled)
+        return result, errors
+
+    single = {n: evaluate((n,), COMBINATIONS[0])[0] for n in names}
     candidates = []
     for size in range(1, min(max_components, len(names)) + 1):
         for subset in itertools.combinations(names, size):
             for combination in (COMBINATIONS if size > 1 else COMBINATIONS[:1]):
-                ids = combine(np.stack([id_log_p[n] for n in subset], axis=1), combination)
-                ood = combine(np.stack([ood_log_p[n] for n in subset], axis=1), combination)
-                result = validation.objective(ids, ood, groups)
-                errors = {g: tail_error(ids, ood[groups == g]) for g in group_names}
+                result, errors = evaluate(subset, combination)
                 candidates.append({"components": list(subset), "combination": combination, **result,
                                    "tail_error": errors})
     best_errors = {g: min(c["tail_error"][g] for c in candidates if len(c["components"]) == 1) for g in group_names}
@@ -168,6 +192,9 @@ def choose(reference_scores: Mapping[str, np.ndarray], ood_scores: Mapping[str, 
             best = top
     if best is None:  # nothing admissible: the candidate that trades the least away
         best = min(candidates, key=lambda c: c["error_ratio"])
+    sizes = {str(g): int(n) for g, n in zip(*np.unique(np.asarray(groups, dtype=str), return_counts=True))}
+    if worlds:
+        sizes[NEW_GROUP] = int(sum(len(next(iter(w.new.values()))) for w in worlds))
     record = {
         "procedure": "admissible candidates (every group's tail error at most max_error_ratio times the best single "
                      "score's), then worst-group validation AUROC (see oodguard.export.scores.pvalue_fusion)",
@@ -179,9 +206,17 @@ def choose(reference_scores: Mapping[str, np.ndarray], ood_scores: Mapping[str, 
         "best_candidates": candidates[:RECORDED_CANDIDATES],
         "best_single_tail_error": best_errors,
         "single_scores": single,
-        "validation_groups": {str(g): int(n) for g, n in zip(*np.unique(np.asarray(groups, dtype=str), return_counts=True))},
+        "validation_groups": sizes,
         "references_n": int(len(next(iter(reference_scores.values())))),
     }
+    if worlds:
+        record["new_classes"] = {
+            "procedure": "leave one class out (see oodguard.export.new_classes): each held-out class's reference "
+                         "images against the other classes' in a world without it",
+            "held_out": [int(w.held_out) for w in worlds],
+            "references_n": int(sum(len(next(iter(w.references.values()))) for w in worlds)),
+            "new_n": sizes[NEW_GROUP],
+        }
     if not admissible:
         record["note"] = (f"no candidate is admissible (every group's tail error within {MAX_ERROR_RATIO}x the best "
                           "single score's): chosen by the smallest error ratio")
@@ -212,10 +247,11 @@ class PValueFusion(Score):
     @classmethod
     def from_references(cls, reference_scores: Mapping[str, np.ndarray], ood_scores: Mapping[str, np.ndarray],
                         groups: np.ndarray, components: tuple[str, ...] | None = None,
-                        combination: str | None = None) -> "PValueFusion":
-        """Choose (unless ``components``/``combination`` are given) and build the fused score."""
+                        combination: str | None = None, worlds: Sequence = ()) -> "PValueFusion":
+        """Choose (unless ``components``/``combination`` are given) and build the fused score; ``worlds``: the
+        leave-one-class-out worlds of the ``new`` validation group (see :func:`choose`)."""
         if components is None:
-            components, chosen_combination, selection = choose(reference_scores, ood_scores, groups)
+            components, chosen_combination, selection = choose(reference_scores, ood_scores, groups, worlds=worlds)
             combination = combination or chosen_combination
         else:
             missing = [c for c in components if c not in reference_scores]

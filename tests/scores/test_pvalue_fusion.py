@@ -172,3 +172,28 @@ def test_fixed_components_must_exist():
     with pytest.raises(ValueError, match="unknown component"):
         PValueFusion.from_references(ref, ood, groups, components=("energy",))
 
+
+
+def test_leave_one_class_out_worlds_are_a_group_of_their_own_that_the_choice_must_not_trade_away():
+    """A score that only the held-out-class worlds show to matter ('new_expert': blind to near and far OOD) joins
+    the choice once the worlds are given: without them the near and far experts alone win."""
+    from oodguard.export.new_classes import World
+
+    ref, ood, groups = _complementary(seed=5)
+    rng = np.random.default_rng(6)
+    ref["new_expert"], ood["new_expert"] = rng.normal(size=400), rng.normal(size=800)
+    worlds = []
+    for c in range(3):
+        references = {name: rng.normal(size=200) for name in ref}
+        new = {name: rng.normal(size=30) for name in ref}
+        new["new_expert"] = rng.normal(4, 1, 30)  # only this score separates the held-out class
+        worlds.append(World(c, references, new))
+    without, _, _ = choose(ref, ood, groups)
+    assert "new_expert" not in without
+    components, _, record = choose(ref, ood, groups, worlds=worlds)
+    assert set(components) == {"near_expert", "far_expert", "new_expert"}
+    assert record["validation_groups"] == {"far": 400, "near": 400, "new": 90}
+    assert record["new_classes"]["held_out"] == [0, 1, 2] and record["new_classes"]["references_n"] == 600
+    assert record["single_scores"]["new_expert"]["auroc"]["new"] > 0.95
+    assert record["single_scores"]["near_expert"]["auroc"]["new"] < 0.65
+    assert record["chosen"]["worst"] > 0.85 and set(record["chosen"]["tail_error"]) == {"far", "near", "new"}
