@@ -182,9 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="model name in the repository (required)")
     evaluate.add_argument("--version", type=int, help="default: the latest version")
     evaluate.add_argument("--id", required=True, dest="id_spec", help="in-distribution test set (any dataset spec)")
-    evaluate.add_argument("--ood", action="append", default=[], metavar="NAME=PATH[:near|far]",
-                          help="an OOD set; PATH is a dataset spec or synthetic:uniform|blobs[:COUNT]; repeatable, "
+    evaluate.add_argument("--ood", action="append", default=[], metavar="NAME=PATH[:near|far|new]",
+                          help="an OOD set; PATH is a dataset spec or synthetic:uniform|blobs[:COUNT]; the group: near or far (dataset "
+                          "shift) or new (classes the model never learned); repeatable, "
                           "at least one (default: none)")
+    evaluate.add_argument("--new-classes", type=_classes, metavar="LABELS",
+                          help="a class holdout's unseen classes, e.g. 8-9: the --id dataset's images of these labels "
+                          "become an OOD set of the 'new' group (classes the model never learned), beside near and "
+                          "far; give the known ones with --classes (default: none)")
     evaluate.add_argument("--json", action="store_true", help="print the report as JSON")
     evaluate.add_argument("--plot", type=Path, metavar="DIR", help="also write DIR/scores.png: per score the histograms "
                           "(ID against each OOD set) with the calibrated threshold, and the ROC curves")
@@ -513,9 +518,13 @@ def _run_evaluate(args: argparse.Namespace) -> int:
 
     from oodguard import evaluation
 
-    if not args.ood:
-        raise ValueError("give at least one --ood NAME=PATH[:near|far]")
+    if not args.ood and not args.new_classes:
+        raise ValueError("give at least one --ood NAME=PATH[:near|far|new] or --new-classes LABELS")
     oods = [evaluation.parse_ood(text) for text in args.ood]
+    if args.new_classes:
+        if args.classes and set(args.classes) & set(args.new_classes):
+            raise ValueError(f"--new-classes {args.new_classes} overlap --classes {args.classes}")
+        oods.append(evaluation.new_class_set(args.id_spec, args.new_classes))
     scorer = evaluation.VersionScorer(evaluation.resolve_version(args.repository, args.model, args.version))
     in_dist, scored, info = evaluation.score_sets(scorer, args.id_spec, oods, args.seed, args.classes)
     report = evaluation.build_report(scorer, args.id_spec, in_dist, oods, scored, info)

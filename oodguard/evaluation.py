@@ -113,16 +113,36 @@ def resolve_dataset(spec: str, preprocessing: Preprocessing, seed: int = 0) -> D
 class OodSet:
     name: str
     spec: str
-    group: str  # "near", "far" or "" (ungrouped)
+    group: str  # "near", "far", "new" (classes the model never learned) or "" (ungrouped)
+    classes: list[int] | None = None  # only these labels of the dataset (a class holdout's unseen classes)
+
+
+#: OOD groups a report averages over: dataset shift (near, far) and classes the model never learned (new)
+GROUPS = ("near", "far", "new")
+
+
+def new_class_set(id_spec: str, classes: list[int]) -> OodSet:
+    """The OOD set of a class holdout: the ID dataset's images of ``classes``, which the model never learned."""
+    return OodSet(f"classes {','.join(map(str, classes))}", id_spec, "new", list(classes))
+
+
+def unseen_classes(dataset: Dataset, classes: list[int], spec: str) -> Dataset:
+    """The items of ``dataset`` labeled one of ``classes``; an error when it has no labels or none of them."""
+    if dataset.labels is None:
+        raise ValueError(f"{spec} has no labels: its new classes cannot be picked")
+    keep = np.isin(np.asarray(dataset.labels), classes)
+    if not keep.any():
+        raise ValueError(f"{spec} has no images of labels {classes} (its labels: {sorted(set(np.asarray(dataset.labels).tolist()))})")
+    return dataset.take(np.flatnonzero(keep))
 
 
 def parse_ood(text: str) -> OodSet:
-    """``NAME=SPEC[:near|far]``."""
+    """``NAME=SPEC[:near|far|new]``."""
     name, sep, rest = text.partition("=")
     if not sep or not name or not rest:
-        raise ValueError(f"--ood {text!r}: expected NAME=PATH[:near|far]")
+        raise ValueError(f"--ood {text!r}: expected NAME=PATH[:near|far|new]")
     spec, _, group = rest.rpartition(":")
-    if group not in ("near", "far"):
+    if group not in GROUPS:
         spec, group = rest, ""
     return OodSet(name, spec, group)
 
@@ -202,6 +222,8 @@ def score_sets(scorer: VersionScorer, id_spec: str, oods: list[OodSet], seed: in
     for number, ood in enumerate(oods, 1):
         with progress.phase(f"load OOD set {ood.name} ({number}/{len(oods)})"):
             dataset = resolve_dataset(ood.spec, scorer.preprocessing, seed)
+            if ood.classes is not None:
+                dataset = unseen_classes(dataset, ood.classes, ood.spec)
         scored.append(scorer.score(ood.name, dataset, desc=f"score OOD set {ood.name} ({number}/{len(oods)})"))
     return in_dist, scored, info
 
@@ -224,7 +246,7 @@ def build_report(scorer: VersionScorer, id_spec: str, in_dist: ScoredSet, oods: 
             "spec": ood.spec, "group": ood.group, "n": len(next(iter(result.scores.values()))),
             "conversion": result.conversion, "metrics": compare(scorer, in_dist, result),
         }
-    for group in ("near", "far"):
+    for group in GROUPS:
         members = [s for s in report["sets"].values() if s["group"] == group]
         if members:
             report["groups"][group] = {

@@ -31,6 +31,7 @@ import json  # noqa: E402
 import pytest  # noqa: E402
 
 from oodguard.cli import main  # noqa: E402
+from oodguard.datasets import load_dataset  # noqa: E402
 from oodguard.evaluation import evaluate, gaussian_blobs, parse_ood, resolve_version  # noqa: E402
 from oodguard.repository import RepositoryError  # noqa: E402
 
@@ -39,6 +40,7 @@ def test_parse_ood_groups():
     assert (parse_ood("fm=a/b.gz:near").spec, parse_ood("fm=a/b.gz:near").group) == ("a/b.gz", "near")
     assert parse_ood("n=synthetic:uniform:500:far").spec == "synthetic:uniform:500"
     assert parse_ood("x=c:/data/set.npz").group == ""
+    assert (parse_ood("eights=d/t10k.gz:new").group, parse_ood("eights=d/t10k.gz:new").classes) == ("new", None)
     with pytest.raises(ValueError, match="NAME=PATH"):
         parse_ood("no-equals-sign")
 
@@ -138,3 +140,21 @@ def test_evaluate_shows_a_bar_per_scored_set_on_stderr_only_when_bars_are_on(dig
     for name in ("score ID set", "score OOD set noise (1/2)", "score OOD set blobs (2/2)"):
         assert name in shown.err
     assert "0/300" in shown.err and "img" in shown.err  # a bar counts the images of its set (from 0/total)
+
+
+def test_a_class_holdout_reports_its_unseen_classes_as_the_new_group(digits_export, capsys):
+    """--classes 0-7 --new-classes 8-9 on the digits: the ID set keeps 0-7, digits 8 and 9 are an OOD set of
+    the 'new' group with its own group mean; the same numbers as scoring those images by hand."""
+    _, _, repository, _ = digits_export
+    assert main(["evaluate", "--repository", str(repository), "--model", "digits", "--id", "digits",
+                 "--classes", "0-7", "--new-classes", "8-9", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    digits = load_dataset("digits")
+    unseen = report["sets"]["classes 8,9"]
+    assert unseen["group"] == "new" and unseen["n"] == int(np.isin(digits.labels, [8, 9]).sum())
+    assert report["id"]["n"] == int(np.isin(digits.labels, range(8)).sum())
+    assert report["groups"]["new"] == unseen["metrics"] and set(report["groups"]) == {"new"}
+    assert all(0.5 < unseen["metrics"][s]["auroc"] <= 1.0 for s in ("energy", "maxlogit", "fused"))
+    assert main(["evaluate", "--repository", str(repository), "--model", "digits", "--id", "digits",
+                 "--classes", "0-8", "--new-classes", "8-9"]) == 2
+    assert "--new-classes [8, 9] overlap --classes" in capsys.readouterr().err
