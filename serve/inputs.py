@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .v1 import oodguard_pb2 as pb
 
@@ -27,6 +27,12 @@ FLOAT_DTYPES = ("float32", "fp32")
 UINT8_DTYPES = ("uint8",)
 #: the encoded formats the API names (Pillow's format names); anything else is refused from its header
 IMAGE_FORMATS = ("PNG", "JPEG")
+#: The most PNG text (tEXt, zTXt, iTXt: metadata the guard never reads) one image may carry, inflated. Pillow
+#: inflates and keeps it while opening the header (its own limit is 64 MiB per image), so a 1 MB request of
+#: compressed text chunks could cost gigabytes before any pixel limit applies; past this, the image is refused.
+MAX_PNG_TEXT_BYTES = 64 * 1024
+PngImagePlugin.MAX_TEXT_CHUNK = MAX_PNG_TEXT_BYTES  # process-wide: serving reads no PNG text anywhere
+PngImagePlugin.MAX_TEXT_MEMORY = MAX_PNG_TEXT_BYTES
 #: how much of a client's string an error message quotes
 QUOTE_CHARS = 64
 
@@ -122,6 +128,12 @@ def open_images(request: pb.PredictRequest, served: "ServedVersion", limits: Inp
         except Image.DecompressionBombError:  # Pillow's own limit, far above ours: refuse it as ours
             raise InputError(f"image {i} declares more than {limits.max_image_pixels} pixels (limit per image)",
                              "image_too_large") from None
+        except ValueError as exc:
+            reason = str(exc).lower()
+            if "text chunk" in reason or "decompressed data too large" in reason:  # Pillow's text limits
+                raise InputError(f"image {i} carries more than {MAX_PNG_TEXT_BYTES} bytes of PNG text (metadata "
+                                 "chunks; limit per image)", "image_too_large") from None
+            raise InputError(f"image {i}: cannot read the image header (ValueError)") from None
         except Exception as exc:  # Pillow raises many types for a corrupt header
             raise InputError(f"image {i}: cannot read the image header ({type(exc).__name__})") from None
         width, height = image.size

@@ -130,3 +130,41 @@ def test_item_count():
     assert item_count(pb.PredictRequest(images=pb.EncodedImages(images=[b"a", b"b"]))) == 2
     assert item_count(pb.PredictRequest(tensor=pb.Tensor(dtype="uint8", shape=[5, 8, 8]))) == 5
     assert item_count(pb.PredictRequest(tensor=pb.Tensor(dtype="uint8", shape=[-3, 8, 8]))) == 0
+
+
+def text_bomb_png(chunks: int, inflated: int, kind: bytes = b"zTXt") -> bytes:
+    """A 28x28 grey PNG whose header is followed by ``chunks`` compressed text chunks of ``inflated`` bytes
+    each (a 1 MiB chunk compresses to about 1 KB)."""
+    ihdr = png_chunk(b"IHDR", bytes.fromhex("0000001c0000001c0800000000"))
+    text = zlib.compress(b"a" * inflated, 9)
+    texts = b"".join(png_chunk(kind, f"k{i}".encode() + b"\0\0" + text) for i in range(chunks))
+    return (b"\x89PNG\r\n\x1a\n" + ihdr + texts + png_chunk(b"IDAT", zlib.compress(bytes(29) * 28))
+            + png_chunk(b"IEND", b""))
+
+
+@pytest.mark.parametrize("chunks, inflated", [(63, 1_048_560), (40, 60_000)])
+def test_png_text_chunks_are_bounded_while_the_header_is_read(chunks, inflated):
+    """63 text chunks of 1 MiB each (66 KB on the wire; Pillow would inflate and keep 63 MiB per image while
+    opening it), or many chunks each under the per-chunk limit: refused from the header, a bounded amount
+    inflated, before anything is decoded."""
+    import tracemalloc
+
+    from oodguard.serve.inputs import MAX_PNG_TEXT_BYTES
+
+    blob = text_bomb_png(chunks, inflated)
+    assert len(blob) < 2_500_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(InputError, match=f"image 0 carries more than {MAX_PNG_TEXT_BYTES} bytes of PNG text") as info:
+            open_images(pb.PredictRequest(images=pb.EncodedImages(images=[blob])), Served(), InputLimits())
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert info.value.reason == "image_too_large"
+    assert peak < 8 * MAX_PNG_TEXT_BYTES + 4 * len(blob), peak  # never the megabytes the chunks inflate to
+
+
+def test_a_little_png_text_is_still_accepted():
+    request = pb.PredictRequest(images=pb.EncodedImages(images=[text_bomb_png(2, 1000)]))
+    image, = open_images(request, Served(), InputLimits())
+    assert image.size == (28, 28) and len(image.info) == 2
