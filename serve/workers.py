@@ -43,6 +43,7 @@ import socket
 import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from .listen import ensure_port_free
 from .settings import Settings
@@ -107,6 +108,33 @@ def reserve_port(listen: str) -> tuple[socket.socket, str]:
     return sock, f"{host}:{sock.getsockname()[1]}"
 
 
+#: the multiprocess metrics folder of one ``--workers`` gateway: ``<tmp>/oodguard-metrics-<supervisor PID>-*``
+METRICS_DIR_PREFIX = "oodguard-metrics-"
+
+
+def remove_stale_metrics_dirs() -> list[Path]:
+    """Remove the metrics folders that supervisors no longer running left behind (a group killed with SIGKILL
+    cannot remove its own); the removed paths."""
+    removed = []
+    for folder in Path(tempfile.gettempdir()).glob(f"{METRICS_DIR_PREFIX}*-*"):
+        pid = folder.name[len(METRICS_DIR_PREFIX):].split("-", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive, and not ours to clean
+        return True
+    return True
+
+
 class Supervisor:
     def __init__(self, settings: Settings, count: int):
         self.settings = settings
@@ -120,7 +148,8 @@ class Supervisor:
     # -- lifecycle ------------------------------------------------------------------------------
     def run(self) -> int:
         sock, listen = reserve_port(self.settings.listen)
-        self._metrics_dir = tempfile.mkdtemp(prefix="oodguard-metrics-")
+        remove_stale_metrics_dirs()
+        self._metrics_dir = tempfile.mkdtemp(prefix=f"{METRICS_DIR_PREFIX}{os.getpid()}-")
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = self._metrics_dir  # read by the workers' prometheus_client
         share = max(1, len(os.sched_getaffinity(0)) // self.count)
         self._worker_settings = dataclasses.replace(self.settings, listen=listen,
@@ -143,7 +172,10 @@ class Supervisor:
         failed = [w for w in self.workers if w.exit_code != 0]
         for w in failed:
             log.error("worker %d (PID %d) ended with exit code %s", w.slot.index, w.pid, w.exit_code)
-        log.info("all workers stopped" if not failed else "stopped; %d worker(s) did not drain cleanly", len(failed))
+        if failed:
+            log.info("stopped; %d worker(s) did not drain cleanly", len(failed))
+        else:
+            log.info("all workers stopped")
         return 0 if not failed else 1
 
     def _on_signal(self, signum: int, frame) -> None:

@@ -238,7 +238,29 @@ def test_sigterm_drains_every_worker_and_exits_0(served, digits_export, digits_t
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
     log = s.log()
     assert log.count("oodguard gateway stopped") == 2 and "all workers stopped" in log
+    assert "Logging error" not in log  # every log call's arguments match its message
     assert not files.exists()  # the multiprocess metrics directory belongs to one serve start
+
+
+def test_metrics_dirs_of_dead_supervisors_are_removed_and_live_ones_kept(tmp_path, monkeypatch):
+    """A --workers group killed with SIGKILL leaves its metrics folder; the next supervisor removes it (and
+    nothing of a supervisor still running, nor other folders)."""
+    import subprocess
+    import tempfile
+
+    from oodguard.serve import workers
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f"oodguard-metrics-{dead.pid}-abc"
+    live = tmp_path / f"oodguard-metrics-{os.getpid()}-def"
+    other = tmp_path / "oodguard-metrics-notapid"
+    for folder in (stale, live, other):
+        folder.mkdir()
+        (folder / "counter_1.db").write_bytes(b"x")
+    assert workers.remove_stale_metrics_dirs() == [stale]
+    assert not stale.exists() and live.exists() and other.exists()
 
 
 def test_hot_reload_reaches_every_worker(served, repo_copy, digits_test_images):
