@@ -310,7 +310,11 @@ def _read_rows(rows: list[dict], fmt: str, unit: str) -> LabelExport:
 
 
 def _read_csv(text: str) -> LabelExport:
-    rows = [row for row in csv.reader(io.StringIO(text)) if any(cell.strip() for cell in row)]
+    reader = csv.reader(io.StringIO(text))
+    try:
+        rows = [row for row in reader if any(cell.strip() for cell in row)]
+    except csv.Error as exc:  # e.g. a field over the csv module's limit of 131,072 characters
+        raise ValueError(f"line {reader.line_num}: not a readable CSV row ({exc})") from None
     if not rows:
         raise ValueError("the export is empty")
     header = [cell.strip() for cell in rows[0]]

@@ -49,6 +49,10 @@ UNKNOWN = "unknown"
 SHOWN = 5
 #: labeled record ids read from the queue per query
 READ_CHUNK = 500
+#: the longest new class name an import accepts (names are stored as a fixed-width array: one long name would
+#: make every row that wide) and the most new classes one import may add
+MAX_CLASS_NAME_CHARS = 128
+MAX_NEW_CLASSES = 1000
 
 
 @dataclass
@@ -119,7 +123,10 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
 
 
 def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, policy: str = "new-classes",
-                  strict: bool = False, not_relevant_out: Path | None = None) -> ImportSummary:
+                  strict: bool = False, not_relevant_out: Path | None = None, model: str | None = None) -> ImportSummary:
+    """Join an export's labels with the queue's records into a training dataset of one model: ``model`` picks it
+    when the export names records of several (a dataset of mixed models would carry one model's class names
+    over another's images), and is checked when given."""
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose from {POLICIES}")
     export = read_export(labels_path)
@@ -140,6 +147,14 @@ def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, po
         raise ValueError(f"{labels_path}: {len(missing)} labeled record id(s) are not in the queue: {_preview(missing)}")
     if not records:
         raise ValueError(f"none of the {len(entries)} labeled record ids is in the queue (first: {_preview(missing)})")
+    models = {name: sum(r.model == name for r in records) for name in sorted({r.model for r in records})}
+    if model is not None:
+        if model not in models:
+            raise ValueError(f"{labels_path}: no labeled record of model {model!r} (its records are of {models})")
+        records = [r for r in records if r.model == model]
+    elif len(models) > 1:
+        raise ValueError(f"{labels_path}: the labeled records are of {len(models)} models ({models}); a dataset is "
+                         "of one model: give --model NAME")
     calibrations = CalibrationCache(repository)
     newest = max(records, key=lambda r: r.version)
     harvested_for: dict[str, list[str]] = {}  # model -> class names of its newest version in the repository
@@ -201,6 +216,13 @@ def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, po
                          f"({not_relevant} 'not relevant', {len(missing)} not in the queue)")
     # the model's classes keep their indices; the new ones follow in sorted order, whatever order the export had
     new_classes = sorted({name for name in names if name not in class_names}, key=natural_key)
+    long = [name for name in new_classes if len(name) > MAX_CLASS_NAME_CHARS]
+    if long:
+        raise ValueError(f"{labels_path}: {len(long)} new class name(s) longer than {MAX_CLASS_NAME_CHARS} characters "
+                         f"(first: {long[0][:40]!r}..., {len(long[0])} characters); shorten them in the export")
+    if len(new_classes) > MAX_NEW_CLASSES:
+        raise ValueError(f"{labels_path}: {len(new_classes)} new classes in one import, more than {MAX_NEW_CLASSES}; "
+                         f"first: {_preview(new_classes)}")
     class_names += new_classes
     index = {name: i for i, name in enumerate(class_names)}
     targets = [index[name] for name in names]

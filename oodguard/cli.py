@@ -293,6 +293,8 @@ def _add_harvest_commands(sub) -> None:
                      help="also write the images labeled 'not relevant' to this .npz (images, record_ids), for "
                           "`oodguard train --outlier-data` (default: they are left out; written, empty, when there "
                           "are none, and train then adds no extra class)")
+    imp.add_argument("--model", help="the model whose records to import, when the export names records of several "
+                     "(a dataset is of one model; default: the export's only model, an error when there are several)")
     imp.add_argument("--strict", action="store_true",
                      help="fail when the export names record ids that are not in the queue (default: report and skip)")
     for name, text in (("push", "create a Label Studio project from a harvest folder (its label_config.xml) and import "
@@ -375,7 +377,7 @@ def _run_labels(args: argparse.Namespace) -> int:
 
     with _harvest_queue(args.queue) as queue:
         summary = import_labels(args.file, queue, args.repository, args.out, args.unknown_policy, strict=args.strict,
-                                not_relevant_out=args.not_relevant_out)
+                                not_relevant_out=args.not_relevant_out, model=args.model)
     print(summary.describe())
     return 0
 

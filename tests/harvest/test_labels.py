@@ -289,3 +289,51 @@ def test_labels_import_reads_in_chunks_and_shows_progress_only_when_asked(digits
     assert outputs[0].err == "" and "labels import: read records" in outputs[1].err
     assert "labels import: join labels" in outputs[1].err
     assert len(load_dataset(str(tmp_path / "data-1.npz")).labels) == 30
+
+
+def test_an_export_naming_records_of_two_models_is_refused_unless_one_is_picked(digits_export, tmp_path, capsys):
+    """A plain CSV naming records of two models would have become one dataset under the second model's class
+    names: refused, naming both; --model picks one, and only its records are imported."""
+    import shutil
+
+    from .queue_fixture import queue_images
+
+    _, result, repository, _ = digits_export
+    repo = tmp_path / "repo"
+    shutil.copytree(repository, repo)
+    shutil.copytree(repo / "digits", repo / "other")
+    queue, _, _ = filled_queue(digits_export, tmp_path / "q.sqlite", per_kind=4)
+    other = queue_images(queue, repo / "other" / str(result.version), load_dataset("digits").images[:5], "other",
+                         model="other")
+    digits_ids = [r.id for r in queue.select() if r.model == "digits"]
+    queue.close()
+    (tmp_path / "labels.csv").write_text("".join(f"{i},3\n" for i in digits_ids + other))
+    argv = ["labels", "import", str(tmp_path / "labels.csv"), "--queue", f"sqlite:///{tmp_path / 'q.sqlite'}",
+            "--repository", str(repo), "--out", str(tmp_path / "data.npz")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "the labeled records are of 2 models ({'digits': 12, 'other': 5}); a dataset is of one model: give " \
+           "--model NAME" in err and not (tmp_path / "data.npz").exists()
+    assert main(argv + ["--model", "other"]) == 0
+    assert "5 labeled images" in capsys.readouterr().out
+    assert sorted(np.load(tmp_path / "data.npz")["record_ids"].tolist()) == sorted(other)
+    assert main(argv + ["--model", "nope"]) == 2
+    assert "no labeled record of model 'nope'" in capsys.readouterr().err
+
+
+def test_new_class_names_are_bounded_in_length_and_count(digits_export, tmp_path, monkeypatch):
+    from oodguard.harvest import labels
+
+    queue, _, repository = filled_queue(digits_export, tmp_path / "q.sqlite", per_kind=2)
+    ids = [r.id for r in queue.select()]
+    (tmp_path / "long.csv").write_text(f"{ids[0]},{'x' * 200}\n{ids[1]},3\n")
+    with pytest.raises(ValueError, match="1 new class name\\(s\\) longer than 128 characters .*200 characters"):
+        import_labels(tmp_path / "long.csv", queue, repository, tmp_path / "data.npz")
+    (tmp_path / "huge.csv").write_text(f"{ids[1]},3\n{ids[0]},{'x' * 1_000_000}\n")  # past the csv module's field limit
+    with pytest.raises(ValueError, match="line 2: not a readable CSV row \\(field larger than field limit"):
+        import_labels(tmp_path / "huge.csv", queue, repository, tmp_path / "data.npz")
+    monkeypatch.setattr(labels, "MAX_NEW_CLASSES", 2)
+    (tmp_path / "many.csv").write_text("".join(f"{i},new{n}\n" for n, i in enumerate(ids[:3])))
+    with pytest.raises(ValueError, match="3 new classes in one import, more than 2"):
+        import_labels(tmp_path / "many.csv", queue, repository, tmp_path / "data.npz")
+    assert not (tmp_path / "data.npz").exists()
