@@ -65,6 +65,13 @@ class InputLimits:
     max_image_pixels: int = 4096 * 4096
     max_request_pixels: int = 64 * 1024 * 1024
 
+    @property
+    def max_image_side(self) -> int:
+        """The longest side an image may have: 4 times the side of the largest square image allowed (16384 with
+        the defaults). A thin strip (1 x 16,000,000) passes the pixel limit, yet resizing it costs hundreds of
+        megabytes and most of a second; no camera or scanner makes one."""
+        return 4 * math.isqrt(self.max_image_pixels)
+
     @classmethod
     def from_settings(cls, settings) -> "InputLimits":
         return cls(settings.max_request_id_bytes, settings.max_metadata_bytes, settings.max_image_pixels,
@@ -141,6 +148,9 @@ def open_images(request: pb.PredictRequest, served: "ServedVersion", limits: Inp
         if pixels > limits.max_image_pixels or min(width, height) < 1:
             raise InputError(f"image {i} declares {width}x{height} = {pixels} pixels; the limit is "
                              f"{limits.max_image_pixels} per image", "image_too_large")
+        if max(width, height) > limits.max_image_side:
+            raise InputError(f"image {i} is {width}x{height}: a side above {limits.max_image_side} pixels (4 times the "
+                             "side of the largest square image allowed)", "image_too_large")
         total += pixels
         if total > limits.max_request_pixels:
             raise InputError(f"the request's images hold more than {limits.max_request_pixels} pixels together "
@@ -196,6 +206,9 @@ def tensor_input(request: pb.PredictRequest, served: "ServedVersion", limits: In
             raise InputError(f"uint8 tensor of shape {shape[:8]}: images must be [B,H,W] or [B,H,W,C] with C = 1 or 3")
         if min(shape[1:3]) < 1:
             raise InputError(f"uint8 tensor of shape {shape} has an empty image dimension")
+        if max(shape[1:3]) > limits.max_image_side:
+            raise InputError(f"uint8 tensor of shape {shape}: an image side above {limits.max_image_side} pixels (4 "
+                             "times the side of the largest square image allowed)", "image_too_large")
         if shape[1] * shape[2] > limits.max_image_pixels or shape[0] * shape[1] * shape[2] > limits.max_request_pixels:
             raise InputError(f"uint8 tensor of shape {shape}: images above the limit of {limits.max_image_pixels} "
                              f"pixels each or {limits.max_request_pixels} per request", "image_too_large")

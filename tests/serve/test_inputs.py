@@ -168,3 +168,21 @@ def test_a_little_png_text_is_still_accepted():
     request = pb.PredictRequest(images=pb.EncodedImages(images=[text_bomb_png(2, 1000)]))
     image, = open_images(request, Served(), InputLimits())
     assert image.size == (28, 28) and len(image.info) == 2
+
+
+def test_thin_strips_are_refused_by_their_longest_side():
+    """1 x 16,000,000 passes the per-image pixel limit (16,777,216) but not the side limit (4 x 4096): refused from
+    the header (PNG) or the shape (uint8 tensor) before anything is resized; 16384 x 1 is still fine."""
+    limits = InputLimits()
+    assert limits.max_image_side == 16384
+    ihdr = png_chunk(b"IHDR", struct.pack(">II", 16_000_000, 1) + bytes.fromhex("0800000000"))
+    strip = b"\x89PNG\r\n\x1a\n" + ihdr + png_chunk(b"IDAT", zlib.compress(b"")) + png_chunk(b"IEND", b"")
+    with pytest.raises(InputError, match="image 0 is 16000000x1: a side above 16384 pixels") as info:
+        open_images(pb.PredictRequest(images=pb.EncodedImages(images=[strip])), Served(), limits)
+    assert info.value.reason == "image_too_large"
+    tensor = pb.Tensor(dtype="uint8", shape=[1, 1, 16_000_000], data=bytes(16_000_000))
+    with pytest.raises(InputError, match=r"shape \[1, 1, 16000000\]: an image side above 16384") as info:
+        tensor_input(pb.PredictRequest(tensor=tensor), Served(), limits)
+    assert info.value.reason == "image_too_large"
+    ok = encoded(np.zeros((1, 16384), np.uint8), "PNG")
+    assert open_images(pb.PredictRequest(images=pb.EncodedImages(images=[ok])), Served(), limits)[0].size == (16384, 1)
