@@ -98,6 +98,19 @@ def build_queue(settings: Settings, worker: WorkerSlot | None = None) -> QueryQu
                       spool_path=settings.queue_spool_path, worker=slot.index, workers=slot.count)
 
 
+def _loopback(host: str) -> bool:
+    """Whether ``host`` (a name or an address) is this machine's loopback: only local processes reach it."""
+    import ipaddress
+
+    name = host.strip("[]")
+    if name == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
 def server_options(max_message_bytes: int, share_port: bool = False) -> list[tuple[str, int]]:
     """gRPC server options of the gateway: the message size limit both ways; the port is shared
     (``SO_REUSEPORT``) only by the workers of one ``--workers`` gateway, never by accident."""
@@ -257,6 +270,11 @@ class Gateway:
             metrics_host = s.metrics_host or host
             self.metrics_port = self.metrics.start_server(s.metrics_port, metrics_host, tls_cert=s.metrics_tls_cert,
                                                           tls_key=s.metrics_tls_key, auth_file=s.metrics_auth_file)
+            if (s.tls_cert or s.auth_token or s.auth_token_file) and not (s.metrics_tls_cert or s.metrics_auth_file) \
+                    and not _loopback(metrics_host):
+                log.warning("the gRPC API requires TLS or a token, but /metrics on %s answers anyone who reaches it "
+                            "(thresholds, flag rates, queue sizes): give --metrics-auth-file and --metrics-tls-cert, "
+                            "or --metrics-host 127.0.0.1", metrics_host)
             log.info("metrics on %s://%s:%d/metrics%s", "https" if s.metrics_tls_cert else "http", metrics_host,
                      self.metrics_port, " (basic auth)" if s.metrics_auth_file else "")
         log.info("oodguard gateway%s listening on %s:%d (backend %s, repository %s, queue %s, decision %s)",

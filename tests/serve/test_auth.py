@@ -222,3 +222,21 @@ def test_redis_queue_stores_odd_metadata_as_data(redis_server, tmp_path):
     finally:
         q.close()
     assert {p.name for p in tmp_path.iterdir()} <= {"spool", "redis-data"}  # redis-data: the test server's
+
+
+@pytest.mark.parametrize("metrics_host, warned", [("0.0.0.0", True), ("127.0.0.1", False)])
+def test_open_metrics_beside_an_authenticated_api_are_warned_about(start_gateway, repo_copy, caplog, metrics_host,
+                                                                     warned):
+    """A token guards the gRPC API, but /metrics (thresholds, flag rates, queue sizes) would answer anyone on the
+    network: the start says so, naming the remedies; on loopback only local processes reach it, so no warning."""
+    import logging
+
+    from .conftest import free_port
+
+    caplog.set_level(logging.WARNING, logger="oodguard")
+    start_gateway(repo_copy, auth_token=TOKEN, metrics_port=free_port(), metrics_host=metrics_host)
+    warnings = [r.getMessage() for r in caplog.records if "/metrics on" in r.getMessage()]
+    assert len(warnings) == int(warned)
+    if warned:
+        assert warnings[0].startswith("the gRPC API requires TLS or a token, but /metrics on 0.0.0.0 answers anyone")
+        assert "--metrics-auth-file" in warnings[0] and "--metrics-host 127.0.0.1" in warnings[0]
