@@ -498,6 +498,8 @@ SERVE_FLAGS = [
                                   "range widths per side (default 0.5; inf: no check)"),
     ("--poll-interval-s", "S", "how often new model versions are looked for (default 5)"),
     ("--drain-timeout-s", "S", "SIGTERM: time in-flight requests get to finish (default 30)"),
+    ("--backend-timeout-s", "S", "longest a model call may take when the client set no deadline; a shorter client "
+                                 "deadline wins (default 60)"),
     ("--intra-op-threads", "N", "ONNX Runtime intra-op threads of the embedded backend (default 0: auto, ONNX "
      "Runtime decides, one thread for a model whose single row runs in under 0.5 ms)"),
     ("--metrics-port", "PORT", "Prometheus metrics over HTTP on this port (default 0: off)"),

@@ -259,6 +259,8 @@ class OODGuardService:
         timeout = context.time_remaining()
         if timeout is not None and timeout <= 0:
             raise Refusal(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline passed before inference")
+        # without a client deadline the backend still gets one: a paused Triton must not hold the call forever
+        timeout = gw.settings.backend_timeout_s if timeout is None else min(timeout, gw.settings.backend_timeout_s)
         try:
             part = await gw.batcher.submit(served, x, served.max_batch, timeout)
         except ModelNotFound as exc:

@@ -111,6 +111,9 @@ class Settings:
     poll_interval_s: float = 5.0
     #: SIGTERM: how long in-flight requests get to finish, seconds
     drain_timeout_s: float = 30.0
+    #: the longest a model call may take when the client set no deadline, seconds (a paused Triton must not hold
+    #: a call forever); a client's deadline, when shorter, wins
+    backend_timeout_s: float = 60.0
     #: ONNX Runtime intra-op threads of the embedded backend (0 = auto: ONNX Runtime's default, one thread for a
     #: model whose single row runs in under 0.5 ms: such rows run on the event loop)
     intra_op_threads: int = 0
@@ -202,6 +205,8 @@ class Settings:
             raise bad("poll_interval_s", f"must be > 0, got {self.poll_interval_s}")
         if self.drain_timeout_s < 0:
             raise bad("drain_timeout_s", f"must be >= 0, got {self.drain_timeout_s}")
+        if not self.backend_timeout_s > 0:
+            raise bad("backend_timeout_s", f"must be > 0, got {self.backend_timeout_s}")
         if self.intra_op_threads < 0:
             raise bad("intra_op_threads", f"must be >= 0, got {self.intra_op_threads}")
         if not 0 <= self.metrics_port <= 65535:

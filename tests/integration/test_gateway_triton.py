@@ -15,6 +15,7 @@ import os
 import signal
 import sqlite3
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -388,3 +389,43 @@ def test_short_deadline_is_deadline_exceeded_and_the_next_call_succeeds(triton_g
                 if r.name.startswith("oodguard") and (r.levelno >= logging.WARNING or "NOT_SERVING" in r.getMessage())]
     assert not problems, problems
     print(f"deadline sweep: {codes}")
+
+
+def test_a_paused_triton_answers_a_call_without_deadline_within_the_backend_timeout(start_gateway, triton_server,
+                                                                                      held_out_digits):
+    """tritonserver stopped with SIGSTOP (paused, its port still open): a call that sets no deadline is answered
+    DEADLINE_EXCEEDED once --backend-timeout-s passes, instead of hanging as long as the pause; after SIGCONT the
+    same gateway answers again."""
+    import signal
+
+    ensure_running(triton_server)
+    gw = start_gateway("triton", triton_server.repository, backend="triton", triton_url=triton_server.url,
+                       backend_timeout_s=2.0)
+    request = pb.PredictRequest(tensor=tensor(held_out_digits[:4]))
+    with grpc.insecure_channel(gw.target) as channel:
+        stub = pb_grpc.OODGuardStub(channel)
+        assert len(stub.Predict(request, timeout=30).predictions) == 4
+        triton_server._signal(signal.SIGSTOP)
+        with ThreadPoolExecutor(1) as pool:
+            def no_deadline():
+                try:
+                    stub.Predict(request)  # no client deadline at all
+                    return grpc.StatusCode.OK
+                except grpc.RpcError as exc:
+                    return exc.code()
+
+            call = pool.submit(no_deadline)
+            try:
+                code = call.result(timeout=60)  # before the fix: no answer until the server resumed
+            finally:
+                triton_server._signal(signal.SIGCONT)
+        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        deadline = time.monotonic() + 60
+        while True:  # the resumed server answers again through the same gateway
+            try:
+                assert len(stub.Predict(request, timeout=10).predictions) == 4
+                break
+            except grpc.RpcError as exc:
+                assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+                assert time.monotonic() < deadline, triton_server.log_tail()
+                time.sleep(0.5)

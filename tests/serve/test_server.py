@@ -299,7 +299,8 @@ def test_backend_failure_unavailable_health_flips_and_recovers(start_gateway, re
         stub = pb_grpc.OODGuardStub(channel)
         assert stub.Predict(request, timeout=3).version == 1
         assert 0 < backend.timeouts[-1] <= 3.1  # the client's 3 s deadline reached the backend (gRPC may round it up)
-        assert stub.Predict(request).version == 1 and backend.timeouts[-1] is None  # no deadline, none passed on
+        assert stub.Predict(request).version == 1  # no client deadline: the backend gets backend_timeout_s
+        assert gw.settings.backend_timeout_s == 60.0 and 59.0 < backend.timeouts[-1] <= 60.0  # less batch wait
         assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
         backend.down = True
         with pytest.raises(grpc.RpcError) as info:
