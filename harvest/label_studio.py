@@ -160,6 +160,8 @@ class LabelExport:
     unlabeled: int = 0
     cancelled: int = 0
     errors: list[str] = field(default_factory=list)
+    #: record ids whose annotations (or rows) disagree on the label: the most recent one is kept
+    conflicts: list[str] = field(default_factory=list)
 
     @property
     def configured(self) -> bool:
@@ -182,16 +184,21 @@ def read_export(path: Path) -> LabelExport:
             raw = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+        except RecursionError:
+            raise ValueError(f"{path}: JSON nested too deeply to be a Label Studio export") from None
         if not isinstance(raw, list):
             raise ValueError(f"{path}: a Label Studio JSON / JSON-MIN export is a JSON list of tasks")
         if not raw:
             raise ValueError(f"{path}: the export is empty (a JSON list of no tasks)")
         if not all(isinstance(item, dict) for item in raw):
             raise ValueError(f"{path}: a Label Studio JSON / JSON-MIN export is a list of objects")
-        if any("annotations" in item or isinstance(item.get("data"), dict) for item in raw):
-            export = _read_json(raw)
-        else:
-            export = _read_rows(raw, LS_JSON_MIN, "row")
+        try:
+            if any("annotations" in item or isinstance(item.get("data"), dict) for item in raw):
+                export = _read_json(raw)
+            else:
+                export = _read_rows(raw, LS_JSON_MIN, "row")
+        except (AttributeError, TypeError) as exc:  # a field of the wrong kind deeper than the checks below reach
+            raise ValueError(f"{path}: not a Label Studio export: a field has the wrong type ({exc})") from None
     else:
         try:
             export = _read_csv(text)
@@ -249,20 +256,34 @@ def _read_json(tasks: list[dict]) -> LabelExport:
     export = LabelExport(LS_JSON, {}, len(tasks))
     for n, item in enumerate(tasks, 1):
         where = f"task {item.get('id', f'#{n}')}"
-        record_id = str((item.get("data") or {}).get("record_id") or "").strip()
+        data = item.get("data") or {}
+        record_id = str(data.get("record_id") or "").strip() if isinstance(data, dict) else ""
         if not record_id:
             export.errors.append(f"{where} has no data.record_id (not a task of an oodguard harvest)")
             continue
-        annotations = [a for a in item.get("annotations") or [] if isinstance(a, dict)]
+        annotations = item.get("annotations") or []
+        if not isinstance(annotations, list):
+            export.errors.append(f"{where}: 'annotations' is not a list")
+            continue
+        annotations = [a for a in annotations if isinstance(a, dict)]
         live = [a for a in annotations if not a.get("was_cancelled")]
         if not live:
             export.unlabeled += 1
             export.cancelled += bool(annotations)
             continue
         annotation = _newest_first(live)[0]
+        if len({_first_choice(a) for a in live} - {None}) > 1:
+            export.conflicts.append(record_id)
         chosen, new_class = [], ""
-        for result in annotation.get("result") or []:
+        results = annotation.get("result") or []
+        if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+            export.errors.append(f"{where}: an annotation's 'result' is not a list of objects")
+            continue
+        for result in results:
             value = result.get("value") or {}
+            if not isinstance(value, dict):
+                export.errors.append(f"{where}: a result's 'value' is not an object")
+                break
             if result.get("type") == "choices" and result.get("from_name", FROM_NAME) == FROM_NAME:
                 chosen.extend(str(c) for c in value.get("choices") or [])
             elif result.get("type") == "textarea" and result.get("from_name", NEW_CLASS_NAME) == NEW_CLASS_NAME:
@@ -277,9 +298,25 @@ def _read_json(tasks: list[dict]) -> LabelExport:
     return export
 
 
+def _first_choice(annotation: dict) -> str | None:
+    """The first choice of a JSON annotation (to see annotations of one task disagree); None without one."""
+    results = annotation.get("result")
+    for result in results if isinstance(results, list) else []:
+        if not isinstance(result, dict):
+            continue
+        value = result.get("value")
+        choices = value.get("choices") if isinstance(value, dict) else None
+        if result.get("type") == "choices" and isinstance(choices, list) and choices:
+            return str(choices[0]).strip()
+    return None
+
+
 def _add(export: LabelExport, entry: Entry, row: dict | None) -> None:
-    """Keep the most recent annotation per record (rows of several annotations of one task)."""
+    """Keep the most recent annotation per record (rows of several annotations of one task); a record whose
+    rows disagree on the label is noted in ``export.conflicts``."""
     previous = export.entries.get(entry.record_id)
+    if previous is not None and previous.label != entry.label and entry.record_id not in export.conflicts:
+        export.conflicts.append(entry.record_id)
     if previous is not None and row is not None and previous.source is not None:
         if _newest_first([previous.source, row])[0] is previous.source:
             return
@@ -333,5 +370,8 @@ def _read_csv(text: str) -> LabelExport:
         export.errors.append(f"rows {bad[:5]} are not 'record_id,label'")
         return export
     for n, (record_id, label) in enumerate(rows, 1):
+        previous = export.entries.get(record_id.strip())
+        if previous is not None and previous.label != label.strip() and record_id.strip() not in export.conflicts:
+            export.conflicts.append(record_id.strip())  # the last row wins
         export.entries[record_id.strip()] = Entry(record_id.strip(), label.strip(), "", f"row {n}")
     return export

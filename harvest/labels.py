@@ -68,6 +68,7 @@ class ImportSummary:
     rows: int = 0  # tasks / rows in the export
     new_class_counts: dict[str, int] = field(default_factory=dict)
     not_relevant_path: Path | None = None  # where their images were written (None: not asked)
+    conflicts: list[str] = field(default_factory=list)  # record ids whose annotations disagreed (newest kept)
 
     def describe(self) -> str:
         """The summary line `oodguard labels import` prints."""
@@ -86,6 +87,9 @@ class ImportSummary:
             parts.append(f"{self.not_relevant} 'not relevant' left out")
         if self.unlabeled:
             parts.append(f"{self.unlabeled} without a label skipped")
+        if self.conflicts:
+            parts.append(f"{len(self.conflicts)} record(s) labeled differently by several annotations or rows: the "
+                         f"most recent label kept (--strict refuses; first: {', '.join(self.conflicts[:SHOWN])})")
         if self.missing_ids:
             parts.append(f"{len(self.missing_ids)} labeled id(s) not in the queue were skipped "
                          f"(first: {', '.join(self.missing_ids[:SHOWN])})")
@@ -147,6 +151,9 @@ def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, po
         raise ValueError(f"{labels_path}: {len(missing)} labeled record id(s) are not in the queue: {_preview(missing)}")
     if not records:
         raise ValueError(f"none of the {len(entries)} labeled record ids is in the queue (first: {_preview(missing)})")
+    if export.conflicts and strict:
+        raise ValueError(f"{labels_path} ({export.format}): {len(export.conflicts)} record(s) labeled differently by "
+                         f"several annotations or rows: {_preview(export.conflicts)}")
     models = {name: sum(r.model == name for r in records) for name in sorted({r.model for r in records})}
     if model is not None:
         if model not in models:
@@ -236,4 +243,4 @@ def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, po
     counts = {name: int(np.sum(np.asarray(targets) == class_names.index(name))) for name in new_classes}
     return ImportSummary(out_path, len(images), class_names, new_classes, missing, export.format, not_relevant,
                          export.unlabeled, export.rows, counts,
-                         Path(not_relevant_out) if not_relevant_out is not None else None)
+                         Path(not_relevant_out) if not_relevant_out is not None else None, export.conflicts)

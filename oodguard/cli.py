@@ -296,7 +296,9 @@ def _add_harvest_commands(sub) -> None:
     imp.add_argument("--model", help="the model whose records to import, when the export names records of several "
                      "(a dataset is of one model; default: the export's only model, an error when there are several)")
     imp.add_argument("--strict", action="store_true",
-                     help="fail when the export names record ids that are not in the queue (default: report and skip)")
+                     help="fail when the export names record ids that are not in the queue, or labels a record "
+                     "differently in several annotations or rows (default: report; skip the missing ids, keep the "
+                     "most recent label)")
     for name, text in (("push", "create a Label Studio project from a harvest folder (its label_config.xml) and import "
                                 "its tasks.json"),
                        ("pull", "download a Label Studio project's export (what `labels import` reads)")):

@@ -337,3 +337,44 @@ def test_new_class_names_are_bounded_in_length_and_count(digits_export, tmp_path
     with pytest.raises(ValueError, match="3 new classes in one import, more than 2"):
         import_labels(tmp_path / "many.csv", queue, repository, tmp_path / "data.npz")
     assert not (tmp_path / "data.npz").exists()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 200_000 + "]" * 200_000, "JSON nested too deeply"),
+    ('[{"id": 1, "data": ["not", "an", "object"], "annotations": []}]', "has no data.record_id"),
+    ('[{"id": 1, "data": {"record_id": "a"}, "annotations": {"not": "a list"}}]', "'annotations' is not a list"),
+    ('[{"id": 1, "data": {"record_id": "a"}, "annotations": [{"id": 2, "result": ["x"]}]}]',
+     "an annotation's 'result' is not a list of objects"),
+    ('[{"id": 1, "data": {"record_id": "a"}, "annotations": [{"id": 2, "result": [{"type": "choices", '
+     '"value": ["x"]}]}]}]', "a result's 'value' is not an object"),
+])
+def test_malformed_label_studio_json_is_a_one_line_error(tmp_path, text, message):
+    (tmp_path / "export.json").write_text(text)
+    with pytest.raises(ValueError, match=message) as info:
+        read_export(tmp_path / "export.json")
+    assert "\n" not in str(info.value)
+
+
+def test_conflicting_labels_of_one_record_are_reported_and_refused_with_strict(digits_export, tmp_path):
+    """A plain CSV labeling one record twice differently, and a JSON task whose two live annotations disagree:
+    the most recent label is kept and the summary says so; --strict refuses."""
+    queue, _, repository = filled_queue(digits_export, tmp_path / "q.sqlite", per_kind=2)
+    ids = [r.id for r in queue.select()]
+    (tmp_path / "labels.csv").write_text(f"{ids[0]},3\n{ids[1]},4\n{ids[0]},5\n")
+    summary = import_labels(tmp_path / "labels.csv", queue, repository, tmp_path / "data.npz")
+    assert summary.conflicts == [ids[0]] and summary.n == 2
+    assert f"1 record(s) labeled differently by several annotations or rows: the most recent label kept" in summary.describe()
+    assert dict(zip(np.load(tmp_path / "data.npz")["record_ids"].tolist(),
+                    np.load(tmp_path / "data.npz")["labels"].tolist()))[ids[0]] == 5  # the last row wins
+    with pytest.raises(ValueError, match=f"1 record\\(s\\) labeled differently .*{ids[0]}"):
+        import_labels(tmp_path / "labels.csv", queue, repository, tmp_path / "strict.npz", strict=True)
+    assert not (tmp_path / "strict.npz").exists()
+
+    def annotation(n, label, when):
+        return {"id": n, "updated_at": when, "result": [{"type": "choices", "from_name": "label",
+                                                         "value": {"choices": [label]}}]}
+    task = {"id": 1, "data": {"record_id": ids[2]}, "annotations": [annotation(1, "3", "2026-01-01"),
+                                                                     annotation(2, "6", "2026-02-01")]}
+    (tmp_path / "export.json").write_text(json.dumps([task]))
+    export = read_export(tmp_path / "export.json")
+    assert export.conflicts == [ids[2]] and export.entries[ids[2]].label == "6"
