@@ -31,6 +31,8 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 #: inflates and keeps it while opening the header (its own limit is 64 MiB per image), so a 1 MB request of
 #: compressed text chunks could cost gigabytes before any pixel limit applies; past this, the image is refused.
 MAX_PNG_TEXT_BYTES = 64 * 1024
+#: the most dimensions a tensor's shape may have ([B,C,H,W] and [B,H,W,C] have 4)
+MAX_TENSOR_DIMS = 8
 PngImagePlugin.MAX_TEXT_CHUNK = MAX_PNG_TEXT_BYTES  # process-wide: serving reads no PNG text anywhere
 PngImagePlugin.MAX_TEXT_MEMORY = MAX_PNG_TEXT_BYTES
 #: how much of a client's string an error message quotes
@@ -84,6 +86,9 @@ def check_request_fields(request: pb.PredictRequest, limits: InputLimits) -> Non
     if rid > limits.max_request_id_bytes:
         raise InputError(f"request_id is {rid} bytes, above the limit of {limits.max_request_id_bytes}",
                          "request_id_too_long")
+    if len(request.metadata) > limits.max_metadata_bytes + 1:  # counted before walked: distinct keys, at most one
+        raise InputError(f"metadata has {len(request.metadata)} entries: above the limit of "  # of them empty
+                         f"{limits.max_metadata_bytes} bytes whatever their size", "metadata_too_large")
     if request.metadata:
         size = sum(len(k.encode()) + len(v.encode()) for k, v in request.metadata.items())
         if size > limits.max_metadata_bytes:
@@ -184,6 +189,8 @@ def tensor_input(request: pb.PredictRequest, served: "ServedVersion", limits: In
     the request's bytes), uint8 images through the version's preprocessing (call that in a worker thread)."""
     tensor = request.tensor
     dtype = tensor.dtype.strip().lower()
+    if len(tensor.shape) > MAX_TENSOR_DIMS:  # counted before walked: a 15 M-entry shape would hold the loop
+        raise InputError(f"tensor shape has {len(tensor.shape)} dimensions; inputs have at most {MAX_TENSOR_DIMS}")
     shape = [int(d) for d in tensor.shape]
     if dtype in FLOAT_DTYPES:
         np_dtype = np.dtype("<f4")

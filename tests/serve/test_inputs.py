@@ -186,3 +186,19 @@ def test_thin_strips_are_refused_by_their_longest_side():
     assert info.value.reason == "image_too_large"
     ok = encoded(np.zeros((1, 16384), np.uint8), "PNG")
     assert open_images(pb.PredictRequest(images=pb.EncodedImages(images=[ok])), Served(), limits)[0].size == (16384, 1)
+
+
+def test_huge_repeated_and_map_fields_are_counted_before_they_are_walked():
+    """A shape of 2 M entries and 20,000 metadata keys: refused from their counts (O(1)), with messages that name
+    the counts (the walks that came first before, listing the shape or summing every key's bytes on the event
+    loop, ended in other messages)."""
+    limits = InputLimits()
+    request = pb.PredictRequest(tensor=pb.Tensor(dtype="float32", shape=[1] * 2_000_000))
+    with pytest.raises(InputError, match="tensor shape has 2000000 dimensions; inputs have at most 8"):
+        tensor_input(request, Served(), limits)
+    request = pb.PredictRequest(metadata={f"k{i}": "" for i in range(20_000)})
+    with pytest.raises(InputError, match="metadata has 20000 entries: above the limit of 16384 bytes") as info:
+        check_request_fields(request, limits)
+    assert info.value.reason == "metadata_too_large"
+    small = pb.PredictRequest(metadata={f"k{i}": "" for i in range(100)})
+    check_request_fields(small, limits)  # a modest map is still measured by its bytes, and fits
