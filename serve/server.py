@@ -22,7 +22,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from .auth import TokenAuthInterceptor, load_token, server_credentials
-from .backend import Backend, BackendUnavailable
+from .backend import Backend, BackendUnavailable, DeadlineExceeded
 from .batching import MicroBatcher
 from .decision import Decisions, DecisionPolicy, PolicyError
 from .inputs import InputLimits
@@ -98,6 +98,11 @@ def build_queue(settings: Settings, worker: WorkerSlot | None = None) -> QueryQu
                       spool_path=settings.queue_spool_path, worker=slot.index, workers=slot.count)
 
 
+#: consecutive backend calls timing out after the whole --backend-timeout-s that turn health NOT_SERVING (the
+#: registry's next successful poll, or the next answered call, turns it back)
+BACKEND_TIMEOUTS_NOT_SERVING = 3
+
+
 def _loopback(host: str) -> bool:
     """Whether ``host`` (a name or an address) is this machine's loopback: only local processes reach it."""
     import ipaddress
@@ -155,6 +160,7 @@ class Gateway:
                                                                 max_wait_s=settings.max_wait_ms / 1000.0)
         self.queue_writer = QueueWriter(self.queue, self.batcher.after_batch)  # one put per micro-batch
         self.metrics_port: int | None = None
+        self._backend_timeouts = 0  # consecutive backend calls that used their whole backend_timeout_s
 
     # -- health ---------------------------------------------------------------------------------
     async def _set_serving(self, serving: bool, reason: str = "") -> None:
@@ -225,6 +231,16 @@ class Gateway:
         except BackendUnavailable as exc:
             await self.backend_failed(str(exc))
             raise
+        except DeadlineExceeded:
+            # a call given the whole --backend-timeout-s that still got no answer: the backend hangs (a paused
+            # Triton keeps its port open); a client's short deadline says nothing about the backend
+            if timeout_s is not None and timeout_s >= 0.9 * self.settings.backend_timeout_s:
+                self._backend_timeouts += 1
+                if self._backend_timeouts >= BACKEND_TIMEOUTS_NOT_SERVING:
+                    await self.backend_failed(f"{self._backend_timeouts} calls in a row got no answer within "
+                                              f"--backend-timeout-s ({self.settings.backend_timeout_s:g} s)")
+            raise
+        self._backend_timeouts = 0
         await self.backend_ok()
         if result.version != served.version:
             served = self.registry.resolve(served.model, result.version)

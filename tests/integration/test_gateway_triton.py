@@ -405,6 +405,7 @@ def test_a_paused_triton_answers_a_call_without_deadline_within_the_backend_time
     with grpc.insecure_channel(gw.target) as channel:
         stub = pb_grpc.OODGuardStub(channel)
         assert len(stub.Predict(request, timeout=30).predictions) == 4
+        health = health_pb2_grpc.HealthStub(channel)
         triton_server._signal(signal.SIGSTOP)
         with ThreadPoolExecutor(1) as pool:
             def no_deadline():
@@ -414,17 +415,22 @@ def test_a_paused_triton_answers_a_call_without_deadline_within_the_backend_time
                 except grpc.RpcError as exc:
                     return exc.code()
 
-            call = pool.submit(no_deadline)
             try:
-                code = call.result(timeout=60)  # before the fix: no answer until the server resumed
+                # three calls in a row time out (before the fix the first had no answer until the server
+                # resumed): then health says NOT_SERVING, so load balancers stop sending
+                codes = [pool.submit(no_deadline).result(timeout=60) for _ in range(3)]
+                status = health.Check(health_pb2.HealthCheckRequest(), timeout=10).status
             finally:
                 triton_server._signal(signal.SIGCONT)
-        assert code == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert codes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 3
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         deadline = time.monotonic() + 60
         while True:  # the resumed server answers again through the same gateway
             try:
                 assert len(stub.Predict(request, timeout=10).predictions) == 4
-                break
+                if health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == \
+                        health_pb2.HealthCheckResponse.SERVING:
+                    break
             except grpc.RpcError as exc:
                 assert exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
                 assert time.monotonic() < deadline, triton_server.log_tail()

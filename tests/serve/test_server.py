@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import sqlite3
@@ -18,7 +19,7 @@ from PIL import Image
 from oodguard.calibration import Calibration
 from oodguard.onnx_runner import OnnxModel
 from oodguard.preprocess import Preprocessing
-from oodguard.serve.backend import Backend, BackendUnavailable
+from oodguard.serve.backend import Backend, BackendUnavailable, DeadlineExceeded
 from oodguard.serve.embedded import EmbeddedBackend
 from oodguard.serve.sqlite_queue import unpack_array
 from oodguard.serve.v1 import oodguard_pb2 as pb
@@ -426,3 +427,44 @@ def test_outputs_lacking_a_deciding_score_are_unavailable_then_served(start_gate
         assert "lack score(s) ['fused']" in info.value.details() and "retry" in info.value.details()
         backends[0].reloading = False
         assert list(stub.Predict(request, timeout=5).predictions[0].decision.deciding_scores) == ["fused"]
+
+
+class HangingBackend(FlakyBackend):
+    """The embedded backend whose inference hangs while ``hanging`` (until the call's timeout runs out, then
+    DeadlineExceeded, as the Triton backend reports it), while its version listing still answers: a model stuck
+    executing, which the registry's poll cannot see."""
+
+    hanging = False
+
+    async def infer(self, model, version, inputs, timeout_s):
+        self.timeouts.append(timeout_s)
+        if self.hanging:
+            await asyncio.sleep(timeout_s)
+            raise DeadlineExceeded(f"no answer within {timeout_s:.2f}s")
+        return await self.inner.infer(model, version, inputs, timeout_s)
+
+
+def test_consecutive_backend_timeouts_turn_health_not_serving_and_an_answer_turns_it_back(start_gateway, repo_copy):
+    backends = []
+
+    def factory(settings):
+        backends.append(HangingBackend(EmbeddedBackend(settings.repository)))
+        return backends[0]
+
+    gw = start_gateway(repo_copy, backend_factory=factory, backend_timeout_s=0.3, poll_interval_s=30)
+    request = pb.PredictRequest(tensor=tensor(noise(1)))
+    with grpc.insecure_channel(gw.target) as channel:
+        stub = pb_grpc.OODGuardStub(channel)
+        backends[0].hanging = True
+        for n in range(3):
+            assert _health(channel) == health_pb2.HealthCheckResponse.SERVING  # not before the third
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Predict(request)  # no client deadline: the backend gets backend_timeout_s
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert _health(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+        for _ in range(3):  # a client's own short deadline says nothing about the backend
+            with pytest.raises(grpc.RpcError):
+                stub.Predict(request, timeout=0.05)
+        backends[0].hanging = False
+        assert len(stub.Predict(request, timeout=5).predictions) == 1
+        assert _health(channel) == health_pb2.HealthCheckResponse.SERVING
