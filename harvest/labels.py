@@ -30,7 +30,6 @@ version's recorded preprocessing. The result is an ``.npz`` with ``images``, ``l
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +41,7 @@ from .versions import CalibrationCache
 from oodguard import progress as bars
 from oodguard import repository as repo
 from oodguard.datasets import natural_key
+from oodguard.files import staged_file
 from oodguard.preprocess import Preprocessing
 
 POLICIES = ("new-classes", "unknown")
@@ -115,15 +115,12 @@ def _preview(values: list[str]) -> str:
 def save_npz(path: Path, **arrays: np.ndarray) -> None:
     """``np.savez_compressed`` to a temporary file in ``path``'s folder, then renamed: never a half-written file."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".npz", dir=path.parent)
-    os.close(fd)
-    try:
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:  # a file object: savez would append ".npz" to a name without it
+            np.savez_compressed(handle, **arrays)
+
+    os.replace(staged_file(path, write), path)
 
 
 def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, policy: str = "new-classes",

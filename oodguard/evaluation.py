@@ -126,16 +126,6 @@ def new_class_set(id_spec: str, classes: list[int]) -> OodSet:
     return OodSet(f"classes {','.join(map(str, classes))}", id_spec, "new", list(classes))
 
 
-def unseen_classes(dataset: Dataset, classes: list[int], spec: str) -> Dataset:
-    """The items of ``dataset`` labeled one of ``classes``; an error when it has no labels or none of them."""
-    if dataset.labels is None:
-        raise ValueError(f"{spec} has no labels: its new classes cannot be picked")
-    keep = np.isin(np.asarray(dataset.labels), classes)
-    if not keep.any():
-        raise ValueError(f"{spec} has no images of labels {classes} (its labels: {sorted(set(np.asarray(dataset.labels).tolist()))})")
-    return dataset.take(np.flatnonzero(keep))
-
-
 def parse_ood(text: str) -> OodSet:
     """``NAME=SPEC[:near|far|new]``."""
     name, sep, rest = text.partition("=")
@@ -223,7 +213,7 @@ def score_sets(scorer: VersionScorer, id_spec: str, oods: list[OodSet], seed: in
         with progress.phase(f"load OOD set {ood.name} ({number}/{len(oods)})"):
             dataset = resolve_dataset(ood.spec, scorer.preprocessing, seed)
             if ood.classes is not None:
-                dataset = unseen_classes(dataset, ood.classes, ood.spec)
+                dataset = dataset.select_classes(ood.classes)  # a clear error for labels it lacks
         scored.append(scorer.score(ood.name, dataset, desc=f"score OOD set {ood.name} ({number}/{len(oods)})"))
     return in_dist, scored, info
 

@@ -12,6 +12,7 @@ and writes the flagged (and sampled) items of the requests of a micro-batch to t
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import random
 import signal
@@ -105,8 +106,6 @@ BACKEND_TIMEOUTS_NOT_SERVING = 3
 
 def _loopback(host: str) -> bool:
     """Whether ``host`` (a name or an address) is this machine's loopback: only local processes reach it."""
-    import ipaddress
-
     name = host.strip("[]")
     if name == "localhost":
         return True
