@@ -274,20 +274,11 @@ def _read_json(tasks: list[dict]) -> LabelExport:
         annotation = _newest_first(live)[0]
         if len({_first_choice(a) for a in live} - {None}) > 1:
             export.conflicts.append(record_id)
-        chosen, new_class = [], ""
-        results = annotation.get("result") or []
-        if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
-            export.errors.append(f"{where}: an annotation's 'result' is not a list of objects")
+        try:
+            chosen, new_class = _annotation_fields(annotation)
+        except ValueError as exc:
+            export.errors.append(f"{where}: {exc}")
             continue
-        for result in results:
-            value = result.get("value") or {}
-            if not isinstance(value, dict):
-                export.errors.append(f"{where}: a result's 'value' is not an object")
-                break
-            if result.get("type") == "choices" and result.get("from_name", FROM_NAME) == FROM_NAME:
-                chosen.extend(str(c) for c in value.get("choices") or [])
-            elif result.get("type") == "textarea" and result.get("from_name", NEW_CLASS_NAME) == NEW_CLASS_NAME:
-                new_class = _text(value.get("text"))
         where = f"{where} (record {record_id}, annotation {annotation.get('id', '?')})"
         if len(chosen) > 1:
             export.errors.append(f"{where}: several choices {chosen} (the labeling configuration allows one)")
@@ -298,17 +289,30 @@ def _read_json(tasks: list[dict]) -> LabelExport:
     return export
 
 
+def _annotation_fields(annotation: dict) -> tuple[list[str], str]:
+    """The choices and the "new class" text of a JSON annotation; ValueError naming a field of the wrong type."""
+    results = annotation.get("result") or []
+    if not isinstance(results, list) or not all(isinstance(r, dict) for r in results):
+        raise ValueError("an annotation's 'result' is not a list of objects")
+    chosen, new_class = [], ""
+    for result in results:
+        value = result.get("value") or {}
+        if not isinstance(value, dict):
+            raise ValueError("a result's 'value' is not an object")
+        if result.get("type") == "choices" and result.get("from_name", FROM_NAME) == FROM_NAME:
+            chosen.extend(str(c) for c in value.get("choices") or [])
+        elif result.get("type") == "textarea" and result.get("from_name", NEW_CLASS_NAME) == NEW_CLASS_NAME:
+            new_class = _text(value.get("text"))
+    return chosen, new_class
+
+
 def _first_choice(annotation: dict) -> str | None:
     """The first choice of a JSON annotation (to see annotations of one task disagree); None without one."""
-    results = annotation.get("result")
-    for result in results if isinstance(results, list) else []:
-        if not isinstance(result, dict):
-            continue
-        value = result.get("value")
-        choices = value.get("choices") if isinstance(value, dict) else None
-        if result.get("type") == "choices" and isinstance(choices, list) and choices:
-            return str(choices[0]).strip()
-    return None
+    try:
+        chosen, _ = _annotation_fields(annotation)
+    except ValueError:
+        return None
+    return chosen[0].strip() if chosen else None
 
 
 def _add(export: LabelExport, entry: Entry, row: dict | None) -> None:
