@@ -488,9 +488,10 @@ SERVE_FLAGS = [
     ("--max-image-pixels", "N", "largest encoded image, width x height, checked before decoding "
                                 "(default 16777216 = 4096x4096)"),
     ("--max-request-pixels", "N", "most pixels of all images of one request (default 67108864)"),
-    ("--decode-workers", "N", "threads decoding images, a pool of their own (default 2)"),
-    ("--decode-queue-max-images", "N", "most images waiting for or in decoding; more: RESOURCE_EXHAUSTED "
-                                       "(default 1024)"),
+    ("--decode-workers", "N", "threads decoding images, a pool of their own; as many convert uint8 "
+                               "tensors (default 2)"),
+    ("--decode-queue-max-images", "N", "most images waiting for or in conversion, per pool; more: "
+                                       "RESOURCE_EXHAUSTED (default 1024)"),
     ("--max-inflight-requests", "N", "most Predict calls in progress; more: RESOURCE_EXHAUSTED at once "
                                      "(default 256)"),
     ("--max-inflight-items", "N", "most items of all Predict calls in progress (default 8192)"),

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
+from .image_structure import TooManyChunks, check_structure
 from .v1 import oodguard_pb2 as pb
 
 if TYPE_CHECKING:  # pragma: no cover (the registry quotes model names with quote(): no import cycle)
@@ -123,15 +124,19 @@ def _expected(served: "ServedVersion") -> str:
 
 
 def open_images(request: pb.PredictRequest, served: "ServedVersion", limits: InputLimits) -> list[Image.Image]:
-    """Open every encoded image from its header only (no pixel decoded yet) and check the format and the
-    pixel limits. Usually cheap, but a hostile file can make the header walk take seconds (a million empty
-    PNG chunks before the pixels): run it in a worker thread."""
+    """Open every encoded image from its header only (no pixel decoded yet) and check its chunk counts, format
+    and pixel limits. Usually cheap, but a large hostile request still costs milliseconds: run it in a worker
+    thread."""
     blobs = request.images.images
     check_batch(len(blobs), served, "images")
     opened, total = [], 0
     for i, blob in enumerate(blobs):
         if not blob:
             raise InputError(f"image {i} is empty")
+        try:
+            check_structure(blob)
+        except TooManyChunks as exc:
+            raise InputError(f"image {i}: {exc}", "image_structure") from None
         try:
             image = Image.open(io.BytesIO(blob), formats=IMAGE_FORMATS)
         except UnidentifiedImageError:

@@ -124,8 +124,8 @@ QUEUE_STATS_STUCK_INTERVALS = 3
 #: ``request_refused`` reasons (admission control answered RESOURCE_EXHAUSTED); anything else counts as "other"
 REFUSED_REASONS = ("inflight_requests", "inflight_items", "inflight_bytes", "decode_queue", "other")
 #: ``bad_request`` reasons; anything else counts as "other"
-BAD_REQUEST_REASONS = ("undecodable", "request_id_too_long", "metadata_too_large", "image_too_large", "image_format",
-                       "reply_too_large", "other")
+BAD_REQUEST_REASONS = ("undecodable", "too_many_fields", "request_id_too_long", "metadata_too_large", "image_too_large",
+                       "image_format", "image_structure", "reply_too_large", "other")
 #: the metrics endpoint: seconds a connection gets for its TLS handshake and for each read or write
 HTTP_TIMEOUT_S = 10.0
 SCORE_HELP = ("OOD score values; buckets from the version's calibration (calibration quantiles, the threshold, steps "

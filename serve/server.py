@@ -141,6 +141,7 @@ class Gateway:
                                  input_range_margin=settings.input_range_margin)
         self.input_limits = InputLimits.from_settings(settings)
         self.decoder = ImageDecoder(settings.decode_workers, settings.decode_queue_max_images)
+        self.tensor_converter = ImageDecoder(settings.decode_workers, settings.decode_queue_max_images, "oodguard-uint8")
         self.trimmer = MemoryTrimmer()  # returns freed request memory to the OS
         self.health = health.aio.HealthServicer()
         self.draining = False
@@ -340,6 +341,7 @@ class Gateway:
         self.metrics.sync()  # the last counts of this worker reach the files
         self.metrics.stop_server()
         self.decoder.close()
+        self.tensor_converter.close()
         self.trimmer.close()
         await self.registry.close()
         try:

@@ -30,11 +30,12 @@ from PIL import Image
 from .backend import BackendUnavailable, DeadlineExceeded, ModelNotFound
 from .batching import BatchDeadlineExceeded
 from .decision import PolicyError
-from .inputs import (Abandoned, InputError, InputLimits, check_batch, check_request_fields, decode_images, is_float_tensor,
-                     item_count, open_images, quote, tensor_input)
+from .inputs import (MAX_TENSOR_DIMS, Abandoned, InputError, InputLimits, check_batch, check_request_fields, decode_images,
+                     is_float_tensor, item_count, open_images, quote, tensor_input)
 from .queue import QueueError
 from .registry import NothingServed, ServedVersion, UnknownModel
 from .v1 import oodguard_pb2 as pb
+from .wire import MODEL_INFO_SCHEMA, Schema, TooManyFields, check_fields, predict_schema
 
 if TYPE_CHECKING:  # pragma: no cover
     from .decision import Decisions
@@ -94,38 +95,44 @@ class RateLimitedLog:
 
 
 class ImageDecoder:
-    """Decodes encoded images on a thread pool of its own, so that hostile images cannot delay tensor requests
-    (which use asyncio's default pool) or queue writes. At most ``max_pending`` images wait for or are in
-    decoding, over all requests; a request that would go above it is refused at once (:class:`Overloaded`).
-    A request that gives up (cancelled, deadline) stops its decoding at the next image."""
+    """Decodes encoded images (or converts uint8 tensors) on a thread pool of its own: the gateway has one for
+    each kind, so that hostile images cannot delay tensor requests, and neither can delay queue writes
+    (asyncio's default pool). At most ``max_pending`` images wait for or are in conversion, over all requests;
+    a request that would go above it is refused at once (:class:`Overloaded`). A request that gives up
+    (cancelled, deadline) stops its decoding at the next image."""
 
-    def __init__(self, workers: int, max_pending: int):
+    def __init__(self, workers: int, max_pending: int, name: str = "oodguard-decode"):
         # our pixel limit is checked from the header first (inputs.open_images); Pillow's own warning above
         # 89 M pixels would only print a line per hostile image (it names the size, so it is never deduplicated)
         warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)
         self.max_pending = max_pending
         self.pending = 0
-        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="oodguard-decode")
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
 
     async def decode(self, request: pb.PredictRequest, served: ServedVersion, limits: InputLimits) -> np.ndarray:
-        """The request's encoded images as model input: headers checked, then decoded, in a worker thread
-        (headers too: a PNG may hold a million chunks before its pixels, which takes seconds to walk)."""
-        n = len(request.images.images)
+        """The request's encoded images as model input: structure and headers checked, then decoded, in a
+        worker thread."""
+        return await self._run(len(request.images.images), self._decode, request, served, limits)
+
+    async def convert(self, request: pb.PredictRequest, served: ServedVersion, limits: InputLimits) -> np.ndarray:
+        """The request's uint8 tensor as model input (checked, then resized and normalised), in a worker thread."""
+        return await self._run(item_count(request), lambda abandoned: tensor_input(request, served, limits))
+
+    async def _run(self, n: int, work, *args) -> np.ndarray:
         if self.pending + n > self.max_pending:
-            raise Overloaded(f"{self.pending} images are waiting for decoding (limit {self.max_pending}); retry "
-                             "with backoff", "decode_queue")
+            raise Overloaded(f"{self.pending} images are waiting for conversion (limit {self.max_pending}); "
+                             "retry with backoff", "decode_queue")
         self.pending += n
         abandoned = threading.Event()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._pool, self._work, request, served, limits,
-                                                                    abandoned)
+            return await asyncio.get_running_loop().run_in_executor(self._pool, work, *args, abandoned)
         finally:
             abandoned.set()  # a cancelled request: the worker stops before its next image
             self.pending -= n
 
     @staticmethod
-    def _work(request: pb.PredictRequest, served: ServedVersion, limits: InputLimits,
-              abandoned: threading.Event) -> np.ndarray:
+    def _decode(request: pb.PredictRequest, served: ServedVersion, limits: InputLimits,
+                abandoned: threading.Event) -> np.ndarray:
         return decode_images(open_images(request, served, limits), served, abandoned)
 
     def close(self) -> None:
@@ -142,6 +149,9 @@ class OODGuardService:
         self._bad_log = RateLimitedLog(log, BAD_REQUEST_LOG_INTERVAL_S)
         #: id(thresholds array of a version's decision rule) -> (that array, its Decision template)
         self._templates: dict[int, tuple[np.ndarray, pb.Decision]] = {}
+        settings = gateway.settings  # no request may hold more items than can ever be admitted
+        self._predict_schema = predict_schema(settings.max_inflight_items, settings.max_metadata_bytes + 1,
+                                              MAX_TENSOR_DIMS)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's gRPC handler; request bodies arrive as bytes (:meth:`Predict` and :meth:`ModelInfo`
@@ -162,9 +172,14 @@ class OODGuardService:
         self._bad_log.warning("bad request (%s, %s): %s", reason, code.name, message)
         return Refusal(code, message)
 
-    def _parse(self, raw: bytes, message) -> None:
-        """Parse ``raw`` into the empty ``message``; an undecodable body (or invalid UTF-8 in a string field)
-        is INVALID_ARGUMENT."""
+    def _parse(self, raw: bytes, message, schema: Schema) -> None:
+        """Parse ``raw`` into the empty ``message``; a body that repeats a field above ``schema``'s bounds
+        (counted on the wire bytes first: parsing millions of fields would hold the event loop), an undecodable
+        body or invalid UTF-8 in a string field is INVALID_ARGUMENT."""
+        try:
+            check_fields(raw, schema)
+        except TooManyFields as exc:
+            raise self._refuse(grpc.StatusCode.INVALID_ARGUMENT, str(exc), "too_many_fields")
         try:
             message.MergeFromString(raw)
         except (DecodeError, ValueError) as exc:
@@ -203,7 +218,7 @@ class OODGuardService:
         gw.active_requests += 1
         self.inflight_bytes += size
         try:
-            self._parse(raw, request)
+            self._parse(raw, request, self._predict_schema)
             return await self._predict(request, context)
         finally:
             gw.active_requests -= 1
@@ -299,8 +314,8 @@ class OODGuardService:
         return response
 
     async def _model_input(self, request: pb.PredictRequest, served: ServedVersion) -> np.ndarray:
-        """Float32 tensors convert inline (a view of the request's bytes); uint8 tensors in asyncio's default
-        pool; encoded images on the decoder pool (headers checked before any pixel is decoded)."""
+        """Float32 tensors convert inline (a view of the request's bytes); uint8 tensors on a pool of their own;
+        encoded images on the decoder pool (structure and headers checked before any pixel is decoded)."""
         which = request.WhichOneof("input")
         if which is None:
             raise InputError("request has no input: set 'tensor' (raw) or 'images' (PNG/JPEG)")
@@ -312,7 +327,7 @@ class OODGuardService:
                 raise asyncio.CancelledError() from None
         if is_float_tensor(request):
             return tensor_input(request, served, limits)
-        return await asyncio.to_thread(tensor_input, request, served, limits)
+        return await self.gw.tensor_converter.convert(request, served, limits)
 
     def _response(self, outcome: "BatchOutcome", rows: slice, decisions: "Decisions", request: pb.PredictRequest,
                   chosen: list[int], sampled: list[bool]) -> pb.PredictResponse:
@@ -383,7 +398,7 @@ class OODGuardService:
 
     async def _model_info(self, raw: bytes, context: grpc.aio.ServicerContext) -> pb.ModelInfoResponse:
         request = pb.ModelInfoRequest()
-        self._parse(raw, request)
+        self._parse(raw, request, MODEL_INFO_SCHEMA)
         gw = self.gw
         versions = gw.registry.snapshot.versions
         if request.model and request.model not in versions:

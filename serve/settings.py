@@ -94,9 +94,11 @@ class Settings:
     max_image_pixels: int = 4096 * 4096
     #: most pixels of all images of one request together (encoded images and uint8 tensors)
     max_request_pixels: int = 64 * 1024 * 1024
-    #: threads decoding encoded images (a pool of their own: hostile images cannot starve tensor requests)
+    #: threads decoding encoded images, and as many converting uint8 tensors (a pool for each: hostile images
+    #: cannot starve tensor requests, neither can starve queue writes)
     decode_workers: int = 2
-    #: most images waiting for or in decoding, over all requests; a request above it gets RESOURCE_EXHAUSTED
+    #: most images waiting for or in conversion, over all requests, in each of those pools; a request above it
+    #: gets RESOURCE_EXHAUSTED
     decode_queue_max_images: int = 1024
     #: admission control: most Predict calls in progress; above it a call gets RESOURCE_EXHAUSTED at once
     max_inflight_requests: int = 256

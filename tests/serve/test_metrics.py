@@ -525,8 +525,8 @@ def test_refusals_and_bad_requests_are_counted_by_a_bounded_reason():
     assert {s.labels["reason"]: s.value for s in samples(fam, "oodguard_refused_requests_total")} == \
         {"inflight_requests": 2, "inflight_items": 1, "inflight_bytes": 0, "decode_queue": 1, "other": 1}
     assert {s.labels["reason"]: s.value for s in samples(fam, "oodguard_bad_requests_total")} == \
-        {"undecodable": 1, "request_id_too_long": 1, "metadata_too_large": 1, "image_too_large": 2,
-         "image_format": 1, "reply_too_large": 1, "other": 2}
+        {"undecodable": 1, "too_many_fields": 0, "request_id_too_long": 1, "metadata_too_large": 1, "image_too_large": 2,
+         "image_format": 1, "image_structure": 0, "reply_too_large": 1, "other": 2}
 
 
 def generate(metrics: GatewayMetrics) -> str:

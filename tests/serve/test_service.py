@@ -11,6 +11,7 @@ import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -269,13 +270,9 @@ def test_items_in_flight_are_bounded(start_gateway, repo_copy):
     assert metric(gw, "oodguard_refused_requests_total", reason="inflight_items") == len(refused)
 
 
-def test_a_slow_header_walk_does_not_block_the_event_loop(gateway, stub):
-    """A PNG with a million empty private chunks before its pixels (12 MB) takes seconds to walk for its
-    header; that happens on the decoder pool, so health checks and tensor requests answer meanwhile.
-
-    Decided by the order of events, not by how long a call took (a loaded machine slows every call): while the
-    slow request is in flight, other calls complete, round after round. Were the walk on the event loop, the
-    first round would wait for the walk, so at most one round could finish before the slow request does."""
+def test_a_chunk_flood_is_refused_by_count_while_other_traffic_answers(gateway, stub):
+    """A PNG with a million empty private chunks before its pixels (12 MB; Pillow would walk them for seconds,
+    holding the interpreter) is refused from its chunk count; health checks and tensor requests answer."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     from .test_inputs import png_chunk
@@ -284,22 +281,34 @@ def test_a_slow_header_walk_does_not_block_the_event_loop(gateway, stub):
     pixels = png_chunk(b"IDAT", zlib.compress(bytes(29) * 28))
     flood = b"\x89PNG\r\n\x1a\n" + ihdr + png_chunk(b"prVt", b"") * 1_000_000 + pixels + png_chunk(b"IEND", b"")
     request = pb.PredictRequest(images=pb.EncodedImages(images=[flood]))
-    with grpc.insecure_channel(gateway.target) as channel, ThreadPoolExecutor(2) as pool:
-        health = health_pb2_grpc.HealthStub(channel)
-        slow = pool.submit(lambda: pb_grpc.OODGuardStub(channel).Predict(request, timeout=120))
-        deadline = time.monotonic() + 60  # the slow request is admitted (in flight) before the rounds start
-        while gateway.gateway.active_requests < 1 and not slow.done():
-            assert time.monotonic() < deadline, "the slow request was never admitted"
-            time.sleep(0.005)
-        rounds_while_in_flight = 0
-        while not slow.done():
-            health.Check(health_pb2.HealthCheckRequest(), timeout=60)
-            stub.Predict(pb.PredictRequest(tensor=tensor(noise(1))), timeout=60)
-            if not slow.done():  # this round began and ended while the slow request was in flight
-                rounds_while_in_flight += 1
-        answer = slow.result()
-    assert len(answer.predictions) == 1
-    assert rounds_while_in_flight >= 2, rounds_while_in_flight
+    error = _error(lambda: stub.Predict(request, timeout=60))
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "image 0: PNG holds more than 256 chunks other than pixel data"
+    assert metric(gateway, "oodguard_bad_requests_total", reason="image_structure") == 1
+    with grpc.insecure_channel(gateway.target) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
+    assert len(stub.Predict(pb.PredictRequest(tensor=tensor(noise(1))), timeout=10).predictions) == 1
+
+
+def test_bodies_repeating_a_field_millions_of_times_are_refused_before_parsing(gateway):
+    """Parsing them would hold the event loop 0.2-0.6 s each; counted on the wire, they are refused, counted
+    under their own reason, and tensor requests sent meanwhile answer."""
+    from .test_wire import field, metadata_body
+
+    bodies = [field(1, field(2, b"\x01" * 15_000_000)), metadata_body(1_500_000), field(2, b"\x0a\x00" * 8_000_000)]
+    options = [("grpc.max_send_message_length", 64 * 2**20)]
+    with grpc.insecure_channel(gateway.target, options=options) as channel, ThreadPoolExecutor(4) as pool:
+        raw = channel.unary_unary("/oodguard.v1.OODGuard/Predict")
+        hostile = [pool.submit(_error, lambda b=b: raw(b, timeout=30)) for b in bodies]
+        good = pb_grpc.OODGuardStub(channel)
+        answers = [good.Predict(pb.PredictRequest(tensor=tensor(noise(1))), timeout=30) for _ in range(10)]
+        errors = [f.result() for f in hostile]
+    assert all(len(a.predictions) == 1 for a in answers)
+    assert [e.code() for e in errors] == [grpc.StatusCode.INVALID_ARGUMENT] * 3
+    assert "'tensor.shape'" in errors[0].details() and "'metadata'" in errors[1].details()
+    assert "more than 8192 occurrences of field 'images'" in errors[2].details()
+    assert metric(gateway, "oodguard_bad_requests_total", reason="too_many_fields") == 3
 
 
 def test_a_batch_that_can_never_be_admitted_is_invalid_argument(start_gateway, repo_copy):
@@ -352,12 +361,15 @@ def test_the_decision_template_is_built_once_per_rule_and_holds_its_thresholds()
     # reused for its batches and slices, never shared by two rules with other thresholds
     import dataclasses
 
+    from types import SimpleNamespace
+
     from oodguard.serve.decision import DecisionPolicy, DecisionRule
     from oodguard.serve.service import OODGuardService
+    from oodguard.serve.settings import Settings
 
     from .test_decision import NAMES, calibration, outputs_for
 
-    service = OODGuardService(gateway=None)
+    service = OODGuardService(gateway=SimpleNamespace(settings=Settings(repository=Path("unused"))))
     first = DecisionRule(calibration(), DecisionPolicy(("a", "b"), "all"))
     other_cal = calibration()
     other_cal.thresholds["b"] = dataclasses.replace(other_cal.thresholds["b"], threshold=12.5)
