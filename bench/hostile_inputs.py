@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Hostile inputs: an adversarial run against a real ``oodguard serve`` subprocess.
 
-Three parts, all against one gateway (embedded ONNX Runtime, a SQLite queue and a metrics port in a temp folder;
+Five parts, the first four against one gateway (embedded ONNX Runtime, a SQLite queue and a metrics port in a temp folder;
 a second gateway that requires a bearer token serves the authentication kinds unless --no-auth-gateway):
 
 1. **Kinds**: more than 40 kinds of hostile request, one call each: decompression bombs (a hand-built PNG whose
@@ -23,6 +23,15 @@ a second gateway that requires a bearer token serves the authentication kinds un
    answer; meanwhile good requests on another channel (retrying "overloaded" RESOURCE_EXHAUSTED with backoff
    inside their 10 s deadline, as a well-behaved client does) count their errors. Then /metrics is scraped:
    ``oodguard_requests_total`` summed by code over the burst window must equal what the client saw.
+
+4. **The last attack's vectors** (issue 29): PNG text-chunk bombs (16 and 64 images of 63 x 1 MiB zTXt), a
+   packed shape of 15 M entries, 1.4 M distinct metadata keys, 8 M empty ``images`` entries, a 1 x 16,000,000
+   PNG and uint8 tensor, a PNG of 500,000 empty chunks: each sent by 1 sender, then by 4 at once, while good
+   traffic runs on a connection of its own. Targets: gateway RSS growth < 512 MB, every hostile call answered
+   within 15 s with INVALID_ARGUMENT / RESOURCE_EXHAUSTED, good traffic never slower than 1 s (its quiet p99 is
+   printed beside it).
+5. **Redis paused** (SIGSTOP, --redis-pause-s, default 8 s) under flagged traffic to a third gateway with a
+   Redis queue: flagged p99 during the pause < 1 s, every acknowledged record id stored exactly once.
 
 Prints a markdown table (kind | code | details | ms | healthy after) and the memory / burst summary on stdout,
 progress on stderr, and writes report.json and report.md to --out. Exit status 0 when every check passed
@@ -94,6 +103,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "as many; both go on while the good requests run (default %(default)s)")
     parser.add_argument("--good-requests", type=int, default=12, help="good requests sent during each bomb-memory "
                         "phase, PNG and uint8 alternately (default %(default)s)")
+    parser.add_argument("--vector-rounds", type=int, default=3, help="attack-vectors part: each sender sends each "
+                        "vector this many times, 1 sender then 4 at once (default %(default)s)")
+    parser.add_argument("--quiet-seconds", type=float, default=3.0, help="attack-vectors part: seconds of good "
+                        "traffic alone first, its latency the reference (default %(default)s)")
+    parser.add_argument("--redis-pause-s", type=float, default=8.0, help="seconds Redis is paused (SIGSTOP) under "
+                        "flagged traffic to a third gateway with a Redis queue; 0 = skip that part; skipped "
+                        "too without redis-server on PATH (default %(default)s)")
     parser.add_argument("--no-auth-gateway", action="store_true", help="skip the second gateway (started with "
                         "--auth-token-file) and its UNAUTHENTICATED kinds")
     parser.add_argument("--serve-arg", action="append", default=[], metavar="FLAG[=VALUE]",
@@ -102,8 +118,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--work", type=Path, help="keep gateway logs, queue files and the exported repository in "
                         "this folder (default: a temp folder removed at the end)")
     args = parser.parse_args(argv)
-    if args.burst < 1 or args.burst_items < 1 or args.bomb_rounds < 1 or args.good_requests < 1:
-        parser.error("--burst, --burst-items, --bomb-rounds and --good-requests must be >= 1")
+    if min(args.burst, args.burst_items, args.bomb_rounds, args.good_requests, args.vector_rounds) < 1:
+        parser.error("--burst, --burst-items, --bomb-rounds, --good-requests and --vector-rounds must be >= 1")
+    if args.quiet_seconds <= 0 or args.redis_pause_s < 0:
+        parser.error("--quiet-seconds must be > 0 and --redis-pause-s >= 0")
     return args
 
 
@@ -463,6 +481,8 @@ def kinds(max_batch: int) -> list[Kind]:
         # -- ModelInfo
         Kind("ModelInfo garbage body", lambda inp: _call(b"\x0a\xff\xff\xff\xff\x0f", method="ModelInfo")),
         Kind("ModelInfo unknown model, 1 MB name", lambda inp: _call(pb_field(1, b"m" * MiB), method="ModelInfo")),
+        # -- the vectors of the last attack, one call each (the vectors part sends them alone and 4 at once)
+        *[Kind(v.name, v.build) for v in attack_vectors()],
         # -- authentication (the second gateway, started with a token)
         Kind("auth: no token", _auth(None), gateway="auth"),
         Kind("auth: wrong token", _auth("Bearer not-the-token"), gateway="auth"),
@@ -804,6 +824,324 @@ class StallProbe:
         self.channel.close()
 
 
+# -- the vectors of the last attack: each alone and 4 at once, memory and good traffic watched -------------
+#: per vector and mode: the most the gateway's RSS may grow, the longest the hostile call may take, the slowest
+#: a concurrent good request may be
+VECTOR_RSS_GROWTH_MB = 512
+VECTOR_CALL_S = 15.0
+VECTOR_GOOD_WORST_S = 1.0
+VECTOR_CODES = ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED")
+
+
+@dataclass
+class Vector:
+    name: str
+    build: Callable[[Inputs], Call]
+
+
+def _text_flood_png() -> bytes:
+    """A 28x28 grey PNG with 63 zTXt chunks, each 1 MiB of text deflated to ~1 KB under its own key."""
+    text = zlib.compress(b"a" * 1_048_560, 9)
+    chunks = b"".join(png_chunk(b"zTXt", f"k{i}".encode() + b"\x00\x00" + text) for i in range(63))
+    return png_by_hand(28, 28, zlib.compress(bytes(29) * 28), before_idat=chunks)
+
+
+def _with_model(inp: Inputs, body: bytes) -> Call:
+    return Call(pb_field(3, inp.model.encode()) + body)
+
+
+def attack_vectors() -> list[Vector]:
+    """The vectors of issue 29's attack, as it described them."""
+    return [
+        Vector("16 PNGs of 63 x 1 MiB zTXt (1 MB)", lambda inp: _call(inp.images([_text_flood_png()] * 16))),
+        Vector("64 PNGs of 63 x 1 MiB zTXt (4 MB)", lambda inp: _call(inp.images([_text_flood_png()] * 64))),
+        Vector("packed shape of 15 M entries (15 MB)",
+               lambda inp: _with_model(inp, pb_field(1, pb_field(1, b"float32") + pb_field(2, b"\x01" * 15_000_000)))),
+        Vector("1.4 M distinct metadata keys (16 MB)",
+               lambda inp: _with_model(inp, b"".join(pb_field(6, pb_field(1, b"%d" % i)) for i in range(1_400_000)))),
+        Vector("8 M empty images entries (16 MB)", lambda inp: _with_model(inp, pb_field(2, b"\x0a\x00" * 8_000_000))),
+        Vector("PNG 1 x 16,000,000 (thin strip)",
+               lambda inp: _call(inp.images([png_by_hand(16_000_000, 1, zeros_deflated(16_000_001))]))),
+        Vector("uint8 tensor [1,1,16000000]", lambda inp: _call(inp.tensor("uint8", [1, 1, 16_000_000],
+                                                                            bytes(16_000_000)))),
+        Vector("PNG of 500,000 empty ancillary chunks (6 MB)",
+               lambda inp: _call(inp.images([_png_chunk_flood(inp, 500_000)]))),
+    ]
+
+
+class GoodTraffic:
+    """Good requests one after the other (PNG and uint8 alternately) on a connection of their own, each
+    latency kept, until stopped."""
+
+    def __init__(self, gw: GatewayProcess, inp: Inputs, tally: Tally):
+        import grpc
+
+        self.inp, self.tally = inp, tally
+        self.channel = grpc.insecure_channel(gw.target, options=CLIENT_OPTIONS + [("grpc.use_local_subchannel_pool", 1)])
+        health_status(self.channel)
+        self.ms: list[float] = []
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _run(self) -> None:
+        calls = [_call(self.inp.good_png()), _call(self.inp.good_uint8())]
+        i = 0
+        while not self._stop.is_set():
+            outcome = invoke(self.channel, calls[i % 2], timeout=GOOD_DEADLINE_S)
+            self.tally.add(outcome.code)
+            self.ms.append(outcome.ms)
+            if outcome.code != "OK":
+                self.errors.append(f"{outcome.code}: {outcome.details[:120]}")
+            i += 1
+            time.sleep(0.005)
+
+    def __enter__(self) -> "GoodTraffic":
+        self.ms, self.errors = [], []
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="good-traffic", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def summary(self) -> dict:
+        ms = np.asarray(self.ms or [0.0])
+        return {"sent": len(self.ms), "errors": len(self.errors), "error_details": self.errors[:3],
+                "p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1),
+                "worst_ms": round(float(ms.max()), 1)}
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def quiet_latency(good: GoodTraffic, seconds: float) -> dict:
+    with good:
+        time.sleep(seconds)
+    return good.summary()
+
+
+def vector_phase(gw: GatewayProcess, inp: Inputs, vector: Vector, senders: int, rounds: int,
+                 good: GoodTraffic, tally: Tally) -> dict:
+    """``senders`` threads each send the vector ``rounds`` times while good traffic runs; the gateway's memory
+    is sampled throughout."""
+    import grpc
+
+    call = vector.build(inp)
+    outcomes: list[Outcome] = []
+    lock = threading.Lock()
+    with grpc.insecure_channel(gw.target, options=CLIENT_OPTIONS) as channel:
+        health_status(channel)
+
+        def sender() -> None:
+            for _ in range(rounds):
+                outcome = invoke(channel, call)
+                tally.add(outcome.code)
+                with lock:
+                    outcomes.append(outcome)
+
+        with MemoryWatch(gw.pid) as watch, good:
+            time.sleep(0.2)  # good traffic is flowing before the first hostile byte
+            with ThreadPoolExecutor(senders) as pool:
+                for f in [pool.submit(sender) for _ in range(senders)]:
+                    f.result()
+            time.sleep(0.2)
+    m = watch.result
+    codes: dict[str, int] = {}
+    for o in outcomes:
+        codes[o.code] = codes.get(o.code, 0) + 1
+    result = {"vector": vector.name, "senders": senders, "rounds": rounds, "body_mb": round(len(call.body) / MiB, 2),
+              "codes": dict(sorted(codes.items())), "details": outcomes[0].details[:160],
+              "call_max_s": round(max(o.ms for o in outcomes) / 1e3, 2),
+              "rss_growth_mb": round(m.rss_peak_sampled_mb - m.rss_before_mb, 1), "memory": asdict(m),
+              "good": good.summary(), "alive_after": gw.alive()}
+    g = result["good"]
+    log(f"vector {vector.name!r} x{senders}: codes {result['codes']} ({result['details'][:70]!r}), slowest "
+        f"{result['call_max_s']} s, RSS +{result['rss_growth_mb']:.0f} MB, good {g['sent']} calls, worst "
+        f"{g['worst_ms']:.0f} ms, {g['errors']} errors")
+    return result
+
+
+def vectors_part(gw: GatewayProcess, inp: Inputs, rounds: int, quiet_s: float, tally: Tally) -> dict:
+    good = GoodTraffic(gw, inp, tally)
+    try:
+        quiet = quiet_latency(good, quiet_s)
+        log(f"good traffic alone: {quiet['sent']} calls, p99 {quiet['p99_ms']} ms, worst {quiet['worst_ms']} ms")
+        runs = []
+        for vector in attack_vectors():
+            for senders in (1, 4):
+                runs.append(vector_phase(gw, inp, vector, senders, rounds, good, tally))
+    finally:
+        good.close()
+    return {"quiet": quiet, "runs": runs}
+
+
+def vector_checks(part: dict) -> dict[str, bool]:
+    runs = part["runs"]
+    return {
+        f"attack vectors: gateway RSS growth < {VECTOR_RSS_GROWTH_MB} MB, alone and 4 at once":
+            all(r["rss_growth_mb"] < VECTOR_RSS_GROWTH_MB for r in runs),
+        f"attack vectors: every call answered within {VECTOR_CALL_S:.0f} s with {' / '.join(VECTOR_CODES)}":
+            all(r["call_max_s"] < VECTOR_CALL_S and set(r["codes"]) <= set(VECTOR_CODES) for r in runs),
+        f"attack vectors: concurrent good traffic never slower than {VECTOR_GOOD_WORST_S:.0f} s, no error":
+            all(r["good"]["worst_ms"] < VECTOR_GOOD_WORST_S * 1e3 and not r["good"]["errors"] for r in runs),
+        "attack vectors: gateway alive after each": all(r["alive_after"] for r in runs),
+    }
+
+
+def vectors_table(part: dict) -> str:
+    quiet = part["quiet"]
+    lines = [f"Good traffic alone: p99 {quiet['p99_ms']} ms, worst {quiet['worst_ms']} ms over {quiet['sent']} calls.", "",
+             "| vector | senders | body MB | codes | slowest call s | RSS growth MB | good calls | good worst ms | "
+             "worst / quiet p99 |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in part["runs"]:
+        g = r["good"]
+        ratio = g["worst_ms"] / max(quiet["p99_ms"], 0.1)
+        lines.append(f"| {r['vector']} | {r['senders']} | {r['body_mb']} | {r['codes']} | {r['call_max_s']} | "
+                     f"{r['rss_growth_mb']:.0f} | {g['sent']} | {g['worst_ms']:.0f} | {ratio:.1f}x |")
+    return "\n".join(lines)
+
+
+# -- Redis paused under flagged traffic ---------------------------------------------------------------
+REDIS_PAUSE_P99_S = 1.0
+
+
+def start_redis(binary: str, folder: Path) -> tuple[subprocess.Popen, int]:
+    """A redis-server with every write on disk before it answers (as the queue's durability expects)."""
+    port = free_port()
+    folder.mkdir(parents=True, exist_ok=True)
+    process = subprocess.Popen([binary, "--bind", "127.0.0.1", "--port", str(port), "--dir", str(folder),
+                                "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--daemonize", "no"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(64).startswith(b"+PONG"):
+                    return process, port
+        except OSError:
+            time.sleep(0.05)
+    process.kill()
+    raise RuntimeError("redis-server did not answer PING within 20 s")
+
+
+def stored_ids(port: int) -> dict[str, int]:
+    import redis
+
+    client = redis.Redis(port=port)
+    try:
+        counts: dict[str, int] = {}
+        for _, fields in client.xrange("oodguard:queue:stream"):
+            rid = fields[b"id"].decode()
+            counts[rid] = counts.get(rid, 0) + 1
+        return counts
+    finally:
+        client.close()
+
+
+def redis_pause_part(repository: Path, work: Path, extra: list[str], inp: Inputs, pause_s: float,
+                     clients: int = 2) -> dict:
+    """Flagged traffic (noise PNGs: every item is queued) from ``clients`` threads: 2 s with Redis up, ``pause_s``
+    with it SIGSTOPped (it accepts connections and answers nothing), 3 s after SIGCONT. Then every acknowledged
+    record id must reach Redis exactly once (the spool replays what was written meanwhile)."""
+    import shutil
+
+    import grpc
+
+    from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        log("redis pause: redis-server is not installed (bash scripts/setup_redis.sh): skipped")
+        return {"skipped": "redis-server is not installed"}
+    redis_process, port = start_redis(binary, work / "redis-data")
+    gw = None
+    try:
+        gw = start_gateway("redis", repository, work, [*extra, "--queue-url", f"redis://127.0.0.1:{port}/0",
+                                                        "--queue-spool-path", str(work / "redis.spool")])
+        wait_serving(gw)
+        calls: list[tuple[float, float, str, list[str]]] = []  # (start since t0, seconds, code, record ids)
+        lock = threading.Lock()
+        stop = threading.Event()
+        t0 = time.perf_counter()
+        request = inp.images([inp.noise_png])
+
+        def client() -> None:
+            with grpc.insecure_channel(gw.target) as channel:
+                stub = pb_grpc.OODGuardStub(channel)
+                while not stop.is_set():
+                    started = time.perf_counter()
+                    try:
+                        reply = stub.Predict(request, timeout=30)
+                        code, ids = "OK", [p.queue_record_id for p in reply.predictions if p.queue_record_id]
+                    except grpc.RpcError as exc:
+                        code, ids = exc.code().name, []
+                    with lock:
+                        calls.append((started - t0, time.perf_counter() - started, code, ids))
+
+        log(f"redis pause: flagged traffic from {clients} clients; Redis paused {pause_s:g} s after 2 s")
+        with ThreadPoolExecutor(clients) as pool:
+            futures = [pool.submit(client) for _ in range(clients)]
+            time.sleep(2.0)
+            paused_at = time.perf_counter() - t0
+            os.kill(redis_process.pid, signal.SIGSTOP)
+            time.sleep(pause_s)
+            os.kill(redis_process.pid, signal.SIGCONT)
+            resumed_at = time.perf_counter() - t0
+            time.sleep(3.0)
+            stop.set()
+            for f in futures:
+                f.result()
+        acknowledged = [rid for _, _, code, ids in calls if code == "OK" for rid in ids]
+        deadline = time.monotonic() + 60
+        while True:  # the spool's replay lands what was written while Redis was paused
+            stored = stored_ids(port)
+            if set(acknowledged) <= set(stored) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        during = [s for start, s, _, _ in calls if paused_at <= start < resumed_at]
+        codes: dict[str, int] = {}
+        for _, _, code, _ in calls:
+            codes[code] = codes.get(code, 0) + 1
+        result = {"pause_s": pause_s, "clients": clients, "calls": len(calls), "codes": dict(sorted(codes.items())),
+                  "calls_during_pause": len(during),
+                  "p99_during_pause_s": round(float(np.percentile(during, 99)), 3) if during else None,
+                  "worst_during_pause_s": round(max(during), 3) if during else None,
+                  "acknowledged_ids": len(acknowledged), "lost": len(set(acknowledged) - set(stored)),
+                  "duplicated": sum(1 for rid in acknowledged if stored.get(rid, 0) > 1)}
+        log(f"redis pause: {result['calls_during_pause']} calls during the pause, p99 {result['p99_during_pause_s']} s; "
+            f"{result['acknowledged_ids']} acknowledged ids, {result['lost']} lost, {result['duplicated']} duplicated")
+        return result
+    finally:
+        if gw is not None:
+            gw.stop()
+        if redis_process.poll() is None:
+            os.kill(redis_process.pid, signal.SIGCONT)
+        redis_process.terminate()
+        redis_process.wait(10)
+
+
+def redis_text(part: dict) -> str:
+    if "skipped" in part:
+        return f"skipped: {part['skipped']}"
+    return (f"Redis paused {part['pause_s']:g} s under flagged traffic from {part['clients']} clients: {part['calls']} "
+            f"calls, codes {part['codes']}; {part['calls_during_pause']} began during the pause, p99 "
+            f"{part['p99_during_pause_s']} s, worst {part['worst_during_pause_s']} s; {part['acknowledged_ids']} "
+            f"acknowledged record ids, {part['lost']} lost, {part['duplicated']} stored twice.")
+
+
+def redis_checks(part: dict) -> dict[str, bool]:
+    if "skipped" in part:
+        return {}
+    return {f"redis paused {part['pause_s']:g} s: flagged p99 < {REDIS_PAUSE_P99_S:g} s":
+                part["p99_during_pause_s"] is not None and part["p99_during_pause_s"] < REDIS_PAUSE_P99_S,
+            "redis paused: every acknowledged record stored exactly once, every call OK":
+                part["lost"] == 0 and part["duplicated"] == 0 and set(part["codes"]) == {"OK"}}
+
+
 # -- metrics ----------------------------------------------------------------------------------------
 def scrape_requests_by_code(gw: GatewayProcess) -> dict[str, float]:
     """``oodguard_requests_total`` of the gateway, summed over model and version, by code."""
@@ -1129,6 +1467,8 @@ def checks(report: dict) -> dict[str, bool]:
                                                        for p in report["bomb_memory"]),
         "gateway SERVING after the bombs": all(p["health_after"] == "SERVING" for p in report["bomb_memory"]),
     }
+    c.update(vector_checks(report["attack_vectors"]))
+    c.update(redis_checks(report["redis_pause"]))
     b = report.get("burst")
     if b:
         c["no good-traffic error during the burst"] = b["good"]["errors"] == 0 and b["good"]["deadline_misses"] == 0
@@ -1275,7 +1615,10 @@ def run(args: argparse.Namespace) -> dict:
             bomb_phase("8 requests of 64 bombs at once", main, inp, 8, 64, args.bomb_rounds, args.good_requests,
                        tallies["main"]),
         ]
+        vectors = vectors_part(main, inp, args.vector_rounds, args.quiet_seconds, tallies["main"])
         burst = burst_phase(main, inp, args.burst, args.burst_items, tallies["main"])
+        redis_pause = (redis_pause_part(repository, work, args.serve_arg, inp, args.redis_pause_s)
+                       if args.redis_pause_s > 0 else {"skipped": "--redis-pause-s 0"})
         metrics_total = {k: int(v) for k, v in sorted(scrape_requests_by_code(main).items()) if v}
         client_total = {k: v for k, v in sorted(tallies["main"].snapshot().items()) if v}
         report = {
@@ -1292,7 +1635,9 @@ def run(args: argparse.Namespace) -> dict:
                      "gateway_restarts": fleet.restarts},
             "kinds": [dict(asdict(r), healthy_after=r.healthy_after, allowed=r.allowed) for r in results],
             "bomb_memory": bombs,
+            "attack_vectors": vectors,
             "burst": burst,
+            "redis_pause": redis_pause,
             # a restarted gateway's counters start again from 0: the whole-run comparison then means nothing
             "whole_run_metrics": None if "main" in fleet.restarts else {
                 "metrics_by_code": metrics_total, "client_by_code": client_total,
@@ -1314,7 +1659,9 @@ def render(report: dict, results_table: str) -> str:
              f"max batch {report['meta']['max_batch']}; {report['meta']['cpus']} CPUs; "
              f"{report['meta']['seconds']:.0f} s in all. Codes in bold are outside the allowed set "
              f"({', '.join(ALLOWED_CODES)}; OK only with every item flagged where the input is absurd).", "",
-             results_table, "", "## Memory and burst", "", summary_text(report), "", "## Checks", ""]
+             results_table, "", "## The last attack's vectors, alone and 4 at once", "",
+             vectors_table(report["attack_vectors"]), "", "## Memory and burst", "", summary_text(report), "",
+             "## Redis paused under flagged traffic", "", redis_text(report["redis_pause"]), "", "## Checks", ""]
     lines += [f"- [{'x' if ok else ' '}] {name}" for name, ok in report["checks"].items()]
     lines += ["", "## Findings for the gateway owner", ""]
     lines += [f"- {f}" for f in report["findings"]] or ["- none"]

@@ -32,6 +32,8 @@ IMAGE_FORMATS = ("PNG", "JPEG")
 #: inflates and keeps it while opening the header (its own limit is 64 MiB per image), so a 1 MB request of
 #: compressed text chunks could cost gigabytes before any pixel limit applies; past this, the image is refused.
 MAX_PNG_TEXT_BYTES = 64 * 1024
+#: the most request metadata entries (keys): far above any client's labels, and a bound on the body's walk
+MAX_METADATA_ENTRIES = 1024
 #: the most dimensions a tensor's shape may have ([B,C,H,W] and [B,H,W,C] have 4)
 MAX_TENSOR_DIMS = 8
 PngImagePlugin.MAX_TEXT_CHUNK = MAX_PNG_TEXT_BYTES  # process-wide: serving reads no PNG text anywhere
@@ -87,9 +89,9 @@ def check_request_fields(request: pb.PredictRequest, limits: InputLimits) -> Non
     if rid > limits.max_request_id_bytes:
         raise InputError(f"request_id is {rid} bytes, above the limit of {limits.max_request_id_bytes}",
                          "request_id_too_long")
-    if len(request.metadata) > limits.max_metadata_bytes + 1:  # counted before walked: distinct keys, at most one
-        raise InputError(f"metadata has {len(request.metadata)} entries: above the limit of "  # of them empty
-                         f"{limits.max_metadata_bytes} bytes whatever their size", "metadata_too_large")
+    if len(request.metadata) > MAX_METADATA_ENTRIES:  # counted before walked
+        raise InputError(f"metadata has {len(request.metadata)} entries; the limit is {MAX_METADATA_ENTRIES}",
+                         "metadata_too_large")
     if request.metadata:
         size = sum(len(k.encode()) + len(v.encode()) for k, v in request.metadata.items())
         if size > limits.max_metadata_bytes:
@@ -239,5 +241,6 @@ def tensor_input(request: pb.PredictRequest, served: "ServedVersion", limits: In
     return served.preprocessing.apply(array)
 
 
-__all__ = ["InputError", "InputLimits", "Abandoned", "check_request_fields", "check_batch", "item_count", "is_float_tensor",
+__all__ = ["MAX_METADATA_ENTRIES", "MAX_TENSOR_DIMS", "InputError", "InputLimits", "Abandoned", "check_request_fields",
+           "check_batch", "item_count", "is_float_tensor",
            "open_images", "decode_images", "tensor_input", "quote", "IMAGE_FORMATS"]

@@ -30,8 +30,8 @@ from PIL import Image
 from .backend import BackendUnavailable, DeadlineExceeded, ModelNotFound
 from .batching import BatchDeadlineExceeded
 from .decision import PolicyError
-from .inputs import (MAX_TENSOR_DIMS, Abandoned, InputError, InputLimits, check_batch, check_request_fields, decode_images,
-                     is_float_tensor, item_count, open_images, quote, tensor_input)
+from .inputs import (MAX_METADATA_ENTRIES, MAX_TENSOR_DIMS, Abandoned, InputError, InputLimits, check_batch,
+                     check_request_fields, decode_images, is_float_tensor, item_count, open_images, quote, tensor_input)
 from .queue import QueueError
 from .registry import NothingServed, ServedVersion, UnknownModel
 from .v1 import oodguard_pb2 as pb
@@ -150,8 +150,7 @@ class OODGuardService:
         #: id(thresholds array of a version's decision rule) -> (that array, its Decision template)
         self._templates: dict[int, tuple[np.ndarray, pb.Decision]] = {}
         settings = gateway.settings  # no request may hold more items than can ever be admitted
-        self._predict_schema = predict_schema(settings.max_inflight_items, settings.max_metadata_bytes + 1,
-                                              MAX_TENSOR_DIMS)
+        self._predict_schema = predict_schema(settings.max_inflight_items, MAX_METADATA_ENTRIES, MAX_TENSOR_DIMS)
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's gRPC handler; request bodies arrive as bytes (:meth:`Predict` and :meth:`ModelInfo`

@@ -55,7 +55,8 @@ def run(hi, digits_export, tmp_path_factory):
     is partly refused), plus the token-protected second gateway."""
     out = tmp_path_factory.mktemp("hostile-report")
     rc = hi.main(["--repository", str(digits_export[2]), "--out", str(out), "--burst", "200", "--burst-items", "16",
-                  "--bomb-rounds", "2", "--serve-arg=--max-inflight-requests=32"])
+                  "--bomb-rounds", "2", "--vector-rounds", "1", "--quiet-seconds", "1", "--redis-pause-s", "3",
+                  "--serve-arg=--max-inflight-requests=32"])
     report = json.loads((out / "report.json").read_text())
     return rc, report, (out / "report.md").read_text()
 
@@ -132,7 +133,39 @@ def test_burst_is_partly_refused_and_the_metrics_count_what_the_client_saw(run):
 def test_report_has_a_row_per_kind_and_the_summary(run):
     rc, report, text = run
     assert "| kind | code | details | ms | healthy after |" in text
-    rows = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| kind ")]
+    table = text.split("| kind | code | details | ms | healthy after |")[1].split("\n## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert len(rows) == len(report["kinds"])
     assert "bomb memory" in text and "burst" in text and "## Findings" in text
     assert rc == (0 if all(report["checks"].values()) else 1)
+
+
+def test_the_last_attacks_vectors_are_refused_alone_and_four_at_once_within_their_bounds(run, hi):
+    """Each vector of issue 29, by 1 sender and by 4 at once: refused with INVALID_ARGUMENT, the gateway's RSS
+    growth and the good traffic's worst latency within the targets, and all of it in the report's table."""
+    _, report, text = run
+    part = report["attack_vectors"]
+    vectors = [v.name for v in hi.attack_vectors()]
+    assert [(r["vector"], r["senders"]) for r in part["runs"]] == [(v, n) for v in vectors for n in (1, 4)]
+    for r in part["runs"]:
+        assert r["codes"] == {"INVALID_ARGUMENT": r["senders"]}, r
+        assert r["rss_growth_mb"] < hi.VECTOR_RSS_GROWTH_MB, r
+        assert r["good"]["sent"] > 0 and r["good"]["errors"] == 0, r
+        assert r["good"]["worst_ms"] < 1000 * hi.VECTOR_GOOD_WORST_S, r
+    assert part["quiet"]["sent"] > 10
+    assert all(f"| {v} | 4 |" in text for v in vectors)
+    kinds = {k["kind"]: k for k in report["kinds"]}
+    assert all(kinds[v]["code"] == "INVALID_ARGUMENT" for v in vectors)
+
+
+def test_a_paused_redis_delays_no_flagged_call_and_loses_no_record(run):
+    from missing import missing
+
+    _, report, text = run
+    part = report["redis_pause"]
+    if "skipped" in part:
+        missing(f"the Redis part was skipped: {part['skipped']}", "OODGUARD_REQUIRE_REDIS")
+    assert part["calls_during_pause"] > 0 and part["codes"] == {"OK": part["calls"]}
+    assert part["p99_during_pause_s"] < 1.0
+    assert part["acknowledged_ids"] > 0 and part["lost"] == 0 and part["duplicated"] == 0
+    assert "## Redis paused under flagged traffic" in text
