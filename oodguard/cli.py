@@ -480,6 +480,8 @@ SERVE_FLAGS = [
     ("--queue-max-size", "N", "most unharvested records queued (default 100000)"),
     ("--queue-max-bytes", "N", "most stored bytes of unharvested records (default 1 GiB)"),
     ("--queue-full-policy", "POLICY", "reject (default) or evict-oldest"),
+    ("--queue-idempotency-window-s", "S", "a request retried with the same request_id (same model, items and "
+     "inputs) within S seconds gets the ids of its queued records instead of being queued again (default 600; 0: off)"),
     ("--unflagged-sample-fraction", "F", "fraction of unflagged items also queued (default 0)"),
     ("--sample-seed", "N", "seed of that sampling"),
     ("--max-message-bytes", "N", "largest gRPC message accepted (default 16 MiB)"),

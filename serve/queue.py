@@ -13,6 +13,17 @@ costs 1 MB, not 64).
 
 Records a full queue drops (evicted, refused) leave a rate-limited WARNING line (:class:`DropLog`).
 
+A retried request is queued once (idempotency): a client whose call was queued but got no answer (the gateway
+died before replying) sends it again with the same ``request_id``. When a ``put`` holds records of a model and
+a non-empty request id, and records of that model and request id were stored within ``idempotency_window_s``
+with the same item positions (``decision["item"]``) and the same inputs, the ``put`` stores none of them and
+returns the earlier records' ids, item for item (:func:`request_runs` says which records of a ``put`` form one
+request). Otherwise (other item positions or other inputs: not a retry) they are stored as usual; the inputs are
+compared so that a client reusing one request id for new inputs cannot keep them out of the queue. The check runs
+in the store, atomically with the write, so it holds across gateway processes and restarts. A store checks only
+when given a window (0, its default, turns the check off); the gateway passes its ``queue_idempotency_window_s``
+setting.
+
 :meth:`QueryQueue.local_state` answers from the process's own memory, never from the store: metrics read it
 during a store outage (spool backlog, whether the last store call worked).
 """
@@ -109,6 +120,44 @@ class QueueRecord(NewRecord):
 
 
 @dataclass(frozen=True)
+class RequestRun:
+    """Records ``start:stop`` of a ``put``: one request of ``model`` and ``request_id`` that may be a retry;
+    ``items``: each record's position in its request (None where its decision carries none: a run with one
+    is never taken for a retry)."""
+
+    start: int
+    stop: int
+    model: str
+    request_id: str
+    items: tuple[int | None, ...]
+
+
+def record_item(record: NewRecord) -> int | None:
+    """The record's position in its request, ``decision["item"]`` (set by the gateway), if an int."""
+    item = record.decision.get("item") if isinstance(record.decision, dict) else None
+    return item if type(item) is int else None
+
+
+def request_runs(records: Sequence[NewRecord]) -> list[RequestRun]:
+    """The requests of a ``put`` that the idempotency check looks at: each longest stretch of consecutive
+    records of one model and one non-empty request id in which no item position repeats. The gateway's records
+    of one request are consecutive; two copies of a request in one ``put`` (a retry written together with its
+    original) are two runs, and the second finds the first's records."""
+    runs: list[RequestRun] = []
+    key: tuple[str, str] | None = None
+    start, items = 0, []
+    for j, r in enumerate([*records, None]):  # None closes the last run
+        item = None if r is None else record_item(r)
+        here = (r.model, r.request_id) if r is not None and r.request_id else None
+        if here != key or (item is not None and item in items):
+            if key is not None:
+                runs.append(RequestRun(start, j, key[0], key[1], tuple(items)))
+            key, start, items = here, j, []
+        items.append(item)
+    return runs
+
+
+@dataclass(frozen=True)
 class QueueStats:
     size: int  # unharvested records (pending + claimed): what max_size bounds
     pending: int
@@ -196,7 +245,8 @@ class QueryQueue(abc.ABC):
     @abc.abstractmethod
     def put(self, records: Sequence[NewRecord]) -> list[str | None]:
         """Store ``records`` durably in one transaction; returns each record's id, or None where the
-        full-queue policy refused it. The same as ``put_prepared(prepare(records))``."""
+        full-queue policy refused it (for the records of a retried request: the ids of its earlier records, see the
+        module docstring). The same as ``put_prepared(prepare(records))``."""
 
     def prepare(self, records: Sequence[NewRecord]) -> object:
         """The CPU-only part of :meth:`put` (ids, packed arrays, JSON; no I/O, no lock), for

@@ -7,7 +7,8 @@
 - ``redis://[[user]:password@]host[:port][/db]`` (or ``rediss://`` for TLS): the Redis Streams queue, with
   its spool file at ``spool_path``. Extra query parameters of the queue (removed before the URL goes to
   redis-py, which takes the rest, e.g. ``socket_timeout``): ``key_prefix`` (default ``oodguard:queue``),
-  ``inline_max_bytes`` (default 262144), ``spool`` (overrides ``spool_path``). Gateway worker ``i`` of
+  ``inline_max_bytes`` (default 262144), ``spool`` (overrides ``spool_path``), ``put_timeout_s`` (default 0.5:
+  the longest a put waits for Redis before it spools). Gateway worker ``i`` of
   ``oodguard serve --workers N`` spools to its own file (:func:`~oodguard.serve.redis_queue.worker_spool_path`);
   worker 0 first takes over the spools of worker indexes ``>= N``.
 """
@@ -21,7 +22,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from .queue import DEFAULT_MAX_BYTES, QueryQueue
 
 SCHEMES = ("sqlite", "redis", "rediss")
-REDIS_QUEUE_PARAMS = ("key_prefix", "inline_max_bytes", "spool")
+REDIS_QUEUE_PARAMS = ("key_prefix", "inline_max_bytes", "spool", "put_timeout_s")
 NO_FILE = "write sqlite:///queue.sqlite (a file in the working directory) or sqlite:////absolute/path/queue.sqlite"
 
 
@@ -62,11 +63,13 @@ def split_redis_url(url: str) -> tuple[str, dict[str, str]]:
 
 def open_queue(url: str, *, max_size: int = 100_000, full_policy: str = "reject",
                spool_path: str | Path | None = None, max_bytes: int = DEFAULT_MAX_BYTES,
-               create: bool = True, worker: int = 0, workers: int = 1) -> QueryQueue:
+               create: bool = True, worker: int = 0, workers: int = 1, idempotency_window_s: float = 0.0) -> QueryQueue:
     """The queue that ``url`` names (see the module docstring), bounded to ``max_size`` unharvested records
     and ``max_bytes`` of them. ``create=False`` (every command but ``serve``): a SQLite file that does not
     exist is a :class:`FileNotFoundError` naming its absolute path, and nothing is created (a Redis queue
-    needs no file). ``worker`` / ``workers``: this gateway worker's index and how many run (the Redis spool file)."""
+    needs no file). ``worker`` / ``workers``: this gateway worker's index and how many run (the Redis spool file).
+    ``idempotency_window_s``: how long a request's records answer for a retry of it (0: off; see
+    :mod:`oodguard.serve.queue`; the gateway passes its setting)."""
     scheme = url_scheme(url)
     if scheme == "sqlite":
         from .sqlite_queue import SQLiteQueue
@@ -74,13 +77,11 @@ def open_queue(url: str, *, max_size: int = 100_000, full_policy: str = "reject"
         path = sqlite_path(url)
         if not create and not path.exists():
             raise FileNotFoundError(f"no queue at {path} (from {url}); the gateway creates it on first start")
-        return SQLiteQueue(path, max_size=max_size, full_policy=full_policy, max_bytes=max_bytes, create=create)
+        return SQLiteQueue(path, max_size=max_size, full_policy=full_policy, max_bytes=max_bytes, create=create,
+                           idempotency_window_s=idempotency_window_s)
 
-    import redis
-    from redis.backoff import NoBackoff
-    from redis.retry import Retry
-
-    from .redis_queue import DEFAULT_INLINE_MAX_BYTES, DEFAULT_PREFIX, RedisQueue, adopt_orphan_spools, worker_spool_path
+    from .redis_queue import (DEFAULT_INLINE_MAX_BYTES, DEFAULT_PREFIX, DEFAULT_PUT_TIMEOUT_S, RedisQueue,
+                              adopt_orphan_spools, worker_spool_path)
 
     client_url, params = split_redis_url(url)
     spool = params.get("spool") or spool_path
@@ -90,13 +91,16 @@ def open_queue(url: str, *, max_size: int = 100_000, full_policy: str = "reject"
         inline = int(params.get("inline_max_bytes", DEFAULT_INLINE_MAX_BYTES))
     except ValueError:
         raise ValueError(f"queue URL {url!r}: inline_max_bytes must be an integer") from None
+    try:
+        put_timeout = float(params.get("put_timeout_s", DEFAULT_PUT_TIMEOUT_S))
+    except ValueError:
+        raise ValueError(f"queue URL {url!r}: put_timeout_s must be a number") from None
     if worker == 0:
         adopt_orphan_spools(spool, workers)
     spool = worker_spool_path(spool, worker)
-    client = redis.Redis.from_url(client_url, socket_connect_timeout=2.0, socket_timeout=5.0,
-                                  retry=Retry(NoBackoff(), 0), retry_on_error=[])
-    return RedisQueue(client, Path(spool), max_size=max_size, full_policy=full_policy, max_bytes=max_bytes,
-                      key_prefix=params.get("key_prefix") or DEFAULT_PREFIX, inline_max_bytes=inline)
+    return RedisQueue(client_url, Path(spool), max_size=max_size, full_policy=full_policy, max_bytes=max_bytes,
+                      key_prefix=params.get("key_prefix") or DEFAULT_PREFIX, inline_max_bytes=inline,
+                      put_timeout_s=put_timeout, idempotency_window_s=idempotency_window_s)
 
 
 def describe_url(url: str) -> str:

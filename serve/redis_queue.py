@@ -26,6 +26,11 @@ Keys (``P`` = ``key_prefix``, default ``oodguard:queue``; standalone Redis, not 
                        version deleting a record leaves its entry here: harmless, reads start from ``P:rec``
                        or the sorted sets)
 ``P:seen``             set of every record id ever stored (dedup; never shrinks, ~50-80 bytes per id)
+``P:rid:<m>:<r>``      hash: item position -> ``"<record id>:<input digest>"`` of the records stored for model
+                       ``<m>`` under request id ``<r>`` (the latest per item; the digest is BLAKE2b-128 of
+                       the packed input, hex): what a retry of that request is matched against
+                       (idempotency, below). Expires ``idempotency_window_s`` after the last put that stored
+                       records for it; written only with the idempotency check on
 ``P:seq``              insertion counter
 ``P:bytes``            the bytes of the unharvested (pending + claimed) records: what ``max_bytes`` bounds
 ``P:counters``         hash: accepted, rejected, evicted
@@ -38,10 +43,12 @@ a request counts once. The put script computes them from the fields, so a spoole
 Atomicity: every write is one Lua script (Redis runs each one atomically): ``put`` checks ``P:seen``,
 applies both bounds / the full policy, and adds the entry, its state, its id and its reference to the request
 payload in one step, so "check id + add" cannot race and a record id lands (and references its request) at
-most once; ``claim`` pops the oldest pending ids and marks them claimed in one step, so two concurrent
-harvests never get the same record; ``delete`` removes records (any state) with their blob, info and request
-reference in one step. ``P:bytes`` and the ``refs`` of ``P:req:<key>`` change in the same scripts as the
-records they count.
+most once; ``put`` also looks up and records ``P:rid:<m>:<r>`` in that step, so a retried request
+(:mod:`oodguard.serve.queue`: every record of it finds a record of the same item position and input digest
+that still exists) stores nothing and returns the earlier ids, whichever gateway process wrote them; ``claim``
+pops the oldest pending ids and marks them claimed in one step, so two concurrent harvests never get the same
+record; ``delete`` removes records (any state) with their blob, info and request reference in one step.
+``P:bytes`` and the ``refs`` of ``P:req:<key>`` change in the same scripts as the records they count.
 
 Durability: a ``put`` returns once Redis has answered the script; run Redis with ``appendonly yes`` and
 ``appendfsync always`` for that to mean "on disk" (the queue does not configure the server).
@@ -58,16 +65,25 @@ Redis accepted them; a crash in between replays them again, which dedup makes ha
 request reference). A torn last frame (a crash during an append, never acknowledged) is dropped when the
 spool is opened. Replayed records are always admitted: under ``evict-oldest`` older pending records are
 evicted for them as usual, under ``reject`` the queue may exceed ``max_size`` / ``max_bytes`` by at most the
-spool backlog (those records were already acknowledged). One spool file belongs to one process: with
-``oodguard serve --workers N`` worker ``i`` has its own, :func:`worker_spool_path` (worker 0 the plain path, a
-restarted worker takes over its predecessor's file), and worker 0 absorbs the spools of worker indexes that no
-longer run (a restart with fewer workers, or a single process after workers): :func:`adopt_orphan_spools`. For
-``connect_retry_s`` after a failure, puts go to the spool without trying Redis (the replay thread probes it);
-:meth:`RedisQueue.local_state` reports the store unreachable from then until a call works again.
+spool backlog (those records were already acknowledged). Replayed records are never taken for a retry, nor
+recorded for one (their ids were acknowledged already; a request spooled and then retried into Redis is stored
+twice). One spool file belongs to one process: with ``oodguard serve --workers N`` worker ``i`` has its own,
+:func:`worker_spool_path` (worker 0 the plain path, a restarted worker takes over its predecessor's file), and
+worker 0 absorbs the spools of worker indexes that no longer run (a restart with fewer workers, or a single
+process after workers): :func:`adopt_orphan_spools`.
+
+Once a put finds Redis unreachable, puts go to the spool without trying Redis until the replay thread finds it
+back: every ``connect_retry_s`` it replays the spool, or PINGs Redis when the spool is empty, and the first that
+works lets puts use Redis again. A put waits for Redis at most ``put_timeout_s`` (to connect, and for each
+answer: a client of its own; other calls keep the client's 5 s or the URL's ``socket_timeout``), so a Redis that
+accepts connections but answers nothing (paused, overloaded) costs one put that long, not every put; a put that
+times out is spooled (its write may still land: replay dedups by id). :meth:`RedisQueue.local_state` reports the
+store unreachable from a failed call until a call works again.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -77,6 +93,7 @@ import time
 import zlib
 from pathlib import Path
 from typing import Sequence
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis
 import redis.exceptions as rx
@@ -84,8 +101,7 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .queue import (CLAIMED, DEFAULT_MAX_BYTES, PENDING, SENT, STATES, DropLog, LocalQueueState, NewRecord, QueryQueue,
-                    QueueError, QueueRecord, QueueStats, SummaryRow, decisions_json,
-                    new_record_ids)
+                    QueueError, QueueRecord, QueueStats, SummaryRow, decisions_json, new_record_ids, request_runs)
 from .sqlite_queue import FULL_POLICIES, group_requests, pack_array, unpack_array
 
 log = logging.getLogger("oodguard.serve.redis_queue")
@@ -96,6 +112,8 @@ UNREACHABLE = (rx.ConnectionError, rx.TimeoutError, rx.ReadOnlyError, rx.MasterD
 
 DEFAULT_PREFIX = "oodguard:queue"
 DEFAULT_INLINE_MAX_BYTES = 256 * 1024
+#: the longest a put waits for Redis (to connect, for an answer) before it spools its records
+DEFAULT_PUT_TIMEOUT_S = 0.5
 
 # Shared by the scripts below. P:rec values are '<seq>:<flag>:<state>:<bytes>:<request key>' (request key ''
 # for a record without request); records stored by an older version have '<seq>:<flag>:<state>' and count 0 bytes.
@@ -125,9 +143,12 @@ end
 """
 
 # ARGV: max_size, max_bytes, policy, admit (1: ignore the bounds: replayed records), m, then per request payload:
-#   key, request_id, metadata; then n, then per record: id, flag, blob ('' = input inline), nfields, field, value, ...
-#   (field 'req' names the record's request key)
-# Returns per record 1 stored, 2 already stored (dedup), 0 refused (queue full); then the ids it evicted.
+#   key, request_id, metadata; then the idempotency window (ms), r, then per run (a request that may be a retry):
+#   its first record (1-based), count, model, request_id, then per record: item ('' = none), input digest; then n,
+#   then per record: id, flag, blob ('' = input inline), nfields, field, value, ... (field 'req' names the
+#   record's request key)
+# Returns per record 1 stored, 2 already stored (dedup), 0 refused (queue full) or, for a retried request, the id
+# of the earlier record; then the ids it evicted.
 PUT_LUA = RECORD_LUA + r"""
 local P = KEYS[1]
 local max_size, max_bytes, policy, admit = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4] == '1'
@@ -136,6 +157,31 @@ local payloads, i = {}, 6
 for _ = 1, tonumber(ARGV[5]) do
   payloads[ARGV[i]] = {ARGV[i + 1], ARGV[i + 2]}
   i = i + 3
+end
+local window, nruns, runs = ARGV[i], tonumber(ARGV[i + 1]), {}
+i = i + 2
+for _ = 1, nruns do
+  local run = {start = tonumber(ARGV[i]), key = P .. ':rid:' .. ARGV[i + 2] .. ':' .. ARGV[i + 3], items = {},
+               digests = {}}
+  run.stop = run.start + tonumber(ARGV[i + 1]) - 1
+  i = i + 4
+  for j = 1, run.stop - run.start + 1 do
+    run.items[j], run.digests[j] = ARGV[i], ARGV[i + 1]
+    i = i + 2
+  end
+  runs[run.start] = run
+end
+-- the ids of the records an earlier copy of the run stored (same item positions and inputs, still there), or nil
+local function earlier(run)
+  local ids = {}
+  for j, item in ipairs(run.items) do
+    local v = item ~= '' and redis.call('HGET', run.key, item)
+    if not v then return nil end
+    local id, digest = string.match(v, '^(.-):(.*)$')
+    if digest ~= run.digests[j] or redis.call('HEXISTS', rec, id) == 0 then return nil end
+    ids[j] = id
+  end
+  return ids
 end
 local n = tonumber(ARGV[i])
 i = i + 1
@@ -148,7 +194,14 @@ local cur = redis.call('ZCARD', P .. ':z:pending:1') + redis.call('ZCARD', P .. 
 local used = tonumber(redis.call('GET', P .. ':bytes') or '0')
 local start_used = used
 local out, evicted, accepted, rejected = {}, {}, 0, 0
+local run, repeated = nil, {}  -- the run record k belongs to; record index -> the id of its earlier copy
 for k = 1, n do
+  if runs[k] then
+    run = runs[k]
+    for j, id in ipairs(earlier(run) or {}) do repeated[run.start + j - 1] = id end
+  elseif run and k > run.stop then
+    run = nil
+  end
   local id, flag, blob, nf = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
   local fields, req, nbytes, info = {}, '', #blob, {}
   for j = 1, nf, 2 do
@@ -158,7 +211,9 @@ for k = 1, n do
     if name == 'time' or name == 'version' or name == 'model' then info[name] = value end
   end
   i = i + 4 + nf
-  if redis.call('SISMEMBER', seen, id) == 1 then
+  if repeated[k] then
+    out[k] = repeated[k]
+  elseif redis.call('SISMEMBER', seen, id) == 1 then
     out[k] = 2
   else
     local rkey = P .. ':req:' .. req
@@ -197,6 +252,10 @@ for k = 1, n do
         redis.call('HSET', P .. ':info', id, (info.time or '0') .. ':' .. (info.version or '0') .. ':' .. info.model)
       end
       redis.call('SADD', seen, id)
+      if run and run.items[k - run.start + 1] ~= '' then  -- what a later copy of its request finds
+        redis.call('HSET', run.key, run.items[k - run.start + 1], id .. ':' .. run.digests[k - run.start + 1])
+        redis.call('PEXPIRE', run.key, window)
+      end
       cur = cur + 1
       used = used + nbytes
       accepted = accepted + 1
@@ -298,6 +357,8 @@ _U32 = struct.Struct("<I")
 
 SpoolRecord = list  # [id, flag, blob, field, value, ...] as bytes
 SpoolRequest = list  # [key, request_id, metadata JSON] as bytes
+#: what :meth:`RedisQueue.prepare` returns
+Prepared = tuple[list[str], list[SpoolRecord], list[SpoolRequest], list[str], list]
 
 
 def _encode_lists(lists: Sequence[list]) -> list[bytes]:
@@ -506,13 +567,35 @@ def _b(value) -> bytes:
     return value if isinstance(value, bytes) else str(value).encode()
 
 
+def redis_client(url: str, timeout_s: float | None = None) -> redis.Redis:
+    """A client for ``url`` that fails at once instead of retrying (the queue spools instead). Without
+    ``timeout_s``: 2 s to connect and 5 s per answer, unless the URL's query says otherwise (``socket_timeout``,
+    ``socket_connect_timeout``); with it, at most ``timeout_s`` for both, whatever the URL says (the puts')."""
+    timeouts = {"socket_connect_timeout": 2.0, "socket_timeout": 5.0}
+    if timeout_s is not None:
+        timeouts = {"socket_connect_timeout": min(2.0, timeout_s), "socket_timeout": timeout_s}
+        parts = urlsplit(url)  # redis-py lets the URL's query win over keyword arguments
+        query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k not in timeouts]
+        url = urlunsplit(parts._replace(query=urlencode(query)))
+    return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), retry_on_error=[], **timeouts)
+
+
+def _input_digest(item: SpoolRecord) -> bytes:
+    """BLAKE2b-128 (hex) of the packed input of a script item: what tells a retry from a reused request id."""
+    packed = item[2] or dict(zip(item[3::2], item[4::2]))[b"input"]  # its blob, else the inline field
+    return hashlib.blake2b(packed, digest_size=16).hexdigest().encode()
+
+
 class RedisQueue(QueryQueue):
     """:class:`QueryQueue` on one Redis database; see the module docstring for keys, atomicity and the spool."""
 
     def __init__(self, client: redis.Redis | str, spool_path: str | Path, max_size: int = 100_000,
                  full_policy: str = "reject", key_prefix: str = DEFAULT_PREFIX,
                  inline_max_bytes: int = DEFAULT_INLINE_MAX_BYTES, connect_retry_s: float = 0.5,
-                 replay_batch: int = 256, max_bytes: int = DEFAULT_MAX_BYTES):
+                 replay_batch: int = 256, max_bytes: int = DEFAULT_MAX_BYTES,
+                 put_timeout_s: float | None = DEFAULT_PUT_TIMEOUT_S, idempotency_window_s: float = 0.0):
+        """``client``: a URL (see :func:`redis_client`), or a client whose own timeouts then serve puts too
+        (``put_timeout_s`` needs the URL; None: puts keep the URL's client's timeouts)."""
         if max_size < 1:
             raise ValueError(f"max_size must be >= 1, got {max_size}")
         if max_bytes < 1:
@@ -523,10 +606,18 @@ class RedisQueue(QueryQueue):
             raise ValueError(f"inline_max_bytes must be >= 0, got {inline_max_bytes}")
         if not key_prefix:
             raise ValueError("key_prefix must not be empty")
+        if put_timeout_s is not None and not put_timeout_s > 0:
+            raise ValueError(f"put_timeout_s must be > 0, got {put_timeout_s}")
+        if not 0 <= idempotency_window_s < float("inf"):
+            raise ValueError(f"idempotency_window_s must be a number of seconds >= 0, got {idempotency_window_s}")
+        put_client = client
         if isinstance(client, str):
-            client = redis.Redis.from_url(client, socket_connect_timeout=2.0, socket_timeout=5.0,
-                                          retry=Retry(NoBackoff(), 0), retry_on_error=[])
+            put_client = redis_client(client, put_timeout_s) if put_timeout_s is not None else None
+            client = redis_client(client)
         self.redis = client
+        self._put_redis = put_client or client  # the client of puts (their short timeout)
+        self.put_timeout_s = put_timeout_s
+        self.idempotency_window_s = idempotency_window_s
         self.max_size = max_size
         self.max_bytes = max_bytes
         self.full_policy = full_policy
@@ -541,7 +632,7 @@ class RedisQueue(QueryQueue):
         self._purge_script = client.register_script(PURGE_LUA)
         self._delete_script = client.register_script(DELETE_LUA)
         self._closed = False
-        self._down_until = 0.0
+        self._down = False  # puts spool without trying Redis until the replay thread finds it back
         self._reachable = True  # False while the last Redis call failed as unreachable, True after one worked
         self._drops = DropLog(log, key_prefix)
         self._replay_lock = threading.Lock()
@@ -648,48 +739,68 @@ class RedisQueue(QueryQueue):
         return out
 
     # -- writes ---------------------------------------------------------------------------------------
-    def _run_put(self, items: Sequence[SpoolRecord], requests: Sequence[SpoolRequest], admit: bool) -> list[int]:
-        """The put script for ``items``; each one's status (1 stored, 2 already there, 0 refused)."""
+    def _run_put(self, items: Sequence[SpoolRecord], requests: Sequence[SpoolRequest], admit: bool,
+                 runs: Sequence = (0, 0), client: redis.Redis | None = None) -> list[int | bytes]:
+        """The put script for ``items`` (``runs``: the idempotency part of its arguments, :meth:`_runs`; none by
+        default) through ``client`` (default: the one of other calls); each one's status (1 stored, 2 already
+        there, 0 refused; the earlier record's id for a record of a retried request)."""
         argv: list = [self.max_size, self.max_bytes, self.full_policy, "1" if admit else "0", len(requests)]
         for request in requests:
             argv += request
+        argv += runs
         argv.append(len(items))
         for rec in items:
             argv += [rec[0], rec[1], rec[2], len(rec) - 3, *rec[3:]]
-        out = self._put_script(keys=[self.key_prefix], args=argv)
+        out = self._put_script(keys=[self.key_prefix], args=argv, client=client or self.redis)
         self._reachable = True
         self._drops.note("evicted", [rid.decode() for rid in out[len(items):]])
-        return [int(x) for x in out[:len(items)]]
+        return [x if isinstance(x, bytes) else int(x) for x in out[:len(items)]]
+
+    def _runs(self, records: Sequence[NewRecord], items: Sequence[SpoolRecord]) -> list:
+        """The put script's idempotency arguments for ``records`` (encoded as ``items``): the window in
+        milliseconds, then the runs that may be retries (:func:`request_runs`) with each record's item position
+        and input digest; no runs with the check off."""
+        if not self.idempotency_window_s:
+            return [0, 0]
+        runs = request_runs(records)
+        argv: list = [max(1, round(self.idempotency_window_s * 1000)), len(runs)]
+        for run in runs:
+            argv += [run.start + 1, run.stop - run.start, run.model, run.request_id]
+            for item, encoded in zip(run.items, items[run.start:run.stop]):
+                argv += [b"" if item is None else str(item), _input_digest(encoded)]
+        return argv
 
     def put(self, records: Sequence[NewRecord]) -> list[str | None]:
         return self.put_prepared(self.prepare(records))
 
-    def prepare(self, records: Sequence[NewRecord]) -> tuple[list[str], list[SpoolRecord], list[SpoolRequest], list[str]]:
-        """(ids, the script's items, request payloads, each record's request id)."""
+    def prepare(self, records: Sequence[NewRecord]) -> Prepared:
+        """(ids, the script's items, request payloads, each record's request id, the idempotency arguments)."""
         now = time.time()
         ids = new_record_ids(len(records), now)
         items, requests = self._encode(records, ids, now)
-        return ids, items, requests, [r.request_id for r in records]
+        return ids, items, requests, [r.request_id for r in records], self._runs(records, items)
 
-    def put_prepared(self, prepared: tuple[list[str], list[SpoolRecord], list[SpoolRequest], list[str]]) -> list[str | None]:
+    def put_prepared(self, prepared: Prepared) -> list[str | None]:
         self._check_open()
-        ids, items, requests, request_ids = prepared
+        ids, items, requests, request_ids, runs = prepared
         if not ids:
             return []
-        if time.monotonic() >= self._down_until:
+        found_down = False
+        if not self._down:
             try:
-                result = self._run_put(items, requests, admit=False)
-                self._drops.note("refused", [rid for rid, status in zip(request_ids, result) if not status])
-                return [rid if status else None for rid, status in zip(ids, result)]
+                result = self._run_put(items, requests, admit=False, runs=runs, client=self._put_redis)
+                self._drops.note("refused", [rid for rid, status in zip(request_ids, result) if status == 0])
+                return [status.decode() if isinstance(status, bytes) else rid if status else None
+                        for rid, status in zip(ids, result)]
             except UNREACHABLE as exc:
-                self._reachable = False
-                self._down_until = time.monotonic() + self.connect_retry_s
+                self._reachable, self._down, found_down = False, True, True
                 log.warning("redis queue %s unreachable (%s): spooling to %s", self.key_prefix, exc, self.spool.path)
             except rx.RedisError as exc:
                 raise QueueError(f"redis queue {self.key_prefix}: {exc}") from exc
         # Redis is unreachable (maybe the write landed before the connection broke: replay dedups by id)
         self.spool.append(items, requests)
-        self._wake.set()
+        if found_down:  # the replay thread probes Redis from now on (puts while it does so leave it alone)
+            self._wake.set()
         return ids
 
     def replay_spool(self) -> int:
@@ -717,17 +828,21 @@ class RedisQueue(QueryQueue):
             return written
 
     def _replay_loop(self) -> None:
+        """While the spool holds records or puts avoid Redis: every ``connect_retry_s``, replay the spool (or
+        PING Redis when it is empty); when that works, puts use Redis again."""
         while not self._stop.is_set():
-            if self.spool.backlog > 0:
+            if self.spool.backlog > 0 or self._down:
                 try:
-                    self.replay_spool()
-                    self._down_until = 0.0
+                    if self.spool.backlog > 0:
+                        self.replay_spool()
+                    else:
+                        self.redis.ping()
+                    self._reachable, self._down = True, False
                 except UNREACHABLE:
-                    self._reachable = False
-                    self._down_until = time.monotonic() + self.connect_retry_s
+                    self._reachable, self._down = False, True
                 except Exception:  # a bug or a disk error: keep the spool, try again later
                     log.exception("redis queue %s: spool replay failed", self.key_prefix)
-            self._wake.wait(self.connect_retry_s if self.spool.backlog > 0 else 5.0)
+            self._wake.wait(self.connect_retry_s if self.spool.backlog > 0 or self._down else 5.0)
             self._wake.clear()
 
     def claim(self, limit: int, flagged: bool | None = None) -> list[QueueRecord]:
@@ -904,6 +1019,8 @@ class RedisQueue(QueryQueue):
         self._drops.flush()
         self.spool.close()
         self.redis.close()
+        if self._put_redis is not self.redis:
+            self._put_redis.close()
 
 
 __all__ = ["RedisQueue", "Spool", "UNREACHABLE", "DEFAULT_PREFIX", "DEFAULT_INLINE_MAX_BYTES", "worker_spool_path",

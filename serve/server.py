@@ -96,7 +96,8 @@ def build_queue(settings: Settings, worker: WorkerSlot | None = None) -> QueryQu
     slot = worker or WorkerSlot(0, 1)
     return open_queue(settings.effective_queue_url, max_size=settings.queue_max_size,
                       max_bytes=settings.queue_max_bytes, full_policy=settings.queue_full_policy,
-                      spool_path=settings.queue_spool_path, worker=slot.index, workers=slot.count)
+                      spool_path=settings.queue_spool_path, worker=slot.index, workers=slot.count,
+                      idempotency_window_s=settings.queue_idempotency_window_s)
 
 
 #: consecutive backend calls timing out after the whole --backend-timeout-s that turn health NOT_SERVING (the

@@ -80,6 +80,9 @@ class Settings:
     queue_max_bytes: int = 1024 * 1024 * 1024
     #: what happens to a new record when the queue is full: "reject" or "evict-oldest"
     queue_full_policy: str = "reject"
+    #: a request retried with the same request_id (same model, item positions and inputs) within this many seconds
+    #: of its queued records gets their ids instead of being queued again; 0 = off
+    queue_idempotency_window_s: float = 600.0
     #: fraction of unflagged items also queued (marked as sampled)
     unflagged_sample_fraction: float = 0.0
     #: seed of the unflagged sampling (None = random)
@@ -187,6 +190,9 @@ class Settings:
             raise bad("queue_max_bytes", f"must be at least 1024, got {self.queue_max_bytes}")
         if self.queue_full_policy not in FULL_POLICIES:
             raise bad("queue_full_policy", f"expected 'reject' or 'evict-oldest', got {self.queue_full_policy!r}")
+        if not 0 <= self.queue_idempotency_window_s < float("inf"):
+            raise bad("queue_idempotency_window_s",
+                      f"must be a number of seconds >= 0 (0 = off), got {self.queue_idempotency_window_s}")
         if not 0.0 <= self.unflagged_sample_fraction <= 1.0:
             raise bad("unflagged_sample_fraction", f"must be within [0, 1], got {self.unflagged_sample_fraction}")
         if self.max_message_bytes < 1024:

@@ -9,18 +9,26 @@ Layout:
   metadata. Columns ``request_id`` / ``metadata`` hold them inline only in rows written before request rows
   existed (``request_ref`` NULL); newer rows write ``''`` / ``'{}'`` there (also for a record with neither,
   which gets no request row).
-- ``requests``: ``ref``, ``request_id``, ``metadata`` (JSON): one row per request of a ``put``, shared by its
+- ``requests``: ``ref``, ``request_id``, ``metadata`` (JSON), ``stored`` (when its ``put`` ran, seconds since
+  the epoch; NULL in rows written before the column existed): one row per request of a ``put``, shared by its
   records, deleted with the last record that references it.
 - ``counters``: accepted, rejected, evicted (events, they survive restarts) and ``bytes``: the running sum of
   ``records.bytes`` over unharvested (pending + claimed) rows, updated in the transaction that changes it.
 - indexes ``records_state_seq`` (state, seq): oldest-first reads of one state; ``records_model_state_seq``
   (model, state, seq): the same for one model (:meth:`SQLiteQueue.select` with ``model``); ``records_group``
-  (model, version, state, flagged, time): :meth:`SQLiteQueue.summary` reads only this index (no row, no array).
+  (model, version, state, flagged, time): :meth:`SQLiteQueue.summary` reads only this index (no row, no array);
+  ``requests_request_id`` (request_id, stored): the records of a request id stored within the idempotency window.
 
 Bytes of a record: its packed arrays + scores and decision JSON (+ the inline request of an older row); the
 first record of a request that is stored also carries the request row's bytes (request id + metadata JSON),
 so a request row counts once. A file of the first layout (no ``request_ref`` / ``bytes``) is upgraded in
-place when opened (:data:`UPGRADE`, then :data:`INDEXES`); a fresh file is made the same way.
+place when opened (:data:`UPGRADE`, then :data:`REQUESTS_STORED` and :data:`INDEXES`); a fresh file is made the
+same way.
+
+Idempotency (:mod:`oodguard.serve.queue`): a put's transaction reads, in one SELECT, the records stored within
+``idempotency_window_s`` whose request rows carry the request ids of its runs (:func:`request_runs`), and
+takes a run for a retry when every record of it finds a record of the same model, item position and packed
+input among them or among the records this transaction stored before it (the latest such record per item).
 
 The bound on records (``max_size``) needs the unharvested count, a scan of the state index whose cost grows
 with the queue (about 1.5 ms at 30,000 records, 4 ms at 100,000). A put reads it once and carries it to its
@@ -40,7 +48,7 @@ import threading
 import time
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 from urllib.parse import quote
@@ -48,8 +56,8 @@ from urllib.parse import quote
 import numpy as np
 
 from .queue import (CLAIMED, DEFAULT_MAX_BYTES, PENDING, SENT, STATES, DropLog, LocalQueueState, NewRecord, QueryQueue,
-                    QueueError, QueueRecord, QueueStats, SummaryRow, decisions_json,
-                    new_record_ids)
+                    QueueError, QueueRecord, QueueStats, RequestRun, SummaryRow, decisions_json, new_record_ids,
+                    request_runs)
 
 log = logging.getLogger("oodguard.serve.sqlite_queue")
 
@@ -90,10 +98,14 @@ UPGRADE = (
     f"INSERT OR REPLACE INTO counters SELECT 'bytes', COALESCE(SUM(bytes), 0) FROM records WHERE state != '{SENT}'",
 )
 
+# Run once, in the transaction of the upgrade, on a file whose requests have no stored column yet.
+REQUESTS_STORED = "ALTER TABLE requests ADD COLUMN stored REAL"
+
 # Run (idempotent) on every open, in the transaction of the upgrade: indexes added after the first two layouts.
 INDEXES = (
     "CREATE INDEX IF NOT EXISTS records_group ON records (model, version, state, flagged, time)",
     "CREATE INDEX IF NOT EXISTS records_model_state_seq ON records (model, state, seq)",
+    "CREATE INDEX IF NOT EXISTS requests_request_id ON requests (request_id, stored)",
 )
 
 COLUMNS = ("seq, id, time, model, version, flagged, state, input, logits, features, scores, decision, request_id, "
@@ -192,14 +204,21 @@ def _insert_many(db: sqlite3.Connection, head: str, values: str, rows: Sequence[
         db.execute(head + ", ".join([values] * len(chunk)), [v for row in chunk for v in row])
 
 
+#: (model, request id) -> item position -> (record id, packed input): what a retry of a request is matched against
+Known = dict[tuple[str, str], dict[int, tuple[str, bytes]]]
+
+
 @dataclass
 class _InsertState:
     """What one transaction's inserts carry from batch to batch: the unharvested records and bytes, the next
-    request ref, and the counts the counters table gets at the end."""
+    request ref, the counts the counters table gets at the end, and for the idempotency check the records of
+    the runs' request ids (read at the start, then each record stored) and the ids evicted since."""
 
     size: int
     used: int
     next_ref: int
+    known: Known = field(default_factory=dict)
+    gone: set[str] = field(default_factory=set)
     accepted: int = 0
     rejected: int = 0
     evicted: int = 0
@@ -208,11 +227,14 @@ class _InsertState:
 class _Batch:
     """One ``put`` call's rows waiting for a group commit, and its outcome."""
 
-    def __init__(self, rows: list[tuple], sizes: list[int], refs: list[int | None], requests: list[tuple[str, str]]):
+    def __init__(self, rows: list[tuple], sizes: list[int], refs: list[int | None], requests: list[tuple[str, str]],
+                 runs: list[RequestRun], stored: float):
         self.rows = rows  # (id, time, model, version, flagged, input, logits, features, scores, decision)
         self.sizes = sizes  # each row's bytes, its request not included
         self.refs = refs  # each row's index into requests, or None
         self.requests = requests
+        self.runs = runs  # the requests that may be retries (none with the idempotency check off)
+        self.stored = stored  # when prepared: the request rows' stored time
         self.done = False
         self.result: list[str | None] = []
         self.evicted: list[str] = []  # ids of records this batch evicted
@@ -237,17 +259,20 @@ def _enable_wal(db: sqlite3.Connection, timeout_s: float = 30.0) -> None:
 
 class SQLiteQueue(QueryQueue):
     def __init__(self, path: str | Path, max_size: int = 100_000, full_policy: str = "reject",
-                 max_bytes: int = DEFAULT_MAX_BYTES, create: bool = True):
+                 max_bytes: int = DEFAULT_MAX_BYTES, create: bool = True, idempotency_window_s: float = 0.0):
         if max_size < 1:
             raise ValueError(f"max_size must be >= 1, got {max_size}")
         if max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
         if full_policy not in FULL_POLICIES:
             raise ValueError(f"full_policy must be one of {FULL_POLICIES}, got {full_policy!r}")
+        if not 0 <= idempotency_window_s < float("inf"):
+            raise ValueError(f"idempotency_window_s must be a number of seconds >= 0, got {idempotency_window_s}")
         self.path = Path(path)
         self.max_size = max_size
         self.max_bytes = max_bytes
         self.full_policy = full_policy
+        self.idempotency_window_s = idempotency_window_s
         if create:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         elif not self.path.is_file():
@@ -285,6 +310,8 @@ class SQLiteQueue(QueryQueue):
         if "request_ref" not in {row[1] for row in db.execute("PRAGMA table_info(records)")}:
             for statement in UPGRADE:
                 db.execute(statement)
+        if "stored" not in {row[1] for row in db.execute("PRAGMA table_info(requests)")}:
+            db.execute(REQUESTS_STORED)
         for statement in INDEXES:
             db.execute(statement)
 
@@ -379,7 +406,7 @@ class SQLiteQueue(QueryQueue):
             rows.append((rid, now if r.time is None else float(r.time), r.model, int(r.version),
                          int(bool(r.flagged)), *arrays, scores, decision))
             sizes.append(sum(map(len, arrays)) + len(scores.encode()) + len(decision.encode()))
-        return _Batch(rows, sizes, refs, requests)
+        return _Batch(rows, sizes, refs, requests, request_runs(records) if self.idempotency_window_s else [], now)
 
     def _group_commit(self, mine: _Batch) -> list[str | None]:
         """Durable writes cost one fsync per transaction, so concurrent ``put`` calls share one: each
@@ -426,7 +453,8 @@ class SQLiteQueue(QueryQueue):
         Few statements: every statement step releases the GIL and takes it back, and in a gateway whose event
         loop holds the GIL each take-back is a forced thread switch (measured under all-flagged load at
         concurrency 64: the writer thread's CPU per request was half system time). So the transaction reads
-        what it needs in one SELECT and updates the counters in one UPDATE, whatever the number of batches."""
+        what it needs in one SELECT (and one more for the idempotency check when a batch has request ids) and
+        updates the counters in one UPDATE, whatever the number of batches."""
         version, used, top_ref = db.execute(
             "SELECT (SELECT data_version FROM pragma_data_version), (SELECT value FROM counters WHERE name = 'bytes'), "
             "(SELECT COALESCE(MAX(ref), 0) FROM requests)").fetchone()
@@ -434,7 +462,8 @@ class SQLiteQueue(QueryQueue):
             size = counted[1]
         else:
             size = db.execute("SELECT COUNT(*) FROM records WHERE state != ?", (SENT,)).fetchone()[0]
-        state = _InsertState(size, used, top_ref + 1)
+        known = self._recent(db, {run.request_id for batch in batches for run in batch.runs})
+        state = _InsertState(size, used, top_ref + 1, known)
         results = [self._insert(db, batch, state) for batch in batches]
         added = {"accepted": state.accepted, "rejected": state.rejected, "evicted": state.evicted,
                  "bytes": state.used - used}
@@ -444,18 +473,59 @@ class SQLiteQueue(QueryQueue):
                        (added["accepted"], added["rejected"], added["evicted"], added["bytes"]))
         return results, (version, state.size)
 
+    def _recent(self, db: sqlite3.Connection, request_ids: set[str]) -> Known:
+        """The records stored within the idempotency window under these request ids that carry an item
+        position, by (model, request id) and item (the latest per item)."""
+        known: Known = {}
+        since = time.time() - self.idempotency_window_s
+        ordered = sorted(request_ids)
+        for start in range(0, len(ordered), 500):  # within SQLite's limit on parameters
+            chunk = ordered[start:start + 500]
+            marks = ",".join("?" * len(chunk))
+            for request_id, model, item, rid, packed in db.execute(
+                    "SELECT q.request_id, r.model, json_extract(r.decision, '$.item'), r.id, r.input FROM requests q "
+                    f"JOIN records r ON r.request_ref = q.ref WHERE q.request_id IN ({marks}) AND q.stored >= ? "
+                    "AND json_type(r.decision, '$.item') = 'integer' ORDER BY r.seq", [*chunk, since]):
+                known.setdefault((model, request_id), {})[item] = (rid, packed)
+        return known
+
+    @staticmethod
+    def _earlier(run: RequestRun, rows: list[tuple], state: _InsertState) -> list[str] | None:
+        """The ids of the records an earlier copy of ``run`` stored, item for item, or None if it is no retry
+        (an item position or input without a match, or a match evicted in this transaction)."""
+        known = state.known.get((run.model, run.request_id), {})
+        ids = []
+        for item, row in zip(run.items, rows[run.start:run.stop]):
+            match = known.get(item) if item is not None else None
+            if match is None or match[0] in state.gone or match[1] != row[5]:
+                return None
+            ids.append(match[0])
+        return ids
+
     def _insert(self, db: sqlite3.Connection, batch: _Batch, state: _InsertState) -> list[str | None]:
         """Insert one ``put`` call's rows within both bounds (applying the full-queue policy), ``state`` holding
         the unharvested records and bytes before it (updated here); their ids. The rows are decided one by one,
         then inserted by multi-row statements (:func:`_insert_many`; request rows get their refs here, above the
         largest one: no other writer runs inside this IMMEDIATE transaction). Eviction takes the oldest pending
-        records stored before this batch (its own rows are inserted after the decisions)."""
+        records stored before this batch (its own rows are inserted after the decisions). The rows of a retried
+        request are not inserted: they get the ids of its earlier records (:meth:`_earlier`)."""
         size, used = state.size, state.used
         stored: dict[int, int] = {}  # index into batch.requests -> its requests.ref
         request_rows: list[tuple] = []
         record_rows: list[tuple] = []
         out: list[str | None] = []
-        for row, nbytes, ref in zip(batch.rows, batch.sizes, batch.refs):
+        runs = {run.start: run for run in batch.runs}
+        run: RequestRun | None = None
+        repeated: dict[int, str] = {}  # row index -> the id of its earlier copy
+        for j, (row, nbytes, ref) in enumerate(zip(batch.rows, batch.sizes, batch.refs)):
+            if j in runs:
+                run = runs[j]
+                repeated.update(zip(range(run.start, run.stop), self._earlier(run, batch.rows, state) or []))
+            elif run is not None and j >= run.stop:
+                run = None
+            if j in repeated:
+                out.append(repeated[j])
+                continue
             if ref is not None and ref not in stored:
                 nbytes += request_bytes(batch.requests[ref])  # the first record stored carries its request row
             if self.full_policy == "evict-oldest" and nbytes <= self.max_bytes:
@@ -468,6 +538,7 @@ class SQLiteQueue(QueryQueue):
                     self._drop_orphans(db, [victim[3]])
                     size, used = size - 1, used - victim[2]
                     batch.evicted.append(victim[1])
+                    state.gone.add(victim[1])
             if size >= self.max_size or used + nbytes > self.max_bytes:
                 out.append(None)
                 batch.refused.append(batch.requests[ref][0] if ref is not None else "")
@@ -475,16 +546,19 @@ class SQLiteQueue(QueryQueue):
             if ref is not None and ref not in stored:
                 stored[ref] = state.next_ref
                 state.next_ref += 1
-                request_rows.append((stored[ref], *batch.requests[ref]))
+                request_rows.append((stored[ref], *batch.requests[ref], batch.stored))
             record_rows.append((*row, PENDING, stored.get(ref), nbytes))
             size, used = size + 1, used + nbytes
             out.append(row[0])
-        _insert_many(db, "INSERT INTO requests (ref, request_id, metadata) VALUES ", "(?, ?, ?)", request_rows)
+            if run is not None and run.items[j - run.start] is not None:  # what a later copy of its request finds
+                state.known.setdefault((run.model, run.request_id), {})[run.items[j - run.start]] = (row[0], row[5])
+        _insert_many(db, "INSERT INTO requests (ref, request_id, metadata, stored) VALUES ", "(?, ?, ?, ?)",
+                     request_rows)
         _insert_many(db, "INSERT INTO records (id, time, model, version, flagged, input, logits, features, scores, "
                          "decision, state, request_id, metadata, request_ref, bytes) VALUES ",
                      "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, '', '{}', ?, ?)", record_rows)
         state.size, state.used = size, used
-        state.accepted += len(out) - out.count(None)
+        state.accepted += len(record_rows)
         state.rejected += out.count(None)
         state.evicted += len(batch.evicted)
         return out

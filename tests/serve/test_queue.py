@@ -1,9 +1,10 @@
-"""serve/queue.py: the record ids every queue hands out."""
+"""serve/queue.py: the record ids every queue hands out, and which records of a put form one request."""
 
+import dataclasses
 import time
 import uuid
 
-from oodguard.serve.queue import new_record_ids
+from oodguard.serve.queue import new_record_ids, request_runs
 
 
 def test_record_ids_are_uuid7_hex_carrying_their_time():
@@ -51,3 +52,14 @@ def test_decisions_json_encodes_shared_thresholds_once_and_equals_plain_json(mon
     out = q.decisions_json(decisions)
     assert [json.loads(text) for text in out] == decisions  # the same objects (Infinity included)
     assert sum(obj is shared for obj in encoded) == 1 and sum(obj is other for obj in encoded) == 1
+
+
+def test_request_runs_are_the_requests_of_a_put_that_may_be_retries():
+    from .test_sqlite_queue import retried
+
+    records = (retried("a") + retried("a") + retried("", items=(0,)) + retried("b", items=(0, 1))
+               + retried("b", items=(0,), model="cifar") + [dataclasses.replace(retried("c")[0], decision={})])
+    runs = [(r.start, r.stop, r.model, r.request_id, r.items) for r in request_runs(records)]
+    assert runs == [(0, 3, "digits", "a", (0, 2, 5)), (3, 6, "digits", "a", (0, 2, 5)),  # a copy: a repeated item
+                    (7, 9, "digits", "b", (0, 1)), (9, 10, "cifar", "b", (0,)), (10, 11, "digits", "c", (None,))]
+    assert request_runs([]) == []

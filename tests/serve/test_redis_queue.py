@@ -27,8 +27,9 @@ from oodguard.serve.settings import Settings, SettingsError
 from oodguard.serve.sqlite_queue import SQLiteQueue, pack_array
 
 from .test_sqlite_queue import (ALIKE_BYTES, alike, assert_one_request_read_back, assert_stored_as_put, big_request, check_byte_bound_evict,
-                                check_byte_bound_reject, check_delete, check_drop_lines, check_select_filters, check_summary,
-                                own_bytes, record, request_bytes, varied)
+                                check_byte_bound_reject, check_delete, check_drop_lines, check_retried_requests_are_stored_once,
+                                check_select_filters, check_summary, check_the_retry_window, own_bytes, record, request_bytes,
+                                retried, varied)
 
 
 def make_queue(server, tmp_path, spool: str = "spool", **kwargs) -> RedisQueue:
@@ -467,6 +468,95 @@ def test_local_state_answers_while_redis_hangs(redis_server, tmp_path):
     wait_for(lambda: q.local_state() == LocalQueueState(spool_backlog=0, reachable=True), what="the replay")
     # exactly once, though the stopped Redis may have run the timed-out put after all when it resumed
     assert stream_ids(redis_server) == collections.Counter(first + done[0])
+    q.close()
+
+
+def test_puts_skip_a_paused_redis_until_it_answers_again(redis_server, tmp_path):
+    q = make_queue(redis_server, tmp_path)  # puts wait at most 0.5 s (the default), other calls 5 s
+    first = q.put([record(0)])
+    redis_server.process.send_signal(signal.SIGSTOP)  # Redis accepts connections but answers nothing
+    took, spooled = [], []
+    try:
+        paused_until = time.monotonic() + 3.0
+        n = 1
+        while time.monotonic() < paused_until:
+            start = time.monotonic()
+            spooled += q.put([record(n), record(n + 100, flagged=False)])
+            took.append(time.monotonic() - start)
+            n += 1
+            time.sleep(0.05)
+        assert max(took) < 1.0, took
+        assert sum(t > 0.3 for t in took) <= 1, took  # the first put waits out its timeout, the others spool at once
+        assert all(spooled) and q.spool.backlog == len(spooled)
+        assert q.local_state() == LocalQueueState(spool_backlog=len(spooled), reachable=False)
+    finally:
+        redis_server.process.send_signal(signal.SIGCONT)
+    wait_for(lambda: q.local_state() == LocalQueueState(spool_backlog=0, reachable=True), what="the replay")
+    # exactly once, though the stopped Redis ran the timed-out put when it resumed
+    assert stream_ids(redis_server) == collections.Counter(first + spooled)
+    # puts use Redis again
+    more = q.put([record(999)])
+    assert q.spool.backlog == 0 and stream_ids(redis_server)[more[0]] == 1
+    # with nothing to replay, the probe is a PING
+    q._reachable, q._down = False, True
+    q._wake.set()
+    wait_for(lambda: q.local_state().reachable and not q._down, what="the probe")
+    assert q.put([record(1000)])[0] in stream_ids(redis_server) and q.spool.backlog == 0
+    q.close()
+
+
+def test_a_put_timeout_of_its_own_leaves_other_calls_theirs(redis_server, tmp_path):
+    q = open_queue(redis_server.url + "?socket_timeout=4&put_timeout_s=0.25", spool_path=tmp_path / "spool",
+                   idempotency_window_s=30)
+    try:
+        puts = q._put_redis.connection_pool.connection_kwargs
+        others = q.redis.connection_pool.connection_kwargs
+        assert (puts["socket_timeout"], puts["socket_connect_timeout"], others["socket_timeout"]) == (0.25, 0.25, 4.0)
+        assert q.put([record(0)])[0] in stream_ids(redis_server) and q.idempotency_window_s == 30
+    finally:
+        q.close()
+    q = open_queue(f"sqlite:///{tmp_path / 'q.sqlite'}", idempotency_window_s=30)
+    assert q.idempotency_window_s == 30
+    q.close()
+    with pytest.raises(ValueError, match="put_timeout_s"):
+        open_queue(redis_server.url + "?put_timeout_s=soon", spool_path=tmp_path / "spool")
+
+
+def test_a_retried_request_is_stored_once(redis_server, tmp_path):
+    q = make_queue(redis_server, tmp_path, idempotency_window_s=600)
+    check_retried_requests_are_stored_once(q)
+    client = redis.Redis.from_url(redis_server.url)
+    key = f"{DEFAULT_PREFIX}:rid:digits:r2"
+    assert set(client.hkeys(key)) == {b"0", b"2", b"5"} and 0 < client.pttl(key) <= 600_000
+    client.close()
+    q.close()
+
+
+def test_a_retry_after_the_window_is_stored_again(redis_server, tmp_path):
+    made = []
+
+    def make(window_s):
+        made.append(make_queue(redis_server, tmp_path, spool=f"spool{len(made)}", key_prefix=f"q{len(made)}",
+                               idempotency_window_s=window_s))
+        return made[-1]
+
+    check_the_retry_window(make)
+    client = redis.Redis.from_url(redis_server.url)
+    assert client.keys("q*:rid:*") == [b"q0:rid:digits:r1"]  # none written with the check off
+    assert 0 < client.pttl("q0:rid:digits:r1") <= 1000  # the later put wrote it again, for the window
+    client.close()
+
+
+def test_spooled_records_are_replayed_as_they_are(redis_server, tmp_path):
+    q = make_queue(redis_server, tmp_path, idempotency_window_s=600)
+    first = q.put(retried("r1"))
+    redis_server.stop()
+    spooled = q.put(retried("r1"))  # Redis cannot tell a retry now: spooled with ids of its own
+    assert all(spooled) and set(spooled).isdisjoint(first)
+    redis_server.start()
+    wait_for(lambda: q.spool.backlog == 0, what="the spool to drain")
+    assert stream_ids(redis_server) == collections.Counter(first + spooled)
+    assert q.put(retried("r1")) == first  # the replayed copy answers for no retry
     q.close()
 
 

@@ -143,6 +143,23 @@ def test_noise_is_flagged_and_queued_durably(gateway, stub):
         assert db.execute("SELECT COUNT(*) FROM requests").fetchone()[0] == 1
 
 
+
+def test_a_retried_request_is_queued_once(gateway, stub):
+    # the first answer was lost (say the gateway died after queueing): the client sends the call again
+    request = pb.PredictRequest(tensor=tensor(noise(6, seed=5)), request_id="retry-1", metadata={"camera": "east"})
+    first = stub.Predict(request, timeout=10).predictions
+    again = stub.Predict(request, timeout=10).predictions
+    ids = [p.queue_record_id for p in first]
+    assert sum(map(bool, ids)) >= 4 and [p.queue_record_id for p in again] == ids
+    assert [p.queue_status for p in again] == [p.queue_status for p in first]
+    queued = [i for i in ids if i]
+    with sqlite3.connect(gateway.settings.queue_path) as db:  # one record per item
+        assert sorted(rid for (rid,) in db.execute("SELECT id FROM records")) == sorted(queued)
+    # another request id is another request: queued again
+    other = stub.Predict(pb.PredictRequest(tensor=request.tensor, request_id="retry-2"), timeout=10).predictions
+    assert set(p.queue_record_id for p in other if p.queue_record_id).isdisjoint(queued)
+    assert gateway.gateway.queue.stats().size == 2 * len(queued)
+
 BAD_REQUESTS = [
     (pb.PredictRequest(), "no input"),
     (pb.PredictRequest(tensor=tensor(np.zeros((1, 8, 8)))), "unsupported dtype 'float64'"),

@@ -16,6 +16,8 @@ def test_defaults_env_and_flags_layer():
     assert s.max_wait_ms == 8.0 and s.queue_max_size == 10 and s.sample_seed == 7
     assert s.backend == "embedded" and s.unflagged_sample_fraction == 0.0 and s.queue_full_policy == "reject"
     assert s.triton_inflight_batches == 1
+    assert s.queue_idempotency_window_s == 600.0
+    assert Settings.from_sources({"queue_idempotency_window_s": "0"}, env).queue_idempotency_window_s == 0.0
     assert (s.max_image_pixels, s.max_inflight_requests, s.input_range_margin) == (4096 * 4096, 256, 0.5)
     assert Settings.from_sources({}, {**env, "OODGUARD_INPUT_RANGE_MARGIN": "inf"}).input_range_margin == float("inf")
     with pytest.raises(Exception):
@@ -51,6 +53,8 @@ def test_the_decision_defaults_to_fused_with_a_sisome_fallback_only_by_default()
     ({"OODGUARD_REPOSITORY": "r", "OODGUARD_QUEUE_MAX_BYTES": "10"}, "OODGUARD_QUEUE_MAX_BYTES.*at least 1024"),
     ({"OODGUARD_REPOSITORY": "r", "OODGUARD_MAX_METADATA_BYTES": "-1"}, "OODGUARD_MAX_METADATA_BYTES"),
     ({"OODGUARD_REPOSITORY": "r", "OODGUARD_METRICS_TLS_CERT": "c.pem"}, "give both metrics_tls_cert and metrics_tls_key"),
+    ({"OODGUARD_REPOSITORY": "r", "OODGUARD_QUEUE_IDEMPOTENCY_WINDOW_S": "-1"}, "OODGUARD_QUEUE_IDEMPOTENCY_WINDOW_S.*0 = off"),
+    ({"OODGUARD_REPOSITORY": "r", "OODGUARD_QUEUE_IDEMPOTENCY_WINDOW_S": "inf"}, "OODGUARD_QUEUE_IDEMPOTENCY_WINDOW_S"),
 ])
 def test_bad_settings_say_which(env, message):
     with pytest.raises(SettingsError, match=message):

@@ -3,6 +3,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -231,6 +232,60 @@ def check_delete(q, requests_left) -> None:
     s = q.stats()
     assert (s.size, s.sent, s.bytes, s.evicted, s.accepted) == (0, 0, 0, 0, 9) and q.summary() == []
     assert requests_left() == 0
+
+
+def retried(request_id: str, items=(0, 2, 5), model: str = "digits", seed: int = 0) -> list[NewRecord]:
+    """The records the gateway queues for items ``items`` of one request (``decision["item"]``: their
+    positions), one metadata dict for all; ``seed`` picks the inputs."""
+    metadata = {"camera": "7"}
+    return [dataclasses.replace(record(seed + item), model=model, request_id=request_id, metadata=metadata,
+                                decision={"ood": True, "crossed": ["sisome"], "item": item}) for item in items]
+
+
+def check_retried_requests_are_stored_once(q) -> None:
+    """``q``: an empty queue with a long idempotency window. A request put again (same model, request id, item
+    positions and inputs) stores nothing and gets the earlier ids, item for item; anything else is stored."""
+    first = q.put(retried("r1"))
+    assert all(first) and len(set(first)) == 3
+    assert q.put(retried("r1")) == first
+    assert q.put(retried("r1", items=(5, 0))) == [first[2], first[0]]  # fewer items, other order: item for item
+    s = q.stats()
+    assert (s.size, s.accepted) == (3, 3)
+    # not retries: another request id, none, another model, other inputs, an item position not stored before
+    fresh = [q.put(retried("r2")), q.put(retried("")), q.put(retried(""))] + [q.put(retried("r1", model="cifar"))]
+    fresh += [q.put(retried("r1", seed=100)), q.put(retried("r1", items=(0, 2, 7)))]
+    ids = [i for put in fresh for i in put]
+    assert all(ids) and len(set(ids)) == len(ids) and set(ids).isdisjoint(first)
+    assert q.stats().size == 3 + len(ids)
+    assert q.put(retried("r2")) == fresh[0]
+    assert q.put(retried("r1", model="cifar")) == fresh[3]
+    # the latest records of a request id answer for it: item 0 is now the one stored with items (0, 2, 7)
+    assert q.put(retried("r1", items=(0, 2, 7))) == fresh[5]
+    # a request and its copy in one put: the copy gets the first's ids
+    both = q.put(retried("r3") + retried("r3"))
+    assert both[3:] == both[:3] and len(set(both)) == 3
+    # records that are gone (harvested, purged) answer for no retry: it is stored again
+    assert q.mark_sent(fresh[0]) == 3 and q.purge_sent() == 3
+    again = q.put(retried("r2"))
+    assert all(again) and set(again).isdisjoint(fresh[0]) and q.put(retried("r2")) == again
+    assert [r.id for r in q.get(again)] == again and [r.decision["item"] for r in q.get(again)] == [0, 2, 5]
+
+
+def check_the_retry_window(make) -> None:
+    """``make(window_s)``: an empty queue with that idempotency window. After the window, or with 0, a request put
+    again is stored again."""
+    q = make(1.0)
+    first = q.put(retried("r1"))
+    assert q.put(retried("r1")) == first
+    time.sleep(1.2)
+    later = q.put(retried("r1"))
+    assert all(later) and set(later).isdisjoint(first) and q.stats().size == 6
+    q.close()
+    q = make(0)
+    first = q.put(retried("r1"))
+    second = q.put(retried("r1"))
+    assert all(second) and set(second).isdisjoint(first) and q.stats().size == 6
+    q.close()
 
 
 def test_roundtrip_of_arrays_and_metadata(tmp_path):
@@ -757,3 +812,46 @@ def test_a_failed_put_leaves_no_carried_count(tmp_path, monkeypatch):
     assert queue._size_seen is None
     monkeypatch.undo()
     assert all(queue.put([record(2)])) and queue.put([record(3)]) == [None] and queue.stats().size == 2
+
+
+def test_a_retried_request_is_stored_once(tmp_path):
+    q = SQLiteQueue(tmp_path / "q.sqlite", idempotency_window_s=600)
+    check_retried_requests_are_stored_once(q)
+    plan = q._db.execute("EXPLAIN QUERY PLAN SELECT r.id FROM requests q JOIN records r ON r.request_ref = q.ref "
+                         "WHERE q.request_id IN ('r1', 'r2') AND q.stored >= 0").fetchall()
+    assert "requests_request_id" in " ".join(row[-1] for row in plan)  # no scan of the requests
+    q.close()
+
+
+def test_a_retry_after_the_window_is_stored_again(tmp_path):
+    made = []
+
+    def make(window_s):
+        made.append(SQLiteQueue(tmp_path / f"q{len(made)}.sqlite", idempotency_window_s=window_s))
+        return made[-1]
+
+    check_the_retry_window(make)
+
+
+def test_a_file_without_request_times_gets_them_and_its_requests_answer_no_retry(tmp_path):
+    path = tmp_path / "q.sqlite"
+    q = SQLiteQueue(path, idempotency_window_s=600)
+    first = q.put(retried("r1"))
+    q.close()
+    with sqlite3.connect(path) as db:  # the layout before request rows had a stored time
+        db.execute("DROP INDEX requests_request_id")
+        db.execute("ALTER TABLE requests DROP COLUMN stored")
+    db.close()
+    q = SQLiteQueue(path, idempotency_window_s=600)
+    second = q.put(retried("r1"))  # its first copy has no stored time: not within any window
+    assert all(second) and set(second).isdisjoint(first) and q.put(retried("r1")) == second
+    q.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT COUNT(*) FROM requests WHERE stored IS NULL").fetchone()[0] == 1
+        assert db.execute("SELECT name FROM sqlite_master WHERE name = 'requests_request_id'").fetchone()
+    db.close()
+    with pytest.raises(ValueError, match="idempotency_window_s"):
+        SQLiteQueue(path, idempotency_window_s=-1)
+    q = SQLiteQueue(path)  # the default: no check
+    assert set(q.put(retried("r1"))).isdisjoint(second)
+    q.close()
