@@ -123,6 +123,16 @@ def save_npz(path: Path, **arrays: np.ndarray) -> None:
     os.replace(staged_file(path, write), path)
 
 
+@dataclass(frozen=True)
+class _Imported:
+    """What the import keeps of a queue record: its id, model, version and image (the input, unnormalised)."""
+
+    id: str
+    model: str
+    version: int
+    image: np.ndarray
+
+
 def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, policy: str = "new-classes",
                   strict: bool = False, not_relevant_out: Path | None = None, model: str | None = None) -> ImportSummary:
     """Join an export's labels with the queue's records into a training dataset of one model: ``model`` picks it
@@ -135,12 +145,21 @@ def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, po
         raise ValueError(f"{labels_path} ({export.format}): no labels found: {export.rows} task(s)/row(s), none "
                          "with a label" + (f" ({export.cancelled} only cancelled)" if export.cancelled else ""))
     entries = export.entries
-    records = []
+    calibrations = CalibrationCache(repository)
+    preprocessings: dict[tuple[str, int], Preprocessing] = {}
+
+    def image_of(record) -> np.ndarray:
+        key = (record.model, record.version)
+        if key not in preprocessings:
+            preprocessings[key] = Preprocessing.from_dict(calibrations.get(*key).model["preprocessing"])
+        return preprocessings[key].invert(record.input)
+
+    records = []  # each record as its image: a million records' arrays and scores would not fit in memory
     ids = list(entries)
     with bars.bar(total=len(ids), desc="labels import: read records", unit="record") as progress:
         for start in range(0, len(ids), READ_CHUNK):  # chunks: a bounded statement per read, and a moving bar
             chunk = ids[start:start + READ_CHUNK]
-            records.extend(queue.get(chunk))
+            records.extend(_Imported(r.id, r.model, r.version, image_of(r)) for r in queue.get(chunk))
             progress.update(len(chunk))
     found = {r.id for r in records}
     missing = [i for i in entries if i not in found]
@@ -159,7 +178,6 @@ def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, po
     elif len(models) > 1:
         raise ValueError(f"{labels_path}: the labeled records are of {len(models)} models ({models}); a dataset is "
                          "of one model: give --model NAME")
-    calibrations = CalibrationCache(repository)
     newest = max(records, key=lambda r: r.version)
     harvested_for: dict[str, list[str]] = {}  # model -> class names of its newest version in the repository
 
@@ -182,10 +200,6 @@ def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, po
     not_relevant = 0
     outlier_images, outlier_ids = [], []
 
-    def image_of(record) -> np.ndarray:
-        preprocessing = Preprocessing.from_dict(calibrations.get(record.model, record.version).model["preprocessing"])
-        return preprocessing.invert(record.input)
-
     for record in bars.track(records, desc="labels import: join labels", unit="record"):
         entry = entries[record.id]
         known = choices(record)
@@ -194,7 +208,7 @@ def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, po
             if label == NOT_RELEVANT:
                 not_relevant += 1
                 if not_relevant_out is not None:
-                    outlier_images.append(image_of(record))
+                    outlier_images.append(record.image)
                     outlier_ids.append(record.id)
                 continue
             if label == NEW_CLASS:
@@ -209,7 +223,7 @@ def import_labels(labels_path: Path, queue, repository: Path, out_path: Path, po
         # a class of neither the newest version nor the record's own one is new: the policy decides its name
         if label not in class_names and label not in known:
             label = label if policy == "new-classes" else UNKNOWN
-        images.append(image_of(record))
+        images.append(record.image)
         names.append(label)
         ids.append(record.id)
     if errors:
