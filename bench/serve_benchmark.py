@@ -61,6 +61,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import platform
@@ -230,7 +231,7 @@ class Traffic:
 
     def request(self, i: int, flagged: bool = False):
         """The gateway's ``PredictRequest`` of input ``i`` (of the flagged inputs with ``flagged``): a float32
-        batch-1 tensor, request id ``bench-<i>``."""
+        batch-1 tensor, request id ``bench-<i>`` (a gateway call gives each send an id of its own)."""
         from oodguard.serve.v1 import oodguard_pb2 as pb
 
         x = (self.flagged_inputs if flagged else self.inputs)[i]
@@ -562,10 +563,16 @@ class Drivers:
                                      for _ in range(self.n_channels)]
         stubs = [pb_grpc.OODGuardStub(channel) for channel in self.channels[target]]
         requests, queued = self.gateway_requests[flagged], pb.QUEUED
+        sent = itertools.count()
 
         async def call(i: int, w: Window) -> None:
+            # a request id of its own per call: the gateway answers a repeated (request id, input) from the ids it
+            # stored for the first (a retry), which would skip the queue writes this measures
+            request = pb.PredictRequest()
+            request.CopyFrom(requests[i])
+            request.request_id = f"bench-{next(sent)}"
             # by input index: at c=64 caller k always gets channel k % channels; at c=1 the calls rotate over them
-            response = await stubs[i % len(stubs)].Predict(requests[i], timeout=30)
+            response = await stubs[i % len(stubs)].Predict(request, timeout=30)
             if response.predictions[0].queue_status == queued:
                 w.queued += 1
         return call
