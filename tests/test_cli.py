@@ -257,7 +257,9 @@ def test_ctrl_c_in_train_is_one_line_and_writes_nothing(tmp_path):
     with open(tmp_path / "stderr", "w+") as stderr:
         process = subprocess.Popen([sys.executable, "-m", "oodguard.cli", "train", "--data", "digits", "--epochs",
                                     "50", "--out", str(out_dir)], stdout=subprocess.PIPE, stderr=stderr, text=True,
-                                   env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                   env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                   # as from a terminal, even when this run was started with SIGINT ignored (nohup)
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             lines = []
             for line in process.stdout:  # wait for the first epoch's line, whatever it takes

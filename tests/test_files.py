@@ -25,12 +25,17 @@ def test_staged_file_is_beside_the_final_name_and_removed_on_error(tmp_path):
 
 def test_a_ctrl_c_inside_the_block_takes_effect_after_it(tmp_path):
     done = []
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts_deferred():
-            os.kill(os.getpid(), signal.SIGINT)  # delivered now, held back
-            done.append("rest of the block")
+    # Python's own handler, as from a terminal, even when this run was started with SIGINT ignored (nohup)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                os.kill(os.getpid(), signal.SIGINT)  # delivered now, held back
+                done.append("rest of the block")
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
+    finally:
+        signal.signal(signal.SIGINT, previous)
     assert done == ["rest of the block"]
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handler is back
 
 
 def test_replace_together_moves_every_pair(tmp_path):
