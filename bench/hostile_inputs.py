@@ -869,43 +869,67 @@ def attack_vectors() -> list[Vector]:
     ]
 
 
+#: the good-traffic client: a process of its own, so that the hostile senders' work in this process (building
+#: and sending 16 MB bodies) never shows up as gateway latency. argv: target, body files, result file
+GOOD_CLIENT = """
+import json, signal, sys, time
+import grpc
+target, png, uint8, out = sys.argv[1:5]
+bodies = [open(png, "rb").read(), open(uint8, "rb").read()]
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+channel = grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+call = channel.unary_unary("/oodguard.v1.OODGuard/Predict")
+ms, codes, errors = [], [], []
+i = 0
+while not stop:
+    started = time.perf_counter()
+    try:
+        call(bodies[i % 2], timeout=DEADLINE)
+        codes.append("OK")
+    except grpc.RpcError as exc:
+        codes.append(exc.code().name)
+        errors.append(f"{exc.code().name}: {(exc.details() or '')[:120]}")
+    ms.append((time.perf_counter() - started) * 1e3)
+    if i == 0:
+        print("ready", flush=True)
+    i += 1
+    time.sleep(0.005)
+json.dump({"ms": ms, "codes": codes, "errors": errors}, open(out, "w"))
+""".replace("DEADLINE", repr(GOOD_DEADLINE_S))
+
+
 class GoodTraffic:
-    """Good requests one after the other (PNG and uint8 alternately) on a connection of their own, each
-    latency kept, until stopped."""
+    """Good requests one after the other (PNG and uint8 alternately) from a client process of its own, each
+    latency kept, from entering the context until leaving it."""
 
-    def __init__(self, gw: GatewayProcess, inp: Inputs, tally: Tally):
-        import grpc
-
-        self.inp, self.tally = inp, tally
-        self.channel = grpc.insecure_channel(gw.target, options=CLIENT_OPTIONS + [("grpc.use_local_subchannel_pool", 1)])
-        health_status(self.channel)
+    def __init__(self, gw: GatewayProcess, inp: Inputs, tally: Tally, work: Path):
+        self.gw, self.tally, self.work = gw, tally, work
+        self.bodies = []
+        for name, request in (("good-png.bin", inp.good_png()), ("good-uint8.bin", inp.good_uint8())):
+            path = work / name
+            path.write_bytes(request.SerializeToString())
+            self.bodies.append(str(path))
         self.ms: list[float] = []
         self.errors: list[str] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def _run(self) -> None:
-        calls = [_call(self.inp.good_png()), _call(self.inp.good_uint8())]
-        i = 0
-        while not self._stop.is_set():
-            outcome = invoke(self.channel, calls[i % 2], timeout=GOOD_DEADLINE_S)
-            self.tally.add(outcome.code)
-            self.ms.append(outcome.ms)
-            if outcome.code != "OK":
-                self.errors.append(f"{outcome.code}: {outcome.details[:120]}")
-            i += 1
-            time.sleep(0.005)
+        self._process: subprocess.Popen | None = None
 
     def __enter__(self) -> "GoodTraffic":
-        self.ms, self.errors = [], []
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._run, name="good-traffic", daemon=True)
-        self._thread.start()
+        self._out = self.work / "good-traffic.json"
+        self._out.unlink(missing_ok=True)
+        self._process = subprocess.Popen([sys.executable, "-c", GOOD_CLIENT, self.gw.target, *self.bodies,
+                                          str(self._out)], stdout=subprocess.PIPE, text=True)
+        if self._process.stdout.readline().strip() != "ready":  # its first call answered: traffic is flowing
+            raise RuntimeError(f"the good-traffic client exited with {self._process.wait()} before its first call")
         return self
 
     def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
+        self._process.terminate()
+        self._process.wait(GOOD_DEADLINE_S + 10)
+        result = json.loads(self._out.read_text())
+        self.ms, self.errors = result["ms"], result["errors"]
+        for code in result["codes"]:
+            self.tally.add(code)
 
     def summary(self) -> dict:
         ms = np.asarray(self.ms or [0.0])
@@ -914,7 +938,8 @@ class GoodTraffic:
                 "worst_ms": round(float(ms.max()), 1)}
 
     def close(self) -> None:
-        self.channel.close()
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
 
 
 def quiet_latency(good: GoodTraffic, seconds: float) -> dict:
@@ -964,8 +989,8 @@ def vector_phase(gw: GatewayProcess, inp: Inputs, vector: Vector, senders: int, 
     return result
 
 
-def vectors_part(gw: GatewayProcess, inp: Inputs, rounds: int, quiet_s: float, tally: Tally) -> dict:
-    good = GoodTraffic(gw, inp, tally)
+def vectors_part(gw: GatewayProcess, inp: Inputs, rounds: int, quiet_s: float, tally: Tally, work: Path) -> dict:
+    good = GoodTraffic(gw, inp, tally, work)
     try:
         quiet = quiet_latency(good, quiet_s)
         log(f"good traffic alone: {quiet['sent']} calls, p99 {quiet['p99_ms']} ms, worst {quiet['worst_ms']} ms")
@@ -1615,7 +1640,7 @@ def run(args: argparse.Namespace) -> dict:
             bomb_phase("8 requests of 64 bombs at once", main, inp, 8, 64, args.bomb_rounds, args.good_requests,
                        tallies["main"]),
         ]
-        vectors = vectors_part(main, inp, args.vector_rounds, args.quiet_seconds, tallies["main"])
+        vectors = vectors_part(main, inp, args.vector_rounds, args.quiet_seconds, tallies["main"], work)
         burst = burst_phase(main, inp, args.burst, args.burst_items, tallies["main"])
         redis_pause = (redis_pause_part(repository, work, args.serve_arg, inp, args.redis_pause_s)
                        if args.redis_pause_s > 0 else {"skipped": "--redis-pause-s 0"})

@@ -74,6 +74,10 @@ class Snapshot:
         served = self.versions.get(model)
         return served[max(served)] if served else None
 
+    def largest_batch(self) -> int:
+        """The largest batch any served version takes (0 while none is served)."""
+        return max((s.max_batch for versions in self.versions.values() for s in versions.values()), default=0)
+
 
 def _stamp(path: Path) -> object:
     try:

@@ -149,8 +149,8 @@ class OODGuardService:
         self._bad_log = RateLimitedLog(log, BAD_REQUEST_LOG_INTERVAL_S)
         #: id(thresholds array of a version's decision rule) -> (that array, its Decision template)
         self._templates: dict[int, tuple[np.ndarray, pb.Decision]] = {}
-        settings = gateway.settings  # no request may hold more items than can ever be admitted
-        self._predict_schema = predict_schema(settings.max_inflight_items, MAX_METADATA_ENTRIES, MAX_TENSOR_DIMS)
+        #: the wire bounds of a Predict body, by the largest batch a served model takes (it changes with reloads)
+        self._predict_schemas: dict[int, Schema] = {}
 
     def handler(self) -> grpc.GenericRpcHandler:
         """The service's gRPC handler; request bodies arrive as bytes (:meth:`Predict` and :meth:`ModelInfo`
@@ -170,6 +170,15 @@ class OODGuardService:
         self.gw.metrics.bad_request(reason)
         self._bad_log.warning("bad request (%s, %s): %s", reason, code.name, message)
         return Refusal(code, message)
+
+    def _predict_schema(self) -> Schema:
+        """No request may hold more images than the largest batch a served model takes (nor, with none served,
+        more than can ever be admitted)."""
+        most = self.gw.registry.snapshot.largest_batch() or self.gw.settings.max_inflight_items
+        schema = self._predict_schemas.get(most)
+        if schema is None:
+            schema = self._predict_schemas[most] = predict_schema(most, MAX_METADATA_ENTRIES, MAX_TENSOR_DIMS)
+        return schema
 
     def _parse(self, raw: bytes, message, schema: Schema) -> None:
         """Parse ``raw`` into the empty ``message``; a body that repeats a field above ``schema``'s bounds
@@ -217,7 +226,7 @@ class OODGuardService:
         gw.active_requests += 1
         self.inflight_bytes += size
         try:
-            self._parse(raw, request, self._predict_schema)
+            self._parse(raw, request, self._predict_schema())
             return await self._predict(request, context)
         finally:
             gw.active_requests -= 1

@@ -37,6 +37,8 @@ class Bound:
     most: int
     inner: "Schema | None" = None
     packed_bytes: int | None = None
+    #: what ``most`` is, for the refusal's message
+    why: str = "no valid request has more"
 
 
 @dataclass(frozen=True)
@@ -48,12 +50,15 @@ class Schema:
 
 
 def predict_schema(max_items: int, max_metadata_entries: int, max_tensor_dims: int) -> Schema:
-    """The bounds of an ``oodguard.v1.PredictRequest`` (field numbers from ``oodguard.proto``)."""
-    tensor = Schema("Tensor", {2: Bound("tensor.shape", max_tensor_dims, packed_bytes=10 * max_tensor_dims)})
-    images = Schema("EncodedImages", {1: Bound("images", max_items)})
+    """The bounds of an ``oodguard.v1.PredictRequest`` (field numbers from ``oodguard.proto``); ``max_items``:
+    the largest batch a served model takes."""
+    tensor = Schema("Tensor", {2: Bound("tensor.shape", max_tensor_dims, packed_bytes=10 * max_tensor_dims,
+                                        why="inputs have at most that many dimensions")})
+    images = Schema("EncodedImages", {1: Bound("images", max_items, why="the largest batch a served model takes; "
+                                                                       "split the request")})
     return Schema("PredictRequest", {1: Bound("tensor (the message)", OTHER_FIELDS, tensor),
                                      2: Bound("images (the message)", OTHER_FIELDS, images),
-                                     6: Bound("metadata", max_metadata_entries)})
+                                     6: Bound("metadata", max_metadata_entries, why="the metadata entry limit")})
 
 
 MODEL_INFO_SCHEMA = Schema("ModelInfoRequest")
@@ -95,7 +100,8 @@ def _count(counts: dict, schema: Schema, number: int, bound: Bound | None, add: 
     most = bound.most if bound else OTHER_FIELDS
     if seen > most:
         what = f"field {bound.name!r}" if bound else f"{schema.name} fields other than the repeated ones"
-        raise TooManyFields(f"request body holds more than {most} occurrences of {what}; no valid request does")
+        why = bound.why if bound else "no valid request has more"
+        raise TooManyFields(f"request body holds more than {most} occurrences of {what} ({why})")
 
 
 def _walk(buf: memoryview, schema: Schema, counts: dict, pos: int = 0, end: int | None = None) -> None:
@@ -117,7 +123,7 @@ def _walk(buf: memoryview, schema: Schema, counts: dict, pos: int = 0, end: int 
             if bound is not None and bound.packed_bytes is not None:
                 if size > bound.packed_bytes:
                     raise TooManyFields(f"request body holds a packed {bound.name!r} of {size} bytes: more than "
-                                        f"{bound.most} values")
+                                        f"{bound.most} values ({bound.why})")
                 values = sum(1 for byte in buf[pos:pos + size] if byte < 0x80)
                 _count(counts, schema, number, bound, values)
             else:

@@ -307,7 +307,7 @@ def test_bodies_repeating_a_field_millions_of_times_are_refused_before_parsing(g
     assert all(len(a.predictions) == 1 for a in answers)
     assert [e.code() for e in errors] == [grpc.StatusCode.INVALID_ARGUMENT] * 3
     assert "'tensor.shape'" in errors[0].details() and "'metadata'" in errors[1].details()
-    assert "more than 8192 occurrences of field 'images'" in errors[2].details()
+    assert "more than 64 occurrences of field 'images' (the largest batch a served model takes" in errors[2].details()
     assert metric(gateway, "oodguard_bad_requests_total", reason="too_many_fields") == 3
 
 
