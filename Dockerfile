@@ -20,6 +20,7 @@ RUN pip install --no-cache-dir --require-hashes -r locks/build.txt
 COPY pyproject.toml README.md ./
 COPY oodguard ./oodguard
 COPY export ./export
+COPY queues ./queues
 COPY serve ./serve
 COPY clients ./clients
 COPY harvest ./harvest

@@ -59,8 +59,8 @@ def fill_queue(path: Path, rows: int, repository: Path) -> tuple[list[str], list
     """``rows`` records of model digits version 1 in a new SQLite queue: (their ids, the model's class names,
     seconds)."""
     from oodguard.calibration import Calibration
-    from oodguard.serve.queue import NewRecord
-    from oodguard.serve.sqlite_queue import SQLiteQueue
+    from oodguard.queues.base import NewRecord
+    from oodguard.queues.sqlite import SQLiteQueue
 
     calibration = Calibration.load(repository / "digits" / "1" / "calibration.json")
     classes = list(calibration.class_names)

@@ -312,7 +312,7 @@ def accuracy(version_dir: Path, data: Data, known: list[int]) -> dict:
 
 def read_queue(queue_path: Path, read):
     """``read(queue)`` on the gateway's existing SQLite queue (opened read-write, never created), closed after."""
-    from oodguard.serve.sqlite_queue import SQLiteQueue
+    from oodguard.queues.sqlite import SQLiteQueue
 
     queue = SQLiteQueue(queue_path, create=False)
     try:

@@ -420,7 +420,7 @@ def labels_path(queue_path: Path) -> Path:
 
 
 def _records(x: np.ndarray, outputs: dict, score_names, version: int, threshold: float, tags: list[str], sampled=None):
-    from oodguard.serve.queue import NewRecord
+    from oodguard.queues.base import NewRecord
 
     score_rows = np.stack([outputs[s] for s in score_names], axis=1).astype(np.float64).tolist()
     records = []
@@ -441,7 +441,7 @@ def fill_queue(queue_path: Path, version: int, pool_x: np.ndarray, unlabeled: np
     and a ``sample_fraction`` of the others drawn with ``rng`` (``"flagged"``) — plus the labeled records as
     ``sent`` and their labels file (:func:`labels_path`); returns pending record id → pool index."""
     from oodguard.calibration import Calibration
-    from oodguard.serve.sqlite_queue import SQLiteQueue
+    from oodguard.queues.sqlite import SQLiteQueue
 
     threshold = Calibration.load(cal_path).thresholds["sisome"].threshold
     keep = np.ones(len(unlabeled), bool)
@@ -506,7 +506,7 @@ def round_zero(split: Split, seed: int, work: Path, prep: Preproc, test, args) -
 def run_strategy(strategy: str, seed: int, split: Split, zero: RoundZero, work: Path, prep: Preproc, test, args) -> Run:
     from oodguard.harvest.job import run_harvest
     from oodguard.repository import CALIBRATION_FILE, version_dir
-    from oodguard.serve.sqlite_queue import SQLiteQueue
+    from oodguard.queues.sqlite import SQLiteQueue
 
     start = time.perf_counter()
     folder = work / f"seed{seed}" / strategy

@@ -6,11 +6,11 @@ is the median over ``--rounds``, and a ratio is taken within each round before t
 * **store**: CPU seconds of the writing thread per record (``time.thread_time``: the figure that barely moves
   with other jobs on the machine) and wall time, for ``SQLiteQueue.put_prepared`` of ``--records-per-put``
   records on a queue already holding ``--prefill`` records, with the product's record ids (UUIDv7 in increasing
-  order, :func:`oodguard.serve.queue.new_record_ids`) against random uuid4 ids (what the ids were before). Each
+  order, :func:`oodguard.queues.base.new_record_ids`) against random uuid4 ids (what the ids were before). Each
   alternative writes its own queue file, prefilled with its own kind of ids.
-* **pack**: microseconds per packed array, :func:`oodguard.serve.sqlite_queue.stored_zlib` against
+* **pack**: microseconds per packed array, :func:`oodguard.queues.codec.stored_zlib` against
   ``zlib.compress(data, 0)`` (the same bytes), on a 28x28 float32 input.
-* **decision JSON**: microseconds per record for one put's decisions, :func:`oodguard.serve.queue.decisions_json`
+* **decision JSON**: microseconds per record for one put's decisions, :func:`oodguard.queues.base.decisions_json`
   (a shared thresholds dict encoded once) against ``json.dumps`` of each.
 
 The records are what the digits demo's gateway queues: a [1, 28, 28] float32 input, 10 logits, 84 features and
@@ -35,9 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from oodguard.serve import sqlite_queue
-from oodguard.serve.queue import NewRecord, decisions_json
-from oodguard.serve.sqlite_queue import SQLiteQueue, stored_zlib
+from oodguard.queues import sqlite as sqlite_queue
+from oodguard.queues.base import NewRecord, decisions_json
+from oodguard.queues.codec import pack_array, stored_zlib
+from oodguard.queues.sqlite import SQLiteQueue
 
 SCORES = ("sisom", "sisome", "energy", "msp", "maxlogit", "knn", "cluster", "gradnorm", "fused", "sisom_ml",
           "sisome_ml")
@@ -126,7 +127,7 @@ def per_call_us(fn, calls: int) -> float:
 def main(argv=None) -> int:
     args = parse_args(argv)
     records = make_records(args.records_per_put)
-    data = sqlite_queue.pack_array(records[0].input)  # the bytes a packed input frames (header + pixels)
+    data = pack_array(records[0].input)  # the bytes a packed input frames (header + pixels)
     raw = zlib.decompress(data)
     decisions = [r.decision for r in records]
     print(f"load average before: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)", flush=True)

@@ -1,6 +1,6 @@
 """Harvest: choose which queued items go to labeling.
 
-A harvest reads records from the active-learning queue (:mod:`oodguard.serve.queue`), turns them into a
+A harvest reads records from the active-learning queue (:mod:`oodguard.queues.base`), turns them into a
 :class:`Pool` of arrays (ids, features, logits, scores) and asks a selection strategy for ``budget`` of
 them. Strategies see arrays only, never the storage, and all share one signature::
 

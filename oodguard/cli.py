@@ -342,7 +342,7 @@ def _harvest_queue(url: str):
     on exit."""
     import tempfile
 
-    from oodguard.serve.queue_factory import open_queue
+    from oodguard.queues.factory import open_queue
 
     with tempfile.TemporaryDirectory(prefix="oodguard-harvest-") as spool_dir:
         queue = open_queue(url, spool_path=Path(spool_dir) / "spool", create=False)

@@ -24,7 +24,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-#: the record states of :mod:`oodguard.serve.queue` (not imported here: building the parser imports no numpy)
+#: the record states of :mod:`oodguard.queues.base` (not imported here: building the parser imports no numpy)
 STATES = ("pending", "claimed", "sent")
 
 #: contact sheet tiles: the image box (``--tile-size``) plus this margin on each side and the caption below it
@@ -190,7 +190,7 @@ def _add_filters(parser, *, limit: int | None, limit_help: str = "", state: bool
 # -- running -------------------------------------------------------------------------------------------------
 def run_queue(args: argparse.Namespace) -> int:
     from oodguard.cli import _harvest_queue
-    from oodguard.serve.queue import QueueError
+    from oodguard.queues.base import QueueError
 
     try:
         with _harvest_queue(args.queue) as queue:
@@ -387,7 +387,7 @@ def tile_shape(tile_size: int) -> tuple[int, int]:
 
 def short_ids(ids: list[str], least: int = 8) -> list[str]:
     """Captions for these record ids: the shortest common length of their ends, at least ``least`` characters,
-    that tells all of them apart. Ends, not starts: ids are UUIDv7 (:func:`oodguard.serve.queue.new_record_ids`),
+    that tells all of them apart. Ends, not starts: ids are UUIDv7 (:func:`oodguard.queues.base.new_record_ids`),
     whose first 12 hex digits are the millisecond they were queued and the next 4 its fraction, so the records of
     one request share their first 16 digits; the last 15 digits are random (and uuid4 ids, random throughout,
     differ at their ends too)."""

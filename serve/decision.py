@@ -122,7 +122,7 @@ class Decisions:
     (a score is not finite) and ``out_of_range`` (the input is outside the model's range) are ``[B]``.
     ``driver_columns``: the columns of the fused score's components when ``fused`` decides (else empty).
     ``threshold_map``: ``thresholds`` as a name -> value dict, one object that every verdict of the rule shares
-    (read-only: the query queue encodes it once per write, see :func:`oodguard.serve.queue.decisions_json`). A
+    (read-only: the query queue encodes it once per write, see :func:`oodguard.queues.base.decisions_json`). A
     sequence of :class:`Verdict` (``len``, ``[i]``, iteration); ``[start:stop]`` is the :class:`Decisions` of
     those rows (views, no copies)."""
 

@@ -96,7 +96,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from .backend import BackendUnavailable, DeadlineExceeded, ModelNotFound
-from .queue import QueryQueue, QueueError, QueueStats
+from oodguard.queues.base import QueryQueue, QueueError, QueueStats
 
 if TYPE_CHECKING:  # pragma: no cover
     from oodguard.calibration import ScoreThreshold

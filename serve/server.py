@@ -6,7 +6,7 @@ The service's handlers live in :mod:`oodguard.serve.service`, input parsing and 
 of one version, :mod:`oodguard.serve.batching`), decides it with the version's thresholds (failing closed
 on unscorable items and inputs outside the model's range, :mod:`oodguard.serve.decision`), counts it once,
 and writes the flagged (and sampled) items of the requests of a micro-batch to the query queue in one write
-(:mod:`oodguard.serve.queue_writer`) before answering them. Never imports torch.
+(:mod:`oodguard.queues.writer`) before answering them. Never imports torch.
 """
 
 from __future__ import annotations
@@ -30,9 +30,9 @@ from .inputs import InputLimits
 from .listen import ensure_port_free, port_in_use_message
 from .memory import MemoryTrimmer
 from .metrics import GatewayMetrics
-from .queue import NewRecord, QueryQueue, QueueError
-from .queue_factory import describe_url
-from .queue_writer import QueueWriter
+from oodguard.queues.base import NewRecord, QueryQueue, QueueError
+from oodguard.queues.factory import describe_url
+from oodguard.queues.writer import QueueWriter
 from .registry import Registry, ServedVersion, describe
 from .service import SERVICE_NAME, ImageDecoder, OODGuardService
 from .settings import Settings
@@ -91,7 +91,7 @@ def build_backend(settings: Settings) -> Backend:
 def build_queue(settings: Settings, worker: WorkerSlot | None = None) -> QueryQueue:
     """The queue named by ``settings.queue_url`` (else the SQLite file ``settings.queue_path``); a worker's own
     spool file for a Redis queue."""
-    from .queue_factory import open_queue
+    from oodguard.queues.factory import open_queue
 
     slot = worker or WorkerSlot(0, 1)
     return open_queue(settings.effective_queue_url, max_size=settings.queue_max_size,

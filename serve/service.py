@@ -32,7 +32,7 @@ from .batching import BatchDeadlineExceeded
 from .decision import PolicyError
 from .inputs import (MAX_METADATA_ENTRIES, MAX_TENSOR_DIMS, Abandoned, InputError, InputLimits, check_batch,
                      check_request_fields, decode_images, is_float_tensor, item_count, open_images, quote, tensor_input)
-from .queue import QueueError
+from oodguard.queues.base import QueueError
 from .registry import NothingServed, ServedVersion, UnknownModel
 from .v1 import oodguard_pb2 as pb
 from .wire import MODEL_INFO_SCHEMA, Schema, TooManyFields, check_fields, predict_schema
@@ -45,7 +45,7 @@ log = logging.getLogger("oodguard.serve")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["OODGuard"].full_name  # "oodguard.v1.OODGuard"
 DEFAULT_TOP_K = 3
-#: a queue record id (32 hex digits, :func:`oodguard.serve.queue.new_record_ids`) as long as the real ones: the
+#: a queue record id (32 hex digits, :func:`oodguard.queues.base.new_record_ids`) as long as the real ones: the
 #: reply's size is measured with it in place
 RECORD_ID_PLACEHOLDER = "0" * 32
 #: at most one log line per this many seconds for bad requests (the rest are counted in the metrics)

@@ -178,7 +178,7 @@ class Settings:
                 raise bad("queue_url", f"expected sqlite:///PATH (relative to the working directory), "
                                        f"sqlite:////ABSOLUTE/PATH or redis://HOST:PORT/DB, got {self.queue_url!r}")
             if scheme == "sqlite":
-                from .queue_factory import sqlite_path
+                from oodguard.queues.factory import sqlite_path
 
                 try:
                     sqlite_path(self.queue_url)

@@ -17,8 +17,8 @@ from PIL import Image
 from oodguard.cli import build_parser, main
 from oodguard.preprocess import Preprocessing
 from oodguard.queue_cli import STATES, TILE_PAD, parse_time, short_ids, tile_shape
-from oodguard.serve.queue import STATES as QUEUE_STATES
-from oodguard.serve.queue import NewRecord, new_record_ids
+from oodguard.queues.base import STATES as QUEUE_STATES
+from oodguard.queues.base import NewRecord, new_record_ids
 
 DAY = 86400.0
 
@@ -347,7 +347,7 @@ def test_every_option_explains_itself_with_its_default(capsys):
 
 
 def test_the_commands_work_on_a_redis_queue(digits_export, redis_server, tmp_path, capsys):
-    from oodguard.serve.redis_queue import RedisQueue
+    from oodguard.queues.redis_streams import RedisQueue
 
     queue, truth, repository = filled_queue(digits_export, None, per_kind=3,
                                             queue=RedisQueue(redis_server.url, tmp_path / "spool"))

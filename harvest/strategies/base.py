@@ -78,7 +78,7 @@ class Pool:
     @classmethod
     def from_records(cls, records: Iterable[Any]) -> "Pool":
         """Build a pool from queue records (anything with ``id``, ``features``, ``logits``, ``scores``,
-        e.g. :class:`oodguard.serve.queue.QueueRecord`). A score missing from some records is NaN there
+        e.g. :class:`oodguard.queues.base.QueueRecord`). A score missing from some records is NaN there
         (NaN ranks last in every strategy)."""
         records = list(records)
         if not records:

@@ -10,7 +10,8 @@ from bench_scripts import load_bench
 
 def test_each_cell_writes_its_own_kind_of_ids_and_the_product_function_comes_back(tmp_path):
     bench = load_bench("queue_write_cost")
-    from oodguard.serve import queue, sqlite_queue
+    from oodguard.queues import base as queue
+    from oodguard.queues import sqlite as sqlite_queue
 
     records = bench.make_records(4)
     assert all(r.decision["thresholds"] is records[0].decision["thresholds"] for r in records)

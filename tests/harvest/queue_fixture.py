@@ -3,8 +3,8 @@ noise, each queued with what the gateway stores (model input, logits, features, 
 
 from oodguard.datasets import load_dataset
 from oodguard.evaluation import VersionScorer, uniform_noise
-from oodguard.serve.queue import NewRecord
-from oodguard.serve.sqlite_queue import SQLiteQueue
+from oodguard.queues.base import NewRecord
+from oodguard.queues.sqlite import SQLiteQueue
 
 KINDS = ("known", "unknown", "noise")
 

@@ -14,7 +14,7 @@ import pytest
 from oodguard.calibration import Calibration, ScoreThreshold
 from oodguard.harvest.export import ExportOptions, write_export
 from oodguard.harvest.label_studio import NEW_CLASS, NOT_RELEVANT, label_config
-from oodguard.serve.queue import QueueRecord
+from oodguard.queues.base import QueueRecord
 
 PREPROCESSING = {"channels": 1, "height": 4, "width": 4, "mean": [0.5], "std": [0.5]}
 CLASSES = {1: ["cat", "dog"], 2: ["cat", "dog", "fox & <hare>"]}

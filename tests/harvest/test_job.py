@@ -6,7 +6,7 @@ import pytest
 
 from oodguard.harvest.export import safe_file_name
 from oodguard.harvest.job import run_harvest
-from oodguard.serve.sqlite_queue import SQLiteQueue
+from oodguard.queues.sqlite import SQLiteQueue
 
 from .queue_fixture import filled_queue, queue_images
 
@@ -126,7 +126,7 @@ def test_file_names_never_come_from_raw_ids():
 
 
 def test_concurrent_harvests_against_redis_never_share_a_record(digits_export, tmp_path, redis_server):
-    from oodguard.serve.queue_factory import open_queue
+    from oodguard.queues.factory import open_queue
 
     def connect(name):
         return open_queue(f"{redis_server.url}?spool={tmp_path / name}.spool")

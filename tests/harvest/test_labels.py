@@ -218,7 +218,7 @@ def test_a_stale_record_may_take_a_class_of_the_version_it_was_harvested_for(dig
 
     from oodguard.datasets import load_dataset
     from oodguard.harvest.labels import import_labels
-    from oodguard.serve.sqlite_queue import SQLiteQueue
+    from oodguard.queues.sqlite import SQLiteQueue
 
     from .queue_fixture import queue_images
 

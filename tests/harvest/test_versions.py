@@ -12,7 +12,7 @@ from oodguard.datasets import load_dataset
 from oodguard.harvest.job import run_harvest
 from oodguard.harvest.versions import CalibrationCache, plan_pool
 from oodguard.onnx_runner import OnnxModel
-from oodguard.serve.sqlite_queue import SQLiteQueue
+from oodguard.queues.sqlite import SQLiteQueue
 
 from .queue_fixture import queue_images
 

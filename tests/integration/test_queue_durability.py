@@ -23,8 +23,8 @@ import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from oodguard.serve.redis_queue import DEFAULT_PREFIX
-from oodguard.serve.sqlite_queue import SQLiteQueue
+from oodguard.queues.redis_streams import DEFAULT_PREFIX
+from oodguard.queues.sqlite import SQLiteQueue
 from oodguard.serve.v1 import oodguard_pb2 as pb
 from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
 

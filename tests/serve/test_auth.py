@@ -12,7 +12,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from oodguard.serve.settings import Settings, SettingsError
-from oodguard.serve.sqlite_queue import SQLiteQueue
+from oodguard.queues.sqlite import SQLiteQueue
 from oodguard.serve.v1 import oodguard_pb2 as pb
 from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
 
@@ -207,9 +207,9 @@ def test_client_metadata_is_stored_as_data_only(start_gateway, repo_copy, tmp_pa
 
 
 def test_redis_queue_stores_odd_metadata_as_data(redis_server, tmp_path):
-    from oodguard.serve.redis_queue import RedisQueue
+    from oodguard.queues.redis_streams import RedisQueue
 
-    from .test_sqlite_queue import record
+    from queues.test_sqlite import record
 
     q = RedisQueue(redis_server.url, tmp_path / "spool", connect_retry_s=0.1)
     try:

@@ -22,7 +22,7 @@ from .conftest import free_port
 
 
 def test_serving_path_never_imports_torch():
-    code = ("import sys; import oodguard.serve.server, oodguard.serve.embedded, oodguard.serve.sqlite_queue, "
+    code = ("import sys; import oodguard.serve.server, oodguard.serve.embedded, oodguard.queues.sqlite, "
             "oodguard.serve.registry, oodguard.clients.demo_client, oodguard.cli; "
             "from oodguard.serve.server import Gateway; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")

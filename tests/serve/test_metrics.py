@@ -28,14 +28,14 @@ from oodguard.serve.decision import DecisionPolicy, DecisionRule
 from oodguard.serve.embedded import EmbeddedBackend
 from oodguard.serve.metrics import (BAD_REQUEST_REASONS, REFUSED_REASONS, GatewayMetrics, expected_flag_rates,
                                     score_buckets)
-from oodguard.serve.queue import LocalQueueState, QueryQueue, QueueError, QueueStats
-from oodguard.serve.redis_queue import RedisQueue
+from oodguard.queues.base import LocalQueueState, QueryQueue, QueueError, QueueStats
+from oodguard.queues.redis_streams import RedisQueue
 from oodguard.serve.v1 import oodguard_pb2 as pb
 from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
 
 from .conftest import free_port
 from .test_server import FlakyBackend, noise, tensor
-from .test_sqlite_queue import record
+from queues.test_sqlite import record
 
 
 def get(url: str, auth: str | None = None, context: ssl.SSLContext | None = None,

@@ -21,7 +21,7 @@ from oodguard.onnx_runner import OnnxModel
 from oodguard.preprocess import Preprocessing
 from oodguard.serve.backend import Backend, BackendUnavailable, DeadlineExceeded
 from oodguard.serve.embedded import EmbeddedBackend
-from oodguard.serve.sqlite_queue import unpack_array
+from oodguard.queues.codec import unpack_array
 from oodguard.serve.v1 import oodguard_pb2 as pb
 from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
 

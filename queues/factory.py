@@ -9,7 +9,7 @@
   redis-py, which takes the rest, e.g. ``socket_timeout``): ``key_prefix`` (default ``oodguard:queue``),
   ``inline_max_bytes`` (default 262144), ``spool`` (overrides ``spool_path``), ``put_timeout_s`` (default 0.5:
   the longest a put waits for Redis before it spools). Gateway worker ``i`` of
-  ``oodguard serve --workers N`` spools to its own file (:func:`~oodguard.serve.redis_queue.worker_spool_path`);
+  ``oodguard serve --workers N`` spools to its own file (:func:`~oodguard.queues.redis_streams.worker_spool_path`);
   worker 0 first takes over the spools of worker indexes ``>= N``.
 """
 
@@ -19,7 +19,7 @@ import os
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
-from .queue import DEFAULT_MAX_BYTES, QueryQueue
+from .base import DEFAULT_MAX_BYTES, QueryQueue
 
 SCHEMES = ("sqlite", "redis", "rediss")
 REDIS_QUEUE_PARAMS = ("key_prefix", "inline_max_bytes", "spool", "put_timeout_s")
@@ -69,10 +69,10 @@ def open_queue(url: str, *, max_size: int = 100_000, full_policy: str = "reject"
     exist is a :class:`FileNotFoundError` naming its absolute path, and nothing is created (a Redis queue
     needs no file). ``worker`` / ``workers``: this gateway worker's index and how many run (the Redis spool file).
     ``idempotency_window_s``: how long a request's records answer for a retry of it (0: off; see
-    :mod:`oodguard.serve.queue`; the gateway passes its setting)."""
+    :mod:`oodguard.queues.base`; the gateway passes its setting)."""
     scheme = url_scheme(url)
     if scheme == "sqlite":
-        from .sqlite_queue import SQLiteQueue
+        from .sqlite import SQLiteQueue
 
         path = sqlite_path(url)
         if not create and not path.exists():
@@ -80,7 +80,7 @@ def open_queue(url: str, *, max_size: int = 100_000, full_policy: str = "reject"
         return SQLiteQueue(path, max_size=max_size, full_policy=full_policy, max_bytes=max_bytes, create=create,
                            idempotency_window_s=idempotency_window_s)
 
-    from .redis_queue import (DEFAULT_INLINE_MAX_BYTES, DEFAULT_PREFIX, DEFAULT_PUT_TIMEOUT_S, RedisQueue,
+    from .redis_streams import (DEFAULT_INLINE_MAX_BYTES, DEFAULT_PREFIX, DEFAULT_PUT_TIMEOUT_S, RedisQueue,
                               adopt_orphan_spools, worker_spool_path)
 
     client_url, params = split_redis_url(url)

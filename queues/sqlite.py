@@ -3,8 +3,7 @@
 Layout:
 
 - ``records``: one row per item, ``seq`` (insertion order), ``id``, ``state``, ``flagged``, model, version,
-  time; the arrays (model input, logits, features) packed by :func:`pack_array` (zlib framing, stored
-  uncompressed: :func:`stored_zlib`); scores and decision as JSON text; ``bytes``: what the record counts
+  time; the arrays (model input, logits, features) packed by :func:`pack_array` (:mod:`oodguard.queues.codec`); scores and decision as JSON text; ``bytes``: what the record counts
   towards ``max_bytes`` (see below); ``request_ref``: the ``requests`` row holding its request id and
   metadata. Columns ``request_id`` / ``metadata`` hold them inline only in rows written before request rows
   existed (``request_ref`` NULL); newer rows write ``''`` / ``'{}'`` there (also for a record with neither,
@@ -25,7 +24,7 @@ so a request row counts once. A file of the first layout (no ``request_ref`` / `
 place when opened (:data:`UPGRADE`, then :data:`REQUESTS_STORED` and :data:`INDEXES`); a fresh file is made the
 same way.
 
-Idempotency (:mod:`oodguard.serve.queue`): a put's transaction reads, in one SELECT, the records stored within
+Idempotency (:mod:`oodguard.queues.base`): a put's transaction reads, in one SELECT, the records stored within
 ``idempotency_window_s`` whose request rows carry the request ids of its runs (:func:`request_runs`), and
 takes a run for a retry when every record of it finds a record of the same model, item position and packed
 input among them or among the records this transaction stored before it (the latest such record per item).
@@ -46,22 +45,18 @@ import logging
 import sqlite3
 import threading
 import time
-import struct
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 from urllib.parse import quote
 
-import numpy as np
+from .base import (CLAIMED, DEFAULT_MAX_BYTES, FULL_POLICIES, PENDING, SENT, STATES, DropLog, LocalQueueState, NewRecord,
+                   QueryQueue, QueueError, QueueRecord, QueueStats, RequestRun, SummaryRow, decisions_json, new_record_ids,
+                   request_runs)
+from .codec import group_requests, pack_array, request_bytes, unpack_array
 
-from .queue import (CLAIMED, DEFAULT_MAX_BYTES, PENDING, SENT, STATES, DropLog, LocalQueueState, NewRecord, QueryQueue,
-                    QueueError, QueueRecord, QueueStats, RequestRun, SummaryRow, decisions_json, new_record_ids,
-                    request_runs)
+log = logging.getLogger("oodguard.queues.sqlite")
 
-log = logging.getLogger("oodguard.serve.sqlite_queue")
-
-FULL_POLICIES = ("reject", "evict-oldest")
 
 # The first layout; :data:`UPGRADE` brings it (old files and fresh ones alike) to the current one.
 SCHEMA = """
@@ -112,81 +107,6 @@ COLUMNS = ("seq, id, time, model, version, flagged, state, input, logits, featur
            "metadata, request_ref")
 REF = 14  # index of request_ref in a row of COLUMNS
 
-
-ARRAY_DTYPES = ("<f4", "<f8", "|u1", "<i8")
-#: Packed arrays are zlib streams of *stored* (uncompressed) deflate blocks, the bytes ``zlib.compress(data, 0)``
-#: writes. Not compressed: they are packed on the request path, before a flagged item's answer, and deflating a
-#: 28x28 float32 input took 53 us (levels 1 and 6 alike) for 2.2x on digits and 1.1x on noise inputs. Rows packed
-#: at another level (older files used 6) read back the same, and any zlib reader (an older oodguard) reads these.
-STORED_BLOCK = 65535  # the most bytes one stored deflate block holds (RFC 1951, 3.2.4)
-_ZLIB_HEADER = b"\x78\x01"  # deflate, 32K window, no preset dictionary, "fastest" level (RFC 1950)
-
-
-def stored_zlib(data: bytes) -> bytes:
-    """``data`` as a zlib stream of stored deflate blocks: what ``zlib.compress(data, 0)`` returns (byte for byte
-    up to 65,531 bytes with zlib 1.2.13; above, zlib cuts its blocks elsewhere, the stream is as valid), without
-    setting up a deflate state. That set-up (a 256 KiB window allocated and freed per call) was a fixed 1.4 us,
-    60% of a 3 KB input's ``compress`` and three times per queued record; the framing is 5 bytes per block and
-    an Adler-32 that zlib computes."""
-    size = len(data)
-    parts = [_ZLIB_HEADER]
-    for start in range(0, size, STORED_BLOCK) if size else (0,):
-        chunk = data[start:start + STORED_BLOCK]
-        parts += (struct.pack("<BHH", start + STORED_BLOCK >= size, len(chunk), len(chunk) ^ 0xFFFF), chunk)
-    parts.append(struct.pack(">I", zlib.adler32(data)))
-    return b"".join(parts)
-
-
-def pack_array(array: np.ndarray) -> bytes:
-    """``[dtype code, ndim, dims as u32 ...] + little-endian data`` in a zlib stream (:func:`stored_zlib`): a tiny
-    fixed header instead of ``np.save``'s text header, whose parsing (``ast.literal_eval``) dominated reading
-    large pools."""
-    array = np.asarray(array)
-    code = array.dtype.str
-    if code not in ARRAY_DTYPES:  # a big-endian array is stored little-endian
-        code = array.dtype.newbyteorder("<").str if array.dtype.byteorder != "|" else code
-        if code not in ARRAY_DTYPES:
-            raise QueueError(f"cannot store arrays of dtype {array.dtype} (supported: {ARRAY_DTYPES})")
-    header = struct.pack(f"<BB{array.ndim}I", ARRAY_DTYPES.index(code), array.ndim, *array.shape)
-    return stored_zlib(header + array.astype(code, copy=False).tobytes())
-
-
-def unpack_array(blob: bytes) -> np.ndarray:
-    raw = zlib.decompress(blob)
-    code, ndim = raw[0], raw[1]
-    shape = struct.unpack_from(f"<{ndim}I", raw, 2)
-    return np.frombuffer(raw, dtype=ARRAY_DTYPES[code], offset=2 + 4 * ndim).reshape(shape)
-
-
-def metadata_json(metadata: dict | None) -> str:
-    return json.dumps({str(k): str(v) for k, v in (metadata or {}).items()})
-
-
-def group_requests(records: Sequence[NewRecord]) -> tuple[list[tuple[str, str]], list[int | None]]:
-    """The distinct requests of ``records`` as (request id, metadata JSON), and per record the index of its
-    request (None: a record with neither). The gateway passes one metadata dict to all records of a request:
-    it is serialized once per dict object, not once per record."""
-    requests: list[tuple[str, str]] = []
-    index: dict[tuple[str, str], int] = {}
-    texts: dict[int, str] = {}  # id(metadata dict) -> JSON; the records keep the dicts alive meanwhile
-    refs: list[int | None] = []
-    for r in records:
-        text = texts.get(id(r.metadata))
-        if text is None:
-            text = texts[id(r.metadata)] = metadata_json(r.metadata)
-        request = (r.request_id or "", text)
-        if request == ("", "{}"):
-            refs.append(None)
-            continue
-        if request not in index:
-            index[request] = len(requests)
-            requests.append(request)
-        refs.append(index[request])
-    return requests, refs
-
-
-def request_bytes(request: tuple[str, str]) -> int:
-    return len(request[0].encode()) + len(request[1].encode())
 
 
 #: rows per multi-row INSERT (15 parameters a record row: far below SQLite's 32766 parameters per statement)

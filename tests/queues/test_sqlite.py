@@ -8,8 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from oodguard.serve.queue import CLAIMED, PENDING, SENT, LocalQueueState, NewRecord, QueueError
-from oodguard.serve.sqlite_queue import SQLiteQueue, pack_array
+from oodguard.queues.base import CLAIMED, PENDING, SENT, LocalQueueState, NewRecord, QueueError
+from oodguard.queues.codec import pack_array
+from oodguard.queues.sqlite import SQLiteQueue
 
 
 def record(i: int, flagged: bool = True) -> NewRecord:
@@ -394,7 +395,7 @@ def test_bad_configuration(tmp_path, kwargs):
 
 
 def test_claim_ids_claims_only_pending_records_once(tmp_path):
-    from oodguard.serve.sqlite_queue import SQLiteQueue
+    from oodguard.queues.sqlite import SQLiteQueue
 
     queue = SQLiteQueue(tmp_path / "q.sqlite")
     ids = queue.put([record(i) for i in range(5)])
@@ -409,8 +410,8 @@ def test_array_packing_roundtrips_shapes_and_dtypes_and_refuses_others():
     import numpy as np
     import pytest
 
-    from oodguard.serve.queue import QueueError
-    from oodguard.serve.sqlite_queue import pack_array, unpack_array
+    from oodguard.queues.base import QueueError
+    from oodguard.queues.codec import pack_array, unpack_array
 
     arrays = [np.random.default_rng(0).random((1, 28, 28), dtype=np.float32), np.arange(5, dtype=np.int64),
               np.zeros((0, 3), np.uint8), np.array(2.5), np.arange(12, dtype=">f4").reshape(3, 4).T]
@@ -426,7 +427,7 @@ def test_stored_zlib_is_what_zlib_writes_at_level_0_and_any_zlib_reads():
 
     import numpy as np
 
-    from oodguard.serve.sqlite_queue import STORED_BLOCK, stored_zlib, unpack_array
+    from oodguard.queues.codec import STORED_BLOCK, stored_zlib, unpack_array
 
     rng = np.random.default_rng(1)
     for size in (0, 1, 3148, 60_000):
@@ -447,7 +448,7 @@ def test_concurrent_puts_share_one_durable_transaction(tmp_path, monkeypatch):
     import threading
     import time as clock
 
-    from oodguard.serve.sqlite_queue import SQLiteQueue
+    from oodguard.queues.sqlite import SQLiteQueue
 
     queue = SQLiteQueue(tmp_path / "q.sqlite", max_size=12, full_policy="reject")
     transactions = []
@@ -482,7 +483,7 @@ def test_a_group_commit_evicts_batch_by_batch_as_alone_and_counts_once(tmp_path,
     import threading
     import time as clock
 
-    from oodguard.serve.sqlite_queue import SQLiteQueue
+    from oodguard.queues.sqlite import SQLiteQueue
 
     queue = SQLiteQueue(tmp_path / "q.sqlite", max_size=4, full_policy="evict-oldest")
     queue.put([record(0)])
@@ -513,8 +514,8 @@ def test_a_group_commit_evicts_batch_by_batch_as_alone_and_counts_once(tmp_path,
 def test_a_failed_group_commit_fails_every_caller_and_stores_nothing(tmp_path, monkeypatch):
     import pytest
 
-    from oodguard.serve.queue import QueueError
-    from oodguard.serve.sqlite_queue import SQLiteQueue
+    from oodguard.queues.base import QueueError
+    from oodguard.queues.sqlite import SQLiteQueue
 
     queue = SQLiteQueue(tmp_path / "q.sqlite")
     monkeypatch.setattr(queue, "_insert", lambda db, *rest: db.execute("INSERT INTO nowhere VALUES (1)"))
@@ -623,7 +624,7 @@ def test_evictions_and_refusals_leave_rate_limited_lines(tmp_path, caplog):
         made.append(SQLiteQueue(tmp_path / f"q{len(made)}.sqlite", max_size=2, full_policy=policy))
         return made[-1]
 
-    check_drop_lines(make, caplog, "oodguard.serve.sqlite_queue")
+    check_drop_lines(make, caplog, "oodguard.queues.sqlite")
 
 
 def test_a_file_of_the_old_layout_is_upgraded_in_place(tmp_path):
@@ -747,7 +748,7 @@ def test_create_false_opens_only_an_existing_file(tmp_path):
 
 
 def _open_at_once(path, barrier, results):
-    from oodguard.serve.sqlite_queue import SQLiteQueue
+    from oodguard.queues.sqlite import SQLiteQueue
 
     barrier.wait()
     try:
@@ -778,7 +779,7 @@ def test_processes_opening_one_fresh_queue_at_once_all_succeed(tmp_path):
 def test_consecutive_puts_count_the_queue_once_and_recount_after_any_other_write(tmp_path):
     # the unharvested count (a scan of the state index, growing with the queue) is read once, then carried from
     # put to put while no other connection committed (PRAGMA data_version) and this one wrote nothing else
-    from oodguard.serve.sqlite_queue import SQLiteQueue
+    from oodguard.queues.sqlite import SQLiteQueue
 
     path = tmp_path / "q.sqlite"
     mine, other = SQLiteQueue(path, max_size=6), SQLiteQueue(path, max_size=6)
@@ -799,8 +800,8 @@ def test_consecutive_puts_count_the_queue_once_and_recount_after_any_other_write
 
 
 def test_a_failed_put_leaves_no_carried_count(tmp_path, monkeypatch):
-    from oodguard.serve.queue import QueueError
-    from oodguard.serve.sqlite_queue import SQLiteQueue
+    from oodguard.queues.base import QueueError
+    from oodguard.queues.sqlite import SQLiteQueue
     import pytest
 
     queue = SQLiteQueue(tmp_path / "q.sqlite", max_size=2)

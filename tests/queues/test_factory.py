@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from oodguard.serve.queue_factory import describe_url, open_queue, sqlite_path
+from oodguard.queues.factory import describe_url, open_queue, sqlite_path
 from oodguard.serve.settings import Settings, SettingsError
-from oodguard.serve.sqlite_queue import SQLiteQueue
+from oodguard.queues.sqlite import SQLiteQueue
 
-from .test_sqlite_queue import record
+from .test_sqlite import record
 
 
 def test_three_slashes_is_relative_to_the_working_directory(tmp_path, monkeypatch):

@@ -44,6 +44,8 @@ import numpy as np
 PENDING, CLAIMED, SENT = "pending", "claimed", "sent"
 STATES = (PENDING, CLAIMED, SENT)
 DEFAULT_MAX_BYTES = 1024 ** 3
+#: what a full queue does with a new record: refuse it, or evict the oldest pending records to make room
+FULL_POLICIES = ("reject", "evict-oldest")
 
 
 def new_record_ids(count: int, now: float) -> list[str]:

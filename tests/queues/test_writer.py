@@ -8,9 +8,9 @@ import threading
 import numpy as np
 import pytest
 
-from oodguard.serve.queue import NewRecord, QueueError
-from oodguard.serve.queue_writer import QueueWriter
-from oodguard.serve.sqlite_queue import SQLiteQueue
+from oodguard.queues.base import NewRecord, QueueError
+from oodguard.queues.writer import QueueWriter
+from oodguard.queues.sqlite import SQLiteQueue
 
 
 def record(i: int, request_id: str = "") -> NewRecord:

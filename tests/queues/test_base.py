@@ -1,10 +1,10 @@
-"""serve/queue.py: the record ids every queue hands out, and which records of a put form one request."""
+"""queues/base.py: the record ids every queue hands out, and which records of a put form one request."""
 
 import dataclasses
 import time
 import uuid
 
-from oodguard.serve.queue import new_record_ids, request_runs
+from oodguard.queues.base import new_record_ids, request_runs
 
 
 def test_record_ids_are_uuid7_hex_carrying_their_time():
@@ -36,7 +36,7 @@ def test_record_ids_increase_within_a_batch_and_from_batch_to_batch():
 def test_decisions_json_encodes_shared_thresholds_once_and_equals_plain_json(monkeypatch):
     import json
 
-    from oodguard.serve import queue as q
+    from oodguard.queues import base as q
 
     shared = {"fused": 0.5, "energy": -3.25, "knn": float("inf")}
     other = {"fused": 0.75}
@@ -55,7 +55,7 @@ def test_decisions_json_encodes_shared_thresholds_once_and_equals_plain_json(mon
 
 
 def test_request_runs_are_the_requests_of_a_put_that_may_be_retries():
-    from .test_sqlite_queue import retried
+    from .test_sqlite import retried
 
     records = (retried("a") + retried("a") + retried("", items=(0,)) + retried("b", items=(0, 1))
                + retried("b", items=(0,), model="cifar") + [dataclasses.replace(retried("c")[0], decision={})])

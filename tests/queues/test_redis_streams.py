@@ -20,13 +20,14 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from oodguard.serve.queue import CLAIMED, PENDING, SENT, LocalQueueState, QueueError
-from oodguard.serve.queue_factory import open_queue, split_redis_url
-from oodguard.serve.redis_queue import DEFAULT_PREFIX, RedisQueue
+from oodguard.queues.base import CLAIMED, PENDING, SENT, LocalQueueState, QueueError
+from oodguard.queues.factory import open_queue, split_redis_url
+from oodguard.queues.redis_streams import DEFAULT_PREFIX, RedisQueue
 from oodguard.serve.settings import Settings, SettingsError
-from oodguard.serve.sqlite_queue import SQLiteQueue, pack_array
+from oodguard.queues.codec import pack_array
+from oodguard.queues.sqlite import SQLiteQueue
 
-from .test_sqlite_queue import (ALIKE_BYTES, alike, assert_one_request_read_back, assert_stored_as_put, big_request, check_byte_bound_evict,
+from .test_sqlite import (ALIKE_BYTES, alike, assert_one_request_read_back, assert_stored_as_put, big_request, check_byte_bound_evict,
                                 check_byte_bound_reject, check_delete, check_drop_lines, check_retried_requests_are_stored_once,
                                 check_select_filters, check_summary, check_the_retry_window, own_bytes, record, request_bytes,
                                 retried, varied)
@@ -154,7 +155,7 @@ def test_claim_select_release_mark_sent(redis_server, tmp_path):
 
 CLAIMER = """
 import json, sys
-from oodguard.serve.redis_queue import RedisQueue
+from oodguard.queues.redis_streams import RedisQueue
 q = RedisQueue(sys.argv[1], sys.argv[2])
 got = []
 while True:
@@ -238,9 +239,9 @@ def test_replayed_records_are_admitted_beyond_a_full_reject_queue(redis_server, 
 
 WRITER = """
 import json, os, sys
-from oodguard.serve.redis_queue import RedisQueue
+from oodguard.queues.redis_streams import RedisQueue
 sys.path.insert(0, sys.argv[3])
-from test_sqlite_queue import record
+from test_sqlite import record
 q = RedisQueue(sys.argv[1], sys.argv[2])
 ids = [i for n in range(4) for i in q.put([record(10 * n + j) for j in range(5)])]
 print(json.dumps(ids), flush=True)
@@ -361,7 +362,7 @@ def test_evictions_and_refusals_leave_rate_limited_lines(redis_server, tmp_path,
                                key_prefix=f"q{len(made)}"))
         return made[-1]
 
-    check_drop_lines(make, caplog, "oodguard.serve.redis_queue")
+    check_drop_lines(make, caplog, "oodguard.queues.redis_streams")
 
 
 def test_spooled_records_of_one_request_land_once_with_their_payload(redis_server, tmp_path):
@@ -657,7 +658,7 @@ def test_records_of_the_previous_version_are_counted_filtered_and_deleted(redis_
 
 
 def test_each_worker_spools_to_its_own_file_and_worker_0_adopts_those_of_gone_workers(redis_server, tmp_path):
-    from oodguard.serve.redis_queue import worker_spool_path
+    from oodguard.queues.redis_streams import worker_spool_path
 
     assert worker_spool_path(tmp_path / "spool", 0) == tmp_path / "spool"
     assert worker_spool_path(tmp_path / "spool", 3) == tmp_path / "spool.w3"
@@ -687,7 +688,7 @@ def test_each_worker_spools_to_its_own_file_and_worker_0_adopts_those_of_gone_wo
 
 
 def test_absorbing_a_spool_twice_lands_its_records_once(redis_server, tmp_path):
-    from oodguard.serve.redis_queue import Spool
+    from oodguard.queues.spool import Spool
 
     redis_server.stop()
     q = make_queue(redis_server, tmp_path, spool="spool.w1")

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 from typing import Callable, Sequence
 
-from .queue import NewRecord, QueryQueue
+from .base import NewRecord, QueryQueue
 
 
 class QueueWriter:
