@@ -48,6 +48,18 @@ DEFAULT_MAX_BYTES = 1024 ** 3
 FULL_POLICIES = ("reject", "evict-oldest")
 
 
+def check_bounds(max_size: int, max_bytes: int, full_policy: str, idempotency_window_s: float) -> None:
+    """The settings every store takes, checked alike (ValueError naming the bad one)."""
+    if max_size < 1:
+        raise ValueError(f"max_size must be >= 1, got {max_size}")
+    if max_bytes < 1:
+        raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+    if full_policy not in FULL_POLICIES:
+        raise ValueError(f"full_policy must be one of {FULL_POLICIES}, got {full_policy!r}")
+    if not 0 <= idempotency_window_s < float("inf"):
+        raise ValueError(f"idempotency_window_s must be a number of seconds >= 0, got {idempotency_window_s}")
+
+
 def new_record_ids(count: int, now: float) -> list[str]:
     """``count`` fresh record ids, in increasing order: UUIDv7 (RFC 9562) as 32 lowercase hex digits, the layout of
     the uuid4 hex ids before them (readers see the same kind of string). The first 48 bits are ``now`` in unix

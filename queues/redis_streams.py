@@ -97,8 +97,8 @@ import redis.exceptions as rx
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from .base import (CLAIMED, DEFAULT_MAX_BYTES, FULL_POLICIES, PENDING, SENT, STATES, DropLog, LocalQueueState, NewRecord,
-                   QueryQueue, QueueError, QueueRecord, QueueStats, SummaryRow, decisions_json, new_record_ids,
+from .base import (CLAIMED, DEFAULT_MAX_BYTES, PENDING, SENT, STATES, DropLog, LocalQueueState, NewRecord, QueryQueue,
+                   QueueError, QueueRecord, QueueStats, SummaryRow, check_bounds, decisions_json, new_record_ids,
                    request_runs)
 from .codec import group_requests, pack_array, unpack_array
 from .spool import Spool, SpoolRecord, SpoolRequest, adopt_orphan_spools, worker_spool_path
@@ -387,20 +387,13 @@ class RedisQueue(QueryQueue):
                  put_timeout_s: float | None = DEFAULT_PUT_TIMEOUT_S, idempotency_window_s: float = 0.0):
         """``client``: a URL (see :func:`redis_client`), or a client whose own timeouts then serve puts too
         (``put_timeout_s`` needs the URL; None: puts keep the URL's client's timeouts)."""
-        if max_size < 1:
-            raise ValueError(f"max_size must be >= 1, got {max_size}")
-        if max_bytes < 1:
-            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
-        if full_policy not in FULL_POLICIES:
-            raise ValueError(f"full_policy must be one of {FULL_POLICIES}, got {full_policy!r}")
+        check_bounds(max_size, max_bytes, full_policy, idempotency_window_s)
         if inline_max_bytes < 0:
             raise ValueError(f"inline_max_bytes must be >= 0, got {inline_max_bytes}")
         if not key_prefix:
             raise ValueError("key_prefix must not be empty")
         if put_timeout_s is not None and not put_timeout_s > 0:
             raise ValueError(f"put_timeout_s must be > 0, got {put_timeout_s}")
-        if not 0 <= idempotency_window_s < float("inf"):
-            raise ValueError(f"idempotency_window_s must be a number of seconds >= 0, got {idempotency_window_s}")
         put_client = client
         if isinstance(client, str):
             put_client = redis_client(client, put_timeout_s) if put_timeout_s is not None else None

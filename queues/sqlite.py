@@ -50,9 +50,9 @@ from pathlib import Path
 from typing import Sequence
 from urllib.parse import quote
 
-from .base import (CLAIMED, DEFAULT_MAX_BYTES, FULL_POLICIES, PENDING, SENT, STATES, DropLog, LocalQueueState, NewRecord,
-                   QueryQueue, QueueError, QueueRecord, QueueStats, RequestRun, SummaryRow, decisions_json, new_record_ids,
-                   request_runs)
+from .base import (CLAIMED, DEFAULT_MAX_BYTES, PENDING, SENT, STATES, DropLog, LocalQueueState, NewRecord,
+                   QueryQueue, QueueError, QueueRecord, QueueStats, RequestRun, SummaryRow, check_bounds, decisions_json,
+                   new_record_ids, request_runs)
 from .codec import group_requests, pack_array, request_bytes, unpack_array
 
 log = logging.getLogger("oodguard.queues.sqlite")
@@ -180,14 +180,7 @@ def _enable_wal(db: sqlite3.Connection, timeout_s: float = 30.0) -> None:
 class SQLiteQueue(QueryQueue):
     def __init__(self, path: str | Path, max_size: int = 100_000, full_policy: str = "reject",
                  max_bytes: int = DEFAULT_MAX_BYTES, create: bool = True, idempotency_window_s: float = 0.0):
-        if max_size < 1:
-            raise ValueError(f"max_size must be >= 1, got {max_size}")
-        if max_bytes < 1:
-            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
-        if full_policy not in FULL_POLICIES:
-            raise ValueError(f"full_policy must be one of {FULL_POLICIES}, got {full_policy!r}")
-        if not 0 <= idempotency_window_s < float("inf"):
-            raise ValueError(f"idempotency_window_s must be a number of seconds >= 0, got {idempotency_window_s}")
+        check_bounds(max_size, max_bytes, full_policy, idempotency_window_s)
         self.path = Path(path)
         self.max_size = max_size
         self.max_bytes = max_bytes

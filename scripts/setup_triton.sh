@@ -4,7 +4,7 @@
 #                  pins them, and nvidia-pytriton (locks/triton-no-deps.txt, without its dependencies: only for
 #                  its tritonserver binary and python backend; never imported).
 # The python backend stub for this interpreter's version is copied next to libtriton_python.so.
-# Why each piece is needed: oodguard/triton_local.py (and README, "Serving"). Start the server with
+# Why each piece is needed: oodguard/triton_local.py (and docs/operations.md, "Serving"). Start the server with
 # `bash scripts/triton.sh --repository DIR`. Override the location with OODGUARD_TRITON_ENV.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
+from oodguard.queues.base import FULL_POLICIES
+
 from .decision import DEFAULT_FALLBACK, DEFAULT_SCORES
 
 ENV_PREFIX = "OODGUARD_"
 BACKENDS = ("embedded", "triton")
 DECISION_MODES = ("any", "all")
-FULL_POLICIES = ("reject", "evict-oldest")
 QUEUE_SCHEMES = ("sqlite", "redis", "rediss")
 #: integer settings that also take "auto" (stored as 0)
 AUTO_FIELDS = ("workers",)

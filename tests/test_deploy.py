@@ -277,7 +277,7 @@ def test_kubernetes_rules_configmap_is_up_to_date():
 
 def test_the_grafana_dashboard_queries_only_what_the_gateway_and_the_rules_export():
     """deploy/grafana/oodguard-dashboard.json: valid JSON with unique panel ids and a Prometheus datasource
-    variable; every metric a query names is exported by serve/metrics.py (with its histogram or counter suffix)
+    variable; every metric a query names is exported by serve/metrics/ (with its histogram or counter suffix)
     or recorded by deploy/prometheus/rules.yml, so a renamed metric cannot leave a panel empty."""
     import json
 
@@ -290,7 +290,8 @@ def test_the_grafana_dashboard_queries_only_what_the_gateway_and_the_rules_expor
     assert variables["datasource"]["type"] == "datasource" and {"model", "version", "score"} <= set(variables)
     queries = [t["expr"] for p in panels for t in p["targets"]]
     queries += [v["query"]["query"] for v in variables.values() if isinstance(v.get("query"), dict)]
-    exported = set(re.findall(r'"(oodguard_[a-z_]+)"', Path(metrics.__file__).read_text()))
+    source = "".join(p.read_text() for p in sorted(Path(metrics.__file__).parent.glob("*.py")))  # the package
+    exported = set(re.findall(r'"(oodguard_[a-z_]+)"', source))
     rules = yaml.safe_load((DEPLOY / "prometheus" / "rules.yml").read_text())
     recorded = {r["record"] for g in rules["groups"] for r in g["rules"] if "record" in r}
     named = set()
