@@ -31,6 +31,7 @@ was drawn).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import os
@@ -172,6 +173,37 @@ def calibration_counts(spec: ExportSpec) -> dict[str, int]:
 
 def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> ExportResult:
     seconds: dict[str, float] = {}
+    lap = _stopwatch(seconds, progress)
+    per_class, few = _check_inputs(spec, progress)
+    user_sets = user_validation_sets(spec)
+    classifier = load_classifier(spec.backbone, spec.checkpoint, num_classes=len(spec.class_names))
+    bank_images, features, logits, layer_data = _extract_training_features(spec, classifier, progress, lap)
+    ood, ood_features, ood_logits, ood_layer_data = _extract_validation_ood(spec, classifier, bank_images, user_sets,
+                                                                            layer_data is not None, lap)
+    split = _CalibrationSplit.of(spec)
+    labels = spec.bank_data.labels
+    data = FitData(
+        features=features, logits=logits, labels=labels, bank=np.arange(len(labels)),
+        head_weight=classifier.head.weight.detach().numpy(), head_bias=classifier.head.bias.detach().numpy(),
+        validation_ood_features=ood_features, validation_ood_logits=ood_logits, seed=spec.seed,
+        validation_ood_groups=ood.groups, layers=layer_data, validation_ood_layers=ood_layer_data,
+    )
+    chosen = _fit_bank_scores(spec, classifier, data, ood, split, progress, lap)
+    scores = _add_fused_score(spec, classifier, bank_images, chosen, ood, split, progress, lap)
+
+    root = model_dir(spec.repository, spec.model_name)
+    with _staging_folder(root) as staging:
+        model = _export_onnx(classifier, scores, spec.preprocessing, staging, lap)
+        thresholds = _calibrate(spec, staging, model, scores, split, lap)
+        write_triton_model(staging)  # model.py for Triton's CPU config (python backend)
+        calibration = _calibration_record(spec, model, scores, chosen, ood, thresholds, per_class, few, split)
+        version, left_out = _publish_with_configs(spec, staging, root, calibration, classifier, model)
+    _report_written(root, version, left_out, progress)
+    return ExportResult(version, root / str(version), calibration, model, seconds)
+
+
+def _stopwatch(seconds: dict[str, float], progress: Callable[[str], None]) -> Callable[[str], None]:
+    """A ``lap(step)`` that records and reports the seconds since the previous lap: each export step is timed."""
     clock = time.perf_counter()
 
     def lap(step: str) -> None:
@@ -181,6 +213,11 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
         clock = now
         progress(f"  {step}: {seconds[step]:.1f}s")
 
+    return lap
+
+
+def _check_inputs(spec: ExportSpec, progress: Callable[[str], None]) -> tuple[dict[str, int], dict[str, int]]:
+    """Calibration samples per class and the thin ones, after refusing a spec that cannot export (before the slow steps)."""
     if spec.bank_data.labels is None:
         raise ValueError("the bank data needs labels")
     n_cal = len(spec.calibration_data)
@@ -199,114 +236,187 @@ def export_model(spec: ExportSpec, progress: Callable[[str], None] = print) -> E
     if spec.multi_layer and spec.multi_layer_bank_size is not None and spec.multi_layer_bank_size < 2 * len(spec.class_names):
         raise ValueError(f"multi-layer bank size {spec.multi_layer_bank_size} is too small: at least 2 per class "
                          f"({2 * len(spec.class_names)}) are needed")
-    user_sets = user_validation_sets(spec)
-    classifier = load_classifier(spec.backbone, spec.checkpoint, num_classes=len(spec.class_names))
-    prep = spec.preprocessing
-    bank_images = prep.apply(spec.bank_data.images)
+    return per_class, few
+
+
+def _extract_training_features(spec: ExportSpec, classifier, progress: Callable[[str], None], lap):
+    """The bank images as model inputs, their features and logits, and (multi-layer only) their per-layer data."""
+    bank_images = spec.preprocessing.apply(spec.bank_data.images)
     with bars.phase(f"extract training features ({len(bank_images)} images)"):
         features, logits = extract(classifier, bank_images)
     layer_data = extract_layers(classifier, bank_images, progress) if spec.multi_layer else None
     lap("extract training features" + (" and layers" if layer_data is not None else ""))
+    return bank_images, features, logits, layer_data
 
-    labels = spec.bank_data.labels
+
+def _extract_validation_ood(spec: ExportSpec, classifier, bank_images: np.ndarray, user_sets: list[ValidationOOD],
+                            with_layers: bool, lap):
+    """The validation OOD (synthetic plus the user's sets) and its features: what the score and bank choices rank on."""
     with bars.phase("validation OOD: build it and extract its features"):
-        ood = validation_set(spec, bank_images, labels, user_sets)
+        ood = validation_set(spec, bank_images, spec.bank_data.labels, user_sets)
         ood_features, ood_logits = extract(classifier, ood.images)
-        ood_layer_data = layers.extract(classifier, ood.images) if layer_data is not None and len(ood) else None
+        ood_layer_data = layers.extract(classifier, ood.images) if with_layers and len(ood) else None
     lap(f"validation OOD ({len(ood)}: {ood.group_sizes})")
+    return ood, ood_features, ood_logits, ood_layer_data
 
-    calibration_images = prep.apply(spec.calibration_data.images)
-    references, held = split_calibration(n_cal, spec.calibration_data.labels, spec.target_tpr, spec.seed)
-    reference_images = calibration_images[references] if references is not None else None
-    data = FitData(
-        features=features, logits=logits, labels=labels, bank=np.arange(len(labels)),
-        head_weight=classifier.head.weight.detach().numpy(), head_bias=classifier.head.bias.detach().numpy(),
-        validation_ood_features=ood_features, validation_ood_logits=ood_logits, seed=spec.seed,
-        validation_ood_groups=ood.groups, layers=layer_data, validation_ood_layers=ood_layer_data,
-    )
-    candidates = fit_bank_candidates(spec, classifier, data, ood, reference_images)
+
+@dataclass
+class _CalibrationSplit:
+    """The calibration images as model inputs and their halves: *references* (fused score) and *held* (its threshold)."""
+
+    images: np.ndarray
+    references: np.ndarray | None
+    held: np.ndarray | None
+    reference_images: np.ndarray | None
+
+    @classmethod
+    def of(cls, spec: ExportSpec) -> "_CalibrationSplit":
+        """The split of ``spec.calibration_data`` (no halves when it is too small to halve)."""
+        images = spec.preprocessing.apply(spec.calibration_data.images)
+        references, held = split_calibration(len(spec.calibration_data), spec.calibration_data.labels,
+                                             spec.target_tpr, spec.seed)
+        return cls(images, references, held, images[references] if references is not None else None)
+
+
+@dataclass
+class _BankChoice:
+    """The kept bank (method, indices), the scores fitted on it and their reference / validation OOD outputs."""
+
+    method: str
+    comparison: dict
+    bank: np.ndarray
+    scores: dict[str, Score]
+    outputs: tuple | None
+
+
+def _fit_bank_scores(spec: ExportSpec, classifier, data: FitData, ood: ValidationOOD, split: _CalibrationSplit,
+                     progress: Callable[[str], None], lap) -> _BankChoice:
+    """Fit the registry's scores on each candidate bank and keep the better bank (see :func:`choose_bank`)."""
+    candidates = fit_bank_candidates(spec, classifier, data, ood, split.reference_images)
     bank_method, bank_comparison = choose_bank(candidates, ood.groups)
     bank, scores, outputs = candidates[bank_method]
-    lap(f"fit scores (bank: {bank_method}, {len(bank)} of {len(labels)})")
+    lap(f"fit scores (bank: {bank_method}, {len(bank)} of {len(data.labels)})")
     if bank_comparison:
         progress(f"  bank comparison (worst-group validation AUROC per bank-based score): {_figures(bank_comparison)}")
+    return _BankChoice(bank_method, bank_comparison, bank, scores, outputs)
 
-    if outputs is not None:
-        held_out_worlds = []
-        if spec.new_class_holdouts and not spec.new_class_epochs:
-            progress("  note: no new-class validation: it retrains the classifier with the run's recipe, and this "
-                     "checkpoint has no training.json beside it")
-        if (spec.new_class_holdouts and spec.new_class_epochs and FUSED not in spec.score_params
-                and spec.calibration_data.labels is not None):
-            held_out_worlds = new_class_worlds(spec, classifier.feature_dim, bank_images, scores, reference_images,
-                                               spec.calibration_data.labels[references])
-            if held_out_worlds:
-                lap(f"new-class validation: {len(held_out_worlds)} classes held out in turn "
-                    f"({sum(len(next(iter(w.new.values()))) for w in held_out_worlds)} reference images)")
-        with bars.phase(f"choose the {FUSED} score"):
-            fusion = PValueFusion.from_references({n: outputs[0][n] for n in scores},
-                                                  {n: outputs[1][n] for n in scores},
-                                                  ood.groups, worlds=held_out_worlds,
-                                                  **spec.score_params.get(FUSED, {}))
-        scores = {**scores, FUSED: fusion}
-        chosen = fusion.selection.get("chosen", {})
-        lap(f"fused: {fusion.combination}({', '.join(fusion.components)}) on {len(references)} reference samples"
-            + (f", validation AUROC {_figures({k: v for k, v in chosen['auroc'].items()})}" if chosen else ""))
-    else:
-        progress(f"  note: {n_cal} calibration samples are too few to split for the fused score (each half needs "
-                 f"{minimum_size(spec.target_tpr)}): this version has no '{FUSED}' score")
 
-    root = model_dir(spec.repository, spec.model_name)
+def _add_fused_score(spec: ExportSpec, classifier, bank_images: np.ndarray, chosen: _BankChoice, ood: ValidationOOD,
+                     split: _CalibrationSplit, progress: Callable[[str], None], lap) -> dict[str, Score]:
+    """The chosen bank's scores plus the fused score chosen on the references (without it, and a note, if there are none)."""
+    scores, outputs = chosen.scores, chosen.outputs
+    if outputs is None:
+        progress(f"  note: {len(spec.calibration_data)} calibration samples are too few to split for the fused score "
+                 f"(each half needs {minimum_size(spec.target_tpr)}): this version has no '{FUSED}' score")
+        return scores
+    held_out_worlds = _new_class_validation(spec, classifier, bank_images, scores, split, progress, lap)
+    with bars.phase(f"choose the {FUSED} score"):
+        fusion = PValueFusion.from_references({n: outputs[0][n] for n in scores},
+                                              {n: outputs[1][n] for n in scores},
+                                              ood.groups, worlds=held_out_worlds,
+                                              **spec.score_params.get(FUSED, {}))
+    scores = {**scores, FUSED: fusion}
+    chosen_fusion = fusion.selection.get("chosen", {})
+    lap(f"fused: {fusion.combination}({', '.join(fusion.components)}) on {len(split.references)} reference samples"
+        + (f", validation AUROC {_figures({k: v for k, v in chosen_fusion['auroc'].items()})}" if chosen_fusion else ""))
+    return scores
+
+
+def _new_class_validation(spec: ExportSpec, classifier, bank_images: np.ndarray, scores: dict[str, Score],
+                          split: _CalibrationSplit, progress: Callable[[str], None], lap) -> list:
+    """The fused choice's leave-one-class-out worlds, when the run's training recipe is known (else none, with a note)."""
+    held_out_worlds = []
+    if spec.new_class_holdouts and not spec.new_class_epochs:
+        progress("  note: no new-class validation: it retrains the classifier with the run's recipe, and this "
+                 "checkpoint has no training.json beside it")
+    if (spec.new_class_holdouts and spec.new_class_epochs and FUSED not in spec.score_params
+            and spec.calibration_data.labels is not None):
+        held_out_worlds = new_class_worlds(spec, classifier.feature_dim, bank_images, scores, split.reference_images,
+                                           spec.calibration_data.labels[split.references])
+        if held_out_worlds:
+            lap(f"new-class validation: {len(held_out_worlds)} classes held out in turn "
+                f"({sum(len(next(iter(w.new.values()))) for w in held_out_worlds)} reference images)")
+    return held_out_worlds
+
+
+@contextlib.contextmanager
+def _staging_folder(root: Path):
+    """A hidden temp folder in the model folder to build the version in; on any error it goes (and the model folder too
+    if this export created it and it is empty): a failed export leaves the repository as it was."""
     new_model = not root.exists()
     root.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=root))
     staging.chmod(0o755)  # mkdtemp makes it private; Triton may run as another user
     try:
-        with bars.phase("export ONNX"):
-            model = fused.FusedModel(classifier, scores).eval()
-            fused.export_onnx(model, prep.input_shape, staging / MODEL_FILE)
-        lap("export ONNX")
-
-        outputs = OnnxModel(staging / MODEL_FILE).run(calibration_images, desc="calibrate: ONNX Runtime")
-        thresholds = fit_thresholds(outputs, [n for n in model.score_names if n != FUSED], spec.target_tpr)
-        if FUSED in scores:  # on the held half only: its references came from the other
-            thresholds[FUSED] = fit_threshold(FUSED, outputs[FUSED][held], spec.target_tpr)
-        lap(f"calibrate ({n_cal} held-out in-distribution samples"
-            + (f"; {FUSED} on {len(held)} of them)" if FUSED in scores else ")"))
-
-        write_triton_model(staging)  # model.py for Triton's CPU config (python backend)
-        calibration = Calibration(
-            model={**_metadata(spec, model, len(bank)), "bank_method": bank_method,
-                   **_multi_layer_metadata(spec, scores, len(bank)),
-                   **({"bank_comparison": bank_comparison} if bank_comparison else {}),
-                   "validation_ood": {"groups": ood.group_sizes, "specs": list(spec.validation_ood_specs)}},
-            thresholds=thresholds,
-            data={"source": spec.calibration_data.source, "n": len(spec.calibration_data), "target_tpr": spec.target_tpr,
-                  **({"per_class": per_class} if per_class else {}),
-                  **({"few_samples": sorted(few)} if few else {}),
-                  **({"fused_split": {"references": len(references), "threshold": len(held), "seed": spec.seed}}
-                     if FUSED in scores else {})},
-        )
-        signature = ModelSignature(spec.model_name, prep.input_shape, len(spec.class_names), classifier.feature_dim,
-                                   tuple(model.score_names))
-        # the version and the configs that serve it go in together: Ctrl-C waits until both are written
-        with interrupts_deferred():
-            version = _publish(staging, root, calibration)
-            left_out = [name for name in signature.scores if name not in common_scores(root, signature.scores)]
-            write_configs(root, signature, max_batch_size=spec.max_batch_size,
-                          preferred_batch_sizes=tuple(b for b in (16, 32, 64) if b <= spec.max_batch_size)
-                          or (spec.max_batch_size,))
+        yield staging
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if new_model and root.is_dir() and not any(root.iterdir()):
             root.rmdir()  # a model folder this export created holds nothing: the repository is as it was
         raise
+
+
+def _export_onnx(classifier, scores: dict[str, Score], prep: Preprocessing, staging: Path, lap) -> fused.FusedModel:
+    """The fused model (classifier plus every score) exported as one ONNX graph into the staging folder."""
+    with bars.phase("export ONNX"):
+        model = fused.FusedModel(classifier, scores).eval()
+        fused.export_onnx(model, prep.input_shape, staging / MODEL_FILE)
+    lap("export ONNX")
+    return model
+
+
+def _calibrate(spec: ExportSpec, staging: Path, model: fused.FusedModel, scores: dict[str, Score],
+               split: _CalibrationSplit, lap) -> dict:
+    """The thresholds at the target TPR, from the exported graph in ONNX Runtime (what is served is what is calibrated)."""
+    outputs = OnnxModel(staging / MODEL_FILE).run(split.images, desc="calibrate: ONNX Runtime")
+    thresholds = fit_thresholds(outputs, [n for n in model.score_names if n != FUSED], spec.target_tpr)
+    if FUSED in scores:  # on the held half only: its references came from the other
+        thresholds[FUSED] = fit_threshold(FUSED, outputs[FUSED][split.held], spec.target_tpr)
+    lap(f"calibrate ({len(spec.calibration_data)} held-out in-distribution samples"
+        + (f"; {FUSED} on {len(split.held)} of them)" if FUSED in scores else ")"))
+    return thresholds
+
+
+def _calibration_record(spec: ExportSpec, model: fused.FusedModel, scores: dict[str, Score], chosen: _BankChoice,
+                        ood: ValidationOOD, thresholds: dict, per_class: dict[str, int], few: dict[str, int],
+                        split: _CalibrationSplit) -> Calibration:
+    """The version's calibration.json: model metadata, thresholds and where the calibration data came from."""
+    return Calibration(
+        model={**_metadata(spec, model, len(chosen.bank)), "bank_method": chosen.method,
+               **_multi_layer_metadata(spec, scores, len(chosen.bank)),
+               **({"bank_comparison": chosen.comparison} if chosen.comparison else {}),
+               "validation_ood": {"groups": ood.group_sizes, "specs": list(spec.validation_ood_specs)}},
+        thresholds=thresholds,
+        data={"source": spec.calibration_data.source, "n": len(spec.calibration_data), "target_tpr": spec.target_tpr,
+              **({"per_class": per_class} if per_class else {}),
+              **({"few_samples": sorted(few)} if few else {}),
+              **({"fused_split": {"references": len(split.references), "threshold": len(split.held), "seed": spec.seed}}
+                 if FUSED in scores else {})},
+    )
+
+
+def _publish_with_configs(spec: ExportSpec, staging: Path, root: Path, calibration: Calibration, classifier,
+                          model: fused.FusedModel) -> tuple[int, list[str]]:
+    """Publish the staged version and rewrite the model's Triton configs together; the outputs the configs leave out."""
+    signature = ModelSignature(spec.model_name, spec.preprocessing.input_shape, len(spec.class_names),
+                               classifier.feature_dim, tuple(model.score_names))
+    # the version and the configs that serve it go in together: Ctrl-C waits until both are written
+    with interrupts_deferred():
+        version = _publish(staging, root, calibration)
+        left_out = [name for name in signature.scores if name not in common_scores(root, signature.scores)]
+        write_configs(root, signature, max_batch_size=spec.max_batch_size,
+                      preferred_batch_sizes=tuple(b for b in (16, 32, 64) if b <= spec.max_batch_size)
+                      or (spec.max_batch_size,))
+    return version, left_out
+
+
+def _report_written(root: Path, version: int, left_out: list[str], progress: Callable[[str], None]) -> None:
+    """Say what was written, and which outputs Triton does not serve yet (the configs declare the common ones)."""
     if left_out:
         progress(f"  note: the Triton configs declare only the outputs every served version has (versions "
                  f"{served_versions(root)}): {left_out} are served by Triton once no served version lacks them "
                  "(the embedded backend serves them now)")
     progress(f"wrote {root / str(version)} (model.onnx, calibration.json) and the Triton configs")
-    return ExportResult(version, root / str(version), calibration, model, seconds)
 
 
 def extract_layers(classifier, images: np.ndarray, progress: Callable[[str], None]):
