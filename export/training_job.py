@@ -13,9 +13,9 @@ for evaluation.
 **Outliers** (``--outlier-data SPEC``, repeatable): images that belong to none of the classes, e.g. the harvest's
 records labeled "not relevant" (``oodguard labels import --not-relevant-out``). They are trained as one extra
 class, whose row of the head is then dropped: the saved checkpoint has the run's classes only, so export,
-serving and the harvest see the usual K-class model, but its features have learned where such inputs lie (the
-open-set benchmark: open-quota's gain over random rises from +1.5/+2.2/+2.0 to +2.3/+3.2/+2.4 points when the
-retrain does this). Their labels, if any, are ignored; all of them are training images (the calibration and
+serving and the harvest see the usual K-class model, but its features have learned where such inputs lie
+(open-quota then gains more over random: docs/benchmarks.md#open_quota-open-set-benchmark). Their labels, if
+any, are ignored; all of them are training images (the calibration and
 test splits stay in-distribution). A run built on a base run (``--base``) keeps the base run's outlier specs and
 adds its own.
 """

@@ -10,8 +10,8 @@ the scores of *validation OOD*, in groups:
 - ``user:<spec>``: each ``oodguard export --validation-ood SPEC`` set, a group of its own.
 
 The objective is the **worst group's AUROC** (ties broken by the mean over groups): a score that wins far
-OOD but loses near OOD (or the reverse) does not win, which is what the benchmarks showed one objective over
-all validation images let happen (the logit scores win far, the feature distances near).
+OOD but loses near OOD (or the reverse) does not win, as it can with one objective over all validation images
+(the logit scores win far, the feature distances near).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Features are normalised to unit length; the bank holds the normalised features o
 The score is the Euclidean distance ``sqrt(2 - 2 cos)`` to the k-th nearest bank feature (higher =
 more OOD; OpenOOD reports its negative).
 
-Choosing ``k`` (the paper used 50 on CIFAR-10; the benchmarks here measured k = 1 beating k = 50 on near
-OOD with the same bank):
+Choosing ``k`` (the paper used 50 on CIFAR-10; smaller k can win on near OOD with the same bank:
+docs/methods.md#knn-choosing-k):
 
 - **Search**: without a fixed ``k``, every k of :data:`K_GRID` is scored on validation data: leave-one-out
   bank samples (a bank sample's own feature is skipped: its k-th neighbour is the (k+1)-th of the bank)
@@ -13,8 +13,8 @@ OOD with the same bank):
   (:func:`oodguard.export.validation.objective`; ties to the smaller k). Without validation OOD, k = 50.
 - **Small classes**: k is at most half the bank count of the smallest class (at least 1). With more
   neighbours than a class has bank samples, the k-th neighbour of an image of that class lies in another
-  class, and the class is flagged wholesale (measured: a class added by a retrain with 80 images, k = 50,
-  98.6% of its test images flagged). A fixed ``k`` is clipped the same way (and to the bank size).
+  class, and the class is flagged wholesale (a small class added by a retrain is the typical case). A fixed
+  ``k`` is clipped the same way (and to the bank size).
 """
 
 import numpy as np

@@ -4,54 +4,38 @@ No single score wins both near and far OOD (the logit scores win far, the featur
 default decision combines several. Each component score ``s_j`` becomes a conformal p-value against
 *reference* in-distribution scores ``R_j`` (held-out calibration images, never training data):
 ``p_j = (1 + #{R_j >= s_j}) / (n + 1)``, computed inside the ONNX graph (the references are constants).
-**Beyond the references** the conformal p-value stops at its floor ``1 / (n + 1)``: every input past the
-largest reference would tie there, and with a small reference set (or several components) so many held-out
-images reach the floor that the threshold lands on it and nothing can cross (seen: 72 references, min-p of
-two components, threshold = the floor, 0 of 240 noise images flagged). So past the largest reference
-``r_max`` the log p-value continues along an exponential tail, ``log p = log(1 / (n + 1)) - (s - r_max) /
-tau``, with ``tau`` the mean excess of the references over their 90th percentile (the exponential tail's
-maximum-likelihood scale; at least 1e-12); a NaN score gets ``log p = -inf``. This is a fixed function of the
-references, so the threshold below keeps its guarantee.
+Past the largest reference ``r_max`` the log p-value continues along an exponential tail,
+``log p = log(1 / (n + 1)) - (s - r_max) / tau`` (``tau``: the mean excess of the references over their 90th
+percentile, the tail's maximum-likelihood scale, at least 1e-12; a NaN score gets ``-inf``): at the plain
+floor ``1 / (n + 1)`` so many held-out images would tie that the threshold lands on it and nothing can cross.
+The tail is a fixed function of the references, so the threshold keeps its guarantee. Combinations (higher =
+more OOD): ``fisher``, ``-2 * sum_j log p_j`` (evidence adds up over components), and ``min-p``,
+``-log min_j p_j`` (the most surprised component decides; robust to one weak component).
 
-Two combinations (higher = more OOD, like every score):
+The 95%-TPR threshold of ``fused`` is fitted on the calibration half its references were *not* drawn from
+(references and the choice below use the other half), so the split-conformal guarantee holds exactly.
 
-- ``fisher``: ``-2 * sum_j log p_j`` (Fisher's method: evidence adds up over components);
-- ``min-p``: ``-log min_j p_j`` (the most surprised component decides; robust to one weak component).
+**The choice** (:func:`choose`): every subset of one to :data:`MAX_COMPONENTS` scores, with each combination,
+is scored on the reference half's own scores (leave-one-out p-values ``#{R_j >= s} / n``) against each
+validation OOD group (near, far, user sets; :mod:`oodguard.export.validation`), in two steps:
 
-The threshold of ``fused`` is fitted, like every other threshold, at 95% TPR, but on calibration images
-that its references were *not* drawn from (the export splits the calibration set in two: references and
-the choice below on one half, the threshold on the other), so the split-conformal guarantee holds for
-``fused`` exactly: the statistic is a fixed function of the first half, exchangeable on the second.
+1. **No group may be traded away.** Admissible: on *every* group at most :data:`MAX_ERROR_RATIO` times the
+   ranking errors of that group's best single score, counted by :func:`tail_error` (wrongly ranked (ID, OOD)
+   pairs, the ID scores' upper tail continued by the exponential tail above). Plain AUROC cannot do this: far
+   validation AUROCs saturate at 1.0 (the references rarely hold the rare ID outliers of a large test set), so
+   it misses a Fisher sum whose component is weak on far OOD (kNN on noise) letting that component's ID
+   outliers outrank far OOD. 1.5 lies between what a good combination costs and what a diluting one does
+   (measurements: docs/methods.md#pvalue_fusion-admissibility-and-the-tail); for *independent* components
+   min-p costs up to 2 times (Bonferroni's factor), so such a pair may be inadmissible.
+2. The best admissible *worst-group* AUROC wins (ties: the larger mean, fewer components, ``fisher``); more
+   components win only by at least :data:`MIN_GAIN` over the best admissible candidate with fewer (about an
+   AUROC's standard error on a thousand validation images: smaller gains are noise, and each extra component
+   is one more way for an input to look in-distribution to a Fisher sum).
 
-**The choice** (:func:`choose`): every subset of one to :data:`MAX_COMPONENTS` component scores, with each
-combination, is scored on validation data: the reference half's own scores (leave-one-out p-values:
-``#{R_j >= s} / n`` for a reference's own score) against the validation OOD of each group (near, far,
-user sets; :mod:`oodguard.export.validation`). Two steps:
-
-1. **No group may be traded away.** A candidate is admissible only when, on *every* group, it makes at most
-   :data:`MAX_ERROR_RATIO` times the ranking errors of the best single score on that group. Errors are
-   counted by :func:`tail_error`: the share of (ID, OOD) pairs ranked wrongly, with the ID scores' upper
-   tail continued past their maximum by the same exponential tail as above. The continuation matters:
-   validation AUROCs of far OOD saturate at 1.0 (about 1,500 ID references rarely hold one of the rare ID
-   outliers a test set of 10,000 has), so plain AUROC cannot see that a Fisher sum with a component that is
-   weak on far OOD (kNN on noise) lets ID outliers of that component outrank far OOD — the benchmark showed
-   exactly that (fisher(knn, gradnorm) far 99.92 against gradnorm's 99.99), and the tail error sees it (5.6
-   times gradnorm's far errors on the MNIST validation, against 1.15 times for min-p of the same two).
-2. Among admissible candidates, the best *worst-group* AUROC wins (ties: the larger mean, then fewer
-   components, then ``fisher``), with a parsimony rule: a candidate with more components is taken only when it
-   beats the best admissible one with fewer by at least :data:`MIN_GAIN` worst-group AUROC (about the
-   standard error of an AUROC on a thousand validation images: smaller gains are noise, and every extra
-   component is one more way for an input to look in-distribution to a Fisher sum).
-
-:data:`MAX_ERROR_RATIO` = 1.5 sits between what a good combination costs and what a diluting one does, as
-measured on the MNIST validation: min-p of two correlated components (kNN and GradNorm) makes 1.1-1.2 times
-GradNorm's far errors, the Fisher sums that lost far AUROC on the benchmark 1.9-5.6 times. (For *independent*
-components min-p costs up to 2 times, Bonferroni's factor; such a pair may then be inadmissible.) When no
-candidate is admissible, the one with the smallest error ratio is taken (the one that trades the least away)
-and the record says so. A single component is a candidate too (then ``fused`` is that score's p-value).
-Every candidate's figures are recorded in ``calibration.json`` (the best ones in full).
-
-The gateway explains a fused decision by its *driver*: the component with the smallest p-value.
+None admissible: the smallest error ratio is taken (it trades the least away) and the record says so. A single
+component is a candidate too (``fused`` is then its p-value). Every candidate's figures go to
+``calibration.json`` (the best ones in full). The gateway explains a fused decision by its *driver*: the
+component with the smallest p-value.
 """
 
 from __future__ import annotations

@@ -6,8 +6,8 @@ the loss is cross-entropy to the uniform target, whose gradient w.r.t. the penul
 a linear head ``z = W h + b`` is ``g = W^T (softmax(z) - 1/K)``, and ``s = sigmoid(alpha * h * g)``.
 Distances are taken on ``s - 0.5 = tanh(alpha * h * g / 2) / 2`` (identical distances, no cancellation
 at small alpha), centred on the bank mean, and computed in float64 inside the graph: the nearest-anchor
-search subtracts nearly equal squared norms, and float32 there moved ``r`` by ~2e-4 between PyTorch and
-ONNX Runtime. The ratio is returned as float32.
+search subtracts nearly equal squared norms, and in float32 ``r`` differs between PyTorch and ONNX Runtime
+(docs/methods.md#sisom-float64-distances-and-the-alpha-fallback). The ratio is returned as float32.
 
 Score, for predicted class ``c = argmax z``: the anchor ``a`` is the nearest bank sample of class ``c``,
 ``d_in = ||s(x) - s(a)||`` and ``r = d_in / d_out(a)`` with ``d_out(a)`` the distance from the anchor to the
@@ -23,8 +23,8 @@ Choices where the paper is not explicit (method note, sections 2-4):
   procedure ``validation-auroc`` maximises the *worst group's* AUROC between the leave-one-out bank ratios
   and the validation-OOD ratios of each group (near, far, user sets; ties by the mean:
   :func:`oodguard.export.validation.objective`), so neither near nor far OOD alone decides; without one,
-  ``min-r_avg`` minimises the leave-one-out ``r_avg`` (the method note measured that this picks the
-  steepest alpha and loses ~2 near-OOD AUROC points, so it is only the fallback). Ties go to the smaller
+  ``min-r_avg`` minimises the leave-one-out ``r_avg`` (only the fallback: it picks the steepest alpha,
+  which costs near-OOD AUROC). Ties go to the smaller
   alpha. The search uses a stratified subset of at most ``search_size`` bank samples. A fixed ``alpha``
   skips the search.
 """

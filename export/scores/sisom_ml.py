@@ -13,10 +13,10 @@ Choices (the paper and NAC tune per-layer steepness on validation data, without 
 
 - **A grid relative to each layer's scale**: ``alpha_j = c_j / rms_j`` with ``rms_j`` the root mean square of
   ``a_j * g_j`` over the search subset and ``c_j`` on :data:`RELATIVE_GRID` (1e-2 ... 1e3). Pooled gradients of
-  early layers are orders of magnitude smaller than the penultimate's (ResNet-18: ~1e-6 in layer1 against
-  ~1e-3), so one absolute grid would leave early layers in the sigmoid's linear range (their alpha only
-  weighs them) and saturate the last; relative, ``c = 1`` is the same steepness for every layer, and the
-  grid spans linear (``c = 0.01``) to binarised (``c = 1000``, NAC's regime).
+  early layers are orders of magnitude smaller than the penultimate's, so one absolute grid would leave early
+  layers in the sigmoid's linear range (their alpha only weighs them) and saturate the last; relative, ``c = 1``
+  is the same steepness for every layer, and the grid spans linear (``c = 0.01``) to binarised (``c = 1000``,
+  NAC's regime).
 - **Search** (:func:`choose_alphas`): SISOM's objective (:mod:`oodguard.export.scores.sisom`): the worst
   validation-OOD group's AUROC of the leave-one-out bank ratios against each group's ratios, ties by the mean;
   without validation OOD, ``-r_avg``. Each layer starts at its own best ``c`` (the layer scored alone), then
@@ -25,11 +25,10 @@ Choices (the paper and NAC tune per-layer steepness on validation data, without 
   over layers, so a candidate recomputes one layer's distances. Every candidate's figure is recorded.
 - A backbone without ``sisom_stages`` (no per-layer data): the penultimate layer alone, with this grid; the
   export log says so and ``layers`` in calibration.json is ``["penultimate"]``.
-- **Distances in the graph** (:class:`BlockedBankRatio`): SISOM's float64 distance matrix was what the
-  multi-layer head spent its time on (LeNet-5, batch 64, 5,000 x 226 bank: a float64 matrix product and five
-  float64 passes over ``[B, N]``, 6.8x the logits-only latency). Float64 was there for the nearest-anchor
-  search: squared distances from ``|a|^2 + |b|^2 - 2ab`` cancel, and in float32 a near tie can pick another
-  anchor (another ``d_out``). Here a float32 product *finds* the candidates and float64 *decides*: the bank is
+- **Distances in the graph** (:class:`BlockedBankRatio`): a float64 distance matrix over the whole bank would
+  dominate the head's cost (docs/benchmarks.md#sisom_ml-distances-in-the-graph), but float32 alone can pick
+  the wrong anchor: squared distances from ``|a|^2 + |b|^2 - 2ab`` cancel, and a near tie can pick another
+  anchor (another ``d_out``). So a float32 product *finds* the candidates and float64 *decides*: the bank is
   stored in float32, in class blocks (``[K * n, D]``, ``n`` the largest class count, padding with infinite
   norm), so the predicted class's block of the product is one gather, the per-row constant ``|a|^2`` is left
   out, and its :data:`CANDIDATES` nearest (float32 order) are re-measured directly, ``sum (a - b)^2`` in float64

@@ -11,8 +11,8 @@
      k-means++, ``n_init`` = params ``n_init``, default 3);
    - larger ones: ``MiniBatchKMeans`` (batch 4096, stops after 5 mini-batches without improvement),
      initialised by plain k-means++ (``n_local_trials=1``) on a seeded subsample of max(3·M, 4096) items —
-     scikit-learn's greedy k-means++ (≈ 2 + ln M trials per centre) dominated the cost (≈ 30 s for
-     M = 2000 on the 2-core dev machine) for the same final inertia within 0.5%.
+     scikit-learn's greedy k-means++ (≈ 2 + ln M trials per centre) dominates the cost there for about the
+     same final inertia (measurements: docs/benchmarks.md#aloe-k-means-initialisation).
 3. Clusters ranked by OOD ratio = flagged share (ties: mean score, then cluster id); the top B clusters.
 4. From each, the member with the highest score. If fewer than B clusters are non-empty, the remaining
    slots are filled with the highest-scoring items not yet taken.

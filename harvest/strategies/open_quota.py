@@ -1,13 +1,13 @@
 """open-quota: oodguard's open-set selection. It keeps the items judged known, splits the batch over the known
 classes by quotas, and within each class takes the most surprising of its most known-like items, spread out.
 
-Why: in the reference MNIST run no strategy had both accuracy and query precision. Uncertainty strategies
-(sisom-diverse) pick informative images, and the known ones among them teach the classifier most, but they
-spend ~80% of the budget on unknowns. Known-probability strategies (LfOSA, JSOSAL) pick known images, but the
-confident, redundant ones, and they starve classes. Measured on the open-set benchmark: the highest-SISOMe
-items that still look known are the informative ones, and they are also where the unknowns are. So "is it
-known?" and "is it informative?" are answered with *different* evidence, and how far the selection reaches
-into the surprising region grows with the evidence about unknowns that the labels have brought.
+Why: uncertainty strategies (sisom-diverse) pick informative images, and the known ones among them teach the
+classifier most, but they spend most of the budget on unknowns; known-probability strategies (LfOSA, JSOSAL)
+pick known images, but the confident, redundant ones, and they starve classes. The highest-SISOMe items that
+still look known are the informative ones, and they are also where the unknowns are. So "is it known?" and "is
+it informative?" are answered with *different* evidence, and how far the selection reaches into the surprising
+region grows with the evidence about unknowns that the labels have brought. Measurements:
+docs/benchmarks.md#open_quota-open-set-benchmark.
 
 1. **Filter.** An item passes when
    - *score gate*: the conformal p-value of its pool score (params ``score``, default ``sisome``, else
@@ -23,9 +23,8 @@ into the surprising region grows with the evidence about unknowns that the label
 3. **Slice.** The candidates of class c are its k_eff · quota_c most known-like passing items. Known-likeness
    is the sum of the pool ranks of ``score`` and of params ``slice_score`` (default ``knn``, ``none`` for the
    score alone). Both are feature-space distances and neither is a logit, so unknowns with high top logits do
-   not fool them. The two disagree on different items: on the benchmark's first round the 4,000 items lowest
-   by SISOMe + kNN held 85% known among their 100 most surprising, against 60% for SISOMe alone. The slice
-   widens with the labeled unknowns U the head learns from: k_eff = params ``k`` (default 30) ×
+   not fool them, and the two disagree on different items, so their sum keeps more known items than either.
+   The slice widens with the labeled unknowns U the head learns from: k_eff = params ``k`` (default 30) ×
    (1 + U / params ``widen``, default 40). Early, the slice keeps the batch known-like; later, the head does.
 4. **Ranking.** Within the slice, by params ``rank`` (default ``margin``): the known-class *margin* (top-1
    minus top-2 softmax probability over the known classes; the smallest, i.e. the image the classifier
@@ -34,23 +33,15 @@ into the surprising region grows with the evidence about unknowns that the label
    candidates' median pairwise distance × params ``radius_scale``, or params ``radius``. Why margin: the
    filter and the slice already answer "is it known?"; among items judged known, the ones that teach the
    classifier most are those it confuses, and a confusion between two *known* classes is not evidence of an
-   unknown, so the ranking does not pull the batch back towards the unknowns. Measured (open-set benchmark,
-   3 seeds, 660 labels, one training per figure, the CNN trained on the known labels only; gain over random
-   per seed, mean precision): default pool margin +1.2/+2.6/+2.2 at 81% against score +1.1/+1.9/+1.7 at
-   83%; the second pool (bold shapes) margin +1.7/+1.7/+1.1 at 79% against score +1.5/+1.4/+0.1 at 78%.
+   unknown, so the ranking does not pull the batch back towards the unknowns.
 5. When fewer items pass than the budget, the rest are the other items most likely known (π · head p_known,
    descending; ties by index), and each of their reasons says "filler".
 
 **What it needs from the retraining.** The strategy picks; the known-class accuracy it buys depends on what
-the retrain does with the labels. When the retrain also trains the images labeled unknown, as a (K+1)-th class
-whose output is then dropped (the open-set benchmark's default protocol, as LfOSA trains its detector), the
-backbone's features learn where the unknowns lie, and the same defaults gain +2.3/+3.2/+2.4 points over random
-at 84% precision on the default pool and +3.6/+3.1/+2.4 at 83% on the bold-shapes pool (3 seeds, 5 trainings
-per figure) — against +1.5/+2.2/+2.0 at 81% and +1.8/+1.7/+0.7 at 79% when the unknowns are left out of
-training. ``oodguard train --outlier-data`` (with ``labels import --not-relevant-out``) is that retrain. See the
-closing note of issue 17.
-
-Defaults were chosen on the default benchmark pool only (seed 0-2; see the closing note of issue 17); the
+the retrain does with the labels. A retrain that also trains the images labeled unknown, as a (K+1)-th class
+whose output is then dropped (``oodguard train --outlier-data``, with ``labels import --not-relevant-out``),
+teaches the backbone's features where the unknowns lie, and gains more over random than one that leaves them
+out. Defaults were chosen on the default benchmark pool only (seeds 0-2; see the closing note of issue 17); the
 second pool (``bench/unknown_pools.py``) was not used for tuning.
 """
 

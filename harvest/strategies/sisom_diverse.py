@@ -11,9 +11,9 @@ items (the pool's typical spread; between-cluster scale when the pool has severa
 ``radius_scale`` (default 1). ``radius`` 0 disables the penalty (plain top-B). Items within ρ of a pick are
 discounted in proportion to their closeness; the first pick is always the top score. Cost O(B·N·D).
 
-A first version deferred items closer than the median nearest-neighbour distance of a random B-batch; in
-84-dimensional features within-cluster distances concentrate, so half of a cluster lay outside any such
-ball and the batch still came from one cluster — the proportional discount with a pool-scale ρ does not.
+Why not a hard cut (defer items closer than the median nearest-neighbour distance of a random B-batch): in
+84-dimensional features within-cluster distances concentrate, so half of a cluster lies outside any such
+ball and the batch still comes from one cluster; the proportional discount with a pool-scale ρ does not.
 """
 
 from __future__ import annotations
