@@ -13,20 +13,20 @@ to the next free version number) and refresh the model's Triton configs.
 
 The calibration split is halved per class (seeded): *references* (the fused score's reference scores,
 the fused choice and the bank choice) and *held* (the fused threshold). Every other score's threshold uses
-the whole split, as before. A calibration split too small to halve (each half needs
+the whole split. A calibration split too small to halve (each half needs
 :func:`~oodguard.export.calibrate.minimum_size` samples) gives a version without ``fused``, and the log
 says so; the gateway then decides with its fallback score.
 
 **Multi-layer SISOM is opt-in** (``multi_layer``, ``oodguard export --multi-layer``; default off). Without it
 the export extracts no per-layer data and the graph has no ``sisom_ml`` / ``sisome_ml`` outputs, no backward
-pass and no second bank: the default export costs what it did before multi-layer SISOM existed. With it, the
+pass and no second bank, so the default export pays nothing for it. With it, the
 per-layer data of the bank images is extracted (after the gradient check against autograd) and the two scores
 get a bank of their own: the export's bank (full, or as ``bank_size`` chose it) cut to at most
 ``multi_layer_bank_size`` samples by a class-stratified random draw (water-filled quotas, seeded;
-:func:`multi_layer_bank`). Their distances run on a wider feature (LeNet-5: 226 against 84 dimensions): with
-the full MNIST bank (54,000) they were the largest part of the graph, in time and in size (~98 MB of the
-155 MB model.onnx). calibration.json records ``multi_layer`` (and ``multi_layer_bank``: size, limit, how it
-was drawn).
+:func:`multi_layer_bank`). Their distances run on a wider feature (LeNet-5: 226 against 84 dimensions), so on
+a full bank they would be the largest part of the graph, in time and in size (measurements:
+docs/benchmarks.md#pipeline-multi-layer-bank-size). calibration.json records ``multi_layer`` (and
+``multi_layer_bank``: size, limit, how it was drawn).
 """
 
 from __future__ import annotations
