@@ -23,7 +23,7 @@ adds its own.
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -134,6 +134,50 @@ def without_outlier_output(model: Classifier, classes: int) -> Classifier:
     return kept.eval()
 
 
+@dataclass(frozen=True)
+class _DataOptions:
+    """What to train on: the backbone, the dataset specs and their split, the base run, the outlier sets."""
+
+    backbone: str | None
+    data: str | list[str] | None
+    classes: list[int] | None
+    holdout: float
+    input_shape: tuple[int, int, int] | None
+    base: Path | None
+    outliers: list[str] | None
+
+    def __post_init__(self):
+        if not 0.0 < self.holdout < 1.0:
+            raise ValueError(f"holdout must be in (0, 1), got {self.holdout}")
+
+    @property
+    def specs(self) -> list[str]:
+        """``data`` as a list of dataset specs."""
+        return [self.data] if isinstance(self.data, str) else list(self.data or [])
+
+    @property
+    def fractions(self) -> list[float]:
+        """Each new source's train / calibration / test fractions."""
+        return [1 - self.holdout, self.holdout / 2, self.holdout / 2]
+
+
+@dataclass(frozen=True)
+class _FitOptions:
+    """How to train: the optimisation settings, the seed, the sampling and augmentation, the starting weights."""
+
+    epochs: int
+    batch_size: int
+    lr: float
+    seed: int
+    balance: str
+    shift: int
+    init_from: Path | None
+
+    def __post_init__(self):
+        if self.shift < 0:
+            raise ValueError(f"--shift must be >= 0 pixels, got {self.shift}")
+
+
 def run_training(
     *,
     backbone: str | None = None,
@@ -158,29 +202,63 @@ def run_training(
     starts from a checkpoint (its head grows for new classes) instead of fresh weights; ``balance`` (auto / on /
     off) draws classes equally often; ``shift`` > 0 moves each training image by up to that many pixels;
     ``outliers``: dataset specs trained as an extra class that the saved head drops (see the module docstring)."""
-    if not 0.0 < holdout < 1.0:
-        raise ValueError(f"holdout must be in (0, 1), got {holdout}")
-    if shift < 0:
-        raise ValueError(f"--shift must be >= 0 pixels, got {shift}")
-    specs = [data] if isinstance(data, str) else list(data or [])
-    base_record = TrainingRecord.load(Path(base) / RECORD_FILE) if base is not None else None
+    return _run_training(_DataOptions(backbone, data, classes, holdout, input_shape, base, outliers),
+                         _FitOptions(epochs, batch_size, lr, seed, balance, shift, init_from), out_dir, progress)
+
+
+def _run_training(opts: _DataOptions, fit: _FitOptions, out_dir: Path, progress: Callable[[str], None]) -> TrainingRecord:
+    """:func:`run_training` with its arguments grouped: data, model, training, test, save."""
+    base_record, factory_ref, net, shape = _resolve_backbone(opts, fit.seed)
+    sources, loaded, class_names, first_new = _load_sources(opts, base_record, fit.seed)
+    prep, joined, splits = _join_sources(sources, class_names, loaded, base_record, shape)
+    train_part = joined.take(splits["train"])
+    _check_class_sizes(joined, train_part, class_names, opts.fractions[0])
+    outlier_specs = list(dict.fromkeys((base_record.outliers if base_record is not None else []) + list(opts.outliers or [])))
+    outlier_x = load_outliers(outlier_specs, prep)
+    k = len(class_names)
+    train_x, train_y = _training_arrays(prep, train_part, outlier_x, k)
+    weights = balancing_weights(train_y, fit.balance)
+    progress(_describe_run(factory_ref, joined.source, class_names, splits, prep, opts.base, weights, fit.shift,
+                           outlier_x, outlier_specs))
+    if appended := describe_appended(class_names, first_new):
+        progress(appended)
+    model = _initial_model(net, k, outlier_x is not None, fit, progress)
+    history = _train(model, train_x, train_y, joined.take(splits["calibration"]), prep, weights, fit, progress)
+    if outlier_x is not None:
+        model = without_outlier_output(model, k)
+    test_accuracy = _test(model, joined.take(splits["test"]), prep, class_names, progress)
+    record = _record(opts, fit, factory_ref, class_names, prep, sources, splits, history, test_accuracy, weights,
+                     outlier_specs, outlier_x)
+    return _save(out_dir, model, record, progress)
+
+
+def _resolve_backbone(opts: _DataOptions, seed: int):
+    """The base run's record (if any), the backbone factory reference, a fresh (seeded) backbone and its input shape;
+    refuses a run with no data, a backbone other than the base run's, or no known input shape."""
+    specs = opts.specs
+    base_record = TrainingRecord.load(Path(opts.base) / RECORD_FILE) if opts.base is not None else None
     if base_record is None and not specs:
         raise ValueError("give --data (or --base RUN with the run to build on)")
+    backbone = opts.backbone
     if base_record is not None and backbone is not None and BUILTIN_BACKBONES.get(backbone, backbone) != base_record.backbone:
         raise ValueError(f"--backbone {backbone!r} differs from the base run's {base_record.backbone!r}")
     factory_ref = base_record.backbone if base_record is not None else BUILTIN_BACKBONES.get(backbone or "lenet5",
                                                                                               backbone or "lenet5")
     torch.manual_seed(seed)  # the initial weights are part of what the seed fixes
     net = resolve_factory(factory_ref)()
-    shape = input_shape or getattr(net, "input_shape", None)
+    shape = opts.input_shape or getattr(net, "input_shape", None)
     if shape is None and base_record is None:
         raise ValueError(f"backbone {factory_ref!r} has no input_shape attribute: pass --input-shape C,H,W")
+    return base_record, factory_ref, net, shape
 
-    fractions = [1 - holdout, holdout / 2, holdout / 2]
+
+def _load_sources(opts: _DataOptions, base_record: TrainingRecord | None, seed: int):
+    """Every source (the base run's, then each new spec split afresh), the new ones' datasets by source index, and
+    the class names: the base run's (else the first source's) keep their indices, the rest are appended."""
     sources = base_record.all_sources() if base_record is not None else []
     loaded, new_names = {}, []
-    for spec in specs:
-        source, dataset = new_source(spec, classes, fractions, seed)
+    for spec in opts.specs:
+        source, dataset = new_source(spec, opts.classes, opts.fractions, seed)
         new_names.append(label_names(dataset))
         loaded[len(sources)] = dataset
         sources.append(source)
@@ -190,32 +268,48 @@ def run_training(
                    else merge_class_names([], new_names.pop(0) if new_names else []))
     first_new = len(class_names)
     class_names = merge_class_names(class_names, [name for names in new_names for name in names])
+    return sources, loaded, class_names, first_new
+
+
+def _join_sources(sources: list[Source], class_names: list[str], loaded: dict, base_record: TrainingRecord | None,
+                  shape):
+    """The preprocessing (the base run's, else fitted on the joined train part) and every source joined with it."""
     prep = Preprocessing.from_dict(base_record.preprocessing) if base_record is not None else None
     if prep is None:
         # the first source's size decides until the preprocessing exists; it is fitted on the joined train part
         joined, splits = combine(sources, class_names, None, loaded)
         prep = preprocessing_for(tuple(shape), joined.take(splits["train"]))
     joined, splits = combine(sources, class_names, prep, loaded)
-    train_part = joined.take(splits["train"])
+    return prep, joined, splits
+
+
+def _check_class_sizes(joined: Dataset, train_part: Dataset, class_names: list[str], train_fraction: float) -> None:
+    """Refuse, before training, a class with too few training images for the export's bank-based scores."""
     counts = np.bincount(train_part.labels, minlength=len(class_names))
     thin = {name: int(n) for name, n in zip(class_names, counts) if n < MIN_TRAIN_PER_CLASS}
     if thin:  # fail before training: the export could not fit its bank-based scores
         raise ValueError(
             f"class(es) {thin} have fewer than {MIN_TRAIN_PER_CLASS} training images (of "
             f"{dict(zip(class_names, np.bincount(joined.labels, minlength=len(class_names)).tolist()))} labeled in "
-            f"all; the train split keeps {fractions[0]:.0%}); the exported OOD scores need {MIN_TRAIN_PER_CLASS} per "
+            f"all; the train split keeps {train_fraction:.0%}); the exported OOD scores need {MIN_TRAIN_PER_CLASS} per "
             "class in the feature bank: label more images of them, leave them out of the labels file, or train on the "
             "previous run's data as well (--base RUN)")
-    outlier_specs = list(dict.fromkeys((base_record.outliers if base_record is not None else []) + list(outliers or [])))
-    outlier_x = load_outliers(outlier_specs, prep)
-    k = len(class_names)
+
+
+def _training_arrays(prep: Preprocessing, train_part: Dataset, outlier_x: np.ndarray | None, k: int):
+    """The training inputs and labels, the outlier images appended as class ``k`` (the extra class the head drops)."""
     train_x, train_y = prep.apply(train_part.images), train_part.labels
     if outlier_x is not None:
         train_x = np.concatenate([train_x, outlier_x])
         train_y = np.concatenate([train_y, np.full(len(outlier_x), k, dtype=train_y.dtype)])
-    weights = balancing_weights(train_y, balance)
-    progress(
-        f"training {factory_ref} on {joined.source}: {len(class_names)} classes, {len(splits['train'])} train / "
+    return train_x, train_y
+
+
+def _describe_run(factory_ref: str, source: str, class_names: list[str], splits: dict, prep: Preprocessing,
+                  base: Path | None, weights, shift: int, outlier_x: np.ndarray | None, outlier_specs: list[str]) -> str:
+    """The run's opening progress line: backbone, data, split sizes, input, and each option in effect."""
+    return (
+        f"training {factory_ref} on {source}: {len(class_names)} classes, {len(splits['train'])} train / "
         f"{len(splits['calibration'])} calibration / {len(splits['test'])} test; input {prep.input_shape}"
         + (f"; built on {base}" if base is not None else "")
         + ("; class-balanced sampling" if weights is not None else "")
@@ -225,51 +319,68 @@ def run_training(
         + (f"; --outlier-data {', '.join(outlier_specs)}: no images, no extra class" if outlier_specs and outlier_x is None
            else "")
     )
-    if appended := describe_appended(class_names, first_new):
-        progress(appended)
-    torch.manual_seed(seed)
-    model = Classifier(net, k + (outlier_x is not None), feature_dim=getattr(net, "feature_dim", None))
-    if init_from is not None:
-        grown = init_weights(model, Path(init_from)) - (outlier_x is not None)  # the outlier row is no class
-        progress(f"initialised from {init_from}" + (f" (head grown by {grown} class(es))" if grown else ""))
-    calibration_part = joined.take(splits["calibration"])
+
+
+def _initial_model(net, k: int, with_outliers: bool, fit: _FitOptions, progress: Callable[[str], None]) -> Classifier:
+    """The classifier to train (seeded head, one extra row for the outliers), from ``fit.init_from`` if given."""
+    torch.manual_seed(fit.seed)
+    model = Classifier(net, k + with_outliers, feature_dim=getattr(net, "feature_dim", None))
+    if fit.init_from is not None:
+        grown = init_weights(model, Path(fit.init_from)) - with_outliers  # the outlier row is no class
+        progress(f"initialised from {fit.init_from}" + (f" (head grown by {grown} class(es))" if grown else ""))
+    return model
+
+
+def _train(model: Classifier, train_x: np.ndarray, train_y: np.ndarray, calibration_part: Dataset, prep: Preprocessing,
+           weights, fit: _FitOptions, progress: Callable[[str], None]) -> list[dict]:
+    """Train ``model`` in place; the per-epoch history (validation accuracy on the calibration split, reported only)."""
     # the calibration split doubles as the validation set: its accuracy per epoch is reported, never used
-    history = train_classifier(
+    return train_classifier(
         model, train_x, train_y,
-        epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, progress=progress,
+        epochs=fit.epochs, batch_size=fit.batch_size, lr=fit.lr, seed=fit.seed, progress=progress,
         validation=(prep.apply(calibration_part.images), calibration_part.labels), sample_weights=weights,
-        shift=shift,
+        shift=fit.shift,
     )
-    if outlier_x is not None:
-        model = without_outlier_output(model, k)
-    test_part = joined.take(splits["test"])
+
+
+def _test(model: Classifier, test_part: Dataset, prep: Preprocessing, class_names: list[str],
+          progress: Callable[[str], None]) -> dict:
+    """The trained classifier's accuracy on the test split, reported per class."""
     test_accuracy = accuracy(model, prep.apply(test_part.images), test_part.labels, list(class_names))
     for line in describe_accuracy(test_accuracy, list(class_names)):
         progress(line)
-    def make_record(checkpoint_sha256: str) -> TrainingRecord:
-        return TrainingRecord(
-            backbone=factory_ref,
-            class_names=list(class_names),
-            preprocessing=prep.to_dict(),
-            data=sources[0].data,
-            classes=sources[0].classes,
-            seed=seed,
-            splits={name: part.tolist() for name, part in splits.items()},
-            checkpoint_sha256=checkpoint_sha256,
-            history=history,
-            test_accuracy=test_accuracy,
-            sources=[source.to_dict() for source in sources],
-            base=str(base) if base is not None else None,
-            init_from=str(init_from) if init_from is not None else None,
-            balanced=weights is not None,
-            shift=shift,
-            outliers=outlier_specs,
-            outlier_images=len(outlier_x) if outlier_x is not None else 0,
-        )
+    return test_accuracy
 
-    record = save_run(out_dir, model, make_record)
+
+def _record(opts: _DataOptions, fit: _FitOptions, factory_ref: str, class_names: list[str], prep: Preprocessing,
+            sources: list[Source], splits: dict, history: list[dict], test_accuracy: dict, weights,
+            outlier_specs: list[str], outlier_x: np.ndarray | None) -> TrainingRecord:
+    """The run's training.json, all but the checkpoint's hash: what a later export or ``--base`` run reads back."""
+    return TrainingRecord(
+        backbone=factory_ref,
+        class_names=list(class_names),
+        preprocessing=prep.to_dict(),
+        data=sources[0].data,
+        classes=sources[0].classes,
+        seed=fit.seed,
+        splits={name: part.tolist() for name, part in splits.items()},
+        history=history,
+        test_accuracy=test_accuracy,
+        sources=[source.to_dict() for source in sources],
+        base=str(opts.base) if opts.base is not None else None,
+        init_from=str(fit.init_from) if fit.init_from is not None else None,
+        balanced=weights is not None,
+        shift=fit.shift,
+        outliers=outlier_specs,
+        outlier_images=len(outlier_x) if outlier_x is not None else 0,
+    )
+
+
+def _save(out_dir: Path, model: Classifier, record: TrainingRecord, progress: Callable[[str], None]) -> TrainingRecord:
+    """Write the checkpoint and its record (with the checkpoint's hash) together, and say where."""
+    saved = save_run(out_dir, model, lambda checkpoint_sha256: replace(record, checkpoint_sha256=checkpoint_sha256))
     progress(f"saved {out_dir / CHECKPOINT_FILE} and {out_dir / RECORD_FILE}")
-    return record
+    return saved
 
 
 def save_run(out_dir: Path, model: Classifier, make_record: Callable[[str], TrainingRecord]) -> TrainingRecord:
