@@ -30,7 +30,7 @@ import math
 import sys
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 from typing import Any
 
@@ -130,15 +130,30 @@ def _load(spec: str, preprocessing: SimpleNamespace, seed: int):
 
 async def run_loadgen(config: LoadgenConfig) -> dict[str, Any]:
     """Run the load and return the report (a JSON-ready dict)."""
-    from .sdk import NO_RETRY, AsyncOODGuardClient, RetryPolicy, build_request
-
     c = config
+    model, preprocessing, class_names = await _probe_model(c)
+    sources, specs, unknown_labels = await _load_traffic(c, model, preprocessing, class_names)
+    tally = await _drive(c, model, sources, specs)
+    return _report(c, model, unknown_labels, sources, tally)
+
+
+async def _probe_model(c: LoadgenConfig) -> tuple[str, SimpleNamespace, list[str]]:
+    """The served model's name, preprocessing and class names (asked with retries: the gateway may still be starting);
+    refuses a batch size the model does not take."""
+    from .sdk import AsyncOODGuardClient, RetryPolicy
+
     async with AsyncOODGuardClient(c.target, timeout=max(c.timeout, 10.0), retry=RetryPolicy(max_attempts=5),
                                    token=c.token, root_certificates=c.tls_ca) as probe:
         info = await probe.model_info(c.model)
     model, max_batch, preprocessing, class_names = _model_preprocessing(info, c.model)
     if c.batch_size > max_batch > 0:
         raise ValueError(f"batch size {c.batch_size} is above the model's max batch size {max_batch}")
+    return model, preprocessing, class_names
+
+
+async def _load_traffic(c: LoadgenConfig, model: str, preprocessing: SimpleNamespace, class_names: list[str]):
+    """The image sets to send (``id`` and, with an OOD fraction, ``ood``) as model inputs, their specs, and the count
+    of ``id`` labels the model does not know (warned about: they would inflate the ID flag rate)."""
     sources = {"id": await asyncio.to_thread(_load, c.data, preprocessing, c.seed)}
     specs = {"id": c.data}
     from oodguard.evaluation import labels_unknown_to
@@ -152,14 +167,29 @@ async def run_loadgen(config: LoadgenConfig) -> dict[str, Any]:
     if c.ood_fraction > 0:
         sources["ood"] = await asyncio.to_thread(_load, c.ood_data, preprocessing, c.seed + 1)
         specs["ood"] = c.ood_data
+    return sources, specs, unknown_labels
+
+
+@dataclass
+class _Tally:
+    """What the load's answers came to: latencies, errors by code, items and flags by source, versions that answered."""
+
+    latencies: list[float] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    error_examples: dict[str, str] = field(default_factory=dict)
+    items: Counter = field(default_factory=Counter)
+    flagged: Counter = field(default_factory=Counter)
+    versions: Counter[str] = field(default_factory=Counter)
+    elapsed: float = 0.0
+
+
+async def _drive(c: LoadgenConfig, model: str, sources: dict, specs: dict[str, str]) -> _Tally:
+    """Send the load: ``c.concurrency`` workers, each sending its next request (paced by ``c.rate``, if given) until
+    the duration or the request count is reached; every answer and error is tallied."""
+    from .sdk import NO_RETRY, AsyncOODGuardClient, build_request
 
     rng = np.random.default_rng(c.seed)
-    latencies: list[float] = []
-    errors: Counter[str] = Counter()
-    error_examples: dict[str, str] = {}
-    items = Counter()
-    flagged = Counter()
-    versions: Counter[str] = Counter()
+    tally = _Tally()
     state = {"sent": 0}
 
     client = AsyncOODGuardClient(c.target, timeout=c.timeout, retry=NO_RETRY, token=c.token, root_certificates=c.tls_ca)
@@ -198,37 +228,42 @@ async def run_loadgen(config: LoadgenConfig) -> dict[str, Any]:
                 response = await client.stub.Predict(request, timeout=c.timeout, metadata=client._c.metadata)
             except grpc.RpcError as exc:
                 name = exc.code().name
-                errors[name] += 1
-                error_examples.setdefault(name, exc.details() or "")
+                tally.errors[name] += 1
+                tally.error_examples.setdefault(name, exc.details() or "")
                 continue
-            latencies.append(time.perf_counter() - sent)
-            versions[f"{response.model}:{response.version}"] += 1
-            items[source] += len(response.predictions)
-            flagged[source] += sum(p.decision.ood for p in response.predictions)
+            tally.latencies.append(time.perf_counter() - sent)
+            tally.versions[f"{response.model}:{response.version}"] += 1
+            tally.items[source] += len(response.predictions)
+            tally.flagged[source] += sum(p.decision.ood for p in response.predictions)
 
     try:
         await asyncio.gather(*(worker() for _ in range(c.concurrency)))
     finally:
-        elapsed = loop.time() - start
+        tally.elapsed = loop.time() - start
         await client.close()
+    return tally
 
-    ok = len(latencies)
+
+def _report(c: LoadgenConfig, model: str, unknown_labels: int, sources: dict, tally: _Tally) -> dict[str, Any]:
+    """The JSON-ready report: the config (no token), counts, rates, latency percentiles and flag shares by source."""
+    elapsed, items, flagged = tally.elapsed, tally.items, tally.flagged
+    ok = len(tally.latencies)
     total_items = sum(items.values())
     total_flagged = sum(flagged.values())
     return {
         "config": {k: v for k, v in asdict(c).items() if k not in ("token",)},
         "model": model,
         "id_labels_unknown_to_model": unknown_labels,
-        "versions": dict(versions),
+        "versions": dict(tally.versions),
         "elapsed_s": elapsed,
-        "requests": ok + sum(errors.values()),
+        "requests": ok + sum(tally.errors.values()),
         "ok": ok,
-        "errors": dict(errors),
-        "error_examples": error_examples,
+        "errors": dict(tally.errors),
+        "error_examples": tally.error_examples,
         "items": total_items,
         "throughput_rps": ok / elapsed if elapsed > 0 else 0.0,
         "items_per_s": total_items / elapsed if elapsed > 0 else 0.0,
-        "latency_ms": percentiles(latencies),
+        "latency_ms": percentiles(tally.latencies),
         "flagged": total_flagged,
         "flagged_share": total_flagged / total_items if total_items else None,
         "by_source": {s: {"items": items[s], "flagged": flagged[s],
