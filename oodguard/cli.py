@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -334,24 +333,6 @@ def _strategy_params(pairs: list[str]) -> dict:
     return params
 
 
-@contextlib.contextmanager
-def _harvest_queue(url: str):
-    """The existing queue at ``url``, closed afterwards: a SQLite file that does not exist is an error naming
-    its absolute path, and is not created (only ``serve`` creates the queue). These commands never put
-    records, so the spool file the Redis queue requires stays empty; it lives in a temporary folder removed
-    on exit."""
-    import tempfile
-
-    from oodguard.queues.factory import open_queue
-
-    with tempfile.TemporaryDirectory(prefix="oodguard-harvest-") as spool_dir:
-        queue = open_queue(url, spool_path=Path(spool_dir) / "spool", create=False)
-        try:
-            yield queue
-        finally:
-            queue.close()
-
-
 def _run_harvest(args: argparse.Namespace) -> int:
     from oodguard.harvest.job import run_harvest
 
@@ -365,7 +346,9 @@ def _run_harvest(args: argparse.Namespace) -> int:
         return 0
     params = _strategy_params(args.param)
     strategy.check_params(params)  # before the queue is opened: nothing is claimed for a typo
-    with _harvest_queue(args.queue) as queue:
+    from oodguard.queues.factory import open_existing
+
+    with open_existing(args.queue) as queue:
         run_harvest(queue, args.strategy, args.budget, args.out, args.repository, seed=args.seed,
                     params=params, model=args.model, stale=args.stale, dry_run=args.dry_run, labels=args.labels,
                     export=ExportOptions(image_url_prefix=args.image_url_prefix, local_files_root=args.local_files_root))
@@ -377,7 +360,9 @@ def _run_labels(args: argparse.Namespace) -> int:
         return _run_label_studio(args)
     from oodguard.harvest.labels import import_labels
 
-    with _harvest_queue(args.queue) as queue:
+    from oodguard.queues.factory import open_existing
+
+    with open_existing(args.queue) as queue:
         summary = import_labels(args.file, queue, args.repository, args.out, args.unknown_policy, strict=args.strict,
                                 not_relevant_out=args.not_relevant_out, model=args.model)
     print(summary.describe())

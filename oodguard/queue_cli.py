@@ -189,11 +189,11 @@ def _add_filters(parser, *, limit: int | None, limit_help: str = "", state: bool
 
 # -- running -------------------------------------------------------------------------------------------------
 def run_queue(args: argparse.Namespace) -> int:
-    from oodguard.cli import _harvest_queue
+    from oodguard.queues.factory import open_existing
     from oodguard.queues.base import QueueError
 
     try:
-        with _harvest_queue(args.queue) as queue:
+        with open_existing(args.queue) as queue:
             return ACTIONS[args.queue_command](queue, args)
     except QueueError as exc:
         raise ValueError(str(exc)) from exc

@@ -15,7 +15,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from pathlib import Path
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -101,6 +103,20 @@ def open_queue(url: str, *, max_size: int = 100_000, full_policy: str = "reject"
     return RedisQueue(client_url, Path(spool), max_size=max_size, full_policy=full_policy, max_bytes=max_bytes,
                       key_prefix=params.get("key_prefix") or DEFAULT_PREFIX, inline_max_bytes=inline,
                       put_timeout_s=put_timeout, idempotency_window_s=idempotency_window_s)
+
+
+@contextlib.contextmanager
+def open_existing(url: str):
+    """The existing queue at ``url``, closed afterwards, for the commands that read it (harvest, labels import,
+    ``oodguard queue``): a SQLite file that does not exist is an error naming its absolute path, and is not
+    created (only ``serve`` creates the queue). They never put records, so the spool file the Redis queue requires
+    stays empty; it lives in a temporary folder removed on exit."""
+    with tempfile.TemporaryDirectory(prefix="oodguard-queue-") as spool_dir:
+        queue = open_queue(url, spool_path=Path(spool_dir) / "spool", create=False)
+        try:
+            yield queue
+        finally:
+            queue.close()
 
 
 def describe_url(url: str) -> str:

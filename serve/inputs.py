@@ -19,9 +19,10 @@ import numpy as np
 from PIL import Image, PngImagePlugin, UnidentifiedImageError
 
 from .image_structure import TooManyChunks, check_structure
+from .quoting import quote
 from .v1 import oodguard_pb2 as pb
 
-if TYPE_CHECKING:  # pragma: no cover (the registry quotes model names with quote(): no import cycle)
+if TYPE_CHECKING:  # pragma: no cover (a type only: the registry imports nothing from here)
     from .registry import ServedVersion
 
 FLOAT_DTYPES = ("float32", "fp32")
@@ -38,8 +39,6 @@ MAX_METADATA_ENTRIES = 1024
 MAX_TENSOR_DIMS = 8
 PngImagePlugin.MAX_TEXT_CHUNK = MAX_PNG_TEXT_BYTES  # process-wide: serving reads no PNG text anywhere
 PngImagePlugin.MAX_TEXT_MEMORY = MAX_PNG_TEXT_BYTES
-#: how much of a client's string an error message quotes
-QUOTE_CHARS = 64
 
 
 class InputError(ValueError):
@@ -52,13 +51,6 @@ class InputError(ValueError):
 
 class Abandoned(Exception):
     """The request gave up (cancelled, deadline passed) while its images were being decoded."""
-
-
-def quote(text: str | bytes, limit: int = QUOTE_CHARS) -> str:
-    """``repr`` of a client-supplied string, cut to ``limit`` characters (with its full length said)."""
-    if len(text) <= limit:
-        return repr(text)
-    return f"{text[:limit]!r}... ({len(text)} {'bytes' if isinstance(text, bytes) else 'characters'})"
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from oodguard.preprocess import Preprocessing
 
 from .backend import Backend, BackendError, BackendUnavailable, DeadlineExceeded, ModelNotFound
 from .decision import DecisionPolicy, DecisionRule, InputRange, PolicyError
-from .inputs import quote
+from .quoting import quote
 
 log = logging.getLogger("oodguard.serve.registry")
 

@@ -1,12 +1,7 @@
-"""The gateway process: the gRPC server (``oodguard.v1.OODGuard`` + standard health + reflection) over one
-backend, the registry of served versions, the micro-batcher, the query queue and the metrics; start and drain.
-
-The service's handlers live in :mod:`oodguard.serve.service`, input parsing and limits in
-:mod:`oodguard.serve.inputs`. The gateway runs each micro-batch (one backend call for concurrent requests
-of one version, :mod:`oodguard.serve.batching`), decides it with the version's thresholds (failing closed
-on unscorable items and inputs outside the model's range, :mod:`oodguard.serve.decision`), counts it once,
-and writes the flagged (and sampled) items of the requests of a micro-batch to the query queue in one write
-(:mod:`oodguard.queues.writer`) before answering them. Never imports torch.
+"""The gateway process: it assembles the parts (backend, registry of served versions, query queue, metrics, the
+request path :class:`~oodguard.serve.pipeline.PredictPipeline` and its gRPC service :mod:`oodguard.serve.service`,
+standard health and reflection) and runs their lifecycle: security, bind, start, health, drain. It does no
+per-request work itself. Never imports torch.
 """
 
 from __future__ import annotations
@@ -14,63 +9,27 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import random
 import signal
 
 import grpc
-import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from .auth import TokenAuthInterceptor, load_token, server_credentials
-from .backend import Backend, BackendUnavailable, DeadlineExceeded
-from .batching import MicroBatcher
-from .decision import Decisions, DecisionPolicy, PolicyError
-from .inputs import InputLimits
-from .listen import ensure_port_free, port_in_use_message
-from .memory import MemoryTrimmer
-from .metrics import GatewayMetrics
-from oodguard.queues.base import NewRecord, QueryQueue, QueueError
+from oodguard.queues.base import QueryQueue
 from oodguard.queues.factory import describe_url
-from oodguard.queues.writer import QueueWriter
-from .registry import Registry, ServedVersion, describe
-from .service import SERVICE_NAME, ImageDecoder, OODGuardService
-from .settings import Settings
-from .v1 import oodguard_pb2 as pb
-from .workers import WorkerSlot
+
+from .auth import TokenAuthInterceptor, load_token, server_credentials
+from .backend import Backend
+from .batching import MicroBatcher
+from .decision import DecisionPolicy, PolicyError
+from .listen import ensure_port_free, port_in_use_message
+from .metrics import GatewayMetrics
+from .pipeline import PredictPipeline
+from .registry import Registry, describe
+from .service import SERVICE_NAME, OODGuardService
+from .settings import Settings, WorkerSlot
 
 log = logging.getLogger("oodguard.serve")
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    z = logits.astype(np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-# -- the gateway ------------------------------------------------------------------------------------
-class BatchOutcome:
-    """What one micro-batch produced: the version that answered, every model output, the decisions, and
-    (computed on first use, once per batch) the class probabilities and classes ranked by them."""
-
-    def __init__(self, served: ServedVersion, outputs: dict[str, np.ndarray], decisions: Decisions):
-        self.served, self.outputs, self.decisions = served, outputs, decisions
-        self._probabilities: np.ndarray | None = None
-        self._ranking: np.ndarray | None = None
-
-    @property
-    def probabilities(self) -> np.ndarray:
-        if self._probabilities is None:
-            self._probabilities = _softmax(np.asarray(self.outputs["logits"]))
-        return self._probabilities
-
-    @property
-    def ranking(self) -> np.ndarray:
-        """Class indices by falling probability per row (ties: the lower index first)."""
-        if self._ranking is None:
-            self._ranking = np.argsort(-self.probabilities, axis=1, kind="stable")
-        return self._ranking
 
 
 def build_backend(settings: Settings) -> Backend:
@@ -98,11 +57,6 @@ def build_queue(settings: Settings, worker: WorkerSlot | None = None) -> QueryQu
                       max_bytes=settings.queue_max_bytes, full_policy=settings.queue_full_policy,
                       spool_path=settings.queue_spool_path, worker=slot.index, workers=slot.count,
                       idempotency_window_s=settings.queue_idempotency_window_s)
-
-
-#: consecutive backend calls timing out after the whole --backend-timeout-s that turn health NOT_SERVING (the
-#: registry's next successful poll, or the next answered call, turns it back)
-BACKEND_TIMEOUTS_NOT_SERVING = 3
 
 
 def _loopback(host: str) -> bool:
@@ -140,28 +94,27 @@ class Gateway:
         self.registry = Registry(self.backend, settings.repository, self.policy, settings.poll_interval_s,
                                  settings.max_batch, settings.default_model, on_state=self._on_registry_state,
                                  input_range_margin=settings.input_range_margin)
-        self.input_limits = InputLimits.from_settings(settings)
-        self.decoder = ImageDecoder(settings.decode_workers, settings.decode_queue_max_images)
-        self.tensor_converter = ImageDecoder(settings.decode_workers, settings.decode_queue_max_images, "oodguard-uint8")
-        self.trimmer = MemoryTrimmer()  # returns freed request memory to the OS
         self.health = health.aio.HealthServicer()
-        self.draining = False
         self.port: int | None = None
         self.server: grpc.aio.Server | None = None
-        self._rng = random.Random(settings.sample_seed)
         self._serving: bool | None = None
         self.metrics = GatewayMetrics(multiprocess=worker is not None)
+        self.pipeline = PredictPipeline(settings, self.backend, self.registry, self.queue, self.metrics,
+                                        on_backend_failed=self.backend_failed, on_backend_ok=self.backend_ok)
         self.metrics.bind(self)
         self._sync: asyncio.Task | None = None
-        #: Predict calls in progress; the embedded backend runs small single rows inline only when alone
-        self.active_requests = 0
-        self.backend.inline_allowed = lambda: self.active_requests <= 1
-        self.batcher: MicroBatcher[BatchOutcome] = MicroBatcher(self.run_batch,
-                                                                max_inflight=self.backend.max_inflight_batches,
-                                                                max_wait_s=settings.max_wait_ms / 1000.0)
-        self.queue_writer = QueueWriter(self.queue, self.batcher.after_batch)  # one put per micro-batch
+        # the embedded backend runs small single rows inline only while no other call is in progress
+        self.backend.inline_allowed = lambda: self.pipeline.active_requests <= 1
         self.metrics_port: int | None = None
-        self._backend_timeouts = 0  # consecutive backend calls that used their whole backend_timeout_s
+
+    @property
+    def active_requests(self) -> int:
+        """Predict calls in progress (the metrics export it)."""
+        return self.pipeline.active_requests
+
+    @property
+    def batcher(self) -> MicroBatcher:
+        return self.pipeline.batcher
 
     # -- health ---------------------------------------------------------------------------------
     async def _set_serving(self, serving: bool, reason: str = "") -> None:
@@ -189,66 +142,6 @@ class Gateway:
             self.registry.backend_error = None
             await self._set_serving(self.registry.serving, "no model version ready")
 
-    # -- queue ----------------------------------------------------------------------------------
-    def choose_for_queue(self, decisions: Decisions) -> tuple[list[int], list[bool]]:
-        """Which of a request's items go to the queue (every flagged one, and the sampled share of unflagged
-        ones), and the sampled flags of all items."""
-        fraction = self.settings.unflagged_sample_fraction
-        ood = decisions.ood.tolist()
-        if not fraction > 0:  # nothing sampled (the default): no random draw, as below
-            return [i for i, flagged in enumerate(ood) if flagged], [False] * len(ood)
-        sampled = [not flagged and self._rng.random() < fraction for flagged in ood]
-        return [i for i, flagged in enumerate(ood) if flagged or sampled[i]], sampled
-
-    async def enqueue(self, x: np.ndarray, outcome: "BatchOutcome", rows: slice, decisions: Decisions,
-                      request: pb.PredictRequest, chosen: list[int]) -> list[str | None]:
-        """Queue the ``chosen`` items of a request before answering. ``rows`` are the request's rows of
-        ``outcome`` (its micro-batch), ``decisions`` theirs. Returns per chosen item its record id, or None
-        where a full queue refused it (the queue logs and counts those). Every record of the request shares
-        one metadata dict: the queue stores it once."""
-        served = outcome.served
-        logits, features = outcome.outputs["logits"][rows], outcome.outputs["features"][rows]
-        metadata = dict(request.metadata)
-        records = []
-        for i in chosen:
-            verdict = decisions.verdict(i)
-            # "item": the record's position in its request (ties it to per-item client metadata)
-            records.append(NewRecord(model=served.model, version=served.version, input=x[i], logits=logits[i],
-                                     features=features[i], scores=verdict.scores,
-                                     decision={**verdict.to_dict(), "item": i},
-                                     flagged=verdict.ood, request_id=request.request_id, metadata=metadata))
-        try:
-            return await self.metrics.time_queue_write(served.model, self.queue_writer.put(records))
-        except QueueError as exc:
-            log.error("query queue write failed: %s", exc)
-            raise
-
-    # -- micro-batches --------------------------------------------------------------------------
-    async def run_batch(self, served: ServedVersion, x: np.ndarray, timeout_s: float | None) -> "BatchOutcome":
-        """One backend call for a micro-batch of requests, decided and counted once for all of them."""
-        try:
-            result = await self.metrics.time_backend(served.model, self.backend.infer(served.model, served.version, x,
-                                                                                        timeout_s))
-        except BackendUnavailable as exc:
-            await self.backend_failed(str(exc))
-            raise
-        except DeadlineExceeded:
-            # a call given the whole --backend-timeout-s that still got no answer: the backend hangs (a paused
-            # Triton keeps its port open); a client's short deadline says nothing about the backend
-            if timeout_s is not None and timeout_s >= 0.9 * self.settings.backend_timeout_s:
-                self._backend_timeouts += 1
-                if self._backend_timeouts >= BACKEND_TIMEOUTS_NOT_SERVING:
-                    await self.backend_failed(f"{self._backend_timeouts} calls in a row got no answer within "
-                                              f"--backend-timeout-s ({self.settings.backend_timeout_s:g} s)")
-            raise
-        self._backend_timeouts = 0
-        await self.backend_ok()
-        if result.version != served.version:
-            served = self.registry.resolve(served.model, result.version)
-        decisions = served.rule(result.outputs, served.input_range.outside(x))
-        self.metrics.observe_decisions(served, decisions)
-        return BatchOutcome(served, result.outputs, decisions)
-
     # -- lifecycle ------------------------------------------------------------------------------
     def _security(self) -> tuple[grpc.ServerCredentials | None, list]:
         """TLS credentials (None: plain TCP) and the interceptors (bearer-token check); see ``serve.auth``."""
@@ -274,7 +167,7 @@ class Gateway:
         fatal = {k: v for k, v in self.registry.policy_errors.items() if not self.registry.snapshot.versions.get(k[0])}
         if fatal:
             raise PolicyError("; ".join(fatal.values()))
-        self.server.add_generic_rpc_handlers((OODGuardService(self).handler(),))
+        self.server.add_generic_rpc_handlers((OODGuardService(self.pipeline, self.policy).handler(),))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), self.server)
@@ -333,7 +226,7 @@ class Gateway:
     async def stop(self, grace: float | None = None) -> None:
         """Drain: refuse new requests, let in-flight ones finish (up to ``grace`` s), then close everything."""
         grace = self.settings.drain_timeout_s if grace is None else grace
-        self.draining = True
+        self.pipeline.draining = True
         await self.health.enter_graceful_shutdown()
         if self.server is not None:
             await self.server.stop(grace)
@@ -341,9 +234,7 @@ class Gateway:
             self._sync.cancel()
         self.metrics.sync()  # the last counts of this worker reach the files
         self.metrics.stop_server()
-        self.decoder.close()
-        self.tensor_converter.close()
-        self.trimmer.close()
+        self.pipeline.close()
         await self.registry.close()
         try:
             await self.backend.close()
@@ -373,4 +264,4 @@ async def serve(settings: Settings, worker: WorkerSlot | None = None, ready=None
     return 0
 
 
-__all__ = ["Gateway", "BatchOutcome", "build_backend", "build_queue", "server_options", "serve"]
+__all__ = ["Gateway", "build_backend", "build_queue", "server_options", "serve"]

@@ -28,6 +28,14 @@ QUEUE_SCHEMES = ("sqlite", "redis", "rediss")
 AUTO_FIELDS = ("workers",)
 
 
+@dataclass(frozen=True)
+class WorkerSlot:
+    """Which worker a gateway is: ``index`` in ``0..count-1``."""
+
+    index: int
+    count: int
+
+
 class SettingsError(ValueError):
     """A setting has a bad value; the message names the setting and the environment variable."""
 

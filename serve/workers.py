@@ -46,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .listen import ensure_port_free
-from .settings import Settings
+from .settings import Settings, WorkerSlot
 
 log = logging.getLogger("oodguard.serve.workers")
 
@@ -57,14 +57,6 @@ POLL_S = 0.1
 #: workers still running this long after drain_timeout_s past SIGTERM are killed
 STOP_MARGIN_S = 15.0
 PR_SET_PDEATHSIG = 1
-
-
-@dataclass(frozen=True)
-class WorkerSlot:
-    """Which worker a gateway is: ``index`` in ``0..count-1``."""
-
-    index: int
-    count: int
 
 
 @dataclass

@@ -361,26 +361,23 @@ def test_the_decision_template_is_built_once_per_rule_and_holds_its_thresholds()
     # reused for its batches and slices, never shared by two rules with other thresholds
     import dataclasses
 
-    from types import SimpleNamespace
-
     from oodguard.serve.decision import DecisionPolicy, DecisionRule
-    from oodguard.serve.service import OODGuardService
-    from oodguard.serve.settings import Settings
+    from oodguard.serve.pipeline import DecisionTemplates
 
     from .test_decision import NAMES, calibration, outputs_for
 
-    service = OODGuardService(gateway=SimpleNamespace(settings=Settings(repository=Path("unused"))))
+    templates = DecisionTemplates()
     first = DecisionRule(calibration(), DecisionPolicy(("a", "b"), "all"))
     other_cal = calibration()
     other_cal.thresholds["b"] = dataclasses.replace(other_cal.thresholds["b"], threshold=12.5)
     other = DecisionRule(other_cal, DecisionPolicy(("a", "b"), "all"))
     outputs = outputs_for([(True, False, True), (False, False, False)])
     a, b = first(outputs), other(outputs)
-    template = service._decision_template(a)
-    assert service._decision_template(a[1:]) is template and service._decision_template(first(outputs)) is template
+    template = templates(a)
+    assert templates(a[1:]) is template and templates(first(outputs)) is template
     assert dict(template.thresholds) == dict.fromkeys(NAMES, 10.0)
     assert list(template.deciding_scores) == ["a", "b"] and template.mode == "all" and not template.p_values
-    assert dict(service._decision_template(b).thresholds) == {"a": 10.0, "b": 12.5, "c": 10.0}
+    assert dict(templates(b).thresholds) == {"a": 10.0, "b": 12.5, "c": 10.0}
 
 
 def test_model_info_gives_the_test_images_behind_each_class_accuracy(start_gateway, repo_copy, tmp_path):
