@@ -848,7 +848,55 @@ def _interrupt(signum, frame):
 
 # -- main ---------------------------------------------------------------------------------------------
 def main(argv=None) -> int:
-    args = parse_args(argv)
+    run = _plan(parse_args(argv))
+    # SIGINT (even where a parent shell made it ignored) and SIGTERM → the same cleanup path as Ctrl-C
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, _interrupt)
+    with ExitStack() as stack:
+        run.stack = stack
+        run.work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="oodguard-serve-bench-")))
+        repository, build, traffic = _prepare_model(run)
+        drivers = Drivers(traffic, repository, run.args.channels)
+        cost = _measure_model_cost(drivers, repository, traffic)
+        helpers = _load_integration_helpers()
+        triton = _start_triton(run, helpers, repository)
+        gateways, floor_port = _start_gateways(run, helpers, repository, traffic, triton)
+        _start_floors(run, helpers, repository, traffic, gateways, floor_port)
+        embedded_batching = _embedded_batching(run.args, repository, traffic)
+        cells = _run_cells(run, traffic, drivers, gateways, triton)
+        if run.args.hold:
+            log(f"holding servers for {run.args.hold:.0f}s: "
+                + ", ".join(f"{g.name} PID {g.process.pid}" for g in gateways.values()))
+            time.sleep(run.args.hold)
+        md = _write_outputs(run, repository, build, traffic, cost, embedded_batching, triton, gateways, cells)
+    print(md)
+    print(f"run time {time.monotonic() - run.began:.0f}s; report in {run.args.out}")
+    return 0
+
+
+@dataclass
+class _Run:
+    """One benchmark run's flags, start, cells to measure (``targets`` shrinks as targets are skipped), the notes
+    for the report, and its work folder and cleanup stack (set once the ExitStack is open)."""
+
+    args: argparse.Namespace
+    began: float
+    started: str
+    loadavg_start: tuple
+    concurrencies: list[int]
+    targets: list[str]
+    notes: list[str] = field(default_factory=list)
+    stack: ExitStack | None = None
+    work: Path | None = None
+
+    def note(self, message: str) -> None:
+        """Keep ``message`` for the report and log it."""
+        self.notes.append(message)
+        log(self.notes[-1])
+
+
+def _plan(args) -> _Run:
+    """The run from its flags: the start time and load, the concurrencies and targets (unknown targets refused)."""
     began, started = time.monotonic(), time.strftime("%Y-%m-%d %H:%M:%S")
     loadavg_start = os.getloadavg()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
@@ -856,193 +904,243 @@ def main(argv=None) -> int:
     unknown = set(targets) - set(TARGETS)
     if unknown:
         raise SystemExit(f"unknown targets: {sorted(unknown)}")
+    return _Run(args, began, started, loadavg_start, concurrencies, targets)
 
-    # SIGINT (even where a parent shell made it ignored) and SIGTERM → the same cleanup path as Ctrl-C
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, _interrupt)
-    notes: list[str] = []
-    with ExitStack() as stack:
-        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="oodguard-serve-bench-")))
-        cached = args.repository is None and _has_version(cache_root(args) / "repository")
-        repository = ensure_repository(args)
-        build = load_build(args)
-        if build is not None:
-            build["reused"] = cached
-        traffic = build_traffic(repository, args.model)
-        log(f"model {traffic.model} v{traffic.version} ({traffic.backbone_name}, request {traffic.request_shape}); "
-            f"traffic: {len(traffic.inputs)} unflagged ID digits ({100 * traffic.flagged_share:.1f}% of candidates "
-            "flagged, left out)")
-        if args.repository and args.backbone != "lenet5" and traffic.backbone_name != args.backbone:
-            notes.append(f"--backbone {args.backbone} ignored: --repository was given and its model's backbone is "
-                         f"{traffic.backbone_name}")
-            log(notes[-1])
 
-        from oodguard import repository as repo
-        from oodguard.onnx_runner import OnnxModel
+def _prepare_model(run: _Run):
+    """The repository (exported, or reused from the cache), its build record and the traffic sent to every target."""
+    args = run.args
+    cached = args.repository is None and _has_version(cache_root(args) / "repository")
+    repository = ensure_repository(args)
+    build = load_build(args)
+    if build is not None:
+        build["reused"] = cached
+    traffic = build_traffic(repository, args.model)
+    log(f"model {traffic.model} v{traffic.version} ({traffic.backbone_name}, request {traffic.request_shape}); "
+        f"traffic: {len(traffic.inputs)} unflagged ID digits ({100 * traffic.flagged_share:.1f}% of candidates "
+        "flagged, left out)")
+    if args.repository and args.backbone != "lenet5" and traffic.backbone_name != args.backbone:
+        run.note(f"--backbone {args.backbone} ignored: --repository was given and its model's backbone is "
+                 f"{traffic.backbone_name}")
+    return repository, build, traffic
 
-        drivers = Drivers(traffic, repository, args.channels)
-        # one session for the start-up latency and for ort-direct (the model is loaded once)
-        drivers.ort = OnnxModel(repo.version_dir(repository, traffic.model, traffic.version) / repo.MODEL_FILE)
-        latency_runs = 5
-        latency = model_latency(drivers.ort.session, traffic.inputs, runs=latency_runs)
-        latency_loadavg = os.getloadavg()[0]
-        model_cpu = model_cpu_ms(repo.version_dir(repository, traffic.model, traffic.version) / repo.MODEL_FILE,
-                                 traffic.inputs)
-        log(f"model CPU per batch-1 run (1 thread, no spinning): {model_cpu:.3f} ms")
-        log("model latency (ORT, one session, median of interleaved runs): " + ", ".join(
-            f"batch {b} {v['ms']:.2f} ms ({v['per_sample_ms']:.3f} ms/sample, best run {v['min_ms']:.2f} ms)"
-            for b, v in latency.items()) + f"; load average {latency_loadavg:.2f}")
 
-        helpers = _load_integration_helpers()
-        triton = None
-        if {"triton-direct", "gateway-triton"} & set(targets):
-            install = helpers.TritonInstall.find(helpers.triton_env_dir())
-            if isinstance(install, str):
-                notes.append(f"Triton targets skipped: {install} (run `bash scripts/setup_triton.sh`)")
-                log(notes[-1])
-                targets = [t for t in targets if t not in ("triton-direct", "gateway-triton")]
-            else:
-                triton = helpers.TritonServer(install, repository, work / "tritonserver.log", poll_secs=5)
-                stack.callback(triton.stop)
-                log("starting tritonserver (CPU config)")
-                triton.start()
-                log(f"tritonserver ready on {triton.url} in {triton.started_in_s:.1f}s")
+@dataclass
+class _ModelCost:
+    """The model's own latency per batch size (ORT, median of ``runs``, at load ``loadavg``) and CPU ms per batch-1 run:
+    what the serving overheads are measured against."""
 
-        gateways: dict[str, Gateway] = {}
-        extra_embedded = [] if args.max_wait_ms is None else ["--max-wait-ms", str(args.max_wait_ms)]
-        if args.baseline_src is None:
-            targets = [t for t in targets if not t.startswith("gateway-baseline")]
-        if set(FLAGGED_TARGETS) & set(targets) and traffic.flagged_inputs is None:
-            notes.append(f"{', '.join(t for t in FLAGGED_TARGETS if t in targets)} skipped: the model flags none of "
-                         "the noise inputs")
-            log(notes[-1])
-            targets = [t for t in targets if t not in FLAGGED_TARGETS]
-        specs = {"gateway-embedded": extra_embedded,
-                 "gateway-embedded-nobatch": ["--max-batch", "1"],
-                 "gateway-triton": ["--backend", "triton", "--triton-url", triton.url] if triton else None,
-                 "gateway-embedded-flagged": extra_embedded,
-                 "gateway-embedded-workers": [*extra_embedded, "--workers", str(args.workers)],
-                 "gateway-baseline": extra_embedded,
-                 "gateway-baseline-flagged": extra_embedded}
-        ports = iter(helpers.free_ports(len(specs) + 1))
-        for name, extra in specs.items():
-            port = next(ports)
-            if name not in targets:
-                continue
-            gw = start_gateway(name, repository, work, port, extra,
-                               source=args.baseline_src if name.startswith("gateway-baseline") else None)
-            stack.callback(gw.stop)
-            gateways[name] = gw
-        for gw in gateways.values():
-            wait_serving(gw)
-            log(f"{gw.name} SERVING on {gw.target} (PID {gw.process.pid})")
-        floor_ports = {"grpc-floor": next(ports), "grpc-floor-model": helpers.free_ports(1)[0]}
-        floors = [t for t in ("grpc-floor", "grpc-floor-model") if t in targets]
-        if floors and not gateways:
-            notes.append(f"{', '.join(floors)} skipped: they answer with a response captured from a gateway, and no "
-                         "gateway target was chosen")
-            log(notes[-1])
-            targets = [t for t in targets if t not in floors]
-        elif floors:
-            answer = capture_response(next(iter(gateways.values())), traffic, work / "floor-response.bin")
-            model_file = repo.version_dir(repository, traffic.model, traffic.version) / repo.MODEL_FILE
-            for name in floors:
-                floor = start_floor_server(floor_ports[name], answer, work,
-                                           model_file if name == "grpc-floor-model" else None)
-                stack.callback(floor.stop)
-                gateways[name] = floor
-                wait_serving(floor)
-                log(f"{name} SERVING on {floor.target} (PID {floor.process.pid}), answering "
-                    f"{answer.stat().st_size} bytes")
+    latency: dict
+    runs: int
+    loadavg: float
+    cpu_ms: float
 
-        from oodguard.serve.settings import Settings
-        defaults = Settings(repository=repository)
-        wait_ms = defaults.max_wait_ms if args.max_wait_ms is None else args.max_wait_ms
-        embedded_batching = f"max_wait_ms={wait_ms:g}, max_batch={defaults.max_batch or traffic.max_batch} (the model's max_batch_size)"
 
-        def server_pgids(target: str) -> list[int]:
-            if target == "ort-direct":
-                return []
-            if target == "triton-direct":
-                return [triton.process.pid]
-            pgids = [gateways[target].process.pid]
-            return pgids + ([triton.process.pid] if target == "gateway-triton" else [])
+def _measure_model_cost(drivers: Drivers, repository: Path, traffic: Traffic) -> _ModelCost:
+    """Load the model once (for this and for ort-direct) and measure its latency and CPU cost alone."""
+    from oodguard import repository as repo
+    from oodguard.onnx_runner import OnnxModel
 
-        cells: list[Cell] = []
-        loop = asyncio.new_event_loop()
-        asyncio.set_event_loop(loop)  # grpc.aio channels bind to the current loop when they are created
-        stack.callback(loop.close)
-        stack.callback(lambda: loop.run_until_complete(drivers.aclose()))
-        total = args.rounds * len(concurrencies) * len(targets)
-        for rnd in range(args.rounds):
-            for c in concurrencies:
-                order = targets if (rnd + concurrencies.index(c)) % 2 == 0 else targets[::-1]
-                for target in order:
-                    pgids = server_pgids(target)
-                    cpu0 = [group_cpu_seconds(p) for p in pgids]
-                    client0 = time.process_time()
-                    flagged = target in FLAGGED_TARGETS
-                    n_inputs = len(traffic.flagged_inputs if flagged else traffic.inputs)
-                    if target == "ort-direct":
-                        w = drive_threads(drivers.ort_call(), c, args.warmup, args.duration, n_inputs)
-                    else:
-                        call = drivers.triton_call(triton.url) if target == "triton-direct" else \
-                            drivers.gateway_call(gateways[target].target, flagged)
-                        w = loop.run_until_complete(drive_async(call, c, args.warmup, args.duration, n_inputs))
-                    # CPU over warm-up + measured window, scaled to the measured window's share
-                    span = args.warmup + args.duration
-                    scale = args.duration / span
-                    used = [group_cpu_seconds(p) - a for p, a in zip(pgids, cpu0)]  # per process group
-                    server_total = sum(used) if pgids else None
-                    server_cpu = None if server_total is None else server_total * scale
-                    cell = summarise(target, c, rnd, w, args.duration, server_cpu, (time.process_time() - client0) * scale,
-                                     server_total)
-                    if target.startswith("gateway-") and w.answered:  # its first process group is the gateway's
-                        cell.gateway_cpu_ms_per_request = 1000.0 * used[0] / w.answered
-                    cells.append(cell)
-                    log(f"[{len(cells)}/{total}] {target:<25} c={c:<3} {cell.throughput_rps:8.0f} req/s  "
-                        f"p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  errors {cell.errors}"
-                        + (f" ({cell.first_error})" if cell.errors else "")
-                        + (f"  server CPU {cell.server_cpu_pct:.0f}% ({cell.cpu_ms_per_request:.3f} ms/req)"
-                           if cell.server_cpu_pct is not None and cell.cpu_ms_per_request is not None else "")
-                        + f"  client CPU {cell.client_cpu_pct:.0f}%  load {cell.loadavg:.2f}")
-        if args.hold:
-            log(f"holding servers for {args.hold:.0f}s: " + ", ".join(f"{g.name} PID {g.process.pid}" for g in gateways.values()))
-            time.sleep(args.hold)
+    # one session for the start-up latency and for ort-direct (the model is loaded once)
+    drivers.ort = OnnxModel(repo.version_dir(repository, traffic.model, traffic.version) / repo.MODEL_FILE)
+    latency_runs = 5
+    latency = model_latency(drivers.ort.session, traffic.inputs, runs=latency_runs)
+    latency_loadavg = os.getloadavg()[0]
+    model_cpu = model_cpu_ms(repo.version_dir(repository, traffic.model, traffic.version) / repo.MODEL_FILE,
+                             traffic.inputs)
+    log(f"model CPU per batch-1 run (1 thread, no spinning): {model_cpu:.3f} ms")
+    log("model latency (ORT, one session, median of interleaved runs): " + ", ".join(
+        f"batch {b} {v['ms']:.2f} ms ({v['per_sample_ms']:.3f} ms/sample, best run {v['min_ms']:.2f} ms)"
+        for b, v in latency.items()) + f"; load average {latency_loadavg:.2f}")
+    return _ModelCost(latency, latency_runs, latency_loadavg, model_cpu)
 
-        for gw in gateways.values():  # a gateway that died during the run is a failed run, not a slow one
-            if gw.process.poll() is not None:
-                notes.append(f"{gw.name} exited during the run with {gw.process.returncode}")
-        agg = aggregate(cells)
-        rat = ratios(cells, model_cpu)
-        if any(c.errors for c in cells):
-            notes.append("some cells had errors; see report.json (first_error)")
-        notes.append(f"{os.cpu_count()} CPU cores shared by the load generator, the gateway and Triton: at concurrency 64 "
-                     "the Python load generator itself uses a large share of the CPU (client CPU %), which caps every "
-                     "target's throughput; ratios are more meaningful than absolute numbers.")
-        meta = {"started": started, "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}, "
-                f"Python {platform.python_version()})", "repository": str(repository), "model": traffic.model,
-                "version": traffic.version, "backbone": traffic.backbone_name, "backbone_ref": traffic.backbone,
-                "request_shape": traffic.request_shape,
-                "model_latency_ms": {str(b): v for b, v in latency.items()}, "model_latency_runs": latency_runs,
-                "model_latency_loadavg": latency_loadavg, "cpus": os.cpu_count(), "model_cpu_ms": model_cpu,
-                "build": build, "duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
-                "concurrencies": concurrencies, "targets": targets, "traffic_inputs": len(traffic.inputs),
-                "flagged_share": traffic.flagged_share, "decision_score": traffic.decision_score,
-                "embedded_batching": embedded_batching, "notes": notes, "workers": args.workers,
-                "baseline_src": None if args.baseline_src is None else str(args.baseline_src),
-                "flagged_inputs": 0 if traffic.flagged_inputs is None else len(traffic.flagged_inputs),
-                "loadavg_start": loadavg_start, "loadavg_end": os.getloadavg(),
-                "triton_started_in_s": None if triton is None else triton.started_in_s}
-        meta["run_time_s"] = time.monotonic() - began
-        md = write_report(args.out, meta, cells, agg, rat)
-        logs = args.out / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        for path in work.glob("*.log"):
-            shutil.copy(path, logs / path.name)
-    print(md)
-    print(f"run time {time.monotonic() - began:.0f}s; report in {args.out}")
-    return 0
+
+def _start_triton(run: _Run, helpers, repository: Path):
+    """tritonserver (CPU config) when a Triton target is chosen; None, and those targets skipped, when it is not
+    installed."""
+    if not {"triton-direct", "gateway-triton"} & set(run.targets):
+        return None
+    install = helpers.TritonInstall.find(helpers.triton_env_dir())
+    if isinstance(install, str):
+        run.note(f"Triton targets skipped: {install} (run `bash scripts/setup_triton.sh`)")
+        run.targets = [t for t in run.targets if t not in ("triton-direct", "gateway-triton")]
+        return None
+    triton = helpers.TritonServer(install, repository, run.work / "tritonserver.log", poll_secs=5)
+    run.stack.callback(triton.stop)
+    log("starting tritonserver (CPU config)")
+    triton.start()
+    log(f"tritonserver ready on {triton.url} in {triton.started_in_s:.1f}s")
+    return triton
+
+
+def _start_gateways(run: _Run, helpers, repository: Path, traffic: Traffic, triton) -> tuple[dict[str, Gateway], int]:
+    """Every chosen gateway target started and SERVING (each on a port of its own, whether chosen or not), and the
+    port kept for grpc-floor; targets that cannot run (no --baseline-src, nothing flagged) are skipped."""
+    args = run.args
+    gateways: dict[str, Gateway] = {}
+    extra_embedded = [] if args.max_wait_ms is None else ["--max-wait-ms", str(args.max_wait_ms)]
+    if args.baseline_src is None:
+        run.targets = [t for t in run.targets if not t.startswith("gateway-baseline")]
+    if set(FLAGGED_TARGETS) & set(run.targets) and traffic.flagged_inputs is None:
+        run.note(f"{', '.join(t for t in FLAGGED_TARGETS if t in run.targets)} skipped: the model flags none of "
+                 "the noise inputs")
+        run.targets = [t for t in run.targets if t not in FLAGGED_TARGETS]
+    specs = {"gateway-embedded": extra_embedded,
+             "gateway-embedded-nobatch": ["--max-batch", "1"],
+             "gateway-triton": ["--backend", "triton", "--triton-url", triton.url] if triton else None,
+             "gateway-embedded-flagged": extra_embedded,
+             "gateway-embedded-workers": [*extra_embedded, "--workers", str(args.workers)],
+             "gateway-baseline": extra_embedded,
+             "gateway-baseline-flagged": extra_embedded}
+    ports = iter(helpers.free_ports(len(specs) + 1))
+    for name, extra in specs.items():
+        port = next(ports)
+        if name not in run.targets:
+            continue
+        gw = start_gateway(name, repository, run.work, port, extra,
+                           source=args.baseline_src if name.startswith("gateway-baseline") else None)
+        run.stack.callback(gw.stop)
+        gateways[name] = gw
+    for gw in gateways.values():
+        wait_serving(gw)
+        log(f"{gw.name} SERVING on {gw.target} (PID {gw.process.pid})")
+    return gateways, next(ports)
+
+
+def _start_floors(run: _Run, helpers, repository: Path, traffic: Traffic, gateways: dict[str, Gateway],
+                  floor_port: int) -> None:
+    """The chosen grpc-floor servers (added to ``gateways``), answering a response captured from a gateway; skipped
+    when no gateway runs."""
+    from oodguard import repository as repo
+
+    floor_ports = {"grpc-floor": floor_port, "grpc-floor-model": helpers.free_ports(1)[0]}
+    floors = [t for t in ("grpc-floor", "grpc-floor-model") if t in run.targets]
+    if floors and not gateways:
+        run.note(f"{', '.join(floors)} skipped: they answer with a response captured from a gateway, and no "
+                 "gateway target was chosen")
+        run.targets = [t for t in run.targets if t not in floors]
+    elif floors:
+        answer = capture_response(next(iter(gateways.values())), traffic, run.work / "floor-response.bin")
+        model_file = repo.version_dir(repository, traffic.model, traffic.version) / repo.MODEL_FILE
+        for name in floors:
+            floor = start_floor_server(floor_ports[name], answer, run.work,
+                                       model_file if name == "grpc-floor-model" else None)
+            run.stack.callback(floor.stop)
+            gateways[name] = floor
+            wait_serving(floor)
+            log(f"{name} SERVING on {floor.target} (PID {floor.process.pid}), answering "
+                f"{answer.stat().st_size} bytes")
+
+
+def _embedded_batching(args, repository: Path, traffic: Traffic) -> str:
+    """The embedded gateway's micro-batching settings, for the report."""
+    from oodguard.serve.settings import Settings
+    defaults = Settings(repository=repository)
+    wait_ms = defaults.max_wait_ms if args.max_wait_ms is None else args.max_wait_ms
+    return f"max_wait_ms={wait_ms:g}, max_batch={defaults.max_batch or traffic.max_batch} (the model's max_batch_size)"
+
+
+def _run_cells(run: _Run, traffic: Traffic, drivers: Drivers, gateways: dict[str, Gateway], triton) -> list[Cell]:
+    """Every (round, concurrency, target) cell, the target order reversed every other cell (drift hits both ends)."""
+    args, concurrencies, targets = run.args, run.concurrencies, run.targets
+    cells: list[Cell] = []
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)  # grpc.aio channels bind to the current loop when they are created
+    run.stack.callback(loop.close)
+    run.stack.callback(lambda: loop.run_until_complete(drivers.aclose()))
+    total = args.rounds * len(concurrencies) * len(targets)
+    for rnd in range(args.rounds):
+        for c in concurrencies:
+            order = targets if (rnd + concurrencies.index(c)) % 2 == 0 else targets[::-1]
+            for target in order:
+                cell = _measure_cell(args, target, c, rnd, traffic, drivers, gateways, triton, loop)
+                cells.append(cell)
+                _log_cell(cell, len(cells), total)
+    return cells
+
+
+def _server_pgids(target: str, gateways: dict[str, Gateway], triton) -> list[int]:
+    """The process groups serving ``target`` (whose CPU time is the server's cost; none for ort-direct)."""
+    if target == "ort-direct":
+        return []
+    if target == "triton-direct":
+        return [triton.process.pid]
+    pgids = [gateways[target].process.pid]
+    return pgids + ([triton.process.pid] if target == "gateway-triton" else [])
+
+
+def _measure_cell(args, target: str, c: int, rnd: int, traffic: Traffic, drivers: Drivers,
+                  gateways: dict[str, Gateway], triton, loop) -> Cell:
+    """Drive ``target`` at concurrency ``c`` for one warm-up and measured window; its latencies, throughput and CPU."""
+    pgids = _server_pgids(target, gateways, triton)
+    cpu0 = [group_cpu_seconds(p) for p in pgids]
+    client0 = time.process_time()
+    flagged = target in FLAGGED_TARGETS
+    n_inputs = len(traffic.flagged_inputs if flagged else traffic.inputs)
+    if target == "ort-direct":
+        w = drive_threads(drivers.ort_call(), c, args.warmup, args.duration, n_inputs)
+    else:
+        call = drivers.triton_call(triton.url) if target == "triton-direct" else \
+            drivers.gateway_call(gateways[target].target, flagged)
+        w = loop.run_until_complete(drive_async(call, c, args.warmup, args.duration, n_inputs))
+    # CPU over warm-up + measured window, scaled to the measured window's share
+    span = args.warmup + args.duration
+    scale = args.duration / span
+    used = [group_cpu_seconds(p) - a for p, a in zip(pgids, cpu0)]  # per process group
+    server_total = sum(used) if pgids else None
+    server_cpu = None if server_total is None else server_total * scale
+    cell = summarise(target, c, rnd, w, args.duration, server_cpu, (time.process_time() - client0) * scale,
+                     server_total)
+    if target.startswith("gateway-") and w.answered:  # its first process group is the gateway's
+        cell.gateway_cpu_ms_per_request = 1000.0 * used[0] / w.answered
+    return cell
+
+
+def _log_cell(cell: Cell, n: int, total: int) -> None:
+    """One progress line per measured cell."""
+    log(f"[{n}/{total}] {cell.target:<25} c={cell.concurrency:<3} {cell.throughput_rps:8.0f} req/s  "
+        f"p50 {cell.p50_ms:7.2f} ms  p99 {cell.p99_ms:7.2f} ms  errors {cell.errors}"
+        + (f" ({cell.first_error})" if cell.errors else "")
+        + (f"  server CPU {cell.server_cpu_pct:.0f}% ({cell.cpu_ms_per_request:.3f} ms/req)"
+           if cell.server_cpu_pct is not None and cell.cpu_ms_per_request is not None else "")
+        + f"  client CPU {cell.client_cpu_pct:.0f}%  load {cell.loadavg:.2f}")
+
+
+def _write_outputs(run: _Run, repository: Path, build: dict | None, traffic: Traffic, cost: _ModelCost,
+                   embedded_batching: str, triton, gateways: dict[str, Gateway], cells: list[Cell]) -> str:
+    """The report (report.md / report.json, see :func:`write_report`) and the servers' logs in ``--out``; the markdown."""
+    args, notes = run.args, run.notes
+    for gw in gateways.values():  # a gateway that died during the run is a failed run, not a slow one
+        if gw.process.poll() is not None:
+            notes.append(f"{gw.name} exited during the run with {gw.process.returncode}")
+    agg = aggregate(cells)
+    rat = ratios(cells, cost.cpu_ms)
+    if any(c.errors for c in cells):
+        notes.append("some cells had errors; see report.json (first_error)")
+    notes.append(f"{os.cpu_count()} CPU cores shared by the load generator, the gateway and Triton: at concurrency 64 "
+                 "the Python load generator itself uses a large share of the CPU (client CPU %), which caps every "
+                 "target's throughput; ratios are more meaningful than absolute numbers.")
+    meta = {"started": run.started, "machine": f"{platform.node()} ({os.cpu_count()} CPUs, {platform.machine()}, "
+            f"Python {platform.python_version()})", "repository": str(repository), "model": traffic.model,
+            "version": traffic.version, "backbone": traffic.backbone_name, "backbone_ref": traffic.backbone,
+            "request_shape": traffic.request_shape,
+            "model_latency_ms": {str(b): v for b, v in cost.latency.items()}, "model_latency_runs": cost.runs,
+            "model_latency_loadavg": cost.loadavg, "cpus": os.cpu_count(), "model_cpu_ms": cost.cpu_ms,
+            "build": build, "duration_s": args.duration, "warmup_s": args.warmup, "rounds": args.rounds,
+            "concurrencies": run.concurrencies, "targets": run.targets, "traffic_inputs": len(traffic.inputs),
+            "flagged_share": traffic.flagged_share, "decision_score": traffic.decision_score,
+            "embedded_batching": embedded_batching, "notes": notes, "workers": args.workers,
+            "baseline_src": None if args.baseline_src is None else str(args.baseline_src),
+            "flagged_inputs": 0 if traffic.flagged_inputs is None else len(traffic.flagged_inputs),
+            "loadavg_start": run.loadavg_start, "loadavg_end": os.getloadavg(),
+            "triton_started_in_s": None if triton is None else triton.started_in_s}
+    meta["run_time_s"] = time.monotonic() - run.began
+    md = write_report(args.out, meta, cells, agg, rat)
+    logs = args.out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    for path in run.work.glob("*.log"):
+        shutil.copy(path, logs / path.name)
+    return md
 
 
 if __name__ == "__main__":
