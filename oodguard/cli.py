@@ -200,8 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Serve the model repository over gRPC (oodguard.v1.OODGuard + health + reflection): "
                            "classify, flag OOD inputs with the calibrated thresholds and queue them for relabeling. Every "
                            "flag also reads OODGUARD_<NAME> from the environment (e.g. OODGUARD_QUEUE_MAX_SIZE); flags win.")
-    for flag, meta, text in SERVE_FLAGS:
-        serve.add_argument(flag, metavar=meta, help=text)
+    from oodguard.serve.settings import serve_flags
+
+    for flag, meta, text in serve_flags():  # generated from the Settings fields
+        serve.add_argument(flag, metavar=meta, help=text.replace("%", "%%"))
     _add_client_commands(sub)
     _add_harvest_commands(sub)
     add_queue_command(sub)
@@ -438,75 +440,6 @@ def _run_loadgen(args: argparse.Namespace) -> int:
 
 
 #: ``oodguard serve`` flags: each maps to the Settings field of the same name (dashes -> underscores).
-SERVE_FLAGS = [
-    ("--repository", "DIR", "model repository folder (required: flag or OODGUARD_REPOSITORY)"),
-    ("--listen", "HOST:PORT", "address to listen on (default 127.0.0.1:50051)"),
-    ("--workers", "N", "gateway processes sharing the port, pre-forked (default 1; auto: one per CPU core); each "
-     "has its own backend, micro-batcher and registry, a dead one is restarted, /metrics aggregates them all"),
-    ("--backend", "NAME", "embedded (ONNX Runtime in-process, default) or triton"),
-    ("--triton-url", "HOST:PORT", "Triton gRPC address for --backend triton (default 127.0.0.1:8001)"),
-    ("--triton-inflight-batches", "N", "micro-batches kept in flight to Triton at once (default 1: requests "
-     "arriving during a call merge into the next batch; raise it when Triton's execution time dominates)"),
-    ("--default-model", "NAME", "model used when a request names none and several are served"),
-    ("--decision-scores", "S1,S2", "scores that decide (default fused: the calibrated p-value fusion the export "
-     "chose on validation data)"),
-    ("--decision-fallback", "S1,S2", "scores that decide a version exporting not every --decision-scores score, "
-     "e.g. one exported before fused existed (default: sisome with the default fused decision, none with any "
-     "other --decision-scores; 'none' refuses such versions)"),
-    ("--decision-mode", "MODE", "any (default) or all of the deciding scores must cross their thresholds"),
-    ("--max-wait-ms", "MS", "micro-batching: how long an idle backend waits for batch mates (default 0: run at "
-     "once; under load, requests that arrive while the backend is busy are merged anyway)"),
-    ("--max-batch", "N", "largest merged batch and request (default 0: the model's max_batch_size; 1 turns "
-     "micro-batching off)"),
-    ("--queue-path", "FILE", "SQLite file of the query queue (default oodguard-queue.sqlite)"),
-    ("--queue-url", "URL", "the query queue as sqlite:///PATH or redis://HOST:PORT/DB (wins over --queue-path)"),
-    ("--queue-spool-path", "FILE", "spool file of the Redis queue while Redis is unreachable "
-                                   "(default oodguard-queue.spool)"),
-    ("--queue-max-size", "N", "most unharvested records queued (default 100000)"),
-    ("--queue-max-bytes", "N", "most stored bytes of unharvested records (default 1 GiB)"),
-    ("--queue-full-policy", "POLICY", "reject (default) or evict-oldest"),
-    ("--queue-idempotency-window-s", "S", "a request retried with the same request_id (same model, items and "
-     "inputs) within S seconds gets the ids of its queued records instead of being queued again (default 600; 0: off)"),
-    ("--unflagged-sample-fraction", "F", "fraction of unflagged items also queued (default 0)"),
-    ("--sample-seed", "N", "seed of that sampling"),
-    ("--max-message-bytes", "N", "largest gRPC message accepted (default 16 MiB)"),
-    ("--max-request-id-bytes", "N", "longest request_id accepted, UTF-8 bytes (default 256)"),
-    ("--max-metadata-bytes", "N", "largest request metadata, keys and values together (default 16384)"),
-    ("--max-image-pixels", "N", "largest encoded image, width x height, checked before decoding "
-                                "(default 16777216 = 4096x4096)"),
-    ("--max-request-pixels", "N", "most pixels of all images of one request (default 67108864)"),
-    ("--decode-workers", "N", "threads decoding images, a pool of their own; as many convert uint8 "
-                               "tensors (default 2)"),
-    ("--decode-queue-max-images", "N", "most images waiting for or in conversion, per pool; more: "
-                                       "RESOURCE_EXHAUSTED (default 1024)"),
-    ("--max-inflight-requests", "N", "most Predict calls in progress; more: RESOURCE_EXHAUSTED at once "
-                                     "(default 256)"),
-    ("--max-inflight-items", "N", "most items of all Predict calls in progress (default 8192)"),
-    ("--max-inflight-bytes", "N", "most request bytes of all Predict calls in progress (default 536870912 = "
-                                  "512 MiB)"),
-    ("--input-range-margin", "F", "flag raw float32 inputs outside the model's input range widened by F "
-                                  "range widths per side (default 0.5; inf: no check)"),
-    ("--poll-interval-s", "S", "how often new model versions are looked for (default 5)"),
-    ("--drain-timeout-s", "S", "SIGTERM: time in-flight requests get to finish (default 30)"),
-    ("--backend-timeout-s", "S", "longest a model call may take when the client set no deadline; a shorter client "
-                                 "deadline wins (default 60)"),
-    ("--intra-op-threads", "N", "ONNX Runtime intra-op threads of the embedded backend (default 0: auto, ONNX "
-     "Runtime decides, one thread for a model whose single row runs in under 0.5 ms)"),
-    ("--metrics-port", "PORT", "Prometheus metrics over HTTP on this port (default 0: off)"),
-    ("--metrics-host", "HOST", "address the metrics endpoint binds to (default: the --listen host)"),
-    ("--metrics-tls-cert", "FILE", "serve metrics over HTTPS with this certificate chain (PEM)"),
-    ("--metrics-tls-key", "FILE", "private key (PEM) of --metrics-tls-cert"),
-    ("--metrics-auth-file", "FILE", "require HTTP basic auth on /metrics: file with one user:password line"),
-    ("--tls-cert", "FILE", "TLS certificate chain (PEM); with --tls-key the gateway accepts TLS only"),
-    ("--tls-key", "FILE", "private key (PEM) of --tls-cert"),
-    ("--tls-client-ca", "FILE", "mutual TLS: CA bundle (PEM) that client certificates must chain to"),
-    ("--auth-token", "TOKEN", "require 'authorization: Bearer TOKEN' metadata (health checks stay open); "
-                              "prefer --auth-token-file"),
-    ("--auth-token-file", "FILE", "file holding that token"),
-    ("--log-level", "LEVEL", "DEBUG, INFO (default), WARNING, ERROR"),
-]
-
-
 def _run_evaluate(args: argparse.Namespace) -> int:
     import json
 
@@ -590,9 +523,9 @@ def _run_validate(args: argparse.Namespace) -> int:
 
 def _run_serve(args: argparse.Namespace) -> int:
     from oodguard.serve.workers import run
-    from oodguard.serve.settings import Settings
+    from oodguard.serve.settings import Settings, field_names
 
-    flags = {flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in SERVE_FLAGS}
+    flags = {name: getattr(args, name) for name in field_names()}
     settings = Settings.from_sources(flags)
     if not settings.repository.is_dir():  # both backends read every version's calibration.json from it
         raise ValueError(f"the model repository {settings.repository} is not a folder (give --repository DIR or "

@@ -31,6 +31,8 @@ import numpy as np
 
 from oodguard.calibration import Calibration
 
+from .defaults import DEFAULT_FALLBACK, DEFAULT_SCORES, FUSED
+
 MODES = ("any", "all")
 #: why an item is flagged
 REASON_THRESHOLD, REASON_UNSCORABLE, REASON_INPUT_RANGE = "threshold", "unscorable", "input_range"
@@ -42,10 +44,6 @@ class PolicyError(ValueError):
     """The decision policy is invalid, or names scores the model does not export."""
 
 
-#: the score whose verdicts name a driver, and where its components are recorded in calibration.json
-FUSED = "fused"
-#: the default policy's deciding scores and fallback (the gateway's settings default to them too)
-DEFAULT_SCORES, DEFAULT_FALLBACK = (FUSED,), ("sisome",)
 
 
 @dataclass(frozen=True)

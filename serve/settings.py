@@ -16,9 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
-from oodguard.queues.base import FULL_POLICIES
-
-from .decision import DEFAULT_FALLBACK, DEFAULT_SCORES
+from .defaults import DEFAULT_FALLBACK, DEFAULT_SCORES
 
 ENV_PREFIX = "OODGUARD_"
 BACKENDS = ("embedded", "triton")
@@ -26,6 +24,54 @@ DECISION_MODES = ("any", "all")
 QUEUE_SCHEMES = ("sqlite", "redis", "rediss")
 #: integer settings that also take "auto" (stored as 0)
 AUTO_FIELDS = ("workers",)
+
+
+#: the default of a setting that has none: it must be given (flag or environment)
+REQUIRED = dataclasses.MISSING
+#: binary units for byte-sized defaults in help texts
+_BINARY_UNITS = (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024))
+
+
+def setting(default: Any, help: str, metavar: str, *, note: str = "", **kwargs: Any) -> Any:
+    """A field of :class:`Settings` with what its ``oodguard serve`` flag says (:func:`serve_flags`): ``help``
+    (what it is), ``metavar``, ``note`` (what the default means, printed after it). The default, the
+    environment variable and the flag's name come from the field itself, never retyped."""
+    metadata = {"help": help, "metavar": metavar, "note": note}
+    if default is REQUIRED:
+        return dataclasses.field(metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def _shown(name: str, value: Any) -> str:
+    """A default as a help text prints it: lists comma-separated, byte sizes with their binary unit."""
+    if isinstance(value, tuple):
+        return ",".join(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, int) and name.endswith("_bytes"):
+        for unit, size in _BINARY_UNITS:
+            if value >= size and value % size == 0:
+                return f"{value} = {value // size} {unit}"
+    return str(value)
+
+
+def flag_help(field: dataclasses.Field) -> str:
+    """The ``--help`` text of a setting's flag: what it is, its default (and what that means), its variable."""
+    meta, env = field.metadata, ENV_PREFIX + field.name.upper()
+    if field.default is dataclasses.MISSING:
+        return f"{meta['help']} (required; env {env})"
+    value, note = field.default, meta["note"]
+    if value is None or value == "":
+        default = f"default: {note}" if note else "default: none"
+    else:
+        joint = "; " if ":" in note else ": "  # "(default 600; 0: off)", "(default 0: off)"
+        default = f"default {_shown(field.name, value)}" + (joint + note if note else "")
+    return f"{meta['help']} ({default}; env {env})"
+
+
+def serve_flags() -> list[tuple[str, str, str]]:
+    """(flag, metavar, help) of every setting, in the order of :class:`Settings`: ``oodguard serve``'s flags."""
+    return [("--" + f.name.replace("_", "-"), f.metadata["metavar"], flag_help(f)) for f in dataclasses.fields(Settings)]
 
 
 @dataclass(frozen=True)
@@ -43,115 +89,208 @@ class SettingsError(ValueError):
 @dataclass(frozen=True)
 class Settings:
     #: model repository folder (``<repo>/<model>/<version>/{model.onnx, calibration.json}``)
-    repository: Path
+    repository: Path = setting(REQUIRED, "model repository folder", "DIR")
     #: address to listen on, HOST:PORT (port 0 picks a free port)
-    listen: str = "127.0.0.1:50051"
+    listen: str = setting("127.0.0.1:50051", "address to listen on", "HOST:PORT")
     #: gateway processes sharing the port (``SO_REUSEPORT``), pre-forked by a supervisor
     #: (:mod:`oodguard.serve.workers`); 0 (flag and environment: ``auto``) = one per CPU core; 1 = one process, no
     #: supervisor
-    workers: int = 1
+    workers: int = setting(
+        1,
+        "gateway processes sharing the port, pre-forked; each has its own backend, micro-batcher and registry, "
+        "a dead one is restarted, /metrics aggregates them all",
+        "N",
+        note="auto: one per CPU core",
+    )
     #: "embedded" (ONNX Runtime in-process) or "triton"
-    backend: str = "embedded"
+    backend: str = setting("embedded", "embedded (ONNX Runtime in-process) or triton", "NAME")
     #: Triton's gRPC address, used when backend == "triton"
-    triton_url: str = "127.0.0.1:8001"
+    triton_url: str = setting("127.0.0.1:8001", "Triton gRPC address for --backend triton", "HOST:PORT")
     #: micro-batches the gateway keeps in flight to Triton at once. 1: requests arriving while a call runs
     #: merge into the next, larger batch (cheapest per request while the gateway's own CPU is the limit);
     #: more: Triton gets the next batch before the current one returns (worth it when Triton's execution time
     #: dominates and it runs several model instances)
-    triton_inflight_batches: int = 1
+    triton_inflight_batches: int = setting(
+        1,
+        "micro-batches kept in flight to Triton at once",
+        "N",
+        note="requests arriving during a call merge into the next batch; raise it when Triton's execution "
+             "time dominates",
+    )
     #: model used when a request names none and several models are served ("" = none)
-    default_model: str = ""
+    default_model: str = setting("", "model used when a request names none and several are served", "NAME")
     #: scores whose thresholds decide (validated against the scores the model exports); "fused" is the
     #: calibrated p-value fusion the export chooses on validation data
-    decision_scores: tuple[str, ...] = DEFAULT_SCORES
+    decision_scores: tuple[str, ...] = setting(
+        DEFAULT_SCORES,
+        "scores that decide",
+        "S1,S2",
+        note="the calibrated p-value fusion the export chose on validation data",
+    )
     #: scores that decide a version exporting not every decision score (e.g. one exported before "fused"
     #: existed; logged); empty: such a version is refused. Unset: "sisome" while deciding by the default
     #: "fused", none for any other decision_scores (a misspelt score then refuses the version, loudly)
-    decision_fallback: tuple[str, ...] | None = None
+    decision_fallback: tuple[str, ...] | None = setting(
+        None,
+        "scores that decide a version exporting not every --decision-scores score, e.g. one exported before "
+        "fused existed",
+        "S1,S2",
+        note="sisome with the default fused decision, none with any other --decision-scores; 'none' refuses "
+             "such versions",
+    )
     #: "any": OOD when any deciding score crosses its threshold; "all": when all do
-    decision_mode: str = "any"
+    decision_mode: str = setting("any", "any or all of the deciding scores must cross their thresholds", "MODE")
     #: micro-batching (every backend): how long a free backend slot holds a batch smaller than max_batch
     #: for more requests, milliseconds. 0 = run at once; under load batches still form while the backend
     #: is busy (continuous batching)
-    max_wait_ms: float = 0.0
+    max_wait_ms: float = setting(
+        0.0,
+        "micro-batching: how long an idle backend waits for batch mates",
+        "MS",
+        note="run at once; under load, requests that arrive while the backend is busy are merged anyway",
+    )
     #: micro-batching: largest merged batch and largest request; 0 = the model's max_batch_size (never above it)
-    max_batch: int = 0
+    max_batch: int = setting(
+        0,
+        "largest merged batch and request",
+        "N",
+        note="the model's max_batch_size; 1 turns micro-batching off",
+    )
     #: SQLite file of the active-learning query queue (used when queue_url is empty)
-    queue_path: Path = Path("oodguard-queue.sqlite")
+    queue_path: Path = setting(Path('oodguard-queue.sqlite'), "SQLite file of the query queue", "FILE")
     #: the query queue as a URL, sqlite:///RELATIVE/PATH, sqlite:////ABSOLUTE/PATH or redis://HOST:PORT/DB (wins
     #: over queue_path; "" = queue_path)
-    queue_url: str = ""
+    queue_url: str = setting(
+        "",
+        "the query queue as sqlite:///PATH or redis://HOST:PORT/DB (wins over --queue-path)",
+        "URL",
+    )
     #: local spool file of the Redis queue: records written there while Redis is unreachable, replayed later
-    queue_spool_path: Path = Path("oodguard-queue.spool")
+    queue_spool_path: Path = setting(
+        Path('oodguard-queue.spool'),
+        "spool file of the Redis queue while Redis is unreachable",
+        "FILE",
+    )
     #: most unharvested records the queue holds
-    queue_max_size: int = 100_000
+    queue_max_size: int = setting(100000, "most unharvested records queued", "N")
     #: most stored bytes of unharvested records (arrays, scores, decision, request rows) the queue holds
-    queue_max_bytes: int = 1024 * 1024 * 1024
+    queue_max_bytes: int = setting(1024 * 1024 * 1024, "most stored bytes of unharvested records", "N")
     #: what happens to a new record when the queue is full: "reject" or "evict-oldest"
-    queue_full_policy: str = "reject"
+    queue_full_policy: str = setting("reject", "reject or evict-oldest", "POLICY")
     #: a request retried with the same request_id (same model, item positions and inputs) within this many seconds
     #: of its queued records gets their ids instead of being queued again; 0 = off
-    queue_idempotency_window_s: float = 600.0
+    queue_idempotency_window_s: float = setting(
+        600.0,
+        "a request retried with the same request_id (same model, items and inputs) within S seconds gets the "
+        "ids of its queued records instead of being queued again",
+        "S",
+        note="0: off",
+    )
     #: fraction of unflagged items also queued (marked as sampled)
-    unflagged_sample_fraction: float = 0.0
+    unflagged_sample_fraction: float = setting(0.0, "fraction of unflagged items also queued", "F")
     #: seed of the unflagged sampling (None = random)
-    sample_seed: int | None = None
+    sample_seed: int | None = setting(None, "seed of that sampling", "N")
     #: largest gRPC message accepted (and sent), bytes
-    max_message_bytes: int = 16 * 1024 * 1024
+    max_message_bytes: int = setting(16 * 1024 * 1024, "largest gRPC message accepted", "N")
     #: longest request_id accepted, UTF-8 bytes (INVALID_ARGUMENT above)
-    max_request_id_bytes: int = 256
+    max_request_id_bytes: int = setting(256, "longest request_id accepted, UTF-8 bytes", "N")
     #: largest request metadata accepted: keys and values together, UTF-8 bytes (INVALID_ARGUMENT above)
-    max_metadata_bytes: int = 16 * 1024
+    max_metadata_bytes: int = setting(16 * 1024, "largest request metadata, keys and values together", "N")
     #: largest encoded image accepted, in pixels (width x height, read from the header before decoding)
-    max_image_pixels: int = 4096 * 4096
+    max_image_pixels: int = setting(
+        4096 * 4096,
+        "largest encoded image, width x height, checked before decoding",
+        "N",
+        note="4096x4096",
+    )
     #: most pixels of all images of one request together (encoded images and uint8 tensors)
-    max_request_pixels: int = 64 * 1024 * 1024
+    max_request_pixels: int = setting(
+        64 * 1024 * 1024,
+        "most pixels of all images of one request",
+        "N",
+        note="8192x8192",
+    )
     #: threads decoding encoded images, and as many converting uint8 tensors (a pool for each: hostile images
     #: cannot starve tensor requests, neither can starve queue writes)
-    decode_workers: int = 2
+    decode_workers: int = setting(2, "threads decoding images, a pool of their own; as many convert uint8 tensors", "N")
     #: most images waiting for or in conversion, over all requests, in each of those pools; a request above it
     #: gets RESOURCE_EXHAUSTED
-    decode_queue_max_images: int = 1024
+    decode_queue_max_images: int = setting(
+        1024,
+        "most images waiting for or in conversion, per pool; more: RESOURCE_EXHAUSTED",
+        "N",
+    )
     #: admission control: most Predict calls in progress; above it a call gets RESOURCE_EXHAUSTED at once
-    max_inflight_requests: int = 256
+    max_inflight_requests: int = setting(256, "most Predict calls in progress; more: RESOURCE_EXHAUSTED at once", "N")
     #: admission control: most items (images) of all Predict calls in progress together
-    max_inflight_items: int = 8192
+    max_inflight_items: int = setting(8192, "most items of all Predict calls in progress", "N")
     #: admission control: most request bytes of all Predict calls in progress together
-    max_inflight_bytes: int = 512 * 1024 * 1024
+    max_inflight_bytes: int = setting(512 * 1024 * 1024, "most request bytes of all Predict calls in progress", "N")
     #: raw float32 inputs outside the model's input range (from its preprocessing) widened by this many
     #: range widths on each side are flagged (reason input_range); inf = no check
-    input_range_margin: float = 0.5
+    input_range_margin: float = setting(
+        0.5,
+        "flag raw float32 inputs outside the model's input range widened by F range widths per side",
+        "F",
+        note="inf: no check",
+    )
     #: how often the repository / backend is polled for new versions, seconds
-    poll_interval_s: float = 5.0
+    poll_interval_s: float = setting(5.0, "how often new model versions are looked for", "S")
     #: SIGTERM: how long in-flight requests get to finish, seconds
-    drain_timeout_s: float = 30.0
+    drain_timeout_s: float = setting(30.0, "SIGTERM: time in-flight requests get to finish", "S")
     #: the longest a model call may take when the client set no deadline, seconds (a paused Triton must not hold
     #: a call forever); a client's deadline, when shorter, wins
-    backend_timeout_s: float = 60.0
+    backend_timeout_s: float = setting(
+        60.0,
+        "longest a model call may take when the client set no deadline; a shorter client deadline wins",
+        "S",
+    )
     #: ONNX Runtime intra-op threads of the embedded backend (0 = auto: ONNX Runtime's default, one thread for a
     #: model whose single row runs in under 0.5 ms: such rows run on the event loop)
-    intra_op_threads: int = 0
+    intra_op_threads: int = setting(
+        0,
+        "ONNX Runtime intra-op threads of the embedded backend",
+        "N",
+        note="auto, ONNX Runtime decides, one thread for a model whose single row runs in under 0.5 ms",
+    )
     #: Prometheus metrics over HTTP on this port (0 = off)
-    metrics_port: int = 0
+    metrics_port: int = setting(0, "Prometheus metrics over HTTP on this port", "PORT", note="off")
     #: address the metrics endpoint binds to ("" = the host of ``listen``)
-    metrics_host: str = ""
+    metrics_host: str = setting("", "address the metrics endpoint binds to", "HOST", note="the --listen host")
     #: metrics over HTTPS: certificate chain and key (PEM); both or neither
-    metrics_tls_cert: Path | None = None
-    metrics_tls_key: Path | None = None
+    metrics_tls_cert: Path | None = setting(None, "serve metrics over HTTPS with this certificate chain (PEM)", "FILE")
+    metrics_tls_key: Path | None = setting(None, "private key (PEM) of --metrics-tls-cert", "FILE")
     #: metrics behind HTTP basic auth: a file holding one ``user:password`` line
-    metrics_auth_file: Path | None = None
+    metrics_auth_file: Path | None = setting(
+        None,
+        "require HTTP basic auth on /metrics: file with one user:password line",
+        "FILE",
+    )
     #: TLS: server certificate chain (PEM); with tls_key the gateway accepts TLS connections only
-    tls_cert: Path | None = None
+    tls_cert: Path | None = setting(
+        None,
+        "TLS certificate chain (PEM); with --tls-key the gateway accepts TLS only",
+        "FILE",
+    )
     #: TLS: the certificate's private key (PEM)
-    tls_key: Path | None = None
+    tls_key: Path | None = setting(None, "private key (PEM) of --tls-cert", "FILE")
     #: mutual TLS: CA bundle (PEM) that client certificates must chain to; needs tls_cert
-    tls_client_ca: Path | None = None
+    tls_client_ca: Path | None = setting(
+        None,
+        "mutual TLS: CA bundle (PEM) that client certificates must chain to",
+        "FILE",
+    )
     #: bearer token every call must carry as ``authorization: Bearer <token>`` ("" = no token auth)
-    auth_token: str = dataclasses.field(default="", repr=False)
+    auth_token: str = setting(
+        "",
+        "require 'authorization: Bearer TOKEN' metadata (health checks stay open); prefer --auth-token-file",
+        "TOKEN",
+        repr=False,
+    )
     #: file holding that token (keeps it out of the environment and the process list)
-    auth_token_file: Path | None = None
+    auth_token_file: Path | None = setting(None, "file holding that token", "FILE")
     #: logging level
-    log_level: str = "INFO"
+    log_level: str = setting("INFO", "DEBUG, INFO, WARNING, ERROR", "LEVEL")
 
     def __post_init__(self) -> None:
         def bad(name: str, message: str) -> SettingsError:
@@ -197,6 +336,8 @@ class Settings:
             raise bad("queue_max_size", f"must be >= 1, got {self.queue_max_size}")
         if self.queue_max_bytes < 1024:
             raise bad("queue_max_bytes", f"must be at least 1024, got {self.queue_max_bytes}")
+        from oodguard.queues.base import FULL_POLICIES  # numpy: not while the CLI builds its parser
+
         if self.queue_full_policy not in FULL_POLICIES:
             raise bad("queue_full_policy", f"expected 'reject' or 'evict-oldest', got {self.queue_full_policy!r}")
         if not 0 <= self.queue_idempotency_window_s < float("inf"):
@@ -319,4 +460,4 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Settings)]
 
 
-__all__ = ["Settings", "SettingsError", "ENV_PREFIX", "field_names"]
+__all__ = ["serve_flags", "setting", "Settings", "SettingsError", "ENV_PREFIX", "field_names"]

@@ -59,3 +59,29 @@ def test_the_decision_defaults_to_fused_with_a_sisome_fallback_only_by_default()
 def test_bad_settings_say_which(env, message):
     with pytest.raises(SettingsError, match=message):
         Settings.from_sources({}, env)
+
+
+def test_every_serve_flag_is_generated_from_its_setting_with_default_and_variable():
+    """One source: each Settings field gives its flag's name, metavar, help, default and environment variable."""
+    import dataclasses
+
+    from oodguard.serve.settings import serve_flags
+
+    flags = {flag: (metavar, text) for flag, metavar, text in serve_flags()}
+    fields = dataclasses.fields(Settings)
+    assert list(flags) == ["--" + f.name.replace("_", "-") for f in fields]
+    for f in fields:
+        metavar, text = flags["--" + f.name.replace("_", "-")]
+        assert metavar and text.endswith(f"env OODGUARD_{f.name.upper()})"), text
+        assert ("(required;" in text) == (f.default is dataclasses.MISSING), text
+    assert "(default 1073741824 = 1 GiB; env OODGUARD_QUEUE_MAX_BYTES)" in flags["--queue-max-bytes"][1]
+    assert "(default 600; 0: off; env" in flags["--queue-idempotency-window-s"][1]
+    assert "(default: the --listen host; env" in flags["--metrics-host"][1]
+    assert "(default fused: the calibrated p-value fusion" in flags["--decision-scores"][1]
+
+
+def test_the_configuration_page_names_every_serve_flag():
+    from oodguard.serve.settings import serve_flags
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    assert [flag for flag, _, _ in serve_flags() if flag not in page] == []
