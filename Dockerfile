@@ -19,6 +19,7 @@ COPY locks/build.txt ./locks/
 RUN pip install --no-cache-dir --require-hashes -r locks/build.txt
 COPY pyproject.toml README.md ./
 COPY oodguard ./oodguard
+COPY cli ./cli
 COPY export ./export
 COPY queues ./queues
 COPY serve ./serve
