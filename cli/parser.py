@@ -79,7 +79,19 @@ def parse_args(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Nam
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="oodguard", description="Out-of-distribution guard for image classifiers.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train_parser(sub)
+    add_export_parser(sub)
+    sub.add_parser("triton", help="run the local CPU tritonserver (from .venv-triton) on a model repository")
+    add_evaluation_parsers(sub)
+    add_serve_parser(sub)
+    add_client_parsers(sub)
+    add_harvest_parsers(sub)
+    add_queue_command(sub)
+    return parser
 
+
+def add_train_parser(sub) -> None:
+    """`oodguard train`: a backbone and linear head on a dataset."""
     train = sub.add_parser("train", help="train a backbone + linear head on a dataset",
                            description="Train a built-in or user backbone with a linear head. Writes checkpoint.pt "
                            "and training.json (classes, preprocessing, seeded train/calibration/test split) to --out.")
@@ -115,6 +127,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "(default %(default)s)")
     train.add_argument("--input-shape", type=_ints, help="C,H,W for a backbone without an input_shape attribute")
 
+
+def add_export_parser(sub) -> None:
+    """`oodguard export`: a checkpoint (or the demo) with the fused OOD head into a repository."""
     export = sub.add_parser("export", help="export a checkpoint with the fused OOD head into a model repository",
                             description="Fit the OOD scores, export one ONNX graph (logits, features, scores), calibrate "
                             "95%-TPR thresholds on held-out ID data, and add the next version to the Triton model repository.")
@@ -168,7 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--epochs", type=int, default=30, help="training epochs for --demo (default %(default)s)")
 
     # listed here for `oodguard --help`; main() hands `oodguard triton ...` to oodguard.triton_local's own parser
-    sub.add_parser("triton", help="run the local CPU tritonserver (from .venv-triton) on a model repository")
+
+
+def add_evaluation_parsers(sub) -> None:
+    """`oodguard validate-repo` and `oodguard evaluate`: check a repository, measure a version."""
     validate = sub.add_parser("validate-repo", help="check a model repository against its ONNX files",
                               description="Parse every config into Triton's ModelConfig and check inputs, outputs, "
                               "dtypes and dims against each version's model.onnx and calibration.json. Exit 1 on any problem.")
@@ -197,6 +215,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--classes", type=_classes, help="the labels of the ID set the model knows, e.g. 0-7: others "
                           "are left out of the ID set and reported (default: all; labels the model lacks are warned about)")
 
+
+def add_serve_parser(sub) -> None:
+    """`oodguard serve`: every flag generated from the typed settings (:func:`oodguard.serve.settings.serve_flags`)."""
     serve = sub.add_parser("serve", help="run the gRPC gateway (embedded ONNX Runtime or Triton backend)",
                            description="Serve the model repository over gRPC (oodguard.v1.OODGuard + health + reflection): "
                            "classify, flag OOD inputs with the calibrated thresholds and queue them for relabeling. Every "
@@ -205,7 +226,3 @@ def build_parser() -> argparse.ArgumentParser:
 
     for flag, meta, text in serve_flags():  # generated from the Settings fields
         serve.add_argument(flag, metavar=meta, help=text.replace("%", "%%"))
-    add_client_parsers(sub)
-    add_harvest_parsers(sub)
-    add_queue_command(sub)
-    return parser
