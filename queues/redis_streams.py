@@ -54,23 +54,15 @@ Durability: a ``put`` returns once Redis has answered the script; run Redis with
 ``appendfsync always`` for that to mean "on disk" (the queue does not configure the server).
 
 Spool: when Redis is unreachable (connection refused / reset, timeout, loading, read-only, OOM), ``put``
-assigns the ids as usual, appends the records to ``spool_path`` (one frame per ``put``:
-``b"OGSP" | u32 length | u32 crc32 | payload``; payload = the records, then the request payloads, each a list:
-u32 count, then per element u32 item count and items each as u32 length + bytes; a record's items are
-``id, flag, blob, field, value, ...``, a request's ``key, request_id, metadata``; a frame of the first
-format ends after its records, whose request travels inline as fields), ``fsync``s it, and returns the
-ids. A background thread replays the spool into Redis when it answers again (and once at start-up: crash
-recovery), through the same script with dedup by id, and cuts the replayed frames off the spool only after
-Redis accepted them; a crash in between replays them again, which dedup makes harmless (a duplicate adds no
-request reference). A torn last frame (a crash during an append, never acknowledged) is dropped when the
-spool is opened. Replayed records are always admitted: under ``evict-oldest`` older pending records are
-evicted for them as usual, under ``reject`` the queue may exceed ``max_size`` / ``max_bytes`` by at most the
-spool backlog (those records were already acknowledged). Replayed records are never taken for a retry, nor
-recorded for one (their ids were acknowledged already; a request spooled and then retried into Redis is stored
-twice). One spool file belongs to one process: with ``oodguard serve --workers N`` worker ``i`` has its own,
-:func:`worker_spool_path` (worker 0 the plain path, a restarted worker takes over its predecessor's file), and
-worker 0 absorbs the spools of worker indexes that no longer run (a restart with fewer workers, or a single
-process after workers): :func:`adopt_orphan_spools`.
+assigns the ids as usual, appends the records to ``spool_path`` (one ``fsync``ed frame per ``put``; the file,
+one per process, and the workers' files are :mod:`oodguard.queues.spool`'s) and returns the ids. A background
+thread replays the spool into Redis when it answers again (and once at start-up: crash recovery), through the
+same script with dedup by id, and cuts the replayed frames off the spool only after Redis accepted them; a
+crash in between replays them again, which dedup makes harmless (a duplicate adds no request reference).
+Replayed records are always admitted: under ``evict-oldest`` older pending records are evicted for them as
+usual, under ``reject`` the queue may exceed ``max_size`` / ``max_bytes`` by at most the spool backlog (those
+records were already acknowledged). Replayed records are never taken for a retry, nor recorded for one (their
+ids were acknowledged already; a request spooled and then retried into Redis is stored twice).
 
 Once a put finds Redis unreachable, puts go to the spool without trying Redis until the replay thread finds it
 back: every ``connect_retry_s`` it replays the spool, or PINGs Redis when the spool is empty, and the first that

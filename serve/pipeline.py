@@ -8,7 +8,7 @@ lifecycle.
 and ``max_inflight_items`` items in progress; above any, ``RESOURCE_EXHAUSTED`` "overloaded: ..." at once, before
 any work; a batch above the model's limit is ``INVALID_ARGUMENT``, never "overloaded"), the request's own limits
 (:mod:`oodguard.serve.inputs`), conversion to the model input (encoded images and uint8 tensors on pools of their
-own, :class:`ImageDecoder`), the micro-batched backend call and decision, the reply built and its size checked
+own, :class:`ConversionPool`), the micro-batched backend call and decision, the reply built and its size checked
 against the message limit *before* anything is queued, the chosen items queued, and the reply. A request that
 cannot be answered raises :class:`Refused`, naming its gRPC status code and, for a bad input, the reason the
 metrics count it under.
@@ -72,7 +72,7 @@ class Overloaded(Exception):
         self.reason = reason
 
 
-class ImageDecoder:
+class ConversionPool:
     """Decodes encoded images (or converts uint8 tensors) on a thread pool of its own: the gateway has one for
     each kind, so that hostile images cannot delay tensor requests, and neither can delay queue writes
     (asyncio's default pool). At most ``max_pending`` images wait for or are in conversion, over all requests;
@@ -184,8 +184,8 @@ class PredictPipeline:
         self.settings, self.backend, self.registry, self.metrics = settings, backend, registry, metrics
         self._backend_failed, self._backend_ok = on_backend_failed, on_backend_ok
         self.input_limits = InputLimits.from_settings(settings)
-        self.decoder = ImageDecoder(settings.decode_workers, settings.decode_queue_max_images)
-        self.tensor_converter = ImageDecoder(settings.decode_workers, settings.decode_queue_max_images, "oodguard-uint8")
+        self.decoder = ConversionPool(settings.decode_workers, settings.decode_queue_max_images)
+        self.tensor_converter = ConversionPool(settings.decode_workers, settings.decode_queue_max_images, "oodguard-uint8")
         self.trimmer = MemoryTrimmer()  # returns freed request memory to the OS
         self.batcher: MicroBatcher[BatchOutcome] = MicroBatcher(self.run_batch,
                                                                 max_inflight=backend.max_inflight_batches,
@@ -228,7 +228,7 @@ class PredictPipeline:
 
     def _overloaded(self, message: str, reason: str) -> Refused:
         self.metrics.request_refused(reason)
-        return Refused("RESOURCE_EXHAUSTED", str(Overloaded(message, reason)))
+        return Refused("RESOURCE_EXHAUSTED", f"overloaded: {message}")
 
     # -- Predict --------------------------------------------------------------------------------------
     async def predict(self, request: pb.PredictRequest, time_remaining: float | None) -> pb.PredictResponse:
@@ -436,5 +436,5 @@ class PredictPipeline:
         return BatchOutcome(served, result.outputs, decisions)
 
 
-__all__ = ["PredictPipeline", "Refused", "DecisionTemplates", "Overloaded", "ImageDecoder", "BatchOutcome", "RECORD_ID_PLACEHOLDER",
+__all__ = ["PredictPipeline", "Refused", "DecisionTemplates", "Overloaded", "ConversionPool", "BatchOutcome", "RECORD_ID_PLACEHOLDER",
            "BACKEND_TIMEOUTS_NOT_SERVING"]

@@ -14,6 +14,7 @@ served, and it is retried when its calibration file changes.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,8 +75,10 @@ class Snapshot:
         served = self.versions.get(model)
         return served[max(served)] if served else None
 
+    @functools.cached_property
     def largest_batch(self) -> int:
-        """The largest batch any served version takes (0 while none is served)."""
+        """The largest batch any served version takes (0 while none is served); read per request, computed once
+        per snapshot."""
         return max((s.max_batch for versions in self.versions.values() for s in versions.values()), default=0)
 
 

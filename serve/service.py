@@ -94,7 +94,7 @@ class OODGuardService:
     def _predict_schema(self) -> Schema:
         """No request may hold more images than the largest batch a served model takes (nor, with none served,
         more than can ever be admitted)."""
-        most = self.pipeline.registry.snapshot.largest_batch() or self.pipeline.settings.max_inflight_items
+        most = self.pipeline.registry.snapshot.largest_batch or self.pipeline.settings.max_inflight_items
         schema = self._predict_schemas.get(most)
         if schema is None:
             schema = self._predict_schemas[most] = predict_schema(most, MAX_METADATA_ENTRIES, MAX_TENSOR_DIMS)
@@ -196,4 +196,4 @@ class OODGuardService:
         return response
 
 
-__all__ = ["OODGuardService", "ImageDecoder", "Overloaded", "RateLimitedLog", "SERVICE_NAME", "DEFAULT_TOP_K"]
+__all__ = ["OODGuardService", "Refusal", "RateLimitedLog", "SERVICE_NAME"]
