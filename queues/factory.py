@@ -9,7 +9,7 @@
   redis-py, which takes the rest, e.g. ``socket_timeout``): ``key_prefix`` (default ``oodguard:queue``),
   ``inline_max_bytes`` (default 262144), ``spool`` (overrides ``spool_path``), ``put_timeout_s`` (default 0.5:
   the longest a put waits for Redis before it spools). Gateway worker ``i`` of
-  ``oodguard serve --workers N`` spools to its own file (:func:`~oodguard.queues.redis_streams.worker_spool_path`);
+  ``oodguard serve --workers N`` spools to its own file (:func:`~oodguard.queues.spool.worker_spool_path`);
   worker 0 first takes over the spools of worker indexes ``>= N``.
 """
 
@@ -82,8 +82,8 @@ def open_queue(url: str, *, max_size: int = 100_000, full_policy: str = "reject"
         return SQLiteQueue(path, max_size=max_size, full_policy=full_policy, max_bytes=max_bytes, create=create,
                            idempotency_window_s=idempotency_window_s)
 
-    from .redis_streams import (DEFAULT_INLINE_MAX_BYTES, DEFAULT_PREFIX, DEFAULT_PUT_TIMEOUT_S, RedisQueue,
-                              adopt_orphan_spools, worker_spool_path)
+    from .redis_streams import DEFAULT_INLINE_MAX_BYTES, DEFAULT_PREFIX, DEFAULT_PUT_TIMEOUT_S, RedisQueue
+    from .spool import adopt_orphan_spools, worker_spool_path
 
     client_url, params = split_redis_url(url)
     spool = params.get("spool") or spool_path

@@ -1,54 +1,8 @@
 """The query queue on Redis Streams, with a local spool so that no acknowledged record is lost while Redis
 is unreachable.
 
-Keys (``P`` = ``key_prefix``, default ``oodguard:queue``; standalone Redis, not Redis Cluster):
-
-=====================  ==================================================================================
-``P:stream``           the stream: one entry per record, entry id ``<seq>-0``. Fields: ``id``, ``seq``,
-                       ``time``, ``model``, ``version``, ``flagged``, ``req`` (its request key, absent for a
-                       record without request id and metadata), ``scores`` / ``decision`` (JSON),
-                       ``logits`` / ``features`` / ``input`` (packed as in the SQLite queue). An input whose
-                       packed bytes exceed ``inline_max_bytes`` is stored in ``P:blob:<id>`` instead (field
-                       ``input_ref`` = ``1``); the blob is deleted with the record. Entries written by an
-                       older version carry ``request_id`` and ``metadata`` (JSON) inline instead of ``req``.
-``P:req:<key>``        hash ``request_id``, ``metadata`` (JSON), ``refs``: one request's id and metadata, stored
-                       once for all its records (key = the id of its first record); ``refs`` counts the
-                       records that reference it, and the last one deleted (evicted, purged) deletes it
-``P:rec``              hash: record id -> ``"<seq>:<flag 1|0>:<state>:<bytes>:<request key>"`` (the mutable
-                       state; stream entries are never rewritten). Records of an older version have
-                       ``"<seq>:<flag>:<state>"`` and count 0 bytes.
-``P:z:<state>:<flag>`` sorted sets of record ids scored by ``seq``, one per state (pending / claimed / sent)
-                       and flag (1 = flagged, 0 = sampled): oldest-first order for select / claim
-``P:info``             hash: record id -> ``"<time>:<version>:<model>"`` (immutable, written with the entry,
-                       deleted with the record): what the model / version / time filters of ``select`` and
-                       ``summary`` read instead of the stream entries (which carry the arrays). Records stored
-                       by an older version have none; their stream entry is read instead (and an older
-                       version deleting a record leaves its entry here: harmless, reads start from ``P:rec``
-                       or the sorted sets)
-``P:seen``             set of every record id ever stored (dedup; never shrinks, ~50-80 bytes per id)
-``P:rid:<m>:<r>``      hash: item position -> ``"<record id>:<input digest>"`` of the records stored for model
-                       ``<m>`` under request id ``<r>`` (the latest per item; the digest is BLAKE2b-128 of
-                       the packed input, hex): what a retry of that request is matched against
-                       (idempotency, below). Expires ``idempotency_window_s`` after the last put that stored
-                       records for it; written only with the idempotency check on
-``P:seq``              insertion counter
-``P:bytes``            the bytes of the unharvested (pending + claimed) records: what ``max_bytes`` bounds
-``P:counters``         hash: accepted, rejected, evicted
-=====================  ==================================================================================
-
-Bytes of a record (as in the SQLite queue): its packed arrays (blob included) + scores and decision JSON; the
-first record that stores a request payload also carries the payload's bytes (request id + metadata JSON), so
-a request counts once. The put script computes them from the fields, so a spooled record needs no extra item.
-
-Atomicity: every write is one Lua script (Redis runs each one atomically): ``put`` checks ``P:seen``,
-applies both bounds / the full policy, and adds the entry, its state, its id and its reference to the request
-payload in one step, so "check id + add" cannot race and a record id lands (and references its request) at
-most once; ``put`` also looks up and records ``P:rid:<m>:<r>`` in that step, so a retried request
-(:mod:`oodguard.queues.base`: every record of it finds a record of the same item position and input digest
-that still exists) stores nothing and returns the earlier ids, whichever gateway process wrote them; ``claim``
-pops the oldest pending ids and marks them claimed in one step, so two concurrent harvests never get the same
-record; ``delete`` removes records (any state) with their blob, info and request reference in one step.
-``P:bytes`` and the ``refs`` of ``P:req:<key>`` change in the same scripts as the records they count.
+The keys, what a record's bytes are and what each write does atomically: :mod:`oodguard.queues.redis_scripts`
+(every write is one of its Lua scripts); records to and from stream entries: :mod:`oodguard.queues.redis_entries`.
 
 Durability: a ``put`` returns once Redis has answered the script; run Redis with ``appendonly yes`` and
 ``appendfsync always`` for that to mean "on disk" (the queue does not configure the server).
@@ -75,8 +29,6 @@ store unreachable from a failed call until a call works again.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import threading
 import time
@@ -90,10 +42,10 @@ from redis.backoff import NoBackoff
 from redis.retry import Retry
 
 from .base import (CLAIMED, DEFAULT_MAX_BYTES, PENDING, SENT, STATES, DropLog, LocalQueueState, NewRecord, QueryQueue,
-                   QueueError, QueueRecord, QueueStats, SummaryRow, check_bounds, decisions_json, new_record_ids,
-                   request_runs)
-from .codec import group_requests, pack_array, unpack_array
-from .spool import Spool, SpoolRecord, SpoolRequest, adopt_orphan_spools, worker_spool_path
+                   QueueError, QueueRecord, QueueStats, SummaryRow, check_bounds, new_record_ids)
+from .redis_entries import encode_records, fetch_records, idempotency_args, read_info
+from .redis_scripts import CLAIM_LUA, DELETE_LUA, MOVE_LUA, PURGE_LUA, PUT_LUA
+from .spool import Spool, SpoolRecord, SpoolRequest
 
 log = logging.getLogger("oodguard.queues.redis_streams")
 
@@ -106,248 +58,9 @@ DEFAULT_INLINE_MAX_BYTES = 256 * 1024
 #: the longest a put waits for Redis (to connect, for an answer) before it spools its records
 DEFAULT_PUT_TIMEOUT_S = 0.5
 
-# Shared by the scripts below. P:rec values are '<seq>:<flag>:<state>:<bytes>:<request key>' (request key ''
-# for a record without request); records stored by an older version have '<seq>:<flag>:<state>' and count 0 bytes.
-RECORD_LUA = r"""
-local function parse(v)
-  local seq, f, state, tail = string.match(v, '^(%d+):(%d):(%a+)(.*)$')
-  local nbytes, req = string.match(tail, '^:(%d+):(.*)$')
-  return seq, f, state, tail, tonumber(nbytes or '0'), req or ''
-end
--- drop one reference to a request payload; the last one deletes it
-local function unref(P, req)
-  if req ~= '' and redis.call('HINCRBY', P .. ':req:' .. req, 'refs', -1) <= 0 then
-    redis.call('DEL', P .. ':req:' .. req)
-  end
-end
--- delete a record everywhere; returns its bytes
-local function delete(P, id)
-  local seq, f, state, _, nbytes, req = parse(redis.call('HGET', P .. ':rec', id))
-  redis.call('ZREM', P .. ':z:' .. state .. ':' .. f, id)
-  redis.call('HDEL', P .. ':rec', id)
-  redis.call('HDEL', P .. ':info', id)
-  redis.call('XDEL', P .. ':stream', seq .. '-0')
-  redis.call('DEL', P .. ':blob:' .. id)
-  unref(P, req)
-  return nbytes
-end
-"""
-
-# ARGV: max_size, max_bytes, policy, admit (1: ignore the bounds: replayed records), m, then per request payload:
-#   key, request_id, metadata; then the idempotency window (ms), r, then per run (a request that may be a retry):
-#   its first record (1-based), count, model, request_id, then per record: item ('' = none), input digest; then n,
-#   then per record: id, flag, blob ('' = input inline), nfields, field, value, ... (field 'req' names the
-#   record's request key)
-# Returns per record 1 stored, 2 already stored (dedup), 0 refused (queue full) or, for a retried request, the id
-# of the earlier record; then the ids it evicted.
-PUT_LUA = RECORD_LUA + r"""
-local P = KEYS[1]
-local max_size, max_bytes, policy, admit = tonumber(ARGV[1]), tonumber(ARGV[2]), ARGV[3], ARGV[4] == '1'
-local rec, seen = P .. ':rec', P .. ':seen'
-local payloads, i = {}, 6
-for _ = 1, tonumber(ARGV[5]) do
-  payloads[ARGV[i]] = {ARGV[i + 1], ARGV[i + 2]}
-  i = i + 3
-end
-local window, nruns, runs = ARGV[i], tonumber(ARGV[i + 1]), {}
-i = i + 2
-for _ = 1, nruns do
-  local run = {start = tonumber(ARGV[i]), key = P .. ':rid:' .. ARGV[i + 2] .. ':' .. ARGV[i + 3], items = {},
-               digests = {}}
-  run.stop = run.start + tonumber(ARGV[i + 1]) - 1
-  i = i + 4
-  for j = 1, run.stop - run.start + 1 do
-    run.items[j], run.digests[j] = ARGV[i], ARGV[i + 1]
-    i = i + 2
-  end
-  runs[run.start] = run
-end
--- the ids of the records an earlier copy of the run stored (same item positions and inputs, still there), or nil
-local function earlier(run)
-  local ids = {}
-  for j, item in ipairs(run.items) do
-    local v = item ~= '' and redis.call('HGET', run.key, item)
-    if not v then return nil end
-    local id, digest = string.match(v, '^(.-):(.*)$')
-    if digest ~= run.digests[j] or redis.call('HEXISTS', rec, id) == 0 then return nil end
-    ids[j] = id
-  end
-  return ids
-end
-local n = tonumber(ARGV[i])
-i = i + 1
--- what a record's bytes are: arrays, scores, decision (and the inline request of an older spool frame)
-local counted = {input = true, logits = true, features = true, scores = true, decision = true,
-                 request_id = true, metadata = true}
-local first = tonumber(redis.call('GET', P .. ':seq') or '0') + 1
-local cur = redis.call('ZCARD', P .. ':z:pending:1') + redis.call('ZCARD', P .. ':z:pending:0')
-          + redis.call('ZCARD', P .. ':z:claimed:1') + redis.call('ZCARD', P .. ':z:claimed:0')
-local used = tonumber(redis.call('GET', P .. ':bytes') or '0')
-local start_used = used
-local out, evicted, accepted, rejected = {}, {}, 0, 0
-local run, repeated = nil, {}  -- the run record k belongs to; record index -> the id of its earlier copy
-for k = 1, n do
-  if runs[k] then
-    run = runs[k]
-    for j, id in ipairs(earlier(run) or {}) do repeated[run.start + j - 1] = id end
-  elseif run and k > run.stop then
-    run = nil
-  end
-  local id, flag, blob, nf = ARGV[i], ARGV[i + 1], ARGV[i + 2], tonumber(ARGV[i + 3])
-  local fields, req, nbytes, info = {}, '', #blob, {}
-  for j = 1, nf, 2 do
-    local name, value = ARGV[i + 3 + j], ARGV[i + 4 + j]
-    fields[j], fields[j + 1] = name, value
-    if name == 'req' then req = value elseif counted[name] then nbytes = nbytes + #value end
-    if name == 'time' or name == 'version' or name == 'model' then info[name] = value end
-  end
-  i = i + 4 + nf
-  if repeated[k] then
-    out[k] = repeated[k]
-  elseif redis.call('SISMEMBER', seen, id) == 1 then
-    out[k] = 2
-  else
-    local rkey = P .. ':req:' .. req
-    if req ~= '' and redis.call('EXISTS', rkey) == 0 then  -- the first record stored carries its request
-      nbytes = nbytes + #payloads[req][1] + #payloads[req][2]
-    end
-    while policy == 'evict-oldest' and nbytes <= max_bytes and (cur >= max_size or used + nbytes > max_bytes) do
-      -- the oldest pending record stored before this call (never one of this call's records)
-      local victim, vseq = nil, nil
-      for _, f in ipairs({'1', '0'}) do
-        local r = redis.call('ZRANGEBYSCORE', P .. ':z:pending:' .. f, '-inf', '(' .. first, 'WITHSCORES', 'LIMIT', 0, 1)
-        if r[1] and (vseq == nil or tonumber(r[2]) < vseq) then victim, vseq = r[1], tonumber(r[2]) end
-      end
-      if not victim then break end
-      used = used - delete(P, victim)
-      cur = cur - 1
-      evicted[#evicted + 1] = victim
-    end
-    if (cur >= max_size or used + nbytes > max_bytes) and not admit then
-      out[k] = 0
-      rejected = rejected + 1
-    else
-      if req ~= '' then
-        -- (re)stored if missing: a replayed chunk may just have evicted the last record of its request
-        if redis.call('EXISTS', rkey) == 0 then
-          redis.call('HSET', rkey, 'request_id', payloads[req][1], 'metadata', payloads[req][2])
-        end
-        redis.call('HINCRBY', rkey, 'refs', 1)
-      end
-      local seq = redis.call('INCR', P .. ':seq')
-      if blob ~= '' then redis.call('SET', P .. ':blob:' .. id, blob) end
-      redis.call('XADD', P .. ':stream', seq .. '-0', 'seq', tostring(seq), unpack(fields))
-      redis.call('HSET', rec, id, string.format('%d:%s:pending:%d:%s', seq, flag, nbytes, req))
-      redis.call('ZADD', P .. ':z:pending:' .. flag, seq, id)
-      if info.model then
-        redis.call('HSET', P .. ':info', id, (info.time or '0') .. ':' .. (info.version or '0') .. ':' .. info.model)
-      end
-      redis.call('SADD', seen, id)
-      if run and run.items[k - run.start + 1] ~= '' then  -- what a later copy of its request finds
-        redis.call('HSET', run.key, run.items[k - run.start + 1], id .. ':' .. run.digests[k - run.start + 1])
-        redis.call('PEXPIRE', run.key, window)
-      end
-      cur = cur + 1
-      used = used + nbytes
-      accepted = accepted + 1
-      out[k] = 1
-    end
-  end
-end
-if used ~= start_used then redis.call('INCRBY', P .. ':bytes', used - start_used) end
-if accepted > 0 then redis.call('HINCRBY', P .. ':counters', 'accepted', accepted) end
-if rejected > 0 then redis.call('HINCRBY', P .. ':counters', 'rejected', rejected) end
-if #evicted > 0 then redis.call('HINCRBY', P .. ':counters', 'evicted', #evicted) end
-for _, id in ipairs(evicted) do out[#out + 1] = id end
-return out
-"""
-
-# ARGV: limit, which ('1', '0' or '*'). Returns id, seq, flag, id, seq, flag, ... of the claimed records.
-CLAIM_LUA = RECORD_LUA + r"""
-local P, limit, which = KEYS[1], tonumber(ARGV[1]), ARGV[2]
-local flags = {which}
-if which == '*' then flags = {'1', '0'} end
-local cands = {}
-for _, f in ipairs(flags) do
-  local r = redis.call('ZRANGE', P .. ':z:pending:' .. f, 0, limit - 1, 'WITHSCORES')
-  for j = 1, #r, 2 do cands[#cands + 1] = {r[j], tonumber(r[j + 1]), f} end
-end
-table.sort(cands, function(a, b) return a[2] < b[2] end)
-local out = {}
-for j = 1, math.min(limit, #cands) do
-  local id, seq, f = cands[j][1], cands[j][2], cands[j][3]
-  local _, _, _, tail = parse(redis.call('HGET', P .. ':rec', id))
-  redis.call('ZREM', P .. ':z:pending:' .. f, id)
-  redis.call('ZADD', P .. ':z:claimed:' .. f, seq, id)
-  redis.call('HSET', P .. ':rec', id, string.format('%d:%s:claimed', seq, f) .. tail)
-  out[#out + 1] = id
-  out[#out + 1] = string.format('%d', seq)
-  out[#out + 1] = f
-end
-return out
-"""
-
-# ARGV: to_state, from_states (comma separated), ids... Returns the ids that moved.
-MOVE_LUA = RECORD_LUA + r"""
-local P, to, from = KEYS[1], ARGV[1], ',' .. ARGV[2] .. ','
-local moved, freed = {}, 0
-for j = 3, #ARGV do
-  local id = ARGV[j]
-  local v = redis.call('HGET', P .. ':rec', id)
-  if v then
-    local seq, f, state, tail, nbytes = parse(v)
-    if string.find(from, ',' .. state .. ',', 1, true) then
-      redis.call('ZREM', P .. ':z:' .. state .. ':' .. f, id)
-      redis.call('ZADD', P .. ':z:' .. to .. ':' .. f, seq, id)
-      redis.call('HSET', P .. ':rec', id, seq .. ':' .. f .. ':' .. to .. tail)
-      -- sent records leave the unharvested set (pending <-> claimed keeps them counted)
-      if to == 'sent' then freed = freed + nbytes end
-      moved[#moved + 1] = id
-    end
-  end
-end
-if freed > 0 then redis.call('DECRBY', P .. ':bytes', freed) end
-return moved
-"""
-
-# ARGV: record ids. Deletes them whatever their state; returns how many existed.
-DELETE_LUA = RECORD_LUA + r"""
-local P, n, freed = KEYS[1], 0, 0
-for j = 1, #ARGV do
-  local v = redis.call('HGET', P .. ':rec', ARGV[j])
-  if v then
-    local _, _, state = parse(v)
-    local nbytes = delete(P, ARGV[j])
-    if state ~= 'sent' then freed = freed + nbytes end  -- sent records no longer count in P:bytes
-    n = n + 1
-  end
-end
-if freed > 0 then redis.call('DECRBY', P .. ':bytes', freed) end
-return n
-"""
-
-# ARGV: most records to delete in this call. Returns how many were deleted.
-PURGE_LUA = RECORD_LUA + r"""
-local P, limit = KEYS[1], tonumber(ARGV[1])
-local n = 0
-for _, f in ipairs({'1', '0'}) do
-  for _, id in ipairs(redis.call('ZRANGE', P .. ':z:sent:' .. f, 0, limit - n - 1)) do
-    delete(P, id)  -- sent records no longer count in P:bytes
-    n = n + 1
-  end
-  if n >= limit then break end
-end
-return n
-"""
-
 
 #: what :meth:`RedisQueue.prepare` returns
 Prepared = tuple[list[str], list[SpoolRecord], list[SpoolRequest], list[str], list]
-
-
-# -- the queue --------------------------------------------------------------------------------------
-def _b(value) -> bytes:
-    return value if isinstance(value, bytes) else str(value).encode()
 
 
 def redis_client(url: str, timeout_s: float | None = None) -> redis.Redis:
@@ -363,14 +76,9 @@ def redis_client(url: str, timeout_s: float | None = None) -> redis.Redis:
     return redis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), retry_on_error=[], **timeouts)
 
 
-def _input_digest(item: SpoolRecord) -> bytes:
-    """BLAKE2b-128 (hex) of the packed input of a script item: what tells a retry from a reused request id."""
-    packed = item[2] or dict(zip(item[3::2], item[4::2]))[b"input"]  # its blob, else the inline field
-    return hashlib.blake2b(packed, digest_size=16).hexdigest().encode()
-
-
 class RedisQueue(QueryQueue):
-    """:class:`QueryQueue` on one Redis database; see the module docstring for keys, atomicity and the spool."""
+    """:class:`QueryQueue` on one Redis database: the spool and reachability in the module docstring, the keys and
+    what each write does atomically in :mod:`oodguard.queues.redis_scripts`."""
 
     def __init__(self, client: redis.Redis | str, spool_path: str | Path, max_size: int = 100_000,
                  full_policy: str = "reject", key_prefix: str = DEFAULT_PREFIX,
@@ -437,89 +145,12 @@ class RedisQueue(QueryQueue):
         self._reachable = True
         return result
 
-    # -- records <-> stream entries -----------------------------------------------------------------
-    def _encode(self, records: Sequence[NewRecord], ids: Sequence[str],
-                now: float) -> tuple[list[SpoolRecord], list[SpoolRequest]]:
-        """The script's (and the spool's) items for ``records`` stored as ``ids``, and their request payloads,
-        one per request, keyed by the id of its first record."""
-        requests, refs = group_requests(records)
-        keys: dict[int, str] = {}
-        for rid, ref in zip(ids, refs):
-            if ref is not None:
-                keys.setdefault(ref, rid)
-        items = [self._encode_record(r, rid, now, keys.get(ref), decision)
-                 for r, rid, ref, decision in zip(records, ids, refs, decisions_json([r.decision for r in records]))]
-        payloads = [[keys[j].encode(), request_id.encode(), metadata.encode()]
-                    for j, (request_id, metadata) in enumerate(requests)]
-        return items, payloads
-
-    def _encode_record(self, r: NewRecord, rid: str, now: float, request_key: str | None, decision: str) -> SpoolRecord:
-        flag = b"1" if r.flagged else b"0"
-        packed = pack_array(r.input)
-        blob = b""
-        fields = {
-            "id": rid, "time": repr(now if r.time is None else float(r.time)), "model": r.model,
-            "version": str(int(r.version)), "flagged": flag,
-            "scores": json.dumps({k: float(v) for k, v in r.scores.items()}), "decision": decision,
-            "logits": pack_array(r.logits), "features": pack_array(r.features),
-        }
-        if request_key is not None:
-            fields["req"] = request_key
-        if len(packed) > self.inline_max_bytes:
-            blob, fields["input_ref"] = packed, b"1"
-        else:
-            fields["input"] = packed
-        items = [rid.encode(), flag, blob]
-        for name, value in fields.items():
-            items += [name.encode(), _b(value)]
-        return items
-
-    @staticmethod
-    def _decode(fields: dict, state: str, blob: bytes | None, request: tuple[str, dict] | None) -> QueueRecord:
-        f = {k.decode(): v for k, v in fields.items()}
-        packed = blob if f.get("input_ref") == b"1" else f["input"]
-        if request is None:  # inline in entries of an older version; neither for a record without request
-            request = (f.get("request_id", b"").decode(), json.loads(f.get("metadata", b"{}")))
-        request_id, metadata = request[0], dict(request[1])  # a copy per record: readers may change theirs
-        return QueueRecord(
-            model=f["model"].decode(), version=int(f["version"]), input=unpack_array(packed),
-            logits=unpack_array(f["logits"]), features=unpack_array(f["features"]), scores=json.loads(f["scores"]),
-            decision=json.loads(f["decision"]), flagged=f["flagged"] == b"1", request_id=request_id,
-            metadata=metadata, time=float(f["time"]), id=f["id"].decode(), seq=int(f["seq"]), state=state,
-        )
-
-    def _fetch(self, rows: Sequence[tuple[str, int, str]]) -> list[QueueRecord]:
-        """Records for (id, seq, state) rows, in that order; ones deleted meanwhile are left out."""
-        if not rows:
-            return []
-        stream = self._key("stream")
-        pipe = self.redis.pipeline(transaction=False)
-        for _, seq, _ in rows:
-            pipe.xrange(stream, f"{seq}-0", f"{seq}-0", count=1)
-        entries = [e[0][1] if e else None for e in pipe.execute()]
-        refs = [rid for (rid, _, _), e in zip(rows, entries) if e and e.get(b"input_ref") == b"1"]
-        keys = sorted({e[b"req"] for e in entries if e and b"req" in e})
-        pipe = self.redis.pipeline(transaction=False)
-        if refs:
-            pipe.mget([self._key(f"blob:{rid}") for rid in refs])
-        for key in keys:
-            pipe.hmget(self._key(f"req:{key.decode()}"), ["request_id", "metadata"])
-        answers = pipe.execute()
-        blobs = dict(zip(refs, answers.pop(0))) if refs else {}
-        requests = {key: (rid.decode(), json.loads(meta)) for key, (rid, meta) in zip(keys, answers) if rid is not None}
-        out = []
-        for (rid, _, state), e in zip(rows, entries):
-            if not e or (rid in blobs and blobs[rid] is None) or (b"req" in e and e[b"req"] not in requests):
-                continue
-            out.append(self._decode(e, state, blobs.get(rid), requests.get(e.get(b"req"))))
-        return out
-
     # -- writes ---------------------------------------------------------------------------------------
     def _run_put(self, items: Sequence[SpoolRecord], requests: Sequence[SpoolRequest], admit: bool,
                  runs: Sequence = (0, 0), client: redis.Redis | None = None) -> list[int | bytes]:
-        """The put script for ``items`` (``runs``: the idempotency part of its arguments, :meth:`_runs`; none by
-        default) through ``client`` (default: the one of other calls); each one's status (1 stored, 2 already
-        there, 0 refused; the earlier record's id for a record of a retried request)."""
+        """The put script for ``items`` (``runs``: the idempotency part of its arguments, :func:`idempotency_args`;
+        none by default) through ``client`` (default: the one of other calls); each one's status (1 stored, 2
+        already there, 0 refused; the earlier record's id for a record of a retried request)."""
         argv: list = [self.max_size, self.max_bytes, self.full_policy, "1" if admit else "0", len(requests)]
         for request in requests:
             argv += request
@@ -532,20 +163,6 @@ class RedisQueue(QueryQueue):
         self._drops.note("evicted", [rid.decode() for rid in out[len(items):]])
         return [x if isinstance(x, bytes) else int(x) for x in out[:len(items)]]
 
-    def _runs(self, records: Sequence[NewRecord], items: Sequence[SpoolRecord]) -> list:
-        """The put script's idempotency arguments for ``records`` (encoded as ``items``): the window in
-        milliseconds, then the runs that may be retries (:func:`request_runs`) with each record's item position
-        and input digest; no runs with the check off."""
-        if not self.idempotency_window_s:
-            return [0, 0]
-        runs = request_runs(records)
-        argv: list = [max(1, round(self.idempotency_window_s * 1000)), len(runs)]
-        for run in runs:
-            argv += [run.start + 1, run.stop - run.start, run.model, run.request_id]
-            for item, encoded in zip(run.items, items[run.start:run.stop]):
-                argv += [b"" if item is None else str(item), _input_digest(encoded)]
-        return argv
-
     def put(self, records: Sequence[NewRecord]) -> list[str | None]:
         return self.put_prepared(self.prepare(records))
 
@@ -553,8 +170,9 @@ class RedisQueue(QueryQueue):
         """(ids, the script's items, request payloads, each record's request id, the idempotency arguments)."""
         now = time.time()
         ids = new_record_ids(len(records), now)
-        items, requests = self._encode(records, ids, now)
-        return ids, items, requests, [r.request_id for r in records], self._runs(records, items)
+        items, requests = encode_records(records, ids, now, self.inline_max_bytes)
+        return (ids, items, requests, [r.request_id for r in records],
+                idempotency_args(records, items, self.idempotency_window_s))
 
     def put_prepared(self, prepared: Prepared) -> list[str | None]:
         self._check_open()
@@ -628,7 +246,7 @@ class RedisQueue(QueryQueue):
         which = "*" if flagged is None else ("1" if flagged else "0")
         out = self._call(self._claim_script, keys=[self.key_prefix], args=[int(limit), which])
         rows = [(out[j].decode(), int(out[j + 1]), CLAIMED) for j in range(0, len(out), 3)]
-        return self._call(self._fetch, rows)
+        return self._call(fetch_records, self.redis, self.key_prefix, rows)
 
     def _move(self, ids: Sequence[str], to_state: str, from_states: tuple[str, ...]) -> list[str]:
         if not ids:
@@ -673,7 +291,7 @@ class RedisQueue(QueryQueue):
             if v is not None:
                 seq, _, state = v.decode().split(":")[:3]
                 rows.append((rid, int(seq), state))
-        return self._call(self._fetch, rows)
+        return self._call(fetch_records, self.redis, self.key_prefix, rows)
 
     def select(self, limit: int | None = None, state: str = PENDING, flagged: bool | None = None,
                model: str | None = None, version: int | None = None, since: float | None = None,
@@ -696,7 +314,7 @@ class RedisQueue(QueryQueue):
             matched = []
             for start in range(0, len(rows), 1000):
                 chunk = rows[start:start + 1000]
-                for row, info in zip(chunk, self._call(self._info, chunk)):
+                for row, info in zip(chunk, self._call(read_info, self.redis, self.key_prefix, chunk)):
                     if info is None:
                         continue  # deleted meanwhile
                     t, v, m = info
@@ -708,32 +326,7 @@ class RedisQueue(QueryQueue):
             rows = matched
         if limit is not None:
             rows = rows[:limit]
-        return self._call(self._fetch, rows)
-
-    def _info(self, rows: Sequence[tuple[str, int, str]]) -> list[tuple[float, int, str] | None]:
-        """(time, version, model) of (id, seq, state) rows from ``P:info``; the stream entry of a record stored by
-        an older version (no ``P:info``); None for a record deleted meanwhile."""
-        if not rows:
-            return []
-        values = self.redis.hmget(self._key("info"), [rid for rid, _, _ in rows])
-        out: list[tuple[float, int, str] | None] = []
-        for value in values:
-            if value is None:
-                out.append(None)
-            else:
-                t, v, m = value.decode().split(":", 2)
-                out.append((float(t), int(v), m))
-        old = [j for j, value in enumerate(values) if value is None]
-        if old:  # entries of an older version (or deleted records): the stream entry holds the fields
-            pipe = self.redis.pipeline(transaction=False)
-            for j in old:
-                seq = rows[j][1]
-                pipe.xrange(self._key("stream"), f"{seq}-0", f"{seq}-0", count=1)
-            for j, entry in zip(old, pipe.execute()):
-                if entry:
-                    f = entry[0][1]
-                    out[j] = (float(f[b"time"]), int(f[b"version"]), f[b"model"].decode())
-        return out
+        return self._call(fetch_records, self.redis, self.key_prefix, rows)
 
     def summary(self) -> list[SummaryRow]:
         self._check_open()
@@ -744,7 +337,8 @@ class RedisQueue(QueryQueue):
         groups: dict[tuple[str, int, str, bool], list] = {}
         for start in range(0, len(rows), 1000):
             chunk = rows[start:start + 1000]
-            infos = self._call(self._info, [(rid, seq, state) for rid, seq, state, _ in chunk])
+            infos = self._call(read_info, self.redis, self.key_prefix,
+                                [(rid, seq, state) for rid, seq, state, _ in chunk])
             for (_, _, state, flagged), info in zip(chunk, infos):
                 if info is None:
                     continue  # deleted meanwhile
@@ -799,5 +393,5 @@ class RedisQueue(QueryQueue):
             self._put_redis.close()
 
 
-__all__ = ["RedisQueue", "Spool", "UNREACHABLE", "DEFAULT_PREFIX", "DEFAULT_INLINE_MAX_BYTES", "worker_spool_path",
-           "adopt_orphan_spools"]
+__all__ = ["RedisQueue", "Prepared", "redis_client", "UNREACHABLE", "DEFAULT_PREFIX", "DEFAULT_INLINE_MAX_BYTES",
+           "DEFAULT_PUT_TIMEOUT_S"]

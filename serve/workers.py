@@ -13,7 +13,7 @@ way to use more with Python gRPC (gRPC's ``examples/python/multiprocessing``) is
   otherwise, or its own Triton connection), micro-batcher, registry polling the repository (so hot reload
   reaches every worker), health service and queue connection (SQLite: one WAL writer per worker, SQLite's
   lock orders their transactions; Redis: a spool file per worker, see
-  :func:`~oodguard.queues.redis_streams.worker_spool_path`). Worker 0 serves ``/metrics`` for all of them
+  :func:`~oodguard.queues.spool.worker_spool_path`). Worker 0 serves ``/metrics`` for all of them
   (:mod:`oodguard.serve.metrics`, multiprocess mode);
 * a worker that dies is logged and restarted (same index: same spool file), after
   :data:`RESTART_MIN_S`, doubling up to :data:`RESTART_MAX_S` while restarts die before they serve. A

@@ -22,6 +22,8 @@ from redis.retry import Retry
 
 from oodguard.queues.base import CLAIMED, PENDING, SENT, LocalQueueState, QueueError
 from oodguard.queues.factory import open_queue, split_redis_url
+from oodguard.queues import redis_entries
+from oodguard.queues.redis_entries import encode_records
 from oodguard.queues.redis_streams import DEFAULT_PREFIX, RedisQueue
 from oodguard.serve.settings import Settings, SettingsError
 from oodguard.queues.codec import pack_array
@@ -212,7 +214,7 @@ def test_spool_while_redis_is_down_then_replay_exactly_once(redis_server, tmp_pa
         q.stats()
     # a record that was written *and* spooled (the connection broke after Redis ran the script): lands once
     redis_server.start()
-    both, requests = q._encode([record(99)], ["written-and-spooled"], time.time())
+    both, requests = encode_records([record(99)], ["written-and-spooled"], time.time(), q.inline_max_bytes)
     assert q._run_put(both, requests, admit=False) == [1]
     q.spool.append(both, requests)
     wait_for(lambda: q.spool.backlog == 0, what="the spool to drain")
@@ -602,13 +604,13 @@ def test_filtered_select_decodes_only_the_records_it_returns(redis_server, tmp_p
     q = make_queue(redis_server, tmp_path, inline_max_bytes=2000)  # inputs in blobs: those are read only if needed
     ids = q.put(varied() * 3)
     decoded = []
-    original = RedisQueue._decode
+    original = redis_entries.decode_entry
 
     def counting(fields, state, blob, request):
         decoded.append(fields[b"id"].decode())
         return original(fields, state, blob, request)
 
-    monkeypatch.setattr(RedisQueue, "_decode", staticmethod(counting))
+    monkeypatch.setattr(redis_entries, "decode_entry", counting)
     assert [r.id for r in q.select(model="cifar", version=3)] == [ids[5], ids[12], ids[19]]
     assert decoded == [ids[5], ids[12], ids[19]]
     decoded.clear()
@@ -664,7 +666,7 @@ def test_records_of_the_previous_version_are_counted_filtered_and_deleted(redis_
 
 
 def test_each_worker_spools_to_its_own_file_and_worker_0_adopts_those_of_gone_workers(redis_server, tmp_path):
-    from oodguard.queues.redis_streams import worker_spool_path
+    from oodguard.queues.spool import worker_spool_path
 
     assert worker_spool_path(tmp_path / "spool", 0) == tmp_path / "spool"
     assert worker_spool_path(tmp_path / "spool", 3) == tmp_path / "spool.w3"
