@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from oodguard.queues.base import CLAIMED, PENDING, SENT, LocalQueueState, NewRecord, QueueError
+from oodguard.queues import sqlite_insert
 from oodguard.queues.codec import pack_array
 from oodguard.queues.sqlite import SQLiteQueue
 
@@ -521,7 +522,7 @@ def test_a_failed_group_commit_fails_every_caller_and_stores_nothing(tmp_path, m
     from oodguard.queues.sqlite import SQLiteQueue
 
     queue = SQLiteQueue(tmp_path / "q.sqlite")
-    monkeypatch.setattr(queue, "_insert", lambda db, *rest: db.execute("INSERT INTO nowhere VALUES (1)"))
+    monkeypatch.setattr(sqlite_insert, "insert_batch", lambda db, *rest: db.execute("INSERT INTO nowhere VALUES (1)"))
     with pytest.raises(QueueError, match="nowhere"):
         queue.put([record(1)])
     assert queue.stats().size == 0 and queue._pending == []
@@ -664,7 +665,7 @@ def test_local_state_tells_whether_the_last_operation_failed(tmp_path, monkeypat
     q = SQLiteQueue(tmp_path / "q.sqlite")
     assert q.local_state() == LocalQueueState(spool_backlog=0, reachable=True)
     with monkeypatch.context() as m:
-        m.setattr(q, "_insert", lambda db, *rest: db.execute("INSERT INTO nowhere VALUES (1)"))
+        m.setattr(sqlite_insert, "insert_batch", lambda db, *rest: db.execute("INSERT INTO nowhere VALUES (1)"))
         with pytest.raises(QueueError):
             q.put([record(1)])
     assert q.local_state() == LocalQueueState(spool_backlog=0, reachable=False)
@@ -809,8 +810,8 @@ def test_a_failed_put_leaves_no_carried_count(tmp_path, monkeypatch):
 
     queue = SQLiteQueue(tmp_path / "q.sqlite", max_size=2)
     assert all(queue.put([record(0)]))
-    real = queue._insert
-    monkeypatch.setattr(queue, "_insert", lambda db, batch, size: (real(db, batch, size), db.execute("SELECT nothing"))[0])
+    real = sqlite_insert.insert_batch
+    monkeypatch.setattr(sqlite_insert, "insert_batch", lambda db, *rest: (real(db, *rest), db.execute("SELECT nothing"))[0])
     with pytest.raises(QueueError):
         queue.put([record(1)])  # inserted, then rolled back: the count must not include it
     assert queue._size_seen is None
