@@ -136,7 +136,7 @@ def _strategy_params(pairs: list[str]) -> dict:
 def harvest_command(args: argparse.Namespace) -> int:
     from oodguard.harvest.job import run_harvest
 
-    from oodguard.harvest.export import ExportOptions
+    from oodguard.harvest.output_folder import ExportOptions
 
     from oodguard.harvest.strategies import get_strategy
 
@@ -158,7 +158,7 @@ def harvest_command(args: argparse.Namespace) -> int:
 def labels_command(args: argparse.Namespace) -> int:
     if args.labels_command in ("push", "pull"):
         return label_studio_command(args)
-    from oodguard.harvest.labels import import_labels
+    from oodguard.harvest.label_import import import_labels
 
     from oodguard.queues.factory import open_existing
 

@@ -22,7 +22,7 @@ import numpy as np
 
 from oodguard import progress as bars
 
-from .export import ExportOptions, write_export
+from .output_folder import ExportOptions, write_export
 from .labeled import LabeledSet, labeled_set
 from .strategies import Context, Pool, get_strategy
 from .versions import CalibrationCache, PoolPlan, choose_model, plan_pool

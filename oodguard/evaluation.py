@@ -16,7 +16,7 @@ from . import progress
 from .calibration import Calibration
 from .datasets import Dataset
 from .datasets import load_dataset
-from .metrics import aupr_in, aupr_out, auroc, fpr_at_tpr
+from .ood_metrics import aupr_in, aupr_out, auroc, fpr_at_tpr
 from .onnx_runner import OnnxModel
 from .preprocess import Preprocessing
 from .repository import CALIBRATION_FILE, MODEL_FILE, RepositoryError, version_dir, versions

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .metrics import auroc
+from .ood_metrics import auroc
 
 
 def version_figure(scorer, in_dist, ood_sets, path: str | Path, id_name: str = "ID") -> Path:

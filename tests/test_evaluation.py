@@ -1,7 +1,7 @@
 import numpy as np
 
 from oodguard.evaluation import VersionScorer, compare, uniform_noise
-from oodguard.metrics import auroc
+from oodguard.ood_metrics import auroc
 
 
 def test_compare_reports_metrics_from_the_onnx_scores(digits_export):

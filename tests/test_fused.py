@@ -10,7 +10,7 @@ from oodguard.export.pipeline import fit_scores
 from oodguard.export.scores import MULTI_LAYER, SCORES, FitData, registry
 from oodguard.export.scores.pvalue_fusion import PValueFusion, combine, log_p_values
 from oodguard.export.train import extract
-from oodguard.metrics import auroc
+from oodguard.ood_metrics import auroc
 from oodguard.onnx_runner import OnnxModel
 
 EXPECTED_OUTPUTS = ["logits", "features", "sisom", "sisome", "energy", "msp", "maxlogit", "knn", "cluster", "gradnorm", "fused"]

@@ -4,7 +4,7 @@ import threading
 import numpy as np
 import pytest
 
-from oodguard.harvest.export import safe_file_name
+from oodguard.harvest.output_folder import safe_file_name
 from oodguard.harvest.job import run_harvest
 from oodguard.queues.sqlite import SQLiteQueue
 

@@ -14,7 +14,7 @@ import pytest
 
 from harvest.queue_fixture import filled_queue
 from oodguard.cli import main
-from oodguard.harvest.export import ExportOptions
+from oodguard.harvest.output_folder import ExportOptions
 from oodguard.harvest.job import run_harvest
 from oodguard.harvest.label_studio import NEW_CLASS, NOT_RELEVANT
 

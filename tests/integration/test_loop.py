@@ -18,10 +18,10 @@ from gateway_fixtures import GatewayThread
 from oodguard.cli import main
 from oodguard.datasets import load_dataset
 from oodguard.evaluation import uniform_noise
-from oodguard.harvest.export import ExportOptions
+from oodguard.harvest.output_folder import ExportOptions
 from oodguard.harvest.job import run_harvest
 from oodguard.harvest.label_studio import NEW_CLASS, NOT_RELEVANT
-from oodguard.harvest.labels import import_labels
+from oodguard.harvest.label_import import import_labels
 from oodguard.serve.settings import Settings
 from oodguard.serve.v1 import oodguard_pb2 as pb
 from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc

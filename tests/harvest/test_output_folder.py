@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from oodguard.calibration import Calibration, ScoreThreshold
-from oodguard.harvest.export import ExportOptions, write_export
+from oodguard.harvest.output_folder import ExportOptions, write_export
 from oodguard.harvest.label_studio import NEW_CLASS, NOT_RELEVANT, label_config
 from oodguard.queues.base import QueueRecord
 

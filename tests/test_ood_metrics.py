@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score, roc_curve
 
-from oodguard.metrics import auroc, fpr_at_tpr
+from oodguard.ood_metrics import auroc, fpr_at_tpr
 
 
 def sklearn_auroc(id_scores: np.ndarray, ood_scores: np.ndarray) -> float:
@@ -135,7 +135,7 @@ def test_fpr_bad_tpr_raises(tpr):
 # --- AUPR-In / AUPR-Out against scikit-learn's average_precision_score -------------------------
 from sklearn.metrics import average_precision_score  # noqa: E402
 
-from oodguard.metrics import aupr_in, aupr_out, average_precision  # noqa: E402
+from oodguard.ood_metrics import aupr_in, aupr_out, average_precision  # noqa: E402
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

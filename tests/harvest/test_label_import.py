@@ -7,7 +7,7 @@ from oodguard.cli import main
 from oodguard.datasets import load_dataset
 from oodguard.harvest.job import run_harvest
 from oodguard.harvest.label_studio import read_export
-from oodguard.harvest.labels import import_labels, read_labels
+from oodguard.harvest.label_import import import_labels, read_labels
 
 from .queue_fixture import filled_queue
 
@@ -217,7 +217,7 @@ def test_a_stale_record_may_take_a_class_of_the_version_it_was_harvested_for(dig
     import json
 
     from oodguard.datasets import load_dataset
-    from oodguard.harvest.labels import import_labels
+    from oodguard.harvest.label_import import import_labels
     from oodguard.queues.sqlite import SQLiteQueue
 
     from .queue_fixture import queue_images
@@ -270,13 +270,13 @@ def test_labels_import_reads_in_chunks_and_shows_progress_only_when_asked(digits
                                                                           monkeypatch):
     """More labeled ids than one read takes (READ_CHUNK): every one is joined; with OODGUARD_PROGRESS=1 the
     phases show as bars on stderr, without it stderr stays empty; stdout is the same either way."""
-    from oodguard.harvest import labels
+    from oodguard.harvest import label_import
 
     queue, truth, repository = filled_queue(digits_export, tmp_path / "q.sqlite", per_kind=10)
     harvested = run_harvest(queue, "random", 30, tmp_path / "out", repository, progress=lambda line: None)
     (tmp_path / "labels.csv").write_text("".join(f"{i},{truth[i]}\n" for i in harvested.ids))
     queue.close()
-    monkeypatch.setattr(labels, "READ_CHUNK", 7)  # 30 ids: five reads
+    monkeypatch.setattr(label_import, "READ_CHUNK", 7)  # 30 ids: five reads
     argv = ["labels", "import", str(tmp_path / "labels.csv"), "--queue", f"sqlite:///{tmp_path / 'q.sqlite'}",
             "--repository", str(repository), "--out"]
     outputs = []
@@ -322,7 +322,7 @@ def test_an_export_naming_records_of_two_models_is_refused_unless_one_is_picked(
 
 
 def test_new_class_names_are_bounded_in_length_and_count(digits_export, tmp_path, monkeypatch):
-    from oodguard.harvest import labels
+    from oodguard.harvest import label_import
 
     queue, _, repository = filled_queue(digits_export, tmp_path / "q.sqlite", per_kind=2)
     ids = [r.id for r in queue.select()]
@@ -332,7 +332,7 @@ def test_new_class_names_are_bounded_in_length_and_count(digits_export, tmp_path
     (tmp_path / "huge.csv").write_text(f"{ids[1]},3\n{ids[0]},{'x' * 1_000_000}\n")  # past the csv module's field limit
     with pytest.raises(ValueError, match="line 2: not a readable CSV row \\(field larger than field limit"):
         import_labels(tmp_path / "huge.csv", queue, repository, tmp_path / "data.npz")
-    monkeypatch.setattr(labels, "MAX_NEW_CLASSES", 2)
+    monkeypatch.setattr(label_import, "MAX_NEW_CLASSES", 2)
     (tmp_path / "many.csv").write_text("".join(f"{i},new{n}\n" for n, i in enumerate(ids[:3])))
     with pytest.raises(ValueError, match="3 new classes in one import, more than 2"):
         import_labels(tmp_path / "many.csv", queue, repository, tmp_path / "data.npz")
