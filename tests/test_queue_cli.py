@@ -16,7 +16,8 @@ from PIL import Image
 
 from oodguard.cli import build_parser, main
 from oodguard.preprocess import Preprocessing
-from oodguard.cli.queue_command import STATES, TILE_PAD, parse_time, short_ids, tile_shape
+from oodguard.cli.queue_command import STATES, parse_time
+from oodguard.cli.queue_sheet import TILE_PAD, short_ids, tile_shape
 from oodguard.queues.base import STATES as QUEUE_STATES
 from oodguard.queues.base import NewRecord, new_record_ids
 
