@@ -55,7 +55,7 @@ def test_decisions_json_encodes_shared_thresholds_once_and_equals_plain_json(mon
 
 
 def test_request_runs_are_the_requests_of_a_put_that_may_be_retries():
-    from .test_sqlite import retried
+    from .store_checks import retried
 
     records = (retried("a") + retried("a") + retried("", items=(0,)) + retried("b", items=(0, 1))
                + retried("b", items=(0,), model="cifar") + [dataclasses.replace(retried("c")[0], decision={})])

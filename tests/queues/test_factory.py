@@ -12,7 +12,7 @@ from oodguard.queues.factory import describe_url, open_queue, sqlite_path
 from oodguard.serve.settings import Settings, SettingsError
 from oodguard.queues.sqlite import SQLiteQueue
 
-from .test_sqlite import record
+from .store_checks import record
 
 
 def test_three_slashes_is_relative_to_the_working_directory(tmp_path, monkeypatch):

@@ -209,7 +209,7 @@ def test_client_metadata_is_stored_as_data_only(start_gateway, repo_copy, tmp_pa
 def test_redis_queue_stores_odd_metadata_as_data(redis_server, tmp_path):
     from oodguard.queues.redis_streams import RedisQueue
 
-    from queues.test_sqlite import record
+    from queues.store_checks import record
 
     q = RedisQueue(redis_server.url, tmp_path / "spool", connect_retry_s=0.1)
     try:

@@ -35,7 +35,7 @@ from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
 
 from .conftest import free_port
 from .test_server import FlakyBackend, noise, tensor
-from queues.test_sqlite import record
+from queues.store_checks import record
 
 
 def get(url: str, auth: str | None = None, context: ssl.SSLContext | None = None,
