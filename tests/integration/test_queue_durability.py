@@ -8,11 +8,6 @@ Every process is stopped by PID."""
 from __future__ import annotations
 
 import collections
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -21,71 +16,20 @@ import grpc
 import numpy as np
 import pytest
 import redis
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from oodguard.clients.gateway_process import GatewayProcess
 from oodguard.queues.redis_streams import DEFAULT_PREFIX
 from oodguard.queues.sqlite import SQLiteQueue
 from oodguard.serve.v1 import oodguard_pb2 as pb
 from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class GatewayProcess:
-    """``python -m oodguard.cli serve`` on a free loopback port; ``kill()`` is SIGKILL of its whole process group
-    (the supervisor and its workers), ``stop()`` SIGTERM."""
-
-    def __init__(self, repository: Path, queue_url: str, workdir: Path, name: str, workers: int = 1):
-        self.port = free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        self.log_path = workdir / f"{name}.log"
-        command = [sys.executable, "-m", "oodguard.cli", "serve", "--repository", str(repository),
-                   "--listen", self.target, "--queue-url", queue_url, "--queue-spool-path", str(workdir / "spool"),
-                   "--max-wait-ms", "2", "--intra-op-threads", "1", "--drain-timeout-s", "5", "--workers", str(workers)]
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, cwd=workdir,
-                                            start_new_session=True)
-        self._wait_serving()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def _wait_serving(self, timeout_s: float = 60.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        with grpc.insecure_channel(self.target) as channel:
-            stub = health_pb2_grpc.HealthStub(channel)
-            while True:
-                if self.process.poll() is not None:
-                    raise RuntimeError(f"gateway exited with {self.process.returncode}:\n{self.log()[-4000:]}")
-                try:
-                    if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass
-                if time.monotonic() > deadline:
-                    self.kill()
-                    raise RuntimeError(f"gateway never became SERVING:\n{self.log()[-4000:]}")
-                time.sleep(0.1)
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.process.wait(10)
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.process.wait(10)
+def start_gateway(repository: Path, queue_url: str, workdir: Path, name: str, workers: int = 1) -> GatewayProcess:
+    """``oodguard serve`` on a free loopback port, SERVING; ``kill()`` is SIGKILL of its whole process group (the
+    supervisor and its workers), ``stop()`` SIGTERM (its exit status)."""
+    return GatewayProcess(repository, ["--queue-url", queue_url, "--queue-spool-path", workdir / "spool",
+                                       "--max-wait-ms", "2", "--intra-op-threads", "1", "--drain-timeout-s", "5"],
+                          work=workdir, name=name, workers=workers, stop_timeout_s=20).start()
 
 
 class Load:
@@ -169,7 +113,7 @@ def workdir(tmp_path) -> Path:
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_redis_stopped_and_restarted_under_load_every_record_lands_once(workers, redis_server, digits_export, workdir):
-    gateway = GatewayProcess(digits_export[2], redis_server.url, workdir, "gateway", workers)
+    gateway = start_gateway(digits_export[2], redis_server.url, workdir, "gateway", workers)
     load = None
     try:
         load = Load(gateway.target, threads=4)
@@ -204,7 +148,7 @@ def test_redis_stopped_and_restarted_under_load_every_record_lands_once(workers,
 def test_gateway_sigkill_under_load_loses_no_acknowledged_record(backend, workers, redis_server, digits_export, workdir):
     # the SQLite URL is relative: the gateway runs in workdir, where the file must land (not at the root)
     url = "sqlite:///queue.sqlite" if backend == "sqlite" else redis_server.url
-    gateway = GatewayProcess(digits_export[2], url, workdir, "gateway", workers)
+    gateway = start_gateway(digits_export[2], url, workdir, "gateway", workers)
     load = restarted = None
     try:
         load = Load(gateway.target, threads=4)
@@ -219,7 +163,7 @@ def test_gateway_sigkill_under_load_loses_no_acknowledged_record(backend, worker
             assert sum(p.stat().st_size for p in workdir.glob("spool*")) > 0
             redis_server.start()
         # restarted with one process: worker 0 takes over the spool of worker 1 too
-        restarted = GatewayProcess(digits_export[2], url, workdir, "restarted")
+        restarted = start_gateway(digits_export[2], url, workdir, "restarted")
         if backend == "sqlite":
             queue = SQLiteQueue(workdir / "queue.sqlite", create=False)  # where the relative URL points
             try:

@@ -15,6 +15,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
+from oodguard.clients.gateway_process import GatewayProcess
 from oodguard.serve.v1 import oodguard_pb2 as pb
 from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
 
@@ -27,21 +28,6 @@ def test_serving_path_never_imports_torch():
             "from oodguard.serve.server import Gateway; "
             "assert 'torch' not in sys.modules, sorted(m for m in sys.modules if m.startswith('torch'))")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
-
-
-def _wait_serving(target: str, process: subprocess.Popen, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    with grpc.insecure_channel(target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while True:
-            assert process.poll() is None, process.stdout.read()
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            assert time.monotonic() < deadline, "server never became SERVING"
-            time.sleep(0.1)
 
 
 def wait_inflight(metrics_port: int, at_least: int, timeout: float = 60.0) -> None:
@@ -78,16 +64,13 @@ def wait_draining(target: str, timeout: float = 30.0) -> None:
 
 
 def test_serve_subprocess_demo_client_and_sigterm_drain(digits_export, tmp_path):
-    port, metrics_port = free_port(), free_port()
-    target = f"127.0.0.1:{port}"
     env = {**os.environ, "OODGUARD_QUEUE_PATH": str(tmp_path / "queue.sqlite"), "OODGUARD_LISTEN": "127.0.0.1:1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "oodguard.cli", "serve", "--repository", str(digits_export[2]), "--listen", target,
-         "--drain-timeout-s", "300", "--max-image-pixels", "36000000", "--max-request-pixels", "2304000000",
-         "--metrics-port", str(metrics_port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    gateway = GatewayProcess(digits_export[2], ["--drain-timeout-s", "300", "--max-image-pixels", "36000000",
+                                                "--max-request-pixels", "2304000000"],
+                             work=tmp_path, metrics=True, env=env, ready_timeout_s=30)
+    target, metrics_port = gateway.target, gateway.metrics_port
     try:
-        _wait_serving(target, process)
+        gateway.start()
         demo = subprocess.run([sys.executable, "-m", "oodguard.clients.demo_client", "--target", target],
                               capture_output=True, text=True, timeout=60)
         assert demo.returncode == 0, demo.stderr
@@ -118,7 +101,7 @@ def test_serve_subprocess_demo_client_and_sigterm_drain(digits_export, tmp_path)
         thread.start()
         # deterministic under load: the signal goes out once the gateway has admitted the request
         wait_inflight(metrics_port, at_least=1)
-        process.send_signal(signal.SIGTERM)
+        gateway.process.send_signal(signal.SIGTERM)
         wait_draining(target, timeout=120)
         draining_seen_at = time.monotonic()
         with grpc.insecure_channel(target) as channel:
@@ -129,12 +112,11 @@ def test_serve_subprocess_demo_client_and_sigterm_drain(digits_export, tmp_path)
         thread.join(300)
         assert outcome.get("items") == 32, outcome
         assert outcome["answered_at"] > draining_seen_at  # it really was in flight across the signal
-        assert process.wait(300) == 0
+        assert gateway.process.wait(300) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-    log = process.stdout.read()
+        if gateway.alive():
+            gateway.kill()
+    log = gateway.log()
     assert "model digits version 1: decision any(fused); thresholds: sisom>" in log
     assert "fused*>" in log and "(n=289, TPR 0." in log
     assert "signal received: draining" in log and "oodguard gateway stopped" in log

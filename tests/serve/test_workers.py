@@ -22,6 +22,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from gateway_fixtures import free_port
+from oodguard.clients.gateway_process import GatewayProcess, environment
 from oodguard.serve.settings import Settings, SettingsError
 from oodguard.serve.v1 import oodguard_pb2 as pb
 from oodguard.serve.v1 import oodguard_pb2_grpc as pb_grpc
@@ -30,26 +31,17 @@ from oodguard.serve.workers import reserve_port
 CHANNELS = 12  # connections: the kernel spreads them over the workers
 
 
-class Served:
-    """``oodguard serve --workers N`` in its own session, with a metrics port."""
+class Served(GatewayProcess):
+    """``oodguard serve --workers N`` in its own session, with a metrics port; returns once health says SERVING,
+    the metrics port is open, and every worker serves."""
 
     def __init__(self, repository: Path, workdir: Path, workers: int = 2, *extra: str):
-        self.port, self.metrics_port = free_port(), free_port()
-        self.target = f"127.0.0.1:{self.port}"
-        self.log_path = workdir / "serve.log"
-        command = [sys.executable, "-m", "oodguard.cli", "serve", "--repository", str(repository), "--listen",
-                   self.target, "--workers", str(workers), "--metrics-port", str(self.metrics_port),
-                   "--queue-path", str(workdir / "queue.sqlite"), "--poll-interval-s", "0.3",
-                   "--drain-timeout-s", "5", *extra]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("OODGUARD_", "PROMETHEUS_"))}
-        with open(self.log_path, "wb") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, env=env,
-                                            start_new_session=True)
-        self.workers = workers
+        super().__init__(repository, ["--queue-path", workdir / "queue.sqlite", "--poll-interval-s", "0.3",
+                                      "--drain-timeout-s", "5", *extra],
+                         work=workdir, name="serve", metrics=True, workers=workers,
+                         env=environment(("OODGUARD_", "PROMETHEUS_")), stop_timeout_s=30)
+        self.start()
         self.wait_workers(workers)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
 
     def children(self) -> list[int]:
         path = Path(f"/proc/{self.process.pid}/task/{self.process.pid}/children")
@@ -89,20 +81,6 @@ class Served:
 
     def scrape(self) -> str:
         return urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5).read().decode()
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                return self.process.wait(30)
-            except subprocess.TimeoutExpired:
-                pass
-        return self.kill()
-
-    def kill(self) -> int:
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        return self.process.wait(10)
 
 
 def channels(target: str, n: int = CHANNELS) -> list[grpc.Channel]:
