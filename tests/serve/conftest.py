@@ -48,3 +48,21 @@ def start_gateway(tmp_path):
     yield start
     for gateway in started:
         gateway.stop(0.5)
+
+
+@pytest.fixture
+def serve_metrics():
+    """``serve_metrics(metrics, host="127.0.0.1", **security) -> port``: a :class:`GatewayMetrics`'s ``/metrics``
+    endpoint started on a free port; every endpoint stopped at the end."""
+    from oodguard.serve.metrics import GatewayMetrics
+
+    started: list[GatewayMetrics] = []
+
+    def start(metrics: GatewayMetrics, host: str = "127.0.0.1", **security) -> int:
+        port = metrics.start_server(0, host, **security)
+        started.append(metrics)
+        return port
+
+    yield start
+    for metrics in started:
+        metrics.stop_server()
