@@ -25,7 +25,8 @@ Keys (``P`` = ``key_prefix``, default ``oodguard:queue``; standalone Redis, not 
                        by an older version have none; their stream entry is read instead (and an older
                        version deleting a record leaves its entry here: harmless, reads start from ``P:rec``
                        or the sorted sets)
-``P:seen``             set of every record id ever stored (dedup; never shrinks, ~50-80 bytes per id)
+``P:seen``             set of every record id ever stored (dedup; never shrinks: its memory per id is in
+                       docs/benchmarks.md, "redis_scripts: the dedup set")
 ``P:rid:<m>:<r>``      hash: item position -> ``"<record id>:<input digest>"`` of the records stored for model
                        ``<m>`` under request id ``<r>`` (the latest per item; the digest is BLAKE2b-128 of
                        the packed input, hex): what a retry of that request is matched against

@@ -11,13 +11,13 @@ flight, so under load writes grow instead of queueing up (continuous batching, a
 running when it comes due, at most that one: under load the next micro-batch is on the model while this one's
 records are ready, and its flagged records then share this write's transaction and fsync instead of paying for
 their own. A flag's answer waits at most one model batch longer; with no batch running (every request at low
-load) the flush goes at once. Measured at concurrency 64, all-flagged: 26 records per write against 20, and
-0.526 against 0.543-0.553 ms of gateway CPU per request.
+load) the flush goes at once. What the wait buys: docs/benchmarks.md, "writer: one write per micro-batch".
 
-Durability is unchanged: every caller gets its record ids only after the ``put`` holding them returned, that is
-after they are committed (or spooled and fsync'd); a failed ``put`` raises its error in every caller of it.
-Before this, each request ran its own ``put`` in a worker thread: at 64 concurrent flagged requests that was 64
-thread hand-offs, 64 record counts and 64 transactions that the SQLite group commit merged only partly.
+A ``put`` per request would cost, per flagged request, a thread hand-off, a record count and a transaction
+(which the SQLite group commit merges only partly); one per micro-batch costs one of each for the batch.
+
+Durability: every caller gets its record ids only after the ``put`` holding them returned, that is after they
+are committed (or spooled and fsync'd); a failed ``put`` raises its error in every caller of it.
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ and at most ``max_inflight`` batches running at once (the backend's capacity: on
   its caller's own task, so at low load a request pays no hand-off (``max_wait_s = 0``, the default).
   Whether to yield is decided by the event loop's ready queue, not by the number of callers in progress:
   under load a burst of requests arrives in one event-loop turn before any of them is counted (a leader
-  that skipped the yield on that count ran each burst's first request alone: 1.6x the CPU per request at
-  concurrency 64), but then the burst's other requests are in the ready queue. With nothing else due in
-  this turn, a yield could gather no batch mate: the leader runs at once, without the extra loop turn;
+  deciding by that count would run each burst's first request alone, at more CPU per request; figures:
+  docs/benchmarks.md, "batching: when a leader yields"), but then the burst's other requests are in the
+  ready queue. With nothing else due in this turn, a yield could gather no batch mate: the leader runs at
+  once, without the extra loop turn;
 * otherwise a free slot takes everything pending for a lane (whole submissions, up to the lane's row
   limit) on the next event-loop turn, so requests that arrived together go together;
 * while every slot is busy, submissions pile up and the next free slot takes them as one batch, so

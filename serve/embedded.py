@@ -6,10 +6,10 @@ threads, so the event loop keeps serving gRPC while ONNX Runtime computes; an in
 version's ``max_batch_size`` runs in chunks. A single row of a model whose single-row runs (measured at
 load, then by every single-row run in a worker) take less than ``INLINE_BUDGET_S`` runs on the event
 loop instead: at low load that saves two thread hand-offs, more than such a run costs. With
-``intra_op_threads = 0`` such a small model gets a one-thread session (see ``_load_session``). Merging concurrent requests into batches is the gateway's
-job (:mod:`oodguard.serve.batching`), the same for every backend; ``max_inflight_batches`` tells it how
-many batches to run at once (one per worker). The repository is polled every ``poll_interval_s`` for new
-and removed versions.
+``intra_op_threads = 0`` such a small model gets a one-thread session (see ``_load_session``). Merging
+concurrent requests into batches is the gateway's job (:mod:`oodguard.serve.batching`), the same for every
+backend; ``max_inflight_batches`` tells it how many batches to run at once (one per worker). The repository is
+polled every ``poll_interval_s`` for new and removed versions.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Chunk counts of PNG files and segment counts of JPEG files, checked before Pillow opens them.
 
-Pillow walks a PNG's chunks and a JPEG's segments in Python, holding the GIL: a 6 MB PNG of 500,000 empty
-ancillary chunks costs ~3 s of parsing, and while decoder threads walk such files the event loop gets a
-fraction of the interpreter (good traffic fell 93% in an attack). No camera, scanner or image library writes
-more than a few dozen metadata chunks or segments, so :func:`check_structure` walks the file's chunk headers
-(skipping each payload by its length: a few microseconds per chunk) and refuses a file above the bounds below,
+Pillow walks a PNG's chunks and a JPEG's segments in Python, holding the GIL: a small file of many empty
+ancillary chunks costs seconds of parsing, and while decoder threads walk such files the event loop gets a
+fraction of the interpreter (figures: docs/benchmarks.md, "image_structure: chunk-count attacks"). No camera,
+scanner or image library writes more than a few dozen metadata chunks or segments, so :func:`check_structure`
+walks the file's chunk headers (skipping each payload by its length) and refuses a file above the bounds below,
 stopping at the first count over its bound. It leaves every other judgement (CRCs, truncation, pixel counts)
 to Pillow and :mod:`oodguard.serve.inputs`.
 """

@@ -1,14 +1,13 @@
 """Give freed request memory back to the operating system (glibc), so hostile traffic cannot park RSS high.
 
-Measured on the gateway: 80 requests of 10 MB answered one after the other (refused, no pixel decoded)
-raised the resident size from 138 MB to 600 MB and it stayed there while idle, although the Python heap
-held 10 MB: glibc keeps freed blocks of its arenas (gRPC's receive buffers, protobuf arenas, the request
-bytes, each allocated on whichever thread handled it) for reuse and returns them only on ``malloc_trim``.
-Setting ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_ARENA_MAX`` did not help (the large buffers are made of
-many smaller blocks). :class:`MemoryTrimmer` calls ``malloc_trim(0)`` on a thread of its own once enough
-request bytes were released (default 64 MB), then once a second while large requests keep coming, and once
-after they stop; a trim of a few hundred MB of free blocks takes milliseconds. Without glibc (e.g. musl) it
-does nothing.
+Large requests leave the resident size high while the gateway idles, although the Python heap is small:
+glibc keeps freed blocks of its arenas (gRPC's receive buffers, protobuf arenas, the request bytes, each
+allocated on whichever thread handled it) for reuse and returns them only on ``malloc_trim`` (figures:
+docs/benchmarks.md, "memory: trimming freed request memory"). ``MALLOC_MMAP_THRESHOLD_`` /
+``MALLOC_ARENA_MAX`` do not help: the large buffers are made of many smaller blocks. :class:`MemoryTrimmer`
+calls ``malloc_trim(0)`` on a thread of its own once enough request bytes were released (default 64 MB), then
+once a second while large requests keep coming, and once after they stop. Without glibc (e.g. musl) it does
+nothing.
 """
 
 from __future__ import annotations

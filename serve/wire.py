@@ -1,14 +1,13 @@
 """Field counts of a request body, checked on its protobuf wire bytes before the body is parsed.
 
 The gateway parses request bodies on its event loop. Parsing runs in C, but its cost grows with the number of
-fields, not bytes: a 16 MiB body of 1.5 M distinct metadata keys takes 0.6 s to parse, 8 M empty ``images``
-entries 0.25 s, a packed ``shape`` of 15 M entries 0.18 s, and the loop answers nobody meanwhile. No valid
-request repeats a field more than a few thousand times, so :func:`check_fields` walks the field headers of
-the body (skipping every payload by its length, never copying one) and refuses a body by count: it stops at the
-first field over its bound, so the walk itself costs at most a few milliseconds. A body that is not valid
-protobuf is left for the parser, which refuses it with its own message. Bodies up to
-:data:`SMALL_BODY_BYTES` are not walked: they parse in a few milliseconds whatever they hold, and the parsed
-request's own checks bound them.
+fields, not bytes: a body of millions of tiny fields takes a large part of a second to parse, and the loop
+answers nobody meanwhile (figures: docs/benchmarks.md, "wire: field-count attacks"). No valid request repeats a
+field more than a few thousand times, so :func:`check_fields` walks the field headers of the body (skipping
+every payload by its length, never copying one) and refuses a body by count: it stops at the first field over
+its bound, so the walk itself stays far cheaper than the parse it prevents. A body that is not valid protobuf is
+left for the parser, which refuses it with its own message. Bodies up to :data:`SMALL_BODY_BYTES` are not
+walked: they parse quickly whatever they hold, and the parsed request's own checks bound them.
 """
 
 from __future__ import annotations

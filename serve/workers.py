@@ -26,7 +26,7 @@ way to use more with Python gRPC (gRPC's ``examples/python/multiprocessing``) is
 Clients spread over the workers by connection: one gRPC channel is one connection, so one channel reaches
 one worker; several channels (or a load balancer) are needed to use them all.
 
-``--workers 1`` (the default) runs the gateway in this process without a supervisor, exactly as before.
+``--workers 1`` (the default) runs the gateway in this process, without a supervisor.
 """
 
 from __future__ import annotations
