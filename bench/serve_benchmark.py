@@ -67,7 +67,6 @@ import os
 import platform
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -77,6 +76,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from oodguard.clients.gateway_process import GatewayProcess, ServerProcess, environment
 
 ROOT = Path(__file__).resolve().parents[1]
 CONCURRENCIES = (1, 8, 64)
@@ -332,60 +333,30 @@ def group_cpu_seconds(pgid: int) -> float:
     return total / CLK_TCK
 
 
-@dataclass
-class Gateway:
-    name: str
-    process: subprocess.Popen
-    port: int
-    log_path: Path
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
-            except ProcessLookupError:
-                pass
-
-
 def start_gateway(name: str, repository: Path, work: Path, port: int, extra: list[str],
-                  source: Path | None = None) -> Gateway:
-    """``oodguard serve`` as a subprocess in a new session (its process group is the gateway and its workers);
-    ``source``: a folder holding another ``oodguard`` package to run instead of this checkout's."""
-    log_path = work / f"{name}.log"
-    command = [sys.executable, "-m", "oodguard.cli", "serve", "--repository", str(repository),
-               "--listen", f"127.0.0.1:{port}", "--queue-path", str(work / f"{name}-queue.sqlite"),
-               "--drain-timeout-s", "1", "--log-level", "WARNING", *extra]
-    # only the flags above: OODGUARD_* settings of the calling shell would make runs incomparable
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OODGUARD_")}
-    if source is not None:  # found before the editable install of this checkout
-        env["PYTHONPATH"] = str(source.resolve())
-    with open(log_path, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=work,
-                                   env=env)
-    return Gateway(name, process, port, log_path)
+                  source: Path | None = None) -> GatewayProcess:
+    """``oodguard serve`` as a subprocess in a new session (its process group is the gateway and its workers), not
+    yet waited for (:meth:`GatewayProcess.wait_ready`); ``source``: a folder holding another ``oodguard`` package
+    to run instead of this checkout's."""
+    # only the flags below count (OODGUARD_* settings of the calling shell would make runs incomparable); a
+    # ``source`` on PYTHONPATH is found before the editable install of this checkout
+    env = environment() if source is None else environment(PYTHONPATH=str(source.resolve()))
+    return GatewayProcess(repository, ["--queue-path", work / f"{name}-queue.sqlite", "--drain-timeout-s", "1",
+                                       "--log-level", "WARNING", *extra],
+                          work=work, name=name, port=port, env=env).start(wait=False)
 
 
-def start_floor_server(port: int, response: Path, work: Path, model: Path | None = None) -> Gateway:
+def start_floor_server(port: int, response: Path, work: Path, model: Path | None = None) -> ServerProcess:
     """``bench/grpc_floor_server.py`` answering ``response`` (a serialized PredictResponse) on ``port``; with
-    ``model``, after running each request's tensor through it (the ``grpc-floor-model`` target)."""
+    ``model``, after running each request's tensor through it (the ``grpc-floor-model`` target). Not yet waited
+    for (:meth:`ServerProcess.wait_ready`)."""
     name = "grpc-floor" if model is None else "grpc-floor-model"
-    log_path = work / f"{name}.log"
-    command = [sys.executable, str(ROOT / "bench" / "grpc_floor_server.py"), "--listen", f"127.0.0.1:{port}",
-               "--response", str(response), *([] if model is None else ["--model", str(model)])]
-    with open(log_path, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=work)
-    return Gateway(name, process, port, log_path)
+    command = [sys.executable, ROOT / "bench" / "grpc_floor_server.py", "--listen", f"127.0.0.1:{port}",
+               "--response", response, *([] if model is None else ["--model", model])]
+    return ServerProcess(command, name=name, port=port, log_path=work / f"{name}.log", cwd=work).start(wait=False)
 
 
-def capture_response(gw: Gateway, traffic: Traffic, path: Path) -> Path:
+def capture_response(gw: ServerProcess, traffic: Traffic, path: Path) -> Path:
     """The gateway's answer to the first traffic request, serialized to ``path`` (what grpc-floor answers)."""
     import grpc
 
@@ -394,25 +365,6 @@ def capture_response(gw: Gateway, traffic: Traffic, path: Path) -> Path:
     with grpc.insecure_channel(gw.target) as channel:
         path.write_bytes(pb_grpc.OODGuardStub(channel).Predict(traffic.request(0), timeout=30).SerializeToString())
     return path
-
-
-def wait_serving(gw: Gateway, timeout_s: float = 60.0) -> None:
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(gw.target) as channel:
-        stub = health_pb2_grpc.HealthStub(channel)
-        while time.monotonic() < deadline:
-            if gw.process.poll() is not None:
-                raise RuntimeError(f"{gw.name} exited with {gw.process.returncode}:\n{gw.log_path.read_text()[-3000:]}")
-            try:
-                if stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1).status == health_pb2.HealthCheckResponse.SERVING:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-    raise RuntimeError(f"{gw.name} not SERVING within {timeout_s:.0f}s:\n{gw.log_path.read_text()[-3000:]}")
 
 
 # -- load generation --------------------------------------------------------------------------------
@@ -973,11 +925,12 @@ def _start_triton(run: _Run, helpers, repository: Path):
     return triton
 
 
-def _start_gateways(run: _Run, helpers, repository: Path, traffic: Traffic, triton) -> tuple[dict[str, Gateway], int]:
+def _start_gateways(run: _Run, helpers, repository: Path, traffic: Traffic,
+                    triton) -> tuple[dict[str, ServerProcess], int]:
     """Every chosen gateway target started and SERVING (each on a port of its own, whether chosen or not), and the
     port kept for grpc-floor; targets that cannot run (no --baseline-src, nothing flagged) are skipped."""
     args = run.args
-    gateways: dict[str, Gateway] = {}
+    gateways: dict[str, ServerProcess] = {}
     extra_embedded = [] if args.max_wait_ms is None else ["--max-wait-ms", str(args.max_wait_ms)]
     if args.baseline_src is None:
         run.targets = [t for t in run.targets if not t.startswith("gateway-baseline")]
@@ -1002,12 +955,12 @@ def _start_gateways(run: _Run, helpers, repository: Path, traffic: Traffic, trit
         run.stack.callback(gw.stop)
         gateways[name] = gw
     for gw in gateways.values():
-        wait_serving(gw)
+        gw.wait_ready()
         log(f"{gw.name} SERVING on {gw.target} (PID {gw.process.pid})")
     return gateways, next(ports)
 
 
-def _start_floors(run: _Run, helpers, repository: Path, traffic: Traffic, gateways: dict[str, Gateway],
+def _start_floors(run: _Run, helpers, repository: Path, traffic: Traffic, gateways: dict[str, ServerProcess],
                   floor_port: int) -> None:
     """The chosen grpc-floor servers (added to ``gateways``), answering a response captured from a gateway; skipped
     when no gateway runs."""
@@ -1027,7 +980,7 @@ def _start_floors(run: _Run, helpers, repository: Path, traffic: Traffic, gatewa
                                        model_file if name == "grpc-floor-model" else None)
             run.stack.callback(floor.stop)
             gateways[name] = floor
-            wait_serving(floor)
+            floor.wait_ready()
             log(f"{name} SERVING on {floor.target} (PID {floor.process.pid}), answering "
                 f"{answer.stat().st_size} bytes")
 
@@ -1040,7 +993,7 @@ def _embedded_batching(args, repository: Path, traffic: Traffic) -> str:
     return f"max_wait_ms={wait_ms:g}, max_batch={defaults.max_batch or traffic.max_batch} (the model's max_batch_size)"
 
 
-def _run_cells(run: _Run, traffic: Traffic, drivers: Drivers, gateways: dict[str, Gateway], triton) -> list[Cell]:
+def _run_cells(run: _Run, traffic: Traffic, drivers: Drivers, gateways: dict[str, ServerProcess], triton) -> list[Cell]:
     """Every (round, concurrency, target) cell, the target order reversed every other cell (drift hits both ends)."""
     args, concurrencies, targets = run.args, run.concurrencies, run.targets
     cells: list[Cell] = []
@@ -1059,7 +1012,7 @@ def _run_cells(run: _Run, traffic: Traffic, drivers: Drivers, gateways: dict[str
     return cells
 
 
-def _server_pgids(target: str, gateways: dict[str, Gateway], triton) -> list[int]:
+def _server_pgids(target: str, gateways: dict[str, ServerProcess], triton) -> list[int]:
     """The process groups serving ``target`` (whose CPU time is the server's cost; none for ort-direct)."""
     if target == "ort-direct":
         return []
@@ -1070,7 +1023,7 @@ def _server_pgids(target: str, gateways: dict[str, Gateway], triton) -> list[int
 
 
 def _measure_cell(args, target: str, c: int, rnd: int, traffic: Traffic, drivers: Drivers,
-                  gateways: dict[str, Gateway], triton, loop) -> Cell:
+                  gateways: dict[str, ServerProcess], triton, loop) -> Cell:
     """Drive ``target`` at concurrency ``c`` for one warm-up and measured window; its latencies, throughput and CPU."""
     pgids = _server_pgids(target, gateways, triton)
     cpu0 = [group_cpu_seconds(p) for p in pgids]
@@ -1107,7 +1060,7 @@ def _log_cell(cell: Cell, n: int, total: int) -> None:
 
 
 def _write_outputs(run: _Run, repository: Path, build: dict | None, traffic: Traffic, cost: _ModelCost,
-                   embedded_batching: str, triton, gateways: dict[str, Gateway], cells: list[Cell]) -> str:
+                   embedded_batching: str, triton, gateways: dict[str, ServerProcess], cells: list[Cell]) -> str:
     """The report (report.md / report.json, see :func:`write_report`) and the servers' logs in ``--out``; the markdown."""
     args, notes = run.args, run.notes
     for gw in gateways.values():  # a gateway that died during the run is a failed run, not a slow one

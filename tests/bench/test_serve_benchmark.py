@@ -217,7 +217,7 @@ def test_grpc_floor_server_answers_every_predict_with_its_response_and_reports_s
     path.write_bytes(answer.SerializeToString())
     floor = sb.start_floor_server(free_ports(1)[0], path, tmp_path)
     try:
-        sb.wait_serving(floor, timeout_s=30)
+        floor.wait_ready(timeout_s=30)
         with grpc.insecure_channel(floor.target) as channel:
             stub = pb_grpc.OODGuardStub(channel)
             for request in (pb.PredictRequest(), pb.PredictRequest(model="x", tensor=pb.Tensor(dtype="float32"))):
