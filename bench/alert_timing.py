@@ -31,8 +31,6 @@ import json
 import math
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,6 +39,8 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+from oodguard.clients.gateway_process import GatewayProcess
 
 ROOT = Path(__file__).resolve().parents[1]
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
@@ -52,12 +52,6 @@ TICKET_LONG, TICKET_SHORT, TICKET_FOR = (360, 1.2, 4.0, 1000, False), (60, 1.2, 
 REQUEST_RATES = (1, 10, 100)  # requests/s, one image each
 TARGETS = {"page_20pct_min": 5, "page_10pct_min": 15, "false_pages_per_day": 0}
 DRIFT_SHARE = 0.07
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def oodguard_cmd() -> list[str]:
@@ -121,36 +115,12 @@ def scrape(port: int) -> dict:
     return out
 
 
-def start_gateway(repository: Path, tmp: Path) -> tuple[subprocess.Popen, int, int]:
-    grpc_port, metrics_port = free_port(), free_port()
-    log = open(tmp / "gateway.log", "w")
-    proc = subprocess.Popen(oodguard_cmd() + ["serve", "--repository", str(repository), "--backend", "embedded",
-                                              "--listen", f"127.0.0.1:{grpc_port}", "--metrics-port", str(metrics_port),
-                                              "--queue-path", str(tmp / "queue.sqlite"), "--log-level", "WARNING"],
-                            stdout=log, stderr=subprocess.STDOUT, cwd=tmp, start_new_session=True)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"gateway exited ({proc.returncode}): {(tmp / 'gateway.log').read_text()[-2000:]}")
-        try:
-            m = scrape(metrics_port)
-            if m["p0_upper"] is not None:
-                return proc, grpc_port, metrics_port
-        except OSError:
-            pass
-        time.sleep(0.5)
-    stop(proc)
-    raise RuntimeError("gateway did not come up in 60 s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def start_gateway(repository: Path, tmp: Path) -> GatewayProcess:
+    """``oodguard serve`` (embedded backend, ``--metrics-port``) on free loopback ports, serving and scraped: its
+    metrics port is open (which also means the calibrated p0 gauges are there: the model loaded first)."""
+    return GatewayProcess(repository, ["--backend", "embedded", "--queue-path", tmp / "queue.sqlite",
+                                       "--log-level", "WARNING"],
+                          work=tmp, metrics=True, command=oodguard_cmd(), stop_timeout_s=20).start()
 
 
 def loadgen(grpc_port: int, data: str, duration: float, concurrency: int, rate: float, ood: float, seed: int) -> dict:
@@ -355,13 +325,14 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(td)
         repository, record = ensure_repository(args.repository, tmp)
         id_data, id_what = held_out_npz(record, tmp)
-        proc, grpc_port, metrics_port = start_gateway(repository, tmp)
+        gateway = start_gateway(repository, tmp)
+        grpc_port, metrics_port = gateway.port, gateway.metrics_port
         try:
             loadgen(grpc_port, id_data, 3, args.concurrency, args.rate, 0.0, args.seed + 99)  # warm-up
             run_id = measured_run("in-distribution", metrics_port, grpc_port, args, id_data, 0.0)
             run_ood = measured_run("20% OOD", metrics_port, grpc_port, args, id_data, 0.2)
         finally:
-            stop(proc)
+            gateway.stop()
         p0, p0u = run_id["p0"], run_id["p0_upper"]
         share_id, share_20 = run_id["flagged_share"], run_ood["flagged_share"]
         share_noise = min(1.0, max(0.0, (share_20 - 0.8 * share_id) / 0.2))  # the OOD items' own flagged share

@@ -70,6 +70,8 @@ from typing import Callable
 
 import numpy as np
 
+from oodguard.clients.gateway_process import GatewayProcess, environment, free_port
+
 ROOT = Path(__file__).resolve().parents[1]
 SERVICE = "oodguard.v1.OODGuard"
 #: codes a hostile kind may get; OK only when every item is flagged (decision.ood) for the kinds that must be
@@ -493,60 +495,14 @@ def kinds(max_batch: int) -> list[Kind]:
 
 
 # -- the gateway process ----------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class GatewayProcess:
-    name: str
-    process: subprocess.Popen
-    port: int
-    metrics_port: int
-    log_path: Path
-    token: str = ""
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.process.pid
-
-    def alive(self) -> bool:
-        return self.process.poll() is None
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
-            except ProcessLookupError:
-                pass
-
-
 def start_gateway(name: str, repository: Path, work: Path, extra: list[str], token: str = "") -> GatewayProcess:
-    port, metrics_port = free_port(), free_port()
-    log_path = work / f"{name}.log"
-    command = [sys.executable, "-m", "oodguard.cli", "serve", "--repository", str(repository),
-               "--listen", f"127.0.0.1:{port}", "--metrics-port", str(metrics_port),
-               "--queue-url", f"sqlite:///{work / f'{name}-queue.sqlite'}", "--drain-timeout-s", "1",
-               "--log-level", "WARNING", *extra]
-    if token:
-        token_file = work / f"{name}.token"
-        token_file.write_text(token + "\n")
-        command += ["--auth-token-file", str(token_file)]
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OODGUARD_")}  # only the flags above count
-    with open(log_path, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=work,
-                                   env=env)
-    return GatewayProcess(name, process, port, metrics_port, log_path, token)
+    """``oodguard serve`` on free loopback ports (gRPC and metrics) with a SQLite queue; with ``token``, every call
+    but health must carry it. Not yet waited for (``wait_ready()``: up to 120 s)."""
+    return GatewayProcess(repository, ["--queue-url", f"sqlite:///{work / f'{name}-queue.sqlite'}",
+                                       "--drain-timeout-s", "1", "--log-level", "WARNING", *extra],
+                          work=work, name=name, metrics=True, auth_token=token or None,
+                          env=environment(),  # only the flags above count
+                          ready_timeout_s=120, stop_timeout_s=15).start(wait=False)
 
 
 def health_status(channel, timeout: float = 2.0) -> str:
@@ -558,22 +514,6 @@ def health_status(channel, timeout: float = 2.0) -> str:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     except grpc.RpcError as exc:
         return f"health call failed: {exc.code().name}"
-
-
-def wait_serving(gw: GatewayProcess, timeout_s: float = 120.0) -> None:
-    import grpc
-
-    deadline = time.monotonic() + timeout_s
-    with grpc.insecure_channel(gw.target) as channel:
-        while time.monotonic() < deadline:
-            if not gw.alive():
-                raise RuntimeError(f"gateway {gw.name} exited with {gw.process.returncode}:\n"
-                                   f"{gw.log_path.read_text(errors='replace')[-3000:]}")
-            if health_status(channel, 1.0) == "SERVING":
-                return
-            time.sleep(0.1)
-    raise RuntimeError(f"gateway {gw.name} not SERVING within {timeout_s:.0f}s:\n"
-                       f"{gw.log_path.read_text(errors='replace')[-3000:]}")
 
 
 class Fleet:
@@ -593,9 +533,9 @@ class Fleet:
         name = role if role not in self.gateways else f"{role}-restart{sum(r == role for r in self.restarts)}"
         gw = start_gateway(name, self.repository, self.work, self.extra, token=token)
         self.started.append(gw)
-        wait_serving(gw)
+        gw.wait_ready()
         log(f"gateway {gw.name} SERVING on {gw.target} (pid {gw.pid}, metrics :{gw.metrics_port}"
-            f"{', token required' if gw.token else ''})")
+            f"{', token required' if gw.auth_token else ''})")
         if role in self.channels:
             self.channels[role].close()
         self.gateways[role] = gw
@@ -606,7 +546,7 @@ class Fleet:
         old = self.gateways[role]
         log(f"gateway {old.name} DIED (exit {old.process.returncode}); restarting it")
         self.restarts.append(role)
-        return self.start(role, old.token)
+        return self.start(role, old.auth_token)
 
     def close(self) -> None:
         for channel in self.channels.values():
@@ -1087,7 +1027,7 @@ def redis_pause_part(repository: Path, work: Path, extra: list[str], inp: Inputs
     try:
         gw = start_gateway("redis", repository, work, [*extra, "--queue-url", f"redis://127.0.0.1:{port}/0",
                                                         "--queue-spool-path", str(work / "redis.spool")])
-        wait_serving(gw)
+        gw.wait_ready()
         calls: list[tuple[float, float, str, list[str]]] = []  # (start since t0, seconds, code, record ids)
         lock = threading.Lock()
         stop = threading.Event()
@@ -1258,7 +1198,7 @@ def run_kind(n: int, count: int, kind: Kind, gw: GatewayProcess, channel, probe:
         tally.add(outcome.code)
     health = health_status(channel)
     stats = GoodStats()
-    good_request(channel, inp, 0, stats, tally, token=gw.token)
+    good_request(channel, inp, 0, stats, tally, token=gw.auth_token)
     good = "OK" if not stats.errors else stats.error_details[0][:120]
     alive = gw.alive()
     result = KindResult(kind.name, outcome.code, outcome.details[:2000], round(outcome.ms, 1),

@@ -37,8 +37,6 @@ import json
 import math
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -47,6 +45,7 @@ from pathlib import Path
 
 import numpy as np
 
+from oodguard.clients.gateway_process import GatewayProcess, environment
 from oodguard.datasets import data_root
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,9 +129,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # -- commands ---------------------------------------------------------------------------------------
 def _env() -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("OODGUARD_")}  # only the flags count
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH", "")]))
-    return env
+    # only the flags count: the OODGUARD_* settings of the calling shell are left out
+    return environment(PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])))
 
 
 def oodguard(args: list, log_path: Path) -> tuple[float, str]:
@@ -151,46 +149,16 @@ def oodguard(args: list, log_path: Path) -> tuple[float, str]:
     return seconds, done.stdout
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_gateway(repository: Path, queue_path: Path, log_path: Path, poll_interval_s: float) -> GatewayProcess:
+    """``oodguard serve`` (embedded backend, SQLite queue) on a free loopback port, not yet waited for."""
+    return GatewayProcess(repository, ["--backend", "embedded", "--queue-url", f"sqlite:///{queue_path}",
+                                       "--poll-interval-s", poll_interval_s, "--drain-timeout-s", "2",
+                                       "--log-level", "WARNING"],
+                          work=log_path.parent, log_path=log_path, cwd=ROOT, env=_env(),
+                          stop_timeout_s=20).start(wait=False)
 
 
-@dataclass
-class Gateway:
-    process: subprocess.Popen
-    port: int
-    log_path: Path
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            try:
-                os.killpg(self.process.pid, signal.SIGTERM)
-                self.process.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait(5)
-            except ProcessLookupError:
-                pass
-
-
-def start_gateway(repository: Path, queue_path: Path, log_path: Path, poll_interval_s: float) -> Gateway:
-    port = free_port()
-    command = [sys.executable, "-m", "oodguard.cli", "serve", "--repository", str(repository), "--backend", "embedded",
-               "--listen", f"127.0.0.1:{port}", "--queue-url", f"sqlite:///{queue_path}", "--poll-interval-s",
-               str(poll_interval_s), "--drain-timeout-s", "2", "--log-level", "WARNING"]
-    with open(log_path, "wb") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, cwd=ROOT,
-                                   env=_env())
-    return Gateway(process, port, log_path)
-
-
-def wait_version(gw: Gateway, model: str, version: int, timeout_s: float = 180.0) -> float:
+def wait_version(gw: GatewayProcess, model: str, version: int, timeout_s: float = 180.0) -> float:
     """Wait until the gateway is SERVING and ModelInfo names ``version`` as the latest of ``model``; seconds."""
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -433,7 +401,8 @@ def run_loop(args, strategy: str, seed: int, initial: dict, data: Data, work: Pa
     spent = 0
     held: list[dict] = []
     try:
-        startup_s = wait_version(gw, args.model, version)
+        # the gateway start: until it serves, then until ModelInfo names v1
+        startup_s = gw.wait_ready(timeout_s=180) + wait_version(gw, args.model, version)
         log(f"{strategy} seed {seed}: gateway SERVING v1 on {gw.target} ({startup_s:.1f}s)")
         reload_s = None
         for cycle in range(args.cycles + 1):
