@@ -6,7 +6,7 @@ from pathlib import Path
 from oodguard.cli import main
 from oodguard.validate_repo import validate_repository
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_demo_command_builds_a_valid_repository_and_prints_the_evaluation(tmp_path, capsys, monkeypatch):

@@ -236,7 +236,7 @@ def _pycache_line() -> str:
     import re
 
     line = re.search(r'^echo "(import sys; sys\.pycache_prefix = .*)" > "\$SITE/oodguard_pycache\.pth"$',
-                     (Path(__file__).resolve().parents[1] / "scripts" / "setup_triton.sh").read_text(), re.M)
+                     (Path(__file__).resolve().parents[2] / "scripts" / "setup_triton.sh").read_text(), re.M)
     assert line, "setup_triton.sh writes the .pth line"
     return line.group(1)
 
