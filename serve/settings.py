@@ -3,7 +3,9 @@
 Every field has an environment variable ``OODGUARD_<FIELD NAME IN UPPER CASE>`` (for example
 ``OODGUARD_QUEUE_MAX_SIZE=5000``, ``OODGUARD_DECISION_SCORES=sisome,energy``); a command-line flag
 overrides the environment, which overrides the default. Values are validated when the object is built,
-so a bad setting stops the server before it listens.
+so a bad setting stops the server before it listens: each setting by the check declared next to its default
+(``setting(..., check=at_least(1))``, the validators below), then the constraints relating two settings
+(:func:`_check_together`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from .defaults import DEFAULT_FALLBACK, DEFAULT_SCORES
 
@@ -32,14 +34,131 @@ REQUIRED = dataclasses.MISSING
 _BINARY_UNITS = (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024))
 
 
-def setting(default: Any, help: str, metavar: str, *, note: str = "", **kwargs: Any) -> Any:
+def setting(default: Any, help: str, metavar: str, *, note: str = "", check: Check | None = None,
+            unchecked: str = "", **kwargs: Any) -> Any:
     """A field of :class:`Settings` with what its ``oodguard serve`` flag says (:func:`serve_flags`): ``help``
     (what it is), ``metavar``, ``note`` (what the default means, printed after it). The default, the
-    environment variable and the flag's name come from the field itself, never retyped."""
-    metadata = {"help": help, "metavar": metavar, "note": note}
+    environment variable and the flag's name come from the field itself, never retyped. ``check``: the
+    constraint on its value (one of the validators below), run when the settings are built; a numeric setting
+    without one says why in ``unchecked``."""
+    metadata = {"help": help, "metavar": metavar, "note": note, "check": check, "unchecked": unchecked}
     if default is REQUIRED:
         return dataclasses.field(metadata=metadata, **kwargs)
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+# -- validators: each takes a setting's value (never None: an unset optional setting is not checked) and returns
+# what is wrong with it, or None; SettingsError prefixes the setting's name and variable
+Check = Callable[[Any], "str | None"]
+
+
+def rule(holds: Callable[[Any], bool], must: str) -> Check:
+    """Fine when ``holds(value)``; else "``must``, got VALUE". NaN holds no comparison, so it is refused."""
+    def check(value: Any) -> str | None:
+        return None if holds(value) else f"{must}, got {value}"
+    return check
+
+
+def at_least(low: float, note: str = "") -> Check:
+    """``value >= low``; ``note`` (what the boundary means) is shown in brackets."""
+    return rule(lambda value: value >= low, f"must be >= {low}" + (f" ({note})" if note else ""))
+
+
+def positive(value: Any) -> str | None:
+    """``value > 0``."""
+    return None if value > 0 else f"must be > 0, got {value}"
+
+
+def in_range(low: float, high: float, unit: str = "", note: str = "") -> Check:
+    """``low <= value <= high``; ``unit`` follows the bounds, ``note`` is shown in brackets."""
+    return rule(lambda value: low <= value <= high,
+                f"must be within {low}..{high}{f' {unit}' if unit else ''}" + (f" ({note})" if note else ""))
+
+
+def fraction(value: Any) -> str | None:
+    """A share: ``0 <= value <= 1``."""
+    return None if 0.0 <= value <= 1.0 else f"must be within [0, 1], got {value}"
+
+
+def size_at_least(low: int) -> Check:
+    """A size that cannot work below ``low`` (bytes)."""
+    return rule(lambda value: value >= low, f"must be at least {low}")
+
+
+def finite_seconds(note: str) -> Check:
+    """A finite number of seconds >= 0; ``note`` says what 0 means."""
+    return rule(lambda value: 0 <= value < float("inf"), f"must be a number of seconds >= 0 ({note})")
+
+
+def one_of(choices: tuple[str, ...] | Callable[[], tuple[str, ...]], listed: bool = False) -> Check:
+    """``value in choices`` (a function: looked up when the check runs, for choices whose module imports numpy).
+    The message quotes them, "expected 'a' or 'b'", or with ``listed`` lists them, "expected one of a, b"."""
+    def check(value: Any) -> str | None:
+        names = tuple(choices()) if callable(choices) else choices
+        if value in names:
+            return None
+        if listed:
+            return f"expected one of {', '.join(names)}, got {value!r}"
+        quoted = [repr(name) for name in names]
+        alternatives = " or ".join(filter(None, [", ".join(quoted[:-1]), quoted[-1]]))  # 'a', 'b' or 'c'
+        return f"expected {alternatives}, got {value!r}"
+    return check
+
+
+def host_port(value: str) -> str | None:
+    """``HOST:PORT`` with a port within 0..65535."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        return f"expected HOST:PORT, got {value!r}"
+    return None
+
+
+def score_names(value: tuple[str, ...]) -> str | None:
+    """At least one score, none empty or repeated."""
+    if not value or any(not name for name in value):
+        return "name at least one score, e.g. 'sisome' or 'sisome,energy'"
+    if len(set(value)) != len(value):
+        return f"repeated score in {list(value)}"
+    return None
+
+
+def distinct_names(value: tuple[str, ...]) -> str | None:
+    """Scores (possibly none), none empty or repeated."""
+    if any(not name for name in value) or len(set(value)) != len(value):
+        return f"empty or repeated score in {list(value)}"
+    return None
+
+
+def queue_url_form(value: str) -> str | None:
+    """"" (queue_path decides), ``sqlite:///PATH`` naming a file, or ``redis[s]://HOST:PORT/DB``."""
+    if not value:
+        return None
+    scheme = value.partition("://")[0].lower() if "://" in value else ""
+    if scheme not in QUEUE_SCHEMES:
+        return (f"expected sqlite:///PATH (relative to the working directory), sqlite:////ABSOLUTE/PATH or "
+                f"redis://HOST:PORT/DB, got {value!r}")
+    if scheme == "sqlite":
+        from oodguard.queues.factory import sqlite_path
+
+        try:
+            sqlite_path(value)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+def full_policies() -> tuple[str, ...]:
+    """What a full queue may do (:data:`oodguard.queues.base.FULL_POLICIES`)."""
+    from oodguard.queues.base import FULL_POLICIES  # numpy: not while the CLI builds its parser
+
+    return tuple(FULL_POLICIES)
+
+
+def bearer_token(value: str) -> str | None:
+    """A token as it is sent: no whitespace at either end, no line break ("": none)."""
+    if value and (value != value.strip() or any(c in value for c in "\r\n")):
+        return "must not hold whitespace at either end or line breaks"
+    return None
 
 
 def _shown(name: str, value: Any) -> str:
@@ -91,7 +210,7 @@ class Settings:
     #: model repository folder (``<repo>/<model>/<version>/{model.onnx, calibration.json}``)
     repository: Path = setting(REQUIRED, "model repository folder", "DIR")
     #: address to listen on, HOST:PORT (port 0 picks a free port)
-    listen: str = setting("127.0.0.1:50051", "address to listen on", "HOST:PORT")
+    listen: str = setting("127.0.0.1:50051", "address to listen on", "HOST:PORT", check=host_port)
     #: gateway processes sharing the port (``SO_REUSEPORT``), pre-forked by a supervisor
     #: (:mod:`oodguard.serve.workers`); 0 (flag and environment: ``auto``) = one per CPU core; 1 = one process, no
     #: supervisor
@@ -101,9 +220,11 @@ class Settings:
         "a dead one is restarted, /metrics aggregates them all",
         "N",
         note="auto: one per CPU core",
+        check=in_range(0, 256, note="0 or 'auto': one per core"),
     )
     #: "embedded" (ONNX Runtime in-process) or "triton"
-    backend: str = setting("embedded", "embedded (ONNX Runtime in-process) or triton", "NAME")
+    backend: str = setting("embedded", "embedded (ONNX Runtime in-process) or triton", "NAME",
+                           check=one_of(BACKENDS, listed=True))
     #: Triton's gRPC address, used when backend == "triton"
     triton_url: str = setting("127.0.0.1:8001", "Triton gRPC address for --backend triton", "HOST:PORT")
     #: micro-batches the gateway keeps in flight to Triton at once. 1: requests arriving while a call runs
@@ -116,6 +237,7 @@ class Settings:
         "N",
         note="requests arriving during a call merge into the next batch; raise it when Triton's execution "
              "time dominates",
+        check=in_range(1, 64),
     )
     #: model used when a request names none and several models are served ("" = none)
     default_model: str = setting("", "model used when a request names none and several are served", "NAME")
@@ -126,6 +248,7 @@ class Settings:
         "scores that decide",
         "S1,S2",
         note="the calibrated p-value fusion the export chose on validation data",
+        check=score_names,
     )
     #: scores that decide a version exporting not every decision score (e.g. one exported before "fused"
     #: existed; logged); empty: such a version is refused. Unset: "sisome" while deciding by the default
@@ -137,9 +260,11 @@ class Settings:
         "S1,S2",
         note="sisome with the default fused decision, none with any other --decision-scores; 'none' refuses "
              "such versions",
+        check=distinct_names,
     )
     #: "any": OOD when any deciding score crosses its threshold; "all": when all do
-    decision_mode: str = setting("any", "any or all of the deciding scores must cross their thresholds", "MODE")
+    decision_mode: str = setting("any", "any or all of the deciding scores must cross their thresholds", "MODE",
+                                 check=one_of(DECISION_MODES))
     #: micro-batching (every backend): how long a free backend slot holds a batch smaller than max_batch
     #: for more requests, milliseconds. 0 = run at once; under load batches still form while the backend
     #: is busy (continuous batching)
@@ -148,6 +273,7 @@ class Settings:
         "micro-batching: how long an idle backend waits for batch mates",
         "MS",
         note="run at once; under load, requests that arrive while the backend is busy are merged anyway",
+        check=in_range(0, 10_000, unit="ms"),
     )
     #: micro-batching: largest merged batch and largest request; 0 = the model's max_batch_size (never above it)
     max_batch: int = setting(
@@ -155,6 +281,7 @@ class Settings:
         "largest merged batch and request",
         "N",
         note="the model's max_batch_size; 1 turns micro-batching off",
+        check=at_least(0, "0 = the model's max batch size"),
     )
     #: SQLite file of the active-learning query queue (used when queue_url is empty)
     queue_path: Path = setting(Path('oodguard-queue.sqlite'), "SQLite file of the query queue", "FILE")
@@ -164,6 +291,7 @@ class Settings:
         "",
         "the query queue as sqlite:///PATH or redis://HOST:PORT/DB (wins over --queue-path)",
         "URL",
+        check=queue_url_form,
     )
     #: local spool file of the Redis queue: records written there while Redis is unreachable, replayed later
     queue_spool_path: Path = setting(
@@ -172,11 +300,12 @@ class Settings:
         "FILE",
     )
     #: most unharvested records the queue holds
-    queue_max_size: int = setting(100000, "most unharvested records queued", "N")
+    queue_max_size: int = setting(100000, "most unharvested records queued", "N", check=at_least(1))
     #: most stored bytes of unharvested records (arrays, scores, decision, request rows) the queue holds
-    queue_max_bytes: int = setting(1024 * 1024 * 1024, "most stored bytes of unharvested records", "N")
+    queue_max_bytes: int = setting(1024 * 1024 * 1024, "most stored bytes of unharvested records", "N",
+                                   check=size_at_least(1024))
     #: what happens to a new record when the queue is full: "reject" or "evict-oldest"
-    queue_full_policy: str = setting("reject", "reject or evict-oldest", "POLICY")
+    queue_full_policy: str = setting("reject", "reject or evict-oldest", "POLICY", check=one_of(full_policies))
     #: a request retried with the same request_id (same model, item positions and inputs) within this many seconds
     #: of its queued records gets their ids instead of being queued again; 0 = off
     queue_idempotency_window_s: float = setting(
@@ -185,23 +314,28 @@ class Settings:
         "ids of its queued records instead of being queued again",
         "S",
         note="0: off",
+        check=finite_seconds("0 = off"),
     )
     #: fraction of unflagged items also queued (marked as sampled)
-    unflagged_sample_fraction: float = setting(0.0, "fraction of unflagged items also queued", "F")
+    unflagged_sample_fraction: float = setting(0.0, "fraction of unflagged items also queued", "F", check=fraction)
     #: seed of the unflagged sampling (None = random)
-    sample_seed: int | None = setting(None, "seed of that sampling", "N")
+    sample_seed: int | None = setting(None, "seed of that sampling", "N",
+                                      unchecked="any integer seeds random.Random")
     #: largest gRPC message accepted (and sent), bytes
-    max_message_bytes: int = setting(16 * 1024 * 1024, "largest gRPC message accepted", "N")
+    max_message_bytes: int = setting(16 * 1024 * 1024, "largest gRPC message accepted", "N",
+                                     check=size_at_least(1024))
     #: longest request_id accepted, UTF-8 bytes (INVALID_ARGUMENT above)
-    max_request_id_bytes: int = setting(256, "longest request_id accepted, UTF-8 bytes", "N")
+    max_request_id_bytes: int = setting(256, "longest request_id accepted, UTF-8 bytes", "N", check=at_least(0))
     #: largest request metadata accepted: keys and values together, UTF-8 bytes (INVALID_ARGUMENT above)
-    max_metadata_bytes: int = setting(16 * 1024, "largest request metadata, keys and values together", "N")
+    max_metadata_bytes: int = setting(16 * 1024, "largest request metadata, keys and values together", "N",
+                                      check=at_least(0))
     #: largest encoded image accepted, in pixels (width x height, read from the header before decoding)
     max_image_pixels: int = setting(
         4096 * 4096,
         "largest encoded image, width x height, checked before decoding",
         "N",
         note="4096x4096",
+        check=at_least(1),
     )
     #: most pixels of all images of one request together (encoded images and uint8 tensors)
     max_request_pixels: int = setting(
@@ -209,23 +343,28 @@ class Settings:
         "most pixels of all images of one request",
         "N",
         note="8192x8192",
+        check=at_least(1),
     )
     #: threads decoding encoded images, and as many converting uint8 tensors (a pool for each: hostile images
     #: cannot starve tensor requests, neither can starve queue writes)
-    decode_workers: int = setting(2, "threads decoding images, a pool of their own; as many convert uint8 tensors", "N")
+    decode_workers: int = setting(2, "threads decoding images, a pool of their own; as many convert uint8 tensors", "N",
+                                  check=at_least(1))
     #: most images waiting for or in conversion, over all requests, in each of those pools; a request above it
     #: gets RESOURCE_EXHAUSTED
     decode_queue_max_images: int = setting(
         1024,
         "most images waiting for or in conversion, per pool; more: RESOURCE_EXHAUSTED",
         "N",
+        check=at_least(1),
     )
     #: admission control: most Predict calls in progress; above it a call gets RESOURCE_EXHAUSTED at once
-    max_inflight_requests: int = setting(256, "most Predict calls in progress; more: RESOURCE_EXHAUSTED at once", "N")
+    max_inflight_requests: int = setting(256, "most Predict calls in progress; more: RESOURCE_EXHAUSTED at once", "N",
+                                         check=at_least(1))
     #: admission control: most items (images) of all Predict calls in progress together
-    max_inflight_items: int = setting(8192, "most items of all Predict calls in progress", "N")
+    max_inflight_items: int = setting(8192, "most items of all Predict calls in progress", "N", check=at_least(1))
     #: admission control: most request bytes of all Predict calls in progress together
-    max_inflight_bytes: int = setting(512 * 1024 * 1024, "most request bytes of all Predict calls in progress", "N")
+    max_inflight_bytes: int = setting(512 * 1024 * 1024, "most request bytes of all Predict calls in progress", "N",
+                                      check=at_least(1))
     #: raw float32 inputs outside the model's input range (from its preprocessing) widened by this many
     #: range widths on each side are flagged (reason input_range); inf = no check
     input_range_margin: float = setting(
@@ -233,17 +372,19 @@ class Settings:
         "flag raw float32 inputs outside the model's input range widened by F range widths per side",
         "F",
         note="inf: no check",
+        check=at_least(0, "inf = no check"),
     )
     #: how often the repository / backend is polled for new versions, seconds
-    poll_interval_s: float = setting(5.0, "how often new model versions are looked for", "S")
+    poll_interval_s: float = setting(5.0, "how often new model versions are looked for", "S", check=positive)
     #: SIGTERM: how long in-flight requests get to finish, seconds
-    drain_timeout_s: float = setting(30.0, "SIGTERM: time in-flight requests get to finish", "S")
+    drain_timeout_s: float = setting(30.0, "SIGTERM: time in-flight requests get to finish", "S", check=at_least(0))
     #: the longest a model call may take when the client set no deadline, seconds (a paused Triton must not hold
     #: a call forever); a client's deadline, when shorter, wins
     backend_timeout_s: float = setting(
         60.0,
         "longest a model call may take when the client set no deadline; a shorter client deadline wins",
         "S",
+        check=positive,
     )
     #: ONNX Runtime intra-op threads of the embedded backend (0 = auto: ONNX Runtime's default, one thread for a
     #: model whose single row runs in under 0.5 ms: such rows run on the event loop)
@@ -252,9 +393,11 @@ class Settings:
         "ONNX Runtime intra-op threads of the embedded backend",
         "N",
         note="auto, ONNX Runtime decides, one thread for a model whose single row runs in under 0.5 ms",
+        check=at_least(0),
     )
     #: Prometheus metrics over HTTP on this port (0 = off)
-    metrics_port: int = setting(0, "Prometheus metrics over HTTP on this port", "PORT", note="off")
+    metrics_port: int = setting(0, "Prometheus metrics over HTTP on this port", "PORT", note="off",
+                                check=in_range(0, 65535, note="0 = off"))
     #: address the metrics endpoint binds to ("" = the host of ``listen``)
     metrics_host: str = setting("", "address the metrics endpoint binds to", "HOST", note="the --listen host")
     #: metrics over HTTPS: certificate chain and key (PEM); both or neither
@@ -285,6 +428,7 @@ class Settings:
         "",
         "require 'authorization: Bearer TOKEN' metadata (health checks stay open); prefer --auth-token-file",
         "TOKEN",
+        check=bearer_token,
         repr=False,
     )
     #: file holding that token (keeps it out of the environment and the process list)
@@ -293,93 +437,12 @@ class Settings:
     log_level: str = setting("INFO", "DEBUG, INFO, WARNING, ERROR", "LEVEL")
 
     def __post_init__(self) -> None:
-        def bad(name: str, message: str) -> SettingsError:
-            return SettingsError(f"{name} ({ENV_PREFIX}{name.upper()}): {message}")
-
-        host, sep, port = self.listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or int(port) > 65535:
-            raise bad("listen", f"expected HOST:PORT, got {self.listen!r}")
-        if not 0 <= self.workers <= 256:
-            raise bad("workers", f"must be within 0..256 (0 or 'auto': one per core), got {self.workers}")
-        if self.backend not in BACKENDS:
-            raise bad("backend", f"expected one of {', '.join(BACKENDS)}, got {self.backend!r}")
-        if self.backend == "triton" and not self.triton_url:
-            raise bad("triton_url", "the triton backend needs a Triton gRPC address")
-        if not 1 <= self.triton_inflight_batches <= 64:
-            raise bad("triton_inflight_batches", f"must be within 1..64, got {self.triton_inflight_batches}")
-        if not self.decision_scores or any(not s for s in self.decision_scores):
-            raise bad("decision_scores", "name at least one score, e.g. 'sisome' or 'sisome,energy'")
-        if len(set(self.decision_scores)) != len(self.decision_scores):
-            raise bad("decision_scores", f"repeated score in {list(self.decision_scores)}")
-        fallback = self.effective_decision_fallback
-        if any(not s for s in fallback) or len(set(fallback)) != len(fallback):
-            raise bad("decision_fallback", f"empty or repeated score in {list(fallback)}")
-        if self.decision_mode not in DECISION_MODES:
-            raise bad("decision_mode", f"expected 'any' or 'all', got {self.decision_mode!r}")
-        if not 0 <= self.max_wait_ms <= 10_000:
-            raise bad("max_wait_ms", f"must be within 0..10000 ms, got {self.max_wait_ms}")
-        if self.max_batch < 0:
-            raise bad("max_batch", f"must be >= 0 (0 = the model's max batch size), got {self.max_batch}")
-        if self.queue_url:
-            scheme = self.queue_url.partition("://")[0].lower() if "://" in self.queue_url else ""
-            if scheme not in QUEUE_SCHEMES:
-                raise bad("queue_url", f"expected sqlite:///PATH (relative to the working directory), "
-                                       f"sqlite:////ABSOLUTE/PATH or redis://HOST:PORT/DB, got {self.queue_url!r}")
-            if scheme == "sqlite":
-                from oodguard.queues.factory import sqlite_path
-
-                try:
-                    sqlite_path(self.queue_url)
-                except ValueError as exc:
-                    raise bad("queue_url", str(exc)) from None
-        if self.queue_max_size < 1:
-            raise bad("queue_max_size", f"must be >= 1, got {self.queue_max_size}")
-        if self.queue_max_bytes < 1024:
-            raise bad("queue_max_bytes", f"must be at least 1024, got {self.queue_max_bytes}")
-        from oodguard.queues.base import FULL_POLICIES  # numpy: not while the CLI builds its parser
-
-        if self.queue_full_policy not in FULL_POLICIES:
-            raise bad("queue_full_policy", f"expected 'reject' or 'evict-oldest', got {self.queue_full_policy!r}")
-        if not 0 <= self.queue_idempotency_window_s < float("inf"):
-            raise bad("queue_idempotency_window_s",
-                      f"must be a number of seconds >= 0 (0 = off), got {self.queue_idempotency_window_s}")
-        if not 0.0 <= self.unflagged_sample_fraction <= 1.0:
-            raise bad("unflagged_sample_fraction", f"must be within [0, 1], got {self.unflagged_sample_fraction}")
-        if self.max_message_bytes < 1024:
-            raise bad("max_message_bytes", f"must be at least 1024, got {self.max_message_bytes}")
-        for name in ("max_request_id_bytes", "max_metadata_bytes"):
-            if getattr(self, name) < 0:
-                raise bad(name, f"must be >= 0, got {getattr(self, name)}")
-        for name in ("max_image_pixels", "max_request_pixels", "decode_workers", "decode_queue_max_images",
-                     "max_inflight_requests", "max_inflight_items", "max_inflight_bytes"):
-            if getattr(self, name) < 1:
-                raise bad(name, f"must be >= 1, got {getattr(self, name)}")
-        if self.max_request_pixels < self.max_image_pixels:
-            raise bad("max_request_pixels", f"must be >= max_image_pixels ({self.max_image_pixels}), "
-                                            f"got {self.max_request_pixels}")
-        if not self.input_range_margin >= 0:
-            raise bad("input_range_margin", f"must be >= 0 (inf = no check), got {self.input_range_margin}")
-        if self.poll_interval_s <= 0:
-            raise bad("poll_interval_s", f"must be > 0, got {self.poll_interval_s}")
-        if self.drain_timeout_s < 0:
-            raise bad("drain_timeout_s", f"must be >= 0, got {self.drain_timeout_s}")
-        if not self.backend_timeout_s > 0:
-            raise bad("backend_timeout_s", f"must be > 0, got {self.backend_timeout_s}")
-        if self.intra_op_threads < 0:
-            raise bad("intra_op_threads", f"must be >= 0, got {self.intra_op_threads}")
-        if not 0 <= self.metrics_port <= 65535:
-            raise bad("metrics_port", f"must be within 0..65535 (0 = off), got {self.metrics_port}")
-        if bool(self.metrics_tls_cert) != bool(self.metrics_tls_key):
-            raise bad("metrics_tls_key" if self.metrics_tls_cert else "metrics_tls_cert",
-                      "give both metrics_tls_cert and metrics_tls_key (or neither)")
-        if bool(self.tls_cert) != bool(self.tls_key):
-            raise bad("tls_key" if self.tls_cert else "tls_cert", "give both tls_cert and tls_key (or neither)")
-        if self.tls_client_ca and not self.tls_cert:
-            raise bad("tls_client_ca", "mutual TLS needs tls_cert and tls_key too")
-        if self.auth_token and self.auth_token_file:
-            raise bad("auth_token", "give auth_token or auth_token_file, not both")
-        if self.auth_token and (self.auth_token != self.auth_token.strip() or any(c in self.auth_token for c in "\r\n")):
-            raise bad("auth_token", "must not hold whitespace at either end or line breaks")
+        for f in dataclasses.fields(self):  # each setting's own constraint (an unset optional one has none)
+            value, check = getattr(self, f.name), f.metadata["check"]
+            problem = None if value is None or check is None else check(value)
+            if problem:
+                raise _bad(f.name, problem)
+        _check_together(self)
 
     @classmethod
     def from_sources(cls, overrides: Mapping[str, Any] | None = None, env: Mapping[str, str] | None = None) -> "Settings":
@@ -429,6 +492,28 @@ class Settings:
     def describe(self) -> str:
         return ", ".join(f"{f.name}={'***' if f.name == 'auth_token' and self.auth_token else getattr(self, f.name)}"
                          for f in dataclasses.fields(self))
+
+
+def _bad(name: str, message: str) -> SettingsError:
+    return SettingsError(f"{name} ({ENV_PREFIX}{name.upper()}): {message}")
+
+
+def _check_together(s: Settings) -> None:
+    """The constraints that relate two settings (each setting's own value is checked already)."""
+    if s.backend == "triton" and not s.triton_url:
+        raise _bad("triton_url", "the triton backend needs a Triton gRPC address")
+    if s.max_request_pixels < s.max_image_pixels:
+        raise _bad("max_request_pixels", f"must be >= max_image_pixels ({s.max_image_pixels}), "
+                                         f"got {s.max_request_pixels}")
+    if bool(s.metrics_tls_cert) != bool(s.metrics_tls_key):
+        raise _bad("metrics_tls_key" if s.metrics_tls_cert else "metrics_tls_cert",
+                   "give both metrics_tls_cert and metrics_tls_key (or neither)")
+    if bool(s.tls_cert) != bool(s.tls_key):
+        raise _bad("tls_key" if s.tls_cert else "tls_cert", "give both tls_cert and tls_key (or neither)")
+    if s.tls_client_ca and not s.tls_cert:
+        raise _bad("tls_client_ca", "mutual TLS needs tls_cert and tls_key too")
+    if s.auth_token and s.auth_token_file:
+        raise _bad("auth_token", "give auth_token or auth_token_file, not both")
 
 
 def _convert(name: str, source: str, raw: str, hint: Any) -> Any:
