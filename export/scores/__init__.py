@@ -12,7 +12,8 @@ from .base import FitData, Score
 from .cluster import Cluster
 from .energy import Energy
 from .gradnorm import GradNorm
-from .knn import Knn
+from .knn import Knn, KnnCentred
+from .mahalanobis import RelativeMahalanobis
 from .maxlogit import MaxLogit
 from .msp import Msp
 from .sisom import Sisom
@@ -21,7 +22,8 @@ from .sisome import Sisome
 from .sisome_ml import SisomeMl
 
 SCORES: dict[str, type[Score]] = {
-    cls.name: cls for cls in (Sisom, Sisome, SisomMl, SisomeMl, Energy, Msp, MaxLogit, Knn, Cluster, GradNorm)
+    cls.name: cls for cls in (Sisom, Sisome, SisomMl, SisomeMl, Energy, Msp, MaxLogit, Knn, KnnCentred,
+                      RelativeMahalanobis, Cluster, GradNorm)
 }
 
 #: the scores only an export with ``multi_layer`` (``oodguard export --multi-layer``) fits

@@ -78,7 +78,9 @@ def test_typed_results(client, gateway, digits_test_images):
     assert p.class_name == p.top_k[0].name and 0 < p.probability <= 1
     assert p.decision.deciding == ("fused",) and p.decision.mode == "any"
     assert set(p.decision.thresholds) == set(p.scores) == set(p.decision.p_values) and "fused" in p.scores
-    components = [c for c in p.scores if c != "fused"]
+    cal = Calibration.load(gateway.settings.repository / "digits" / "1" / "calibration.json")
+    components = [c for c in p.scores if c in cal.model["score_params"]["fused"]["components"]]
+    assert len(components) == 3  # the driver is one of the fused score's components, the least likely in-distribution
     assert p.decision.driver == min(components, key=lambda c: (p.decision.p_values[c], components.index(c)))
     with pytest.raises(dataclasses.FrozenInstanceError):
         p.class_index = 3  # type: ignore[misc]

@@ -15,11 +15,14 @@ def test_demo_command_builds_a_valid_repository_and_prints_the_evaluation(tmp_pa
     out = capsys.readouterr().out
     assert "AUROC digits 8-9" in out and "AUROC uniform noise" in out
     rows = {line.split()[0]: [float(v) for v in line.split()[1:]] for line in out.splitlines()
-            if line.split() and line.split()[0] in {"sisom", "sisome", "energy", "msp", "maxlogit", "knn", "cluster", "gradnorm",
-                                                    "fused"}}
-    assert len(rows) == 9
+            if line.split() and line.split()[0] in {"sisom", "sisome", "energy", "msp", "maxlogit", "knn", "knn_centred",
+                                                    "rel_mahalanobis", "cluster", "gradnorm", "fused"}}
+    assert len(rows) == 11
     assert rows["sisome"][0] > 85 and rows["energy"][0] > 85  # AUROC (%) for the unknown digits 8-9
-    assert all(values[2] > 70 for values in rows.values())  # every score sees uniform noise as OOD
+    # the default decision on the new classes: within a point of the best single score, most of them flagged
+    assert rows["fused"][0] >= max(v[0] for name, v in rows.items() if name != "fused") - 1.0
+    assert rows["fused"][2] > 70  # % of digits 8-9 flagged at the calibrated threshold
+    assert all(values[3] > 70 for values in rows.values())  # every score sees uniform noise as OOD
     assert validate_repository(tmp_path / "repo") == []
     assert (tmp_path / "runs" / "digits-demo" / "checkpoint.pt").exists()
 

@@ -13,10 +13,11 @@ from oodguard.export.train import extract
 from oodguard.ood_metrics import auroc
 from oodguard.onnx_runner import OnnxModel
 
-EXPECTED_OUTPUTS = ["logits", "features", "sisom", "sisome", "energy", "msp", "maxlogit", "knn", "cluster", "gradnorm", "fused"]
+EXPECTED_OUTPUTS = ["logits", "features", "sisom", "sisome", "energy", "msp", "maxlogit", "knn", "knn_centred",
+                    "rel_mahalanobis", "cluster", "gradnorm", "fused"]
 #: with ``oodguard export --multi-layer``
 EXPECTED_OUTPUTS_ML = ["logits", "features", "sisom", "sisome", "sisom_ml", "sisome_ml", "energy", "msp", "maxlogit", "knn",
-                       "cluster", "gradnorm", "fused"]
+                       "knn_centred", "rel_mahalanobis", "cluster", "gradnorm", "fused"]
 
 
 def assert_parity(reference: dict, actual: dict, tolerance: float = 1e-4, fusion=None) -> dict[str, float]:

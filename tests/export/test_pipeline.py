@@ -10,6 +10,7 @@ from oodguard.evaluation import VersionScorer
 from oodguard.export.backbones import CheckpointError
 from oodguard.export.pipeline import export_model, spec_from_training, split_calibration
 from oodguard.export.scores import MULTI_LAYER, SCORES, registry
+from oodguard.export.scores.pvalue_fusion import NEW_CLASS_RULE
 from oodguard.repository import versions
 from oodguard.validate_repo import validate_repository
 
@@ -69,7 +70,7 @@ def test_the_multi_layer_scores_get_a_bank_of_their_own_within_the_limit(digits_
     assert model["score_params"]["sisom_ml"]["bank_size"] == 120
     assert model["multi_layer_bank"] == {"size": 120, "limit": 120,
                                          "method": "class-stratified random draw from the export bank"}
-    assert set(model["bank_comparison"]["random"]) == {"sisom", "sisome", "sisom_ml", "sisome_ml", "knn"}
+    assert set(model["bank_comparison"]["random"]) == {"sisom", "sisome", "sisom_ml", "sisome_ml", "knn", "knn_centred"}
     labels = result.model.scores["sisom_ml"].bank_labels.numpy()
     assert np.bincount(labels).tolist() == [15] * 8  # water-filled class quotas
 
@@ -96,7 +97,7 @@ def test_thresholds_come_from_the_onnx_model_on_the_calibration_split(digits_exp
 
 def test_fused_references_are_one_half_of_the_calibration_split_and_its_choice_is_recorded(digits_export):
     """The fused score's p-values are referenced to one half (per class) of the calibration split, its
-    threshold comes from the other half; the choice among component subsets is recorded."""
+    threshold comes from the other half; the decision and its validation figures are recorded."""
     record, result, _, _ = digits_export
     calibration = record.part(record.dataset(), "calibration")
     references, held = split_calibration(len(calibration), calibration.labels, 0.95, record.seed)
@@ -114,8 +115,10 @@ def test_fused_references_are_one_half_of_the_calibration_split_and_its_choice_i
     selection = meta["selection"]
     assert meta["components"] == selection["chosen"]["components"] and meta["references_n"] == len(references)
     assert selection["validation_groups"] == {"far": 289, "near": 577}
-    best_single = max(r["worst"] for r in selection["single_scores"].values())
-    assert selection["chosen"]["worst"] >= best_single  # a single score is a candidate too
+    # the default decision is the new-class rule; its validation figures stand beside every single score's
+    assert set(meta["components"]) == set(NEW_CLASS_RULE[0]) and meta["combination"] == NEW_CLASS_RULE[1]
+    assert "new-class rule" in selection["procedure"] and selection["chosen"]["error_ratio"] > 0
+    assert set(selection["single_scores"]) == set(result.model.scores) - {"fused"}
     assert result.calibration.model["validation_ood"] == {"groups": {"far": 289, "near": 577}, "specs": []}
 
 
@@ -187,7 +190,7 @@ def test_next_export_adds_a_version_and_the_repository_validates(digits_export, 
     assert second.calibration.model["bank_size"] == 200
     # ProbCover and a stratified random bank are compared on every bank-based score; the better is kept
     comparison = second.calibration.model["bank_comparison"]
-    assert set(comparison) == {"probcover", "random"} and set(comparison["random"]) == {"sisom", "sisome", "knn"}
+    assert set(comparison) == {"probcover", "random"} and set(comparison["random"]) == {"sisom", "sisome", "knn", "knn_centred"}
     probcover_wins = all((comparison["probcover"][s]["worst"], comparison["probcover"][s]["mean"])
                          >= (comparison["random"][s]["worst"], comparison["random"][s]["mean"]) for s in comparison["random"])
     assert second.calibration.model["bank_method"] == ("probcover" if probcover_wins else "random")

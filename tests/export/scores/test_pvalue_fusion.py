@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from oodguard.calibration import ScoreThreshold
-from oodguard.export.scores.pvalue_fusion import (MAX_ERROR_RATIO, PValueFusion, choose, combine,
+from oodguard.export.scores.pvalue_fusion import (MAX_ERROR_RATIO, NEW_CLASS_RULE, PValueFusion, choose, combine,
                                                    leave_one_out_p_values, log_p_values, p_values, tail_error,
                                                    tail_scale)
 
@@ -197,3 +197,42 @@ def test_leave_one_class_out_worlds_are_a_group_of_their_own_that_the_choice_mus
     assert record["single_scores"]["new_expert"]["auroc"]["new"] > 0.95
     assert record["single_scores"]["near_expert"]["auroc"]["new"] < 0.65
     assert record["chosen"]["worst"] > 0.85 and set(record["chosen"]["tail_error"]) == {"far", "near", "new"}
+
+
+def _with_rule_scores(seed=7):
+    """The complementary experts renamed as the default rule's components, plus one more score."""
+    ref, ood, groups = _complementary(seed=seed)
+    rng = np.random.default_rng(seed)
+    names = dict(zip(("near_expert", "far_expert", "noise"), NEW_CLASS_RULE[0]))
+    ref = {names[n]: v for n, v in ref.items()}
+    ood = {names[n]: v for n, v in ood.items()}
+    ref["msp"], ood["msp"] = rng.normal(size=400), rng.normal(size=800)
+    return ref, ood, groups
+
+
+def test_the_default_decision_is_the_new_class_rule_and_records_its_validation_figures():
+    ref, ood, groups = _with_rule_scores()
+    fusion = PValueFusion.from_references(ref, ood, groups)
+    components, combination = NEW_CLASS_RULE
+    assert set(fusion.components) == set(components) and fusion.combination == combination == "fisher"
+    record = fusion.selection
+    assert "new-class rule" in record["procedure"] and set(record["required"]) == set(components)
+    assert record["chosen"]["components"] == list(fusion.components) and record["chosen"]["combination"] == "fisher"
+    assert record["candidates_evaluated"] == 2  # the rule's three components, each combination
+    assert set(record["chosen"]["auroc"]) == {"near", "far"} and set(record["single_scores"]) == set(ref)
+    assert record["chosen"]["error_ratio"] >= 1.0
+
+
+def test_required_components_restrict_the_choice():
+    ref, ood, groups = _complementary()
+    _, _, record = choose(ref, ood, groups, required=("noise",))
+    assert all("noise" in c["components"] for c in record["best_candidates"])
+    assert record["candidates_evaluated"] == 1 + 2 * (2 + 1)  # noise alone, with each other, the triple
+    assert set(record["chosen"]["components"]) == {"noise", "near_expert", "far_expert"}
+
+
+def test_without_the_rule_scores_the_choice_is_validated():
+    ref, ood, groups = _with_rule_scores()
+    partial = {n: v for n, v in ref.items() if n != NEW_CLASS_RULE[0][1]}
+    fusion = PValueFusion.from_references(partial, {n: ood[n] for n in partial}, groups)
+    assert "admissible candidates" in fusion.selection["procedure"] and fusion.selection["required"] == []
