@@ -42,7 +42,8 @@ def train_command(args: argparse.Namespace) -> int:
 
 
 def export_command(args: argparse.Namespace) -> int:
-    from oodguard.export import pipeline
+    from oodguard.export.pipeline import export_model
+    from oodguard.export.spec import spec_from_flags, spec_from_training
 
     if args.demo:
         from oodguard.export.demo import format_table, run_demo
@@ -71,14 +72,14 @@ def export_command(args: argparse.Namespace) -> int:
                      score_params={"sisom": {"alpha": args.alpha}, "knn": {"k": args.knn_k},
                                    **({"fused": fusion} if fusion else {})})
     if args.checkpoint.with_name("training.json").exists():
-        spec = pipeline.spec_from_training(args.checkpoint, args.repository, args.model, **overrides)
+        spec = spec_from_training(args.checkpoint, args.repository, args.model, **overrides)
         if args.calibration_data:
             from oodguard.datasets import load_dataset
 
             spec.calibration_data = load_dataset(args.calibration_data)
     else:
-        spec = pipeline.spec_from_flags(args, **overrides)
-    pipeline.export_model(spec)
+        spec = spec_from_flags(args, **overrides)
+    export_model(spec)
     return 0
 
 

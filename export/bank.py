@@ -18,7 +18,7 @@ Two ways to pick a class's quota (``method``):
   ``max_class_points`` points are subsampled (seeded) before the greedy search to bound memory.
 - ``"random"``: a seeded uniform draw per class (a class-stratified random bank). Coverage picks
   over-represent a class's sparse outskirts, which moves density-based scores; the export compares both
-  on validation data and keeps ProbCover only where it is not worse (:mod:`oodguard.export.pipeline`).
+  on validation data and keeps ProbCover only where it is not worse (:mod:`oodguard.export.fitting`).
 """
 
 from __future__ import annotations

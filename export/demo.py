@@ -14,7 +14,8 @@ from typing import Callable
 from oodguard.datasets import load_dataset
 from oodguard.evaluation import VersionScorer, compare, uniform_noise
 
-from .pipeline import ExportResult, export_model, spec_from_training
+from .pipeline import ExportResult, export_model
+from .spec import spec_from_training
 from .training_job import CHECKPOINT_FILE, run_training
 
 KNOWN = list(range(8))

@@ -25,7 +25,8 @@ def digits_export(tmp_path_factory):
     """The digits demo model (LeNet-5 on digits 0-7), trained and exported once per test session.
 
     Returns (training record, export result, repository path, checkpoint path)."""
-    from oodguard.export.pipeline import export_model, spec_from_training
+    from oodguard.export.pipeline import export_model
+    from oodguard.export.spec import spec_from_training
     from oodguard.export.training_job import CHECKPOINT_FILE, run_training
 
     work = tmp_path_factory.mktemp("digits-train")
@@ -40,7 +41,8 @@ def digits_export(tmp_path_factory):
 def digits_export_ml(digits_export, tmp_path_factory):
     """The same digits model exported with the multi-layer scores (``oodguard export --multi-layer``) into a
     repository of its own. Returns (training record, export result, repository path, checkpoint path)."""
-    from oodguard.export.pipeline import export_model, spec_from_training
+    from oodguard.export.pipeline import export_model
+    from oodguard.export.spec import spec_from_training
 
     record, _, _, checkpoint = digits_export
     repository = tmp_path_factory.mktemp("repo-ml")
@@ -55,7 +57,8 @@ def digits_two_versions(digits_export, tmp_path_factory):
     record, v2 checkpoint)."""
     import shutil
 
-    from oodguard.export.pipeline import export_model, spec_from_training
+    from oodguard.export.pipeline import export_model
+    from oodguard.export.spec import spec_from_training
     from oodguard.export.training_job import CHECKPOINT_FILE, run_training
 
     repository = tmp_path_factory.mktemp("repo-v1-v2") / "repo"

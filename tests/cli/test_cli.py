@@ -68,7 +68,7 @@ def test_train_with_outlier_data_records_it_and_saves_the_classes_only(tmp_path,
 
 def test_multi_layer_bank_default_is_the_export_default():
     from oodguard.cli import build_parser
-    from oodguard.export.pipeline import MULTI_LAYER_BANK_SIZE, ExportSpec
+    from oodguard.export.spec import MULTI_LAYER_BANK_SIZE, ExportSpec
 
     args = build_parser().parse_args(["export", "--repository", "r", "--checkpoint", "c.pt", "--model", "m"])
     assert args.multi_layer is False and args.multi_layer_bank_size == MULTI_LAYER_BANK_SIZE

@@ -6,7 +6,7 @@ import torch
 from oodguard.evaluation import VersionScorer, uniform_noise
 from oodguard.export.backbones import Classifier, resnet18_cifar
 from oodguard.export.fused import OPSET, FusedModel, export_onnx, output_names, run_torch
-from oodguard.export.pipeline import fit_scores
+from oodguard.export.fitting import fit_scores
 from oodguard.export.scores import MULTI_LAYER, SCORES, FitData, registry
 from oodguard.export.scores.pvalue_fusion import PValueFusion, combine, log_p_values
 from oodguard.export.train import extract

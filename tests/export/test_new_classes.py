@@ -6,7 +6,7 @@ import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from oodguard.export import new_classes
-from oodguard.export.pipeline import fit_scores
+from oodguard.export.fitting import fit_scores
 
 
 def test_held_out_classes_need_enough_images_and_are_a_seeded_draw():
@@ -23,7 +23,7 @@ def test_a_retrained_world_sees_its_held_out_class_as_new(digits_export):
     to that world's scores (they rank above the other classes' images), every score of the export is there, and
     the export's parameters are reused."""
     record, result, _, checkpoint = digits_export
-    from oodguard.export.pipeline import spec_from_training
+    from oodguard.export.spec import spec_from_training
 
     spec = spec_from_training(checkpoint, result.version_dir.parent.parent, "digits")
     prep = spec.preprocessing

@@ -8,7 +8,9 @@ from scipy.stats import betabinom
 from oodguard.calibration import Calibration, CalibrationError
 from oodguard.evaluation import VersionScorer
 from oodguard.export.backbones import CheckpointError
-from oodguard.export.pipeline import export_model, spec_from_training, split_calibration
+from oodguard.export.fitting import split_calibration
+from oodguard.export.pipeline import export_model
+from oodguard.export.spec import spec_from_training
 from oodguard.export.scores import MULTI_LAYER, SCORES, registry
 from oodguard.export.scores.pvalue_fusion import NEW_CLASS_RULE
 from oodguard.repository import versions
@@ -268,7 +270,7 @@ def test_a_backbone_without_layer_stages_is_noted_and_gets_no_layer_data():
     from torch import nn
 
     from oodguard.export.backbones import Classifier
-    from oodguard.export.pipeline import extract_layers
+    from oodguard.export.extraction import extract_layers
 
     class Plain(nn.Module):
         feature_dim = 4

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from oodguard.datasets import load_dataset
-from oodguard.export.pipeline import export_model, spec_from_training
+from oodguard.export.pipeline import export_model
+from oodguard.export.spec import spec_from_training
 from oodguard.export.training_data import balancing_weights, describe_appended, merge_class_names
 from oodguard.export.training_job import CHECKPOINT_FILE, TrainingRecord, init_weights, run_training
 from oodguard.preprocess import Preprocessing

@@ -154,7 +154,8 @@ def test_the_loop_twice_through_the_real_gateway(queue_kind, digits_export, digi
         assert not_relevant and sorted(np.load(tmp_path / "outliers-1.npz")["record_ids"]) == not_relevant
 
         # -- v2 (digits 0-8: class '8' added) exported into the same repository, hot-reloaded --------------
-        from oodguard.export.pipeline import export_model, spec_from_training
+        from oodguard.export.pipeline import export_model
+        from oodguard.export.spec import spec_from_training
 
         assert export_model(spec_from_training(v2_checkpoint, repo, "digits"), progress=quiet).version == 2
         wait_for_version(stub, 2)

@@ -102,7 +102,8 @@ def wait_for(check, what: str, limit_s: float = 60.0):
 
 
 def test_triton_serves_versions_of_different_score_sets(triton_install, digits_export, tmp_path, request):
-    from oodguard.export.pipeline import export_model, spec_from_training
+    from oodguard.export.pipeline import export_model
+    from oodguard.export.spec import spec_from_training
 
     _, _, source, checkpoint = digits_export
     repository = tmp_path / "repository"
