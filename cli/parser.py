@@ -217,12 +217,12 @@ def add_evaluation_parsers(sub) -> None:
 
 
 def add_serve_parser(sub) -> None:
-    """`oodguard serve`: every flag generated from the typed settings (:func:`oodguard.serve.settings.serve_flags`)."""
+    """`oodguard serve`: every flag generated from the typed settings (:func:`oodguard.serve.setting_flags.serve_flags`)."""
     serve = sub.add_parser("serve", help="run the gRPC gateway (embedded ONNX Runtime or Triton backend)",
                            description="Serve the model repository over gRPC (oodguard.v1.OODGuard + health + reflection): "
                            "classify, flag OOD inputs with the calibrated thresholds and queue them for relabeling. Every "
                            "flag also reads OODGUARD_<NAME> from the environment (e.g. OODGUARD_QUEUE_MAX_SIZE); flags win.")
-    from oodguard.serve.settings import serve_flags
+    from oodguard.serve.setting_flags import serve_flags
 
     for flag, meta, text in serve_flags():  # generated from the Settings fields
         serve.add_argument(flag, metavar=meta, help=text.replace("%", "%%"))

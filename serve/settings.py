@@ -4,8 +4,9 @@ Every field has an environment variable ``OODGUARD_<FIELD NAME IN UPPER CASE>`` 
 ``OODGUARD_QUEUE_MAX_SIZE=5000``, ``OODGUARD_DECISION_SCORES=sisome,energy``); a command-line flag
 overrides the environment, which overrides the default. Values are validated when the object is built,
 so a bad setting stops the server before it listens: each setting by the check declared next to its default
-(``setting(..., check=at_least(1))``, the validators below), then the constraints relating two settings
-(:func:`_check_together`).
+(``setting(..., check=at_least(1))``, the validators of :mod:`oodguard.serve.setting_checks`), then the
+constraints relating two settings (:func:`_check_together`). ``oodguard serve``'s flags are generated from the
+fields (:mod:`oodguard.serve.setting_flags`). Imports no numpy: the CLI builds its parser from these fields.
 """
 
 from __future__ import annotations
@@ -16,181 +17,35 @@ import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 from .defaults import DEFAULT_FALLBACK, DEFAULT_SCORES
+from .setting_checks import (Check, at_least, bearer_token, distinct_names, finite_seconds, fraction, full_policies,
+                             host_port, in_range, one_of, positive, queue_url_form, score_names, size_at_least)
 
 ENV_PREFIX = "OODGUARD_"
 BACKENDS = ("embedded", "triton")
 DECISION_MODES = ("any", "all")
-QUEUE_SCHEMES = ("sqlite", "redis", "rediss")
 #: integer settings that also take "auto" (stored as 0)
 AUTO_FIELDS = ("workers",)
 
 
 #: the default of a setting that has none: it must be given (flag or environment)
 REQUIRED = dataclasses.MISSING
-#: binary units for byte-sized defaults in help texts
-_BINARY_UNITS = (("GiB", 1024 ** 3), ("MiB", 1024 ** 2), ("KiB", 1024))
 
 
 def setting(default: Any, help: str, metavar: str, *, note: str = "", check: Check | None = None,
             unchecked: str = "", **kwargs: Any) -> Any:
-    """A field of :class:`Settings` with what its ``oodguard serve`` flag says (:func:`serve_flags`): ``help``
-    (what it is), ``metavar``, ``note`` (what the default means, printed after it). The default, the
-    environment variable and the flag's name come from the field itself, never retyped. ``check``: the
-    constraint on its value (one of the validators below), run when the settings are built; a numeric setting
-    without one says why in ``unchecked``."""
+    """A field of :class:`Settings` with what its ``oodguard serve`` flag says
+    (:func:`~oodguard.serve.setting_flags.serve_flags`): ``help`` (what it is), ``metavar``, ``note`` (what the
+    default means, printed after it). The default, the environment variable and the flag's name come from the
+    field itself, never retyped. ``check``: the constraint on its value (a validator of
+    :mod:`oodguard.serve.setting_checks`), run when the settings are built; a numeric setting without one says why
+    in ``unchecked``."""
     metadata = {"help": help, "metavar": metavar, "note": note, "check": check, "unchecked": unchecked}
     if default is REQUIRED:
         return dataclasses.field(metadata=metadata, **kwargs)
     return dataclasses.field(default=default, metadata=metadata, **kwargs)
-
-
-# -- validators: each takes a setting's value (never None: an unset optional setting is not checked) and returns
-# what is wrong with it, or None; SettingsError prefixes the setting's name and variable
-Check = Callable[[Any], "str | None"]
-
-
-def rule(holds: Callable[[Any], bool], must: str) -> Check:
-    """Fine when ``holds(value)``; else "``must``, got VALUE". NaN holds no comparison, so it is refused."""
-    def check(value: Any) -> str | None:
-        return None if holds(value) else f"{must}, got {value}"
-    return check
-
-
-def at_least(low: float, note: str = "") -> Check:
-    """``value >= low``; ``note`` (what the boundary means) is shown in brackets."""
-    return rule(lambda value: value >= low, f"must be >= {low}" + (f" ({note})" if note else ""))
-
-
-def positive(value: Any) -> str | None:
-    """``value > 0``."""
-    return None if value > 0 else f"must be > 0, got {value}"
-
-
-def in_range(low: float, high: float, unit: str = "", note: str = "") -> Check:
-    """``low <= value <= high``; ``unit`` follows the bounds, ``note`` is shown in brackets."""
-    return rule(lambda value: low <= value <= high,
-                f"must be within {low}..{high}{f' {unit}' if unit else ''}" + (f" ({note})" if note else ""))
-
-
-def fraction(value: Any) -> str | None:
-    """A share: ``0 <= value <= 1``."""
-    return None if 0.0 <= value <= 1.0 else f"must be within [0, 1], got {value}"
-
-
-def size_at_least(low: int) -> Check:
-    """A size that cannot work below ``low`` (bytes)."""
-    return rule(lambda value: value >= low, f"must be at least {low}")
-
-
-def finite_seconds(note: str) -> Check:
-    """A finite number of seconds >= 0; ``note`` says what 0 means."""
-    return rule(lambda value: 0 <= value < float("inf"), f"must be a number of seconds >= 0 ({note})")
-
-
-def one_of(choices: tuple[str, ...] | Callable[[], tuple[str, ...]], listed: bool = False) -> Check:
-    """``value in choices`` (a function: looked up when the check runs, for choices whose module imports numpy).
-    The message quotes them, "expected 'a' or 'b'", or with ``listed`` lists them, "expected one of a, b"."""
-    def check(value: Any) -> str | None:
-        names = tuple(choices()) if callable(choices) else choices
-        if value in names:
-            return None
-        if listed:
-            return f"expected one of {', '.join(names)}, got {value!r}"
-        quoted = [repr(name) for name in names]
-        alternatives = " or ".join(filter(None, [", ".join(quoted[:-1]), quoted[-1]]))  # 'a', 'b' or 'c'
-        return f"expected {alternatives}, got {value!r}"
-    return check
-
-
-def host_port(value: str) -> str | None:
-    """``HOST:PORT`` with a port within 0..65535."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or int(port) > 65535:
-        return f"expected HOST:PORT, got {value!r}"
-    return None
-
-
-def score_names(value: tuple[str, ...]) -> str | None:
-    """At least one score, none empty or repeated."""
-    if not value or any(not name for name in value):
-        return "name at least one score, e.g. 'sisome' or 'sisome,energy'"
-    if len(set(value)) != len(value):
-        return f"repeated score in {list(value)}"
-    return None
-
-
-def distinct_names(value: tuple[str, ...]) -> str | None:
-    """Scores (possibly none), none empty or repeated."""
-    if any(not name for name in value) or len(set(value)) != len(value):
-        return f"empty or repeated score in {list(value)}"
-    return None
-
-
-def queue_url_form(value: str) -> str | None:
-    """"" (queue_path decides), ``sqlite:///PATH`` naming a file, or ``redis[s]://HOST:PORT/DB``."""
-    if not value:
-        return None
-    scheme = value.partition("://")[0].lower() if "://" in value else ""
-    if scheme not in QUEUE_SCHEMES:
-        return (f"expected sqlite:///PATH (relative to the working directory), sqlite:////ABSOLUTE/PATH or "
-                f"redis://HOST:PORT/DB, got {value!r}")
-    if scheme == "sqlite":
-        from oodguard.queues.factory import sqlite_path
-
-        try:
-            sqlite_path(value)
-        except ValueError as exc:
-            return str(exc)
-    return None
-
-
-def full_policies() -> tuple[str, ...]:
-    """What a full queue may do (:data:`oodguard.queues.base.FULL_POLICIES`)."""
-    from oodguard.queues.base import FULL_POLICIES  # numpy: not while the CLI builds its parser
-
-    return tuple(FULL_POLICIES)
-
-
-def bearer_token(value: str) -> str | None:
-    """A token as it is sent: no whitespace at either end, no line break ("": none)."""
-    if value and (value != value.strip() or any(c in value for c in "\r\n")):
-        return "must not hold whitespace at either end or line breaks"
-    return None
-
-
-def _shown(name: str, value: Any) -> str:
-    """A default as a help text prints it: lists comma-separated, byte sizes with their binary unit."""
-    if isinstance(value, tuple):
-        return ",".join(value)
-    if isinstance(value, float):
-        return f"{value:g}"
-    if isinstance(value, int) and name.endswith("_bytes"):
-        for unit, size in _BINARY_UNITS:
-            if value >= size and value % size == 0:
-                return f"{value} = {value // size} {unit}"
-    return str(value)
-
-
-def flag_help(field: dataclasses.Field) -> str:
-    """The ``--help`` text of a setting's flag: what it is, its default (and what that means), its variable."""
-    meta, env = field.metadata, ENV_PREFIX + field.name.upper()
-    if field.default is dataclasses.MISSING:
-        return f"{meta['help']} (required; env {env})"
-    value, note = field.default, meta["note"]
-    if value is None or value == "":
-        default = f"default: {note}" if note else "default: none"
-    else:
-        joint = "; " if ":" in note else ": "  # "(default 600; 0: off)", "(default 0: off)"
-        default = f"default {_shown(field.name, value)}" + (joint + note if note else "")
-    return f"{meta['help']} ({default}; env {env})"
-
-
-def serve_flags() -> list[tuple[str, str, str]]:
-    """(flag, metavar, help) of every setting, in the order of :class:`Settings`: ``oodguard serve``'s flags."""
-    return [("--" + f.name.replace("_", "-"), f.metadata["metavar"], flag_help(f)) for f in dataclasses.fields(Settings)]
 
 
 @dataclass(frozen=True)
@@ -545,4 +400,4 @@ def field_names() -> list[str]:
     return [f.name for f in dataclasses.fields(Settings)]
 
 
-__all__ = ["serve_flags", "setting", "Settings", "SettingsError", "ENV_PREFIX", "field_names"]
+__all__ = ["setting", "Settings", "SettingsError", "ENV_PREFIX", "field_names"]

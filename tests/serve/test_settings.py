@@ -119,7 +119,7 @@ def test_every_numeric_setting_declares_a_check_or_why_it_has_none():
 
 
 def test_the_validators_say_what_is_expected():
-    from oodguard.serve.settings import at_least, fraction, in_range, one_of, positive
+    from oodguard.serve.setting_checks import at_least, fraction, in_range, one_of, positive
 
     assert at_least(1)(1) is None and at_least(1)(0) == "must be >= 1, got 0"
     assert at_least(0, "inf = no check")(float("nan")) == "must be >= 0 (inf = no check), got nan"  # NaN is refused
@@ -135,7 +135,7 @@ def test_every_serve_flag_is_generated_from_its_setting_with_default_and_variabl
     """One source: each Settings field gives its flag's name, metavar, help, default and environment variable."""
     import dataclasses
 
-    from oodguard.serve.settings import serve_flags
+    from oodguard.serve.setting_flags import serve_flags
 
     flags = {flag: (metavar, text) for flag, metavar, text in serve_flags()}
     fields = dataclasses.fields(Settings)
@@ -151,7 +151,7 @@ def test_every_serve_flag_is_generated_from_its_setting_with_default_and_variabl
 
 
 def test_the_configuration_page_names_every_serve_flag():
-    from oodguard.serve.settings import serve_flags
+    from oodguard.serve.setting_flags import serve_flags
 
     page = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
     assert [flag for flag, _, _ in serve_flags() if flag not in page] == []
