@@ -40,8 +40,8 @@ from oodguard.queues.base import NewRecord, decisions_json
 from oodguard.queues.codec import pack_array, stored_zlib
 from oodguard.queues.sqlite import SQLiteQueue
 
-SCORES = ("sisom", "sisome", "energy", "msp", "maxlogit", "knn", "cluster", "gradnorm", "fused", "sisom_ml",
-          "sisome_ml")
+SCORES = ("sisom", "sisome", "energy", "msp", "maxlogit", "knn", "knn_centred", "rel_mahalanobis", "cluster",
+          "gradnorm", "fused", "sisom_ml", "sisome_ml")
 
 
 def parse_args(argv=None):

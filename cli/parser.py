@@ -168,11 +168,14 @@ def add_export_parser(sub) -> None:
                         help="an OOD set for the export's choices (never a test set; repeatable): a group of its own "
                         "next to the synthetic near and far corruptions of training images (default: none)")
     export.add_argument("--new-class-holdouts", type=int, default=0, metavar="N",
-                        help="add a 'new' validation group to the fused choice: N classes held out in turn, each by "
-                        "a classifier trained without it (the run's recipe from training.json; costs N trainings); "
-                        "opt-in while the signal is measured (bench/new_class_signal.py) (default %(default)s: off)")
+                        help="choose the fused score on validation with a 'new' group: N classes held out in turn, "
+                        "each by a classifier trained without it (the run's recipe from training.json; costs N "
+                        "trainings), instead of the fixed new-class rule; opt-in while the signal is measured "
+                        "(bench/new_class_signal.py) (default %(default)s: off)")
     export.add_argument("--fused-components", help="fixed components of the fused score, comma-separated (default: "
-                        "chosen on validation among subsets of up to 3 scores)")
+                        "knn_centred,rel_mahalanobis,maxlogit with fisher, the rule measured to flag new classes "
+                        "(docs/methods.md#new-classes); without those scores, chosen on validation among subsets "
+                        "of up to 3)")
     export.add_argument("--fused-combination", choices=["fisher", "min-p"],
                         help="fixed combination of the fused score's p-values (default: chosen with the components)")
     export.add_argument("--tpr", type=float, default=0.95, help="target TPR of the thresholds (default %(default)s)")

@@ -7,7 +7,7 @@ pass of :mod:`oodguard.export.layers`: ``s_j - 0.5 = tanh(alpha_j * a_j * g_j / 
 concatenated and scored by SISOM's distance ratio (nearest same-class anchor, ``d_out`` from the anchor,
 on ``s - 0.5``), computed in the graph by :class:`BlockedBankRatio` (below). The penultimate-only score stays
 ``sisom``, so the two can be compared. Opt-in: only ``oodguard export --multi-layer`` fits it, on a bank of its
-own (at most ``--multi-layer-bank-size`` samples, :func:`oodguard.export.pipeline.multi_layer_bank`).
+own (at most ``--multi-layer-bank-size`` samples, :func:`oodguard.export.fitting.multi_layer_bank`).
 
 Choices (the paper and NAC tune per-layer steepness on validation data, without a procedure to copy):
 
