@@ -12,7 +12,7 @@ import torch
 
 from oodguard.export.backbones import Classifier, resnet18_cifar
 from oodguard.export.fused import FusedModel, export_module, export_onnx
-from oodguard.export.pipeline import fit_scores
+from oodguard.export.fitting import fit_scores
 from oodguard.export.scores import FitData
 from oodguard.onnx_runner import OnnxModel
 
@@ -107,7 +107,7 @@ def resnet18_models(out_dir: Path, bank_size: int = 5000, num_classes: int = 10,
     :func:`random_fit_data`), every score a default export fits, or with ``multi_layer`` every score an
     ``oodguard export --multi-layer`` fits (the multi-layer scores on their own bank of at most
     ``MULTI_LAYER_BANK_SIZE``, as the export draws it, and the backward pass through layer1-layer4)."""
-    from oodguard.export.pipeline import MULTI_LAYER_BANK_SIZE
+    from oodguard.export.spec import MULTI_LAYER_BANK_SIZE
 
     torch.manual_seed(seed)
     classifier = Classifier(resnet18_cifar(), num_classes).eval()

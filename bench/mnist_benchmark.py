@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import cost  # noqa: E402
 from oodguard.datasets import data_root  # noqa: E402
 from oodguard.evaluation import OodSet, VersionScorer, build_report, parse_ood, resolve_dataset, score_sets  # noqa: E402
-from oodguard.export.pipeline import export_model, spec_from_training  # noqa: E402
+from oodguard.export.pipeline import export_model  # noqa: E402
+from oodguard.export.spec import spec_from_training  # noqa: E402
 from oodguard.export.training_job import CHECKPOINT_FILE, RECORD_FILE, run_training  # noqa: E402
 from oodguard.ood_metrics import auroc  # noqa: E402
 from oodguard.plots import version_figure  # noqa: E402

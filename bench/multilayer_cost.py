@@ -42,7 +42,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cost import FIXED_MULTI_LAYER_PARAMS, export_logits_only, random_fit_data  # noqa: E402
 from oodguard.export.backbones import Classifier, lenet5, resnet18_cifar  # noqa: E402
 from oodguard.export.fused import FusedModel, export_onnx  # noqa: E402
-from oodguard.export.pipeline import MULTI_LAYER_BANK_SIZE, fit_scores  # noqa: E402
+from oodguard.export.fitting import fit_scores  # noqa: E402
+from oodguard.export.spec import MULTI_LAYER_BANK_SIZE  # noqa: E402
 from oodguard.export.scores import MULTI_LAYER  # noqa: E402
 from oodguard.onnx_runner import OnnxModel  # noqa: E402
 

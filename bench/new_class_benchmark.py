@@ -28,7 +28,8 @@ import numpy as np
 
 from oodguard.datasets import data_root, load_dataset
 from oodguard.evaluation import VersionScorer, compare
-from oodguard.export.pipeline import export_model, spec_from_training
+from oodguard.export.pipeline import export_model
+from oodguard.export.spec import spec_from_training
 from oodguard.export.training_job import CHECKPOINT_FILE, RECORD_FILE, TrainingRecord, run_training
 
 FUSED = "fused"

@@ -27,7 +27,8 @@ from sklearn.metrics import roc_auc_score
 from oodguard.datasets import load_dataset
 from oodguard.export import new_classes
 from oodguard.export.backbones import load_classifier
-from oodguard.export.pipeline import fit_scores, spec_from_training, split_calibration
+from oodguard.export.fitting import fit_scores, split_calibration
+from oodguard.export.spec import spec_from_training
 from oodguard.export.scores import FitData
 from oodguard.export.scores.pvalue_fusion import COMBINATIONS, combine, leave_one_out_p_values, log_p_values
 from oodguard.export.train import extract

@@ -288,7 +288,7 @@ def train_model(images: np.ndarray, labels: np.ndarray, prep: Preproc, seed: int
 def fused_module(model, images: np.ndarray, labels: np.ndarray, prep: Preproc, seed: int):
     """Fit every registered score on the labeled set (bank = all of it), as export does, → FusedModel."""
     from oodguard.export import fused
-    from oodguard.export.pipeline import fit_scores
+    from oodguard.export.fitting import fit_scores
     from oodguard.export.scores import FitData
     from oodguard.export.synthetic import validation_ood
     from oodguard.export.train import extract

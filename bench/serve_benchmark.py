@@ -173,7 +173,8 @@ def build_resnet18_repository(root: Path) -> Path:
 
     Built in ``root/.repository-building`` and renamed when complete, so an interrupted build is never
     mistaken for a cached one. The build times go to ``root/build.json`` (shown in later reports)."""
-    from oodguard.export.pipeline import export_model, spec_from_training
+    from oodguard.export.pipeline import export_model
+    from oodguard.export.spec import spec_from_training
     from oodguard.export.training_job import CHECKPOINT_FILE, run_training
 
     target, staging, work = root / "repository", root / ".repository-building", root / "train"

@@ -46,9 +46,6 @@ from .triton_config import ModelSignature, common_scores, served_versions, write
 from .triton_model import write_triton_model
 from .validation import ValidationOOD
 
-# also importable from here: the bench/ scripts import them from this module
-from .fitting import fit_scores, split_calibration  # noqa: F401
-from .spec import MULTI_LAYER_BANK_SIZE, spec_from_training  # noqa: F401
 
 
 @dataclass
