@@ -292,7 +292,7 @@ class InputRange:
         if self.low is None:
             return np.zeros(len(x), dtype=bool)
         # the usual case first, in two reductions: the whole batch within the range every channel shares
-        # (a NaN fails both comparisons and takes the exact path, which does not flag it, as before)
+        # (a NaN fails both comparisons and takes the exact path, which leaves it to the unscorable check)
         if x.size and x.min() >= self._inner[0] and x.max() <= self._inner[1]:
             return np.zeros(len(x), dtype=bool)
         flat = x.reshape(len(x), x.shape[1], -1)

@@ -61,8 +61,7 @@ class TritonBackend(Backend):
     ``control_timeout_s`` bounds the calls that are not inference (repository index).
     ``max_inflight_batches``: how many (micro-batched) calls the gateway keeps in flight at once. With 1,
     requests that arrive while a call runs pile up into the next batch: fewer, larger calls, the cheapest
-    per request when the gateway's CPU is the limit (measured on 2 CPU cores with the digits model: about
-    12 rows per call and +20% throughput at concurrency 64 against 2 in flight, 5 rows per call). More
+    per request when the gateway's CPU is the limit (docs/benchmarks.md, "triton_backend: calls in flight"). More
     lets Triton receive the next batch while one computes (its dynamic batcher and instance count decide
     how they run there).
     """
