@@ -21,7 +21,7 @@ own: the export's bank (full, or as ``bank_size`` chose it) cut to at most ``mul
 a class-stratified random draw (water-filled quotas, seeded; :func:`multi_layer_bank`). Their distances run on
 a wider feature (several layers' features concatenated, not the penultimate one's alone), so on a full bank
 they would be the largest part of the graph, in time and in size
-(docs/benchmarks.md#pipeline-multi-layer-bank-size).
+(docs/benchmarks.md#fitting-multi-layer-bank-size).
 """
 
 from __future__ import annotations
