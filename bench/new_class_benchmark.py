@@ -85,9 +85,11 @@ def train_cached(cache: Path, spec: str, known: list[int], seed: int, epochs: in
     return work
 
 
-def measure(run: Path, spec: str, known: list[int], repository: Path) -> dict:
-    """One run: export with the defaults, score its test split and the unseen classes; per score the figures."""
-    result = export_model(spec_from_training(run / CHECKPOINT_FILE, repository, run.name), progress=lambda line: None)
+def measure(run: Path, spec: str, known: list[int], repository: Path, multi_layer: bool = False) -> dict:
+    """One run: export with the defaults (and the multi-layer scores with ``multi_layer``), score its test split
+    and the unseen classes; per score the figures."""
+    result = export_model(spec_from_training(run / CHECKPOINT_FILE, repository, run.name, multi_layer=multi_layer),
+                          progress=lambda line: None)
     scorer = VersionScorer(result.version_dir)
     record = TrainingRecord.load(run / RECORD_FILE)
     dataset = load_dataset(spec)
@@ -147,6 +149,8 @@ def parse_args(argv=None):
                              "else ../shared/data)")
     parser.add_argument("--seeds", type=parse_int_list, default=[0, 1, 2], help="training seeds (default 0,1,2)")
     parser.add_argument("--epochs", type=int, default=5, help="training epochs (default 5; the digits demo uses 30)")
+    parser.add_argument("--multi-layer", action="store_true",
+                        help="also export and measure the multi-layer SISOM / SISOMe (export --multi-layer)")
     parser.add_argument("--out", type=Path, default=root / "runs" / "bench" / "new-classes", help="results folder")
     parser.add_argument("--cache", type=Path, default=root / "runs" / "bench" / "new-classes-cache",
                         help="trained runs, reused when present")
@@ -156,13 +160,13 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     holdouts = args.holdout or [parse_holdout(h) for h in default_holdouts(args.data)]
-    report = {"seeds": args.seeds, "epochs": args.epochs, "holdouts": {}}
+    report = {"seeds": args.seeds, "epochs": args.epochs, "multi_layer": args.multi_layer, "holdouts": {}}
     for spec, known in holdouts:
         name = holdout_name(spec, known)
         runs = []
         for seed in args.seeds:
             run = train_cached(args.cache, spec, known, seed, args.epochs)
-            runs.append(measure(run, spec, known, args.out / "repository"))
+            runs.append(measure(run, spec, known, args.out / "repository", args.multi_layer))
             fused = runs[-1]["scores"][FUSED]
             log(f"{name} seed {seed}: fused AUROC {fused['auroc']:.2f}, flagged {fused['flagged']:.1f}%, "
                 f"TPR {fused['tpr']:.1f}%")
