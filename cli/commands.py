@@ -52,7 +52,8 @@ def export_command(args: argparse.Namespace) -> int:
             raise ValueError("--multi-layer is for --checkpoint exports; the digits demo exports the default scores")
 
         result = run_demo(args.repository, model_name=args.model or "digits", epochs=args.epochs, seed=args.seed)
-        print("\nDigits demo (ID: test split of digits 0-7; AUROC and FPR@95TPR in %, higher score = more OOD):")
+        print("\nDigits demo (ID: test split of digits 0-7; AUROC, FPR@95TPR and the share flagged at the calibrated "
+              "threshold, in %; higher score = more OOD):")
         print(format_table(result.table))
         print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.seconds.items()))
         return 0
