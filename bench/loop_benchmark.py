@@ -47,6 +47,7 @@ import numpy as np
 
 from oodguard.clients.gateway_process import GatewayProcess, environment
 from oodguard.datasets import data_root
+from oodguard.label_ranges import parse_labels
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = data_root()  # $OODGUARD_DATA, else ../shared/data
@@ -67,14 +68,6 @@ STEP_TIMEOUT_S = 3600
 
 def log(message: str) -> None:
     print(f"[loop {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
-
-
-def _ints(text: str) -> list[int]:
-    out: list[int] = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
-    return out
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -109,7 +102,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=ROOT / "runs" / "bench" / "loop", help="output folder "
                    "(default %(default)s)")
     args = p.parse_args(argv)
-    args.classes_list = _ints(args.classes)
+    args.classes_list = parse_labels(args.classes)
     args.strategy_list = [s.strip() for s in args.strategies.split(",") if s.strip()]
     args.seed_list = [int(s) for s in args.seeds.split(",") if s.strip()]
     args.retrain_epochs = args.retrain_epochs or args.epochs
@@ -217,7 +210,7 @@ def prepare_data(args, data_dir: Path) -> Data:
     path = data_dir / "traffic.npz"
     np.savez_compressed(path, images=data.images[traffic], labels=data.labels[traffic].astype(np.int64))
     known = set(args.classes_list)
-    new = _ints(args.new_classes) if args.new_classes else sorted(set(int(v) for v in data.labels) - known)
+    new = parse_labels(args.new_classes) if args.new_classes else sorted(set(int(v) for v in data.labels) - known)
     # only its length matters here (loadgen draws indices below it); synthetic sets: any size gives the count
     unknown = resolve_dataset(args.unknown_data, Preprocessing(1, 28, 28, (0.0,), (1.0,)), seed=0)
     log(f"traffic {path}: {half} images of {args.traffic_data}; evaluation: {len(evaluation)}; new classes {new}; "

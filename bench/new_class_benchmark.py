@@ -29,6 +29,7 @@ import numpy as np
 from oodguard.datasets import data_root, load_dataset
 from oodguard.evaluation import VersionScorer, compare
 from oodguard.export.pipeline import export_model
+from oodguard.label_ranges import parse_labels
 from oodguard.export.spec import spec_from_training
 from oodguard.export.training_job import CHECKPOINT_FILE, RECORD_FILE, TrainingRecord, run_training
 
@@ -36,15 +37,6 @@ FUSED = "fused"
 AUROC_MARGIN = 0.5  # points: fused may trail the best single score by this much
 FLAGGED_TARGET = 85.0  # % of new-class images flagged at the calibrated threshold
 TPR_BAND = (94.0, 96.0)
-
-
-def parse_int_list(text: str) -> list[int]:
-    """'0-7', '0,1,2' or '0-3,7' as a list of ints."""
-    out: list[int] = []
-    for part in text.split(","):
-        low, _, high = part.partition("-")
-        out.extend(range(int(low), int(high) + 1) if high else [int(low)])
-    return out
 
 
 def log(message: str) -> None:
@@ -62,7 +54,7 @@ def parse_holdout(text: str) -> tuple[str, list[int]]:
     if not sep or not spec:
         raise argparse.ArgumentTypeError(f"a holdout is SPEC:KNOWN, e.g. digits:0-7, got {text!r}")
     try:
-        return spec, parse_int_list(known)
+        return spec, parse_labels(known)
     except ValueError as error:
         raise argparse.ArgumentTypeError(f"{text!r}: {error}") from None
 
@@ -147,7 +139,7 @@ def parse_args(argv=None):
     parser.add_argument("--data", type=Path, default=data_root(),
                         help="folder with mnist/ and fashion_mnist/ for the default holdouts (default: $OODGUARD_DATA, "
                              "else ../shared/data)")
-    parser.add_argument("--seeds", type=parse_int_list, default=[0, 1, 2], help="training seeds (default 0,1,2)")
+    parser.add_argument("--seeds", type=parse_labels, default=[0, 1, 2], help="training seeds (default 0,1,2)")
     parser.add_argument("--epochs", type=int, default=5, help="training epochs (default 5; the digits demo uses 30)")
     parser.add_argument("--multi-layer", action="store_true",
                         help="also export and measure the multi-layer SISOM / SISOMe (export --multi-layer)")

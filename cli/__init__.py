@@ -13,7 +13,7 @@ from .clients import loadgen_command, predict_command
 from .commands import evaluate_command, export_command, serve_command, train_command, validate_command
 from .harvest import harvest_command, labels_command
 from .interrupts import folder_state, interrupted_message, watched_output
-from .parser import _classes, build_parser, parse_args
+from .parser import build_parser, parse_args
 from .queue_command import run_queue
 
 COMMANDS = {"serve": serve_command, "train": train_command, "export": export_command, "validate-repo": validate_command, "evaluate": evaluate_command,
@@ -47,4 +47,4 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-__all__ = ["main", "build_parser", "COMMANDS", "_classes"]
+__all__ = ["main", "build_parser", "COMMANDS"]

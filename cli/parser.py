@@ -6,18 +6,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from oodguard.label_ranges import parse_labels
+
 from .clients import add_client_parsers
 from .harvest import add_harvest_parsers
 from .queue_command import add_queue_command
-
-
-def _classes(text: str) -> list[int]:
-    """'0-7' or '0,1,2' or '0-3,7' → list of ints."""
-    out: list[int] = []
-    for part in text.split(","):
-        lo, _, hi = part.partition("-")
-        out.extend(range(int(lo), int(hi) + 1) if hi else [int(lo)])
-    return out
 
 
 def _floats(text: str) -> tuple[float, ...]:
@@ -115,7 +108,7 @@ def add_train_parser(sub) -> None:
                        "dataset spec, labels ignored), trained as one extra class whose output the saved model drops: "
                        "its features learn where such inputs lie (open-set benchmark: a larger gain for open-quota "
                        "harvests); repeatable; with --base the base run's are kept (default: none)")
-    train.add_argument("--classes", type=_classes, help="keep only these labels, e.g. 0-7 (relabelled 0..n-1)")
+    train.add_argument("--classes", type=parse_labels, help="keep only these labels, e.g. 0-7 (relabelled 0..n-1)")
     train.add_argument("--out", type=Path, required=True, help="output folder")
     train.add_argument("--epochs", type=int, default=10, help="training epochs (default %(default)s)")
     train.add_argument("--batch-size", type=int, default=128, help="images per step (default %(default)s)")
@@ -207,7 +200,7 @@ def add_evaluation_parsers(sub) -> None:
                           help="an OOD set; PATH is a dataset spec or synthetic:uniform|blobs[:COUNT]; the group: near or far (dataset "
                           "shift) or new (classes the model never learned); repeatable, "
                           "at least one (default: none)")
-    evaluate.add_argument("--new-classes", type=_classes, metavar="LABELS",
+    evaluate.add_argument("--new-classes", type=parse_labels, metavar="LABELS",
                           help="a class holdout's unseen classes, e.g. 8-9: the --id dataset's images of these labels "
                           "become an OOD set of the 'new' group (classes the model never learned), beside near and "
                           "far; give the known ones with --classes (default: none)")
@@ -215,7 +208,7 @@ def add_evaluation_parsers(sub) -> None:
     evaluate.add_argument("--plot", type=Path, metavar="DIR", help="also write DIR/scores.png: per score the histograms "
                           "(ID against each OOD set) with the calibrated threshold, and the ROC curves")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of synthetic sets (default %(default)s)")
-    evaluate.add_argument("--classes", type=_classes, help="the labels of the ID set the model knows, e.g. 0-7: others "
+    evaluate.add_argument("--classes", type=parse_labels, help="the labels of the ID set the model knows, e.g. 0-7: others "
                           "are left out of the ID set and reported (default: all; labels the model lacks are warned about)")
 
 

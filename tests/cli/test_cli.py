@@ -3,7 +3,8 @@ import sys
 
 import pytest
 
-from oodguard.cli import _classes, main
+from oodguard.cli import main
+from oodguard.label_ranges import parse_labels
 
 
 def run(*args, **kw):
@@ -33,7 +34,7 @@ def test_help_texts_show_their_defaults(command, expected):
 
 
 def test_class_ranges():
-    assert _classes("0-3,7") == [0, 1, 2, 3, 7]
+    assert parse_labels("0-3,7") == [0, 1, 2, 3, 7]
 
 
 def test_train_then_export_a_user_checkpoint(tmp_path, capsys):

@@ -42,3 +42,10 @@ def softmax(z):
     z = np.asarray(z, np.float64)
     e = np.exp(z - z.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
+
+
+def unit(x):
+    """Rows scaled to unit length, float64 (the kNN scores' reference normalisation)."""
+    x = np.asarray(x, np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+

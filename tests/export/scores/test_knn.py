@@ -7,10 +7,7 @@ from oodguard.export.scores import FitData
 from oodguard.export.scores.knn import K_GRID, Knn
 from oodguard.export.validation import objective
 
-
-def _unit(x):
-    x = np.asarray(x, np.float64)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+from .conftest import unit
 
 
 def test_knn_is_distance_to_kth_nearest_normalised_training_feature(digits_export, scored):
@@ -18,12 +15,12 @@ def test_knn_is_distance_to_kth_nearest_normalised_training_feature(digits_expor
     outputs, _ = scored
     scorer = VersionScorer(result.version_dir)
     train = record.part(record.dataset(), "train")
-    bank = _unit(scorer.model.run(scorer.preprocessing.apply(train.images))["features"])
+    bank = unit(scorer.model.run(scorer.preprocessing.apply(train.images))["features"])
     params = result.calibration.model["score_params"]["knn"]
     k = params["k"]
     assert k in K_GRID and params["bank_size"] == len(train) and params["k_search"]["procedure"] == "validation-auroc"
 
-    distances = np.sqrt(np.maximum(2.0 - 2.0 * _unit(outputs["features"]) @ bank.T, 0.0))
+    distances = np.sqrt(np.maximum(2.0 - 2.0 * unit(outputs["features"]) @ bank.T, 0.0))
     expected = np.sort(distances, axis=1)[:, k - 1]
     np.testing.assert_allclose(outputs["knn"], expected, atol=2e-4)
 
@@ -35,7 +32,7 @@ def test_stored_knn_bank_is_the_normalised_training_features(digits_export):
     features = scorer.model.run(scorer.preprocessing.apply(train.images))["features"]
     graph = onnx.load(str(result.version_dir / "model.onnx")).graph
     stored = {i.name: numpy_helper.to_array(i) for i in graph.initializer}["scores.knn.bank_t"]
-    np.testing.assert_allclose(stored.T, _unit(features), atol=1e-5)
+    np.testing.assert_allclose(stored.T, unit(features), atol=1e-5)
 
 
 def _fit_data(per_class=(40, 40, 6), seed=0):
@@ -55,9 +52,9 @@ def test_k_search_picks_the_k_with_the_best_worst_group_auroc():
     score = Knn.fit(data, {})
     search = score.metadata()["k_search"]
     assert search["grid"] == [1, 2, 5, 10, 20] and search["k_max"] == 20  # half the smallest class
-    unit = _unit(data.features)
-    distances = np.sqrt(np.maximum(2.0 - 2.0 * unit @ unit.T, 0.0))
-    ood = np.sqrt(np.maximum(2.0 - 2.0 * _unit(data.validation_ood_features) @ unit.T, 0.0))
+    bank = unit(data.features)
+    distances = np.sqrt(np.maximum(2.0 - 2.0 * bank @ bank.T, 0.0))
+    ood = np.sqrt(np.maximum(2.0 - 2.0 * unit(data.validation_ood_features) @ bank.T, 0.0))
     worst = []
     for k in search["grid"]:  # leave-one-out: the k-th neighbour after the sample itself
         result = objective(np.sort(distances, axis=1)[:, k], np.sort(ood, axis=1)[:, k - 1], data.groups)

@@ -5,10 +5,7 @@ from oodguard.evaluation import VersionScorer
 from oodguard.export.scores import FitData
 from oodguard.export.scores.knn import NEW_CLASS_K, Knn, KnnCentred
 
-
-def _unit(x):
-    x = np.asarray(x, np.float64)
-    return x / np.linalg.norm(x, axis=1, keepdims=True)
+from .conftest import unit
 
 
 def test_knn_centred_is_distance_to_kth_nearest_centred_training_feature(digits_export, scored):
@@ -20,8 +17,8 @@ def test_knn_centred_is_distance_to_kth_nearest_centred_training_feature(digits_
     features = scorer.model.run(scorer.preprocessing.apply(train.images))["features"].astype(np.float64)
     centre = features.mean(axis=0)
     k = result.calibration.model["score_params"]["knn_centred"]["k"]
-    query = _unit(outputs["features"].astype(np.float64) - centre)
-    distances = np.sqrt(np.maximum(2.0 - 2.0 * query @ _unit(features - centre).T, 0.0))
+    query = unit(outputs["features"].astype(np.float64) - centre)
+    distances = np.sqrt(np.maximum(2.0 - 2.0 * query @ unit(features - centre).T, 0.0))
     np.testing.assert_allclose(outputs["knn_centred"], np.sort(distances, axis=1)[:, k - 1], atol=2e-4)
 
 
