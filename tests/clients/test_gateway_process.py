@@ -78,12 +78,10 @@ def test_a_gateway_that_cannot_start_reports_its_exit_and_log_tail(tmp_path):
 def test_a_server_not_ready_in_time_is_killed_and_its_log_quoted(tmp_path):
     server = ServerProcess([sys.executable, "-c", "import time; print('still loading', flush=True); time.sleep(120)"],
                            name="slow", port=1, log_path=tmp_path / "slow.log", ready_timeout_s=1)
-    began = time.monotonic()
     with pytest.raises(GatewayStartError, match=r"slow was not serving within 1 s \(killed\)") as failed:
         server.start()
-    assert time.monotonic() - began < 30
     assert "still loading" in str(failed.value)
-    assert server.returncode == -9
+    assert server.returncode == -9  # killed, not waited for (it sleeps 120 s)
 
 
 def test_stop_sends_sigkill_to_the_group_when_sigterm_is_ignored(tmp_path):
